@@ -1,0 +1,478 @@
+import Foundation
+import ModelFSCore
+import ModelFSMeta
+import ModelFSStore
+import Synchronization
+
+/// Who is asking: the caller's credentials as the kernel reports them.
+public struct RequestContext: Sendable {
+    public var uid: UInt32
+    public var gid: UInt32
+    public var pid: Int32
+    public init(uid: UInt32, gid: UInt32, pid: Int32) { self.uid = uid; self.gid = gid; self.pid = pid }
+    public static let root = RequestContext(uid: 0, gid: 0, pid: 0)
+}
+
+public struct OpenFlags: Sendable {
+    public var raw: Int32
+    public init(_ raw: Int32) { self.raw = raw }
+    public var accessMode: Int32 { raw & O_ACCMODE }
+    public var writable: Bool { accessMode == O_WRONLY || accessMode == O_RDWR }
+    public var truncate: Bool { raw & O_TRUNC != 0 }
+    public var exclusive: Bool { raw & O_EXCL != 0 }
+}
+
+public struct FileHandleID: Hashable, Sendable {
+    public let rawValue: UInt64
+    public init(_ raw: UInt64) { rawValue = raw }
+}
+
+public struct FileSystemOptions: Sendable {
+    public var chunker: ChunkerParameters = .standard
+    /// Verified blocks kept in memory for readers.
+    public var blockCacheBytes = 64 << 20
+    /// Where out-of-order writes are staged (anonymous files).
+    public var stagingDir: String
+    public init(stagingDir: String) { self.stagingDir = stagingDir }
+}
+
+public struct StatFS: Sendable {
+    public var blockSize: UInt64
+    public var blocks: UInt64
+    public var blocksFree: UInt64
+    public var blocksAvailable: UInt64
+    public var files: UInt64
+    public var filesFree: UInt64
+    public var nameMax: UInt64
+}
+
+/// The filesystem itself, without a kernel: every FUSE operation is a method here, called by the
+/// thin adapter in ModelFSFUSE and by the tests directly. Methods are thread-safe; blocking I/O
+/// happens on the caller's thread (libfuse's worker threads).
+///
+/// Lifetimes: the kernel holds "lookups" on inodes (every reply that returns an entry adds one,
+/// `forget` drops them) and opens handles. An inode whose last link is removed is deleted from
+/// metadata once no lookup and no handle refers to it (or at the next start, if we crash first).
+public final class FileSystem: @unchecked Sendable {
+    public let meta: any MetadataEngine
+    public let store: any BlockStore
+    public let reader: BlockReader
+    let options: FileSystemOptions
+
+    /// Per-inode state while the kernel knows the inode or a handle is open.
+    final class Live {
+        var lookups: UInt64 = 0
+        var opens = 0
+        var session: WriteSession?
+        var view: ReadView?
+        /// The content version the kernel's page cache holds (keep_cache when unchanged).
+        var kernelCachedVersion: UInt64?
+    }
+    private struct Handle { var ino: InodeNumber; var writable: Bool }
+    private struct Tables {
+        var live: [InodeNumber: Live] = [:]
+        var handles: [UInt64: Handle] = [:]
+        var nextHandle: UInt64 = 1
+    }
+    private let tables = Mutex(Tables())
+    /// Serialises commits and GC's view of sessions with metadata.
+    let commitLock = NSLock()
+
+    public init(meta: any MetadataEngine, store: any BlockStore, options: FileSystemOptions) throws {
+        self.meta = meta
+        self.store = store
+        self.options = options
+        reader = BlockReader(store: store, cache: BlockCache(budget: options.blockCacheBytes))
+        // Inodes unlinked while open when we last stopped: nobody can reach them any more.
+        for ino in try meta.orphans() { try meta.deleteInode(ino) }
+    }
+
+    // MARK: bookkeeping
+
+    private func live(_ ino: InodeNumber, _ body: (Live) -> Void) {
+        tables.withLock { t in
+            let l = t.live[ino] ?? { let n = Live(); t.live[ino] = n; return n }()
+            body(l)
+        }
+    }
+
+    /// Counts a kernel reference for a reply that returns an entry.
+    private func remembered(_ attrs: InodeAttributes) -> InodeAttributes {
+        live(attrs.ino) { $0.lookups += 1 }
+        return attrs
+    }
+
+    public func forget(_ ino: InodeNumber, count: UInt64) {
+        let drop = tables.withLock { t -> Bool in
+            guard let l = t.live[ino] else { return false }
+            l.lookups -= min(l.lookups, count)
+            if l.lookups == 0 && l.opens == 0 { t.live[ino] = nil; return true }
+            return false
+        }
+        if drop { deleteIfUnlinked(ino) }
+    }
+
+    private func isReferenced(_ ino: InodeNumber) -> Bool {
+        tables.withLock { t in t.live[ino].map { $0.lookups > 0 || $0.opens > 0 } ?? false }
+    }
+
+    private func deleteIfUnlinked(_ ino: InodeNumber) {
+        guard !isReferenced(ino), let a = try? meta.getattr(ino), a.nlink == 0 else { return }
+        do { try meta.deleteInode(ino) } catch { Log.warning("could not delete unlinked \(ino): \(error)") }
+    }
+
+    private func linkRemoved(_ r: RemovedLink?) {
+        guard let r, r.nlink == 0 else { return }
+        deleteIfUnlinked(r.ino)
+    }
+
+    private func handle(_ fh: FileHandleID) throws -> Handle {
+        guard let h = tables.withLock({ $0.handles[fh.rawValue] }) else { throw FSError.badHandle() }
+        return h
+    }
+
+    private func session(of ino: InodeNumber) -> WriteSession? {
+        tables.withLock { $0.live[ino]?.session }
+    }
+
+    // MARK: attributes
+
+    public func lookup(parent: InodeNumber, name: String) throws -> InodeAttributes {
+        remembered(try withLiveSize(meta.lookup(parent: parent, name: name)))
+    }
+
+    public func getattr(_ ino: InodeNumber) throws -> InodeAttributes {
+        try withLiveSize(meta.getattr(ino))
+    }
+
+    /// A file open for writing has a size the metadata does not know yet.
+    private func withLiveSize(_ a: InodeAttributes) -> InodeAttributes {
+        guard a.kind == .regular, let s = session(of: a.ino) else { return a }
+        var out = a
+        s.lock.lock(); out.size = s.size; s.lock.unlock()
+        return out
+    }
+
+    public func setattr(_ ino: InodeNumber, _ changes: AttributeChanges, handle fh: FileHandleID?, context: RequestContext) throws -> InodeAttributes {
+        var attrs = try meta.getattr(ino)
+        if let newSize = changes.size {
+            guard attrs.kind == .regular else { throw attrs.kind == .directory ? FSError.isDirectory() : FSError.invalid("cannot truncate a symlink") }
+            if let s = session(of: ino) {
+                s.lock.lock(); defer { s.lock.unlock() }
+                try s.truncate(to: newSize)
+            } else {
+                // truncate(2) on a path with no open writer: a short session committed at once.
+                let s = try makeSession(ino)
+                s.lock.lock(); defer { s.lock.unlock() }
+                try s.truncate(to: newSize)
+                try commit(s)
+            }
+        }
+        var rest = changes
+        rest.size = nil
+        if rest != AttributeChanges() || changes.size != nil {
+            attrs = try meta.setattr(ino, rest, now: .now())
+        }
+        return withLiveSize(attrs)
+    }
+
+    // MARK: namespace
+
+    private func newInode(_ kind: FileKind, mode: UInt32, parent: InodeNumber, context: RequestContext, target: String? = nil) throws -> NewInode {
+        var gid = context.gid
+        var mode = mode & 0o7777
+        let p = try meta.getattr(parent)
+        if p.mode & 0o2000 != 0 {
+            // setgid directory: new entries take its group, new directories its setgid bit.
+            gid = p.gid
+            if kind == .directory { mode |= 0o2000 }
+        }
+        return NewInode(kind: kind, mode: mode, uid: context.uid, gid: gid, now: .now(), target: target)
+    }
+
+    public func mkdir(parent: InodeNumber, name: String, mode: UInt32, context: RequestContext) throws -> InodeAttributes {
+        remembered(try meta.create(parent: parent, name: name, newInode(.directory, mode: mode, parent: parent, context: context)))
+    }
+
+    public func mknod(parent: InodeNumber, name: String, mode: UInt32, context: RequestContext) throws -> InodeAttributes {
+        guard mode & 0o170000 == 0o100000 || mode & 0o170000 == 0 else {
+            throw FSError(EPERM, "modelfs stores regular files, directories and symlinks only")
+        }
+        return remembered(try meta.create(parent: parent, name: name, newInode(.regular, mode: mode, parent: parent, context: context)))
+    }
+
+    public func symlink(parent: InodeNumber, name: String, target: String, context: RequestContext) throws -> InodeAttributes {
+        remembered(try meta.create(parent: parent, name: name, newInode(.symlink, mode: 0o777, parent: parent, context: context, target: target)))
+    }
+
+    public func readlink(_ ino: InodeNumber) throws -> String { try meta.readlink(ino) }
+
+    public func link(_ ino: InodeNumber, parent: InodeNumber, name: String) throws -> InodeAttributes {
+        remembered(try withLiveSize(meta.link(ino, parent: parent, name: name, now: .now())))
+    }
+
+    public func unlink(parent: InodeNumber, name: String) throws {
+        linkRemoved(try meta.unlink(parent: parent, name: name, now: .now()))
+    }
+
+    public func rmdir(parent: InodeNumber, name: String) throws {
+        linkRemoved(try meta.rmdir(parent: parent, name: name, now: .now()))
+    }
+
+    public func rename(parent: InodeNumber, name: String, newParent: InodeNumber, newName: String, flags: RenameFlags) throws {
+        linkRemoved(try meta.rename(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags, now: .now()))
+    }
+
+    /// Directory entries after `cookie`, starting with "." (cookie 1) and ".." (cookie 2);
+    /// the cookies of real entries are the engine's plus 2.
+    public func readdir(_ dir: InodeNumber, after cookie: UInt64, limit: Int) throws -> [DirectoryEntry] {
+        var out: [DirectoryEntry] = []
+        if cookie < 1 { out.append(DirectoryEntry(name: ".", ino: dir, kind: .directory, cookie: 1)) }
+        if cookie < 2 { out.append(DirectoryEntry(name: "..", ino: try meta.parent(of: dir), kind: .directory, cookie: 2)) }
+        let rest = try meta.readdir(dir, after: cookie > 2 ? cookie - 2 : 0, limit: max(0, limit - out.count))
+        out += rest.map { var e = $0; e.cookie += 2; return e }
+        return out
+    }
+
+    // MARK: open files
+
+    private func loadManifest(_ ino: InodeNumber) throws -> Manifest {
+        switch try meta.manifest(of: ino) {
+        case .inline(let m): return m
+        case .block(let id, _):
+            let b = try reader.block(id)
+            return try Manifest(decoding: Data(b.bytes))
+        }
+    }
+
+    private func makeSession(_ ino: InodeNumber) throws -> WriteSession {
+        let a = try meta.getattr(ino)
+        return WriteSession(ino: ino, manifest: try loadManifest(ino), size: a.size, store: store, reader: reader,
+                            parameters: options.chunker, stagingDir: options.stagingDir)
+    }
+
+    public struct Opened: Sendable {
+        public var handle: FileHandleID
+        /// The kernel may keep the pages it cached: the content did not change since.
+        public var keepCache: Bool
+    }
+
+    public func open(_ ino: InodeNumber, flags: OpenFlags) throws -> Opened {
+        let attrs = try meta.getattr(ino)
+        guard attrs.kind == .regular else { throw attrs.kind == .directory ? FSError.isDirectory() : FSError(ELOOP, "is a symlink") }
+        // Prepare outside the table lock (loading a manifest is I/O), install under it.
+        let needsSession = flags.writable && session(of: ino) == nil
+        let fresh = needsSession ? try makeSession(ino) : nil
+        let view = !flags.writable && tables.withLock({ $0.live[ino]?.view == nil && $0.live[ino]?.session == nil })
+            ? ReadView(manifest: try loadManifest(ino), size: attrs.size, version: attrs.version) : nil
+        let (fh, keep, s): (UInt64, Bool, WriteSession?) = tables.withLock { t in
+            let l = t.live[ino] ?? { let n = Live(); t.live[ino] = n; return n }()
+            l.opens += 1
+            if flags.writable && l.session == nil { l.session = fresh }
+            if l.view == nil || l.view!.version != attrs.version { l.view = view ?? l.view }
+            let keep = l.kernelCachedVersion == attrs.version
+            l.kernelCachedVersion = attrs.version
+            let fh = t.nextHandle
+            t.nextHandle += 1
+            t.handles[fh] = Handle(ino: ino, writable: flags.writable)
+            return (fh, keep, l.session)
+        }
+        if flags.truncate && flags.writable, let s {
+            s.lock.lock(); defer { s.lock.unlock() }
+            try s.truncate(to: 0)
+        }
+        return Opened(handle: FileHandleID(fh), keepCache: keep && !flags.truncate)
+    }
+
+    public func create(parent: InodeNumber, name: String, mode: UInt32, flags: OpenFlags, context: RequestContext) throws -> (InodeAttributes, Opened) {
+        let attrs: InodeAttributes
+        do {
+            attrs = try meta.create(parent: parent, name: name, newInode(.regular, mode: mode, parent: parent, context: context))
+        } catch let e as FSError where e.errno == EEXIST && !flags.exclusive {
+            let existing = try meta.lookup(parent: parent, name: name)
+            let opened = try open(existing.ino, flags: flags)
+            return (remembered(withLiveSize(try meta.getattr(existing.ino))), opened)
+        }
+        let opened = try open(attrs.ino, flags: OpenFlags(flags.raw & ~O_TRUNC))
+        return (remembered(attrs), opened)
+    }
+
+    public func read(_ fh: FileHandleID, at offset: UInt64, count: Int, into dst: UnsafeMutableRawPointer) throws -> Int {
+        let h = try handle(fh)
+        let (s, v) = tables.withLock { t in (t.live[h.ino]?.session, t.live[h.ino]?.view) }
+        if let s {
+            s.lock.lock(); defer { s.lock.unlock() }
+            return try s.read(at: offset, count: count, into: dst)
+        }
+        guard let v else { throw FSError.badHandle() }
+        return try v.read(at: offset, count: count, into: dst, reader: reader)
+    }
+
+    public func write(_ fh: FileHandleID, at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws -> Int {
+        let h = try handle(fh)
+        guard h.writable, let s = session(of: h.ino) else { throw FSError.badHandle("file is not open for writing") }
+        s.lock.lock(); defer { s.lock.unlock() }
+        do { try s.write(at: offset, bytes) } catch { garbageHint(); throw error }
+        return bytes.count
+    }
+
+    public func fallocate(_ fh: FileHandleID, mode: Int32, offset: UInt64, length: UInt64, keepSizeFlag: Int32) throws {
+        let h = try handle(fh)
+        guard h.writable, let s = session(of: h.ino) else { throw FSError.badHandle("file is not open for writing") }
+        guard mode & ~keepSizeFlag == 0 else { throw FSError(EOPNOTSUPP, "only plain fallocate and FALLOC_FL_KEEP_SIZE are supported") }
+        if mode & keepSizeFlag != 0 { return }  // space is allocated when written
+        s.lock.lock(); defer { s.lock.unlock() }
+        if offset + length > s.size { try s.truncate(to: offset + length) }
+    }
+
+    /// close(): commit the new version if the file changed (DESIGN.md §3).
+    public func flush(_ fh: FileHandleID) throws {
+        let h = try handle(fh)
+        guard h.writable, let s = session(of: h.ino) else { return }
+        s.lock.lock(); defer { s.lock.unlock() }
+        try commit(s)
+    }
+
+    public func fsync(_ fh: FileHandleID) throws {
+        let h = try handle(fh)
+        if h.writable, let s = session(of: h.ino) {
+            s.lock.lock(); defer { s.lock.unlock() }
+            try commit(s)
+            try store.sync(s.referencedBlocks)
+        } else {
+            try store.sync(loadManifest(h.ino).chunks.map(\.id))
+        }
+        try meta.sync()
+    }
+
+    public func fsyncdir() throws { try meta.sync() }
+
+    /// Called with the session's lock held. The commit lock is held from the first new block
+    /// to the metadata transaction, so garbage collection never sees a block that is about to
+    /// be referenced but is not yet (see GarbageCollector).
+    private func commit(_ s: WriteSession) throws {
+        guard s.dirty else { return }
+        commitLock.lock(); defer { commitLock.unlock() }
+        let manifest: Manifest
+        do { manifest = try s.prepareCommit() } catch { garbageHint(); throw error }
+        let ref: ManifestRef
+        if manifest.chunks.count > ManifestRef.inlineLimit {
+            let data = manifest.encoded()
+            let id = BlockID.hash(data)
+            try data.withUnsafeBytes { _ = try store.put(id, $0) }
+            ref = .block(id, chunkCount: UInt32(manifest.chunks.count))
+        } else {
+            ref = .inline(manifest)
+        }
+        let attrs = try meta.commit(s.ino, size: s.size, manifest: ref, mtime: .now())
+        s.committed(manifest)
+        tables.withLock { t in
+            // The kernel wrote these bytes itself, so its cache holds exactly this version.
+            if let l = t.live[s.ino], l.kernelCachedVersion == attrs.version - 1 { l.kernelCachedVersion = attrs.version }
+            t.live[s.ino]?.view = nil
+        }
+    }
+
+    public func release(_ fh: FileHandleID) throws {
+        let h = try handle(fh)
+        var failed: (any Error)?
+        if h.writable, let s = session(of: h.ino) {
+            s.lock.lock()
+            do { try commit(s) } catch { failed = error }
+            s.lock.unlock()
+        }
+        let drop = tables.withLock { t -> Bool in
+            t.handles[fh.rawValue] = nil
+            guard let l = t.live[h.ino] else { return false }
+            l.opens -= 1
+            if l.opens == 0 { l.session = nil; l.view = nil }
+            if l.opens == 0 && l.lookups == 0 { t.live[h.ino] = nil; return true }
+            return false
+        }
+        if drop { deleteIfUnlinked(h.ino) }
+        if let failed { throw failed }
+    }
+
+    /// Handles still open (refuse an unmount while any are).
+    public var openHandleCount: Int { tables.withLock { $0.handles.count } }
+
+    /// Commits every open file: the daemon is shutting down.
+    public func commitAll() {
+        let sessions = tables.withLock { t in t.live.values.compactMap(\.session) }
+        for s in sessions {
+            s.lock.lock()
+            do { try commit(s) } catch { Log.error("could not commit \(s.ino) at shutdown: \(error)") }
+            s.lock.unlock()
+        }
+    }
+
+    /// Every block that a file references, committed or open for writing, taken under the
+    /// commit lock (sessions first, then metadata: a session that commits in between is seen in
+    /// the metadata).
+    public func referencedBlocks() throws -> Set<BlockID> {
+        commitLock.lock(); defer { commitLock.unlock() }
+        let sessions = tables.withLock { t in t.live.values.compactMap(\.session) }
+        var out = Set<BlockID>()
+        for s in sessions { s.lock.lock(); out.formUnion(s.referencedBlocks); s.lock.unlock() }
+        for ref in try meta.allManifests() {
+            switch ref {
+            case .inline(let m): for c in m.chunks { out.insert(c.id) }
+            case .block(let id, _):
+                out.insert(id)
+                let b = try reader.block(id)
+                for c in try Manifest(decoding: Data(b.bytes)).chunks { out.insert(c.id) }
+            }
+        }
+        return out
+    }
+
+    /// Called when blocks may have become garbage (a failed or abandoned write).
+    public var onGarbage: (@Sendable () -> Void)?
+    private func garbageHint() { onGarbage?() }
+
+    // MARK: xattrs
+
+    public func getxattr(_ ino: InodeNumber, name: String) throws -> Data { try meta.getxattr(ino, name: name) }
+
+    public func setxattr(_ ino: InodeNumber, name: String, value: Data, mode: XattrSetMode) throws {
+        guard !name.hasPrefix("system.") else { throw FSError(EOPNOTSUPP, "system.* attributes (ACLs) are not supported") }
+        try meta.setxattr(ino, name: name, value: value, mode: mode)
+    }
+
+    public func listxattr(_ ino: InodeNumber) throws -> [String] { try meta.listxattr(ino) }
+
+    public func removexattr(_ ino: InodeNumber, name: String) throws { try meta.removexattr(ino, name: name) }
+
+    // MARK: statfs
+
+    public func statfs(dataDir: String) throws -> StatFS {
+        var s = statvfs()
+        guard statvfs(dataDir, &s) == 0 else { throw posixError("statvfs", dataDir) }
+        let st = try meta.stats()
+        let inodes = st.files + st.directories + st.symlinks
+        return StatFS(blockSize: UInt64(s.f_frsize), blocks: UInt64(s.f_blocks), blocksFree: UInt64(s.f_bfree),
+                      blocksAvailable: UInt64(s.f_bavail), files: inodes + UInt64(s.f_ffree) * 16,
+                      filesFree: UInt64(s.f_ffree) * 16, nameMax: 255)
+    }
+}
+
+/// A committed version as readers see it: immutable, so reads need no lock.
+final class ReadView: @unchecked Sendable {
+    let chunks: ChunkList
+    let size: UInt64
+    let version: UInt64
+    init(manifest: Manifest, size: UInt64, version: UInt64) {
+        chunks = ChunkList(manifest)
+        self.size = size
+        self.version = version
+    }
+
+    func read(at offset: UInt64, count: Int, into dst: UnsafeMutableRawPointer, reader: BlockReader) throws -> Int {
+        guard offset < size else { return 0 }
+        let end = min(size, offset + UInt64(count))
+        let stored = min(end, chunks.end)
+        if offset < stored { try chunks.read(offset..<stored, into: dst, reader: reader) }
+        if stored < end { memset(dst + Int(max(stored, offset) - offset), 0, Int(end - max(stored, offset))) }
+        return Int(end - offset)
+    }
+}

@@ -1,0 +1,68 @@
+import Foundation
+import ModelFSCore
+import ModelFSStore
+import Synchronization
+
+/// Removes blocks that no file references any more (after deletes, overwrites and failed
+/// writes), by mark and sweep:
+/// 1. note the time T, then take every referenced block (files open for writing, then committed
+///    manifests) under the filesystem's commit lock;
+/// 2. remove each unreferenced block whose mtime is older than T minus a margin.
+/// A block written after T, or found already stored by a writer after T (the store touches it
+/// under the lock it deletes under), is never removed; a block that a commit is about to
+/// reference was written while the commit lock was held, so it is either in the snapshot or newer
+/// than T. The margin covers coarse filesystem timestamps.
+public final class GarbageCollector: @unchecked Sendable {
+    let fs: FileSystem
+    let store: DiskBlockStore
+    let interval: Double
+    private let queue = DispatchQueue(label: "modelfs.gc", qos: .utility)
+    private var timer: (any DispatchSourceTimer)?
+    private let pending = Mutex(false)
+    private let stats = Mutex((runs: 0, removedBlocks: UInt64(0), removedBytes: UInt64(0)))
+
+    public init(fs: FileSystem, store: DiskBlockStore, interval: Double = 60) {
+        self.fs = fs
+        self.store = store
+        self.interval = interval
+    }
+
+    public func start() {
+        fs.onGarbage = { [weak self] in self?.requestSoon() }
+        let t = DispatchSource.makeTimerSource(queue: queue)
+        t.schedule(deadline: .now() + interval, repeating: interval)
+        t.setEventHandler { [weak self] in _ = try? self?.collect() }
+        t.resume()
+        timer = t
+    }
+
+    public func stop() { timer?.cancel(); timer = nil }
+
+    /// Runs a pass shortly (coalescing bursts of requests).
+    public func requestSoon() {
+        let already = pending.withLock { p -> Bool in defer { p = true }; return p }
+        if already { return }
+        queue.asyncAfter(deadline: .now() + 1.5) { [weak self] in
+            self?.pending.withLock { $0 = false }
+            _ = try? self?.collect()
+        }
+    }
+
+    /// One pass; returns (blocks, bytes) removed.
+    @discardableResult
+    public func collect() throws -> (blocks: UInt64, bytes: UInt64) {
+        let started = Timestamp.now()
+        let cutoff = Timestamp(totalNanoseconds: started.totalNanoseconds - 1_000_000_000)
+        let referenced = try fs.referencedBlocks()
+        var blocks: UInt64 = 0, bytes: UInt64 = 0
+        for (id, mtime) in store.listBlocks() where mtime < cutoff && !referenced.contains(id) {
+            let freed = store.removeIfStale(id, cutoff: cutoff)
+            if freed > 0 { blocks += 1; bytes += freed }
+        }
+        stats.withLock { $0.runs += 1; $0.removedBlocks += blocks; $0.removedBytes += bytes }
+        if blocks > 0 { Log.info("garbage collection removed \(blocks) blocks (\(bytes) bytes)") }
+        return (blocks, bytes)
+    }
+
+    public var statistics: (runs: Int, removedBlocks: UInt64, removedBytes: UInt64) { stats.withLock { $0 } }
+}

@@ -1,0 +1,293 @@
+import Foundation
+import ModelFSCore
+import ModelFSStore
+
+/// The content of a file while it is open for writing on this node (DESIGN.md §3).
+///
+/// The content is seen in layers, newest on top:
+/// 1. `overlay`: bytes written out of order (seek back to patch a header, HDF5 in-place
+///    updates), kept in an anonymous staging file at their file offsets, with their ranges.
+/// 2. the stream: writes arriving in order at the end of the chunked content are chunked, hashed
+///    and stored as they arrive (`base` grows, `writer` holds the unfinished chunk). Writes that
+///    arrive slightly ahead (the kernel's writeback can reorder requests) wait in `reorder` for
+///    the gap to fill, so they stream too.
+/// 3. `base`: the chunks of the committed version (and of streamed data), cut off at
+///    `baseLimit` by a truncate; beyond the chunks the file reads as zeros.
+///
+/// `commit` keeps every base chunk that nothing touched, re-chunks only the dirty regions, and
+/// installs the new manifest in one metadata transaction. A crash before that leaves the previous
+/// version untouched: a reader sees the old version or the new one, never a mix.
+///
+/// Invariants: reorder entries never overlap each other and are newer than overlay bytes at the
+/// same offsets; overlay bytes are newer than stream/base bytes at the same offsets.
+final class WriteSession: @unchecked Sendable {
+    let ino: InodeNumber
+    private let store: any BlockStore
+    private let reader: BlockReader
+    private let parameters: ChunkerParameters
+    private let stagingDir: String
+    let lock = NSLock()
+
+    private(set) var base: ChunkList
+    private var baseLimit: UInt64 = .max
+    private var writer: ChunkWriter
+    private var streaming = true
+    private var overlay = ByteRangeSet()
+    private var overlayFD: Int32 = -1
+    private var reorder: [UInt64: [UInt8]] = [:]
+    private var reorderBytes = 0
+    private(set) var size: UInt64
+    private(set) var dirty = false
+    /// A write that failed (disk full): every later write and commit fails the same way until the
+    /// file is closed, and the committed version stays as it was.
+    private var failure: FSError?
+    /// Blocks this session stored that were new to the store (candidates for garbage collection
+    /// if the session is abandoned).
+    private(set) var createdBlocks = 0
+
+    static let reorderWindow: UInt64 = 64 << 20
+    static let reorderLimit = 32 << 20
+
+    init(ino: InodeNumber, manifest: Manifest, size: UInt64, store: any BlockStore, reader: BlockReader,
+         parameters: ChunkerParameters, stagingDir: String) {
+        self.ino = ino
+        self.store = store
+        self.reader = reader
+        self.parameters = parameters
+        self.stagingDir = stagingDir
+        base = ChunkList(manifest)
+        self.size = size
+        writer = ChunkWriter(store: store, parameters: parameters)
+        if base.end != size { streaming = false; baseLimit = min(base.end, size) }
+    }
+
+    deinit { if overlayFD >= 0 { close(overlayFD) } }
+
+    private var streamPosition: UInt64 { base.end + UInt64(writer.length) }
+
+    /// The block IDs the session currently references (for garbage collection).
+    var referencedBlocks: [BlockID] { base.chunks.map(\.id) }
+
+    // MARK: writes
+
+    func write(at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws {
+        if let failure { throw failure }
+        guard !bytes.isEmpty else { return }
+        let end = offset + UInt64(bytes.count)
+        do {
+            if streaming && offset == streamPosition {
+                if reorderOverlaps(offset..<end) { try spillReorder() }
+                try stream(bytes)
+                overlay.remove(offset..<end)
+                while let next = reorder.removeValue(forKey: streamPosition) {
+                    reorderBytes -= next.count
+                    let at = streamPosition
+                    try next.withUnsafeBytes { try stream($0) }
+                    overlay.remove(at..<at + UInt64(next.count))
+                }
+            } else if streaming && offset > streamPosition && offset - streamPosition <= WriteSession.reorderWindow
+                        && reorderBytes + bytes.count <= WriteSession.reorderLimit && !reorderOverlaps(offset..<end) {
+                reorder[offset] = [UInt8](bytes)
+                reorderBytes += bytes.count
+            } else {
+                try spillReorder()
+                try writeOverlay(at: offset, bytes)
+            }
+        } catch let e as FSError {
+            failure = e
+            throw e
+        }
+        size = max(size, end)
+        dirty = true
+    }
+
+    private func reorderOverlaps(_ r: Range<UInt64>) -> Bool {
+        reorder.contains { $0.key < r.upperBound && $0.key + UInt64($0.value.count) > r.lowerBound }
+    }
+
+    private func stream(_ bytes: UnsafeRawBufferPointer) throws {
+        try writer.append(bytes) { chunk, created in
+            base.append(chunk)
+            if created { createdBlocks += 1 }
+        }
+    }
+
+    private func spillReorder() throws {
+        guard !reorder.isEmpty else { return }
+        for (offset, bytes) in reorder.sorted(by: { $0.key < $1.key }) {
+            try bytes.withUnsafeBytes { try writeOverlay(at: offset, $0) }
+        }
+        reorder.removeAll()
+        reorderBytes = 0
+    }
+
+    private func openOverlay() throws -> Int32 {
+        if overlayFD >= 0 { return overlayFD }
+        // An anonymous file: unlinked at once, so a crash leaves nothing behind.
+        let path = "\(stagingDir)/\(ino.rawValue).\(UInt64.random(in: 0...UInt64.max))"
+        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw posixError("create staging file", path) }
+        unlink(path)
+        overlayFD = fd
+        return fd
+    }
+
+    private func writeOverlay(at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws {
+        let fd = try openOverlay()
+        var done = 0
+        while done < bytes.count {
+            let r = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
+            if r < 0 {
+                if errno == EINTR { continue }
+                throw errno == ENOSPC ? FSError.noSpace("staging: disk full") : posixError("write staging file", "for \(ino)")
+            }
+            done += r
+        }
+        overlay.insert(offset..<offset + UInt64(bytes.count))
+    }
+
+    func truncate(to newSize: UInt64) throws {
+        if let failure { throw failure }
+        try spillReorder()
+        dirty = true
+        if newSize == 0 {
+            // O_TRUNC: start over, streaming from offset 0.
+            base = ChunkList()
+            baseLimit = .max
+            writer.discard()
+            overlay = ByteRangeSet()
+            if overlayFD >= 0 { _ = ftruncate(overlayFD, 0) }
+            streaming = true
+            size = 0
+            return
+        }
+        if newSize < streamPosition {
+            // The stream ends here: finish its chunk; the truncated part is cut off by baseLimit.
+            do { try finishStream() } catch let e as FSError { failure = e; throw e }
+            baseLimit = min(baseLimit, newSize)
+            streaming = false
+        }
+        overlay.clip(to: newSize)
+        size = newSize
+    }
+
+    private func finishStream() throws {
+        try writer.finish { chunk, created in
+            base.append(chunk)
+            if created { createdBlocks += 1 }
+        }
+    }
+
+    // MARK: reads
+
+    /// Copies the current content of [offset, offset+count) (clipped to the size) into `dst`.
+    func read(at offset: UInt64, count: Int, into dst: UnsafeMutableRawPointer) throws -> Int {
+        if let failure { throw failure }
+        guard offset < size else { return 0 }
+        let end = min(size, offset + UInt64(count))
+        try spillReorder()
+        try content(offset..<end, into: dst)
+        return Int(end - offset)
+    }
+
+    /// The bytes of the content layers for `range` (within the size).
+    private func content(_ range: Range<UInt64>, into dst: UnsafeMutableRawPointer) throws {
+        for piece in overlay.pieces(of: range) {
+            let out = dst + Int(piece.range.lowerBound - range.lowerBound)
+            if piece.covered {
+                try readOverlay(piece.range, into: out)
+            } else {
+                try baseContent(piece.range, into: out)
+            }
+        }
+    }
+
+    private func readOverlay(_ r: Range<UInt64>, into dst: UnsafeMutableRawPointer) throws {
+        var done = 0
+        let n = Int(r.upperBound - r.lowerBound)
+        while done < n {
+            let got = pread(overlayFD, dst + done, n - done, off_t(r.lowerBound) + off_t(done))
+            if got < 0 { if errno == EINTR { continue }; throw posixError("read staging file", "for \(ino)") }
+            if got == 0 { memset(dst + done, 0, n - done); break }
+            done += got
+        }
+    }
+
+    /// Base chunks below `baseLimit`, then the unfinished chunk, then zeros.
+    private func baseContent(_ r: Range<UInt64>, into dst: UnsafeMutableRawPointer) throws {
+        var pos = r.lowerBound
+        let limit = min(baseLimit, base.end)
+        if pos < limit {
+            let e = min(r.upperBound, limit)
+            try base.read(pos..<e, into: dst, reader: reader)
+            pos = e
+        }
+        let tailEnd = streaming ? streamPosition : base.end
+        if pos < r.upperBound && pos >= base.end && pos < tailEnd {
+            let e = min(r.upperBound, tailEnd)
+            (dst + Int(pos - r.lowerBound)).copyMemory(from: writer.pending.baseAddress! + Int(pos - base.end), byteCount: Int(e - pos))
+            pos = e
+        }
+        if pos < r.upperBound { memset(dst + Int(pos - r.lowerBound), 0, Int(r.upperBound - pos)) }
+    }
+
+    // MARK: commit
+
+    /// Builds the new version's manifest: untouched chunks are kept, dirty regions re-chunked.
+    /// The caller installs it in metadata, then calls `committed(_:)`.
+    func prepareCommit() throws -> Manifest {
+        if let failure { throw failure }
+        do {
+            try spillReorder()
+            try finishStream()
+            let clean = min(baseLimit, base.end, size)
+            var out = ChunkList()
+            var dirtyStart: UInt64?
+            for (i, c) in base.chunks.enumerated() {
+                let a = base.offsets[i], b = base.offsets[i + 1]
+                if a >= size { break }
+                if b <= clean && !overlay.intersects(a..<b) {
+                    if let s = dirtyStart { try rechunk(s..<a, into: &out); dirtyStart = nil }
+                    out.append(c)
+                } else if dirtyStart == nil {
+                    dirtyStart = a
+                }
+            }
+            let regionStart = dirtyStart ?? out.end
+            if regionStart < size { try rechunk(regionStart..<size, into: &out) }
+            return out.manifest
+        } catch let e as FSError {
+            failure = e
+            throw e
+        }
+    }
+
+    private func rechunk(_ region: Range<UInt64>, into out: inout ChunkList) throws {
+        var w = ChunkWriter(store: store, parameters: parameters)
+        let window = 1 << 20
+        let scratch = BlockBuffer(count: window)
+        var pos = region.lowerBound
+        var created = 0
+        while pos < region.upperBound {
+            let n = Int(min(UInt64(window), region.upperBound - pos))
+            try content(pos..<pos + UInt64(n), into: scratch.pointer)
+            try w.append(UnsafeRawBufferPointer(start: scratch.pointer, count: n)) { c, new in
+                out.append(c); if new { created += 1 }
+            }
+            pos += UInt64(n)
+        }
+        try w.finish { c, new in out.append(c); if new { created += 1 } }
+        createdBlocks += created
+    }
+
+    /// The new manifest is installed: it becomes the base, and streaming can resume at its end.
+    func committed(_ manifest: Manifest) {
+        base = ChunkList(manifest)
+        baseLimit = .max
+        writer.discard()
+        overlay = ByteRangeSet()
+        if overlayFD >= 0 { _ = ftruncate(overlayFD, 0) }
+        streaming = true
+        dirty = false
+    }
+}

@@ -1,0 +1,133 @@
+/// Content-defined chunking, FastCDC style (Xia et al., 2016): a gear hash rolls over the bytes
+/// and a chunk ends where the hash's masked bits are zero. Normalised chunking uses a stricter
+/// mask before the average size and a looser one after it, so sizes cluster near the average.
+/// Boundaries depend only on nearby content, so inserting bytes early in a file shifts a few
+/// chunks and leaves the rest (and their BlockIDs) unchanged: consecutive checkpoints dedup.
+///
+/// The chunker is a streaming state machine: feed it bytes as they arrive and it reports where
+/// the current chunk ends, so writes are chunked without buffering the file (DESIGN.md §3).
+public struct ChunkerParameters: Sendable, Equatable {
+    public var minSize: Int
+    public var averageSize: Int
+    public var maxSize: Int
+
+    public init(minSize: Int, averageSize: Int, maxSize: Int) {
+        precondition(minSize > 0 && minSize <= averageSize && averageSize <= maxSize)
+        precondition(averageSize.nonzeroBitCount == 1, "average chunk size must be a power of two")
+        self.minSize = minSize; self.averageSize = averageSize; self.maxSize = maxSize
+    }
+
+    /// 256 KiB min / 1 MiB average / 4 MiB max (DESIGN.md §1).
+    public static let standard = ChunkerParameters(minSize: 256 << 10, averageSize: 1 << 20, maxSize: 4 << 20)
+}
+
+/// The gear table: 256 pseudo-random 64-bit words from a fixed SplitMix64 seed, so every node
+/// and every version of modelfs cuts the same content at the same places. Written once at
+/// first use, then only read, so sharing the pointer between threads is safe.
+nonisolated(unsafe) let gearTable: UnsafeMutablePointer<UInt64> = {
+    let table = UnsafeMutablePointer<UInt64>.allocate(capacity: 256)
+    var state: UInt64 = 0x6d6f_6465_6c66_7321  // "modelfs!"
+    for i in 0..<256 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        table[i] = z ^ (z >> 31)
+    }
+    return table
+}()
+
+public struct Chunker: Sendable {
+    public let parameters: ChunkerParameters
+    private let maskStrict: UInt64
+    private let maskLoose: UInt64
+    /// Bytes of the current (unfinished) chunk seen so far.
+    public private(set) var currentLength: Int = 0
+    private var hash: UInt64 = 0
+
+    public init(_ parameters: ChunkerParameters = .standard) {
+        self.parameters = parameters
+        let bits = parameters.averageSize.trailingZeroBitCount
+        // FastCDC's normalisation level 2: two more bits before the average, two fewer after.
+        maskStrict = Chunker.spreadMask(bits: bits + 2)
+        maskLoose = Chunker.spreadMask(bits: max(1, bits - 2))
+    }
+
+    /// A mask with `bits` one-bits spread over the high half of the word, where the gear hash
+    /// has mixed the most bytes.
+    private static func spreadMask(bits: Int) -> UInt64 {
+        var mask: UInt64 = 0
+        var placed = 0
+        var pos = 63
+        while placed < bits && pos >= 0 {
+            mask |= 1 << UInt64(pos)
+            placed += 1
+            pos -= 2
+            if pos < 0 { pos = 62 }
+        }
+        return mask
+    }
+
+    /// Consumes bytes of the current chunk. Returns the number of bytes consumed: either all of
+    /// `buffer` (no boundary yet) or the offset just past a boundary, in which case the chunk is
+    /// complete and the state is reset for the next one.
+    public mutating func consume(_ buffer: UnsafeRawBufferPointer) -> (consumed: Int, boundary: Bool) {
+        let count = buffer.count
+        guard count > 0, let base = buffer.baseAddress?.assumingMemoryBound(to: UInt8.self) else { return (0, false) }
+        let minSize = parameters.minSize, avg = parameters.averageSize, maxSize = parameters.maxSize
+        var i = 0
+        var len = currentLength
+        // Skip the first minSize bytes of a chunk: no boundary can fall there.
+        if len < minSize {
+            let skip = min(minSize - len, count)
+            i += skip; len += skip
+            if i == count { currentLength = len; return (count, len >= maxSize ? resetting(&len) : false) }
+        }
+        var h = hash
+        let gear = gearTable
+        // Strict mask up to the average size.
+        while i < count && len < avg {
+            h = (h << 1) &+ gear[Int(base[i])]
+            i += 1; len += 1
+            if h & maskStrict == 0 { return finish(i) }
+        }
+        while i < count && len < maxSize {
+            h = (h << 1) &+ gear[Int(base[i])]
+            i += 1; len += 1
+            if h & maskLoose == 0 { return finish(i) }
+        }
+        if len >= maxSize { return finish(i) }
+        hash = h
+        currentLength = len
+        return (i, false)
+    }
+
+    private mutating func resetting(_ len: inout Int) -> Bool {
+        len = 0; currentLength = 0; hash = 0
+        return true
+    }
+
+    private mutating func finish(_ consumed: Int) -> (consumed: Int, boundary: Bool) {
+        currentLength = 0
+        hash = 0
+        return (consumed, true)
+    }
+
+    /// Forgets the current chunk (its bytes were emitted by a forced cut).
+    public mutating func reset() { currentLength = 0; hash = 0 }
+
+    /// Splits a whole buffer into chunk lengths; the last chunk ends at the buffer's end.
+    public static func split(_ buffer: UnsafeRawBufferPointer, parameters: ChunkerParameters = .standard) -> [Int] {
+        var chunker = Chunker(parameters)
+        var lengths: [Int] = []
+        var start = 0
+        var chunkStart = 0
+        while start < buffer.count {
+            let (n, boundary) = chunker.consume(UnsafeRawBufferPointer(rebasing: buffer[start...]))
+            start += n
+            if boundary { lengths.append(start - chunkStart); chunkStart = start }
+        }
+        if chunkStart < buffer.count { lengths.append(buffer.count - chunkStart) }
+        return lengths
+    }
+}

@@ -1,0 +1,37 @@
+import Foundation
+
+/// The one error type of modelfs: an errno for the kernel, a message for people, and the cause.
+/// Domain errors carry the errno they map to; the FUSE adapter turns anything else into EIO.
+public struct FSError: Error, CustomStringConvertible, Sendable {
+    public var errno: Int32
+    public var message: String
+    public var cause: String?
+
+    public init(_ errno: Int32, _ message: String, cause: (any Error)? = nil) {
+        self.errno = errno
+        self.message = message
+        self.cause = cause.map { String(describing: $0) }
+    }
+
+    public var description: String {
+        var s = "\(message) (errno \(errno))"
+        if let cause { s += ": \(cause)" }
+        return s
+    }
+
+    public static func noEntry(_ what: String = "no such file or directory") -> FSError { FSError(ENOENT, what) }
+    public static func exists(_ what: String = "file exists") -> FSError { FSError(EEXIST, what) }
+    public static func notDirectory(_ what: String = "not a directory") -> FSError { FSError(ENOTDIR, what) }
+    public static func isDirectory(_ what: String = "is a directory") -> FSError { FSError(EISDIR, what) }
+    public static func notEmpty(_ what: String = "directory not empty") -> FSError { FSError(ENOTEMPTY, what) }
+    public static func invalid(_ what: String) -> FSError { FSError(EINVAL, what) }
+    public static func io(_ what: String, cause: (any Error)? = nil) -> FSError { FSError(EIO, what, cause: cause) }
+    public static func noData(_ what: String = "no such attribute") -> FSError { FSError(ENODATA, what) }
+    public static func noSpace(_ what: String = "no space left on device") -> FSError { FSError(ENOSPC, what) }
+    public static func badHandle(_ what: String = "bad file handle") -> FSError { FSError(EBADF, what) }
+}
+
+/// Wraps a failed syscall's errno into an `FSError` that names the operation and the path.
+public func posixError(_ op: String, _ path: String, errno e: Int32 = errno) -> FSError {
+    FSError(e, "\(op) \(path): \(String(cString: strerror(e)))")
+}

@@ -1,0 +1,118 @@
+import Foundation
+
+/// A typed inode number; 1 is the root directory (FUSE_ROOT_ID).
+public struct InodeNumber: Hashable, Sendable, Comparable, CustomStringConvertible {
+    public let rawValue: UInt64
+    public init(_ raw: UInt64) { rawValue = raw }
+    public static let root = InodeNumber(1)
+    public static func < (a: InodeNumber, b: InodeNumber) -> Bool { a.rawValue < b.rawValue }
+    public var description: String { "inode \(rawValue)" }
+}
+
+public enum FileKind: UInt8, Sendable, Codable {
+    case regular = 1, directory = 2, symlink = 3
+
+    /// The S_IFMT bits of this kind.
+    public var modeBits: UInt32 {
+        switch self {
+        case .regular: return 0o100000
+        case .directory: return 0o040000
+        case .symlink: return 0o120000
+        }
+    }
+
+    /// The d_type value readdir reports.
+    public var direntType: UInt8 {
+        switch self {
+        case .regular: return 8
+        case .directory: return 4
+        case .symlink: return 10
+        }
+    }
+}
+
+/// Seconds and nanoseconds since the epoch, as the kernel sends and expects them.
+public struct Timestamp: Hashable, Sendable, Comparable {
+    public var seconds: Int64
+    public var nanoseconds: Int32
+    public init(seconds: Int64, nanoseconds: Int32) { self.seconds = seconds; self.nanoseconds = nanoseconds }
+    public init(totalNanoseconds n: Int64) {
+        seconds = n >= 0 ? n / 1_000_000_000 : (n - 999_999_999) / 1_000_000_000
+        nanoseconds = Int32(n - seconds * 1_000_000_000)
+    }
+    public var totalNanoseconds: Int64 { seconds * 1_000_000_000 + Int64(nanoseconds) }
+    public static func now() -> Timestamp {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return Timestamp(seconds: Int64(ts.tv_sec), nanoseconds: Int32(ts.tv_nsec))
+    }
+    public static func < (a: Timestamp, b: Timestamp) -> Bool { a.totalNanoseconds < b.totalNanoseconds }
+}
+
+/// What the metadata engine knows of an inode.
+public struct InodeAttributes: Hashable, Sendable {
+    public var ino: InodeNumber
+    public var kind: FileKind
+    /// Permission bits including setuid/setgid/sticky (no S_IFMT bits).
+    public var mode: UInt32
+    public var uid: UInt32
+    public var gid: UInt32
+    public var nlink: UInt32
+    public var size: UInt64
+    public var atime: Timestamp
+    public var mtime: Timestamp
+    public var ctime: Timestamp
+    /// Content version: bumped by every commit of new content; 0 for a file never written.
+    public var version: UInt64
+
+    public init(ino: InodeNumber, kind: FileKind, mode: UInt32, uid: UInt32, gid: UInt32, nlink: UInt32,
+                size: UInt64, atime: Timestamp, mtime: Timestamp, ctime: Timestamp, version: UInt64) {
+        self.ino = ino; self.kind = kind; self.mode = mode; self.uid = uid; self.gid = gid
+        self.nlink = nlink; self.size = size; self.atime = atime; self.mtime = mtime; self.ctime = ctime
+        self.version = version
+    }
+}
+
+/// A directory entry as readdir returns it. `cookie` is a stable position: listing resumes after
+/// it even if other entries are added or removed meanwhile.
+public struct DirectoryEntry: Hashable, Sendable {
+    public var name: String
+    public var ino: InodeNumber
+    public var kind: FileKind
+    public var cookie: UInt64
+    public init(name: String, ino: InodeNumber, kind: FileKind, cookie: UInt64) {
+        self.name = name; self.ino = ino; self.kind = kind; self.cookie = cookie
+    }
+}
+
+/// Which attributes a setattr changes.
+public struct AttributeChanges: Sendable, Equatable {
+    public var mode: UInt32?
+    public var uid: UInt32?
+    public var gid: UInt32?
+    public var size: UInt64?
+    public var atime: Timestamp?
+    public var mtime: Timestamp?
+    public init(mode: UInt32? = nil, uid: UInt32? = nil, gid: UInt32? = nil, size: UInt64? = nil,
+                atime: Timestamp? = nil, mtime: Timestamp? = nil) {
+        self.mode = mode; self.uid = uid; self.gid = gid; self.size = size; self.atime = atime; self.mtime = mtime
+    }
+}
+
+public struct RenameFlags: OptionSet, Sendable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// Linux RENAME_NOREPLACE (1) and RENAME_EXCHANGE (2).
+    public static let noReplace = RenameFlags(rawValue: 1)
+    public static let exchange = RenameFlags(rawValue: 2)
+}
+
+public enum XattrSetMode: Sendable { case any, create, replace }
+
+/// Names are validated once, at the engine boundary.
+public func validateName(_ name: String) throws {
+    if name.isEmpty || name == "." || name == ".." || name.utf8.contains(UInt8(ascii: "/")) || name.utf8.contains(0) {
+        throw FSError.invalid("invalid file name \"\(name)\"")
+    }
+    if name.utf8.count > 255 { throw FSError(ENAMETOOLONG, "file name longer than 255 bytes") }
+}

@@ -1,0 +1,13 @@
+import Foundation
+import ModelFSCore
+
+/// The one errno mapping at the FUSE boundary: domain errors carry their errno; anything else
+/// is a bug or an unexpected failure, logged and reported as EIO.
+func errnoFor(_ error: any Error, op: String) -> Int32 {
+    if let e = error as? FSError {
+        if e.errno == EIO || e.errno == ENOSPC { Log.error("\(op): \(e)") }
+        return e.errno
+    }
+    Log.error("\(op): unexpected error \(error)")
+    return EIO
+}

@@ -1,0 +1,159 @@
+import CFuse3
+import Foundation
+import ModelFS
+import ModelFSCore
+import ModelFSMeta
+
+/// The thin adapter between libfuse's low-level API and `FileSystem`: each callback decodes its
+/// arguments, calls the filesystem, and turns the result into a reply or an errno (Errno.swift).
+/// The server object travels as libfuse's userdata, never as a global.
+public final class FuseServer: @unchecked Sendable {
+    public let fs: FileSystem
+    let dataDir: String
+    /// How long the kernel may cache names and attributes. One node is the only writer of its
+    /// namespace, so a long timeout is safe and makes warm `stat` free.
+    let entryTimeout: Double
+    let attrTimeout: Double
+    private var session: OpaquePointer?
+
+    public init(fs: FileSystem, dataDir: String, entryTimeout: Double = 60, attrTimeout: Double = 60) {
+        self.fs = fs
+        self.dataDir = dataDir
+        self.entryTimeout = entryTimeout
+        self.attrTimeout = attrTimeout
+    }
+
+    /// Mounts and serves until unmounted or signalled. `ready` runs once the mount answers.
+    public func run(mountpoint: String, options: [String], threads: UInt32 = 16, ready: @escaping @Sendable () -> Void) throws {
+        var ops = FuseServer.operations()
+        let argv: [String] = ["modelfs", "-o", options.joined(separator: ",")]
+        var cargs = argv.map { strdup($0) }
+        defer { cargs.forEach { free($0) } }
+        var args = modelfs_args_init(Int32(cargs.count), &cargs)
+        let me = Unmanaged.passRetained(self)
+        defer { me.release() }
+        guard let se = fuse_session_new(&args, &ops, MemoryLayout<fuse_lowlevel_ops>.size, me.toOpaque()) else {
+            throw FSError.invalid("libfuse refused the mount options: \(options.joined(separator: ","))")
+        }
+        session = se
+        defer { fuse_session_destroy(se) }
+        guard fuse_set_signal_handlers(se) == 0 else { throw FSError.io("cannot install signal handlers") }
+        defer { fuse_remove_signal_handlers(se) }
+        guard fuse_session_mount(se, mountpoint) == 0 else {
+            throw FSError.io("cannot mount \(mountpoint) (see the libfuse message above)")
+        }
+        defer { fuse_session_unmount(se) }
+        // Wait for the mount to answer on another thread (this one is about to serve it).
+        Thread.detachNewThread { [mountpoint] in
+            var st = Glibc.stat()
+            if stat(mountpoint, &st) == 0 {
+                FuseServer.raiseReadahead(device: st.st_dev)
+            }
+            ready()
+        }
+        let rc = modelfs_session_loop_mt(se, threads)
+        fs.commitAll()
+        if rc != 0 { Log.warning("FUSE loop ended with \(rc)") }
+    }
+
+    /// A FUSE mount gets 128 KiB of readahead where a disk gets MiBs; as root we raise it through
+    /// the mount's backing-device entry so sequential reads arrive as large parallel requests.
+    static func raiseReadahead(device: dev_t) {
+        let path = "/sys/class/bdi/\(modelfs_major(device)):\(modelfs_minor(device))/read_ahead_kb"
+        let fd = open(path, O_WRONLY)
+        guard fd >= 0 else { return }
+        defer { close(fd) }
+        let value = "8192\n"
+        _ = value.withCString { write(fd, $0, strlen($0)) }
+    }
+
+    // MARK: replies
+
+    static func server(_ req: fuse_req_t?) -> FuseServer {
+        Unmanaged<FuseServer>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
+    }
+
+    static func context(_ req: fuse_req_t?) -> RequestContext {
+        guard let c = fuse_req_ctx(req) else { return .root }
+        return RequestContext(uid: c.pointee.uid, gid: c.pointee.gid, pid: c.pointee.pid)
+    }
+
+    static func name(_ p: UnsafePointer<CChar>?) throws -> String {
+        guard let p, let s = String(validatingCString: p) else { throw FSError(EILSEQ, "file names must be UTF-8") }
+        return s
+    }
+
+    func statOf(_ a: InodeAttributes) -> Glibc.stat {
+        var st = Glibc.stat()
+        st.st_ino = ino_t(a.ino.rawValue)
+        st.st_mode = mode_t(a.kind.modeBits | a.mode)
+        st.st_nlink = nlink_t(a.nlink)
+        st.st_uid = a.uid
+        st.st_gid = a.gid
+        st.st_size = off_t(a.size)
+        st.st_blocks = blkcnt_t((a.size + 511) / 512)
+        // Buffered I/O libraries size their buffers by st_blksize: ask for large writes.
+        st.st_blksize = 128 << 10
+        st.st_atim = timespec(tv_sec: Int(a.atime.seconds), tv_nsec: Int(a.atime.nanoseconds))
+        st.st_mtim = timespec(tv_sec: Int(a.mtime.seconds), tv_nsec: Int(a.mtime.nanoseconds))
+        st.st_ctim = timespec(tv_sec: Int(a.ctime.seconds), tv_nsec: Int(a.ctime.nanoseconds))
+        return st
+    }
+
+    func entry(_ a: InodeAttributes) -> fuse_entry_param {
+        var e = fuse_entry_param()
+        e.ino = fuse_ino_t(a.ino.rawValue)
+        e.generation = 1
+        e.attr = statOf(a)
+        e.attr_timeout = attrTimeout
+        e.entry_timeout = entryTimeout
+        return e
+    }
+
+    func replyEntry(_ req: fuse_req_t?, _ op: String, _ body: () throws -> InodeAttributes) {
+        do {
+            var e = entry(try body())
+            fuse_reply_entry(req, &e)
+        } catch { fuse_reply_err(req, errnoFor(error, op: op)) }
+    }
+
+    func replyAttr(_ req: fuse_req_t?, _ op: String, _ body: () throws -> InodeAttributes) {
+        do {
+            var st = statOf(try body())
+            fuse_reply_attr(req, &st, attrTimeout)
+        } catch { fuse_reply_err(req, errnoFor(error, op: op)) }
+    }
+
+    func replyOK(_ req: fuse_req_t?, _ op: String, _ body: () throws -> Void) {
+        do { try body(); fuse_reply_err(req, 0) } catch { fuse_reply_err(req, errnoFor(error, op: op)) }
+    }
+
+    func replyData(_ req: fuse_req_t?, size: Int, _ data: Data) {
+        if size == 0 {
+            fuse_reply_xattr(req, data.count)
+        } else if size < data.count {
+            fuse_reply_err(req, ERANGE)
+        } else {
+            data.withUnsafeBytes { _ = fuse_reply_buf(req, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }
+        }
+    }
+
+    func setOpenReply(_ fi: UnsafeMutablePointer<fuse_file_info>?, _ o: FileSystem.Opened) {
+        guard let fi else { return }
+        fi.pointee.fh = o.handle.rawValue
+        // keep_cache: the kernel's cached pages are still this version, keep them.
+        modelfs_fi_set_keep_cache(fi, o.keepCache ? 1 : 0)
+        // direct_io stays off: mmap (MAP_SHARED too) needs the page cache.
+        modelfs_fi_set_direct_io(fi, 0)
+    }
+
+    /// With the writeback cache the kernel may read pages of a file opened write-only and
+    /// appends itself: open O_WRONLY as O_RDWR and drop O_APPEND (libfuse's own examples forget
+    /// this in `create`, and np.savez then fails with EBADF).
+    static func adjustedFlags(_ fi: UnsafeMutablePointer<fuse_file_info>?) -> OpenFlags {
+        var f = fi?.pointee.flags ?? O_RDONLY
+        if f & O_ACCMODE == O_WRONLY { f = (f & ~O_ACCMODE) | O_RDWR }
+        f &= ~O_APPEND
+        return OpenFlags(f)
+    }
+}

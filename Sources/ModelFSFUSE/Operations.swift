@@ -1,0 +1,296 @@
+import CFuse3
+import Foundation
+import ModelFS
+import ModelFSCore
+
+// libfuse calls these from its worker threads. They are written as closures that capture
+// nothing (so they convert to C function pointers) and live outside main.swift (code there is
+// main-actor isolated and traps when called from another thread).
+
+private func ino(_ i: fuse_ino_t) -> InodeNumber { InodeNumber(UInt64(i)) }
+private func fh(_ fi: UnsafeMutablePointer<fuse_file_info>?) -> FileHandleID { FileHandleID(fi?.pointee.fh ?? 0) }
+
+extension FuseServer {
+    static func operations() -> fuse_lowlevel_ops {
+        var ops = fuse_lowlevel_ops()
+
+        ops.`init` = { userdata, conn in
+            guard let conn else { return }
+            let c = conn.pointee.capable
+            var want = conn.pointee.want
+            // Writeback cache: writes land in the page cache and reach us as large, merged
+            // requests; the kernel keeps size and mtime itself while it has dirty pages.
+            if c & UInt32(FUSE_CAP_WRITEBACK_CACHE) != 0 { want |= UInt32(FUSE_CAP_WRITEBACK_CACHE) }
+            // O_TRUNC arrives with open(), so truncate-and-rewrite is one step for us.
+            if c & UInt32(FUSE_CAP_ATOMIC_O_TRUNC) != 0 { want |= UInt32(FUSE_CAP_ATOMIC_O_TRUNC) }
+            // Lookups and readdirs in one directory may run in parallel: the engine is thread-safe.
+            if c & UInt32(FUSE_CAP_PARALLEL_DIROPS) != 0 { want |= UInt32(FUSE_CAP_PARALLEL_DIROPS) }
+            // Readahead arrives as several requests at once, served in parallel by worker threads.
+            if c & UInt32(FUSE_CAP_ASYNC_READ) != 0 { want |= UInt32(FUSE_CAP_ASYNC_READ) }
+            // Symlink targets do not change under one name: let the kernel cache them.
+            if c & UInt32(FUSE_CAP_CACHE_SYMLINKS) != 0 { want |= UInt32(FUSE_CAP_CACHE_SYMLINKS) }
+            // No getlk/setlk/flock operations: the kernel keeps flock, POSIX and OFD locks itself,
+            // which is exact on one node (h5py, Keras and TensorStore take them).
+            want &= ~UInt32(FUSE_CAP_POSIX_LOCKS | FUSE_CAP_FLOCK_LOCKS)
+            conn.pointee.want = want
+            // 1 MiB writes (the most the kernel sends); reads as large as readahead allows.
+            conn.pointee.max_write = 1 << 20
+            conn.pointee.max_readahead = 8 << 20
+            // Let writeback and readahead keep many requests in flight.
+            conn.pointee.max_background = 64
+            conn.pointee.congestion_threshold = 48
+            conn.pointee.time_gran = 1
+            _ = userdata
+        }
+
+        ops.destroy = { userdata in
+            guard let userdata else { return }
+            Unmanaged<FuseServer>.fromOpaque(userdata).takeUnretainedValue().fs.commitAll()
+        }
+
+        ops.lookup = { req, parent, name in
+            let s = FuseServer.server(req)
+            s.replyEntry(req, "lookup") { try s.fs.lookup(parent: ino(parent), name: try FuseServer.name(name)) }
+        }
+
+        ops.forget = { req, i, n in
+            FuseServer.server(req).fs.forget(ino(i), count: UInt64(n))
+            fuse_reply_none(req)
+        }
+
+        ops.forget_multi = { req, count, forgets in
+            let s = FuseServer.server(req)
+            if let forgets {
+                for k in 0..<count { s.fs.forget(ino(forgets[k].ino), count: UInt64(forgets[k].nlookup)) }
+            }
+            fuse_reply_none(req)
+        }
+
+        ops.getattr = { req, i, _ in
+            let s = FuseServer.server(req)
+            s.replyAttr(req, "getattr") { try s.fs.getattr(ino(i)) }
+        }
+
+        ops.setattr = { req, i, attr, toSet, fi in
+            let s = FuseServer.server(req)
+            s.replyAttr(req, "setattr") {
+                guard let attr else { throw FSError.invalid("no attributes") }
+                let a = attr.pointee
+                var ch = AttributeChanges()
+                let now = Timestamp.now()
+                if toSet & FUSE_SET_ATTR_MODE != 0 { ch.mode = UInt32(a.st_mode) & 0o7777 }
+                if toSet & FUSE_SET_ATTR_UID != 0 { ch.uid = a.st_uid }
+                if toSet & FUSE_SET_ATTR_GID != 0 { ch.gid = a.st_gid }
+                if toSet & FUSE_SET_ATTR_SIZE != 0 { ch.size = UInt64(a.st_size) }
+                if toSet & FUSE_SET_ATTR_ATIME_NOW != 0 { ch.atime = now } else if toSet & FUSE_SET_ATTR_ATIME != 0 {
+                    ch.atime = Timestamp(seconds: Int64(a.st_atim.tv_sec), nanoseconds: Int32(a.st_atim.tv_nsec))
+                }
+                if toSet & FUSE_SET_ATTR_MTIME_NOW != 0 { ch.mtime = now } else if toSet & FUSE_SET_ATTR_MTIME != 0 {
+                    ch.mtime = Timestamp(seconds: Int64(a.st_mtim.tv_sec), nanoseconds: Int32(a.st_mtim.tv_nsec))
+                }
+                return try s.fs.setattr(ino(i), ch, handle: fi.map { FileHandleID($0.pointee.fh) }, context: FuseServer.context(req))
+            }
+        }
+
+        ops.readlink = { req, i in
+            let s = FuseServer.server(req)
+            do {
+                let target = try s.fs.readlink(ino(i))
+                fuse_reply_readlink(req, target)
+            } catch { fuse_reply_err(req, errnoFor(error, op: "readlink")) }
+        }
+
+        ops.mknod = { req, parent, name, mode, _ in
+            let s = FuseServer.server(req)
+            s.replyEntry(req, "mknod") {
+                try s.fs.mknod(parent: ino(parent), name: try FuseServer.name(name), mode: UInt32(mode), context: FuseServer.context(req))
+            }
+        }
+
+        ops.mkdir = { req, parent, name, mode in
+            let s = FuseServer.server(req)
+            s.replyEntry(req, "mkdir") {
+                try s.fs.mkdir(parent: ino(parent), name: try FuseServer.name(name), mode: UInt32(mode), context: FuseServer.context(req))
+            }
+        }
+
+        ops.unlink = { req, parent, name in
+            let s = FuseServer.server(req)
+            s.replyOK(req, "unlink") { try s.fs.unlink(parent: ino(parent), name: try FuseServer.name(name)) }
+        }
+
+        ops.rmdir = { req, parent, name in
+            let s = FuseServer.server(req)
+            s.replyOK(req, "rmdir") { try s.fs.rmdir(parent: ino(parent), name: try FuseServer.name(name)) }
+        }
+
+        ops.symlink = { req, target, parent, name in
+            let s = FuseServer.server(req)
+            s.replyEntry(req, "symlink") {
+                try s.fs.symlink(parent: ino(parent), name: try FuseServer.name(name), target: try FuseServer.name(target),
+                                 context: FuseServer.context(req))
+            }
+        }
+
+        ops.rename = { req, parent, name, newParent, newName, flags in
+            let s = FuseServer.server(req)
+            s.replyOK(req, "rename") {
+                try s.fs.rename(parent: ino(parent), name: try FuseServer.name(name), newParent: ino(newParent),
+                                newName: try FuseServer.name(newName), flags: RenameFlags(rawValue: UInt32(flags)))
+            }
+        }
+
+        ops.link = { req, i, newParent, newName in
+            let s = FuseServer.server(req)
+            s.replyEntry(req, "link") { try s.fs.link(ino(i), parent: ino(newParent), name: try FuseServer.name(newName)) }
+        }
+
+        ops.open = { req, i, fi in
+            let s = FuseServer.server(req)
+            do {
+                let opened = try s.fs.open(ino(i), flags: FuseServer.adjustedFlags(fi))
+                s.setOpenReply(fi, opened)
+                fuse_reply_open(req, fi)
+            } catch { fuse_reply_err(req, errnoFor(error, op: "open")) }
+        }
+
+        ops.create = { req, parent, name, mode, fi in
+            let s = FuseServer.server(req)
+            do {
+                let (attrs, opened) = try s.fs.create(parent: ino(parent), name: try FuseServer.name(name), mode: UInt32(mode),
+                                                      flags: FuseServer.adjustedFlags(fi), context: FuseServer.context(req))
+                s.setOpenReply(fi, opened)
+                var e = s.entry(attrs)
+                fuse_reply_create(req, &e, fi)
+            } catch { fuse_reply_err(req, errnoFor(error, op: "create")) }
+        }
+
+        ops.read = { req, _, size, off, fi in
+            let s = FuseServer.server(req)
+            let buffer = UnsafeMutableRawPointer.allocate(byteCount: max(size, 1), alignment: 4096)
+            defer { buffer.deallocate() }
+            do {
+                let n = try s.fs.read(fh(fi), at: UInt64(off), count: size, into: buffer)
+                fuse_reply_buf(req, buffer.assumingMemoryBound(to: CChar.self), n)
+            } catch { fuse_reply_err(req, errnoFor(error, op: "read")) }
+        }
+
+        ops.write = { req, _, buf, size, off, fi in
+            let s = FuseServer.server(req)
+            do {
+                let n = try s.fs.write(fh(fi), at: UInt64(off), UnsafeRawBufferPointer(start: buf, count: size))
+                fuse_reply_write(req, n)
+            } catch { fuse_reply_err(req, errnoFor(error, op: "write")) }
+        }
+
+        ops.flush = { req, _, fi in
+            let s = FuseServer.server(req)
+            s.replyOK(req, "flush") { try s.fs.flush(fh(fi)) }
+        }
+
+        ops.release = { req, _, fi in
+            let s = FuseServer.server(req)
+            s.replyOK(req, "release") { try s.fs.release(fh(fi)) }
+        }
+
+        ops.fsync = { req, _, _, fi in
+            let s = FuseServer.server(req)
+            s.replyOK(req, "fsync") { try s.fs.fsync(fh(fi)) }
+        }
+
+        ops.fallocate = { req, _, mode, off, length, fi in
+            let s = FuseServer.server(req)
+            s.replyOK(req, "fallocate") {
+                try s.fs.fallocate(fh(fi), mode: mode, offset: UInt64(off), length: UInt64(length),
+                                   keepSizeFlag: modelfs_falloc_keep_size())
+            }
+        }
+
+        ops.opendir = { req, i, fi in
+            let s = FuseServer.server(req)
+            do {
+                let a = try s.fs.getattr(ino(i))
+                guard a.kind == .directory else { throw FSError.notDirectory() }
+                fi?.pointee.fh = 0
+                fuse_reply_open(req, fi)
+            } catch { fuse_reply_err(req, errnoFor(error, op: "opendir")) }
+        }
+
+        ops.readdir = { req, i, size, off, _ in
+            let s = FuseServer.server(req)
+            do {
+                // Each entry needs at least 32 bytes: ask the engine for no more than fit.
+                let entries = try s.fs.readdir(ino(i), after: UInt64(off), limit: max(1, size / 32))
+                let buffer = UnsafeMutablePointer<CChar>.allocate(capacity: max(size, 1))
+                defer { buffer.deallocate() }
+                var used = 0
+                for e in entries {
+                    var st = Glibc.stat()
+                    st.st_ino = ino_t(e.ino.rawValue)
+                    st.st_mode = mode_t(e.kind.modeBits)
+                    let n = fuse_add_direntry(req, buffer + used, size - used, e.name, &st, off_t(e.cookie))
+                    if n > size - used { break }
+                    used += n
+                }
+                fuse_reply_buf(req, buffer, used)
+            } catch { fuse_reply_err(req, errnoFor(error, op: "readdir")) }
+        }
+
+        ops.releasedir = { req, _, _ in fuse_reply_err(req, 0) }
+
+        ops.fsyncdir = { req, _, _, _ in
+            let s = FuseServer.server(req)
+            s.replyOK(req, "fsyncdir") { try s.fs.fsyncdir() }
+        }
+
+        ops.statfs = { req, _ in
+            let s = FuseServer.server(req)
+            do {
+                let st = try s.fs.statfs(dataDir: s.dataDir)
+                var v = statvfs()
+                v.f_bsize = UInt(st.blockSize)
+                v.f_frsize = UInt(st.blockSize)
+                v.f_blocks = fsblkcnt_t(st.blocks)
+                v.f_bfree = fsblkcnt_t(st.blocksFree)
+                v.f_bavail = fsblkcnt_t(st.blocksAvailable)
+                v.f_files = fsfilcnt_t(st.files)
+                v.f_ffree = fsfilcnt_t(st.filesFree)
+                v.f_favail = fsfilcnt_t(st.filesFree)
+                v.f_namemax = UInt(st.nameMax)
+                fuse_reply_statfs(req, &v)
+            } catch { fuse_reply_err(req, errnoFor(error, op: "statfs")) }
+        }
+
+        ops.setxattr = { req, i, name, value, size, flags in
+            let s = FuseServer.server(req)
+            s.replyOK(req, "setxattr") {
+                let mode: XattrSetMode = flags & 1 != 0 ? .create : (flags & 2 != 0 ? .replace : .any)
+                let data = value.map { Data(bytes: $0, count: size) } ?? Data()
+                try s.fs.setxattr(ino(i), name: try FuseServer.name(name), value: data, mode: mode)
+            }
+        }
+
+        ops.getxattr = { req, i, name, size in
+            let s = FuseServer.server(req)
+            do {
+                s.replyData(req, size: size, try s.fs.getxattr(ino(i), name: try FuseServer.name(name)))
+            } catch { fuse_reply_err(req, errnoFor(error, op: "getxattr")) }
+        }
+
+        ops.listxattr = { req, i, size in
+            let s = FuseServer.server(req)
+            do {
+                var d = Data()
+                for n in try s.fs.listxattr(ino(i)) { d.append(contentsOf: Array(n.utf8)); d.append(0) }
+                s.replyData(req, size: size, d)
+            } catch { fuse_reply_err(req, errnoFor(error, op: "listxattr")) }
+        }
+
+        ops.removexattr = { req, i, name in
+            let s = FuseServer.server(req)
+            s.replyOK(req, "removexattr") { try s.fs.removexattr(ino(i), name: try FuseServer.name(name)) }
+        }
+
+        return ops
+    }
+}

@@ -1,0 +1,322 @@
+import Foundation
+import ModelFSCore
+
+/// The namespace rules of modelfs, written once over any `TransactionalStore` (memory, SQLite,
+/// and later etcd): every public method is one transaction of the store.
+public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, @unchecked Sendable {
+    let store: Store
+
+    public init(store: Store, rootUID: UInt32, rootGID: UInt32) throws {
+        self.store = store
+        try store.write { tx in
+            if try tx.inode(.root) == nil {
+                let now = Timestamp.now()
+                let attrs = InodeAttributes(ino: .root, kind: .directory, mode: 0o755, uid: rootUID, gid: rootGID,
+                                            nlink: 2, size: 0, atime: now, mtime: now, ctime: now, version: 0)
+                try tx.putInode(InodeRecord(attrs: attrs, parent: .root))
+            }
+        }
+    }
+
+    private func require(_ tx: any MetadataTransaction, _ ino: InodeNumber) throws -> InodeRecord {
+        guard let r = try tx.inode(ino) else { throw FSError.noEntry("\(ino) does not exist") }
+        return r
+    }
+
+    private func requireDirectory(_ tx: any MetadataTransaction, _ ino: InodeNumber) throws -> InodeRecord {
+        let r = try require(tx, ino)
+        guard r.attrs.kind == .directory else { throw FSError.notDirectory() }
+        guard r.attrs.nlink > 0 else { throw FSError.noEntry("directory was removed") }
+        return r
+    }
+
+    /// Records a change of a directory's entries: its mtime and ctime.
+    private func touch(_ tx: any MetadataTransaction, _ dir: inout InodeRecord, _ now: Timestamp, nlinkDelta: Int = 0) throws {
+        dir.attrs.mtime = now
+        dir.attrs.ctime = now
+        dir.attrs.nlink = UInt32(Int(dir.attrs.nlink) + nlinkDelta)
+        try tx.putInode(dir)
+    }
+
+    public func getattr(_ ino: InodeNumber) throws -> InodeAttributes {
+        try store.read { tx in try require(tx, ino).attrs }
+    }
+
+    public func lookup(parent: InodeNumber, name: String) throws -> InodeAttributes {
+        try store.read { tx in
+            _ = try requireDirectory(tx, parent)
+            guard let e = try tx.entry(parent, name) else { throw FSError.noEntry() }
+            return try require(tx, e.ino).attrs
+        }
+    }
+
+    public func create(parent: InodeNumber, name: String, _ new: NewInode) throws -> InodeAttributes {
+        try validateName(name)
+        return try store.write { tx in
+            var dir = try requireDirectory(tx, parent)
+            if try tx.entry(parent, name) != nil { throw FSError.exists() }
+            let ino = try tx.allocateInode()
+            let isDir = new.kind == .directory
+            let attrs = InodeAttributes(ino: ino, kind: new.kind, mode: new.mode & 0o7777, uid: new.uid, gid: new.gid,
+                                        nlink: isDir ? 2 : 1, size: UInt64(new.target?.utf8.count ?? 0),
+                                        atime: new.now, mtime: new.now, ctime: new.now, version: 0)
+            try tx.putInode(InodeRecord(attrs: attrs, parent: isDir ? parent : nil, target: new.target))
+            try tx.addEntry(parent, name, EntryRecord(ino: ino, kind: new.kind))
+            try touch(tx, &dir, new.now, nlinkDelta: isDir ? 1 : 0)
+            return attrs
+        }
+    }
+
+    public func link(_ ino: InodeNumber, parent: InodeNumber, name: String, now: Timestamp) throws -> InodeAttributes {
+        try validateName(name)
+        return try store.write { tx in
+            var dir = try requireDirectory(tx, parent)
+            var target = try require(tx, ino)
+            guard target.attrs.kind != .directory else { throw FSError(EPERM, "hard links to directories are not allowed") }
+            guard target.attrs.nlink > 0 else { throw FSError.noEntry("file was removed") }
+            if try tx.entry(parent, name) != nil { throw FSError.exists() }
+            target.attrs.nlink += 1
+            target.attrs.ctime = now
+            try tx.putInode(target)
+            try tx.addEntry(parent, name, EntryRecord(ino: ino, kind: target.attrs.kind))
+            try touch(tx, &dir, now)
+            return target.attrs
+        }
+    }
+
+    /// Drops one link of `ino` (whose entry the caller already removed).
+    private func dropLink(_ tx: any MetadataTransaction, _ ino: InodeNumber, now: Timestamp) throws -> RemovedLink {
+        var r = try require(tx, ino)
+        if r.attrs.kind == .directory {
+            r.attrs.nlink = 0
+        } else {
+            r.attrs.nlink = r.attrs.nlink > 0 ? r.attrs.nlink - 1 : 0
+        }
+        r.attrs.ctime = now
+        try tx.putInode(r)
+        return RemovedLink(ino: ino, kind: r.attrs.kind, nlink: r.attrs.nlink)
+    }
+
+    public func unlink(parent: InodeNumber, name: String, now: Timestamp) throws -> RemovedLink {
+        try store.write { tx in
+            var dir = try requireDirectory(tx, parent)
+            guard let e = try tx.entry(parent, name) else { throw FSError.noEntry() }
+            guard e.kind != .directory else { throw FSError.isDirectory() }
+            try tx.removeEntry(parent, name)
+            try touch(tx, &dir, now)
+            return try dropLink(tx, e.ino, now: now)
+        }
+    }
+
+    public func rmdir(parent: InodeNumber, name: String, now: Timestamp) throws -> RemovedLink {
+        try store.write { tx in
+            var dir = try requireDirectory(tx, parent)
+            guard let e = try tx.entry(parent, name) else { throw FSError.noEntry() }
+            guard e.kind == .directory else { throw FSError.notDirectory() }
+            if try tx.hasEntries(e.ino) { throw FSError.notEmpty() }
+            try tx.removeEntry(parent, name)
+            try touch(tx, &dir, now, nlinkDelta: -1)
+            return try dropLink(tx, e.ino, now: now)
+        }
+    }
+
+    /// True if `dir` is `ancestor` or lies below it.
+    private func isWithin(_ tx: any MetadataTransaction, _ dir: InodeNumber, _ ancestor: InodeNumber) throws -> Bool {
+        var cur = dir
+        var hops = 0
+        while true {
+            if cur == ancestor { return true }
+            if cur == .root { return false }
+            guard let p = try tx.inode(cur)?.parent else { return false }
+            cur = p
+            hops += 1
+            if hops > 100_000 { throw FSError.io("directory tree has a cycle at \(cur)") }
+        }
+    }
+
+    public func rename(parent: InodeNumber, name: String, newParent: InodeNumber, newName: String,
+                       flags: RenameFlags, now: Timestamp) throws -> RemovedLink? {
+        try validateName(newName)
+        if flags.contains(.noReplace) && flags.contains(.exchange) { throw FSError.invalid("RENAME_NOREPLACE with RENAME_EXCHANGE") }
+        return try store.write { tx in
+            _ = try requireDirectory(tx, parent)
+            _ = try requireDirectory(tx, newParent)
+            guard let src = try tx.entry(parent, name) else { throw FSError.noEntry() }
+            let dst = try tx.entry(newParent, newName)
+            if parent == newParent && name == newName {
+                if dst == nil { throw FSError.noEntry() }
+                return nil  // renaming a name onto itself does nothing
+            }
+            if let dst, dst.ino == src.ino { // two links to the same file: POSIX says do nothing
+                return nil
+            }
+            if src.kind == .directory, try isWithin(tx, newParent, src.ino) {
+                throw FSError.invalid("cannot move a directory into itself")
+            }
+            if flags.contains(.exchange) {
+                guard let dst else { throw FSError.noEntry() }
+                if dst.kind == .directory, try isWithin(tx, parent, dst.ino) {
+                    throw FSError.invalid("cannot move a directory into itself")
+                }
+                try tx.removeEntry(parent, name)
+                try tx.removeEntry(newParent, newName)
+                try tx.addEntry(parent, name, dst)
+                try tx.addEntry(newParent, newName, src)
+                try reparent(tx, src, from: parent, to: newParent, now: now)
+                try reparent(tx, dst, from: newParent, to: parent, now: now)
+                try touchBoth(tx, parent, newParent, now)
+                return nil
+            }
+            var replaced: RemovedLink?
+            if let dst {
+                if flags.contains(.noReplace) { throw FSError.exists() }
+                switch (src.kind == .directory, dst.kind == .directory) {
+                case (true, false): throw FSError.notDirectory()
+                case (false, true): throw FSError.isDirectory()
+                case (true, true): if try tx.hasEntries(dst.ino) { throw FSError.notEmpty() }
+                default: break
+                }
+                try tx.removeEntry(newParent, newName)
+                if dst.kind == .directory {
+                    var np = try require(tx, newParent)
+                    np.attrs.nlink -= 1
+                    try tx.putInode(np)
+                }
+                replaced = try dropLink(tx, dst.ino, now: now)
+            }
+            try tx.removeEntry(parent, name)
+            try tx.addEntry(newParent, newName, src)
+            try reparent(tx, src, from: parent, to: newParent, now: now)
+            try touchBoth(tx, parent, newParent, now)
+            return replaced
+        }
+    }
+
+    /// Moves a directory's ".." and the parents' link counts; touches a moved inode's ctime.
+    private func reparent(_ tx: any MetadataTransaction, _ e: EntryRecord, from: InodeNumber, to: InodeNumber, now: Timestamp) throws {
+        var r = try require(tx, e.ino)
+        r.attrs.ctime = now
+        if e.kind == .directory && from != to {
+            r.parent = to
+            var f = try require(tx, from); f.attrs.nlink -= 1; try tx.putInode(f)
+            var t = try require(tx, to); t.attrs.nlink += 1; try tx.putInode(t)
+        }
+        try tx.putInode(r)
+    }
+
+    private func touchBoth(_ tx: any MetadataTransaction, _ a: InodeNumber, _ b: InodeNumber, _ now: Timestamp) throws {
+        var ra = try require(tx, a); try touch(tx, &ra, now)
+        if a != b { var rb = try require(tx, b); try touch(tx, &rb, now) }
+    }
+
+    public func setattr(_ ino: InodeNumber, _ changes: AttributeChanges, now: Timestamp) throws -> InodeAttributes {
+        try store.write { tx in
+            var r = try require(tx, ino)
+            if let m = changes.mode { r.attrs.mode = m & 0o7777 }
+            if let u = changes.uid { r.attrs.uid = u }
+            if let g = changes.gid { r.attrs.gid = g }
+            if let a = changes.atime { r.attrs.atime = a }
+            if let m = changes.mtime { r.attrs.mtime = m }
+            r.attrs.ctime = now
+            try tx.putInode(r)
+            return r.attrs
+        }
+    }
+
+    public func readdir(_ dir: InodeNumber, after cookie: UInt64, limit: Int) throws -> [DirectoryEntry] {
+        try store.read { tx in
+            _ = try requireDirectory(tx, dir)
+            return try tx.entries(dir, after: cookie, limit: limit)
+        }
+    }
+
+    public func parent(of dir: InodeNumber) throws -> InodeNumber {
+        try store.read { tx in try requireDirectory(tx, dir).parent ?? .root }
+    }
+
+    public func readlink(_ ino: InodeNumber) throws -> String {
+        try store.read { tx in
+            let r = try require(tx, ino)
+            guard r.attrs.kind == .symlink, let t = r.target else { throw FSError.invalid("not a symlink") }
+            return t
+        }
+    }
+
+    public func manifest(of ino: InodeNumber) throws -> ManifestRef {
+        try store.read { tx in
+            _ = try require(tx, ino)
+            guard let d = try tx.manifest(ino) else { return .empty }
+            return try ManifestRef(decoding: d)
+        }
+    }
+
+    public func commit(_ ino: InodeNumber, size: UInt64, manifest: ManifestRef, mtime: Timestamp) throws -> InodeAttributes {
+        try store.write { tx in
+            var r = try require(tx, ino)
+            guard r.attrs.kind == .regular else { throw FSError.isDirectory() }
+            r.attrs.size = size
+            r.attrs.mtime = mtime
+            r.attrs.ctime = Swift.max(mtime, r.attrs.ctime)
+            r.attrs.version += 1
+            try tx.putInode(r)
+            try tx.putManifest(ino, manifest.encoded())
+            return r.attrs
+        }
+    }
+
+    public func getxattr(_ ino: InodeNumber, name: String) throws -> Data {
+        try store.read { tx in
+            _ = try require(tx, ino)
+            guard let v = try tx.xattr(ino, name) else { throw FSError.noData() }
+            return v
+        }
+    }
+
+    public func setxattr(_ ino: InodeNumber, name: String, value: Data, mode: XattrSetMode) throws {
+        guard !name.isEmpty, name.utf8.count <= 255 else { throw FSError(ERANGE, "xattr name must be 1–255 bytes") }
+        guard value.count <= 64 << 10 else { throw FSError(E2BIG, "xattr value larger than 64 KiB") }
+        try store.write { tx in
+            var r = try require(tx, ino)
+            let exists = try tx.xattr(ino, name) != nil
+            if mode == .create && exists { throw FSError.exists("attribute exists") }
+            if mode == .replace && !exists { throw FSError.noData() }
+            try tx.putXattr(ino, name, value)
+            r.attrs.ctime = Timestamp.now()
+            try tx.putInode(r)
+        }
+    }
+
+    public func listxattr(_ ino: InodeNumber) throws -> [String] {
+        try store.read { tx in
+            _ = try require(tx, ino)
+            return try tx.xattrNames(ino)
+        }
+    }
+
+    public func removexattr(_ ino: InodeNumber, name: String) throws {
+        try store.write { tx in
+            _ = try require(tx, ino)
+            guard try tx.xattr(ino, name) != nil else { throw FSError.noData() }
+            try tx.removeXattr(ino, name)
+        }
+    }
+
+    public func deleteInode(_ ino: InodeNumber) throws {
+        try store.write { tx in
+            guard let r = try tx.inode(ino) else { return }
+            guard r.attrs.nlink == 0 else { throw FSError(EBUSY, "\(ino) still has \(r.attrs.nlink) links") }
+            try tx.removeAllXattrs(ino)
+            try tx.deleteInode(ino)
+        }
+    }
+
+    public func orphans() throws -> [InodeNumber] { try store.read { tx in try tx.orphans() } }
+
+    public func allManifests() throws -> [ManifestRef] {
+        try store.read { tx in try tx.allManifests().map { try ManifestRef(decoding: $0) } }
+    }
+
+    public func sync() throws { try store.sync() }
+
+    public func stats() throws -> MetadataStats { try store.read { tx in try tx.stats() } }
+}

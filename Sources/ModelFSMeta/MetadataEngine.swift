@@ -1,0 +1,94 @@
+import Foundation
+import ModelFSCore
+
+/// What a new inode is made of.
+public struct NewInode: Sendable {
+    public var kind: FileKind
+    public var mode: UInt32
+    public var uid: UInt32
+    public var gid: UInt32
+    public var now: Timestamp
+    /// Symlink target, for `.symlink` only.
+    public var target: String?
+    public init(kind: FileKind, mode: UInt32, uid: UInt32, gid: UInt32, now: Timestamp, target: String? = nil) {
+        self.kind = kind; self.mode = mode; self.uid = uid; self.gid = gid; self.now = now; self.target = target
+    }
+}
+
+/// An inode that lost a link: the caller deletes it once `nlink == 0` and nothing holds it open.
+public struct RemovedLink: Sendable, Equatable {
+    public var ino: InodeNumber
+    public var kind: FileKind
+    public var nlink: UInt32
+}
+
+public struct MetadataStats: Sendable, Equatable, Codable {
+    public var files: UInt64 = 0
+    public var directories: UInt64 = 0
+    public var symlinks: UInt64 = 0
+    /// Sum of regular files' sizes, each inode counted once however many links it has.
+    public var logicalBytes: UInt64 = 0
+    public init() {}
+}
+
+/// The namespace and its attributes (DESIGN.md §2). Every method is one atomic transaction:
+/// it either happens entirely or not at all, in every engine. Methods are thread-safe.
+///
+/// Contracts shared by all engines (the conformance suite checks each):
+/// - Names are validated (no "/", NUL, "." or ".."; at most 255 bytes) → EINVAL/ENAMETOOLONG.
+/// - `create` is exclusive: an existing name gives EEXIST.
+/// - `rename` replaces the target atomically (file over file, dir over empty dir), refuses a dir
+///   over a file (ENOTDIR), a file over a dir (EISDIR), a non-empty dir target (ENOTEMPTY), a
+///   dir moved into its own subtree (EINVAL); `.noReplace` gives EEXIST if the target exists;
+///   `.exchange` swaps two entries. Directory rename is O(1).
+/// - Unlinking the last link leaves the inode with `nlink == 0`; it lives until `deleteInode`.
+/// - `setattr` ignores `size`: content and size change only through `commit`.
+public protocol MetadataEngine: AnyObject, Sendable {
+    func getattr(_ ino: InodeNumber) throws -> InodeAttributes
+    func lookup(parent: InodeNumber, name: String) throws -> InodeAttributes
+    func create(parent: InodeNumber, name: String, _ new: NewInode) throws -> InodeAttributes
+    func link(_ ino: InodeNumber, parent: InodeNumber, name: String, now: Timestamp) throws -> InodeAttributes
+    func unlink(parent: InodeNumber, name: String, now: Timestamp) throws -> RemovedLink
+    func rmdir(parent: InodeNumber, name: String, now: Timestamp) throws -> RemovedLink
+    /// Returns the inode that lost its link when the target was replaced.
+    func rename(parent: InodeNumber, name: String, newParent: InodeNumber, newName: String,
+                flags: RenameFlags, now: Timestamp) throws -> RemovedLink?
+    func setattr(_ ino: InodeNumber, _ changes: AttributeChanges, now: Timestamp) throws -> InodeAttributes
+    /// Entries with a cookie greater than `after`, in cookie order ("." and ".." not included).
+    func readdir(_ dir: InodeNumber, after cookie: UInt64, limit: Int) throws -> [DirectoryEntry]
+    func parent(of dir: InodeNumber) throws -> InodeNumber
+    func readlink(_ ino: InodeNumber) throws -> String
+    func manifest(of ino: InodeNumber) throws -> ManifestRef
+    /// Installs a new content version: size, manifest, mtime/ctime; bumps `version`.
+    func commit(_ ino: InodeNumber, size: UInt64, manifest: ManifestRef, mtime: Timestamp) throws -> InodeAttributes
+    func getxattr(_ ino: InodeNumber, name: String) throws -> Data
+    func setxattr(_ ino: InodeNumber, name: String, value: Data, mode: XattrSetMode) throws
+    func listxattr(_ ino: InodeNumber) throws -> [String]
+    func removexattr(_ ino: InodeNumber, name: String) throws
+    /// Removes an inode whose `nlink` is 0, with its xattrs and manifest. EBUSY if it still has links.
+    func deleteInode(_ ino: InodeNumber) throws
+    /// Inodes with `nlink == 0` (left by a crash while they were open).
+    func orphans() throws -> [InodeNumber]
+    /// Every manifest reference in the namespace (for accounting and garbage collection).
+    func allManifests() throws -> [ManifestRef]
+    /// Makes every committed transaction durable against power loss.
+    func sync() throws
+    func stats() throws -> MetadataStats
+}
+
+/// Opens an engine from a `--meta` URL: `sqlite:PATH` or `memory:`.
+public enum MetadataURL {
+    public static func open(_ url: String, rootUID: UInt32, rootGID: UInt32) throws -> any MetadataEngine {
+        if url == "memory:" || url == "memory" {
+            return try KVMetadataEngine(store: MemoryTransactionalStore(), rootUID: rootUID, rootGID: rootGID)
+        }
+        if url.hasPrefix("sqlite:") {
+            let path = String(url.dropFirst("sqlite:".count))
+            guard !path.isEmpty else { throw FSError.invalid("--meta sqlite: needs a path, e.g. sqlite:/data/meta.db") }
+            let store = try SQLiteTransactionalStore(path: path)
+            return try KVMetadataEngine(store: store, rootUID: rootUID, rootGID: rootGID)
+        }
+        let scheme = url.split(separator: ":", maxSplits: 1).first.map(String.init) ?? url
+        throw FSError.invalid("unknown --meta scheme \"\(scheme)\": use sqlite:PATH or memory:")
+    }
+}

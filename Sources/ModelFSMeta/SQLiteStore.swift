@@ -1,0 +1,205 @@
+import Foundation
+import GRDB
+import ModelFSCore
+
+/// The embedded engine (`sqlite:PATH`): one SQLite database in WAL mode through GRDB.
+///
+/// Durability: transactions commit with `synchronous=NORMAL` (in WAL mode a commit then survives
+/// a crash of the process, not of the machine) and `sync()` — called by fsync and fsyncdir —
+/// commits once with `synchronous=FULL`, which fsyncs the WAL and so every commit before it.
+/// That is DESIGN.md §3: close() does not fsync, fsync() does. (GRDB's DatabasePool sets
+/// NORMAL itself when it enables WAL; we set it explicitly so the choice is visible here.)
+///
+/// Schema (all keys):
+///   inodes(ino PK, kind, mode, uid, gid, nlink, size, atime, mtime, ctime [ns], version, parent, target, manifest)
+///   dentries(cookie PK autoincrement, parent, name, ino, kind; UNIQUE(parent, name); index on ino)
+///   xattrs(ino, name, value; PK(ino, name))
+///   settings(key PK, value)  — "next_inode", "sync_counter"
+public final class SQLiteTransactionalStore: TransactionalStore, @unchecked Sendable {
+    let pool: DatabasePool
+
+    public init(path: String) throws {
+        var config = Configuration()
+        config.busyMode = .timeout(10)
+        config.prepareDatabase { db in
+            try db.execute(sql: "PRAGMA synchronous = NORMAL")
+        }
+        do {
+            pool = try DatabasePool(path: path, configuration: config)
+        } catch {
+            throw FSError.io("cannot open metadata database \(path)", cause: error)
+        }
+        try pool.write { db in
+            try db.execute(sql: """
+                CREATE TABLE IF NOT EXISTS inodes(
+                  ino INTEGER PRIMARY KEY, kind INTEGER NOT NULL, mode INTEGER NOT NULL,
+                  uid INTEGER NOT NULL, gid INTEGER NOT NULL, nlink INTEGER NOT NULL, size INTEGER NOT NULL,
+                  atime INTEGER NOT NULL, mtime INTEGER NOT NULL, ctime INTEGER NOT NULL,
+                  version INTEGER NOT NULL, parent INTEGER, target TEXT, manifest BLOB);
+                CREATE INDEX IF NOT EXISTS inodes_orphans ON inodes(nlink) WHERE nlink = 0;
+                CREATE TABLE IF NOT EXISTS dentries(
+                  cookie INTEGER PRIMARY KEY AUTOINCREMENT, parent INTEGER NOT NULL, name TEXT NOT NULL,
+                  ino INTEGER NOT NULL, kind INTEGER NOT NULL, UNIQUE(parent, name));
+                CREATE TABLE IF NOT EXISTS xattrs(
+                  ino INTEGER NOT NULL, name TEXT NOT NULL, value BLOB NOT NULL, PRIMARY KEY(ino, name)) WITHOUT ROWID;
+                CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+                INSERT OR IGNORE INTO settings(key, value) VALUES ('next_inode', 2), ('sync_counter', 0);
+                """)
+        }
+    }
+
+    public func read<T>(_ body: (any MetadataTransaction) throws -> T) throws -> T {
+        try mapErrors { try pool.read { db in try body(SQLiteTransaction(db: db)) } }
+    }
+
+    public func write<T>(_ body: (any MetadataTransaction) throws -> T) throws -> T {
+        try mapErrors { try pool.write { db in try body(SQLiteTransaction(db: db)) } }
+    }
+
+    public func sync() throws {
+        try mapErrors {
+            try pool.writeWithoutTransaction { db in
+                try db.execute(sql: "PRAGMA synchronous = FULL")
+                defer { try? db.execute(sql: "PRAGMA synchronous = NORMAL") }
+                try db.execute(sql: "UPDATE settings SET value = value + 1 WHERE key = 'sync_counter'")
+            }
+        }
+    }
+
+    /// SQLite's own errors become errnos: a full disk is ENOSPC, everything else EIO.
+    private func mapErrors<T>(_ body: () throws -> T) throws -> T {
+        do { return try body() } catch let e as FSError { throw e } catch let e as DatabaseError {
+            if e.resultCode == .SQLITE_FULL { throw FSError.noSpace("metadata database: disk full") }
+            throw FSError.io("metadata database error", cause: e)
+        }
+    }
+}
+
+struct SQLiteTransaction: MetadataTransaction {
+    let db: Database
+
+    private func record(_ row: Row) -> InodeRecord {
+        let attrs = InodeAttributes(
+            ino: InodeNumber(UInt64(row["ino"] as Int64)), kind: FileKind(rawValue: UInt8(row["kind"] as Int64)) ?? .regular,
+            mode: UInt32(row["mode"] as Int64), uid: UInt32(row["uid"] as Int64), gid: UInt32(row["gid"] as Int64),
+            nlink: UInt32(row["nlink"] as Int64), size: UInt64(row["size"] as Int64),
+            atime: Timestamp(totalNanoseconds: row["atime"]), mtime: Timestamp(totalNanoseconds: row["mtime"]),
+            ctime: Timestamp(totalNanoseconds: row["ctime"]), version: UInt64(row["version"] as Int64))
+        let parent: Int64? = row["parent"]
+        return InodeRecord(attrs: attrs, parent: parent.map { InodeNumber(UInt64($0)) }, target: row["target"])
+    }
+
+    private func i(_ ino: InodeNumber) -> Int64 { Int64(bitPattern: ino.rawValue) }
+
+    func inode(_ ino: InodeNumber) throws -> InodeRecord? {
+        try Row.fetchOne(db.cachedStatement(sql: """
+            SELECT ino, kind, mode, uid, gid, nlink, size, atime, mtime, ctime, version, parent, target
+            FROM inodes WHERE ino = ?
+            """), arguments: [i(ino)]).map(record)
+    }
+
+    func putInode(_ r: InodeRecord) throws {
+        let a = r.attrs
+        try db.cachedStatement(sql: """
+            INSERT INTO inodes(ino, kind, mode, uid, gid, nlink, size, atime, mtime, ctime, version, parent, target)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT(ino) DO UPDATE SET kind=excluded.kind, mode=excluded.mode, uid=excluded.uid, gid=excluded.gid,
+              nlink=excluded.nlink, size=excluded.size, atime=excluded.atime, mtime=excluded.mtime, ctime=excluded.ctime,
+              version=excluded.version, parent=excluded.parent, target=excluded.target
+            """).execute(arguments: [i(a.ino), Int64(a.kind.rawValue), Int64(a.mode), Int64(a.uid), Int64(a.gid),
+                                     Int64(a.nlink), Int64(a.size), a.atime.totalNanoseconds, a.mtime.totalNanoseconds,
+                                     a.ctime.totalNanoseconds, Int64(a.version), r.parent.map(i), r.target])
+    }
+
+    func deleteInode(_ ino: InodeNumber) throws {
+        try db.cachedStatement(sql: "DELETE FROM inodes WHERE ino = ?").execute(arguments: [i(ino)])
+    }
+
+    func allocateInode() throws -> InodeNumber {
+        let next = try Int64.fetchOne(db.cachedStatement(sql: "SELECT value FROM settings WHERE key = 'next_inode'")) ?? 2
+        try db.cachedStatement(sql: "UPDATE settings SET value = ? WHERE key = 'next_inode'").execute(arguments: [next + 1])
+        return InodeNumber(UInt64(next))
+    }
+
+    func manifest(_ ino: InodeNumber) throws -> Data? {
+        try Data.fetchOne(db.cachedStatement(sql: "SELECT manifest FROM inodes WHERE ino = ?"), arguments: [i(ino)])
+    }
+
+    func putManifest(_ ino: InodeNumber, _ data: Data) throws {
+        try db.cachedStatement(sql: "UPDATE inodes SET manifest = ? WHERE ino = ?").execute(arguments: [data, i(ino)])
+    }
+
+    func entry(_ parent: InodeNumber, _ name: String) throws -> EntryRecord? {
+        try Row.fetchOne(db.cachedStatement(sql: "SELECT ino, kind FROM dentries WHERE parent = ? AND name = ?"),
+                         arguments: [i(parent), name]).map {
+            EntryRecord(ino: InodeNumber(UInt64($0["ino"] as Int64)), kind: FileKind(rawValue: UInt8($0["kind"] as Int64)) ?? .regular)
+        }
+    }
+
+    func addEntry(_ parent: InodeNumber, _ name: String, _ e: EntryRecord) throws {
+        try db.cachedStatement(sql: "INSERT INTO dentries(parent, name, ino, kind) VALUES (?, ?, ?, ?)")
+            .execute(arguments: [i(parent), name, i(e.ino), Int64(e.kind.rawValue)])
+    }
+
+    func removeEntry(_ parent: InodeNumber, _ name: String) throws {
+        try db.cachedStatement(sql: "DELETE FROM dentries WHERE parent = ? AND name = ?").execute(arguments: [i(parent), name])
+    }
+
+    func hasEntries(_ dir: InodeNumber) throws -> Bool {
+        try Bool.fetchOne(db.cachedStatement(sql: "SELECT EXISTS(SELECT 1 FROM dentries WHERE parent = ?)"), arguments: [i(dir)]) ?? false
+    }
+
+    func entries(_ dir: InodeNumber, after cookie: UInt64, limit: Int) throws -> [DirectoryEntry] {
+        try Row.fetchAll(db.cachedStatement(sql: """
+            SELECT cookie, name, ino, kind FROM dentries WHERE parent = ? AND cookie > ? ORDER BY cookie LIMIT ?
+            """), arguments: [i(dir), Int64(cookie), limit]).map {
+            DirectoryEntry(name: $0["name"], ino: InodeNumber(UInt64($0["ino"] as Int64)),
+                           kind: FileKind(rawValue: UInt8($0["kind"] as Int64)) ?? .regular, cookie: UInt64($0["cookie"] as Int64))
+        }
+    }
+
+    func xattr(_ ino: InodeNumber, _ name: String) throws -> Data? {
+        try Data.fetchOne(db.cachedStatement(sql: "SELECT value FROM xattrs WHERE ino = ? AND name = ?"), arguments: [i(ino), name])
+    }
+
+    func putXattr(_ ino: InodeNumber, _ name: String, _ value: Data) throws {
+        try db.cachedStatement(sql: "INSERT OR REPLACE INTO xattrs(ino, name, value) VALUES (?, ?, ?)")
+            .execute(arguments: [i(ino), name, value])
+    }
+
+    func removeXattr(_ ino: InodeNumber, _ name: String) throws {
+        try db.cachedStatement(sql: "DELETE FROM xattrs WHERE ino = ? AND name = ?").execute(arguments: [i(ino), name])
+    }
+
+    func xattrNames(_ ino: InodeNumber) throws -> [String] {
+        try String.fetchAll(db.cachedStatement(sql: "SELECT name FROM xattrs WHERE ino = ? ORDER BY name"), arguments: [i(ino)])
+    }
+
+    func removeAllXattrs(_ ino: InodeNumber) throws {
+        try db.cachedStatement(sql: "DELETE FROM xattrs WHERE ino = ?").execute(arguments: [i(ino)])
+    }
+
+    func orphans() throws -> [InodeNumber] {
+        try Int64.fetchAll(db, sql: "SELECT ino FROM inodes WHERE nlink = 0 ORDER BY ino").map { InodeNumber(UInt64($0)) }
+    }
+
+    func allManifests() throws -> [Data] {
+        try Data.fetchAll(db, sql: "SELECT manifest FROM inodes WHERE manifest IS NOT NULL")
+    }
+
+    func stats() throws -> MetadataStats {
+        var s = MetadataStats()
+        for row in try Row.fetchAll(db, sql: """
+            SELECT kind, COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes FROM inodes WHERE nlink > 0 GROUP BY kind
+            """) {
+            let n = UInt64(row["n"] as Int64)
+            switch FileKind(rawValue: UInt8(row["kind"] as Int64)) {
+            case .regular: s.files = n; s.logicalBytes = UInt64(row["bytes"] as Int64)
+            case .directory: s.directories = n
+            case .symlink: s.symlinks = n
+            case nil: break
+            }
+        }
+        return s
+    }
+}

@@ -1,0 +1,102 @@
+import Foundation
+import ModelFS
+import ModelFSCore
+import ModelFSFUSE
+import ModelFSMeta
+import ModelFSStore
+
+/// One mounted filesystem: opens the data dir, serves FUSE until unmounted, announces itself in
+/// the registry and answers `status` on its control socket.
+struct Daemon {
+    let mountpoint: String
+    let dataDir: String
+    let meta: String
+    let fuseOptions: [String]
+    let readyFD: Int32?
+
+    init(mountpoint: String, dataDir: String, meta: String, fuseOptions: [String], readyFD: Int32?) {
+        self.mountpoint = mountpoint; self.dataDir = dataDir; self.meta = meta
+        self.fuseOptions = fuseOptions; self.readyFD = readyFD
+    }
+
+    func run() throws {
+        // One daemon per data dir: a second one would corrupt the first one's view.
+        let lockPath = dataDir + "/.lock"
+        let lockFD = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard lockFD >= 0 else { throw posixError("open", lockPath) }
+        guard flock(lockFD, LOCK_EX | LOCK_NB) == 0 else {
+            let owner = (try? String(contentsOfFile: dataDir + "/modelfs.pid", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
+            throw FSError(EBUSY, "data dir \(dataDir) is in use by another modelfs daemon (pid \(owner)); unmount it first or choose another --data")
+        }
+        try "\(getpid())\n".write(toFile: dataDir + "/modelfs.pid", atomically: true, encoding: .utf8)
+
+        let staging = dataDir + "/staging"
+        if mkdir(staging, 0o700) != 0 && errno != EEXIST { throw posixError("mkdir", staging) }
+        let store = try DiskBlockStore(root: dataDir) { Log.error($0) }
+        let engine = try MetadataURL.open(meta, rootUID: getuid(), rootGID: getgid())
+        let fs = try FileSystem(meta: engine, store: store, options: FileSystemOptions(stagingDir: staging))
+        let gc = GarbageCollector(fs: fs, store: store)
+
+        var options = ["fsname=modelfs", "subtype=modelfs", "default_permissions"]
+        // Other users may use a root-mounted filesystem; the kernel enforces permissions.
+        if getuid() == 0 { options.append("allow_other") }
+        options += fuseOptions.flatMap { $0.split(separator: ",").map(String.init) }
+
+        let record = MountRecord(mountpoint: mountpoint, dataDir: dataDir, meta: meta, pid: getpid(),
+                                 socket: Registry.socketPath(mountpoint))
+        let control = ControlServer(path: record.socket) { [dataDir, meta, mountpoint] in
+            try Daemon.status(fs: fs, store: store, mountpoint: mountpoint, dataDir: dataDir, meta: meta)
+        }
+        let server = FuseServer(fs: fs, dataDir: dataDir)
+        let readyFD = self.readyFD
+        let mp = mountpoint
+        Log.info("mounting \(mountpoint) (data \(dataDir), meta \(meta), options \(options.joined(separator: ",")))")
+        try server.run(mountpoint: mountpoint, options: options) {
+            do {
+                try FileManager.default.createDirectory(atPath: Registry.directory, withIntermediateDirectories: true)
+                try control.start()
+                try Registry.save(record)
+            } catch { Log.error("cannot announce the mount: \(error)") }
+            gc.start()
+            Log.info("mounted \(mp)")
+            if let fd = readyFD {
+                _ = "ok \(getpid())\n".withCString { write(fd, $0, strlen($0)) }
+                close(fd)
+            } else {
+                let line = "modelfs: mounted \(mp) (pid \(getpid())); unmount with: modelfs umount \(mp)\n"
+                _ = line.withCString { write(1, $0, strlen($0)) }
+            }
+        }
+        gc.stop()
+        try? engine.sync()
+        Registry.remove(mountpoint)
+        unlink(dataDir + "/modelfs.pid")
+        Log.info("unmounted \(mountpoint)")
+    }
+
+    static func status(fs: FileSystem, store: DiskBlockStore, mountpoint: String, dataDir: String, meta: String) throws -> MountStatus {
+        let m = try fs.meta.stats()
+        let u = store.usage()
+        let cache = fs.reader.cache.statistics
+        return MountStatus(
+            mountpoint: mountpoint, dataDir: dataDir, meta: meta, pid: getpid(),
+            files: m.files, directories: m.directories, symlinks: m.symlinks,
+            logicalBytes: m.logicalBytes, storedBytes: u.bytes, blocks: u.blocks,
+            dedupRatio: u.bytes == 0 ? 1 : Double(m.logicalBytes) / Double(u.bytes),
+            dataDirBytes: directoryBytes(dataDir),
+            openHandles: fs.openHandleCount,
+            cacheBytes: cache.bytes, cacheHits: cache.hits, cacheMisses: cache.misses,
+            blockBytesWritten: u.bytesWritten)
+    }
+
+    /// Disk usage of a directory tree (allocated blocks, like du).
+    static func directoryBytes(_ path: String) -> UInt64 {
+        guard let e = FileManager.default.enumerator(atPath: path) else { return 0 }
+        var total: UInt64 = 0
+        while let rel = e.nextObject() as? String {
+            var st = stat()
+            if lstat(path + "/" + rel, &st) == 0 { total += UInt64(st.st_blocks) * 512 }
+        }
+        return total
+    }
+}

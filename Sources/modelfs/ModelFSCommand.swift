@@ -1,0 +1,43 @@
+import ArgumentParser
+import Foundation
+import ModelFSCore
+
+@main
+struct ModelFSCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "modelfs",
+        abstract: "A FUSE filesystem for model checkpoints: content-addressed, deduplicated blocks behind an ordinary directory.",
+        discussion: """
+            Save and load checkpoints with your framework's own calls (torch.save, safetensors, h5py, \
+            np.save, …) into the mounted directory. Files are cut into content-defined blocks named by \
+            their SHA-256, stored once, and verified on every read.
+
+            Start:   modelfs mount ~/ckpt            (data in ~/.local/share/modelfs)
+            Check:   modelfs status
+            Stop:    modelfs umount ~/ckpt
+            """,
+        subcommands: [MountCommand.self, UmountCommand.self, StatusCommand.self]
+    )
+}
+
+/// Prints one line to stderr and exits non-zero: how every user-facing failure ends.
+func fail(_ message: String, code: Int32 = 1) -> ExitCode {
+    FileHandle.standardError.write(Data("modelfs: \(message)\n".utf8))
+    return ExitCode(code)
+}
+
+func humanBytes(_ n: UInt64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    var v = Double(n)
+    var i = 0
+    while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
+    return i == 0 ? "\(n) B" : String(format: "%.1f", v) + " " + units[i]
+}
+
+/// Absolute, symlink-free form of a path (the mount table uses these).
+func canonicalPath(_ path: String) -> String {
+    let expanded = (path as NSString).expandingTildeInPath
+    let absolute = expanded.hasPrefix("/") ? expanded : FileManager.default.currentDirectoryPath + "/" + expanded
+    if let r = realpath(absolute, nil) { defer { free(r) }; return String(cString: r) }
+    return (absolute as NSString).standardizingPath
+}

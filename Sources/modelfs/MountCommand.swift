@@ -1,0 +1,179 @@
+import ArgumentParser
+import Foundation
+import ModelFS
+import ModelFSCore
+import ModelFSFUSE
+import ModelFSMeta
+import ModelFSStore
+
+struct MountCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mount",
+        abstract: "Mount a modelfs filesystem (daemonizes unless -f).",
+        discussion: """
+            Data (blocks, metadata, log) lives under --data, by default ~/.local/share/modelfs. \
+            Metadata defaults to SQLite in the data dir; `--meta memory:` keeps it in memory (tests). \
+            The daemon's log is DATA/modelfs.log. Unmount with `modelfs umount MOUNTPOINT`.
+            """)
+
+    @Argument(help: "An existing, empty directory to mount on.")
+    var mountpoint: String
+
+    @Option(help: "Data directory: blocks, metadata and log (default: ~/.local/share/modelfs).")
+    var data: String?
+
+    @Option(help: "Metadata engine: sqlite:PATH (default sqlite:DATA/meta.db) or memory:.")
+    var meta: String?
+
+    @Flag(name: .short, help: "Stay in the foreground (do not daemonize).")
+    var foreground = false
+
+    @Option(name: .short, help: "Extra FUSE mount options, comma-separated (e.g. -o ro).")
+    var o: [String] = []
+
+    @Option(help: .hidden)
+    var readyFd: Int32?
+
+    func run() throws {
+        let mp = canonicalPath(mountpoint)
+        let dataDir = canonicalPath(data ?? defaultDataDir())
+        let metaURL = meta ?? "sqlite:\(dataDir)/meta.db"
+        if let problem = preflight(mountpoint: mp, dataDir: dataDir, meta: metaURL) {
+            report(problem)
+            throw fail(problem)
+        }
+        if foreground {
+            do {
+                try Daemon(mountpoint: mp, dataDir: dataDir, meta: metaURL, fuseOptions: o, readyFD: readyFd).run()
+            } catch let e as FSError {
+                report(e.message)
+                throw fail(e.message)
+            }
+            return
+        }
+        try spawnDaemon(mountpoint: mp, dataDir: dataDir, meta: metaURL)
+    }
+
+    /// Tells a waiting parent (if any) that the mount failed.
+    func report(_ problem: String) {
+        guard let fd = readyFd else { return }
+        let line = "error " + problem + "\n"
+        _ = line.withCString { write(fd, $0, strlen($0)) }
+    }
+
+    func defaultDataDir() -> String {
+        if let x = ProcessInfo.processInfo.environment["XDG_DATA_HOME"], !x.isEmpty { return x + "/modelfs" }
+        return NSHomeDirectory() + "/.local/share/modelfs"
+    }
+
+    /// Every check that can fail before we touch anything, with the one-line message a user needs.
+    func preflight(mountpoint mp: String, dataDir: String, meta: String) -> String? {
+        var st = stat()
+        if stat(mp, &st) != 0 {
+            if errno == ENOTCONN {
+                return "\(mp) is a dead FUSE mount (its daemon died); clear it with: fusermount3 -u \(mp)"
+            }
+            return "mountpoint \(mp) does not exist; create it with: mkdir -p \(mp)"
+        }
+        if st.st_mode & S_IFMT != S_IFDIR { return "mountpoint \(mp) is not a directory" }
+        if let type = MountTable.fsType(at: mp) {
+            return type == "fuse.modelfs"
+                ? "\(mp) is already mounted by modelfs; unmount it first with: modelfs umount \(mp)"
+                : "\(mp) is already mounted (\(type)); choose another mountpoint"
+        }
+        if access("/dev/fuse", R_OK | W_OK) != 0 {
+            return "/dev/fuse is missing or not accessible; install FUSE with: sudo apt-get install fuse3 (and load the module: modprobe fuse)"
+        }
+        if getuid() != 0 && !FileManager.default.isExecutableFile(atPath: "/usr/bin/fusermount3")
+            && !FileManager.default.isExecutableFile(atPath: "/bin/fusermount3") {
+            return "fusermount3 is missing; install it with: sudo apt-get install fuse3"
+        }
+        if !(meta == "memory:" || meta == "memory" || meta.hasPrefix("sqlite:")) {
+            let scheme = meta.split(separator: ":", maxSplits: 1).first.map(String.init) ?? meta
+            return "unknown --meta scheme \"\(scheme)\": use sqlite:PATH or memory:"
+        }
+        if let problem = checkDataDir(dataDir) { return problem }
+        if dataDir == mp || dataDir.hasPrefix(mp + "/") { return "the data dir \(dataDir) cannot be inside the mountpoint" }
+        return nil
+    }
+
+    func checkDataDir(_ dir: String) -> String? {
+        do {
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        } catch {
+            return "data dir \(dir) cannot be created (not writable?): \((error as NSError).localizedDescription); choose another with --data"
+        }
+        let probe = dir + "/.write-probe.\(getpid())"
+        let fd = open(probe, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        if fd < 0 {
+            let e = errno
+            if e == ENOSPC { return "data dir \(dir) is on a full disk; free some space or choose another with --data" }
+            return "data dir \(dir) is not writable (\(String(cString: strerror(e)))); fix its permissions or choose another with --data"
+        }
+        close(fd)
+        unlink(probe)
+        var vfs = statvfs()
+        if statvfs(dir, &vfs) == 0 {
+            let free = UInt64(vfs.f_bavail) * UInt64(vfs.f_frsize)
+            if free < 16 << 20 {
+                return "data dir \(dir) is on a full disk (\(humanBytes(free)) free); free some space or choose another with --data"
+            }
+        }
+        return nil
+    }
+
+    /// Re-executes this binary in the foreground, detached in its own session (forking a process
+    /// that has threads is unsafe), and waits until the mount answers or fails.
+    func spawnDaemon(mountpoint mp: String, dataDir: String, meta: String) throws {
+        var fds: [Int32] = [0, 0]
+        guard pipe(&fds) == 0 else { throw fail("cannot create a pipe: \(String(cString: strerror(errno)))") }
+        let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
+        var args = [exe, "mount", mp, "--data", dataDir, "--meta", meta, "-f", "--ready-fd", String(fds[1])]
+        for opt in o { args += ["-o", opt] }
+        let logPath = dataDir + "/modelfs.log"
+
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o600)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        posix_spawn_file_actions_addclose(&actions, fds[0])
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        // POSIX_SPAWN_SETSID (glibc 2.26+): the daemon leads its own session, detached from the terminal.
+        posix_spawnattr_setflags(&attr, Int16(0x80))
+
+        var pid: pid_t = 0
+        var cargs = args.map { strdup($0) } + [nil]
+        defer { cargs.forEach { free($0) } }
+        let rc = posix_spawn(&pid, exe, &actions, &attr, &cargs, environ)
+        close(fds[1])
+        guard rc == 0 else { close(fds[0]); throw fail("cannot start the daemon: \(String(cString: strerror(rc)))") }
+
+        var reply = Data()
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = read(fds[0], &buf, buf.count)
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            reply.append(contentsOf: buf[0..<n])
+            if reply.contains(UInt8(ascii: "\n")) { break }
+        }
+        close(fds[0])
+        let line = String(decoding: reply, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        if line.hasPrefix("ok") {
+            print("modelfs: mounted \(mp) (pid \(pid), data \(dataDir)); unmount with: modelfs umount \(mp)")
+            return
+        }
+        var status: Int32 = 0
+        waitpid(pid, &status, WNOHANG)
+        if line.hasPrefix("error ") { throw fail(String(line.dropFirst(6))) }
+        throw fail("the daemon exited before mounting \(mp); see \(logPath)")
+    }
+}
+
+extension FileHandle {
+    static func writeStderr(_ s: String) { FileHandle.standardError.write(Data(s.utf8)) }
+}

@@ -1,0 +1,53 @@
+import ArgumentParser
+import Foundation
+
+struct StatusCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "status",
+        abstract: "Show every modelfs mount on this machine: files, bytes, dedup, blocks, data-dir usage.")
+
+    @Argument(help: "Only this mountpoint (default: all mounts).")
+    var mountpoint: String?
+
+    @Flag(help: "Print JSON (an array of mount objects) instead of a table.")
+    var json = false
+
+    func run() throws {
+        var records = Registry.all()
+        if let mountpoint {
+            let mp = canonicalPath(mountpoint)
+            records = records.filter { $0.mountpoint == mp }
+            if records.isEmpty { throw fail("\(mp) is not a modelfs mount (see `modelfs status` for all mounts)") }
+        }
+        var statuses: [MountStatus] = []
+        for r in records {
+            do {
+                let data = try ControlServer.request(r.socket, "status")
+                statuses.append(try JSONDecoder().decode(MountStatus.self, from: data))
+            } catch {
+                throw fail("the daemon of \(r.mountpoint) (pid \(r.pid)) did not answer: \(error)")
+            }
+        }
+        if json {
+            let enc = JSONEncoder()
+            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try enc.encode(statuses), as: UTF8.self))
+            return
+        }
+        if statuses.isEmpty { print("no modelfs mounts"); return }
+        for s in statuses {
+            print("\(s.mountpoint)  (pid \(s.pid), data \(s.dataDir), meta \(s.meta))")
+            let rows: [(String, String)] = [
+                ("files", "\(s.files) files, \(s.directories) directories, \(s.symlinks) symlinks"),
+                ("logical bytes", humanBytes(s.logicalBytes)),
+                ("stored bytes", humanBytes(s.storedBytes)),
+                ("dedup ratio", String(format: "%.2f×", s.dedupRatio)),
+                ("blocks", "\(s.blocks)"),
+                ("data dir usage", humanBytes(s.dataDirBytes)),
+                ("open handles", "\(s.openHandles)"),
+                ("block cache", "\(humanBytes(UInt64(s.cacheBytes))), \(s.cacheHits) hits, \(s.cacheMisses) misses"),
+            ]
+            for (k, v) in rows { print("  " + k.padding(toLength: 16, withPad: " ", startingAt: 0) + v) }
+        }
+    }
+}

@@ -1,0 +1,422 @@
+"""CLI error handling, umount refusal, corrupt blocks (EIO) and disk full (ENOSPC)."""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from mfs import (MiB, Mount, assert_bytes_equal, fusermount_lazy, is_mounted, mountinfo,
+                 pid_alive, read_file, run, wait_pid_exit, wait_until, write_file)
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def scratch():
+    """A temp dir (0755) for error cases; anything left mounted under it is unmounted."""
+    root = Path(tempfile.mkdtemp(prefix="modelfs-err-"))
+    os.chmod(root, 0o755)
+    yield root
+    for point, fs, _ in mountinfo():
+        if point.startswith(str(root) + "/") and fs.startswith("fuse"):
+            run(["fusermount3", "-u", "-z", point], timeout=30)
+    for point, fs, _ in reversed(mountinfo()):
+        if point.startswith(str(root) + "/"):
+            run(["umount", "-l", point], timeout=30)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _kill_stray_daemon(data_dir: Path):
+    pidfile = data_dir / "modelfs.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return
+    if pid_alive(pid):
+        os.kill(pid, 9)
+        wait_pid_exit(pid, 10)
+
+
+def expect_cli_error(args, phrase: str, timeout: float = 30, **kw) -> str:
+    """Run a CLI command that must fail: non-zero exit, ONE line on stderr containing phrase."""
+    try:
+        r = run(args, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{' '.join(map(str, args))} hung for {timeout}s instead of failing")
+    err_lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode != 0, f"expected failure, got rc=0; stdout={r.stdout!r} stderr={r.stderr!r}"
+    assert err_lines, f"no message on stderr (rc={r.returncode}, stdout={r.stdout!r})"
+    assert re.search(phrase, r.stderr, re.I), f"stderr lacks {phrase!r}: {r.stderr!r}"
+    assert len(err_lines) == 1, f"expected exactly one line on stderr, got {len(err_lines)}: {r.stderr!r}"
+    return err_lines[0]
+
+
+def _ensure_unmounted(mp: Path, data: Path | None = None):
+    if is_mounted(mp, None):
+        fusermount_lazy(mp)
+    if data is not None:
+        _kill_stray_daemon(data)
+
+
+# ---------------------------------------------------------------------------
+# CLI errors
+# ---------------------------------------------------------------------------
+
+def test_mount_missing_mountpoint(modelfs_bin, scratch):
+    data = scratch / "data"
+    data.mkdir()
+    mp = scratch / "no-such-dir"
+    try:
+        expect_cli_error([modelfs_bin, "mount", mp, "--data", data], "does not exist")
+    finally:
+        _ensure_unmounted(mp, data)
+    assert not mp.exists()
+
+
+def test_mount_mountpoint_is_a_file(modelfs_bin, scratch):
+    data = scratch / "data"
+    data.mkdir()
+    mp = scratch / "file"
+    mp.write_bytes(b"not a dir")
+    try:
+        expect_cli_error([modelfs_bin, "mount", mp, "--data", data], "not a directory")
+    finally:
+        _ensure_unmounted(mp, data)
+    assert not is_mounted(mp, None)
+
+
+def test_mount_already_mounted(mnt, scratch):
+    other_data = scratch / "data2"
+    other_data.mkdir()
+    write_file(mnt.path("keep"), b"still here")
+    try:
+        expect_cli_error([mnt.bin, "mount", mnt.mp, "--data", other_data], "already mounted")
+        # also in foreground mode it must fail rather than stack a second mount
+        expect_cli_error([mnt.bin, "mount", mnt.mp, "--data", other_data, "-f"], "already mounted")
+    finally:
+        _kill_stray_daemon(other_data)
+    stacked = [p for p, fs, _ in mountinfo() if p == str(mnt.mp)]
+    assert len(stacked) == 1, f"{len(stacked)} mounts stacked on {mnt.mp}"
+    assert read_file(mnt.path("keep")) == b"still here"
+    assert mnt.proc.poll() is None, "the original daemon died"
+
+
+def test_mount_unknown_meta_scheme(modelfs_bin, scratch):
+    data, mp = scratch / "data", scratch / "mnt"
+    data.mkdir()
+    mp.mkdir()
+    try:
+        expect_cli_error([modelfs_bin, "mount", mp, "--data", data, "--meta", "foo:bar"], "unknown")
+    finally:
+        _ensure_unmounted(mp, data)
+    assert not is_mounted(mp, None)
+
+
+def _exec_as_nobody():
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+
+
+def test_mount_data_dir_not_writable_as_other_user(modelfs_bin, scratch):
+    # root-owned 0755 data dir, mounted by uid 65534 -> cannot write there.
+    data, mp = scratch / "data", scratch / "mnt"
+    data.mkdir(mode=0o755)
+    mp.mkdir()
+    os.chmod(mp, 0o777)
+    # the binary must be reachable by uid 65534 (no 0700 dir on the way)
+    assert subprocess.run(["test", "-x", modelfs_bin], preexec_fn=_exec_as_nobody).returncode == 0, (
+        f"{modelfs_bin} is not executable by uid 65534")
+    try:
+        expect_cli_error([modelfs_bin, "mount", mp, "--data", data], "not writable",
+                         preexec_fn=_exec_as_nobody)
+    finally:
+        _ensure_unmounted(mp, data)
+    assert not is_mounted(mp, None)
+
+
+def test_mount_data_dir_under_regular_file(modelfs_bin, scratch):
+    f = scratch / "plainfile"
+    f.write_bytes(b"x")
+    mp = scratch / "mnt"
+    mp.mkdir()
+    try:
+        expect_cli_error([modelfs_bin, "mount", mp, "--data", f / "data"], "not writable|not a directory")
+    finally:
+        _ensure_unmounted(mp)
+    assert not is_mounted(mp, None)
+
+
+def test_mount_data_dir_on_readonly_fs(modelfs_bin, scratch):
+    data, mp = scratch / "rodata", scratch / "mnt"
+    data.mkdir()
+    mp.mkdir()
+    r = run(["mount", "-t", "tmpfs", "-o", "ro,size=4m", "tmpfs", data])
+    assert r.returncode == 0, f"cannot mount a read-only tmpfs: {r.stderr}"
+    try:
+        expect_cli_error([modelfs_bin, "mount", mp, "--data", data], "not writable")
+    finally:
+        _ensure_unmounted(mp)
+        run(["umount", data])
+    assert not is_mounted(mp, None)
+
+
+# ---------------------------------------------------------------------------
+# daemon mode, meta backends
+# ---------------------------------------------------------------------------
+
+def test_daemon_mode_mount_and_umount(modelfs_bin, scratch):
+    data, mp = scratch / "data", scratch / "mnt"
+    data.mkdir()
+    mp.mkdir()
+    try:
+        t0 = time.monotonic()
+        r = run([modelfs_bin, "mount", mp, "--data", data], timeout=60)
+        assert r.returncode == 0, f"daemon-mode mount failed rc={r.returncode}: {r.stderr!r}"
+        assert is_mounted(mp), "mount returned 0 but the mount is not live yet"
+        pid = int((data / "modelfs.pid").read_text().strip())
+        assert pid_alive(pid), f"pid file names {pid}, which is not running"
+        write_file(mp / "hello", b"daemonized")
+        assert read_file(mp / "hello") == b"daemonized"
+        assert time.monotonic() - t0 < 30
+        r = run([modelfs_bin, "umount", mp], timeout=60)
+        assert r.returncode == 0, f"umount failed: {r.stderr!r}"
+        assert not is_mounted(mp, None)
+        assert not pid_alive(pid), "umount returned before the daemon exited"
+        # data persisted: mount again in the foreground and read it back
+        m = Mount(modelfs_bin, root=scratch, data=data)
+        m.start()
+        try:
+            assert read_file(m.path("hello")) == b"daemonized"
+        finally:
+            m.stop()
+    finally:
+        _ensure_unmounted(mp, data)
+
+
+@pytest.mark.parametrize("scheme", ["sqlite", "memory"])
+def test_meta_option(mount_factory, scheme):
+    if scheme == "sqlite":
+        meta_dir = Path(tempfile.mkdtemp(prefix="modelfs-meta-"))
+        meta = f"sqlite:{meta_dir / 'meta.sqlite'}"
+    else:
+        meta_dir, meta = None, "memory:"
+    try:
+        m = mount_factory(meta=meta)
+        data = os.urandom(3 * MiB)
+        write_file(m.path("f"), data)
+        assert_bytes_equal(read_file(m.path("f")), data, f"{scheme} meta")
+        if scheme == "sqlite":
+            assert (meta_dir / "meta.sqlite").exists(), "sqlite meta file not created at the given path"
+            m.remount()
+            assert_bytes_equal(read_file(m.path("f")), data, "sqlite meta after remount")
+    finally:
+        if meta_dir:
+            shutil.rmtree(meta_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# umount with open files
+# ---------------------------------------------------------------------------
+
+def test_umount_refuses_with_open_file_then_succeeds(mnt):
+    write_file(mnt.path("open-me"), b"busy")
+    f = open(mnt.path("open-me"), "rb")
+    try:
+        r = mnt.umount_cmd(force=False)
+        assert r.returncode != 0, "umount succeeded although a file was open"
+        assert re.search("open", r.stderr, re.I), f"message does not mention open files: {r.stderr!r}"
+        assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr
+        assert is_mounted(mnt.mp), "mount is gone after a refused umount"
+        assert mnt.proc.poll() is None, "daemon exited after a refused umount"
+        assert f.read() == b"busy"
+        write_file(mnt.path("other"), b"still writable")
+    finally:
+        f.close()
+    # open directory handles count too? at least a cwd-less fd on a dir must not block forever
+    r = mnt.umount_cmd(force=False)
+    assert r.returncode == 0, f"umount after close failed: {r.stderr!r}"
+    assert not is_mounted(mnt.mp, None)
+    mnt.proc.wait(timeout=30)
+    mnt.start()
+    assert read_file(mnt.path("other")) == b"still writable"
+
+
+def test_umount_force_with_open_file(mnt):
+    write_file(mnt.path("f"), b"data")
+    fd = os.open(mnt.path("f"), os.O_RDONLY)
+    try:
+        r = mnt.umount_cmd(force=True, timeout=60)
+        assert r.returncode == 0, f"umount --force failed: {r.stderr!r}"
+        assert not is_mounted(mnt.mp, None)
+        assert wait_pid_exit(mnt.proc.pid, 30), "daemon still running after umount --force"
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    mnt.proc.wait(timeout=10)
+    mnt.start()
+    assert read_file(mnt.path("f")) == b"data"
+
+
+# ---------------------------------------------------------------------------
+# corrupt blocks
+# ---------------------------------------------------------------------------
+
+BLOCK_NAME = re.compile(r"^[0-9a-f]{64}$")
+
+
+def block_files(data_dir: Path) -> set[Path]:
+    root = data_dir / "blocks"
+    out = set()
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            if BLOCK_NAME.match(n):
+                out.add(Path(dirpath) / n)
+    return out
+
+
+def _read_until_error(path) -> tuple[bytes, OSError | None]:
+    got = bytearray()
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while True:
+                b = f.read(256 * 1024)
+                if not b:
+                    return bytes(got), None
+                got += b
+    except OSError as e:
+        return bytes(got), e
+
+
+def test_corrupt_block_gives_eio_never_wrong_bytes(mnt):
+    a = os.urandom(6 * MiB + 100)
+    write_file(mnt.path("a"), a)
+    mnt.unmount()
+    blocks_a = block_files(mnt.data)
+    assert blocks_a, f"no block files (sha256-named) under {mnt.data / 'blocks'}"
+    for p in blocks_a:
+        assert p.parent.name == p.name[:2], f"block {p} not under blocks/<first two hex chars>/"
+    mnt.start()
+    b = os.urandom(5 * MiB + 7)
+    write_file(mnt.path("b"), b)
+    mnt.unmount()
+    blocks_b = block_files(mnt.data) - blocks_a
+    assert blocks_b, "writing a second random file created no new blocks"
+
+    # flip one byte in the middle of one of a's blocks
+    victim = sorted(blocks_a)[0]
+    size = victim.stat().st_size
+    assert size > 0
+    with open(victim, "r+b") as f:
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 0x5A]))
+    mnt.start()
+
+    got, err = _read_until_error(mnt.path("a"))
+    assert err is not None, "reading a file with a corrupted block succeeded"
+    assert err.errno == errno.EIO, f"expected EIO, got {errno.errorcode.get(err.errno, err.errno)}: {err}"
+    assert got == a[:len(got)], "bytes returned before the EIO are wrong"
+    # random-offset reads either fail with EIO or return correct bytes -- never wrong data
+    fd = os.open(mnt.path("a"), os.O_RDONLY)
+    eio = 0
+    try:
+        for off in range(0, len(a), 512 * 1024):
+            try:
+                chunk = os.pread(fd, 100000, off)
+            except OSError as e:
+                assert e.errno == errno.EIO, e
+                eio += 1
+                continue
+            assert chunk == a[off:off + 100000], f"wrong bytes at offset {off}"
+    finally:
+        os.close(fd)
+    assert eio > 0, "no pread hit the corrupted block"
+    # a second read must not return (cached) wrong data either
+    got2, err2 = _read_until_error(mnt.path("a"))
+    assert err2 is not None and err2.errno == errno.EIO
+    assert got2 == a[:len(got2)]
+    # other files are unaffected
+    assert_bytes_equal(read_file(mnt.path("b")), b, "unaffected file b")
+    # the mount is still healthy
+    write_file(mnt.path("c"), b"fine")
+    assert read_file(mnt.path("c")) == b"fine"
+
+
+def test_missing_block_gives_eio(mnt):
+    a = os.urandom(3 * MiB)
+    write_file(mnt.path("a"), a)
+    mnt.unmount()
+    blocks = block_files(mnt.data)
+    assert blocks
+    os.unlink(sorted(blocks)[-1])
+    mnt.start()
+    got, err = _read_until_error(mnt.path("a"))
+    assert err is not None and err.errno == errno.EIO, f"expected EIO, got {err!r}"
+    assert got == a[:len(got)]
+
+
+# ---------------------------------------------------------------------------
+# disk full
+# ---------------------------------------------------------------------------
+
+def test_disk_full_enospc(mount_factory):
+    root = Path(tempfile.mkdtemp(prefix="modelfs-"))
+    os.chmod(root, 0o755)
+    data = root / "data"
+    data.mkdir()
+    r = run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", data])
+    assert r.returncode == 0, f"cannot mount tmpfs: {r.stderr}"
+    m = mount_factory(start=False, root=root, data=data)
+    m.cleanup_callbacks.append(lambda: run(["umount", str(data)]))
+    m.start()
+
+    small = os.urandom(4 * MiB)
+    write_file(m.path("small"), small, fsync=True)
+
+    big = m.path("big")
+    err = None
+    written = 0
+    fd = os.open(big, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        chunk = os.urandom(1 * MiB)
+        for _ in range(100):
+            written += os.write(fd, chunk)
+        os.fsync(fd)
+    except OSError as e:
+        err = e
+    finally:
+        try:
+            os.close(fd)
+        except OSError as e:
+            err = err or e
+    assert err is not None, f"wrote {written} bytes + fsync + close into a 64 MiB data dir without an error"
+    assert err.errno == errno.ENOSPC, f"expected ENOSPC, got {errno.errorcode.get(err.errno, err.errno)}: {err}"
+    assert m.proc.poll() is None, "daemon died on ENOSPC"
+
+    assert_bytes_equal(read_file(m.path("small")), small, "earlier file after ENOSPC")
+    os.unlink(big)
+
+    def small_write_ok():
+        try:
+            write_file(m.path("after"), b"z" * (1 * MiB), fsync=True)
+            return read_file(m.path("after")) == b"z" * (1 * MiB)
+        except OSError:
+            return False
+
+    wait_until(small_write_ok, 15, interval=0.5, what="small write to succeed after freeing space")
+    m.remount()
+    assert_bytes_equal(read_file(m.path("small")), small, "earlier file after ENOSPC + remount")
+    assert read_file(m.path("after")) == b"z" * (1 * MiB)

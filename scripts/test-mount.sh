@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs the real-mount integration suite (Tests/integration) against
+# ${MODELFS_BIN:-.build/release/modelfs}. Needs root (or FUSE access) and the
+# venv from scripts/install-python-deps.sh. Extra arguments go to pytest,
+# e.g. scripts/test-mount.sh -k posix   or   scripts/test-mount.sh --lf
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ ! -x .venv/bin/python ]; then
+    echo "error: .venv/bin/python missing; run scripts/install-python-deps.sh first" >&2
+    exit 1
+fi
+exec .venv/bin/python -m pytest -x -q Tests/integration "$@"
