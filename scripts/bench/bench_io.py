@@ -97,9 +97,6 @@ def cmd_write(args):
     size = args.size_mib * MIB
     buf = bytearray(os.urandom(MIB))
     mv = memoryview(buf)
-    sampler = RssSampler(args.sample_pid) if args.sample_pid else None
-    if sampler:
-        sampler.start()
     t0 = time.perf_counter()
     fd = os.open(args.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -113,12 +110,8 @@ def cmd_write(args):
     finally:
         os.close(fd)
     t1 = time.perf_counter()
-    if sampler:
-        sampler.stop()
     emit(args, "seq_write", size / MIB / (t1 - t0), "MiB/s",
          seconds=t1 - t0, fsync_seconds=t1 - t_written)
-    if sampler:
-        emit(args, "rss_peak_write", sampler.peak_kib / 1024, "MiB", samples=sampler.samples)
 
 
 def read_whole(path, size_mib, verify=True):
@@ -356,6 +349,7 @@ METRICS = [
     ("st_load", "safetensors load_file, cold", "s", False),
     ("st_safe_open", "safetensors safe_open (mmap) get all, cold", "s", False),
     ("rss_peak_write", "daemon VmRSS peak polled during write", "MiB", False),
+    ("rss_peak_any", "daemon VmRSS peak polled, any step", "MiB", False),
     ("hwm_write", "daemon VmHWM, write-phase instance", "MiB", False),
     ("hwm_max", "daemon VmHWM, max over all instances", "MiB", False),
     ("cpu_write", "daemon CPU (utime+stime), write phase", "s", False),
@@ -412,6 +406,7 @@ def md_table(header, rows, align):
 def cmd_report(args):
     samples = {}   # (target, metric) -> [value per round]
     daemon = {}    # (target, round) -> [instance records]
+    steps = {}     # target -> {step: peak MiB (max over rounds)}
     rounds = set()
     with open(args.results) as f:
         for line in f:
@@ -419,6 +414,9 @@ def cmd_report(args):
             rounds.add(r.get("round", 0))
             if r["metric"] == "daemon_instance":
                 daemon.setdefault((r["target"], r.get("round", 0)), []).append(r)
+            elif r["metric"] == "daemon_rss_step":
+                st = steps.setdefault(r["target"], {})
+                st[r["step"]] = max(st.get(r["step"], 0.0), r["peak_mib"])
             else:
                 samples.setdefault((r["target"], r["metric"]), []).append(r["value"])
     for (t, _), insts in sorted(daemon.items()):
@@ -428,8 +426,10 @@ def cmd_report(args):
                 samples.setdefault((t, "cpu_write"), []).append(i["cpu_s"])
         samples.setdefault((t, "hwm_max"), []).append(max(i["hwm_kib"] for i in insts) / 1024)
         samples.setdefault((t, "cpu_total"), []).append(sum(i["cpu_s"] for i in insts))
+    for t, st in steps.items():
+        samples[(t, "rss_peak_any")] = [max(st.values())]
     # memory peaks: worst round; everything else: median over rounds
-    peak_keys = {"rss_peak_write", "hwm_write", "hwm_max"}
+    peak_keys = {"rss_peak_write", "rss_peak_any", "hwm_write", "hwm_max"}
     vals = {k: (max(v) if k[1] in peak_keys else statistics.median(v)) for k, v in samples.items()}
     nrounds = len(rounds)
     meta = dict(kv.split("=", 1) for kv in args.meta)
@@ -487,6 +487,13 @@ def cmd_report(args):
         "Daemon CPU/RSS rows are per FUSE daemon process (direct has none); a new daemon "
         "process is started on every remount.",
     ]
+    for t in TARGETS:
+        if t in steps:
+            notes.append(f"{t} daemon VmRSS peak per step (MiB): " + ", ".join(
+                f"{k} {v:.0f}" for k, v in steps[t].items()) + ".")
+    notes.append("passthrough_ll from libfuse 3.14 logs 'Ignoring invalid max threads value' at "
+                 "start (the example leaves config.max_threads unset); libfuse then uses its "
+                 "default thread limit.")
     if nrounds > 1:
         notes.insert(0, f"{nrounds} rounds, targets interleaved; values are medians over rounds "
                         "(memory peaks: maximum over rounds).")
@@ -510,13 +517,13 @@ def main():
         sp.add_argument("--target", required=True)
         sp.add_argument("--results", required=True)
         sp.add_argument("--round", type=int, default=0)
+        sp.add_argument("--sample-pid", type=int, help="poll this daemon's VmRSS during the step")
         if path:
             sp.add_argument("--path", required=True)
         return sp
 
     sp = common(sub.add_parser("write"))
     sp.add_argument("--size-mib", type=int, required=True)
-    sp.add_argument("--sample-pid", type=int)
     sp.set_defaults(fn=cmd_write)
 
     sp = common(sub.add_parser("read"))
@@ -553,7 +560,20 @@ def main():
     sp.set_defaults(fn=cmd_report)
 
     args = p.parse_args()
+    sampler = None
+    if getattr(args, "sample_pid", None):
+        sampler = RssSampler(args.sample_pid)
+        sampler.start()
     args.fn(args)
+    if sampler:
+        sampler.stop()
+        step = args.metric if args.cmd == "read" else args.cmd
+        rec = {"target": args.target, "round": args.round, "metric": "daemon_rss_step",
+               "step": step, "peak_mib": sampler.peak_kib / 1024, "samples": sampler.samples}
+        with open(args.results, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if args.cmd == "write":
+            emit(args, "rss_peak_write", sampler.peak_kib / 1024, "MiB", samples=sampler.samples)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 # Needs root (drop_caches, FUSE mounts), gcc, pkg-config, libfuse3-dev and
 # fuse3 (fusermount3). See --help for all options. Writes a markdown table to
 # bench-results/single-node.md (git-ignored) and the raw measurements to
-# bench-results/single-node.jsonl.
+# bench-results/single-node.jsonl, and the daemon logs to bench-results/single-node-logs/.
 set -Eeuo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -93,6 +93,7 @@ declare -A DAEMON_MP=()     # target -> mountpoint
 declare -a ALL_PIDS=()      # every daemon pid we started
 CLEANING=0
 ROUND=0
+CUR_TARGET=""
 
 is_mounted() { awk -v mp="$1" '$5 == mp { found = 1 } END { exit !found }' /proc/self/mountinfo; }
 
@@ -127,6 +128,7 @@ cleanup() {
         wait "$pid" 2>/dev/null
     done
     if [[ -n $RUN_DIR && -d $RUN_DIR ]]; then
+        save_logs
         # never rm -rf through a live mount
         local live
         live=$(awk -v d="$RUN_DIR/" 'index($5, d) == 1 { print $5 }' /proc/self/mountinfo)
@@ -299,6 +301,21 @@ stop_daemon() {
 
 is_fuse() { [[ $1 != direct ]]; }
 
+# keep modelfs's own log (DATA/modelfs.log) before the target's data is deleted
+save_daemon_log() {
+    local f="$RUN_DIR/$1/data/modelfs.log"
+    [[ -f $f ]] && cp "$f" "$RUN_DIR/logs/$1-daemon.round$ROUND.log"
+    return 0
+}
+
+# copy the run's logs next to the results file (bench-results/single-node-logs/)
+save_logs() {
+    local dest="${OUT_MD%.md}-logs" t
+    for t in modelfs; do [[ -d $RUN_DIR/$t ]] && save_daemon_log "$t"; done
+    rm -rf "$dest" && mkdir -p "$dest" && cp -r "$RUN_DIR/logs/." "$dest/" 2>/dev/null
+    return 0
+}
+
 # target_dir TARGET: the directory benchmarks write into
 target_dir() { if is_fuse "$1"; then echo "$RUN_DIR/$1/mnt"; else echo "$RUN_DIR/$1/files"; fi; }
 
@@ -313,8 +330,13 @@ go_cold() {
     drop_caches
 }
 
-py() { "$PY_CORE" "$HELPER" "$@"; }
-pyfw() { "$PYTHON" "$HELPER" "$@"; }
+# run a helper step; for FUSE targets it also polls the current daemon's VmRSS
+sample_args() {
+    [[ -n $CUR_TARGET && -n ${DAEMON_PID[$CUR_TARGET]:-} ]] && echo "--sample-pid ${DAEMON_PID[$CUR_TARGET]}"
+    return 0
+}
+py() { local cmd=$1; shift; "$PY_CORE" "$HELPER" "$cmd" "$@" $(sample_args); }
+pyfw() { local cmd=$1; shift; "$PYTHON" "$HELPER" "$cmd" "$@" $(sample_args); }
 
 # ---------------------------------------------------------------------------
 # per-target benchmark
@@ -323,15 +345,14 @@ pyfw() { "$PYTHON" "$HELPER" "$@"; }
 bench_target() {
     local t=$1 d
     log "=== $t (round $((ROUND + 1))/$REPEAT)"
+    CUR_TARGET=$t
     mkdir -p "$RUN_DIR/$t"
     if is_fuse "$t"; then start_daemon "$t"; else mkdir -p "$RUN_DIR/$t/files"; fi
     d=$(target_dir "$t")
     local c=(--target "$t" --results "$RESULTS" --round "$ROUND")
-    local sample=()
-    is_fuse "$t" && sample=(--sample-pid "${DAEMON_PID[$t]}")
 
     drop_caches
-    py write "${c[@]}" --path "$d/big.bin" --size-mib "$SIZE_MIB" "${sample[@]}"
+    py write "${c[@]}" --path "$d/big.bin" --size-mib "$SIZE_MIB"
     go_cold "$t" write
     py read "${c[@]}" --path "$d/big.bin" --size-mib "$SIZE_MIB" --metric cold_read
     py read "${c[@]}" --path "$d/big.bin" --size-mib "$SIZE_MIB" --metric warm_read --passes 3
@@ -365,6 +386,7 @@ bench_target() {
     rm -f "$d/ckpt.npy" "$d/ckpt.safetensors"
 
     if is_fuse "$t"; then stop_daemon "$t" last; fi
+    save_daemon_log "$t"
     rm -rf "${RUN_DIR:?}/$t"
 }
 
@@ -389,7 +411,7 @@ size_label="${SIZE_MIB} MiB"; (( SIZE_MIB % 1024 == 0 )) && size_label="$((SIZE_
 
 mkdir -p "$(dirname "$OUT_MD")"
 cp "$RESULTS" "${OUT_MD%.md}.jsonl"
-py report --results "$RESULTS" --md "$OUT_MD" \
+"$PY_CORE" "$HELPER" report --results "$RESULTS" --md "$OUT_MD" \
     --meta "date=$(date '+%F %T %Z')" \
     --meta "host=$(nproc) CPUs ($cpu_model), ${mem_gib} GiB RAM, kernel $(uname -r)" \
     --meta "disk=$fs at $(cd "$BASE_DIR" && pwd) (all targets on the same filesystem)" \

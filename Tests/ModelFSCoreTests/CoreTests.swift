@@ -1,0 +1,165 @@
+import Foundation
+import Testing
+@testable import ModelFSCore
+
+/// A small deterministic generator so failures reproduce from their seed.
+struct SplitMix: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
+    var g = SplitMix(seed: seed)
+    var out = [UInt8](repeating: 0, count: n)
+    var i = 0
+    while i < n {
+        var w = g.next()
+        for _ in 0..<8 where i < n { out[i] = UInt8(truncatingIfNeeded: w); w >>= 8; i += 1 }
+    }
+    return out
+}
+
+@Suite struct BlockIDTests {
+    @Test func knownSHA256() {
+        let id = BlockID.hash(Data("abc".utf8))
+        #expect(id.hex == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+    }
+
+    @Test func hexRoundTrip() {
+        let id = BlockID.hash(Data("modelfs".utf8))
+        #expect(BlockID(hex: id.hex) == id)
+        #expect(BlockID(hex: id.hex.uppercased()) == id)
+        #expect(BlockID(bytes: id.bytes) == id)
+    }
+
+    @Test(arguments: ["", "../../etc/passwd", String(repeating: "g", count: 64), String(repeating: "a", count: 63),
+                      String(repeating: "a", count: 65), String(repeating: "a", count: 62) + "/x"])
+    func rejectsMalformedHex(_ s: String) {
+        #expect(BlockID(hex: s) == nil)
+    }
+}
+
+@Suite struct ChunkerTests {
+    static let small = ChunkerParameters(minSize: 2 << 10, averageSize: 8 << 10, maxSize: 32 << 10)
+
+    @Test func chunkSizesStayWithinBounds() {
+        let data = randomBytes(4 << 20, seed: 1)
+        let lengths = data.withUnsafeBytes { Chunker.split($0, parameters: Self.small) }
+        #expect(lengths.reduce(0, +) == data.count)
+        for l in lengths.dropLast() { #expect(l >= Self.small.minSize && l <= Self.small.maxSize) }
+        let average = Double(data.count) / Double(lengths.count)
+        #expect(average > 4096 && average < 16384, "average chunk \(average)")
+    }
+
+    @Test func standardParametersAverageNearOneMiB() {
+        let data = randomBytes(48 << 20, seed: 2)
+        let lengths = data.withUnsafeBytes { Chunker.split($0) }
+        let average = Double(data.count) / Double(lengths.count)
+        #expect(average > 0.5 * 1048576 && average < 2 * 1048576, "average chunk \(average)")
+        for l in lengths.dropLast() { #expect(l >= 256 << 10 && l <= 4 << 20) }
+    }
+
+    @Test func streamingInPiecesCutsTheSameAsWhole() {
+        let data = randomBytes(1 << 20, seed: 3)
+        let whole = data.withUnsafeBytes { Chunker.split($0, parameters: Self.small) }
+        var g = SplitMix(seed: 4)
+        var chunker = Chunker(Self.small)
+        var lengths: [Int] = []
+        var pos = 0, chunkStart = 0
+        data.withUnsafeBytes { buf in
+            while pos < buf.count {
+                let piece = min(Int(g.next() % 5000) + 1, buf.count - pos)
+                var off = 0
+                while off < piece {
+                    let (n, boundary) = chunker.consume(UnsafeRawBufferPointer(rebasing: buf[(pos + off)..<(pos + piece)]))
+                    off += n
+                    if boundary { lengths.append(pos + off - chunkStart); chunkStart = pos + off }
+                }
+                pos += piece
+            }
+        }
+        if chunkStart < data.count { lengths.append(data.count - chunkStart) }
+        #expect(lengths == whole)
+    }
+
+    @Test func insertionOnlyDisturbsNearbyChunks() {
+        let data = randomBytes(2 << 20, seed: 5)
+        var shifted = randomBytes(100, seed: 6)
+        shifted += data
+        func ids(_ d: [UInt8]) -> Set<BlockID> {
+            d.withUnsafeBytes { buf in
+                var out = Set<BlockID>()
+                var p = 0
+                for l in Chunker.split(buf, parameters: Self.small) {
+                    out.insert(BlockID.hash(UnsafeRawBufferPointer(rebasing: buf[p..<p + l]))); p += l
+                }
+                return out
+            }
+        }
+        let a = ids(data), b = ids(shifted)
+        let shared = Double(a.intersection(b).count) / Double(a.count)
+        #expect(shared > 0.9, "only \(shared) of chunks shared after a 100-byte insertion")
+    }
+
+    @Test func zerosCutAtMaxSize() {
+        let zeros = [UInt8](repeating: 0, count: 100 << 10)
+        let lengths = zeros.withUnsafeBytes { Chunker.split($0, parameters: Self.small) }
+        #expect(lengths.reduce(0, +) == zeros.count)
+        for l in lengths.dropLast() { #expect(l >= Self.small.minSize && l <= Self.small.maxSize) }
+    }
+}
+
+@Suite struct ByteRangeSetTests {
+    /// Random inserts and removes against a bitmap model.
+    @Test(arguments: [1, 2, 3, 4, 5] as [UInt64])
+    func matchesBitmapModel(seed: UInt64) {
+        var g = SplitMix(seed: seed)
+        var set = ByteRangeSet()
+        var model = [Bool](repeating: false, count: 512)
+        for _ in 0..<400 {
+            let a = UInt64(g.next() % 500), len = UInt64(g.next() % 40)
+            let r = a..<min(512, a + len)
+            if g.next() % 3 == 0 { set.remove(r); for i in r { model[Int(i)] = false } } else {
+                set.insert(r); for i in r { model[Int(i)] = true }
+            }
+            // Ranges are sorted, disjoint, non-touching and cover exactly the model.
+            for (x, y) in zip(set.ranges, set.ranges.dropFirst()) { #expect(x.upperBound < y.lowerBound) }
+            var covered = [Bool](repeating: false, count: 512)
+            for r in set.ranges { for i in r { covered[Int(i)] = true } }
+            #expect(covered == model)
+            let q = UInt64(g.next() % 500)..<UInt64(500 + g.next() % 12)
+            #expect(set.intersects(q) == q.contains { model[Int($0)] })
+            var pos = q.lowerBound
+            for p in set.pieces(of: q) {
+                #expect(p.range.lowerBound == pos)
+                for i in p.range { #expect(model[Int(i)] == p.covered) }
+                pos = p.range.upperBound
+            }
+            #expect(pos == q.upperBound)
+        }
+    }
+}
+
+@Suite struct ManifestTests {
+    @Test func roundTrip() throws {
+        let m = Manifest(chunks: (0..<10).map { ChunkRef(id: BlockID.hash(Data([UInt8($0)])), length: UInt32($0 * 1000 + 1)) })
+        #expect(try Manifest(decoding: m.encoded()) == m)
+        #expect(try ManifestRef(decoding: ManifestRef.inline(m).encoded()) == .inline(m))
+        let ref = ManifestRef.block(BlockID.hash(Data("x".utf8)), chunkCount: 77)
+        #expect(try ManifestRef(decoding: ref.encoded()) == ref)
+        #expect(m.offsets().last == m.byteCount)
+    }
+
+    @Test func malformedIsAnError() {
+        #expect(throws: FSError.self) { try Manifest(decoding: Data("MFM1\u{1}\0\0\0".utf8)) }
+        #expect(throws: FSError.self) { try Manifest(decoding: Data("nope".utf8)) }
+        #expect(throws: FSError.self) { try ManifestRef(decoding: Data([7, 1, 2])) }
+    }
+}

@@ -1,0 +1,223 @@
+import Foundation
+import Testing
+@testable import ModelFSCore
+@testable import ModelFSMeta
+
+/// The one conformance suite every metadata engine must pass (DESIGN.md §2). Each test runs on
+/// every engine; engines that need a server join the list when they exist.
+enum EngineKind: String, CaseIterable, CustomTestStringConvertible {
+    case memory, sqlite
+    var testDescription: String { rawValue }
+
+    func make() throws -> (any MetadataEngine, cleanup: () -> Void) {
+        switch self {
+        case .memory:
+            return (try MetadataURL.open("memory:", rootUID: 0, rootGID: 0), {})
+        case .sqlite:
+            let dir = NSTemporaryDirectory() + "modelfs-meta-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            return (try MetadataURL.open("sqlite:\(dir)/meta.db", rootUID: 0, rootGID: 0),
+                    { try? FileManager.default.removeItem(atPath: dir) })
+        }
+    }
+}
+
+let now = Timestamp(seconds: 1_700_000_000, nanoseconds: 5)
+func file(_ mode: UInt32 = 0o644) -> NewInode { NewInode(kind: .regular, mode: mode, uid: 1000, gid: 1000, now: now) }
+func dir(_ mode: UInt32 = 0o755) -> NewInode { NewInode(kind: .directory, mode: mode, uid: 1000, gid: 1000, now: now) }
+
+func errno(of body: () throws -> Void) -> Int32? {
+    do { try body(); return nil } catch let e as FSError { return e.errno } catch { return -1 }
+}
+
+@Suite struct MetadataConformance {
+    @Test(arguments: EngineKind.allCases) func createLookupGetattr(_ kind: EngineKind) throws {
+        let (m, done) = try kind.make(); defer { done() }
+        let a = try m.create(parent: .root, name: "a.bin", file(0o640))
+        #expect(a.kind == .regular && a.mode == 0o640 && a.uid == 1000 && a.nlink == 1 && a.size == 0 && a.version == 0)
+        #expect(try m.lookup(parent: .root, name: "a.bin") == a)
+        #expect(try m.getattr(a.ino) == a)
+        #expect(errno { _ = try m.create(parent: .root, name: "a.bin", file()) } == EEXIST)
+        #expect(errno { _ = try m.lookup(parent: .root, name: "nope") } == ENOENT)
+        #expect(errno { _ = try m.lookup(parent: a.ino, name: "x") } == ENOTDIR)
+        let root = try m.getattr(.root)
+        #expect(root.kind == .directory && root.mtime == now)
+    }
+
+    @Test(arguments: EngineKind.allCases) func namesAreValidated(_ kind: EngineKind) throws {
+        let (m, done) = try kind.make(); defer { done() }
+        for bad in ["", ".", "..", "a/b"] { #expect(errno { _ = try m.create(parent: .root, name: bad, file()) } == EINVAL) }
+        #expect(errno { _ = try m.create(parent: .root, name: String(repeating: "x", count: 256), file()) } == ENAMETOOLONG)
+        _ = try m.create(parent: .root, name: String(repeating: "x", count: 255), file())
+    }
+
+    @Test(arguments: EngineKind.allCases) func directoriesCountLinks(_ kind: EngineKind) throws {
+        let (m, done) = try kind.make(); defer { done() }
+        let d = try m.create(parent: .root, name: "d", dir())
+        #expect(try d.nlink == 2 && (try m.getattr(.root)).nlink == 3)
+        _ = try m.create(parent: d.ino, name: "e", dir())
+        #expect((try m.getattr(d.ino)).nlink == 3)
+        #expect(try m.parent(of: d.ino) == .root)
+        #expect(errno { _ = try m.rmdir(parent: .root, name: "d", now: now) } == ENOTEMPTY)
+        #expect(errno { _ = try m.unlink(parent: .root, name: "d", now: now) } == EISDIR)
+        _ = try m.rmdir(parent: d.ino, name: "e", now: now)
+        let r = try m.rmdir(parent: .root, name: "d", now: now)
+        #expect(try r.nlink == 0 && (try m.getattr(.root)).nlink == 2)
+        #expect(errno { _ = try m.create(parent: d.ino, name: "late", file()) } == ENOENT)
+    }
+
+    @Test(arguments: EngineKind.allCases) func hardLinksAndUnlink(_ kind: EngineKind) throws {
+        let (m, done) = try kind.make(); defer { done() }
+        let a = try m.create(parent: .root, name: "a", file())
+        let d = try m.create(parent: .root, name: "d", dir())
+        let l = try m.link(a.ino, parent: d.ino, name: "b", now: now)
+        #expect(try l.nlink == 2 && (try m.lookup(parent: d.ino, name: "b")).ino == a.ino)
+        #expect(errno { _ = try m.link(d.ino, parent: .root, name: "dl", now: now) } == EPERM)
+        #expect(try m.unlink(parent: .root, name: "a", now: now).nlink == 1)
+        let last = try m.unlink(parent: d.ino, name: "b", now: now)
+        #expect(last.nlink == 0 && last.ino == a.ino)
+        #expect(try m.orphans() == [a.ino])
+        try m.deleteInode(a.ino)
+        #expect(try m.orphans().isEmpty)
+        #expect(errno { _ = try m.getattr(a.ino) } == ENOENT)
+        #expect(errno { try m.deleteInode(d.ino) } == EBUSY)
+    }
+
+    @Test(arguments: EngineKind.allCases) func renameCases(_ kind: EngineKind) throws {
+        let (m, done) = try kind.make(); defer { done() }
+        let a = try m.create(parent: .root, name: "a", file())
+        let b = try m.create(parent: .root, name: "b", file())
+        let d = try m.create(parent: .root, name: "d", dir())
+        let e = try m.create(parent: .root, name: "e", dir())
+        let sub = try m.create(parent: d.ino, name: "sub", dir())
+        _ = try m.create(parent: e.ino, name: "full", file())
+        // file over file replaces atomically and reports the replaced inode
+        let replaced = try m.rename(parent: .root, name: "a", newParent: .root, newName: "b", flags: [], now: now)
+        #expect(replaced == RemovedLink(ino: b.ino, kind: .regular, nlink: 0))
+        #expect((try m.lookup(parent: .root, name: "b")).ino == a.ino)
+        #expect(errno { _ = try m.lookup(parent: .root, name: "a") } == ENOENT)
+        // RENAME_NOREPLACE
+        let c = try m.create(parent: .root, name: "c", file())
+        #expect(errno { _ = try m.rename(parent: .root, name: "c", newParent: .root, newName: "b", flags: .noReplace, now: now) } == EEXIST)
+        // kinds must match; non-empty directory targets are refused
+        #expect(errno { _ = try m.rename(parent: .root, name: "d", newParent: .root, newName: "c", flags: [], now: now) } == ENOTDIR)
+        #expect(errno { _ = try m.rename(parent: .root, name: "c", newParent: .root, newName: "d", flags: [], now: now) } == EISDIR)
+        #expect(errno { _ = try m.rename(parent: .root, name: "d", newParent: .root, newName: "e", flags: [], now: now) } == ENOTEMPTY)
+        // a directory cannot move into itself
+        #expect(errno { _ = try m.rename(parent: .root, name: "d", newParent: sub.ino, newName: "x", flags: [], now: now) } == EINVAL)
+        #expect(errno { _ = try m.rename(parent: .root, name: "d", newParent: d.ino, newName: "x", flags: [], now: now) } == EINVAL)
+        // whole directory moves in O(1), with its content and link counts
+        _ = try m.create(parent: sub.ino, name: "deep", file())
+        _ = try m.rename(parent: .root, name: "d", newParent: e.ino, newName: "moved", flags: [], now: now)
+        #expect(try m.parent(of: d.ino) == e.ino)
+        #expect((try m.lookup(parent: sub.ino, name: "deep")).kind == .regular)
+        #expect(try (try m.getattr(.root)).nlink == 3 && (try m.getattr(e.ino)).nlink == 3)
+        // dir over empty dir
+        let empty = try m.create(parent: .root, name: "empty", dir())
+        let r2 = try m.rename(parent: e.ino, name: "moved", newParent: .root, newName: "empty", flags: [], now: now)
+        #expect(r2?.ino == empty.ino && r2?.nlink == 0)
+        #expect(try (try m.getattr(.root)).nlink == 4 && (try m.getattr(e.ino)).nlink == 2)
+        // exchange swaps
+        _ = try m.rename(parent: .root, name: "c", newParent: .root, newName: "b", flags: .exchange, now: now)
+        #expect(try (try m.lookup(parent: .root, name: "b")).ino == c.ino && (try m.lookup(parent: .root, name: "c")).ino == a.ino)
+        // renaming onto another link of the same inode does nothing
+        _ = try m.link(a.ino, parent: .root, name: "a2", now: now)
+        #expect(try m.rename(parent: .root, name: "c", newParent: .root, newName: "a2", flags: [], now: now) == nil)
+        #expect((try m.getattr(a.ino)).nlink == 2)
+        #expect(errno { _ = try m.rename(parent: .root, name: "missing", newParent: .root, newName: "z", flags: [], now: now) } == ENOENT)
+    }
+
+    @Test(arguments: EngineKind.allCases) func readdirCookiesAreStable(_ kind: EngineKind) throws {
+        let (m, done) = try kind.make(); defer { done() }
+        for i in 0..<300 { _ = try m.create(parent: .root, name: "f\(i)", file()) }
+        var seen: [String] = []
+        var cookie: UInt64 = 0
+        var removed = false
+        while true {
+            let page = try m.readdir(.root, after: cookie, limit: 37)
+            if page.isEmpty { break }
+            seen += page.map(\.name)
+            cookie = page.last!.cookie
+            if !removed { // entries removed or added mid-listing do not disturb the rest
+                _ = try m.unlink(parent: .root, name: "f0", now: now)
+                _ = try m.create(parent: .root, name: "late", file())
+                removed = true
+            }
+        }
+        #expect(Set(seen).count == seen.count, "no entry listed twice")
+        #expect(Set(seen).isSuperset(of: (1..<300).map { "f\($0)" }))
+    }
+
+    @Test(arguments: EngineKind.allCases) func setattrAndCommit(_ kind: EngineKind) throws {
+        let (m, done) = try kind.make(); defer { done() }
+        let a = try m.create(parent: .root, name: "a", file())
+        let t = Timestamp(seconds: 42, nanoseconds: 7)
+        let b = try m.setattr(a.ino, AttributeChanges(mode: 0o4600, uid: 5, gid: 6, size: 999, atime: t, mtime: t), now: now)
+        #expect(b.mode == 0o4600 && b.uid == 5 && b.gid == 6 && b.atime == t && b.mtime == t && b.size == 0)
+        let manifest = Manifest(chunks: [ChunkRef(id: BlockID.hash(Data("x".utf8)), length: 1)])
+        let c = try m.commit(a.ino, size: 1, manifest: .inline(manifest), mtime: now)
+        #expect(c.size == 1 && c.version == 1)
+        #expect(try m.manifest(of: a.ino) == .inline(manifest))
+        let big = ManifestRef.block(BlockID.hash(Data("m".utf8)), chunkCount: 5000)
+        #expect(try m.commit(a.ino, size: 10, manifest: big, mtime: now).version == 2)
+        #expect(try m.manifest(of: a.ino) == big)
+        #expect(try m.allManifests().contains(big))
+        let st = try m.stats()
+        #expect(st.files == 1 && st.logicalBytes == 10 && st.directories == 1)
+    }
+
+    @Test(arguments: EngineKind.allCases) func symlinks(_ kind: EngineKind) throws {
+        let (m, done) = try kind.make(); defer { done() }
+        let s = try m.create(parent: .root, name: "l", NewInode(kind: .symlink, mode: 0o777, uid: 0, gid: 0, now: now, target: "../x/y"))
+        #expect(try m.readlink(s.ino) == "../x/y" && s.size == 6)
+        let f = try m.create(parent: .root, name: "f", file())
+        #expect(errno { _ = try m.readlink(f.ino) } == EINVAL)
+    }
+
+    @Test(arguments: EngineKind.allCases) func xattrs(_ kind: EngineKind) throws {
+        let (m, done) = try kind.make(); defer { done() }
+        let a = try m.create(parent: .root, name: "a", file())
+        #expect(errno { _ = try m.getxattr(a.ino, name: "user.x") } == ENODATA)
+        #expect(errno { try m.setxattr(a.ino, name: "user.x", value: Data("1".utf8), mode: .replace) } == ENODATA)
+        try m.setxattr(a.ino, name: "user.x", value: Data("1".utf8), mode: .create)
+        #expect(errno { try m.setxattr(a.ino, name: "user.x", value: Data("2".utf8), mode: .create) } == EEXIST)
+        try m.setxattr(a.ino, name: "user.x", value: Data("2".utf8), mode: .replace)
+        try m.setxattr(a.ino, name: "user.a", value: Data(), mode: .any)
+        #expect(try m.getxattr(a.ino, name: "user.x") == Data("2".utf8))
+        #expect(try m.listxattr(a.ino) == ["user.a", "user.x"])
+        try m.removexattr(a.ino, name: "user.x")
+        #expect(errno { try m.removexattr(a.ino, name: "user.x") } == ENODATA)
+        #expect(try m.listxattr(a.ino) == ["user.a"])
+    }
+
+    @Test(arguments: EngineKind.allCases) func failedTransactionChangesNothing(_ kind: EngineKind) throws {
+        let (m, done) = try kind.make(); defer { done() }
+        let d = try m.create(parent: .root, name: "d", dir())
+        _ = try m.create(parent: d.ino, name: "x", file())
+        let before = try m.getattr(.root)
+        // The rename fails late (non-empty target) after reading several rows: nothing changes.
+        _ = try m.create(parent: .root, name: "e", dir())
+        #expect(errno { _ = try m.rename(parent: .root, name: "e", newParent: .root, newName: "d", flags: [], now: now) } == ENOTEMPTY)
+        #expect((try m.lookup(parent: .root, name: "e")).kind == .directory)
+        #expect((try m.getattr(.root)).nlink == before.nlink + 1)
+    }
+
+    @Test func sqliteSurvivesReopen() throws {
+        let dir = NSTemporaryDirectory() + "modelfs-meta-reopen-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var m: (any MetadataEngine)? = try MetadataURL.open("sqlite:\(dir)/m.db", rootUID: 0, rootGID: 0)
+        let a = try m!.create(parent: .root, name: "keep", file())
+        try m!.sync()
+        m = nil
+        let again = try MetadataURL.open("sqlite:\(dir)/m.db", rootUID: 0, rootGID: 0)
+        #expect((try again.lookup(parent: .root, name: "keep")).ino == a.ino)
+        let b = try again.create(parent: .root, name: "next", file())
+        #expect(b.ino != a.ino)
+    }
+
+    @Test func unknownSchemeIsAClearError() {
+        let e = #expect(throws: FSError.self) { _ = try MetadataURL.open("foo:bar", rootUID: 0, rootGID: 0) }
+        #expect(e?.message.contains("unknown --meta scheme") == true)
+    }
+}

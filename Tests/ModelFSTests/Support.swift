@@ -1,0 +1,70 @@
+import Foundation
+@testable import ModelFS
+@testable import ModelFSCore
+@testable import ModelFSMeta
+@testable import ModelFSStore
+
+struct SplitMix: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
+    var g = SplitMix(seed: seed)
+    return (0..<n).map { _ in UInt8(truncatingIfNeeded: g.next()) }
+}
+
+/// A filesystem core over a fresh data dir, removed on deinit.
+final class TestFS {
+    let dir: String
+    let store: DiskBlockStore
+    let fs: FileSystem
+    static let smallChunks = ChunkerParameters(minSize: 2 << 10, averageSize: 8 << 10, maxSize: 32 << 10)
+
+    init(chunker: ChunkerParameters = TestFS.smallChunks, meta: String = "memory:", dir: String? = nil) throws {
+        self.dir = dir ?? NSTemporaryDirectory() + "modelfs-fs-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
+        try FileManager.default.createDirectory(atPath: self.dir + "/staging", withIntermediateDirectories: true)
+        store = try DiskBlockStore(root: self.dir)
+        var options = FileSystemOptions(stagingDir: self.dir + "/staging")
+        options.chunker = chunker
+        options.blockCacheBytes = 8 << 20
+        let url = meta == "sqlite" ? "sqlite:\(self.dir)/meta.db" : meta
+        fs = try FileSystem(meta: try MetadataURL.open(url, rootUID: 0, rootGID: 0), store: store, options: options)
+    }
+
+    func remove() { try? FileManager.default.removeItem(atPath: dir) }
+
+    func create(_ name: String, in parent: InodeNumber = .root, flags: Int32 = O_RDWR) throws -> (InodeNumber, FileHandleID) {
+        let (a, o) = try fs.create(parent: parent, name: name, mode: 0o644, flags: OpenFlags(flags | O_CREAT), context: .root)
+        return (a.ino, o.handle)
+    }
+
+    func write(_ fh: FileHandleID, at offset: UInt64, _ bytes: [UInt8]) throws {
+        _ = try bytes.withUnsafeBytes { try fs.write(fh, at: offset, $0) }
+    }
+
+    func read(_ fh: FileHandleID, at offset: UInt64, count: Int) throws -> [UInt8] {
+        var buf = [UInt8](repeating: 0xEE, count: count)
+        let n = try buf.withUnsafeMutableBytes { try fs.read(fh, at: offset, count: count, into: $0.baseAddress!) }
+        return Array(buf[0..<n])
+    }
+
+    func close(_ fh: FileHandleID) throws {
+        try fs.flush(fh)
+        try fs.release(fh)
+    }
+
+    func contents(_ ino: InodeNumber) throws -> [UInt8] {
+        let size = try fs.getattr(ino).size
+        let o = try fs.open(ino, flags: OpenFlags(O_RDONLY))
+        defer { try? fs.release(o.handle) }
+        return try read(o.handle, at: 0, count: Int(size))
+    }
+}

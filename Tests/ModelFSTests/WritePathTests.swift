@@ -1,0 +1,189 @@
+import Foundation
+import Testing
+@testable import ModelFS
+@testable import ModelFSCore
+@testable import ModelFSStore
+
+@Suite struct WritePathTests {
+    @Test func sequentialWriteIsChunkedAsItArrivesAndWrittenOnce() throws {
+        let t = try TestFS(chunker: .standard); defer { t.remove() }
+        let (ino, fh) = try t.create("seq.bin")
+        let data = randomBytes(24 << 20, seed: 1)
+        var off = 0
+        while off < data.count {
+            let n = min(1 << 20, data.count - off)
+            try t.write(fh, at: UInt64(off), Array(data[off..<off + n]))
+            off += n
+        }
+        // Before close, everything but the unfinished chunk is already in the store.
+        #expect(t.store.usage().bytesWritten >= UInt64(data.count) - (4 << 20))
+        try t.close(fh)
+        #expect(try t.contents(ino) == data)
+        let amplification = Double(t.store.usage().bytesWritten) / Double(data.count)
+        #expect(amplification <= 1.1, "write amplification \(amplification)")
+    }
+
+    @Test func reorderedWritesStillStream() throws {
+        let t = try TestFS(chunker: .standard); defer { t.remove() }
+        let (ino, fh) = try t.create("reordered.bin")
+        let data = randomBytes(16 << 20, seed: 2)
+        // The kernel's writeback may deliver 1 MiB requests slightly out of order.
+        var order = Array(0..<16)
+        for i in stride(from: 0, to: 16, by: 4) { order.swapAt(i, i + 2); order.swapAt(i + 1, i + 3) }
+        for i in order { try t.write(fh, at: UInt64(i << 20), Array(data[(i << 20)..<((i + 1) << 20)])) }
+        try t.close(fh)
+        #expect(try t.contents(ino) == data)
+        #expect(Double(t.store.usage().bytesWritten) / Double(data.count) <= 1.1)
+    }
+
+    @Test func patchingAHeaderRechunksOnlyNearby() throws {
+        let t = try TestFS(chunker: .standard); defer { t.remove() }
+        let (ino, fh) = try t.create("npz.bin")
+        var data = randomBytes(32 << 20, seed: 3)
+        try t.write(fh, at: 0, data)
+        // np.savez-style: seek back and rewrite a header.
+        let header = [UInt8](repeating: 7, count: 64)
+        try t.write(fh, at: 100, header)
+        data.replaceSubrange(100..<164, with: header)
+        #expect(try t.read(fh, at: 90, count: 100) == Array(data[90..<190]))
+        try t.close(fh)
+        #expect(try t.contents(ino) == data)
+        let amplification = Double(t.store.usage().bytesWritten) / Double(data.count)
+        #expect(amplification <= 1.15, "write amplification \(amplification)")
+    }
+
+    @Test func inPlaceUpdateOfACommittedFileKeepsUntouchedBlocks() throws {
+        let t = try TestFS(chunker: .standard); defer { t.remove() }
+        let (ino, fh) = try t.create("h5.bin")
+        var data = randomBytes(20 << 20, seed: 4)
+        try t.write(fh, at: 0, data)
+        try t.close(fh)
+        let before = t.store.usage().bytesWritten
+        let o = try t.fs.open(ino, flags: OpenFlags(O_RDWR))
+        let patch = randomBytes(4096, seed: 5)
+        try t.write(o.handle, at: 10 << 20, patch)
+        data.replaceSubrange((10 << 20)..<((10 << 20) + 4096), with: patch)
+        try t.close(o.handle)
+        #expect(try t.contents(ino) == data)
+        #expect(t.store.usage().bytesWritten - before <= 8 << 20, "an in-place update rewrote \(t.store.usage().bytesWritten - before) bytes")
+    }
+
+    @Test func truncateShrinkGrowAndTrunc() throws {
+        let t = try TestFS(); defer { t.remove() }
+        let (ino, fh) = try t.create("t.bin")
+        let data = randomBytes(200_000, seed: 6)
+        try t.write(fh, at: 0, data)
+        _ = try t.fs.setattr(ino, AttributeChanges(size: 50_000), handle: fh, context: .root)
+        _ = try t.fs.setattr(ino, AttributeChanges(size: 120_000), handle: fh, context: .root)
+        var expected = Array(data[0..<50_000]) + [UInt8](repeating: 0, count: 70_000)
+        #expect(try t.read(fh, at: 0, count: 200_000) == expected)
+        try t.write(fh, at: 60_000, [1, 2, 3])
+        expected.replaceSubrange(60_000..<60_003, with: [1, 2, 3])
+        try t.close(fh)
+        #expect(try t.contents(ino) == expected)
+        #expect(try t.fs.getattr(ino).size == 120_000)
+        // truncate(2) with no open handle commits at once
+        _ = try t.fs.setattr(ino, AttributeChanges(size: 10), handle: nil, context: .root)
+        #expect(try t.contents(ino) == Array(expected[0..<10]))
+        // O_TRUNC
+        let o = try t.fs.open(ino, flags: OpenFlags(O_RDWR | O_TRUNC))
+        try t.write(o.handle, at: 0, [9, 9])
+        try t.close(o.handle)
+        #expect(try t.contents(ino) == [9, 9])
+    }
+
+    @Test func writeBeyondEndLeavesAHoleOfZeros() throws {
+        let t = try TestFS(); defer { t.remove() }
+        let (ino, fh) = try t.create("hole.bin")
+        try t.write(fh, at: 100 << 20, [1])
+        try t.close(fh)
+        let attrs = try t.fs.getattr(ino)
+        #expect(attrs.size == (100 << 20) + 1)
+        let o = try t.fs.open(ino, flags: OpenFlags(O_RDONLY))
+        #expect(try t.read(o.handle, at: 50 << 20, count: 4) == [0, 0, 0, 0])
+        #expect(try t.read(o.handle, at: 100 << 20, count: 10) == [1])
+        try t.fs.release(o.handle)
+        // The zeros are stored once: a 100 MiB hole costs a few blocks.
+        #expect(t.store.usage().bytes < 1 << 20)
+    }
+
+    @Test func identicalContentIsStoredOnce() throws {
+        let t = try TestFS(chunker: .standard); defer { t.remove() }
+        let data = randomBytes(8 << 20, seed: 7)
+        for name in ["a", "b", "c"] {
+            let (_, fh) = try t.create(name)
+            try t.write(fh, at: 0, data)
+            try t.close(fh)
+        }
+        #expect(t.store.usage().bytes < UInt64(data.count) + (1 << 20))
+        #expect(try t.fs.meta.stats().logicalBytes == 3 * UInt64(data.count))
+    }
+
+    @Test func largeManifestsLiveInBlocks() throws {
+        let t = try TestFS(chunker: ChunkerParameters(minSize: 512, averageSize: 1024, maxSize: 4096)); defer { t.remove() }
+        let (ino, fh) = try t.create("many-chunks.bin")
+        let data = randomBytes(2 << 20, seed: 8)
+        try t.write(fh, at: 0, data)
+        try t.close(fh)
+        guard case .block = try t.fs.meta.manifest(of: ino) else {
+            Issue.record("a manifest of ~2000 chunks should be stored as a block"); return
+        }
+        #expect(try t.contents(ino) == data)
+        #expect(try t.fs.referencedBlocks().count > 1000)
+    }
+
+    @Test func uncommittedWritesAreInvisibleToANewVersionUntilClose() throws {
+        let t = try TestFS(meta: "sqlite"); defer { t.remove() }
+        let (ino, fh) = try t.create("v.bin")
+        try t.write(fh, at: 0, [1, 2, 3])
+        try t.close(fh)
+        let o = try t.fs.open(ino, flags: OpenFlags(O_RDWR | O_TRUNC))
+        try t.write(o.handle, at: 0, [4, 5, 6, 7])
+        // Metadata still holds version 1 until the flush.
+        #expect(try t.fs.meta.getattr(ino).size == 3)
+        try t.close(o.handle)
+        #expect(try t.fs.meta.getattr(ino).size == 4 && t.fs.meta.getattr(ino).version == 2)
+    }
+
+    @Test func corruptBlockGivesEIONotWrongBytes() throws {
+        let t = try TestFS(chunker: .standard); defer { t.remove() }
+        let (ino, fh) = try t.create("c.bin")
+        try t.write(fh, at: 0, randomBytes(3 << 20, seed: 9))
+        try t.close(fh)
+        guard case .inline(let m) = try t.fs.meta.manifest(of: ino), let first = m.chunks.first else { Issue.record("no chunks"); return }
+        let path = t.store.path(of: first.id)
+        var bytes = [UInt8](FileManager.default.contents(atPath: path)!)
+        bytes[10] ^= 1
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+        let o = try t.fs.open(ino, flags: OpenFlags(O_RDONLY))
+        defer { try? t.fs.release(o.handle) }
+        let e = #expect(throws: FSError.self) { _ = try t.read(o.handle, at: 0, count: 4096) }
+        #expect(e?.errno == EIO)
+    }
+
+    @Test func garbageCollectionFreesOverwrittenAndDeletedContent() throws {
+        let t = try TestFS(chunker: .standard); defer { t.remove() }
+        let gc = GarbageCollector(fs: t.fs, store: t.store)
+        let keep = randomBytes(4 << 20, seed: 10)
+        let (keepIno, k) = try t.create("keep")
+        try t.write(k, at: 0, keep)
+        try t.close(k)
+        let (dropIno, d) = try t.create("drop")
+        try t.write(d, at: 0, randomBytes(6 << 20, seed: 11))
+        try t.close(d)
+        try t.fs.unlink(parent: .root, name: "drop")
+        // The inode lives until the kernel forgets it (its content with it).
+        #expect(try t.fs.meta.getattr(dropIno).nlink == 0)
+        t.fs.forget(dropIno, count: 1)
+        #expect(throws: FSError.self) { try t.fs.meta.getattr(dropIno) }
+        // Blocks newer than the pass's cutoff stay; age them by moving their mtime back.
+        for (id, _) in t.store.listBlocks() {
+            var times = [timespec(tv_sec: 1_000_000, tv_nsec: 0), timespec(tv_sec: 1_000_000, tv_nsec: 0)]
+            utimensat(AT_FDCWD, t.store.path(of: id), &times, 0)
+        }
+        let removed = try gc.collect()
+        #expect(removed.bytes >= 6 << 20)
+        #expect(try t.contents(keepIno) == keep)
+        #expect(t.store.usage().bytes < 5 << 20)
+    }
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The test command (README.md; .ci/run calls it). Tiers, in order:
+#   1. unit, conformance and model-based tests (swift test; no kernel)
+#   2. real-mount tests: POSIX, durability (kill -9), random I/O, errors, frameworks (pytest)
+# Needs root (FUSE mounts with allow_other, tmpfs for the disk-full test).
+# Usage: scripts/test.sh [unit|mount|all]   (default: all)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+tier="${1:-all}"
+
+scripts/install-deps.sh
+
+if [ "$tier" = unit ] || [ "$tier" = all ]; then
+    echo "== unit, conformance and model-based tests"
+    swift build --build-tests
+    swift test --skip-build
+fi
+
+if [ "$tier" = mount ] || [ "$tier" = all ]; then
+    echo "== release build"
+    swift build -c release --product modelfs
+    scripts/install-python-deps.sh
+    echo "== real-mount tests"
+    MODELFS_BIN="$PWD/.build/release/modelfs" scripts/test-mount.sh
+fi
