@@ -260,28 +260,37 @@ public final class FileSystem: @unchecked Sendable {
     public func open(_ ino: InodeNumber, flags: OpenFlags) throws -> Opened {
         let attrs = try meta.getattr(ino)
         guard attrs.kind == .regular else { throw attrs.kind == .directory ? FSError.isDirectory() : FSError(ELOOP, "is a symlink") }
-        // Prepare outside the table lock (loading a manifest is I/O), install under it.
-        let needsSession = flags.writable && session(of: ino) == nil
-        let fresh = needsSession ? try makeSession(ino) : nil
-        let view = !flags.writable && tables.withLock({ $0.live[ino]?.view == nil && $0.live[ino]?.session == nil })
-            ? ReadView(manifest: try loadManifest(ino), size: attrs.size, version: attrs.version) : nil
-        let (fh, keep, s): (UInt64, Bool, WriteSession?) = tables.withLock { t in
-            let l = t.live[ino] ?? { let n = Live(); t.live[ino] = n; return n }()
-            l.opens += 1
-            if flags.writable && l.session == nil { l.session = fresh }
-            if l.view == nil || l.view!.version != attrs.version { l.view = view ?? l.view }
-            let keep = l.kernelCachedVersion == attrs.version
-            l.kernelCachedVersion = attrs.version
-            let fh = t.nextHandle
-            t.nextHandle += 1
-            t.handles[fh] = Handle(ino: ino, writable: flags.writable)
-            return (fh, keep, l.session)
+        // Prepare the session or view outside the table lock (loading a manifest is I/O), install
+        // it under the lock. The kernel sends RELEASE asynchronously, so the last handle may close
+        // (dropping the session) between the two steps: then prepare again.
+        while true {
+            let (hasSession, hasView) = tables.withLock { t in
+                (t.live[ino]?.session != nil, t.live[ino]?.view?.version == attrs.version)
+            }
+            let fresh = flags.writable && !hasSession ? try makeSession(ino) : nil
+            let view = !flags.writable && !hasSession && !hasView
+                ? ReadView(manifest: try loadManifest(ino), size: attrs.size, version: attrs.version) : nil
+            let installed: (UInt64, Bool, WriteSession?)? = tables.withLock { t in
+                let l = t.live[ino] ?? { let n = Live(); t.live[ino] = n; return n }()
+                if flags.writable && l.session == nil && fresh == nil { return nil }
+                if !flags.writable && l.session == nil && l.view?.version != attrs.version && view == nil { return nil }
+                l.opens += 1
+                if flags.writable && l.session == nil { l.session = fresh }
+                if let view, l.view?.version != attrs.version { l.view = view }
+                let keep = l.kernelCachedVersion == attrs.version
+                l.kernelCachedVersion = attrs.version
+                let fh = t.nextHandle
+                t.nextHandle += 1
+                t.handles[fh] = Handle(ino: ino, writable: flags.writable)
+                return (fh, keep, l.session)
+            }
+            guard let (fh, keep, s) = installed else { continue }
+            if flags.truncate && flags.writable, let s {
+                s.lock.lock(); defer { s.lock.unlock() }
+                try s.truncate(to: 0)
+            }
+            return Opened(handle: FileHandleID(fh), keepCache: keep && !flags.truncate)
         }
-        if flags.truncate && flags.writable, let s {
-            s.lock.lock(); defer { s.lock.unlock() }
-            try s.truncate(to: 0)
-        }
-        return Opened(handle: FileHandleID(fh), keepCache: keep && !flags.truncate)
     }
 
     public func create(parent: InodeNumber, name: String, mode: UInt32, flags: OpenFlags, context: RequestContext) throws -> (InodeAttributes, Opened) {

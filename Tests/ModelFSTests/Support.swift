@@ -22,7 +22,7 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
 }
 
 /// A filesystem core over a fresh data dir, removed on deinit.
-final class TestFS {
+final class TestFS: @unchecked Sendable {
     let dir: String
     let store: DiskBlockStore
     let fs: FileSystem

@@ -187,3 +187,36 @@ import Testing
         #expect(t.store.usage().bytes < 5 << 20)
     }
 }
+
+@Suite struct ConcurrencyTests {
+    /// The kernel releases handles asynchronously: opens and releases of one inode interleave.
+    /// A new writable handle must always find a session (once it could be dropped under it,
+    /// and its writes failed with EBADF).
+    @Test func opensAndReleasesInterleave() throws {
+        let t = try TestFS(); defer { t.remove() }
+        let (ino, fh) = try t.create("shared.bin")
+        try t.close(fh)
+        let failures = LockedCounter()
+        DispatchQueue.concurrentPerform(iterations: 4) { worker in
+            for i in 0..<300 {
+                do {
+                    let o = try t.fs.open(ino, flags: OpenFlags(worker % 2 == 0 ? O_RDWR : O_RDONLY))
+                    if worker % 2 == 0 { try t.write(o.handle, at: UInt64(i * 8), [UInt8](repeating: UInt8(worker), count: 8)) } else {
+                        _ = try t.read(o.handle, at: 0, count: 64)
+                    }
+                    try t.fs.flush(o.handle)
+                    try t.fs.release(o.handle)
+                } catch { failures.add() }
+            }
+        }
+        #expect(failures.value == 0)
+        #expect(try t.fs.getattr(ino).size == 300 * 8)
+    }
+}
+
+final class LockedCounter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var n = 0
+    func add() { lock.lock(); n += 1; lock.unlock() }
+    var value: Int { lock.lock(); defer { lock.unlock() }; return n }
+}
