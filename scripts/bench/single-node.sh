@@ -187,6 +187,7 @@ else
     [[ $HAVE_ST == 1 ]] || log "$PYTHON has no safetensors -- skipping safetensors rows"
 fi
 
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 mkdir -p "$BASE_DIR"
 RUN_DIR=$(mktemp -d "$(cd "$BASE_DIR" && pwd)/run.XXXXXX")
 RESULTS="$RUN_DIR/results.jsonl"
@@ -418,6 +419,7 @@ cp "$RESULTS" "${OUT_MD%.md}.jsonl"
     --meta "libfuse=$(pkg-config --modversion fuse3)" \
     --meta "modelfs=$bin_info, repo rev $git_rev" \
     --meta "python=${PYTHON:-$PY_CORE}" \
+    --meta "load average (1/5/15 min)=$LOAD_START at start, $(cut -d' ' -f1-3 /proc/loadavg) at end" \
     --meta "mode=$([[ $QUICK == 1 ]] && echo quick || echo full), $REPEAT round(s)" \
     --meta "size=$size_label" --meta "files=$SMALL_FILES" --meta "rand=$RAND_READS" \
     --meta "ckpt=${CKPT_MIB} MiB" --meta "rss_limit_mib=$RSS_LIMIT_MIB"

@@ -1,0 +1,128 @@
+"""More POSIX corners that docs/SEMANTICS.md promises: RENAME_EXCHANGE, setgid directories,
+xattr create/replace flags, fallocate modes, device nodes, non-UTF-8 names."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import struct
+
+import pytest
+
+from mfs import in_child, read_file, write_file
+
+libc = ctypes.CDLL(None, use_errno=True)
+RENAME_EXCHANGE = 2
+FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_PUNCH_HOLE = 2
+
+
+def renameat2(old, new, flags):
+    AT_FDCWD = -100
+    r = libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags)
+    if r != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def fallocate(fd, mode, off, length):
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    r = libc.fallocate(fd, mode, off, length)
+    if r != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def test_rename_exchange_swaps_file_and_directory(workdir):
+    write_file(workdir / "f", b"file")
+    os.mkdir(workdir / "d")
+    write_file(workdir / "d" / "inner", b"inner")
+    renameat2(workdir / "f", workdir / "d", RENAME_EXCHANGE)
+    assert read_file(workdir / "d") == b"file"
+    assert read_file(workdir / "f" / "inner") == b"inner"
+    with pytest.raises(OSError) as e:
+        renameat2(workdir / "f", workdir / "missing", RENAME_EXCHANGE)
+    assert e.value.errno == errno.ENOENT
+
+
+def test_setgid_directory_passes_its_group_on(workdir):
+    d = workdir / "shared"
+    os.mkdir(d)
+    os.chown(d, 0, 4242)
+    os.chmod(d, 0o2777)
+    write_file(d / "f", b"x")
+    os.mkdir(d / "sub")
+    assert os.stat(d / "f").st_gid == 4242
+    assert os.stat(d / "sub").st_gid == 4242
+    assert os.stat(d / "sub").st_mode & stat.S_ISGID
+
+
+def test_xattr_create_and_replace_flags(workdir):
+    p = workdir / "x"
+    write_file(p, b"")
+    with pytest.raises(OSError) as e:
+        os.setxattr(p, "user.k", b"1", os.XATTR_REPLACE)
+    assert e.value.errno == errno.ENODATA
+    os.setxattr(p, "user.k", b"1", os.XATTR_CREATE)
+    with pytest.raises(OSError) as e:
+        os.setxattr(p, "user.k", b"2", os.XATTR_CREATE)
+    assert e.value.errno == errno.EEXIST
+    os.setxattr(p, "user.k", b"2", os.XATTR_REPLACE)
+    assert os.getxattr(p, "user.k") == b"2"
+    # user::rw-, user:1000:rw-, group::r--, mask::rw-, other::r-- (not expressible as a mode,
+    # so the kernel passes it on): modelfs has no ACLs and says so.
+    acl = b"\x02\x00\x00\x00" + b"".join(struct.pack("<HHI", tag, perm, uid) for tag, perm, uid in (
+        (1, 6, 0xFFFFFFFF), (2, 6, 1000), (4, 4, 0xFFFFFFFF), (0x10, 6, 0xFFFFFFFF), (0x20, 4, 0xFFFFFFFF)))
+    with pytest.raises(OSError) as e:
+        os.setxattr(p, "system.posix_acl_access", acl, 0)
+    assert e.value.errno == errno.EOPNOTSUPP
+
+
+def test_fallocate_modes(workdir):
+    p = workdir / "fa"
+    write_file(p, b"abc")
+    fd = os.open(p, os.O_RDWR)
+    try:
+        fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 1 << 20)
+        assert os.fstat(fd).st_size == 3
+        fallocate(fd, 0, 0, 1 << 20)
+        assert os.fstat(fd).st_size == 1 << 20
+        with pytest.raises(OSError) as e:
+            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096)
+        assert e.value.errno == errno.EOPNOTSUPP
+    finally:
+        os.close(fd)
+    data = read_file(p)
+    assert data[:3] == b"abc" and data[3:] == bytes((1 << 20) - 3)
+
+
+def test_device_nodes_and_fifos_are_refused(workdir):
+    with pytest.raises(OSError) as e:
+        os.mkfifo(workdir / "fifo")
+    assert e.value.errno == errno.EPERM
+    # a regular file through mknod works
+    os.mknod(workdir / "plain", 0o644 | stat.S_IFREG)
+    assert stat.S_ISREG(os.stat(workdir / "plain").st_mode)
+
+
+def test_non_utf8_names_are_refused_clearly(workdir):
+    bad = os.fsencode(str(workdir)) + b"/\xff\xfe"
+    with pytest.raises(OSError) as e:
+        os.open(bad, os.O_CREAT | os.O_WRONLY, 0o644)
+    assert e.value.errno == errno.EILSEQ
+
+
+def test_other_user_cannot_chown_or_chmod_foreign_file(workdir):
+    p = workdir / "root-owned"
+    write_file(p, b"r")
+    os.chmod(workdir, 0o777)
+
+    def attempt():
+        try:
+            os.chmod(p, 0o777)
+        except PermissionError:
+            return "denied"
+        return "allowed"
+
+    assert in_child(attempt, uid=1000, gid=1000) == "denied"
