@@ -25,7 +25,9 @@ let package = Package(
             name: "ModelFSCore",
             dependencies: [.product(name: "Crypto", package: "swift-crypto")]
         ),
-        .target(name: "ModelFSStore", dependencies: ["ModelFSCore"]),
+        // glibc functions Swift's Glibc module leaves out (syncfs, fallocate, mallopt).
+        .systemLibrary(name: "CModelFSSys", path: "Sources/CModelFSSys"),
+        .target(name: "ModelFSStore", dependencies: ["ModelFSCore", "CModelFSSys"]),
         .target(
             name: "ModelFSMeta",
             dependencies: ["ModelFSCore", .product(name: "GRDB", package: "GRDB.swift")]
@@ -35,7 +37,7 @@ let package = Package(
         .executableTarget(
             name: "modelfs",
             dependencies: [
-                "ModelFSFUSE", "ModelFS",
+                "ModelFSFUSE", "ModelFS", "CModelFSSys",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -10,7 +10,10 @@ public final class BlockReader: @unchecked Sendable {
     let store: any BlockStore
     public let cache: BlockCache
     private let inflight = Mutex([BlockID: Loading]())
-    private let prefetchQueue = DispatchQueue(label: "modelfs.prefetch", qos: .utility, attributes: .concurrent)
+    /// One prefetch at a time: it only needs to stay a block ahead of a sequential reader (the
+    /// kernel's readahead already sends several requests in parallel), and a concurrent queue
+    /// would start a thread and a block buffer per request.
+    private let prefetchQueue = DispatchQueue(label: "modelfs.prefetch", qos: .utility)
 
     final class Loading: @unchecked Sendable {
         let condition = NSCondition()
@@ -93,7 +96,9 @@ struct ChunkList {
             guard block.count == Int(c.length) else { throw FSError.io("block \(c.id) has \(block.count) bytes, manifest says \(c.length)") }
             let from = Int(pos - start)
             let n = Int(min(range.upperBound, offsets[i + 1]) - pos)
-            (dst + Int(pos - range.lowerBound)).copyMemory(from: block.pointer + from, byteCount: n)
+            block.withUnsafeBytes { src in
+                (dst + Int(pos - range.lowerBound)).copyMemory(from: src.baseAddress! + from, byteCount: n)
+            }
             pos += UInt64(n)
             // A read that reaches into the second half of a block will want the next one soon.
             if i + 1 < chunks.count && from + n > Int(c.length) / 2 { reader.prefetch(chunks[i + 1].id) }

@@ -7,21 +7,22 @@ import Synchronization
 /// writes), by mark and sweep:
 /// 1. note the time T, then take every referenced block (files open for writing, then committed
 ///    manifests) under the filesystem's commit lock;
-/// 2. remove each unreferenced block whose mtime is older than T minus a margin.
+/// 2. drop each unreferenced block last touched before T minus a margin, then compact packs
+///    that are mostly dead (PackBlockStore.compact) so the space returns to the disk.
 /// A block written after T, or found already stored by a writer after T (the store touches it
-/// under the lock it deletes under), is never removed; a block that a commit is about to
+/// under the lock it removes under), is never removed; a block that a commit is about to
 /// reference was written while the commit lock was held, so it is either in the snapshot or newer
-/// than T. The margin covers coarse filesystem timestamps.
+/// than T.
 public final class GarbageCollector: @unchecked Sendable {
     let fs: FileSystem
-    let store: DiskBlockStore
+    let store: PackBlockStore
     let interval: Double
     private let queue = DispatchQueue(label: "modelfs.gc", qos: .utility)
     private var timer: (any DispatchSourceTimer)?
     private let pending = Mutex(false)
     private let stats = Mutex((runs: 0, removedBlocks: UInt64(0), removedBytes: UInt64(0)))
 
-    public init(fs: FileSystem, store: DiskBlockStore, interval: Double = 60) {
+    public init(fs: FileSystem, store: PackBlockStore, interval: Double = 60) {
         self.fs = fs
         self.store = store
         self.interval = interval
@@ -48,17 +49,18 @@ public final class GarbageCollector: @unchecked Sendable {
         }
     }
 
-    /// One pass; returns (blocks, bytes) removed.
+    /// One pass; returns the blocks and bytes removed. `cutoff` (tests only) replaces "one
+    /// second before the pass started".
     @discardableResult
-    public func collect() throws -> (blocks: UInt64, bytes: UInt64) {
-        let started = Timestamp.now()
-        let cutoff = Timestamp(totalNanoseconds: started.totalNanoseconds - 1_000_000_000)
+    public func collect(cutoff: Timestamp? = nil) throws -> (blocks: UInt64, bytes: UInt64) {
+        let cutoff = cutoff ?? Timestamp(totalNanoseconds: Timestamp.now().totalNanoseconds - 1_000_000_000)
         let referenced = try fs.referencedBlocks()
         var blocks: UInt64 = 0, bytes: UInt64 = 0
-        for (id, mtime) in store.listBlocks() where mtime < cutoff && !referenced.contains(id) {
+        for (id, touched) in store.listBlocks() where touched < cutoff && !referenced.contains(id) {
             let freed = store.removeIfStale(id, cutoff: cutoff)
             if freed > 0 { blocks += 1; bytes += freed }
         }
+        if blocks > 0 { try store.reclaim() }
         stats.withLock { $0.runs += 1; $0.removedBlocks += blocks; $0.removedBytes += bytes }
         if blocks > 0 { Log.info("garbage collection removed \(blocks) blocks (\(bytes) bytes)") }
         return (blocks, bytes)

@@ -268,13 +268,15 @@ final class WriteSession: @unchecked Sendable {
         let scratch = BlockBuffer(count: window)
         var pos = region.lowerBound
         var created = 0
-        while pos < region.upperBound {
-            let n = Int(min(UInt64(window), region.upperBound - pos))
-            try content(pos..<pos + UInt64(n), into: scratch.pointer)
-            try w.append(UnsafeRawBufferPointer(start: scratch.pointer, count: n)) { c, new in
-                out.append(c); if new { created += 1 }
+        try withExtendedLifetime(scratch) {
+            while pos < region.upperBound {
+                let n = Int(min(UInt64(window), region.upperBound - pos))
+                try content(pos..<pos + UInt64(n), into: scratch.pointer)
+                try w.append(UnsafeRawBufferPointer(start: scratch.pointer, count: n)) { c, new in
+                    out.append(c); if new { created += 1 }
+                }
+                pos += UInt64(n)
             }
-            pos += UInt64(n)
         }
         try w.finish { c, new in out.append(c); if new { created += 1 } }
         createdBlocks += created

@@ -78,15 +78,17 @@ public final class SQLiteTransactionalStore: TransactionalStore, @unchecked Send
 struct SQLiteTransaction: MetadataTransaction {
     let db: Database
 
+    /// Decodes a row of `inodeColumns` by position (GRDB's lookup by name is case-insensitive
+    /// string matching: measurable on the stat path).
     private func record(_ row: Row) -> InodeRecord {
         let attrs = InodeAttributes(
-            ino: InodeNumber(UInt64(row["ino"] as Int64)), kind: FileKind(rawValue: UInt8(row["kind"] as Int64)) ?? .regular,
-            mode: UInt32(row["mode"] as Int64), uid: UInt32(row["uid"] as Int64), gid: UInt32(row["gid"] as Int64),
-            nlink: UInt32(row["nlink"] as Int64), size: UInt64(row["size"] as Int64),
-            atime: Timestamp(totalNanoseconds: row["atime"]), mtime: Timestamp(totalNanoseconds: row["mtime"]),
-            ctime: Timestamp(totalNanoseconds: row["ctime"]), version: UInt64(row["version"] as Int64))
-        let parent: Int64? = row["parent"]
-        return InodeRecord(attrs: attrs, parent: parent.map { InodeNumber(UInt64($0)) }, target: row["target"])
+            ino: InodeNumber(UInt64(row[0] as Int64)), kind: FileKind(rawValue: UInt8(row[1] as Int64)) ?? .regular,
+            mode: UInt32(row[2] as Int64), uid: UInt32(row[3] as Int64), gid: UInt32(row[4] as Int64),
+            nlink: UInt32(row[5] as Int64), size: UInt64(row[6] as Int64),
+            atime: Timestamp(totalNanoseconds: row[7]), mtime: Timestamp(totalNanoseconds: row[8]),
+            ctime: Timestamp(totalNanoseconds: row[9]), version: UInt64(row[10] as Int64))
+        let parent: Int64? = row[11]
+        return InodeRecord(attrs: attrs, parent: parent.map { InodeNumber(UInt64($0)) }, target: row[12])
     }
 
     private func i(_ ino: InodeNumber) -> Int64 { Int64(bitPattern: ino.rawValue) }
@@ -132,7 +134,7 @@ struct SQLiteTransaction: MetadataTransaction {
     func entry(_ parent: InodeNumber, _ name: String) throws -> EntryRecord? {
         try Row.fetchOne(db.cachedStatement(sql: "SELECT ino, kind FROM dentries WHERE parent = ? AND name = ?"),
                          arguments: [i(parent), name]).map {
-            EntryRecord(ino: InodeNumber(UInt64($0["ino"] as Int64)), kind: FileKind(rawValue: UInt8($0["kind"] as Int64)) ?? .regular)
+            EntryRecord(ino: InodeNumber(UInt64($0[0] as Int64)), kind: FileKind(rawValue: UInt8($0[1] as Int64)) ?? .regular)
         }
     }
 
@@ -153,8 +155,8 @@ struct SQLiteTransaction: MetadataTransaction {
         try Row.fetchAll(db.cachedStatement(sql: """
             SELECT cookie, name, ino, kind FROM dentries WHERE parent = ? AND cookie > ? ORDER BY cookie LIMIT ?
             """), arguments: [i(dir), Int64(cookie), limit]).map {
-            DirectoryEntry(name: $0["name"], ino: InodeNumber(UInt64($0["ino"] as Int64)),
-                           kind: FileKind(rawValue: UInt8($0["kind"] as Int64)) ?? .regular, cookie: UInt64($0["cookie"] as Int64))
+            DirectoryEntry(name: $0[1], ino: InodeNumber(UInt64($0[2] as Int64)),
+                           kind: FileKind(rawValue: UInt8($0[3] as Int64)) ?? .regular, cookie: UInt64($0[0] as Int64))
         }
     }
 

@@ -13,6 +13,11 @@ public final class BlockBuffer: @unchecked Sendable {
 
     deinit { pointer.deallocate() }
 
-    public var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: pointer, count: count) }
-    public var mutableBytes: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: pointer, count: count) }
+    /// The bytes, valid only inside `body` (the buffer is kept alive for the call: a pointer taken
+    /// from a temporary outlives it once ARC releases the object after its last use).
+    public func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        try withExtendedLifetime(self) { try body(UnsafeRawBufferPointer(start: pointer, count: count)) }
+    }
+
+    public var data: Data { withUnsafeBytes { Data($0) } }
 }

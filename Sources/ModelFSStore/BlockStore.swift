@@ -12,6 +12,8 @@ public protocol BlockStore: AnyObject, Sendable {
     func contains(_ id: BlockID) -> Bool
     /// Makes the given blocks durable against power loss (fsync), if they are not yet.
     func sync(_ ids: [BlockID]) throws
+    /// Makes everything on the store's filesystem durable at once (one syncfs).
+    func syncFilesystem() throws
     func remove(_ id: BlockID) throws
     func usage() -> BlockStoreUsage
 }

@@ -1,3 +1,4 @@
+import CModelFSSys
 import Foundation
 import ModelFS
 import ModelFSCore
@@ -20,6 +21,12 @@ struct Daemon {
     }
 
     func run() throws {
+        // Blocks are 0.25–4 MiB buffers allocated and freed by many threads. glibc would keep
+        // freed ones in per-thread arenas (and raise its mmap threshold until they stay on the
+        // heap), so RSS grows to several times the cache budget. Serve large buffers with mmap,
+        // returned to the system on free, and cap the arenas.
+        _ = modelfs_mallopt(modelfs_m_mmap_threshold(), 128 << 10)
+        _ = modelfs_mallopt(modelfs_m_arena_max(), 4)
         // One daemon per data dir: a second one would corrupt the first one's view.
         let lockPath = dataDir + "/.lock"
         let lockFD = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
@@ -32,9 +39,15 @@ struct Daemon {
 
         let staging = dataDir + "/staging"
         if mkdir(staging, 0o700) != 0 && errno != EEXIST { throw posixError("mkdir", staging) }
-        let store = try DiskBlockStore(root: dataDir) { Log.error($0) }
+        let store = try PackBlockStore(root: dataDir) { Log.error($0) }
         let engine = try MetadataURL.open(meta, rootUID: getuid(), rootGID: getgid())
-        let fs = try FileSystem(meta: engine, store: store, options: FileSystemOptions(stagingDir: staging))
+        var fsOptions = FileSystemOptions(stagingDir: staging)
+        if meta.hasPrefix("sqlite:") {
+            var st = stat()
+            let dbDir = (String(meta.dropFirst("sqlite:".count)) as NSString).deletingLastPathComponent
+            fsOptions.metadataOnStoreFilesystem = stat(dbDir, &st) == 0 && UInt64(st.st_dev) == store.device
+        }
+        let fs = try FileSystem(meta: engine, store: store, options: fsOptions)
         let gc = GarbageCollector(fs: fs, store: store)
 
         var options = ["fsname=modelfs", "subtype=modelfs", "default_permissions"]
@@ -74,7 +87,7 @@ struct Daemon {
         Log.info("unmounted \(mountpoint)")
     }
 
-    static func status(fs: FileSystem, store: DiskBlockStore, mountpoint: String, dataDir: String, meta: String) throws -> MountStatus {
+    static func status(fs: FileSystem, store: PackBlockStore, mountpoint: String, dataDir: String, meta: String) throws -> MountStatus {
         let m = try fs.meta.stats()
         let u = store.usage()
         let cache = fs.reader.cache.statistics

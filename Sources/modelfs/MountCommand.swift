@@ -81,9 +81,6 @@ struct MountCommand: ParsableCommand {
                 ? "\(mp) is already mounted by modelfs; unmount it first with: modelfs umount \(mp)"
                 : "\(mp) is already mounted (\(type)); choose another mountpoint"
         }
-        if access("/dev/fuse", R_OK | W_OK) != 0 {
-            return "/dev/fuse is missing or not accessible; install FUSE with: sudo apt-get install fuse3 (and load the module: modprobe fuse)"
-        }
         if getuid() != 0 && !FileManager.default.isExecutableFile(atPath: "/usr/bin/fusermount3")
             && !FileManager.default.isExecutableFile(atPath: "/bin/fusermount3") {
             return "fusermount3 is missing; install it with: sudo apt-get install fuse3"
@@ -93,6 +90,9 @@ struct MountCommand: ParsableCommand {
             return "unknown --meta scheme \"\(scheme)\": use sqlite:PATH or memory:"
         }
         if let problem = checkDataDir(dataDir) { return problem }
+        if access("/dev/fuse", R_OK | W_OK) != 0 {
+            return "/dev/fuse is missing or not accessible; install FUSE with: sudo apt-get install fuse3 (and load the module: modprobe fuse)"
+        }
         if dataDir == mp || dataDir.hasPrefix(mp + "/") { return "the data dir \(dataDir) cannot be inside the mountpoint" }
         return nil
     }

@@ -22,9 +22,16 @@ struct UmountCommand: ParsableCommand {
             throw fail("\(mp) is not mounted by modelfs")
         }
         if let record, !force {
-            if let data = try? ControlServer.request(record.socket, "status"),
-               let s = try? JSONDecoder().decode(MountStatus.self, from: data), s.openHandles > 0 {
-                throw fail("refusing to unmount \(mp): \(s.openHandles) file(s) are open on it; close them, or use --force")
+            // The kernel releases a closed file asynchronously: give a close() that just returned
+            // a moment to arrive before counting it as open.
+            var open = openHandles(record)
+            let settle = Date().addingTimeInterval(1)
+            while open > 0 && Date() < settle {
+                usleep(20_000)
+                open = openHandles(record)
+            }
+            if open > 0 {
+                throw fail("refusing to unmount \(mp): \(open) file(s) are open on it; close them, or use --force")
             }
         }
         if umount2(mp, force ? Int32(MNT_DETACH) : 0) != 0 {
@@ -54,6 +61,12 @@ struct UmountCommand: ParsableCommand {
             throw fail("the daemon of \(mp) (pid \(record.pid)) did not exit; see \(record.dataDir)/modelfs.log")
         }
     }
+}
+
+func openHandles(_ record: MountRecord) -> Int {
+    guard let data = try? ControlServer.request(record.socket, "status"),
+          let s = try? JSONDecoder().decode(MountStatus.self, from: data) else { return 0 }
+    return s.openHandles
 }
 
 /// True while `pid` runs (a zombie — exited, not yet reaped by its parent — counts as gone).

@@ -24,14 +24,14 @@ func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
 /// A filesystem core over a fresh data dir, removed on deinit.
 final class TestFS: @unchecked Sendable {
     let dir: String
-    let store: DiskBlockStore
+    let store: PackBlockStore
     let fs: FileSystem
     static let smallChunks = ChunkerParameters(minSize: 2 << 10, averageSize: 8 << 10, maxSize: 32 << 10)
 
     init(chunker: ChunkerParameters = TestFS.smallChunks, meta: String = "memory:", dir: String? = nil) throws {
         self.dir = dir ?? NSTemporaryDirectory() + "modelfs-fs-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
         try FileManager.default.createDirectory(atPath: self.dir + "/staging", withIntermediateDirectories: true)
-        store = try DiskBlockStore(root: self.dir)
+        store = try PackBlockStore(root: self.dir)
         var options = FileSystemOptions(stagingDir: self.dir + "/staging")
         options.chunker = chunker
         options.blockCacheBytes = 8 << 20
@@ -67,4 +67,15 @@ final class TestFS: @unchecked Sendable {
         defer { try? fs.release(o.handle) }
         return try read(o.handle, at: 0, count: Int(size))
     }
+}
+
+/// Corrupts one byte of a stored block in place (tests of verification).
+func flipByte(_ store: PackBlockStore, _ id: BlockID, at index: Int) throws {
+    guard let loc = store.location(of: id) else { throw FSError.noEntry("block not stored") }
+    let fd = open(loc.path, O_RDWR)
+    defer { close(fd) }
+    var b: UInt8 = 0
+    _ = pread(fd, &b, 1, off_t(loc.offset) + off_t(index))
+    b ^= 1
+    _ = pwrite(fd, &b, 1, off_t(loc.offset) + off_t(index))
 }

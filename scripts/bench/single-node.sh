@@ -94,6 +94,7 @@ declare -a ALL_PIDS=()      # every daemon pid we started
 CLEANING=0
 ROUND=0
 CUR_TARGET=""
+PHASE=""
 
 is_mounted() { awk -v mp="$1" '$5 == mp { found = 1 } END { exit !found }' /proc/self/mountinfo; }
 
@@ -188,6 +189,8 @@ else
 fi
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+BIN_STAMP=""
+want modelfs && BIN_STAMP=$(stat -c %Y "$MODELFS_BIN")
 mkdir -p "$BASE_DIR"
 RUN_DIR=$(mktemp -d "$(cd "$BASE_DIR" && pwd)/run.XXXXXX")
 RESULTS="$RUN_DIR/results.jsonl"
@@ -342,6 +345,9 @@ pyfw() { local cmd=$1; shift; "$PYTHON" "$HELPER" "$cmd" "$@" $(sample_args); }
 # ---------------------------------------------------------------------------
 # per-target benchmark
 
+# cold_step TARGET NEXT: go cold (remount) before step NEXT; the stopped daemon
+# instance is labelled with the steps it served
+cold_step() { go_cold "$1" "$PHASE"; PHASE=$2; }
 
 bench_target() {
     local t=$1 d
@@ -353,8 +359,9 @@ bench_target() {
     local c=(--target "$t" --results "$RESULTS" --round "$ROUND")
 
     drop_caches
+    PHASE=write
     py write "${c[@]}" --path "$d/big.bin" --size-mib "$SIZE_MIB"
-    go_cold "$t" write
+    cold_step "$t" read+small+save
     py read "${c[@]}" --path "$d/big.bin" --size-mib "$SIZE_MIB" --metric cold_read
     py read "${c[@]}" --path "$d/big.bin" --size-mib "$SIZE_MIB" --metric warm_read --passes 3
     py randread "${c[@]}" --path "$d/big.bin" --size-mib "$SIZE_MIB" --count "$RAND_READS"
@@ -373,20 +380,20 @@ bench_target() {
         pyfw st-save "${c[@]}" "${f[@]}" --path "$d/ckpt.safetensors"
     fi
     if [[ $HAVE_NP == 1 ]]; then
-        go_cold "$t" read+small+save
+        cold_step "$t" np-load
         pyfw np-load "${c[@]}" "${f[@]}" --path "$d/ckpt.npy"
-        go_cold "$t" np-load
+        cold_step "$t" np-mmap
         pyfw np-mmap "${c[@]}" "${f[@]}" --path "$d/ckpt.npy"
     fi
     if [[ $HAVE_ST == 1 ]]; then
-        go_cold "$t" np-mmap
+        cold_step "$t" st-load
         pyfw st-load "${c[@]}" "${f[@]}" --path "$d/ckpt.safetensors"
-        go_cold "$t" st-load
+        cold_step "$t" st-safe-open
         pyfw st-safe-open "${c[@]}" "${f[@]}" --path "$d/ckpt.safetensors"
     fi
     rm -f "$d/ckpt.npy" "$d/ckpt.safetensors"
 
-    if is_fuse "$t"; then stop_daemon "$t" last; fi
+    if is_fuse "$t"; then stop_daemon "$t" "$PHASE"; fi
     save_daemon_log "$t"
     rm -rf "${RUN_DIR:?}/$t"
 }
@@ -405,6 +412,10 @@ fs=$(findmnt -n -o FSTYPE,SOURCE -T "$RUN_DIR" | tr -s ' ')
 git_rev=$(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo "no commits")
 if [[ -x $MODELFS_BIN ]]; then
     bin_info="$MODELFS_BIN (built $(date -r "$MODELFS_BIN" '+%F %T'))"
+    if [[ -n $BIN_STAMP && $(stat -c %Y "$MODELFS_BIN") != "$BIN_STAMP" ]]; then
+        bin_info+=" -- WARNING: the binary was replaced during the run"
+        log "WARNING: $MODELFS_BIN was replaced during the run; modelfs numbers mix builds"
+    fi
 else
     bin_info="not available"
 fi
