@@ -10,10 +10,11 @@ public final class BlockReader: @unchecked Sendable {
     let store: any BlockStore
     public let cache: BlockCache
     private let inflight = Mutex([BlockID: Loading]())
-    /// One prefetch at a time: it only needs to stay a block ahead of a sequential reader (the
-    /// kernel's readahead already sends several requests in parallel), and a concurrent queue
-    /// would start a thread and a block buffer per request.
-    private let prefetchQueue = DispatchQueue(label: "modelfs.prefetch", qos: .utility)
+    /// Prefetches (read + verify into the cache) run on a concurrent queue but at most
+    /// `prefetchSlots` at a time; a prefetch that finds no free slot is dropped, so a fast
+    /// reader never queues up threads and buffers.
+    private let prefetchQueue = DispatchQueue(label: "modelfs.prefetch", qos: .utility, attributes: .concurrent)
+    private let prefetchSlots = DispatchSemaphore(value: 2)
 
     final class Loading: @unchecked Sendable {
         let condition = NSCondition()
@@ -47,10 +48,19 @@ public final class BlockReader: @unchecked Sendable {
         return try result.get()
     }
 
-    /// Starts loading a block the reader will probably want next.
-    public func prefetch(_ id: BlockID) {
-        if cache.get(id) != nil { return }
-        prefetchQueue.async { [self] in _ = try? block(id) }
+    /// A sequential reader will want these blocks next, in this order: the store is told to start
+    /// reading them from disk, and the first ones are read and verified in the background.
+    public func readahead(_ ids: [BlockID]) {
+        let missing = ids.filter { !cache.contains($0) }
+        guard !missing.isEmpty else { return }
+        store.willNeed(missing)
+        for id in missing.prefix(2) {
+            guard prefetchSlots.wait(timeout: .now()) == .success else { return }
+            prefetchQueue.async { [self] in
+                defer { prefetchSlots.signal() }
+                _ = try? block(id)
+            }
+        }
     }
 }
 
@@ -84,25 +94,59 @@ struct ChunkList {
         return lo
     }
 
-    /// Copies bytes [range) (within 0..<end) into `dst`, block by block.
-    func read(_ range: Range<UInt64>, into dst: UnsafeMutableRawPointer, reader: BlockReader) throws {
-        guard !range.isEmpty else { return }
+    /// The blocks that hold bytes [range) (within 0..<end), as slices of verified block buffers,
+    /// in order. A read that reaches into the second half of a block starts readahead of the
+    /// following ones.
+    func slices(_ range: Range<UInt64>, reader: BlockReader) throws -> [ReadSlice] {
+        guard !range.isEmpty else { return [] }
+        var out: [ReadSlice] = []
         var i = index(of: range.lowerBound)
         var pos = range.lowerBound
         while pos < range.upperBound {
             let c = chunks[i]
-            let start = offsets[i]
             let block = try reader.block(c.id)
             guard block.count == Int(c.length) else { throw FSError.io("block \(c.id) has \(block.count) bytes, manifest says \(c.length)") }
-            let from = Int(pos - start)
+            let from = Int(pos - offsets[i])
             let n = Int(min(range.upperBound, offsets[i + 1]) - pos)
-            block.withUnsafeBytes { src in
-                (dst + Int(pos - range.lowerBound)).copyMemory(from: src.baseAddress! + from, byteCount: n)
-            }
+            out.append(ReadSlice(buffer: block, offset: from, count: n))
             pos += UInt64(n)
-            // A read that reaches into the second half of a block will want the next one soon.
-            if i + 1 < chunks.count && from + n > Int(c.length) / 2 { reader.prefetch(chunks[i + 1].id) }
+            if i + 1 < chunks.count && from + n > Int(c.length) / 2 {
+                reader.readahead(chunks[(i + 1)..<min(chunks.count, i + 9)].map(\.id))
+            }
             i += 1
         }
+        return out
+    }
+
+    /// Copies bytes [range) (within 0..<end) into `dst`.
+    func read(_ range: Range<UInt64>, into dst: UnsafeMutableRawPointer, reader: BlockReader) throws {
+        var at = 0
+        for slice in try slices(range, reader: reader) {
+            slice.copy(to: dst + at)
+            at += slice.count
+        }
+    }
+}
+
+/// A piece of a read reply: `count` bytes of `buffer` from `offset`. Replies are sent straight
+/// from cached blocks (one iovec per slice), without copying them into a reply buffer.
+public struct ReadSlice: Sendable {
+    public let buffer: BlockBuffer
+    public let offset: Int
+    public let count: Int
+
+    func copy(to dst: UnsafeMutableRawPointer) {
+        buffer.withUnsafeBytes { dst.copyMemory(from: $0.baseAddress! + offset, byteCount: count) }
+    }
+
+    /// Zeros for holes, sliced from one shared buffer.
+    static let zeros: BlockBuffer = {
+        let b = BlockBuffer(count: 1 << 20)
+        memset(b.pointer, 0, b.count)
+        return b
+    }()
+
+    static func zeroFill(_ count: Int) -> [ReadSlice] {
+        stride(from: 0, to: count, by: zeros.count).map { ReadSlice(buffer: zeros, offset: 0, count: min(zeros.count, count - $0)) }
     }
 }

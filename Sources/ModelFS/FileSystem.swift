@@ -60,6 +60,7 @@ public final class FileSystem: @unchecked Sendable {
     public let meta: any MetadataEngine
     public let store: any BlockStore
     public let reader: BlockReader
+    public let writeCounters = WriteCounters()
     let options: FileSystemOptions
 
     /// Per-inode state while the kernel knows the inode or a handle is open.
@@ -251,7 +252,7 @@ public final class FileSystem: @unchecked Sendable {
     private func makeSession(_ ino: InodeNumber) throws -> WriteSession {
         let a = try meta.getattr(ino)
         return WriteSession(ino: ino, manifest: try loadManifest(ino), size: a.size, store: store, reader: reader,
-                            parameters: options.chunker, stagingDir: options.stagingDir)
+                            parameters: options.chunker, stagingDir: options.stagingDir, counters: writeCounters)
     }
 
     public struct Opened: Sendable {
@@ -309,15 +310,28 @@ public final class FileSystem: @unchecked Sendable {
         return (remembered(attrs), opened)
     }
 
-    public func read(_ fh: FileHandleID, at offset: UInt64, count: Int, into dst: UnsafeMutableRawPointer) throws -> Int {
+    /// The bytes at [offset, offset+count) (fewer at the end of the file), as slices of verified
+    /// blocks for a committed version, or one copied buffer for a file open for writing.
+    public func readSlices(_ fh: FileHandleID, at offset: UInt64, count: Int) throws -> [ReadSlice] {
         let h = try handle(fh)
         let (s, v) = tables.withLock { t in (t.live[h.ino]?.session, t.live[h.ino]?.view) }
         if let s {
+            let buffer = BlockBuffer(count: count)
             s.lock.lock(); defer { s.lock.unlock() }
-            return try s.read(at: offset, count: count, into: dst)
+            let n = try s.read(at: offset, count: count, into: buffer.pointer)
+            return n > 0 ? [ReadSlice(buffer: buffer, offset: 0, count: n)] : []
         }
         guard let v else { throw FSError.badHandle() }
-        return try v.read(at: offset, count: count, into: dst, reader: reader)
+        return try v.slices(at: offset, count: count, reader: reader)
+    }
+
+    public func read(_ fh: FileHandleID, at offset: UInt64, count: Int, into dst: UnsafeMutableRawPointer) throws -> Int {
+        var at = 0
+        for slice in try readSlices(fh, at: offset, count: count) {
+            slice.copy(to: dst + at)
+            at += slice.count
+        }
+        return at
     }
 
     public func write(_ fh: FileHandleID, at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws -> Int {
@@ -492,12 +506,12 @@ final class ReadView: @unchecked Sendable {
         self.version = version
     }
 
-    func read(at offset: UInt64, count: Int, into dst: UnsafeMutableRawPointer, reader: BlockReader) throws -> Int {
-        guard offset < size else { return 0 }
+    func slices(at offset: UInt64, count: Int, reader: BlockReader) throws -> [ReadSlice] {
+        guard offset < size else { return [] }
         let end = min(size, offset + UInt64(count))
         let stored = min(end, chunks.end)
-        if offset < stored { try chunks.read(offset..<stored, into: dst, reader: reader) }
-        if stored < end { memset(dst + Int(max(stored, offset) - offset), 0, Int(end - max(stored, offset))) }
-        return Int(end - offset)
+        var out = offset < stored ? try chunks.slices(offset..<stored, reader: reader) : []
+        if stored < end { out += ReadSlice.zeroFill(Int(end - max(stored, offset))) }
+        return out
     }
 }

@@ -1,6 +1,7 @@
 import Foundation
 import ModelFSCore
 import ModelFSStore
+import Synchronization
 
 /// The content of a file while it is open for writing on this node (DESIGN.md §3).
 ///
@@ -47,10 +48,15 @@ final class WriteSession: @unchecked Sendable {
 
     static let reorderWindow: UInt64 = 64 << 20
     static let reorderLimit = 32 << 20
+    static let catchUpPiece = 4 << 20
+    let counters: WriteCounters
+    /// Reused for reading staged bytes back into the stream.
+    private var catchUpBuffer: BlockBuffer?
 
     init(ino: InodeNumber, manifest: Manifest, size: UInt64, store: any BlockStore, reader: BlockReader,
-         parameters: ChunkerParameters, stagingDir: String) {
+         parameters: ChunkerParameters, stagingDir: String, counters: WriteCounters) {
         self.ino = ino
+        self.counters = counters
         self.store = store
         self.reader = reader
         self.parameters = parameters
@@ -79,12 +85,7 @@ final class WriteSession: @unchecked Sendable {
                 if reorderOverlaps(offset..<end) { try spillReorder() }
                 try stream(bytes)
                 overlay.remove(offset..<end)
-                while let next = reorder.removeValue(forKey: streamPosition) {
-                    reorderBytes -= next.count
-                    let at = streamPosition
-                    try next.withUnsafeBytes { try stream($0) }
-                    overlay.remove(at..<at + UInt64(next.count))
-                }
+                try catchUp()
             } else if streaming && offset > streamPosition && offset - streamPosition <= WriteSession.reorderWindow
                         && reorderBytes + bytes.count <= WriteSession.reorderLimit && !reorderOverlaps(offset..<end) {
                 reorder[offset] = [UInt8](bytes)
@@ -101,11 +102,41 @@ final class WriteSession: @unchecked Sendable {
         dirty = true
     }
 
+    /// After the stream advanced: continue it with bytes that arrived ahead of it — from the
+    /// reorder buffer, or from the staging file when they had to be staged (a write far ahead,
+    /// or more than the reorder buffer holds). The stream never stalls behind data that already
+    /// arrived, so a sequential writer keeps streaming however the kernel orders its requests.
+    private func catchUp() throws {
+        while true {
+            let at = streamPosition
+            if let next = reorder.removeValue(forKey: at) {
+                reorderBytes -= next.count
+                try next.withUnsafeBytes { try stream($0) }
+                overlay.remove(at..<at + UInt64(next.count))
+                continue
+            }
+            guard let staged = overlay.range(containing: at) else { return }
+            // Stop at the next reorder entry: it is newer than the staged bytes it overlaps.
+            let nextReorder = reorder.keys.filter { $0 > at }.min() ?? .max
+            let end = min(staged.upperBound, nextReorder, at + UInt64(WriteSession.catchUpPiece))
+            let n = Int(end - at)
+            let buffer = catchUpBuffer ?? BlockBuffer(count: WriteSession.catchUpPiece)
+            catchUpBuffer = buffer
+            try withExtendedLifetime(buffer) {
+                try readOverlay(at..<end, into: buffer.pointer)
+                try stream(UnsafeRawBufferPointer(start: buffer.pointer, count: n))
+            }
+            overlay.remove(at..<end)
+            counters.add(absorbed: end - at)
+        }
+    }
+
     private func reorderOverlaps(_ r: Range<UInt64>) -> Bool {
         reorder.contains { $0.key < r.upperBound && $0.key + UInt64($0.value.count) > r.lowerBound }
     }
 
     private func stream(_ bytes: UnsafeRawBufferPointer) throws {
+        counters.add(streamed: UInt64(bytes.count))
         try writer.append(bytes) { chunk, created in
             base.append(chunk)
             if created { createdBlocks += 1 }
@@ -144,6 +175,7 @@ final class WriteSession: @unchecked Sendable {
             done += r
         }
         overlay.insert(offset..<offset + UInt64(bytes.count))
+        counters.add(staged: UInt64(bytes.count))
     }
 
     func truncate(to newSize: UInt64) throws {
@@ -292,4 +324,16 @@ final class WriteSession: @unchecked Sendable {
         streaming = true
         dirty = false
     }
+}
+
+/// How written bytes travelled, summed over all sessions: streamed straight into blocks, staged
+/// (written out of order to the staging file), and staged bytes later absorbed by the stream.
+public final class WriteCounters: @unchecked Sendable {
+    public struct Values: Sendable, Codable { public var streamed: UInt64 = 0; public var staged: UInt64 = 0; public var absorbed: UInt64 = 0 }
+    private let values = Mutex(Values())
+    public init() {}
+    func add(streamed: UInt64 = 0, staged: UInt64 = 0, absorbed: UInt64 = 0) {
+        values.withLock { $0.streamed += streamed; $0.staged += staged; $0.absorbed += absorbed }
+    }
+    public var snapshot: Values { values.withLock { $0 } }
 }

@@ -49,6 +49,12 @@ public struct ByteRangeSet: Sendable, Equatable {
     /// Removes everything at or beyond `size`.
     public mutating func clip(to size: UInt64) { remove(size..<UInt64.max) }
 
+    /// The range that contains `offset`, if any.
+    public func range(containing offset: UInt64) -> Range<UInt64>? {
+        let i = firstIndex(endingAfter: offset)
+        return i < ranges.count && ranges[i].lowerBound <= offset ? ranges[i] : nil
+    }
+
     public func intersects(_ r: Range<UInt64>) -> Bool {
         guard !r.isEmpty else { return false }
         let i = firstIndex(endingAfter: r.lowerBound)

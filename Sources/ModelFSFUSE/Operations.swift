@@ -167,11 +167,13 @@ extension FuseServer {
 
         ops.read = { req, _, size, off, fi in
             let s = FuseServer.server(req)
-            let buffer = UnsafeMutableRawPointer.allocate(byteCount: max(size, 1), alignment: 4096)
-            defer { buffer.deallocate() }
             do {
-                let n = try s.fs.read(fh(fi), at: UInt64(off), count: size, into: buffer)
-                fuse_reply_buf(req, buffer.assumingMemoryBound(to: CChar.self), n)
+                // Reply straight from the cached blocks: one iovec per slice, no reply buffer.
+                let slices = try s.fs.readSlices(fh(fi), at: UInt64(off), count: size)
+                var iov = slices.map { iovec(iov_base: $0.buffer.pointer + $0.offset, iov_len: $0.count) }
+                withExtendedLifetime(slices) {
+                    if iov.isEmpty { fuse_reply_buf(req, nil, 0) } else { fuse_reply_iov(req, &iov, Int32(iov.count)) }
+                }
             } catch { fuse_reply_err(req, errnoFor(error, op: "read")) }
         }
 

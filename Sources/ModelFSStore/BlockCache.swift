@@ -30,6 +30,9 @@ public final class BlockCache: @unchecked Sendable {
         }
     }
 
+    /// Whether a block is cached (without counting a hit or a miss).
+    public func contains(_ id: BlockID) -> Bool { state.withLock { $0.entries[id] != nil } }
+
     public func insert(_ id: BlockID, _ buffer: BlockBuffer) {
         guard buffer.count <= budget else { return }
         state.withLock { s in

@@ -14,6 +14,8 @@ public protocol BlockStore: AnyObject, Sendable {
     func sync(_ ids: [BlockID]) throws
     /// Makes everything on the store's filesystem durable at once (one syncfs).
     func syncFilesystem() throws
+    /// Hints that these blocks will be read soon (the store may start reading them from disk).
+    func willNeed(_ ids: [BlockID])
     func remove(_ id: BlockID) throws
     func usage() -> BlockStoreUsage
 }

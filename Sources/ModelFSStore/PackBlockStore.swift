@@ -210,6 +210,14 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         return buffer
     }
 
+    public func willNeed(_ ids: [BlockID]) {
+        let ranges = state.withLock { s in ids.compactMap { id -> (Pack, Location)? in
+            guard let l = s.index[id], let p = s.packs[l.pack] else { return nil }
+            return (p, l)
+        } }
+        for (p, l) in ranges { _ = posix_fadvise(p.fd, off_t(l.offset), off_t(l.length), POSIX_FADV_WILLNEED) }
+    }
+
     public func sync(_ ids: [BlockID]) throws {
         let packs = state.withLock { s -> [Pack] in
             let wanted = Set(ids.compactMap { s.index[$0]?.pack })

@@ -24,6 +24,11 @@ struct MountStatus: Codable {
     var cacheMisses: UInt64
     /// Bytes written to the block store since the daemon started (write amplification).
     var blockBytesWritten: UInt64
+    /// Written bytes that streamed straight into blocks / were staged out of order / staged
+    /// bytes later streamed, since the daemon started.
+    var streamedBytes: UInt64
+    var stagedBytes: UInt64
+    var stagedAbsorbedBytes: UInt64
 }
 
 /// A Unix socket the daemon answers on: one request line ("status"), one JSON reply.

@@ -91,6 +91,7 @@ struct Daemon {
         let m = try fs.meta.stats()
         let u = store.usage()
         let cache = fs.reader.cache.statistics
+        let w = fs.writeCounters.snapshot
         return MountStatus(
             mountpoint: mountpoint, dataDir: dataDir, meta: meta, pid: getpid(),
             files: m.files, directories: m.directories, symlinks: m.symlinks,
@@ -99,7 +100,8 @@ struct Daemon {
             dataDirBytes: directoryBytes(dataDir),
             openHandles: fs.openHandleCount,
             cacheBytes: cache.bytes, cacheHits: cache.hits, cacheMisses: cache.misses,
-            blockBytesWritten: u.bytesWritten)
+            blockBytesWritten: u.bytesWritten,
+            streamedBytes: w.streamed, stagedBytes: w.staged, stagedAbsorbedBytes: w.absorbed)
     }
 
     /// Disk usage of a directory tree (allocated blocks, like du).

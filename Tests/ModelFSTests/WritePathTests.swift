@@ -36,6 +36,25 @@ import Testing
         #expect(Double(t.store.usage().bytesWritten) / Double(data.count) <= 1.1)
     }
 
+    @Test func aWriteFarAheadIsStagedAndTheStreamCatchesUp() throws {
+        let t = try TestFS(chunker: .standard); defer { t.remove() }
+        let (ino, fh) = try t.create("far.bin")
+        let data = randomBytes(160 << 20, seed: 12)
+        // The kernel's writeback can send a range long before the ones in front of it:
+        // 100 MiB ahead is past the reorder window, so it is staged.
+        let far = 100 << 20
+        try t.write(fh, at: UInt64(far), Array(data[far..<far + (1 << 20)]))
+        for i in stride(from: 0, to: data.count, by: 1 << 20) where i != far {
+            try t.write(fh, at: UInt64(i), Array(data[i..<i + (1 << 20)]))
+        }
+        try t.close(fh)
+        #expect(try t.contents(ino) == data)
+        let w = t.fs.writeCounters.snapshot
+        #expect(w.staged == 1 << 20 && w.absorbed == 1 << 20, "\(w)")
+        let amplification = Double(t.store.usage().bytesWritten) / Double(data.count)
+        #expect(amplification <= 1.05, "write amplification \(amplification)")
+    }
+
     @Test func patchingAHeaderRechunksOnlyNearby() throws {
         let t = try TestFS(chunker: .standard); defer { t.remove() }
         let (ino, fh) = try t.create("npz.bin")
