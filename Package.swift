@@ -41,8 +41,9 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
-        .testTarget(name: "ModelFSCoreTests", dependencies: ["ModelFSCore", "ModelFSStore"]),
+        .target(name: "ModelFSTestSupport", path: "Sources/ModelFSTestSupport"),
+        .testTarget(name: "ModelFSCoreTests", dependencies: ["ModelFSCore", "ModelFSStore", "ModelFSTestSupport"]),
         .testTarget(name: "ModelFSMetaTests", dependencies: ["ModelFSMeta"]),
-        .testTarget(name: "ModelFSTests", dependencies: ["ModelFS"]),
+        .testTarget(name: "ModelFSTests", dependencies: ["ModelFS", "ModelFSTestSupport"]),
     ]
 )

@@ -2,45 +2,51 @@ import Foundation
 import ModelFSCore
 import ModelFSStore
 
-/// Turns a stream of bytes into stored blocks: bytes are copied once into a chunk-sized buffer,
-/// the chunker finds content-defined boundaries as they arrive, and every finished chunk is
-/// hashed and written to the store at once. Nothing is re-read later (DESIGN.md §3).
+/// Turns a stream of bytes into chunks: bytes are copied once into a chunk-sized buffer and the
+/// chunker finds content-defined boundaries as they arrive. Each finished chunk's buffer is handed
+/// to a sink (which hashes and stores it, now or on another thread) and a fresh buffer continues.
+/// Nothing is re-read later (DESIGN.md §3).
 struct ChunkWriter {
-    let store: any BlockStore
+    /// Receives a finished chunk: its buffer (now the sink's) and its length.
+    typealias Sink = (BlockBuffer, Int) throws -> Void
+
     private var chunker: Chunker
-    private let buffer: BlockBuffer
+    private var buffer: BlockBuffer
+    private let maxSize: Int
     /// Bytes in `buffer` (the unfinished chunk).
     private(set) var length = 0
     /// How far the chunker has scanned `buffer`.
     private var scanned = 0
 
-    init(store: any BlockStore, parameters: ChunkerParameters) {
-        self.store = store
+    init(parameters: ChunkerParameters) {
         chunker = Chunker(parameters)
+        maxSize = parameters.maxSize
         buffer = BlockBuffer(count: parameters.maxSize)
     }
 
-    var pending: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: buffer.pointer, count: length) }
+    /// Copies pending bytes [from, from+count) of the unfinished chunk.
+    func copyPending(from: Int, count: Int, to dst: UnsafeMutableRawPointer) {
+        buffer.withUnsafeBytes { dst.copyMemory(from: $0.baseAddress! + from, byteCount: count) }
+    }
 
-    /// Appends bytes; `emit` receives each finished chunk (and whether the store was new to it).
-    mutating func append(_ bytes: UnsafeRawBufferPointer, emit: (ChunkRef, Bool) throws -> Void) throws {
+    mutating func append(_ bytes: UnsafeRawBufferPointer, sink: Sink) throws {
         var src = bytes
         while !src.isEmpty {
-            let take = min(src.count, buffer.count - length)
+            let take = min(src.count, maxSize - length)
             (buffer.pointer + length).copyMemory(from: src.baseAddress!, byteCount: take)
             length += take
             src = UnsafeRawBufferPointer(rebasing: src[take...])
             while scanned < length {
                 let (n, boundary) = chunker.consume(UnsafeRawBufferPointer(start: buffer.pointer + scanned, count: length - scanned))
                 scanned += n
-                if boundary { try cut(at: scanned, emit: emit) }
+                if boundary { try cut(at: scanned, sink: sink) }
             }
         }
     }
 
     /// Emits whatever is pending as a last (short) chunk.
-    mutating func finish(emit: (ChunkRef, Bool) throws -> Void) throws {
-        if length > 0 { try cut(at: length, emit: emit) }
+    mutating func finish(sink: Sink) throws {
+        if length > 0 { try cut(at: length, sink: sink) }
         chunker.reset()
     }
 
@@ -50,15 +56,63 @@ struct ChunkWriter {
         chunker.reset()
     }
 
-    private mutating func cut(at p: Int, emit: (ChunkRef, Bool) throws -> Void) throws {
-        let bytes = UnsafeRawBufferPointer(start: buffer.pointer, count: p)
-        let id = BlockID.hash(bytes)
-        let created = try store.put(id, bytes)
-        try emit(ChunkRef(id: id, length: UInt32(p)), created)
+    private mutating func cut(at p: Int, sink: Sink) throws {
+        let full = buffer
         let rest = length - p
-        if rest > 0 { buffer.pointer.copyMemory(from: buffer.pointer + p, byteCount: rest) }
+        buffer = BlockBuffer(count: maxSize)
+        if rest > 0 { buffer.pointer.copyMemory(from: full.pointer + p, byteCount: rest) }
         length = rest
         scanned = 0
         chunker.reset()
+        try sink(full, p)
+    }
+
+    /// Hashes and stores one chunk; returns it and whether the store was new to it.
+    static func store(_ buffer: BlockBuffer, _ length: Int, in store: any BlockStore) throws -> (ChunkRef, Bool) {
+        try buffer.withUnsafeBytes { all in
+            let bytes = UnsafeRawBufferPointer(rebasing: all[0..<length])
+            let id = BlockID.hash(bytes)
+            let created = try store.put(id, bytes)
+            return (ChunkRef(id: id, length: UInt32(length)), created)
+        }
+    }
+}
+
+/// Hashes and stores a session's streamed chunks on a thread of its own, so the FUSE thread only
+/// copies and scans: at most two chunks wait, in order. Results are collected by `drain`.
+final class ChunkPipeline: @unchecked Sendable {
+    private let queue = DispatchQueue(label: "modelfs.chunks")
+    private let slots = DispatchSemaphore(value: 2)
+    private let lock = NSLock()
+    private var done: [(ChunkRef, Bool)] = []
+    private var error: (any Error)?
+    let store: any BlockStore
+
+    init(store: any BlockStore) { self.store = store }
+
+    func submit(_ buffer: BlockBuffer, _ length: Int) {
+        slots.wait()
+        queue.async { [self] in
+            defer { slots.signal() }
+            do {
+                let r = try ChunkWriter.store(buffer, length, in: store)
+                lock.lock(); done.append(r); lock.unlock()
+            } catch {
+                lock.lock(); if self.error == nil { self.error = error }; lock.unlock()
+            }
+        }
+    }
+
+    /// The first error of a chunk stored so far, if any.
+    var failure: (any Error)? { lock.lock(); defer { lock.unlock() }; return error }
+
+    /// Waits for every submitted chunk and returns them in order.
+    func drain() throws -> [(ChunkRef, Bool)] {
+        queue.sync {}
+        lock.lock(); defer { lock.unlock() }
+        if let error { throw error }
+        let out = done
+        done.removeAll()
+        return out
     }
 }

@@ -63,13 +63,29 @@ final class WriteSession: @unchecked Sendable {
         self.stagingDir = stagingDir
         base = ChunkList(manifest)
         self.size = size
-        writer = ChunkWriter(store: store, parameters: parameters)
+        writer = ChunkWriter(parameters: parameters)
+        pipeline = ChunkPipeline(store: store)
         if base.end != size { streaming = false; baseLimit = min(base.end, size) }
     }
 
     deinit { if overlayFD >= 0 { close(overlayFD) } }
 
-    private var streamPosition: UInt64 { base.end + UInt64(writer.length) }
+    /// Streamed chunks being hashed and stored in the background, not yet in `base`.
+    private let pipeline: ChunkPipeline
+    private var pipelinedBytes: UInt64 = 0
+
+    private var streamPosition: UInt64 { base.end + pipelinedBytes + UInt64(writer.length) }
+
+    /// Moves every chunk the pipeline finished into `base` (waiting for the rest): needed before
+    /// `base` is read or cut.
+    private func drainPipeline() throws {
+        guard pipelinedBytes > 0 else { return }
+        for (chunk, created) in try pipeline.drain() {
+            base.append(chunk)
+            pipelinedBytes -= UInt64(chunk.length)
+            if created { createdBlocks += 1 }
+        }
+    }
 
     /// The block IDs the session currently references (for garbage collection).
     var referencedBlocks: [BlockID] { base.chunks.map(\.id) }
@@ -77,6 +93,7 @@ final class WriteSession: @unchecked Sendable {
     // MARK: writes
 
     func write(at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws {
+        if failure == nil, let e = pipeline.failure { failure = (e as? FSError) ?? FSError.io("storing a block failed", cause: e) }
         if let failure { throw failure }
         guard !bytes.isEmpty else { return }
         let end = offset + UInt64(bytes.count)
@@ -137,9 +154,9 @@ final class WriteSession: @unchecked Sendable {
 
     private func stream(_ bytes: UnsafeRawBufferPointer) throws {
         counters.add(streamed: UInt64(bytes.count))
-        try writer.append(bytes) { chunk, created in
-            base.append(chunk)
-            if created { createdBlocks += 1 }
+        try writer.append(bytes) { buffer, length in
+            pipelinedBytes += UInt64(length)
+            pipeline.submit(buffer, length)
         }
     }
 
@@ -180,6 +197,7 @@ final class WriteSession: @unchecked Sendable {
 
     func truncate(to newSize: UInt64) throws {
         if let failure { throw failure }
+        do { try drainPipeline() } catch { failure = (error as? FSError) ?? FSError.io("storing a block failed", cause: error); throw failure! }
         try spillReorder()
         dirty = true
         if newSize == 0 {
@@ -203,11 +221,13 @@ final class WriteSession: @unchecked Sendable {
         size = newSize
     }
 
+    /// Cuts the unfinished chunk and waits until every streamed chunk is in `base`.
     private func finishStream() throws {
-        try writer.finish { chunk, created in
-            base.append(chunk)
-            if created { createdBlocks += 1 }
+        try writer.finish { buffer, length in
+            pipelinedBytes += UInt64(length)
+            pipeline.submit(buffer, length)
         }
+        try drainPipeline()
     }
 
     // MARK: reads
@@ -218,6 +238,7 @@ final class WriteSession: @unchecked Sendable {
         guard offset < size else { return 0 }
         let end = min(size, offset + UInt64(count))
         try spillReorder()
+        do { try drainPipeline() } catch { failure = (error as? FSError) ?? FSError.io("storing a block failed", cause: error); throw failure! }
         try content(offset..<end, into: dst)
         return Int(end - offset)
     }
@@ -257,7 +278,7 @@ final class WriteSession: @unchecked Sendable {
         let tailEnd = streaming ? streamPosition : base.end
         if pos < r.upperBound && pos >= base.end && pos < tailEnd {
             let e = min(r.upperBound, tailEnd)
-            (dst + Int(pos - r.lowerBound)).copyMemory(from: writer.pending.baseAddress! + Int(pos - base.end), byteCount: Int(e - pos))
+            writer.copyPending(from: Int(pos - base.end), count: Int(e - pos), to: dst + Int(pos - r.lowerBound))
             pos = e
         }
         if pos < r.upperBound { memset(dst + Int(pos - r.lowerBound), 0, Int(r.upperBound - pos)) }
@@ -295,7 +316,7 @@ final class WriteSession: @unchecked Sendable {
     }
 
     private func rechunk(_ region: Range<UInt64>, into out: inout ChunkList) throws {
-        var w = ChunkWriter(store: store, parameters: parameters)
+        var w = ChunkWriter(parameters: parameters)
         let window = 1 << 20
         let scratch = BlockBuffer(count: window)
         var pos = region.lowerBound
@@ -304,13 +325,17 @@ final class WriteSession: @unchecked Sendable {
             while pos < region.upperBound {
                 let n = Int(min(UInt64(window), region.upperBound - pos))
                 try content(pos..<pos + UInt64(n), into: scratch.pointer)
-                try w.append(UnsafeRawBufferPointer(start: scratch.pointer, count: n)) { c, new in
+                try w.append(UnsafeRawBufferPointer(start: scratch.pointer, count: n)) { buffer, length in
+                    let (c, new) = try ChunkWriter.store(buffer, length, in: store)
                     out.append(c); if new { created += 1 }
                 }
                 pos += UInt64(n)
             }
         }
-        try w.finish { c, new in out.append(c); if new { created += 1 } }
+        try w.finish { buffer, length in
+            let (c, new) = try ChunkWriter.store(buffer, length, in: store)
+            out.append(c); if new { created += 1 }
+        }
         createdBlocks += created
     }
 

@@ -1,30 +1,7 @@
 import Foundation
 import Testing
+import ModelFSTestSupport
 @testable import ModelFSCore
-
-/// A small deterministic generator so failures reproduce from their seed.
-struct SplitMix: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
-func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
-    var g = SplitMix(seed: seed)
-    var out = [UInt8](repeating: 0, count: n)
-    var i = 0
-    while i < n {
-        var w = g.next()
-        for _ in 0..<8 where i < n { out[i] = UInt8(truncatingIfNeeded: w); w >>= 8; i += 1 }
-    }
-    return out
-}
 
 @Suite struct BlockIDTests {
     @Test func knownSHA256() {

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import ModelFSTestSupport
 @testable import ModelFSCore
 @testable import ModelFSStore
 

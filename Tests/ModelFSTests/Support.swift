@@ -1,25 +1,9 @@
 import Foundation
+import ModelFSTestSupport
 @testable import ModelFS
 @testable import ModelFSCore
 @testable import ModelFSMeta
 @testable import ModelFSStore
-
-struct SplitMix: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
-func randomBytes(_ n: Int, seed: UInt64) -> [UInt8] {
-    var g = SplitMix(seed: seed)
-    return (0..<n).map { _ in UInt8(truncatingIfNeeded: g.next()) }
-}
 
 /// A filesystem core over a fresh data dir, removed on deinit.
 final class TestFS: @unchecked Sendable {

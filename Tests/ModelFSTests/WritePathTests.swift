@@ -1,4 +1,5 @@
 import Foundation
+import ModelFSTestSupport
 import Testing
 @testable import ModelFS
 @testable import ModelFSCore
