@@ -157,6 +157,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         if existed { return false }
         appendLock.lock(); defer { appendLock.unlock() }
         if contains(id) { return false }  // stored by another writer meanwhile
+        try checkHeadroom(for: bytes.count)
         let end = try appendLocked(id, bytes)
         state.withLock { s in
             s.usage.blocks += 1
@@ -165,6 +166,20 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         }
         if end >= packLimit { try rollActivePack() }
         return true
+    }
+
+    /// Blocks leave some space free on the data dir's filesystem, so that the metadata database can
+    /// still commit deletes and truncates when writers have filled the disk: 2% of the
+    /// filesystem, between 4 and 64 MiB.
+    private func checkHeadroom(for count: Int) throws {
+        let fd = state.withLock { $0.packs[$0.active]!.fd }
+        var v = statvfs()
+        guard fstatvfs(fd, &v) == 0 else { return }
+        let unit = UInt64(v.f_frsize)
+        let reserve = min(64 << 20, max(4 << 20, UInt64(v.f_blocks) * unit / 50))
+        if UInt64(v.f_bavail) * unit < UInt64(count + PackBlockStore.headerSize) + reserve {
+            throw FSError.noSpace("block store \(root): disk full (keeping \(reserve >> 20) MiB free for metadata)")
+        }
     }
 
     private func writeAll(_ pack: Pack, _ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws {

@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -304,6 +305,21 @@ def block_records(data_dir: Path) -> dict[str, tuple[Path, int, int]]:
     return out
 
 
+def manifest_block_ids(data_dir: Path, name: str) -> list[str]:
+    """The block ids (hex) of a root-level file's committed manifest, read from the SQLite
+    metadata (inline manifests: tag 0, b"MFM1", count u32 LE, then 32-byte id + u32 length)."""
+    db = sqlite3.connect(data_dir / "meta.db")
+    try:
+        row = db.execute("SELECT i.manifest FROM inodes i JOIN dentries d ON d.ino = i.ino "
+                         "WHERE d.parent = 1 AND d.name = ?", (name,)).fetchone()
+    finally:
+        db.close()
+    blob = row[0]
+    assert blob[0] == 0 and blob[1:5] == b"MFM1", "expected an inline manifest"
+    count = int.from_bytes(blob[5:9], "little")
+    return [blob[9 + 36 * i: 9 + 36 * i + 32].hex() for i in range(count)]
+
+
 def _read_until_error(path) -> tuple[bytes, OSError | None]:
     got = bytearray()
     try:
@@ -348,8 +364,10 @@ def test_corrupt_block_gives_eio_never_wrong_bytes(mnt):
     blocks_b = set(block_records(mnt.data)) - set(blocks_a)
     assert blocks_b, "writing a second random file created no new blocks"
 
-    # flip one byte in the middle of one of a's blocks, inside its pack
-    pack, offset, length = blocks_a[sorted(blocks_a)[0]]
+    # flip one byte in the middle of a block in the middle of a, inside its pack
+    ids_a = manifest_block_ids(mnt.data, "a")
+    assert len(ids_a) >= 3, f"a 6 MiB file should have several blocks, has {len(ids_a)}"
+    pack, offset, length = blocks_a[ids_a[len(ids_a) // 2]]
     assert length > 0
     with open(pack, "r+b") as f:
         f.seek(offset + length // 2)
