@@ -52,7 +52,7 @@ final class ReferenceFS {
 
 struct ModelHarness {
     var g: SplitMix
-    var t: TestFS
+    var t: TestFS!
     let ref = ReferenceFS()
     /// reference node id → inode
     var inodes: [Int: InodeNumber] = [1: .root]
@@ -213,7 +213,10 @@ struct ModelHarness {
     mutating func restartAndVerify(meta: String) throws {
         for h in handles { try t.close(h.fh) }
         handles.removeAll()
-        t = try TestFS(meta: meta, dir: t.dir)
+        // Release the old core first: the database allows one connection at a time.
+        let dir = t.dir
+        t = nil
+        t = try TestFS(meta: meta, dir: dir)
         // Inode numbers survive a restart with SQLite; with memory: the namespace is new.
         guard meta == "sqlite" else { return }
         for (n, node) in ref.nodes where !node.isDir && node.nlink > 0 {

@@ -5,7 +5,7 @@ import ModelFSTestSupport
 @testable import ModelFSMeta
 @testable import ModelFSStore
 
-/// A filesystem core over a fresh data dir, removed on deinit.
+/// A filesystem core over a fresh data dir (deleted by `remove()`).
 final class TestFS: @unchecked Sendable {
     let dir: String
     let store: PackBlockStore
