@@ -76,6 +76,16 @@ final class WriteSession: @unchecked Sendable {
 
     private var streamPosition: UInt64 { base.end + pipelinedBytes + UInt64(writer.length) }
 
+    /// `drainPipeline`, making a failure sticky (see `failure`).
+    private func drainOrFail() throws {
+        do { try drainPipeline() } catch {
+            failure = WriteSession.storeFailure(error)
+            throw failure!
+        }
+    }
+
+    static func storeFailure(_ e: any Error) -> FSError { (e as? FSError) ?? FSError.io("storing a block failed", cause: e) }
+
     /// Moves every chunk the pipeline finished into `base` (waiting for the rest): needed before
     /// `base` is read or cut.
     private func drainPipeline() throws {
@@ -93,7 +103,7 @@ final class WriteSession: @unchecked Sendable {
     // MARK: writes
 
     func write(at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws {
-        if failure == nil, let e = pipeline.failure { failure = (e as? FSError) ?? FSError.io("storing a block failed", cause: e) }
+        if failure == nil, let e = pipeline.failure { failure = WriteSession.storeFailure(e) }
         if let failure { throw failure }
         guard !bytes.isEmpty else { return }
         let end = offset + UInt64(bytes.count)
@@ -197,7 +207,7 @@ final class WriteSession: @unchecked Sendable {
 
     func truncate(to newSize: UInt64) throws {
         if let failure { throw failure }
-        do { try drainPipeline() } catch { failure = (error as? FSError) ?? FSError.io("storing a block failed", cause: error); throw failure! }
+        try drainOrFail()
         try spillReorder()
         dirty = true
         if newSize == 0 {
@@ -238,7 +248,7 @@ final class WriteSession: @unchecked Sendable {
         guard offset < size else { return 0 }
         let end = min(size, offset + UInt64(count))
         try spillReorder()
-        do { try drainPipeline() } catch { failure = (error as? FSError) ?? FSError.io("storing a block failed", cause: error); throw failure! }
+        try drainOrFail()
         try content(offset..<end, into: dst)
         return Int(end - offset)
     }

@@ -16,7 +16,6 @@ public protocol BlockStore: AnyObject, Sendable {
     func syncFilesystem() throws
     /// Hints that these blocks will be read soon (the store may start reading them from disk).
     func willNeed(_ ids: [BlockID])
-    func remove(_ id: BlockID) throws
     func usage() -> BlockStoreUsage
 }
 

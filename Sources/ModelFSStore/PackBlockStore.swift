@@ -267,10 +267,6 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         return stat(packsDir, &st) == 0 ? UInt64(st.st_dev) : 0
     }
 
-    public func remove(_ id: BlockID) throws {
-        _ = removeIfStale(id, cutoff: Timestamp(seconds: Int64.max / 2_000_000_000, nanoseconds: 0))
-    }
-
     public func usage() -> BlockStoreUsage { state.withLock { $0.usage } }
 
     /// Bytes the pack files take on disk (allocated blocks: punched holes do not count).
