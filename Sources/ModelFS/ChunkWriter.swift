@@ -67,13 +67,13 @@ struct ChunkWriter {
         try sink(full, p)
     }
 
-    /// Hashes and stores one chunk; returns it and whether the store was new to it.
-    static func store(_ buffer: BlockBuffer, _ length: Int, in store: any BlockStore) throws -> (ChunkRef, Bool) {
+    /// Hashes and stores one chunk.
+    static func store(_ buffer: BlockBuffer, _ length: Int, in store: any BlockStore) throws -> ChunkRef {
         try buffer.withUnsafeBytes { all in
             let bytes = UnsafeRawBufferPointer(rebasing: all[0..<length])
             let id = BlockID.hash(bytes)
-            let created = try store.put(id, bytes)
-            return (ChunkRef(id: id, length: UInt32(length)), created)
+            try store.put(id, bytes)
+            return ChunkRef(id: id, length: UInt32(length))
         }
     }
 }
@@ -84,7 +84,7 @@ final class ChunkPipeline: @unchecked Sendable {
     private let queue = DispatchQueue(label: "modelfs.chunks")
     private let slots = DispatchSemaphore(value: 2)
     private let lock = NSLock()
-    private var done: [(ChunkRef, Bool)] = []
+    private var done: [ChunkRef] = []
     private var error: (any Error)?
     let store: any BlockStore
 
@@ -107,7 +107,7 @@ final class ChunkPipeline: @unchecked Sendable {
     var failure: (any Error)? { lock.lock(); defer { lock.unlock() }; return error }
 
     /// Waits for every submitted chunk and returns them in order.
-    func drain() throws -> [(ChunkRef, Bool)] {
+    func drain() throws -> [ChunkRef] {
         queue.sync {}
         lock.lock(); defer { lock.unlock() }
         if let error { throw error }

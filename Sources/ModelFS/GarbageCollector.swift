@@ -20,7 +20,6 @@ public final class GarbageCollector: @unchecked Sendable {
     private let queue = DispatchQueue(label: "modelfs.gc", qos: .utility)
     private var timer: (any DispatchSourceTimer)?
     private let pending = Mutex(false)
-    private let stats = Mutex((runs: 0, removedBlocks: UInt64(0), removedBytes: UInt64(0)))
 
     public init(fs: FileSystem, store: PackBlockStore, interval: Double = 60) {
         self.fs = fs
@@ -61,10 +60,7 @@ public final class GarbageCollector: @unchecked Sendable {
             if freed > 0 { blocks += 1; bytes += freed }
         }
         if blocks > 0 { try store.reclaim() }
-        stats.withLock { $0.runs += 1; $0.removedBlocks += blocks; $0.removedBytes += bytes }
         if blocks > 0 { Log.info("garbage collection removed \(blocks) blocks (\(bytes) bytes)") }
         return (blocks, bytes)
     }
-
-    public var statistics: (runs: Int, removedBlocks: UInt64, removedBytes: UInt64) { stats.withLock { $0 } }
 }

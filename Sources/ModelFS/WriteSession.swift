@@ -42,9 +42,6 @@ final class WriteSession: @unchecked Sendable {
     /// A write that failed (disk full): every later write and commit fails the same way until the
     /// file is closed, and the committed version stays as it was.
     private var failure: FSError?
-    /// Blocks this session stored that were new to the store (candidates for garbage collection
-    /// if the session is abandoned).
-    private(set) var createdBlocks = 0
 
     static let reorderWindow: UInt64 = 64 << 20
     static let reorderLimit = 32 << 20
@@ -90,10 +87,9 @@ final class WriteSession: @unchecked Sendable {
     /// `base` is read or cut.
     private func drainPipeline() throws {
         guard pipelinedBytes > 0 else { return }
-        for (chunk, created) in try pipeline.drain() {
+        for chunk in try pipeline.drain() {
             base.append(chunk)
             pipelinedBytes -= UInt64(chunk.length)
-            if created { createdBlocks += 1 }
         }
     }
 
@@ -330,23 +326,19 @@ final class WriteSession: @unchecked Sendable {
         let window = 1 << 20
         let scratch = BlockBuffer(count: window)
         var pos = region.lowerBound
-        var created = 0
         try withExtendedLifetime(scratch) {
             while pos < region.upperBound {
                 let n = Int(min(UInt64(window), region.upperBound - pos))
                 try content(pos..<pos + UInt64(n), into: scratch.pointer)
                 try w.append(UnsafeRawBufferPointer(start: scratch.pointer, count: n)) { buffer, length in
-                    let (c, new) = try ChunkWriter.store(buffer, length, in: store)
-                    out.append(c); if new { created += 1 }
+                    out.append(try ChunkWriter.store(buffer, length, in: store))
                 }
                 pos += UInt64(n)
             }
         }
         try w.finish { buffer, length in
-            let (c, new) = try ChunkWriter.store(buffer, length, in: store)
-            out.append(c); if new { created += 1 }
+            out.append(try ChunkWriter.store(buffer, length, in: store))
         }
-        createdBlocks += created
     }
 
     /// The new manifest is installed: it becomes the base, and streaming can resume at its end.
