@@ -120,11 +120,19 @@ struct ChunkList {
 
     /// Copies bytes [range) (within 0..<end) into `dst`.
     func read(_ range: Range<UInt64>, into dst: UnsafeMutableRawPointer, reader: BlockReader) throws {
+        _ = try slices(range, reader: reader).copy(to: dst)
+    }
+}
+
+extension Array where Element == ReadSlice {
+    /// Copies the slices one after another into `dst`; returns the bytes copied.
+    func copy(to dst: UnsafeMutableRawPointer) -> Int {
         var at = 0
-        for slice in try slices(range, reader: reader) {
+        for slice in self {
             slice.copy(to: dst + at)
             at += slice.count
         }
+        return at
     }
 }
 

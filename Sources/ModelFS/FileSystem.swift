@@ -326,12 +326,7 @@ public final class FileSystem: @unchecked Sendable {
     }
 
     public func read(_ fh: FileHandleID, at offset: UInt64, count: Int, into dst: UnsafeMutableRawPointer) throws -> Int {
-        var at = 0
-        for slice in try readSlices(fh, at: offset, count: count) {
-            slice.copy(to: dst + at)
-            at += slice.count
-        }
-        return at
+        try readSlices(fh, at: offset, count: count).copy(to: dst)
     }
 
     public func write(_ fh: FileHandleID, at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws -> Int {
@@ -363,15 +358,17 @@ public final class FileSystem: @unchecked Sendable {
     /// durable against power loss (DESIGN.md §3).
     public func fsync(_ fh: FileHandleID) throws {
         let h = try handle(fh)
-        var blocks: [BlockID]
+        // With one syncfs covering blocks and metadata, the file's block list is not needed.
+        let perBlock = !options.metadataOnStoreFilesystem
+        var blocks: [BlockID] = []
         if h.writable, let s = session(of: h.ino) {
             s.lock.lock(); defer { s.lock.unlock() }
             try commit(s)
-            blocks = s.referencedBlocks
-        } else {
+            if perBlock { blocks = s.referencedBlocks }
+        } else if perBlock {
             blocks = try loadManifest(h.ino).chunks.map(\.id)
         }
-        if case .block(let id, _) = try meta.manifest(of: h.ino) { blocks.append(id) }
+        if perBlock, case .block(let id, _) = try meta.manifest(of: h.ino) { blocks.append(id) }
         try syncDurably(blocks)
     }
 
