@@ -13,6 +13,10 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
         .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
+        // The cluster: the etcd engine and the peer client speak HTTP through AsyncHTTPClient;
+        // the peer server is SwiftNIO's HTTP/1.1 pipeline (DESIGN.md §5).
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.3"),
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
     ],
     targets: [
         .systemLibrary(
@@ -30,20 +34,39 @@ let package = Package(
         .target(name: "ModelFSStore", dependencies: ["ModelFSCore", "CModelFSSys"]),
         .target(
             name: "ModelFSMeta",
-            dependencies: ["ModelFSCore", .product(name: "GRDB", package: "GRDB.swift")]
+            dependencies: [
+                "ModelFSCore",
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ]
         ),
         .target(name: "ModelFS", dependencies: ["ModelFSCore", "ModelFSStore", "ModelFSMeta"]),
         .target(name: "ModelFSFUSE", dependencies: ["CFuse3", "ModelFS"]),
+        // Peers: the HTTP server and client, placement, membership, replication (DESIGN.md §5).
+        .target(
+            name: "ModelFSPeer",
+            dependencies: [
+                "ModelFS", "ModelFSMeta", "ModelFSStore", "ModelFSCore",
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ]
+        ),
         .executableTarget(
             name: "modelfs",
             dependencies: [
-                "ModelFSFUSE", "ModelFS", "CModelFSSys",
+                "ModelFSFUSE", "ModelFS", "ModelFSPeer", "CModelFSSys",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .target(name: "ModelFSTestSupport", path: "Sources/ModelFSTestSupport"),
         .testTarget(name: "ModelFSCoreTests", dependencies: ["ModelFSCore", "ModelFSStore", "ModelFSTestSupport"]),
-        .testTarget(name: "ModelFSMetaTests", dependencies: ["ModelFSMeta"]),
+        .testTarget(name: "ModelFSMetaTests", dependencies: ["ModelFSMeta", "ModelFSTestSupport"]),
         .testTarget(name: "ModelFSTests", dependencies: ["ModelFS", "ModelFSTestSupport"]),
+        .testTarget(name: "ModelFSPeerTests", dependencies: ["ModelFSPeer", "ModelFSTestSupport"]),
     ]
 )

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test command (README.md; .ci/run calls it). Tiers, in order:
-#   1. unit, conformance and model-based tests (swift test; no kernel)
-#   2. real-mount tests: POSIX, durability (kill -9), random I/O, errors, frameworks (pytest)
+#   1. unit, conformance and model-based tests (swift test; no kernel). The etcd engine and the
+#      peer tests start their own etcd members and peer servers on loopback.
+#   2. real-mount tests: POSIX, durability (kill -9), random I/O, errors, frameworks, and
+#      loopback clusters of several nodes (pytest)
 # Needs root (FUSE mounts with allow_other, tmpfs for the disk-full test).
 # Usage: scripts/test.sh [unit|mount|all]   (default: all)
 set -euo pipefail
@@ -9,6 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 tier="${1:-all}"
 
 scripts/install-deps.sh
+scripts/install-cluster-deps.sh
 
 if [ "$tier" = unit ] || [ "$tier" = all ]; then
     echo "== unit, conformance and model-based tests"

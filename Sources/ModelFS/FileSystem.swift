@@ -71,6 +71,8 @@ public final class FileSystem: @unchecked Sendable {
         var view: ReadView?
         /// The content version the kernel's page cache holds (keep_cache when unchanged).
         var kernelCachedVersion: UInt64?
+        /// A directory the inode was last reached through (its replication policy's origin).
+        var parent: InodeNumber?
     }
     private struct Handle { var ino: InodeNumber; var writable: Bool }
     private struct Tables {
@@ -81,6 +83,8 @@ public final class FileSystem: @unchecked Sendable {
     private let tables = Mutex(Tables())
     /// Serialises commits and GC's view of sessions with metadata.
     let commitLock = NSLock()
+    /// Replication of each committed version (a cluster node); nil on a single node.
+    public var replication: (any ReplicationHook)?
 
     public init(meta: any MetadataEngine, store: any BlockStore, options: FileSystemOptions) throws {
         self.meta = meta
@@ -101,8 +105,11 @@ public final class FileSystem: @unchecked Sendable {
     }
 
     /// Counts a kernel reference for a reply that returns an entry.
-    private func remembered(_ attrs: InodeAttributes) -> InodeAttributes {
-        live(attrs.ino) { $0.lookups += 1 }
+    private func remembered(_ attrs: InodeAttributes, parent: InodeNumber? = nil) -> InodeAttributes {
+        live(attrs.ino) { l in
+            l.lookups += 1
+            if let parent { l.parent = parent }
+        }
         return attrs
     }
 
@@ -142,7 +149,7 @@ public final class FileSystem: @unchecked Sendable {
     // MARK: attributes
 
     public func lookup(parent: InodeNumber, name: String) throws -> InodeAttributes {
-        remembered(try withLiveSize(meta.lookup(parent: parent, name: name)))
+        remembered(try withLiveSize(meta.lookup(parent: parent, name: name)), parent: parent)
     }
 
     public func getattr(_ ino: InodeNumber) throws -> InodeAttributes {
@@ -202,7 +209,7 @@ public final class FileSystem: @unchecked Sendable {
         guard mode & 0o170000 == 0o100000 || mode & 0o170000 == 0 else {
             throw FSError(EPERM, "modelfs stores regular files, directories and symlinks only")
         }
-        return remembered(try meta.create(parent: parent, name: name, newInode(.regular, mode: mode, parent: parent, context: context)))
+        return remembered(try meta.create(parent: parent, name: name, newInode(.regular, mode: mode, parent: parent, context: context)), parent: parent)
     }
 
     public func symlink(parent: InodeNumber, name: String, target: String, context: RequestContext) throws -> InodeAttributes {
@@ -212,7 +219,7 @@ public final class FileSystem: @unchecked Sendable {
     public func readlink(_ ino: InodeNumber) throws -> String { try meta.readlink(ino) }
 
     public func link(_ ino: InodeNumber, parent: InodeNumber, name: String) throws -> InodeAttributes {
-        remembered(try withLiveSize(meta.link(ino, parent: parent, name: name, now: .now())))
+        remembered(try withLiveSize(meta.link(ino, parent: parent, name: name, now: .now())), parent: parent)
     }
 
     public func unlink(parent: InodeNumber, name: String) throws {
@@ -304,10 +311,10 @@ public final class FileSystem: @unchecked Sendable {
         } catch let e as FSError where e.errno == EEXIST && !flags.exclusive {
             let existing = try meta.lookup(parent: parent, name: name)
             let opened = try open(existing.ino, flags: flags)
-            return (remembered(withLiveSize(try meta.getattr(existing.ino))), opened)
+            return (remembered(withLiveSize(try meta.getattr(existing.ino)), parent: parent), opened)
         }
         let opened = try open(attrs.ino, flags: OpenFlags(flags.raw & ~O_TRUNC))
-        return (remembered(attrs), opened)
+        return (remembered(attrs, parent: parent), opened)
     }
 
     /// The bytes at [offset, offset+count) (fewer at the end of the file), as slices of verified
@@ -350,8 +357,11 @@ public final class FileSystem: @unchecked Sendable {
     public func flush(_ fh: FileHandleID) throws {
         let h = try handle(fh)
         guard h.writable, let s = session(of: h.ino) else { return }
-        s.lock.lock(); defer { s.lock.unlock() }
-        try commit(s)
+        s.lock.lock()
+        let ticket: ReplicationTicket?
+        do { ticket = try commit(s) } catch { s.lock.unlock(); throw error }
+        s.lock.unlock()
+        if let ticket, let replication { try replication.awaitAck(ticket) }
     }
 
     /// fsync(): the file's new version is committed, then its blocks and the metadata are made
@@ -370,7 +380,14 @@ public final class FileSystem: @unchecked Sendable {
         }
         if perBlock, case .block(let id, _) = try meta.manifest(of: h.ino) { blocks.append(id) }
         try syncDurably(blocks)
+        if let replication {
+            var all = try loadManifest(h.ino).chunks.map(\.id)
+            if case .block(let id, _) = try meta.manifest(of: h.ino) { all.append(id) }
+            try replication.awaitReplicas(ino: h.ino, parent: parentHint(h.ino), blocks: all)
+        }
     }
+
+    private func parentHint(_ ino: InodeNumber) -> InodeNumber? { tables.withLock { $0.live[ino]?.parent } }
 
     public func fsyncdir() throws { try syncDurably([]) }
 
@@ -386,8 +403,9 @@ public final class FileSystem: @unchecked Sendable {
     /// Called with the session's lock held. The commit lock is held from the first new block
     /// to the metadata transaction, so garbage collection never sees a block that is about to
     /// be referenced but is not yet (see GarbageCollector).
-    private func commit(_ s: WriteSession) throws {
-        guard s.dirty else { return }
+    @discardableResult
+    private func commit(_ s: WriteSession) throws -> ReplicationTicket? {
+        guard s.dirty else { return nil }
         commitLock.lock(); defer { commitLock.unlock() }
         let manifest: Manifest
         do { manifest = try s.prepareCommit() } catch { garbageHint(); throw error }
@@ -400,6 +418,12 @@ public final class FileSystem: @unchecked Sendable {
         } else {
             ref = .inline(manifest)
         }
+        var ticket: ReplicationTicket?
+        if let replication {
+            var blocks = manifest.chunks.map(\.id)
+            if case .block(let id, _) = ref { blocks.append(id) }
+            ticket = try replication.journal(ino: s.ino, parent: parentHint(s.ino), blocks: blocks, bytes: s.size)
+        }
         let attrs = try meta.commit(s.ino, size: s.size, manifest: ref, mtime: .now())
         s.committed(manifest)
         tables.withLock { t in
@@ -407,6 +431,7 @@ public final class FileSystem: @unchecked Sendable {
             if let l = t.live[s.ino], l.kernelCachedVersion == attrs.version - 1 { l.kernelCachedVersion = attrs.version }
             t.live[s.ino]?.view = nil
         }
+        return ticket
     }
 
     public func release(_ fh: FileHandleID) throws {

@@ -76,9 +76,11 @@ public protocol MetadataEngine: AnyObject, Sendable {
     func stats() throws -> MetadataStats
 }
 
-/// Opens an engine from a `--meta` URL: `sqlite:PATH` or `memory:`.
+/// Opens an engine from a `--meta` URL: `sqlite:PATH`, `memory:` or
+/// `etcd://HOST:PORT[,HOST:PORT...][/NAME]` (NAME: the cluster's key prefix, default "default").
 public enum MetadataURL {
-    public static func open(_ url: String, rootUID: UInt32, rootGID: UInt32) throws -> any MetadataEngine {
+    public static func open(_ url: String, rootUID: UInt32, rootGID: UInt32,
+                            clientID: String = UUID().uuidString) throws -> any MetadataEngine {
         if url == "memory:" || url == "memory" {
             return try KVMetadataEngine(store: MemoryTransactionalStore(), rootUID: rootUID, rootGID: rootGID)
         }
@@ -88,7 +90,29 @@ public enum MetadataURL {
             let store = try SQLiteTransactionalStore(path: path)
             return try KVMetadataEngine(store: store, rootUID: rootUID, rootGID: rootGID)
         }
+        if url.hasPrefix("etcd://") {
+            let (endpoints, name) = try parseEtcd(url)
+            let store = try EtcdTransactionalStore(endpoints: endpoints, name: name, clientID: clientID)
+            return try KVMetadataEngine(store: store, rootUID: rootUID, rootGID: rootGID)
+        }
         let scheme = url.split(separator: ":", maxSplits: 1).first.map(String.init) ?? url
-        throw FSError.invalid("unknown --meta scheme \"\(scheme)\": use sqlite:PATH or memory:")
+        throw FSError.invalid("unknown --meta scheme \"\(scheme)\": use sqlite:PATH, etcd://HOST:PORT,... or memory:")
+    }
+}
+
+extension MetadataURL {
+    /// `etcd://h1:2379,h2:2379/NAME` → (["h1:2379", "h2:2379"], "NAME").
+    public static func parseEtcd(_ url: String) throws -> (endpoints: [String], name: String) {
+        let rest = url.dropFirst("etcd://".count)
+        let parts = rest.split(separator: "/", maxSplits: 1, omittingEmptySubsequences: false)
+        let endpoints = (parts.first ?? "").split(separator: ",").map(String.init).filter { !$0.isEmpty }
+        let name = parts.count > 1 && !parts[1].isEmpty ? String(parts[1]) : "default"
+        guard !endpoints.isEmpty, endpoints.allSatisfy({ $0.contains(":") }) else {
+            throw FSError.invalid("--meta \(url): name the etcd members as etcd://HOST:PORT[,HOST:PORT...][/NAME]")
+        }
+        guard name.allSatisfy({ $0.isLetter || $0.isNumber || "-_.".contains($0) }) else {
+            throw FSError.invalid("--meta \(url): the cluster name may hold letters, digits, '-', '_' and '.' only")
+        }
+        return (endpoints, name)
     }
 }

@@ -62,6 +62,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         var active: UInt32 = 0
         var unsynced = Set<UInt32>()
         var usage = BlockStoreUsage()
+        var touchOnRead = false
         /// Records dropped from the index whose space `reclaim` has not yet returned.
         var dead: [DeadRecord] = []
     }
@@ -203,8 +204,10 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     }
 
     public func read(_ id: BlockID) throws -> BlockBuffer {
+        let touch = touchOnRead
         guard let (loc, pack) = state.withLock({ s -> (Location, Pack)? in
             guard let l = s.index[id], let p = s.packs[l.pack] else { return nil }
+            if touch { s.index[id]!.touched = .now() }
             return (l, p)
         }) else {
             logger("missing block \(id.hex): not in any pack under \(packsDir)")
@@ -280,6 +283,34 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
 
     public func listBlocks() -> [(id: BlockID, mtime: Timestamp)] {
         state.withLock { s in s.index.map { ($0.key, $0.value.touched) } }
+    }
+
+    /// A cache's store: reads count as uses for `evictLeastRecentlyUsed`.
+    public var touchOnRead: Bool {
+        get { state.withLock { $0.touchOnRead } }
+        set { state.withLock { $0.touchOnRead = newValue } }
+    }
+
+    /// Evicts least-recently-used blocks (by their last store or, with `touchOnRead`, read)
+    /// until at most `budget` bytes are left, and gives their space back. Returns bytes freed.
+    @discardableResult
+    public func evictLeastRecentlyUsed(keepingBytes budget: UInt64) throws -> UInt64 {
+        let victims = state.withLock { s -> [BlockID] in
+            guard s.usage.bytes > budget else { return [] }
+            var over = s.usage.bytes - budget
+            var out: [BlockID] = []
+            for (id, loc) in s.index.sorted(by: { $0.value.touched < $1.value.touched }) {
+                if over == 0 { break }
+                out.append(id)
+                over -= min(over, UInt64(loc.length))
+            }
+            return out
+        }
+        let future = Timestamp(seconds: Int64.max / 2_000_000_000, nanoseconds: 0)
+        var dropped: UInt64 = 0
+        for id in victims { dropped += removeIfStale(id, cutoff: future) }
+        try reclaim()
+        return dropped
     }
 
     /// Drops a block from the index unless a writer stored or found it at or after `cutoff`.

@@ -1,12 +1,14 @@
 import Foundation
+import ModelFSTestSupport
 import Testing
 @testable import ModelFSCore
 @testable import ModelFSMeta
 
 /// The one conformance suite every metadata engine must pass (DESIGN.md §2). Each test runs on
-/// every engine; engines that need a server join the list when they exist.
+/// every engine. The etcd engine runs against a real 3-member etcd cluster on loopback, started
+/// once for the test process (each test under its own cluster name, i.e. key prefix).
 enum EngineKind: String, CaseIterable, CustomTestStringConvertible {
-    case memory, sqlite
+    case memory, sqlite, etcd
     var testDescription: String { rawValue }
 
     func make() throws -> (any MetadataEngine, cleanup: () -> Void) {
@@ -18,6 +20,9 @@ enum EngineKind: String, CaseIterable, CustomTestStringConvertible {
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
             return (try MetadataURL.open("sqlite:\(dir)/meta.db", rootUID: 0, rootGID: 0),
                     { try? FileManager.default.removeItem(atPath: dir) })
+        case .etcd:
+            let cluster = try EtcdTestCluster.shared.get()
+            return (try MetadataURL.open(cluster.metaURL("conf-\(UInt64.random(in: 0...UInt64.max))"), rootUID: 0, rootGID: 0), {})
         }
     }
 }

@@ -1,0 +1,26 @@
+import Foundation
+import ModelFSCore
+
+/// What a cluster node adds to a commit (DESIGN.md §3). A single node has none.
+public protocol ReplicationHook: AnyObject, Sendable {
+    /// Called under the commit lock once the new version's blocks are in the local store and
+    /// before its metadata commit: journals a replication job on disk, so a crash from here on
+    /// cannot lose the obligation to replicate. `parent` is a directory the file was reached
+    /// through (for its policy), if known.
+    func journal(ino: InodeNumber, parent: InodeNumber?, blocks: [BlockID], bytes: UInt64) throws -> ReplicationTicket
+    /// close(): returns once the policy's `ack` copies of every block are durable.
+    func awaitAck(_ ticket: ReplicationTicket) throws
+    /// fsync(): returns once every block is on `replicas` nodes and fsynced there; EIO on timeout
+    /// (the job stays queued).
+    func awaitReplicas(ino: InodeNumber, parent: InodeNumber?, blocks: [BlockID]) throws
+}
+
+public struct ReplicationTicket: Sendable {
+    public var job: Int64
+    public var ino: InodeNumber
+    public var blocks: [BlockID]
+    public var ack: Int
+    public init(job: Int64, ino: InodeNumber, blocks: [BlockID], ack: Int) {
+        self.job = job; self.ino = ino; self.blocks = blocks; self.ack = ack
+    }
+}

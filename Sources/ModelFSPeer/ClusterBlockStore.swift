@@ -1,0 +1,141 @@
+import Foundation
+import ModelFSCore
+import ModelFSStore
+import Synchronization
+
+/// The block store a cluster node's filesystem reads and writes through (DESIGN.md §4):
+/// this node's replicas (`local`, where its own writes and the copies peers push to it land),
+/// then its read-through cache (`cache`, blocks fetched from peers, bounded by `cacheBudget`,
+/// least recently used first out), then the peers — in placement order, then any live node.
+/// Every block from a peer is verified before it is cached or returned.
+///
+/// Readahead (`willNeed`) fetches the following blocks in the background, up to `parallel` at a
+/// time; as consecutive blocks are placed on different nodes, a sequential read pulls from
+/// several peers at once.
+public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
+    public let local: PackBlockStore
+    public let cache: PackBlockStore
+    public let cacheBudget: UInt64
+    let membership: Membership
+    let client: PeerClient
+    let parallel: Int
+
+    public struct Stats: Sendable, Codable, Equatable {
+        public var localHits: UInt64 = 0
+        public var cacheHits: UInt64 = 0
+        public var peerFetches: UInt64 = 0
+        public var peerBytes: UInt64 = 0
+        public var failedFetches: UInt64 = 0
+        public var evictedBytes: UInt64 = 0
+    }
+    private struct State {
+        var stats = Stats()
+        /// Fetches under way (readahead or a reader): a second reader waits for the first.
+        var inflight: [BlockID: DispatchGroup] = [:]
+        var prefetching = 0
+    }
+    private let state = Mutex(State())
+    private let prefetchQueue = DispatchQueue(label: "modelfs.prefetch", attributes: .concurrent)
+    private let trimLock = NSLock()
+
+    public init(local: PackBlockStore, cache: PackBlockStore, cacheBudget: UInt64, membership: Membership,
+                client: PeerClient, parallel: Int = 8) {
+        self.local = local
+        self.cache = cache
+        self.cacheBudget = cacheBudget
+        self.membership = membership
+        self.client = client
+        self.parallel = parallel
+        cache.touchOnRead = true
+    }
+
+    public var stats: Stats { state.withLock { $0.stats } }
+
+    @discardableResult
+    public func put(_ id: BlockID, _ bytes: UnsafeRawBufferPointer) throws -> Bool { try local.put(id, bytes) }
+
+    public func contains(_ id: BlockID) -> Bool { local.contains(id) || cache.contains(id) }
+
+    public func read(_ id: BlockID) throws -> BlockBuffer {
+        if local.contains(id), let b = try? local.read(id) {
+            state.withLock { $0.stats.localHits += 1 }
+            return b
+        }
+        if cache.contains(id), let b = try? cache.read(id) {
+            state.withLock { $0.stats.cacheHits += 1 }
+            return b
+        }
+        return try fetch(id)
+    }
+
+    /// Fetches a block from the peers into the cache (or waits for a fetch already under way).
+    func fetch(_ id: BlockID) throws -> BlockBuffer {
+        let (group, mine) = state.withLock { s -> (DispatchGroup, Bool) in
+            if let g = s.inflight[id] { return (g, false) }
+            let g = DispatchGroup()
+            g.enter()
+            s.inflight[id] = g
+            return (g, true)
+        }
+        if !mine {
+            group.wait()
+            if let b = try? cache.read(id) { return b }
+            if let b = try? local.read(id) { return b }
+            return try fetch(id)   // the other fetch failed: try ourselves
+        }
+        defer {
+            state.withLock { _ = $0.inflight.removeValue(forKey: id) }
+            group.leave()
+        }
+        let peers = Placement.order(id, membership.peers)
+        var errors: [String] = []
+        for node in peers {
+            do {
+                guard let b = try client.get(id, from: node) else { continue }
+                try b.withUnsafeBytes { _ = try cache.put(id, $0) }
+                state.withLock { $0.stats.peerFetches += 1; $0.stats.peerBytes += UInt64(b.count) }
+                trimCache()
+                return b
+            } catch {
+                errors.append("\(error)")
+            }
+        }
+        state.withLock { $0.stats.failedFetches += 1 }
+        let detail = errors.isEmpty ? "" : " (\(errors.joined(separator: "; ")))"
+        Log.error("block \(id.hex) is not on this node and no live peer of \(peers.count) has a good copy\(detail)")
+        throw FSError.io("block \(id.hex) is unavailable: no live node holds a good copy")
+    }
+
+    /// Keeps the cache within its budget: when over, evicts least-recently-used blocks down to
+    /// 90% of it (replicas in `local` are never evicted).
+    func trimCache() {
+        guard cache.usage().bytes > cacheBudget, trimLock.try() else { return }
+        defer { trimLock.unlock() }
+        do {
+            let freed = try cache.evictLeastRecentlyUsed(keepingBytes: cacheBudget / 10 * 9)
+            state.withLock { $0.stats.evictedBytes += freed }
+        } catch {
+            Log.error("cannot trim the block cache: \(error)")
+        }
+    }
+
+    public func willNeed(_ ids: [BlockID]) {
+        local.willNeed(ids)
+        for id in ids where !local.contains(id) && !cache.contains(id) {
+            let start = state.withLock { s -> Bool in
+                guard s.inflight[id] == nil, s.prefetching < parallel else { return false }
+                s.prefetching += 1
+                return true
+            }
+            guard start else { continue }
+            prefetchQueue.async { [self] in
+                _ = try? fetch(id)
+                state.withLock { $0.prefetching -= 1 }
+            }
+        }
+    }
+
+    public func sync(_ ids: [BlockID]) throws { try local.sync(ids.filter { local.contains($0) }) }
+    public func syncFilesystem() throws { try local.syncFilesystem() }
+    public func usage() -> BlockStoreUsage { local.usage() }
+}

@@ -1,0 +1,194 @@
+import Foundation
+import ModelFSCore
+import ModelFSStore
+import NIOCore
+import NIOHTTP1
+import Synchronization
+
+/// The peer protocol (DESIGN.md §5), served by every node:
+///
+///   GET  /v1/blocks/ID          the block's bytes (verified), 404 if this node has no copy
+///   HEAD /v1/blocks/ID          200 or 404
+///   PUT  /v1/blocks/ID[?durable=1]
+///                               stores a block: hashed first, 422 if the bytes are not ID's;
+///                               with durable=1 it is fsynced before the answer
+///   POST /v1/has                body: N 32-byte ids; answer: N bytes, 1 where the node has it
+///   GET  /v1/status             the node's status (JSON)
+///   GET  /metrics               Prometheus text
+///
+/// Every request must carry `Authorization: Bearer SECRET` (the cluster secret): otherwise 401
+/// and nothing else. Ids are exactly 64 lowercase hex digits (no path is ever built from them);
+/// a body is at most one maximum-size block.
+public final class PeerService: PeerRoutes, @unchecked Sendable {
+    let secret: [UInt8]
+    let local: PackBlockStore
+    let cache: PackBlockStore?
+    public let metrics: PeerMetrics
+    let status: @Sendable () -> Data
+    public static let maxBody = (4 << 20) + (64 << 10)
+
+    public init(secret: String, local: PackBlockStore, cache: PackBlockStore?, metrics: PeerMetrics,
+                status: @escaping @Sendable () -> Data) {
+        self.secret = Array(secret.utf8)
+        self.local = local
+        self.cache = cache
+        self.metrics = metrics
+        self.status = status
+    }
+
+    /// Compares in time independent of where the first difference is.
+    func authorized(_ headers: HTTPHeaders) -> Bool {
+        guard let value = headers.first(name: "authorization"), value.hasPrefix("Bearer ") else { return false }
+        let given = Array(value.utf8.dropFirst(7))
+        var diff = UInt8(given.count == secret.count ? 0 : 1)
+        for i in 0..<secret.count { diff |= secret[i] ^ (i < given.count ? given[i] : 0) }
+        return diff == 0
+    }
+
+    public func handle(_ r: PeerRequest) -> PeerResponse {
+        let start = DispatchTime.now().uptimeNanoseconds
+        let (route, response) = route(r)
+        metrics.request(route: route, status: Int(response.status.code), bytesIn: r.body.readableBytes,
+                        bytesOut: r.method == .HEAD ? 0 : response.body?.readableBytes ?? 0,
+                        seconds: Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
+        return response
+    }
+
+    func route(_ r: PeerRequest) -> (String, PeerResponse) {
+        guard authorized(r.headers) else {
+            return ("unauthorized", .text(.unauthorized, "missing or wrong cluster secret"))
+        }
+        if r.path.hasPrefix("/v1/blocks/") {
+            let hex = r.path.dropFirst("/v1/blocks/".count)
+            guard hex.count == 64, hex.utf8.allSatisfy({ (48...57).contains($0) || (97...102).contains($0) }),
+                  let id = BlockID(hex: hex) else {
+                return ("block", .text(.badRequest, "a block id is 64 lowercase hex digits"))
+            }
+            switch r.method {
+            case .GET: return ("get", get(id))
+            case .HEAD: return ("head", head(id))
+            case .PUT: return ("put", put(id, r))
+            default: return ("block", .text(.methodNotAllowed, "use GET, HEAD or PUT"))
+            }
+        }
+        switch (r.method, r.path) {
+        case (.POST, "/v1/has"): return ("has", has(r.body))
+        case (.GET, "/v1/status"): return ("status", PeerResponse(.ok, body: ByteBuffer(bytes: status()), contentType: "application/json"))
+        case (.GET, "/metrics"):
+            return ("metrics", PeerResponse(.ok, body: ByteBuffer(string: metrics.render()), contentType: "text/plain; version=0.0.4"))
+        default: return ("other", .text(.notFound, "no such route: \(r.method) \(r.path)"))
+        }
+    }
+
+    func store(holding id: BlockID) -> PackBlockStore? {
+        if local.contains(id) { return local }
+        if let cache, cache.contains(id) { return cache }
+        return nil
+    }
+
+    func get(_ id: BlockID) -> PeerResponse {
+        guard let s = store(holding: id) else { return .text(.notFound, "no copy of \(id.hex) here") }
+        do {
+            let b = try s.read(id)   // verified: a corrupt copy is never served
+            return PeerResponse(.ok, body: b.withUnsafeBytes { ByteBuffer(bytes: $0) })
+        } catch {
+            return .text(.notFound, "copy of \(id.hex) here is unreadable: \(error)")
+        }
+    }
+
+    func head(_ id: BlockID) -> PeerResponse {
+        local.contains(id) ? PeerResponse(.ok) : .text(.notFound, "no replica of \(id.hex) here")
+    }
+
+    func put(_ id: BlockID, _ r: PeerRequest) -> PeerResponse {
+        let ok = r.body.withUnsafeReadableBytes { bytes -> Result<Bool, any Error>? in
+            guard BlockID.hash(bytes) == id else { return nil }
+            return Result { try local.put(id, bytes) }
+        }
+        guard let ok else {
+            metrics.count("modelfs_peer_rejected_blocks_total")
+            return .text(.unprocessableEntity, "block rejected: its bytes do not hash to \(id.hex)")
+        }
+        do {
+            let created = try ok.get()
+            if r.query["durable"] == "1" { try local.sync([id]) }
+            return created ? PeerResponse(.created) : PeerResponse(.ok)
+        } catch let e as FSError where e.errno == ENOSPC {
+            return .text(.insufficientStorage, "no space left on this node: \(e.message)")
+        } catch {
+            return .text(.internalServerError, "cannot store \(id.hex): \(error)")
+        }
+    }
+
+    func has(_ body: ByteBuffer) -> PeerResponse {
+        guard body.readableBytes % 32 == 0 else { return .text(.badRequest, "the body must be 32-byte block ids") }
+        var out = ByteBuffer()
+        out.reserveCapacity(body.readableBytes / 32)
+        body.withUnsafeReadableBytes { raw in
+            for i in stride(from: 0, to: raw.count, by: 32) {
+                let id = BlockID(bytes: UnsafeRawBufferPointer(rebasing: raw[i..<(i + 32)]))!
+                out.writeInteger(UInt8(local.contains(id) ? 1 : 0))
+            }
+        }
+        return PeerResponse(.ok, body: out)
+    }
+}
+
+/// Counters and a latency histogram per route, and gauges the node fills in, rendered in the
+/// Prometheus text format.
+public final class PeerMetrics: Sendable {
+    static let buckets: [Double] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
+    struct Histogram { var counts = [UInt64](repeating: 0, count: PeerMetrics.buckets.count + 1); var sum = 0.0; var n: UInt64 = 0 }
+    struct State {
+        var requests: [String: UInt64] = [:]        // "route,status"
+        var latency: [String: Histogram] = [:]
+        var counters: [String: UInt64] = [:]
+    }
+    private let state = Mutex(State())
+    /// Gauges computed when scraped: name → value.
+    let gauges: Mutex<(@Sendable () -> [(String, Double)])?> = Mutex(nil)
+
+    public init() {}
+
+    public func setGauges(_ f: @escaping @Sendable () -> [(String, Double)]) { gauges.withLock { $0 = f } }
+
+    public func count(_ name: String, _ by: UInt64 = 1) { state.withLock { $0.counters[name, default: 0] += by } }
+
+    func request(route: String, status: Int, bytesIn: Int, bytesOut: Int, seconds: Double) {
+        state.withLock { s in
+            s.requests["\(route),\(status)", default: 0] += 1
+            var h = s.latency[route] ?? Histogram()
+            h.counts[Self.buckets.firstIndex { seconds <= $0 } ?? Self.buckets.count] += 1
+            h.sum += seconds
+            h.n += 1
+            s.latency[route] = h
+            s.counters["modelfs_peer_bytes_in_total", default: 0] += UInt64(bytesIn)
+            s.counters["modelfs_peer_bytes_out_total", default: 0] += UInt64(bytesOut)
+        }
+    }
+
+    public func render() -> String {
+        let s = state.withLock { $0 }
+        var out = "# TYPE modelfs_peer_requests_total counter\n"
+        for (k, v) in s.requests.sorted(by: { $0.key < $1.key }) {
+            let p = k.split(separator: ",")
+            out += "modelfs_peer_requests_total{route=\"\(p[0])\",status=\"\(p[1])\"} \(v)\n"
+        }
+        out += "# TYPE modelfs_peer_request_seconds histogram\n"
+        for (route, h) in s.latency.sorted(by: { $0.key < $1.key }) {
+            var cumulative: UInt64 = 0
+            for (i, b) in Self.buckets.enumerated() {
+                cumulative += h.counts[i]
+                out += "modelfs_peer_request_seconds_bucket{route=\"\(route)\",le=\"\(b)\"} \(cumulative)\n"
+            }
+            out += "modelfs_peer_request_seconds_bucket{route=\"\(route)\",le=\"+Inf\"} \(h.n)\n"
+            out += "modelfs_peer_request_seconds_sum{route=\"\(route)\"} \(h.sum)\n"
+            out += "modelfs_peer_request_seconds_count{route=\"\(route)\"} \(h.n)\n"
+        }
+        for (k, v) in s.counters.sorted(by: { $0.key < $1.key }) { out += "# TYPE \(k) counter\n\(k) \(v)\n" }
+        if let g = gauges.withLock({ $0 }) {
+            for (k, v) in g() { out += "# TYPE \(k) gauge\n\(k) \(v)\n" }
+        }
+        return out
+    }
+}

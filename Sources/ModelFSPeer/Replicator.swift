@@ -1,0 +1,360 @@
+import Foundation
+import GRDB
+import ModelFS
+import ModelFSCore
+import ModelFSMeta
+import ModelFSStore
+import Synchronization
+
+/// A directory's replication policy (DESIGN.md §3): `replicas` copies of every block, `ack` of
+/// them durable before close() returns (1: write-back; = replicas: synchronous), copies spread
+/// over the values of node label `spread` where there are enough.
+public struct ReplicationPolicy: Codable, Sendable, Equatable, CustomStringConvertible {
+    public var replicas: Int
+    public var ack: Int
+    public var spread: String?
+    public init(replicas: Int, ack: Int, spread: String? = nil) { self.replicas = replicas; self.ack = ack; self.spread = spread }
+
+    /// The xattr a directory's policy is kept in (inherited by everything below it).
+    public static let xattr = "user.modelfs.policy"
+
+    /// "replicas=3,ack=2[,spread=zone]"
+    public var description: String { "replicas=\(replicas),ack=\(ack)" + (spread.map { ",spread=\($0)" } ?? "") }
+
+    public init(parsing text: String) throws {
+        var r: Int?, k: Int?, spread: String?
+        for part in text.split(separator: ",") {
+            let kv = part.split(separator: "=", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) }
+            guard kv.count == 2 else { throw FSError.invalid("policy \"\(text)\": expected replicas=R,ack=K[,spread=LABEL]") }
+            switch kv[0] {
+            case "replicas": r = Int(kv[1])
+            case "ack": k = Int(kv[1])
+            case "spread": spread = kv[1].isEmpty ? nil : kv[1]
+            default: throw FSError.invalid("policy \"\(text)\": unknown key \(kv[0]) (replicas, ack, spread)")
+            }
+        }
+        guard let r, let k, r >= 1, r <= 16, k >= 1, k <= r else {
+            throw FSError.invalid("policy \"\(text)\": need 1 <= ack <= replicas <= 16")
+        }
+        self.init(replicas: r, ack: k, spread: spread)
+    }
+}
+
+/// Replication state a node reports (`modelfs status`).
+public struct ReplicationStatus: Codable, Sendable, Equatable {
+    public var pendingJobs = 0
+    public var pendingFiles = 0
+    /// Bytes of file versions whose blocks are not yet confirmed on `replicas` nodes.
+    public var pendingBytes: UInt64 = 0
+    /// Age of the oldest unreplicated write: what losing this node now would lose.
+    public var oldestPendingSeconds: Double = 0
+    /// Bytes of pending versions that a pass has already found short of copies (a node down,
+    /// fewer live nodes than `replicas`).
+    public var underReplicatedBytes: UInt64 = 0
+    public var replicatedBytes: UInt64 = 0
+    public var lastError: String?
+    public var defaultPolicy: ReplicationPolicy
+}
+
+/// Write-back replication (DESIGN.md §3, §5). Each committed version becomes a job journaled in
+/// `DATA/replication.db` (SQLite, WAL: it survives a crash of the process) before its metadata
+/// commit; a background thread brings each job's blocks to `replicas` copies on the nodes that
+/// placement names and deletes the job. close() and fsync() push the copies their policy needs
+/// themselves, in parallel, and return when they are there.
+public final class Replicator: ReplicationHook, @unchecked Sendable {
+    let db: DatabaseQueue
+    let local: PackBlockStore
+    let membership: Membership
+    let client: PeerClient
+    let meta: any MetadataEngine
+    public let defaultPolicy: ReplicationPolicy
+    /// How long close() and fsync() wait for their copies before failing with EIO.
+    let timeout: Double
+    let width: Int
+
+    struct Job {
+        var id: Int64
+        var ino: InodeNumber
+        var created: Date
+        var policy: ReplicationPolicy
+        var bytes: UInt64
+        var blocks: [BlockID]
+        var attempts = 0
+    }
+    private struct State {
+        var jobs: [Int64: Job] = [:]
+        var replicatedBytes: UInt64 = 0
+        var lastError: String?
+        var policies: [InodeNumber: (ReplicationPolicy?, Date)] = [:]
+    }
+    private let state = Mutex(State())
+    private let wake = DispatchSemaphore(value: 0)
+    private let changed = NSCondition()
+    private let stopped = Mutex(false)
+    private let done = DispatchSemaphore(value: 0)
+
+    public init(dataDir: String, local: PackBlockStore, membership: Membership, client: PeerClient,
+                meta: any MetadataEngine, defaultPolicy: ReplicationPolicy, timeout: Double = 60, width: Int = 8) throws {
+        var config = Configuration()
+        config.prepareDatabase { db in
+            try db.execute(sql: "PRAGMA journal_mode = WAL")
+            try db.execute(sql: "PRAGMA synchronous = NORMAL")
+        }
+        do {
+            db = try DatabaseQueue(path: dataDir + "/replication.db", configuration: config)
+            try db.write { db in
+                try db.execute(sql: """
+                    CREATE TABLE IF NOT EXISTS jobs(id INTEGER PRIMARY KEY AUTOINCREMENT, ino INTEGER NOT NULL,
+                      created REAL NOT NULL, policy TEXT NOT NULL, bytes INTEGER NOT NULL, blocks BLOB NOT NULL)
+                    """)
+            }
+        } catch {
+            throw FSError.io("cannot open the replication journal \(dataDir)/replication.db", cause: error)
+        }
+        self.local = local
+        self.membership = membership
+        self.client = client
+        self.meta = meta
+        self.defaultPolicy = defaultPolicy
+        self.timeout = timeout
+        self.width = width
+        // Jobs a previous run left: they resume.
+        let rows = try db.read { db in try Row.fetchAll(db, sql: "SELECT id, ino, created, policy, bytes, blocks FROM jobs") }
+        var jobs: [Int64: Job] = [:]
+        for row in rows {
+            let data: Data = row[5]
+            let blocks = stride(from: 0, to: data.count, by: 32).compactMap { BlockID(bytes: data[data.startIndex + $0..<data.startIndex + $0 + 32]) }
+            let policy = (try? ReplicationPolicy(parsing: row[3])) ?? defaultPolicy
+            jobs[row[0]] = Job(id: row[0], ino: InodeNumber(UInt64(row[1] as Int64)), created: Date(timeIntervalSince1970: row[2]),
+                               policy: policy, bytes: UInt64(row[4] as Int64), blocks: blocks)
+        }
+        if !jobs.isEmpty { Log.info("resuming \(jobs.count) replication jobs left by the previous run") }
+        state.withLock { $0.jobs = jobs }
+    }
+
+    public func start() {
+        let t = Thread { [weak self] in self?.run() }
+        t.name = "modelfs-replicator"
+        t.start()
+    }
+
+    public func stop() {
+        stopped.withLock { $0 = true }
+        wake.signal()
+        _ = done.wait(timeout: .now() + 10)
+    }
+
+    // MARK: Policy
+
+    /// The policy of the nearest directory at or above `dir` that has one, else the default.
+    /// Looked up at commit (cached 2 s per directory: a change reaches commits within that).
+    public func policy(for dir: InodeNumber?) -> ReplicationPolicy {
+        guard var d = dir else { return defaultPolicy }
+        for _ in 0..<64 {
+            if let p = policySet(on: d) { return p }
+            if d == .root { break }
+            guard let parent = try? meta.parent(of: d) else { break }
+            d = parent
+        }
+        return defaultPolicy
+    }
+
+    private func policySet(on dir: InodeNumber) -> ReplicationPolicy? {
+        if let (p, at) = state.withLock({ $0.policies[dir] }), Date().timeIntervalSince(at) < 2 { return p }
+        let p = (try? meta.getxattr(dir, name: ReplicationPolicy.xattr)).flatMap {
+            try? ReplicationPolicy(parsing: String(decoding: $0, as: UTF8.self))
+        }
+        state.withLock { $0.policies[dir] = (p, Date()) }
+        return p
+    }
+
+    // MARK: ReplicationHook
+
+    public func journal(ino: InodeNumber, parent: InodeNumber?, blocks: [BlockID], bytes: UInt64) throws -> ReplicationTicket {
+        let policy = policy(for: parent)
+        var blob = Data(capacity: blocks.count * 32)
+        for b in blocks { blob.append(contentsOf: b.bytes) }
+        let created = Date()
+        let id: Int64
+        do {
+            id = try db.write { db in
+                try db.execute(sql: "INSERT INTO jobs(ino, created, policy, bytes, blocks) VALUES (?, ?, ?, ?, ?)",
+                               arguments: [Int64(bitPattern: ino.rawValue), created.timeIntervalSince1970, policy.description,
+                                           Int64(bytes), blob])
+                return db.lastInsertedRowID
+            }
+        } catch {
+            throw FSError.io("cannot journal replication of inode \(ino)", cause: error)
+        }
+        state.withLock { $0.jobs[id] = Job(id: id, ino: ino, created: created, policy: policy, bytes: bytes, blocks: blocks) }
+        wake.signal()
+        return ReplicationTicket(job: id, ino: ino, blocks: blocks, ack: policy.ack)
+    }
+
+    public func awaitAck(_ ticket: ReplicationTicket) throws {
+        guard ticket.ack > 1 else { return }
+        let policy = state.withLock { $0.jobs[ticket.job]?.policy }
+        guard let policy else { return }   // already fully replicated
+        try push(ticket.blocks, copies: ticket.ack, policy: policy, durable: false, what: "close")
+    }
+
+    public func awaitReplicas(ino: InodeNumber, parent: InodeNumber?, blocks: [BlockID]) throws {
+        let policy = policy(for: parent)
+        guard policy.replicas > 1 else { return }
+        try push(blocks, copies: policy.replicas, policy: policy, durable: true, what: "fsync")
+    }
+
+    /// Pushes until every block has `copies` copies (this node's included), retrying until the
+    /// timeout; then EIO.
+    func push(_ blocks: [BlockID], copies: Int, policy: ReplicationPolicy, durable: Bool, what: String) throws {
+        let deadline = Date().addingTimeInterval(timeout)
+        while true {
+            let shortfall = ensure(blocks, copies: copies, policy: policy, durable: durable)
+            if shortfall == nil { return }
+            if Date() >= deadline || stopped.withLock({ $0 }) {
+                throw FSError.io("\(what): \(copies) durable copies not reached within \(Int(timeout)) s: \(shortfall!); the replication job stays queued")
+            }
+            usleep(200_000)
+            try? membership.reload()
+        }
+    }
+
+    /// One pass: brings each block to `copies` copies on its placement targets. Returns nil when
+    /// every block has them, else what is short.
+    func ensure(_ blocks: [BlockID], copies: Int, policy: ReplicationPolicy, durable: Bool) -> String? {
+        let me = membership.me
+        let nodes = membership.nodes.contains(where: { $0.id == me.id }) ? membership.nodes : membership.nodes + [me]
+        guard nodes.count >= copies else {
+            return "\(nodes.count) live nodes for \(copies) copies"
+        }
+        // Per remote node, the blocks placement gives it.
+        var wanted: [String: (NodeInfo, [BlockID])] = [:]
+        for b in Set(blocks) {
+            for n in Placement.targets(b, nodes: nodes, replicas: copies, writer: me.id, spreadLabel: policy.spread) where n.id != me.id {
+                wanted[n.id, default: (n, [])].1.append(b)
+            }
+        }
+        let errors = Shared<[String]>([])
+        let sent = Shared<UInt64>(0)
+        var work: [(NodeInfo, BlockID)] = []
+        for (node, ids) in wanted.values {
+            var missing = ids
+            if !durable {
+                do {
+                    let has = try client.has(ids, at: node)
+                    missing = zip(ids, has).filter { !$0.1 }.map(\.0)
+                } catch {
+                    errors.withLock { $0.append("\(error)") }
+                    continue
+                }
+            }
+            work += missing.map { (node, $0) }
+        }
+        let jobs = work
+        parallelFor(jobs.count, width: width) { [local, client] i in
+            let (node, id) = jobs[i]
+            do {
+                let b = try local.read(id)
+                try b.withUnsafeBytes { try client.put(id, $0, to: node, durable: durable) }
+                sent.withLock { $0 += UInt64(b.count) }
+            } catch {
+                errors.withLock { $0.append("\(node.id): \(error)") }
+            }
+        }
+        state.withLock { $0.replicatedBytes += sent.withLock { $0 } }
+        let e = errors.withLock { $0 }
+        return e.isEmpty ? nil : "\(e.count) copies failed (\(e.first!))"
+    }
+
+    // MARK: Background
+
+    private func run() {
+        defer { done.signal() }
+        var idle = false
+        while !stopped.withLock({ $0 }) {
+            _ = wake.wait(timeout: .now() + (idle ? 2 : 0.5))
+            if stopped.withLock({ $0 }) { break }
+            let jobs = state.withLock { $0.jobs.values.sorted { $0.id < $1.id } }
+            idle = jobs.isEmpty
+            var progress = false
+            for job in jobs {
+                if stopped.withLock({ $0 }) { break }
+                if let short = ensure(job.blocks, copies: job.policy.replicas, policy: job.policy, durable: false) {
+                    state.withLock { s in s.jobs[job.id]?.attempts += 1; s.lastError = short }
+                    idle = true   // retry after a pause, not in a tight loop
+                    continue
+                }
+                do {
+                    try db.write { db in try db.execute(sql: "DELETE FROM jobs WHERE id = ?", arguments: [job.id]) }
+                    state.withLock { _ = $0.jobs.removeValue(forKey: job.id) }
+                    progress = true
+                } catch {
+                    state.withLock { $0.lastError = "cannot update the replication journal: \(error)" }
+                }
+            }
+            if progress { state.withLock { $0.lastError = nil } }
+            changed.lock(); changed.broadcast(); changed.unlock()
+        }
+    }
+
+    /// Kicks the background thread (after a node joined, or `modelfs sync`).
+    public func poke() { wake.signal() }
+
+    /// Waits until no pending job is for one of `inodes` (every job, if nil). Returns the
+    /// status at the end; `progress` is called at least once a second.
+    public func waitUntilReplicated(inodes: Set<InodeNumber>?, timeout: Double,
+                                    progress: (ReplicationStatus) -> Void) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        poke()
+        while true {
+            let remaining = state.withLock { s in s.jobs.values.filter { inodes == nil || inodes!.contains($0.ino) }.count }
+            progress(status())
+            if remaining == 0 { return true }
+            if Date() >= deadline { return false }
+            changed.lock()
+            _ = changed.wait(until: min(deadline, Date().addingTimeInterval(1)))
+            changed.unlock()
+        }
+    }
+
+    public func status() -> ReplicationStatus {
+        state.withLock { s in
+            var r = ReplicationStatus(defaultPolicy: defaultPolicy)
+            r.pendingJobs = s.jobs.count
+            r.pendingFiles = Set(s.jobs.values.map(\.ino)).count
+            r.pendingBytes = s.jobs.values.reduce(0) { $0 + $1.bytes }
+            r.underReplicatedBytes = s.jobs.values.filter { $0.attempts > 0 }.reduce(0) { $0 + $1.bytes }
+            r.oldestPendingSeconds = s.jobs.values.map { -$0.created.timeIntervalSinceNow }.max() ?? 0
+            r.replicatedBytes = s.replicatedBytes
+            r.lastError = s.lastError
+            return r
+        }
+    }
+}
+
+/// Runs `body(0..<count)` on up to `width` threads at once and waits for all.
+func parallelFor(_ count: Int, width: Int, _ body: @escaping @Sendable (Int) -> Void) {
+    guard count > 0 else { return }
+    if count == 1 { body(0); return }
+    let next = Shared(0)
+    let group = DispatchGroup()
+    for _ in 0..<min(width, count) {
+        group.enter()
+        DispatchQueue.global().async {
+            while true {
+                let i = next.withLock { n -> Int in defer { n += 1 }; return n }
+                if i >= count { break }
+                body(i)
+            }
+            group.leave()
+        }
+    }
+    group.wait()
+}
+
+/// A value behind a lock that closures on several threads can share.
+final class Shared<T: Sendable>: Sendable {
+    private let m: Mutex<T>
+    init(_ v: T) { m = Mutex(v) }
+    func withLock<R>(_ body: (inout T) throws -> R) rethrows -> R { try m.withLock { try body(&$0) } }
+}

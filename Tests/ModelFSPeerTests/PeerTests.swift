@@ -1,0 +1,255 @@
+import AsyncHTTPClient
+import Foundation
+import ModelFSTestSupport
+import NIOCore
+import NIOHTTP1
+import Synchronization
+import Testing
+@testable import ModelFS
+@testable import ModelFSCore
+@testable import ModelFSMeta
+@testable import ModelFSPeer
+@testable import ModelFSStore
+
+func blockOf(_ n: Int, seed: UInt64) -> (BlockID, [UInt8]) {
+    let bytes = randomBytes(n, seed: seed)
+    return (bytes.withUnsafeBytes { BlockID.hash($0) }, bytes)
+}
+
+func scratch(_ name: String) throws -> String {
+    let dir = NSTemporaryDirectory() + "modelfs-peer-\(name)-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
+    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    return dir
+}
+
+/// A node without FUSE: its stores, its peer server on a loopback port, its membership in the
+/// shared test etcd, its replicator.
+final class TestNode: @unchecked Sendable {
+    let dir: String
+    let local: PackBlockStore
+    let cache: PackBlockStore
+    let server: PeerServer
+    let membership: Membership
+    let client: PeerClient
+    let store: ClusterBlockStore
+    let meta: any MetadataEngine
+    var replicator: Replicator?
+
+    init(id: String, cluster: String, secret: String = "s3cret", cacheBudget: UInt64 = 64 << 20,
+         policy: ReplicationPolicy = ReplicationPolicy(replicas: 3, ack: 1), labels: [String: String] = [:]) throws {
+        dir = try scratch(id)
+        local = try PackBlockStore(root: dir + "/blocks")
+        cache = try PackBlockStore(root: dir + "/cache")
+        let etcd = try EtcdTestCluster.shared.get()
+        let metrics = PeerMetrics()
+        server = try PeerServer(host: "127.0.0.1", port: 0,
+                                routes: PeerService(secret: secret, local: local, cache: cache, metrics: metrics, status: { Data("{}".utf8) }),
+                                maxBody: PeerService.maxBody)
+        membership = Membership(client: EtcdClient(endpoints: etcd.endpoints), cluster: cluster,
+                                me: NodeInfo(id: id, address: "127.0.0.1:\(server.port)", labels: labels), ttl: 5, refresh: 0.2)
+        try membership.start()
+        client = PeerClient(secret: secret, timeout: .seconds(5))
+        store = ClusterBlockStore(local: local, cache: cache, cacheBudget: cacheBudget, membership: membership, client: client)
+        meta = try MetadataURL.open(etcd.metaURL(cluster), rootUID: 0, rootGID: 0)
+        replicator = try Replicator(dataDir: dir, local: local, membership: membership, client: client, meta: meta,
+                                    defaultPolicy: policy, timeout: 10)
+    }
+
+    func stop() {
+        replicator?.stop()
+        membership.stop()
+        server.shutdown()
+        client.shutdown()
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+}
+
+func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
+    waitUntil(timeout: 10) {
+        nodes.allSatisfy { n in (try? n.membership.reload()) != nil && n.membership.nodes.count == count }
+    }
+}
+
+@Suite struct PlacementTests {
+    let nodes = (0..<5).map { NodeInfo(id: "node-\($0)", address: "127.0.0.1:\(7000 + $0)", labels: ["zone": "z\($0 % 3)"]) }
+
+    @Test func targetsAreDistinctDeterministicAndWriterFirst() {
+        for seed in 0..<200 as Range<UInt64> {
+            let (id, _) = blockOf(64, seed: seed)
+            let t = Placement.targets(id, nodes: nodes, replicas: 3, writer: "node-4")
+            #expect(t.count == 3 && Set(t.map(\.id)).count == 3 && t[0].id == "node-4")
+            #expect(t == Placement.targets(id, nodes: nodes.reversed(), replicas: 3, writer: "node-4"))
+        }
+    }
+
+    @Test func spreadPrefersDistinctLabelValues() {
+        for seed in 0..<200 as Range<UInt64> {
+            let (id, _) = blockOf(64, seed: seed)
+            let t = Placement.targets(id, nodes: nodes, replicas: 3, writer: "node-0", spreadLabel: "zone")
+            #expect(Set(t.compactMap { $0.labels["zone"] }).count == 3)
+        }
+    }
+
+    /// Rendezvous hashing: adding a sixth node moves only the blocks it wins (about 1/6).
+    @Test func addingANodeMovesAboutItsShare() {
+        let more = nodes + [NodeInfo(id: "node-5", address: "x:1")]
+        var moved = 0
+        let n = 3000
+        for seed in 0..<UInt64(n) {
+            let (id, _) = blockOf(32, seed: seed)
+            let before = Placement.order(id, nodes)[0].id
+            let after = Placement.order(id, more)[0].id
+            if before != after { moved += 1; #expect(after == "node-5") }
+        }
+        #expect(moved > n / 6 / 2 && moved < n / 6 * 2, "moved \(moved) of \(n)")
+    }
+}
+
+@Suite struct PeerServerTests {
+    func serve(_ secret: String = "s3cret") throws -> (PeerServer, PackBlockStore, PeerMetrics, String) {
+        let dir = try scratch("server")
+        let local = try PackBlockStore(root: dir)
+        let metrics = PeerMetrics()
+        let server = try PeerServer(host: "127.0.0.1", port: 0,
+                                    routes: PeerService(secret: secret, local: local, cache: nil, metrics: metrics,
+                                                        status: { Data(#"{"ok":true}"#.utf8) }),
+                                    maxBody: PeerService.maxBody)
+        return (server, local, metrics, dir)
+    }
+
+    func raw(_ port: Int, _ method: HTTPMethod, _ path: String, auth: String?, body: [UInt8]? = nil) throws -> (Int, [UInt8]) {
+        let http = HTTPClient(eventLoopGroupProvider: .singleton)
+        defer { try? http.syncShutdown() }
+        var req = try HTTPClient.Request(url: "http://127.0.0.1:\(port)\(path)", method: method,
+                                         body: body.map { .bytes($0) })
+        if let auth { req.headers.add(name: "Authorization", value: auth) }
+        let r = try http.execute(request: req).wait()
+        return (Int(r.status.code), r.body.map { Array($0.readableBytesView) } ?? [])
+    }
+
+    @Test func blocksRoundTripVerified() throws {
+        let (server, local, metrics, dir) = try serve()
+        defer { server.shutdown(); try? FileManager.default.removeItem(atPath: dir) }
+        let node = NodeInfo(id: "n", address: "127.0.0.1:\(server.port)")
+        let client = PeerClient(secret: "s3cret")
+        defer { client.shutdown() }
+        let (id, bytes) = blockOf(3 << 20, seed: 1)
+        #expect(try client.get(id, from: node) == nil)
+        #expect(try client.has([id], at: node) == [false])
+        try bytes.withUnsafeBytes { try client.put(id, $0, to: node, durable: true) }
+        #expect(local.contains(id))
+        #expect(try client.has([id, blockOf(10, seed: 2).0], at: node) == [true, false])
+        let got = try #require(try client.get(id, from: node))
+        #expect(got.withUnsafeBytes { Array($0) } == bytes)
+        #expect(metrics.render().contains(#"modelfs_peer_requests_total{route="put",status="201"} 1"#))
+    }
+
+    @Test func withoutTheSecretNothingIsServed() throws {
+        let (server, local, _, dir) = try serve()
+        defer { server.shutdown(); try? FileManager.default.removeItem(atPath: dir) }
+        let (id, bytes) = blockOf(1000, seed: 3)
+        try bytes.withUnsafeBytes { _ = try local.put(id, $0) }
+        for auth in [nil, "Bearer wrong", "Bearer s3cre", "Bearer s3crett", "Basic s3cret"] as [String?] {
+            for (method, path) in [(HTTPMethod.GET, "/v1/blocks/\(id.hex)"), (.GET, "/metrics"), (.GET, "/v1/status"), (.POST, "/v1/has")] {
+                let (status, body) = try raw(server.port, method, path, auth: auth)
+                #expect(status == 401, "\(method) \(path) with \(auth ?? "no secret")")
+                #expect(!body.starts(with: bytes.prefix(16)))
+            }
+        }
+        let (id2, bytes2) = blockOf(1000, seed: 4)
+        #expect(try raw(server.port, .PUT, "/v1/blocks/\(id2.hex)", auth: "Bearer nope", body: bytes2).0 == 401)
+        #expect(!local.contains(id2))
+        let client = PeerClient(secret: "wrong")
+        defer { client.shutdown() }
+        let e = #expect(throws: FSError.self) { _ = try client.get(id, from: NodeInfo(id: "n", address: "127.0.0.1:\(server.port)")) }
+        #expect(e?.message.contains("refused the cluster secret") == true)
+    }
+
+    @Test func tamperedAndMalformedRequestsAreRejected() throws {
+        let (server, local, metrics, dir) = try serve()
+        defer { server.shutdown(); try? FileManager.default.removeItem(atPath: dir) }
+        let auth = "Bearer s3cret"
+        var (id, bytes) = blockOf(100_000, seed: 5)
+        bytes[500] ^= 0x01
+        #expect(try raw(server.port, .PUT, "/v1/blocks/\(id.hex)", auth: auth, body: bytes).0 == 422)
+        #expect(!local.contains(id))
+        #expect(metrics.render().contains("modelfs_peer_rejected_blocks_total 1"))
+        for bad in ["../../etc/passwd", String(repeating: "A", count: 64), String(repeating: "0", count: 63), id.hex + "0"] {
+            #expect(try raw(server.port, .GET, "/v1/blocks/\(bad)", auth: auth).0 == 400, "\(bad)")
+        }
+        id = blockOf(10, seed: 6).0
+        #expect(try raw(server.port, .PUT, "/v1/blocks/\(id.hex)", auth: auth, body: [UInt8](repeating: 1, count: PeerService.maxBody + 1)).0 == 413)
+        #expect(try raw(server.port, .POST, "/v1/has", auth: auth, body: [1, 2, 3]).0 == 400)
+        #expect(try raw(server.port, .DELETE, "/v1/blocks/\(id.hex)", auth: auth).0 == 405)
+    }
+}
+
+@Suite(.serialized) struct ClusterStoreTests {
+    @Test func readsFetchFromPeersAndTheCacheKeepsItsBudget() throws {
+        let cluster = "cache-\(UInt64.random(in: 0...UInt64.max))"
+        let a = try TestNode(id: "a", cluster: cluster)
+        let b = try TestNode(id: "b", cluster: cluster, cacheBudget: 8 << 20)
+        defer { a.stop(); b.stop() }
+        #expect(waitForNodes([a, b], count: 2))
+        // 24 MiB on A only: three times B's cache budget.
+        let blocks = (0..<24).map { blockOf(1 << 20, seed: 100 + UInt64($0)) }
+        for (id, bytes) in blocks { try bytes.withUnsafeBytes { _ = try a.store.put(id, $0) } }
+        for (id, bytes) in blocks {
+            let got = try b.store.read(id)
+            #expect(got.withUnsafeBytes { Array($0) } == bytes)
+            #expect(b.cache.usage().bytes <= 8 << 20)
+        }
+        #expect(b.store.stats.peerFetches == 24)
+        #expect(!b.local.contains(blocks[0].0))   // fetched blocks are cache, not replicas
+        // A block nobody has: a clear error.
+        let e = #expect(throws: FSError.self) { _ = try b.store.read(blockOf(10, seed: 999).0) }
+        #expect(e?.message.contains("no live node holds a good copy") == true)
+    }
+
+    @Test func replicationReachesEveryNodeAndResumesAfterRestart() throws {
+        let cluster = "repl-\(UInt64.random(in: 0...UInt64.max))"
+        let a = try TestNode(id: "a", cluster: cluster)
+        let b = try TestNode(id: "b", cluster: cluster)
+        var c: TestNode? = try TestNode(id: "c", cluster: cluster)
+        defer { a.stop(); b.stop(); c?.stop() }
+        #expect(waitForNodes([a, b, c!], count: 3))
+        let blocks = (0..<6).map { blockOf(300_000, seed: 200 + UInt64($0)) }
+        for (id, bytes) in blocks { try bytes.withUnsafeBytes { _ = try a.local.put(id, $0) } }
+        let ids = blocks.map(\.0)
+        // Synchronous: ack = 3 pushes to both others before returning.
+        try a.replicator!.push(ids, copies: 3, policy: ReplicationPolicy(replicas: 3, ack: 3), durable: true, what: "test")
+        #expect(ids.allSatisfy { b.local.contains($0) && c!.local.contains($0) })
+
+        // A job journaled while C is down stays pending, survives a restart of A's replicator,
+        // and completes once C is back.
+        c!.stop()
+        c = nil
+        #expect(waitForNodes([a, b], count: 2))
+        let more = (0..<4).map { blockOf(200_000, seed: 300 + UInt64($0)) }
+        for (id, bytes) in more { try bytes.withUnsafeBytes { _ = try a.local.put(id, $0) } }
+        a.replicator!.stop()
+        a.replicator = try Replicator(dataDir: a.dir, local: a.local, membership: a.membership, client: a.client, meta: a.meta,
+                                      defaultPolicy: ReplicationPolicy(replicas: 3, ack: 1), timeout: 10)
+        _ = try a.replicator!.journal(ino: InodeNumber(77), parent: nil, blocks: more.map(\.0), bytes: 800_000)
+        a.replicator!.stop()
+        a.replicator = try Replicator(dataDir: a.dir, local: a.local, membership: a.membership, client: a.client, meta: a.meta,
+                                      defaultPolicy: ReplicationPolicy(replicas: 3, ack: 1), timeout: 10)
+        #expect(a.replicator!.status().pendingJobs == 1)
+        a.replicator!.start()
+        // Two live nodes for three replicas: it stays pending and shows as under-replicated.
+        #expect(waitUntil(timeout: 10) { a.replicator!.status().underReplicatedBytes == 800_000 })
+        c = try TestNode(id: "c", cluster: cluster)
+        #expect(waitForNodes([a, b, c!], count: 3))
+        #expect(a.replicator!.waitUntilReplicated(inodes: [InodeNumber(77)], timeout: 20) { _ in })
+        #expect(more.allSatisfy { b.local.contains($0.0) && c!.local.contains($0.0) })
+        #expect(a.replicator!.status().pendingJobs == 0)
+    }
+
+    @Test func policiesParseAndRefuseNonsense() throws {
+        #expect(try ReplicationPolicy(parsing: "replicas=3,ack=2,spread=zone") == ReplicationPolicy(replicas: 3, ack: 2, spread: "zone"))
+        #expect(try ReplicationPolicy(parsing: "ack=1, replicas=2") == ReplicationPolicy(replicas: 2, ack: 1))
+        for bad in ["replicas=2,ack=3", "replicas=0,ack=0", "replicas=3", "copies=3,ack=1", "replicas=x,ack=1"] {
+            #expect(throws: FSError.self, "\(bad)") { _ = try ReplicationPolicy(parsing: bad) }
+        }
+    }
+}
