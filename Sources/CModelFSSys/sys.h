@@ -4,6 +4,8 @@
 #ifndef MODELFS_SYS_H
 #define MODELFS_SYS_H
 #include <sys/types.h>
+#include <sys/xattr.h>                                       // getxattr/setxattr: modelfs policy
+#include <stdio.h>
 
 int syncfs(int fd);                                          // PackBlockStore.syncFilesystem
 int fallocate(int fd, int mode, off_t offset, off_t len);    // PackBlockStore.reclaim (punch holes)
@@ -16,4 +18,5 @@ static inline int modelfs_punch_hole(int fd, off_t offset, off_t len) {
 static inline int modelfs_mallopt(int param, int value) { return mallopt(param, value); }
 static inline int modelfs_m_mmap_threshold(void) { return -3; }
 static inline int modelfs_m_arena_max(void) { return -8; }
+static inline void modelfs_flush_stdout(void) { fflush(stdout); }  // progress bars
 #endif

@@ -85,6 +85,8 @@ public final class FileSystem: @unchecked Sendable {
     let commitLock = NSLock()
     /// Replication of each committed version (a cluster node); nil on a single node.
     public var replication: (any ReplicationHook)?
+    /// Keeps other nodes from writing a file this node writes (a cluster node).
+    public var writerLock: (any WriterLock)?
 
     public init(meta: any MetadataEngine, store: any BlockStore, options: FileSystemOptions) throws {
         self.meta = meta
@@ -266,6 +268,10 @@ public final class FileSystem: @unchecked Sendable {
         public var handle: FileHandleID
         /// The kernel may keep the pages it cached: the content did not change since.
         public var keepCache: Bool
+        /// Another node may have committed a version since the kernel cached this inode's
+        /// attributes (its size): the adapter invalidates them before replying, so the reader
+        /// sees the new version whole (close-to-open across nodes).
+        public var staleAttributes = false
     }
 
     public func open(_ ino: InodeNumber, flags: OpenFlags) throws -> Opened {
@@ -278,6 +284,7 @@ public final class FileSystem: @unchecked Sendable {
             let (hasSession, hasView) = tables.withLock { t in
                 (t.live[ino]?.session != nil, t.live[ino]?.view?.version == attrs.version)
             }
+            if flags.writable && !hasSession { try writerLock?.acquire(ino) }
             let fresh = flags.writable && !hasSession ? try makeSession(ino) : nil
             let view = !flags.writable && !hasSession && !hasView
                 ? ReadView(manifest: try loadManifest(ino), size: attrs.size, version: attrs.version) : nil
@@ -300,7 +307,8 @@ public final class FileSystem: @unchecked Sendable {
                 s.lock.lock(); defer { s.lock.unlock() }
                 try s.truncate(to: 0)
             }
-            return Opened(handle: FileHandleID(fh), keepCache: keep && !flags.truncate)
+            return Opened(handle: FileHandleID(fh), keepCache: keep && !flags.truncate,
+                          staleAttributes: replication != nil && !keep)
         }
     }
 
@@ -442,16 +450,30 @@ public final class FileSystem: @unchecked Sendable {
             do { try commit(s) } catch { failed = error }
             s.lock.unlock()
         }
-        let drop = tables.withLock { t -> Bool in
+        let (drop, wasWriting) = tables.withLock { t -> (Bool, Bool) in
             t.handles[fh.rawValue] = nil
-            guard let l = t.live[h.ino] else { return false }
+            guard let l = t.live[h.ino] else { return (false, false) }
             l.opens -= 1
+            let writing = l.opens == 0 && l.session != nil
             if l.opens == 0 { l.session = nil; l.view = nil }
-            if l.opens == 0 && l.lookups == 0 { t.live[h.ino] = nil; return true }
-            return false
+            if l.opens == 0 && l.lookups == 0 { t.live[h.ino] = nil; return (true, writing) }
+            return (false, writing)
         }
+        if wasWriting { writerLock?.release(h.ino) }
         if drop { deleteIfUnlinked(h.ino) }
         if let failed { throw failed }
+    }
+
+    /// A change another node made to `ino` (from the metadata watch): forgets what this node
+    /// cached of it. Returns whether the kernel's pages are stale too (the content changed).
+    public func remoteChange(_ ino: InodeNumber, version: UInt64?) -> (known: Bool, pagesStale: Bool) {
+        tables.withLock { t in
+            guard let l = t.live[ino] else { return (false, false) }
+            guard l.session == nil else { return (true, false) }   // this node is the writer
+            let stale = version == nil || l.kernelCachedVersion != version
+            if stale { l.kernelCachedVersion = nil }
+            return (true, stale)
+        }
     }
 
     /// Handles still open (refuse an unmount while any are).
@@ -496,6 +518,13 @@ public final class FileSystem: @unchecked Sendable {
     public func getxattr(_ ino: InodeNumber, name: String) throws -> Data { try meta.getxattr(ino, name: name) }
 
     public func setxattr(_ ino: InodeNumber, name: String, value: Data, mode: XattrSetMode) throws {
+        if name == ReplicationPolicy.xattr {
+            // A replication policy (modelfs policy set): directories only, and it must parse.
+            guard try meta.getattr(ino).kind == .directory else {
+                throw FSError.invalid("a replication policy is set on a directory, not a file")
+            }
+            _ = try ReplicationPolicy(parsing: String(decoding: value, as: UTF8.self))
+        }
         guard !name.hasPrefix("system.") else { throw FSError(EOPNOTSUPP, "system.* attributes (ACLs) are not supported") }
         try meta.setxattr(ino, name: name, value: value, mode: mode)
     }

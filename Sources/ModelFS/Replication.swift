@@ -24,3 +24,11 @@ public struct ReplicationTicket: Sendable {
         self.job = job; self.ino = ino; self.blocks = blocks; self.ack = ack
     }
 }
+
+/// One node at a time may have a file open for writing (DESIGN.md §3): a second node gets EBUSY.
+public protocol WriterLock: AnyObject, Sendable {
+    /// Takes the file for this node (again, if it already holds it); EBUSY if another node has it.
+    func acquire(_ ino: InodeNumber) throws
+    /// Gives it back (the node's last writable handle closed).
+    func release(_ ino: InodeNumber)
+}

@@ -14,13 +14,18 @@ public final class FuseServer: @unchecked Sendable {
     /// namespace, so a long timeout is safe and makes warm `stat` free.
     let entryTimeout: Double
     let attrTimeout: Double
+    /// The kernel's writeback cache (single node). A cluster node runs without it: with it, the
+    /// kernel trusts its own idea of a file's size over ours for as long as it caches the inode,
+    /// so a new version committed by another node could be read cut to the old size.
+    let writebackCache: Bool
     private var session: OpaquePointer?
 
-    public init(fs: FileSystem, dataDir: String, entryTimeout: Double = 60, attrTimeout: Double = 60) {
+    public init(fs: FileSystem, dataDir: String, entryTimeout: Double = 60, attrTimeout: Double = 60, writebackCache: Bool = true) {
         self.fs = fs
         self.dataDir = dataDir
         self.entryTimeout = entryTimeout
         self.attrTimeout = attrTimeout
+        self.writebackCache = writebackCache
     }
 
     /// Mounts and serves until unmounted or signalled. `ready` runs once the mount answers.
@@ -136,6 +141,24 @@ public final class FuseServer: @unchecked Sendable {
         } else {
             data.withUnsafeBytes { _ = fuse_reply_buf(req, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }
         }
+    }
+
+    /// Drops the kernel's cached attributes of `ino` (not its pages: offset -1), so its size is
+    /// asked again. Safe inside a request: it touches no page or inode lock.
+    func invalidateAttributes(_ ino: fuse_ino_t) {
+        if let session { _ = fuse_lowlevel_notify_inval_inode(session, ino, -1, 0) }
+    }
+
+    /// Drops the kernel's cached attributes of `ino`, and its pages too if `pages` (from a watch
+    /// thread, never inside a request for that inode).
+    public func invalidateInode(_ ino: UInt64, pages: Bool) {
+        if let session { _ = fuse_lowlevel_notify_inval_inode(session, fuse_ino_t(ino), pages ? 0 : -1, 0) }
+    }
+
+    /// Drops the kernel's cached entry `name` in `parent` (from a watch thread).
+    public func invalidateEntry(parent: UInt64, name: String) {
+        guard let session else { return }
+        _ = name.withCString { fuse_lowlevel_notify_inval_entry(session, fuse_ino_t(parent), $0, strlen($0)) }
     }
 
     func setOpenReply(_ fi: UnsafeMutablePointer<fuse_file_info>?, _ o: FileSystem.Opened) {

@@ -20,7 +20,13 @@ extension FuseServer {
             var want = conn.pointee.want
             // Writeback cache: writes land in the page cache and reach us as large, merged
             // requests; the kernel keeps size and mtime itself while it has dirty pages.
-            if c & UInt32(FUSE_CAP_WRITEBACK_CACHE) != 0 { want |= UInt32(FUSE_CAP_WRITEBACK_CACHE) }
+            // (Not on a cluster node: see FuseServer.writebackCache.)
+            let server = userdata.map { Unmanaged<FuseServer>.fromOpaque($0).takeUnretainedValue() }
+            if c & UInt32(FUSE_CAP_WRITEBACK_CACHE) != 0 && server?.writebackCache != false {
+                want |= UInt32(FUSE_CAP_WRITEBACK_CACHE)
+            } else {
+                want &= ~UInt32(FUSE_CAP_WRITEBACK_CACHE)
+            }
             // O_TRUNC arrives with open(), so truncate-and-rewrite is one step for us.
             if c & UInt32(FUSE_CAP_ATOMIC_O_TRUNC) != 0 { want |= UInt32(FUSE_CAP_ATOMIC_O_TRUNC) }
             // Lookups and readdirs in one directory may run in parallel: the engine is thread-safe.
@@ -40,7 +46,6 @@ extension FuseServer {
             conn.pointee.max_background = 64
             conn.pointee.congestion_threshold = 48
             conn.pointee.time_gran = 1
-            _ = userdata
         }
 
         ops.destroy = { userdata in
@@ -149,6 +154,7 @@ extension FuseServer {
             let s = FuseServer.server(req)
             do {
                 let opened = try s.fs.open(ino(i), flags: FuseServer.adjustedFlags(fi))
+                if opened.staleAttributes { s.invalidateAttributes(i) }
                 s.setOpenReply(fi, opened)
                 fuse_reply_open(req, fi)
             } catch { fuse_reply_err(req, errnoFor(error, op: "open")) }

@@ -50,6 +50,10 @@ public struct EtcdCompare: Encodable, Sendable {
         EtcdCompare(key: key.base64EncodedString(), range_end: rangeEnd?.base64EncodedString(), target: "MOD",
                     result: result, mod_revision: revision)
     }
+    /// The key does not exist (its version is 0).
+    public static func absent(_ key: Data) -> EtcdCompare {
+        EtcdCompare(key: key.base64EncodedString(), target: "VERSION", result: "EQUAL", version: 0)
+    }
     public static func value(_ key: Data, equals value: Data) -> EtcdCompare {
         EtcdCompare(key: key.base64EncodedString(), target: "VALUE", result: "EQUAL", value: value.base64EncodedString())
     }

@@ -14,12 +14,14 @@ import Synchronization
 /// mid-request) is settled by reading back a marker key the txn wrote: nothing is applied twice.
 ///
 /// Keys, under `/modelfs/NAME/` (inode numbers as 16 hex digits):
-///   i/INO          inode record (JSON)
+///   i/INO          inode record (JSON; "o" names the node that wrote it)
 ///   m/INO          manifest bytes (large manifests are blocks; this holds their reference)
-///   e/PARENT/NAME  directory entry "INO,KIND"; its create revision is the readdir cookie
+///   e/PARENT/NAME  directory entry "INO,KIND,ORIGIN"; its create revision is the readdir cookie
 ///   x/INO/NAME     xattr value
 ///   n/next_ino     the next unreserved inode number: nodes reserve 1024 at a time
 ///   t/CLIENT/SLOT  commit markers (one per concurrent writer of a client)
+///   w/INO          the node writing the file, under that node's lease (one writer node at a time)
+///   nodes/ID       live nodes, under their leases (ModelFSPeer.Membership)
 /// Values and names are raw bytes; etcd limits a request to 1.5 MiB, which bounds a manifest
 /// kept in etcd (455 chunks inline, far below) and an xattr value (64 KiB, the kernel's limit).
 public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendable {
@@ -47,7 +49,7 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
     deinit { client.shutdown() }
 
     func key(_ s: String) -> Data { prefix + Data(s.utf8) }
-    static func hex(_ ino: InodeNumber) -> String {
+    public static func hex(_ ino: InodeNumber) -> String {
         let s = String(ino.rawValue, radix: 16)
         return String(repeating: "0", count: 16 - s.count) + s
     }
@@ -147,12 +149,14 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
 struct EtcdInode: Codable {
     var k: UInt8; var m: UInt32; var u: UInt32; var g: UInt32; var n: UInt32; var s: UInt64
     var a: Int64; var mt: Int64; var c: Int64; var v: UInt64; var p: UInt64?; var t: String?
+    /// The client (node) that wrote this record: watchers skip their own changes.
+    var o: String?
 
-    init(_ r: InodeRecord) {
+    init(_ r: InodeRecord, origin: String? = nil) {
         let x = r.attrs
         k = x.kind.rawValue; m = x.mode; u = x.uid; g = x.gid; n = x.nlink; s = x.size
         a = x.atime.totalNanoseconds; mt = x.mtime.totalNanoseconds; c = x.ctime.totalNanoseconds; v = x.version
-        p = r.parent?.rawValue; t = r.target
+        p = r.parent?.rawValue; t = r.target; o = origin
     }
 
     func record(_ ino: InodeNumber) -> InodeRecord {
@@ -237,7 +241,7 @@ final class EtcdTransaction: MetadataTransaction {
     }
 
     func putInode(_ record: InodeRecord) throws {
-        put(inodeKey(record.attrs.ino), try JSONEncoder().encode(EtcdInode(record)))
+        put(inodeKey(record.attrs.ino), try JSONEncoder().encode(EtcdInode(record, origin: store.clientID)))
     }
 
     func deleteInode(_ ino: InodeNumber) throws {
@@ -250,9 +254,10 @@ final class EtcdTransaction: MetadataTransaction {
     func manifest(_ ino: InodeNumber) throws -> Data? { try get(manifestKey(ino)) }
     func putManifest(_ ino: InodeNumber, _ data: Data) throws { put(manifestKey(ino), data) }
 
+    /// "INO,KIND,ORIGIN" (the origin: the client that wrote it, for watchers).
     static func decodeEntry(_ data: Data) -> EntryRecord? {
-        let parts = String(decoding: data, as: UTF8.self).split(separator: ",")
-        guard parts.count == 2, let ino = UInt64(parts[0]), let k = UInt8(parts[1]), let kind = FileKind(rawValue: k) else { return nil }
+        let parts = String(decoding: data, as: UTF8.self).split(separator: ",", maxSplits: 2)
+        guard parts.count >= 2, let ino = UInt64(parts[0]), let k = UInt8(parts[1]), let kind = FileKind(rawValue: k) else { return nil }
         return EntryRecord(ino: InodeNumber(ino), kind: kind)
     }
 
@@ -262,7 +267,7 @@ final class EtcdTransaction: MetadataTransaction {
 
     /// The entry's cookie is the create revision etcd gives its key: greater than any before.
     func addEntry(_ parent: InodeNumber, _ name: String, _ e: EntryRecord) throws {
-        put(entryPrefix(parent) + Data(name.utf8), Data("\(e.ino.rawValue),\(e.kind.rawValue)".utf8))
+        put(entryPrefix(parent) + Data(name.utf8), Data("\(e.ino.rawValue),\(e.kind.rawValue),\(store.clientID)".utf8))
     }
 
     func removeEntry(_ parent: InodeNumber, _ name: String) throws { delete(entryPrefix(parent) + Data(name.utf8)) }
@@ -344,5 +349,40 @@ final class EtcdTransaction: MetadataTransaction {
             }
         }
         return s
+    }
+}
+
+/// What a watcher on the namespace needs to know of a change (`ClusterWatch`).
+public enum NamespaceChange: Sendable {
+    /// An inode's record changed (content version `version`) or was deleted (nil), by `origin`.
+    case inode(InodeNumber, version: UInt64?, origin: String?)
+    /// A directory entry appeared, changed or went away.
+    case entry(parent: InodeNumber, name: String, origin: String?)
+}
+
+extension EtcdTransactionalStore {
+    /// The namespace's key prefix, for watching.
+    public var namespacePrefix: Data { prefix }
+
+    /// Decodes a watch event under `namespacePrefix` (nil for keys that are not the namespace).
+    public func change(_ e: EtcdEvent) -> NamespaceChange? {
+        guard e.kv.key.starts(with: prefix) else { return nil }
+        let rest = e.kv.key.dropFirst(prefix.count)
+        guard rest.count > 2 else { return nil }
+        let kind = rest.prefix(2)
+        let body = rest.dropFirst(2)
+        if kind == Data("i/".utf8) {
+            guard let ino = UInt64(String(decoding: body, as: UTF8.self), radix: 16) else { return nil }
+            if e.isDelete { return .inode(InodeNumber(ino), version: nil, origin: nil) }
+            let r = try? JSONDecoder().decode(EtcdInode.self, from: e.kv.value)
+            return .inode(InodeNumber(ino), version: r?.v, origin: r?.o)
+        }
+        if kind == Data("e/".utf8), body.count > 17 {
+            guard let parent = UInt64(String(decoding: body.prefix(16), as: UTF8.self), radix: 16) else { return nil }
+            let name = String(decoding: body.dropFirst(17), as: UTF8.self)
+            let origin = e.isDelete ? nil : String(decoding: e.kv.value, as: UTF8.self).split(separator: ",", maxSplits: 2).dropFirst(2).first.map(String.init)
+            return .entry(parent: InodeNumber(parent), name: name, origin: origin)
+        }
+        return nil
     }
 }

@@ -4,7 +4,7 @@ import ModelFSCore
 /// The namespace rules of modelfs, written once over any `TransactionalStore` (memory, SQLite,
 /// and later etcd): every public method is one transaction of the store.
 public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, @unchecked Sendable {
-    let store: Store
+    public let store: Store
 
     public init(store: Store, rootUID: UInt32, rootGID: UInt32) throws {
         self.store = store

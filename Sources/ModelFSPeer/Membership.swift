@@ -40,6 +40,8 @@ public final class Membership: @unchecked Sendable {
     /// Live nodes other than this one.
     public var peers: [NodeInfo] { state.withLock { s in s.nodes.filter { $0.id != s.me.id } } }
     public var lastError: String? { state.withLock { $0.lastError } }
+    /// The lease this node's registration lives under (0 before start).
+    public var lease: Int64 { state.withLock { $0.lease } }
 
     /// Registers this node and starts renewing; returns once the node list has been read.
     public func start() throws {

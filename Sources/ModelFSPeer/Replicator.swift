@@ -6,40 +6,6 @@ import ModelFSMeta
 import ModelFSStore
 import Synchronization
 
-/// A directory's replication policy (DESIGN.md §3): `replicas` copies of every block, `ack` of
-/// them durable before close() returns (1: write-back; = replicas: synchronous), copies spread
-/// over the values of node label `spread` where there are enough.
-public struct ReplicationPolicy: Codable, Sendable, Equatable, CustomStringConvertible {
-    public var replicas: Int
-    public var ack: Int
-    public var spread: String?
-    public init(replicas: Int, ack: Int, spread: String? = nil) { self.replicas = replicas; self.ack = ack; self.spread = spread }
-
-    /// The xattr a directory's policy is kept in (inherited by everything below it).
-    public static let xattr = "user.modelfs.policy"
-
-    /// "replicas=3,ack=2[,spread=zone]"
-    public var description: String { "replicas=\(replicas),ack=\(ack)" + (spread.map { ",spread=\($0)" } ?? "") }
-
-    public init(parsing text: String) throws {
-        var r: Int?, k: Int?, spread: String?
-        for part in text.split(separator: ",") {
-            let kv = part.split(separator: "=", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) }
-            guard kv.count == 2 else { throw FSError.invalid("policy \"\(text)\": expected replicas=R,ack=K[,spread=LABEL]") }
-            switch kv[0] {
-            case "replicas": r = Int(kv[1])
-            case "ack": k = Int(kv[1])
-            case "spread": spread = kv[1].isEmpty ? nil : kv[1]
-            default: throw FSError.invalid("policy \"\(text)\": unknown key \(kv[0]) (replicas, ack, spread)")
-            }
-        }
-        guard let r, let k, r >= 1, r <= 16, k >= 1, k <= r else {
-            throw FSError.invalid("policy \"\(text)\": need 1 <= ack <= replicas <= 16")
-        }
-        self.init(replicas: r, ack: k, spread: spread)
-    }
-}
-
 /// Replication state a node reports (`modelfs status`).
 public struct ReplicationStatus: Codable, Sendable, Equatable {
     public var pendingJobs = 0
@@ -71,6 +37,8 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
     /// How long close() and fsync() wait for their copies before failing with EIO.
     let timeout: Double
     let width: Int
+    /// Unreplicated bytes beyond which close() waits (backpressure, DESIGN.md §3).
+    let stagingLimit: UInt64
 
     struct Job {
         var id: Int64
@@ -94,7 +62,8 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
     private let done = DispatchSemaphore(value: 0)
 
     public init(dataDir: String, local: PackBlockStore, membership: Membership, client: PeerClient,
-                meta: any MetadataEngine, defaultPolicy: ReplicationPolicy, timeout: Double = 60, width: Int = 8) throws {
+                meta: any MetadataEngine, defaultPolicy: ReplicationPolicy, timeout: Double = 60, width: Int = 8,
+                stagingLimit: UInt64 = 16 << 30) throws {
         var config = Configuration()
         config.prepareDatabase { db in
             try db.execute(sql: "PRAGMA journal_mode = WAL")
@@ -118,6 +87,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         self.defaultPolicy = defaultPolicy
         self.timeout = timeout
         self.width = width
+        self.stagingLimit = stagingLimit
         // Jobs a previous run left: they resume.
         let rows = try db.read { db in try Row.fetchAll(db, sql: "SELECT id, ino, created, policy, bytes, blocks FROM jobs") }
         var jobs: [Int64: Job] = [:]
@@ -192,6 +162,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
     }
 
     public func awaitAck(_ ticket: ReplicationTicket) throws {
+        throttle()
         guard ticket.ack > 1 else { return }
         let policy = state.withLock { $0.jobs[ticket.job]?.policy }
         guard let policy else { return }   // already fully replicated
@@ -202,6 +173,23 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         let policy = policy(for: parent)
         guard policy.replicas > 1 else { return }
         try push(blocks, copies: policy.replicas, policy: policy, durable: true, what: "fsync")
+    }
+
+    /// Backpressure: while more than `stagingLimit` bytes wait for replication, close() waits
+    /// for the background to catch up (writers are slowed, never failed).
+    func throttle() {
+        var warned = false
+        while !stopped.withLock({ $0 }) {
+            let pending = state.withLock { $0.jobs.values.reduce(UInt64(0)) { $0 + $1.bytes } }
+            if pending <= stagingLimit { return }
+            if !warned {
+                Log.warning("\(pending) unreplicated bytes exceed the staging limit \(stagingLimit): slowing writers")
+                warned = true
+            }
+            changed.lock()
+            _ = changed.wait(until: Date().addingTimeInterval(0.5))
+            changed.unlock()
+        }
     }
 
     /// Pushes until every block has `copies` copies (this node's included), retrying until the
@@ -353,8 +341,10 @@ func parallelFor(_ count: Int, width: Int, _ body: @escaping @Sendable (Int) -> 
 }
 
 /// A value behind a lock that closures on several threads can share.
-final class Shared<T: Sendable>: Sendable {
+public final class Shared<T: Sendable>: Sendable {
     private let m: Mutex<T>
-    init(_ v: T) { m = Mutex(v) }
-    func withLock<R>(_ body: (inout T) throws -> R) rethrows -> R { try m.withLock { try body(&$0) } }
+    public init(_ v: T) { m = Mutex(v) }
+    public func withLock<R>(_ body: (inout T) throws -> R) rethrows -> R { try m.withLock { try body(&$0) } }
+    public func get() -> T { m.withLock { $0 } }
+    public func set(_ v: T) { m.withLock { $0 = v } }
 }

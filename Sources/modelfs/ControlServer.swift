@@ -1,6 +1,7 @@
 import Foundation
 import ModelFS
 import ModelFSCore
+import ModelFSPeer
 
 /// What `modelfs status` shows for one mount (single node). `--json` prints this structure.
 struct MountStatus: Codable {
@@ -29,17 +30,27 @@ struct MountStatus: Codable {
     var streamedBytes: UInt64
     var stagedBytes: UInt64
     var stagedAbsorbedBytes: UInt64
+    /// A cluster node's view: nodes, replication, cache (absent on a single node).
+    var cluster: ClusterStatus?
 }
 
-/// A Unix socket the daemon answers on: one request line ("status"), one JSON reply.
+/// Waits until the given inodes (all, if nil) are replicated, reporting progress; false on timeout.
+typealias SyncHandler = @Sendable (Set<InodeNumber>?, Double, (ReplicationStatus) -> Void) -> Bool
+
+/// A Unix socket the daemon answers on, one request line per connection:
+///   "status"                  → one JSON line (MountStatus)
+///   "sync TIMEOUT [INO,...]"  → JSON progress lines (ReplicationStatus) at least once a second,
+///                               then {"done":true|false}; without inodes, everything pending
 final class ControlServer: @unchecked Sendable {
     let path: String
     let status: @Sendable () throws -> MountStatus
+    let sync: SyncHandler?
     private var fd: Int32 = -1
 
-    init(path: String, status: @escaping @Sendable () throws -> MountStatus) {
+    init(path: String, status: @escaping @Sendable () throws -> MountStatus, sync: SyncHandler? = nil) {
         self.path = path
         self.status = status
+        self.sync = sync
     }
 
     func start() throws {
@@ -57,17 +68,26 @@ final class ControlServer: @unchecked Sendable {
             while true {
                 let c = accept(listener, nil, nil)
                 if c < 0 { if errno == EINTR { continue }; return }
-                serve(c)
+                Thread.detachNewThread { self.serve(c) }
             }
         }
     }
 
     private func serve(_ c: Int32) {
         defer { close(c) }
-        var buf = [UInt8](repeating: 0, count: 256)
-        let n = read(c, &buf, buf.count)
-        guard n > 0 else { return }
-        let request = String(decoding: buf[0..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        var line = Data()
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while !line.contains(UInt8(ascii: "\n")) && line.count < 64 << 20 {
+            let n = read(c, &buf, buf.count)
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            line.append(contentsOf: buf[0..<n])
+        }
+        let request = String(decoding: line, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        if request.hasPrefix("sync ") {
+            serveSync(c, request)
+            return
+        }
         var reply: Data
         switch request {
         case "status":
@@ -77,10 +97,33 @@ final class ControlServer: @unchecked Sendable {
         default:
             reply = Data("{\"error\":\"unknown request\"}".utf8)
         }
+        Self.sendAll(c, reply)
+    }
+
+    private func serveSync(_ c: Int32, _ request: String) {
+        let words = request.split(separator: " ")
+        guard let sync else {
+            Self.sendAll(c, Data("{\"error\":\"this mount is a single node: nothing to replicate\"}\n".utf8))
+            return
+        }
+        let timeout = words.count > 1 ? Double(words[1]) ?? 3600 : 3600
+        let inodes: Set<InodeNumber>? = words.count > 2
+            ? Set(words[2].split(separator: ",").compactMap { UInt64($0) }.map(InodeNumber.init)) : nil
+        var last = Date.distantPast
+        let ok = sync(inodes, timeout) { st in
+            guard Date().timeIntervalSince(last) >= 0.5 else { return }
+            last = Date()
+            if var d = try? JSONEncoder().encode(st) { d.append(UInt8(ascii: "\n")); Self.sendAll(c, d) }
+        }
+        Self.sendAll(c, Data("{\"done\":\(ok)}\n".utf8))
+    }
+
+    /// Writes all of `reply` (MSG_NOSIGNAL: a client that went away is no SIGPIPE).
+    static func sendAll(_ c: Int32, _ reply: Data) {
         reply.withUnsafeBytes { p in
             var off = 0
             while off < p.count {
-                let w = write(c, p.baseAddress! + off, p.count - off)
+                let w = send(c, p.baseAddress! + off, p.count - off, Int32(MSG_NOSIGNAL))
                 if w <= 0 { return }
                 off += w
             }
@@ -96,6 +139,32 @@ final class ControlServer: @unchecked Sendable {
             raw[bytes.count] = 0
         }
         return addr
+    }
+
+    /// Client side: sends a request line and reads the reply lines as they come.
+    static func stream(_ path: String, _ line: String, _ onLine: (Data) -> Void) throws {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw posixError("socket", path) }
+        defer { close(fd) }
+        var addr = address(path)
+        let r = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard r == 0 else { throw posixError("connect to daemon at", path) }
+        sendAll(fd, Data((line + "\n").utf8))
+        var pending = Data()
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = read(fd, &buf, buf.count)
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            pending.append(contentsOf: buf[0..<n])
+            while let i = pending.firstIndex(of: UInt8(ascii: "\n")) {
+                onLine(pending[pending.startIndex..<i])
+                pending = Data(pending[(i + 1)...])
+            }
+        }
+        if !pending.isEmpty { onLine(pending) }
     }
 
     /// Client side: asks a daemon for its status.

@@ -4,7 +4,9 @@ import ModelFS
 import ModelFSCore
 import ModelFSFUSE
 import ModelFSMeta
+import ModelFSPeer
 import ModelFSStore
+import Synchronization
 
 /// One mounted filesystem: opens the data dir, serves FUSE until unmounted, announces itself in
 /// the registry and answers `status` on its control socket.
@@ -14,10 +16,11 @@ struct Daemon {
     let meta: String
     let fuseOptions: [String]
     let readyFD: Int32?
+    let cluster: ClusterOptions?
 
-    init(mountpoint: String, dataDir: String, meta: String, fuseOptions: [String], readyFD: Int32?) {
+    init(mountpoint: String, dataDir: String, meta: String, fuseOptions: [String], readyFD: Int32?, cluster: ClusterOptions?) {
         self.mountpoint = mountpoint; self.dataDir = dataDir; self.meta = meta
-        self.fuseOptions = fuseOptions; self.readyFD = readyFD
+        self.fuseOptions = fuseOptions; self.readyFD = readyFD; self.cluster = cluster
     }
 
     func run() throws {
@@ -40,14 +43,25 @@ struct Daemon {
         let staging = dataDir + "/staging"
         if mkdir(staging, 0o700) != 0 && errno != EEXIST { throw posixError("mkdir", staging) }
         let store = try PackBlockStore(root: dataDir) { Log.error($0) }
-        let engine = try MetadataURL.open(meta, rootUID: getuid(), rootGID: getgid())
+        let node: ClusterNode?
+        let engine: any MetadataEngine
+        if let cluster {
+            let id = try cluster.nodeId ?? Daemon.nodeID(dataDir)
+            engine = try MetadataURL.open(meta, rootUID: getuid(), rootGID: getgid(), clientID: id)
+            node = try ClusterNode(id: id, options: cluster, meta: meta, engine: engine, local: store, dataDir: dataDir)
+        } else {
+            engine = try MetadataURL.open(meta, rootUID: getuid(), rootGID: getgid())
+            node = nil
+        }
         var fsOptions = FileSystemOptions(stagingDir: staging)
         if meta.hasPrefix("sqlite:") {
             var st = stat()
             let dbDir = (String(meta.dropFirst("sqlite:".count)) as NSString).deletingLastPathComponent
             fsOptions.metadataOnStoreFilesystem = stat(dbDir, &st) == 0 && UInt64(st.st_dev) == store.device
         }
-        let fs = try FileSystem(meta: engine, store: store, options: fsOptions)
+        let fs = try FileSystem(meta: engine, store: node?.blocks ?? store, options: fsOptions)
+        fs.replication = node?.replicator
+        fs.writerLock = node?.writerLock
         let gc = GarbageCollector(fs: fs, store: store)
 
         var options = ["fsname=modelfs", "subtype=modelfs", "default_permissions"]
@@ -57,10 +71,35 @@ struct Daemon {
 
         let record = MountRecord(mountpoint: mountpoint, dataDir: dataDir, meta: meta, pid: getpid(),
                                  socket: Registry.socketPath(mountpoint))
-        let control = ControlServer(path: record.socket) { [dataDir, meta, mountpoint] in
-            try Daemon.status(fs: fs, store: store, mountpoint: mountpoint, dataDir: dataDir, meta: meta)
+        let control = ControlServer(path: record.socket, status: { [dataDir, meta, mountpoint] in
+            var s = try Daemon.status(fs: fs, store: store, mountpoint: mountpoint, dataDir: dataDir, meta: meta)
+            s.cluster = node?.status()
+            return s
+        }, sync: node.map { n -> SyncHandler in
+            { @Sendable inodes, timeout, progress in
+                n.replicator.waitUntilReplicated(inodes: inodes, timeout: timeout, progress: progress)
+            }
+        })
+        // On a cluster, other nodes change the namespace: short kernel timeouts (the watch
+        // invalidates sooner). Alone, nobody else does: long ones make warm stat free.
+        let timeout = node == nil ? 60.0 : 1.0
+        let server = FuseServer(fs: fs, dataDir: dataDir, entryTimeout: timeout, attrTimeout: timeout,
+                                writebackCache: node == nil)
+        try node?.start()
+        if let node {
+            let me = node.id
+            try node.watchNamespace { [server] change in
+                switch change {
+                case .inode(let ino, let version, let origin):
+                    guard origin != me else { return }
+                    let (known, pages) = fs.remoteChange(ino, version: version)
+                    if known { server.invalidateInode(ino.rawValue, pages: pages) }
+                case .entry(let parent, let name, let origin):
+                    guard origin != me else { return }
+                    server.invalidateEntry(parent: parent.rawValue, name: name)
+                }
+            }
         }
-        let server = FuseServer(fs: fs, dataDir: dataDir)
         let readyFD = self.readyFD
         let mp = mountpoint
         Log.info("mounting \(mountpoint) (data \(dataDir), meta \(meta), options \(options.joined(separator: ",")))")
@@ -81,6 +120,7 @@ struct Daemon {
             }
         }
         gc.stop()
+        node?.stop()
         try? engine.sync()
         Registry.remove(mountpoint)
         unlink(dataDir + "/modelfs.pid")
@@ -102,6 +142,19 @@ struct Daemon {
             cacheBytes: cache.bytes, cacheHits: cache.hits, cacheMisses: cache.misses,
             blockBytesWritten: u.bytesWritten,
             streamedBytes: w.streamed, stagedBytes: w.staged, stagedAbsorbedBytes: w.absorbed)
+    }
+
+    /// This node's id: made once, kept in DATA/node-id.
+    static func nodeID(_ dataDir: String) throws -> String {
+        let path = dataDir + "/node-id"
+        if let id = try? String(contentsOfFile: path, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines), !id.isEmpty {
+            return id
+        }
+        var host = [CChar](repeating: 0, count: 256)
+        gethostname(&host, host.count)
+        let id = "\(String(cString: host))-\(UUID().uuidString.prefix(8).lowercased())"
+        try (id + "\n").write(toFile: path, atomically: true, encoding: .utf8)
+        return id
     }
 
     /// Disk usage of a directory tree (allocated blocks, like du).

@@ -15,8 +15,11 @@ struct ModelFSCommand: ParsableCommand {
             Start:   modelfs mount ~/ckpt            (data in ~/.local/share/modelfs)
             Check:   modelfs status
             Stop:    modelfs umount ~/ckpt
+
+            A cluster node: modelfs mount ~/ckpt --meta etcd://h1:2379,h2:2379,h3:2379 \\
+                --secret-file /etc/modelfs/secret --advertise THIS_HOST:7420 --replicas 3 --ack 1
             """,
-        subcommands: [MountCommand.self, UmountCommand.self, StatusCommand.self]
+        subcommands: [MountCommand.self, UmountCommand.self, StatusCommand.self, SyncCommand.self, PolicyCommand.self]
     )
 }
 

@@ -22,7 +22,7 @@ struct MountCommand: ParsableCommand {
     @Option(help: "Data directory: blocks, metadata and log (default: ~/.local/share/modelfs).")
     var data: String?
 
-    @Option(help: "Metadata engine: sqlite:PATH (default sqlite:DATA/meta.db) or memory:.")
+    @Option(help: "Metadata engine: sqlite:PATH (default sqlite:DATA/meta.db), memory:, or etcd://HOST:PORT,...[/NAME] for a cluster node.")
     var meta: String?
 
     @Flag(name: .short, help: "Stay in the foreground (do not daemonize).")
@@ -34,6 +34,9 @@ struct MountCommand: ParsableCommand {
     @Option(help: .hidden)
     var readyFd: Int32?
 
+    @OptionGroup(title: "Cluster (with --meta etcd://...)")
+    var cluster: ClusterOptions
+
     func run() throws {
         let mp = canonicalPath(mountpoint)
         let dataDir = canonicalPath(data ?? defaultDataDir())
@@ -44,7 +47,8 @@ struct MountCommand: ParsableCommand {
         }
         if foreground {
             do {
-                try Daemon(mountpoint: mp, dataDir: dataDir, meta: metaURL, fuseOptions: o, readyFD: readyFd).run()
+                try Daemon(mountpoint: mp, dataDir: dataDir, meta: metaURL, fuseOptions: o, readyFD: readyFd,
+                           cluster: metaURL.hasPrefix("etcd://") ? cluster : nil).run()
             } catch let e as FSError {
                 report(e.message)
                 throw fail(e.message)
@@ -85,9 +89,12 @@ struct MountCommand: ParsableCommand {
             && !FileManager.default.isExecutableFile(atPath: "/bin/fusermount3") {
             return "fusermount3 is missing; install it with: sudo apt-get install fuse3"
         }
-        if !(meta == "memory:" || meta == "memory" || meta.hasPrefix("sqlite:")) {
+        if meta.hasPrefix("etcd://") {
+            do { _ = try MetadataURL.parseEtcd(meta) } catch let e as FSError { return e.message } catch { return "\(error)" }
+            if let problem = cluster.problem() { return problem }
+        } else if !(meta == "memory:" || meta == "memory" || meta.hasPrefix("sqlite:")) {
             let scheme = meta.split(separator: ":", maxSplits: 1).first.map(String.init) ?? meta
-            return "unknown --meta scheme \"\(scheme)\": use sqlite:PATH or memory:"
+            return "unknown --meta scheme \"\(scheme)\": use sqlite:PATH, etcd://HOST:PORT,... or memory:"
         }
         if let problem = checkDataDir(dataDir) { return problem }
         if access("/dev/fuse", R_OK | W_OK) != 0 {
@@ -130,6 +137,7 @@ struct MountCommand: ParsableCommand {
         let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
         var args = [exe, "mount", mp, "--data", dataDir, "--meta", meta, "-f", "--ready-fd", String(fds[1])]
         for opt in o { args += ["-o", opt] }
+        if meta.hasPrefix("etcd://") { args += cluster.arguments }
         let logPath = dataDir + "/modelfs.log"
 
         var actions = posix_spawn_file_actions_t()

@@ -48,6 +48,29 @@ struct StatusCommand: ParsableCommand {
                 ("block cache", "\(humanBytes(UInt64(s.cacheBytes))), \(s.cacheHits) hits, \(s.cacheMisses) misses"),
             ]
             for (k, v) in rows { print("  " + k.padding(toLength: 16, withPad: " ", startingAt: 0) + v) }
+            if let c = s.cluster { printCluster(c) }
+        }
+    }
+
+    func printCluster(_ c: ClusterStatus) {
+        let r = c.replication
+        let age = r.pendingJobs == 0 ? "" : String(format: ", oldest unreplicated write %.0f s ago", r.oldestPendingSeconds)
+        let rows: [(String, String)] = [
+            ("node", "\(c.nodeID) at \(c.address)"),
+            ("policy", "default \(r.defaultPolicy) (modelfs policy get PATH for a directory's own)"),
+            ("pending", "\(r.pendingFiles) files, \(humanBytes(r.pendingBytes)) not yet on all replicas\(age)"),
+            ("under-replicated", humanBytes(r.underReplicatedBytes) + (r.lastError.map { " (\($0))" } ?? "")),
+            ("replicated", "\(humanBytes(r.replicatedBytes)) sent to peers since start"),
+            ("read cache", "\(humanBytes(c.cacheBytes)) of \(humanBytes(c.cacheBudget)), \(c.cacheStats.peerFetches) blocks fetched from peers"),
+        ]
+        for (k, v) in rows { print("  " + k.padding(toLength: 16, withPad: " ", startingAt: 0) + v) }
+        if let e = c.membershipError { print("  etcd            \(e)") }
+        print("  nodes:")
+        print("    " + ["ID", "STATE", "ADDRESS", "USED", "BLOCKS", "LABELS"].map { $0.padding(toLength: 14, withPad: " ", startingAt: 0) }.joined())
+        for n in c.nodes {
+            let cells = [n.id + (n.isThisNode ? "*" : ""), n.up ? "up" : "DOWN", n.address, humanBytes(n.usedBytes), "\(n.blocks)",
+                         n.labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")]
+            print("    " + cells.map { $0.padding(toLength: max(14, $0.count + 1), withPad: " ", startingAt: 0) }.joined())
         }
     }
 }

@@ -1,0 +1,140 @@
+import Foundation
+import ModelFS
+import ModelFSCore
+import ModelFSMeta
+import ModelFSPeer
+import ModelFSStore
+import Synchronization
+
+/// What `modelfs status` shows of the cluster, from one node.
+struct ClusterStatus: Codable {
+    struct Node: Codable {
+        var id: String
+        var address: String
+        var up: Bool
+        var labels: [String: String]
+        var usedBytes: UInt64
+        var blocks: UInt64
+        var capacityBytes: UInt64
+        var isThisNode: Bool
+    }
+    var nodeID: String
+    var address: String
+    var nodes: [Node]
+    var replication: ReplicationStatus
+    var cacheBytes: UInt64
+    var cacheBudget: UInt64
+    var cacheStats: ClusterBlockStore.Stats
+    /// The last failure talking to etcd about membership, if it has not recovered.
+    var membershipError: String?
+}
+
+/// The parts a cluster node adds to a mount (DESIGN.md §5): its peer server, its membership,
+/// the block store that reaches peers, and the replicator.
+final class ClusterNode: @unchecked Sendable {
+    let id: String
+    let server: PeerServer
+    let membership: Membership
+    let client: PeerClient
+    let blocks: ClusterBlockStore
+    let replicator: Replicator
+    let local: PackBlockStore
+    let writerLock: EtcdWriterLock
+    let namespace: EtcdTransactionalStore?
+    private var watcher: EtcdWatcher?
+    /// Every node seen since start: those no longer live are shown as down.
+    private let seen = Mutex<[String: NodeInfo]>([:])
+
+    init(id: String, options: ClusterOptions, meta: String, engine: any MetadataEngine, local: PackBlockStore, dataDir: String) throws {
+        self.id = id
+        self.local = local
+        let (endpoints, name) = try MetadataURL.parseEtcd(meta)
+        let listen = parseHostPort(options.listen)!
+        let cache = try PackBlockStore(root: dataDir + "/cache") { Log.error($0) }
+        let metrics = PeerMetrics()
+        client = PeerClient(secret: options.secret)
+        let statusBox = Shared<(@Sendable () -> Data)?>(nil)
+        do {
+            server = try PeerServer(host: listen.host, port: listen.port,
+                                    routes: PeerService(secret: options.secret, local: local, cache: cache, metrics: metrics,
+                                                        status: { statusBox.get()?() ?? Data("{}".utf8) }),
+                                    maxBody: PeerService.maxBody)
+        } catch {
+            throw FSError(EADDRINUSE, "cannot listen on \(options.listen) for peers: \(error); choose another --listen")
+        }
+        let advertise = options.advertise ?? "\(listen.host):\(server.port)"
+        let etcd = EtcdClient(endpoints: endpoints)
+        membership = Membership(client: etcd, cluster: name,
+                                me: NodeInfo(id: id, address: advertise, labels: parseLabels(options.labels ?? "") ?? [:]))
+        writerLock = EtcdWriterLock(client: etcd, cluster: name, membership: membership)
+        namespace = (engine as? KVMetadataEngine<EtcdTransactionalStore>)?.store
+        blocks = ClusterBlockStore(local: local, cache: cache, cacheBudget: parseSize(options.cacheSize)!,
+                                   membership: membership, client: client)
+        replicator = try Replicator(dataDir: dataDir, local: local, membership: membership, client: client, meta: engine,
+                                    defaultPolicy: options.policy, timeout: options.ackTimeout,
+                                    stagingLimit: parseSize(options.stagingSize)!)
+        let capacity: UInt64 = {
+            var vfs = statvfs()
+            return statvfs(dataDir, &vfs) == 0 ? UInt64(vfs.f_blocks) * UInt64(vfs.f_frsize) : 0
+        }()
+        membership.usage = { let u = local.usage(); return (u.bytes, u.blocks, capacity) }
+        statusBox.set { [weak self] in (try? JSONEncoder().encode(self?.status())) ?? Data("{}".utf8) }
+        metrics.setGauges { [weak self] in
+            guard let self else { return [] }
+            let r = replicator.status()
+            let c = blocks.stats
+            return [("modelfs_pending_replication_bytes", Double(r.pendingBytes)),
+                    ("modelfs_under_replicated_bytes", Double(r.underReplicatedBytes)),
+                    ("modelfs_replication_queue_jobs", Double(r.pendingJobs)),
+                    ("modelfs_replicated_bytes_total", Double(r.replicatedBytes)),
+                    ("modelfs_cache_bytes", Double(blocks.cache.usage().bytes)),
+                    ("modelfs_cache_hits_total", Double(c.cacheHits + c.localHits)),
+                    ("modelfs_cache_misses_total", Double(c.peerFetches + c.failedFetches)),
+                    ("modelfs_live_nodes", Double(membership.nodes.count))]
+        }
+    }
+
+    func start() throws {
+        do { try membership.start() } catch {
+            throw FSError.io("cannot join the cluster through etcd: \(error); check --meta and that etcd is up")
+        }
+        replicator.start()
+        Log.info("node \(id) joined the cluster at \(membership.me.address) (peer port \(server.port)); \(membership.nodes.count) nodes live")
+    }
+
+    /// Watches the namespace for other nodes' changes: close-to-open across nodes is pushed by
+    /// this (the kernel's caches are invalidated within milliseconds), not left to timeouts.
+    func watchNamespace(_ onChange: @escaping @Sendable (NamespaceChange) -> Void) throws {
+        guard let namespace else { return }
+        let start = try namespace.client.range(namespace.namespacePrefix + Data("n/next_ino".utf8)).revision
+        let w = EtcdWatcher(client: namespace.client, prefix: namespace.namespacePrefix) { events in
+            for e in events { if let c = namespace.change(e) { onChange(c) } }
+        }
+        w.start(after: start)
+        watcher = w
+    }
+
+    func stop() {
+        watcher?.stop()
+        replicator.stop()
+        membership.stop()
+        server.shutdown()
+        client.shutdown()
+    }
+
+    func status() -> ClusterStatus {
+        let live = membership.nodes
+        let all = seen.withLock { s -> [NodeInfo] in
+            for n in live { s[n.id] = n }
+            return s.values.sorted { $0.id < $1.id }
+        }
+        let liveIDs = Set(live.map(\.id))
+        let nodes = all.map { n in
+            ClusterStatus.Node(id: n.id, address: n.address, up: liveIDs.contains(n.id), labels: n.labels, usedBytes: n.usedBytes,
+                               blocks: n.blocks, capacityBytes: n.capacityBytes, isThisNode: n.id == id)
+        }
+        return ClusterStatus(nodeID: id, address: membership.me.address, nodes: nodes, replication: replicator.status(),
+                             cacheBytes: blocks.cache.usage().bytes, cacheBudget: blocks.cacheBudget, cacheStats: blocks.stats,
+                             membershipError: membership.lastError)
+    }
+}

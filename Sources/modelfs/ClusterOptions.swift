@@ -1,0 +1,111 @@
+import ArgumentParser
+import Foundation
+import ModelFSCore
+import ModelFSMeta
+import ModelFSPeer
+
+/// The flags of a cluster node (with `--meta etcd://...`).
+struct ClusterOptions: ParsableArguments {
+    @Option(help: "Address the peer server listens on (cluster mode).")
+    var listen: String = "0.0.0.0:7420"
+
+    @Option(help: "Address other nodes reach this node at (default: the --listen address; required when that is 0.0.0.0).")
+    var advertise: String?
+
+    @Option(help: "File holding the cluster secret; every node must use the same secret.")
+    var secretFile: String?
+
+    @Option(help: "Default copies of every block, for directories without a policy.")
+    var replicas: Int = 2
+
+    @Option(help: "Default copies durable before close() returns (1: write-back; = --replicas: synchronous).")
+    var ack: Int = 1
+
+    @Option(help: "Spread copies over the values of this node label (e.g. zone).")
+    var spread: String?
+
+    @Option(help: "This node's labels, e.g. zone=a,rack=r1.")
+    var labels: String?
+
+    @Option(help: "Read-cache budget for blocks fetched from peers (e.g. 512M, 8G).")
+    var cacheSize: String = "8G"
+
+    @Option(help: "Unreplicated bytes this node may hold before writers are slowed (e.g. 16G).")
+    var stagingSize: String = "16G"
+
+    @Option(help: "Seconds close() and fsync() wait for their copies before failing with EIO.")
+    var ackTimeout: Double = 60
+
+    @Option(help: "This node's id (default: generated once and kept in DATA/node-id).")
+    var nodeId: String?
+
+    /// The flags again, to hand to the daemon process.
+    var arguments: [String] {
+        var a = ["--listen", listen, "--replicas", String(replicas), "--ack", String(ack), "--cache-size", cacheSize,
+                 "--staging-size", stagingSize, "--ack-timeout", String(ackTimeout)]
+        if let advertise { a += ["--advertise", advertise] }
+        if let secretFile { a += ["--secret-file", secretFile] }
+        if let spread { a += ["--spread", spread] }
+        if let labels { a += ["--labels", labels] }
+        if let nodeId { a += ["--node-id", nodeId] }
+        return a
+    }
+
+    /// Checks the flags; returns the one-line problem, if any.
+    func problem() -> String? {
+        guard let secretFile else {
+            return "a cluster node needs --secret-file FILE holding the cluster secret (the same on every node)"
+        }
+        guard let secret = try? String(contentsOfFile: secretFile, encoding: .utf8) else {
+            return "cannot read the secret file \(secretFile); create it (e.g. head -c 32 /dev/urandom | base64 > \(secretFile))"
+        }
+        if secret.trimmingCharacters(in: .whitespacesAndNewlines).count < 8 {
+            return "the secret in \(secretFile) is shorter than 8 characters; use a long random one"
+        }
+        if replicas < 1 || replicas > 16 || ack < 1 || ack > replicas {
+            return "--replicas \(replicas) --ack \(ack): need 1 <= ack <= replicas <= 16"
+        }
+        if parseHostPort(listen) == nil { return "--listen \(listen): expected HOST:PORT, e.g. 0.0.0.0:7420" }
+        if let advertise, parseHostPort(advertise) == nil { return "--advertise \(advertise): expected HOST:PORT" }
+        if advertise == nil, parseHostPort(listen)?.host == "0.0.0.0" {
+            return "--listen \(listen) binds every address: say which one other nodes should use with --advertise HOST:PORT"
+        }
+        if parseSize(cacheSize) == nil { return "--cache-size \(cacheSize): expected a size such as 512M or 8G" }
+        if parseSize(stagingSize) == nil { return "--staging-size \(stagingSize): expected a size such as 512M or 16G" }
+        if parseLabels(labels ?? "") == nil { return "--labels \(labels ?? ""): expected KEY=VALUE[,KEY=VALUE...]" }
+        if ackTimeout <= 0 { return "--ack-timeout must be positive" }
+        return nil
+    }
+
+    var secret: String {
+        ((try? String(contentsOfFile: secretFile ?? "", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+    var policy: ReplicationPolicy { ReplicationPolicy(replicas: replicas, ack: ack, spread: spread) }
+}
+
+func parseHostPort(_ s: String) -> (host: String, port: Int)? {
+    guard let i = s.lastIndex(of: ":"), let port = Int(s[s.index(after: i)...]), (0...65535).contains(port) else { return nil }
+    let host = String(s[..<i])
+    return host.isEmpty ? nil : (host, port)
+}
+
+/// "512M", "8G", "1T", "4096" → bytes.
+func parseSize(_ s: String) -> UInt64? {
+    let t = s.trimmingCharacters(in: .whitespaces).uppercased()
+    let units: [(String, UInt64)] = [("TIB", 1 << 40), ("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10),
+                                     ("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)]
+    for (suffix, mult) in units where t.hasSuffix(suffix) {
+        return Double(t.dropLast(suffix.count)).flatMap { $0 >= 0 ? UInt64($0 * Double(mult)) : nil }
+    }
+    return UInt64(t)
+}
+
+func parseLabels(_ s: String) -> [String: String]? {
+    var out: [String: String] = [:]
+    for part in s.split(separator: ",") {
+        let kv = part.split(separator: "=", maxSplits: 1)
+        guard kv.count == 2, !kv[0].isEmpty else { return nil }
+        out[String(kv[0])] = String(kv[1])
+    }
+    return out
+}

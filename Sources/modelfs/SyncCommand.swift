@@ -1,0 +1,142 @@
+import ArgumentParser
+import CModelFSSys
+import Foundation
+import ModelFSCore
+import ModelFSPeer
+
+/// The mount that holds `path`: the registered mountpoint that is its longest prefix.
+func mountRecord(containing path: String) throws -> MountRecord {
+    let p = canonicalPath(path)
+    let found = Registry.all().filter { p == $0.mountpoint || p.hasPrefix($0.mountpoint + "/") }
+        .max { $0.mountpoint.count < $1.mountpoint.count }
+    guard let found else { throw fail("\(p) is not inside a modelfs mount (see `modelfs status`)") }
+    return found
+}
+
+struct SyncCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sync",
+        abstract: "Wait until everything under PATH has all its replicas (its directory policy's R copies).",
+        discussion: "Exits 0 when every file under PATH is fully replicated, 1 if --timeout passes first.")
+
+    @Argument(help: "A file or directory inside a modelfs cluster mount.")
+    var path: String
+
+    @Option(help: "Give up after this many seconds.")
+    var timeout: Double = 3600
+
+    func run() throws {
+        let record = try mountRecord(containing: path)
+        let p = canonicalPath(path)
+        // Which inodes: every regular file under PATH (all pending work for the mountpoint).
+        var inodes: [UInt64]? = nil
+        if p != record.mountpoint {
+            var st = stat()
+            guard stat(p, &st) == 0 else { throw fail("\(p): \(String(cString: strerror(errno)))") }
+            var list: [UInt64] = []
+            if st.st_mode & S_IFMT == S_IFDIR {
+                let e = FileManager.default.enumerator(atPath: p)
+                while let rel = e?.nextObject() as? String {
+                    var s = stat()
+                    if lstat(p + "/" + rel, &s) == 0 && s.st_mode & S_IFMT == S_IFREG { list.append(UInt64(s.st_ino)) }
+                }
+            } else {
+                list.append(UInt64(st.st_ino))
+            }
+            inodes = list
+            if list.isEmpty { print("modelfs: nothing to sync under \(p)"); return }
+        }
+        let line = "sync \(timeout)" + (inodes.map { " " + $0.map(String.init).joined(separator: ",") } ?? "")
+        let tty = isatty(1) == 1
+        var done: Bool?
+        var errorText: String?
+        var total: UInt64 = 0
+        try ControlServer.stream(record.socket, line) { data in
+            if let d = try? JSONDecoder().decode([String: Bool].self, from: data), let v = d["done"] { done = v; return }
+            if let e = try? JSONDecoder().decode([String: String].self, from: data), let m = e["error"] { errorText = m; return }
+            guard let st = try? JSONDecoder().decode(ReplicationStatus.self, from: data) else { return }
+            total = max(total, st.pendingBytes)
+            let text = "\(st.pendingFiles) files, \(humanBytes(st.pendingBytes)) pending" + (st.lastError.map { " (\($0))" } ?? "")
+            if tty {
+                let frac = total == 0 ? 1 : 1 - Double(st.pendingBytes) / Double(total)
+                let bar = String(repeating: "#", count: Int(frac * 30)) + String(repeating: ".", count: 30 - Int(frac * 30))
+                print("\r[\(bar)] \(text)\u{1B}[K", terminator: "")
+                modelfs_flush_stdout()
+            } else {
+                print(text)
+            }
+        }
+        if tty { print("") }
+        if let errorText { throw fail(errorText) }
+        guard let done else { throw fail("the daemon of \(record.mountpoint) stopped answering") }
+        if !done { throw fail("not fully replicated after \(Int(timeout)) s; `modelfs status` shows what is pending and why") }
+        print("modelfs: everything under \(p) has all its replicas")
+    }
+}
+
+struct PolicyCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "policy",
+        abstract: "Show or set a directory's replication policy (inherited by everything below it).",
+        subcommands: [Get.self, Set.self])
+
+    struct Get: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "The policy that applies to PATH, and where it comes from.")
+        @Argument(help: "A file or directory inside a modelfs mount.") var path: String
+        @Flag(help: "Print JSON.") var json = false
+
+        func run() throws {
+            let record = try mountRecord(containing: path)
+            var dir = canonicalPath(path)
+            var st = stat()
+            if stat(dir, &st) == 0, st.st_mode & S_IFMT != S_IFDIR { dir = (dir as NSString).deletingLastPathComponent }
+            var found: (ReplicationPolicy, String)?
+            while true {
+                if let v = getPolicyXattr(dir), let p = try? ReplicationPolicy(parsing: v) { found = (p, dir); break }
+                if dir == record.mountpoint || dir == "/" { break }
+                dir = (dir as NSString).deletingLastPathComponent
+            }
+            if found == nil {
+                let data = try ControlServer.request(record.socket, "status")
+                let s = try JSONDecoder().decode(MountStatus.self, from: data)
+                guard let c = s.cluster else { throw fail("\(record.mountpoint) is a single node: blocks have one copy") }
+                found = (c.replication.defaultPolicy, "the mount's default (--replicas/--ack)")
+            }
+            let (p, origin) = found!
+            if json {
+                print(#"{"replicas":\#(p.replicas),"ack":\#(p.ack),"spread":\#(p.spread.map { "\"\($0)\"" } ?? "null"),"from":"\#(origin)"}"#)
+            } else {
+                print("\(p.description.replacingOccurrences(of: ",", with: " "))  (from \(origin))")
+            }
+        }
+    }
+
+    struct Set: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Set a directory's policy: R copies, K durable before close() returns.")
+        @Argument(help: "A directory inside a modelfs mount.") var path: String
+        @Option(help: "Copies of every block.") var replicas: Int
+        @Option(help: "Copies durable before close() returns (1: write-back, = replicas: synchronous).") var ack: Int = 1
+        @Option(help: "Spread copies over the values of this node label.") var spread: String?
+
+        func run() throws {
+            _ = try mountRecord(containing: path)
+            let p = canonicalPath(path)
+            let policy = ReplicationPolicy(replicas: replicas, ack: ack, spread: spread)
+            do { _ = try ReplicationPolicy(parsing: policy.description) } catch let e as FSError { throw fail(e.message) }
+            let value = policy.description
+            let r = value.withCString { setxattr(p, ReplicationPolicy.xattr, $0, strlen($0), 0) }
+            if r != 0 {
+                let e = errno
+                if e == EINVAL { throw fail("\(p) is not a directory: policies are set on directories") }
+                throw fail("cannot set the policy on \(p): \(String(cString: strerror(e)))")
+            }
+            print("modelfs: \(p) and everything below it: \(value.replacingOccurrences(of: ",", with: " "))")
+        }
+    }
+}
+
+func getPolicyXattr(_ path: String) -> String? {
+    var buf = [UInt8](repeating: 0, count: 256)
+    let n = getxattr(path, ReplicationPolicy.xattr, &buf, buf.count)
+    return n > 0 ? String(decoding: buf[0..<n], as: UTF8.self) : nil
+}
