@@ -189,7 +189,9 @@ public final class EtcdClient: Sendable {
         public var ranges: [[EtcdKV]]
     }
 
-    public func txn(compare: [EtcdCompare], success: [EtcdOp], failure: [EtcdOp] = []) throws -> TxnResult {
+    /// `idempotent`: applying the txn twice is the same as once (a compare guards it, or it
+    /// writes the same values again), so an interrupted attempt may simply be sent again.
+    public func txn(compare: [EtcdCompare], success: [EtcdOp], failure: [EtcdOp] = [], idempotent: Bool = false) throws -> TxnResult {
         func wire(_ op: EtcdOp) -> RequestOp {
             switch op {
             case .put(let k, let v, let lease):
@@ -202,23 +204,23 @@ public final class EtcdClient: Sendable {
         }
         let req = TxnRequest(compare: compare, success: success.map(wire), failure: failure.map(wire))
         let hasWrites = (success + failure).contains { if case .get = $0 { return false }; return true }
-        let r: WireTxn = try call("/v3/kv/txn", req, idempotent: !hasWrites)
+        let r: WireTxn = try call("/v3/kv/txn", req, idempotent: idempotent || !hasWrites)
         return TxnResult(succeeded: r.succeeded ?? false, revision: Int64(r.header?.revision ?? "0") ?? 0,
                          ranges: (r.responses ?? []).compactMap { $0.response_range.map { ($0.kvs ?? []).map(Self.decode) } })
     }
 
     public func put(_ key: Data, _ value: Data, lease: Int64? = nil) throws {
-        _ = try txn(compare: [], success: [.put(key, value, lease: lease)])
+        _ = try txn(compare: [], success: [.put(key, value, lease: lease)], idempotent: true)
     }
 
     public func delete(_ key: Data, rangeEnd: Data? = nil) throws {
-        _ = try txn(compare: [], success: [.delete(key, rangeEnd: rangeEnd)])
+        _ = try txn(compare: [], success: [.delete(key, rangeEnd: rangeEnd)], idempotent: true)
     }
 
     /// Grants a lease of `ttl` seconds; returns its id.
     public func grantLease(ttl: Int) throws -> Int64 {
         struct Req: Encodable { var TTL: Int64 }
-        let r: WireLease = try call("/v3/lease/grant", Req(TTL: Int64(ttl)), idempotent: false)
+        let r: WireLease = try call("/v3/lease/grant", Req(TTL: Int64(ttl)), idempotent: true)   // a duplicate lease just expires
         guard let id = r.ID.flatMap(Int64.init), id != 0 else {
             throw EtcdError.rejected(code: 0, message: r.error ?? "lease grant returned no id")
         }

@@ -119,7 +119,8 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
                 let current = r.kvs.first.flatMap { UInt64(String(decoding: $0.value, as: UTF8.self)) } ?? 2
                 let next = current + Self.inodeBatch
                 let t = try client.txn(compare: [.modRevision(counter, "EQUAL", r.kvs.first?.modRevision ?? 0)],
-                                       success: [.put(counter, Data(String(next).utf8))])
+                                       success: [.put(counter, Data(String(next).utf8))],
+                                       idempotent: true)   // applied twice: the retry reserves another range
                 if t.succeeded {
                     range = (current + 1, next)
                     return InodeNumber(current)

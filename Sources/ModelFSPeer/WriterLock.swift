@@ -24,7 +24,8 @@ public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
         let me = Data(membership.me.id.utf8)
         let k = key(ino)
         do {
-            let r = try client.txn(compare: [.absent(k)], success: [.put(k, me, lease: membership.lease)], failure: [.get(k)])
+            let r = try client.txn(compare: [.absent(k)], success: [.put(k, me, lease: membership.lease)], failure: [.get(k)],
+                                   idempotent: true)   // sent twice, the second finds our own value
             if r.succeeded { return }
             let holder = r.ranges.first?.first?.value ?? Data()
             if holder == me { return }
@@ -36,6 +37,6 @@ public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
 
     public func release(_ ino: InodeNumber) {
         let k = key(ino)
-        _ = try? client.txn(compare: [.value(k, equals: Data(membership.me.id.utf8))], success: [.delete(k)])
+        _ = try? client.txn(compare: [.value(k, equals: Data(membership.me.id.utf8))], success: [.delete(k)], idempotent: true)
     }
 }

@@ -65,7 +65,8 @@ final class ClusterNode: @unchecked Sendable {
         let advertise = options.advertise ?? "\(listen.host):\(server.port)"
         let etcd = EtcdClient(endpoints: endpoints)
         membership = Membership(client: etcd, cluster: name,
-                                me: NodeInfo(id: id, address: advertise, labels: parseLabels(options.labels ?? "") ?? [:]))
+                                me: NodeInfo(id: id, address: advertise, labels: parseLabels(options.labels ?? "") ?? [:]),
+                                ttl: options.leaseTtl)
         writerLock = EtcdWriterLock(client: etcd, cluster: name, membership: membership)
         namespace = (engine as? KVMetadataEngine<EtcdTransactionalStore>)?.store
         blocks = ClusterBlockStore(local: local, cache: cache, cacheBudget: parseSize(options.cacheSize)!,

@@ -39,10 +39,13 @@ struct ClusterOptions: ParsableArguments {
     @Option(help: "This node's id (default: generated once and kept in DATA/node-id).")
     var nodeId: String?
 
+    @Option(help: "Seconds without renewal after which etcd drops this node (it counts as down).")
+    var leaseTtl: Int = 10
+
     /// The flags again, to hand to the daemon process.
     var arguments: [String] {
         var a = ["--listen", listen, "--replicas", String(replicas), "--ack", String(ack), "--cache-size", cacheSize,
-                 "--staging-size", stagingSize, "--ack-timeout", String(ackTimeout)]
+                 "--staging-size", stagingSize, "--ack-timeout", String(ackTimeout), "--lease-ttl", String(leaseTtl)]
         if let advertise { a += ["--advertise", advertise] }
         if let secretFile { a += ["--secret-file", secretFile] }
         if let spread { a += ["--spread", spread] }
@@ -74,6 +77,7 @@ struct ClusterOptions: ParsableArguments {
         if parseSize(stagingSize) == nil { return "--staging-size \(stagingSize): expected a size such as 512M or 16G" }
         if parseLabels(labels ?? "") == nil { return "--labels \(labels ?? ""): expected KEY=VALUE[,KEY=VALUE...]" }
         if ackTimeout <= 0 { return "--ack-timeout must be positive" }
+        if leaseTtl < 2 || leaseTtl > 3600 { return "--lease-ttl \(leaseTtl): use 2 to 3600 seconds" }
         return nil
     }
 

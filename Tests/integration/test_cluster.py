@@ -1,0 +1,255 @@
+"""Loopback clusters: a real 3-member etcd and several real modelfs nodes (FUSE mounts, peer
+servers, replication) on this machine. Issue #3's end-to-end behaviour."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cluster import EtcdCluster, Node, make_secret, pack_blocks, peer_request
+from mfs import MODELFS_BIN, MiB, assert_bytes_equal, read_file, run, wait_until, write_file
+
+
+@pytest.fixture(scope="module")
+def etcd():
+    c = EtcdCluster(3)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def make_nodes(etcd):
+    """make_nodes(n, **kw) -> [Node]: n nodes of a fresh cluster (own key prefix) on `etcd`."""
+    made: list[Node] = []
+    root = Path(tempfile.mkdtemp(prefix="modelfs-cluster-"))
+    secret = make_secret(root)
+    name = "c" + uuid.uuid4().hex[:10]
+
+    def make(n: int, etcd_cluster: EtcdCluster | None = None, **kw) -> list[Node]:
+        nodes = [Node(etcd_cluster or etcd, name, f"{name}-n{len(made) + i}", secret, **kw) for i in range(n)]
+        for node in nodes:
+            made.append(node)
+            node.start()
+        wait_until(lambda: all(len(x.cluster_status()["nodes"]) >= len(made) and
+                               all(y["up"] for y in x.cluster_status()["nodes"]) for x in nodes),
+                   20, interval=0.1, what="every node to see the others")
+        return nodes
+
+    make.secret = secret
+    make.name = name
+    yield make
+    for node in made:
+        node.destroy()
+    import shutil
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def payload(n: int, seed: int) -> bytes:
+    import random
+    return random.Random(seed).randbytes(n)
+
+
+def test_write_on_one_node_read_on_the_others(make_nodes):
+    a, b, c = make_nodes(3, replicas=3, ack=1)
+    big = payload(24 * MiB, 1)
+    os.makedirs(a / "ckpt")
+    write_file(a / "ckpt" / "model.bin", big)
+    for i in range(20):
+        write_file(a / "ckpt" / f"small-{i}.json", payload(100 + i, 100 + i))
+    for node in (b, c):
+        assert_bytes_equal(read_file(node / "ckpt" / "model.bin"), big, f"model.bin read on {node.node_id}")
+        for i in range(20):
+            assert read_file(node / "ckpt" / f"small-{i}.json") == payload(100 + i, 100 + i)
+    # Write-back: `modelfs sync` returns once all three stores hold every block.
+    r = a.sync(a / "ckpt")
+    assert r.returncode == 0, r.stderr
+    held = a.blocks()
+    assert held and held <= b.blocks() and held <= c.blocks()
+    st = a.cluster_status()["replication"]
+    assert st["pendingJobs"] == 0 and st["pendingBytes"] == 0
+
+
+def test_synchronous_policy_close_returns_with_every_copy(make_nodes):
+    a, b, c = make_nodes(3, replicas=3, ack=3)
+    for i in range(5):
+        data = payload(3 * MiB + i, 10 + i)
+        write_file(a / f"sync-{i}.bin", data)
+        # close() has returned: with ack = replicas = 3 every store already holds every block.
+        held = a.blocks()
+        assert held <= b.blocks() and held <= c.blocks(), f"file {i}: close() returned before 3 copies existed"
+
+
+def test_fsync_then_kill_the_writer(make_nodes):
+    a, b, c = make_nodes(3, replicas=3, ack=1)
+    data = payload(12 * MiB, 2)
+    write_file(a / "saved.pt", data, fsync=True)   # fsync: R durable copies
+    a.kill9()
+    for node in (b, c):
+        assert_bytes_equal(read_file(node / "saved.pt"), data, f"read on {node.node_id} after the writer died")
+
+
+def test_pending_jobs_survive_kill_and_restart(make_nodes):
+    a, b, c = make_nodes(3, replicas=3, ack=1)
+    c.kill9()
+    wait_until(lambda: not any(n["up"] for n in a.cluster_status()["nodes"] if n["id"] == c.node_id),
+               20, interval=0.2, what="the dead node's lease to expire")
+    data = payload(8 * MiB, 3)
+    write_file(a / "pending.bin", data)
+    # Two live nodes for three replicas: the job stays pending and shows as under-replicated.
+    wait_until(lambda: a.cluster_status()["replication"]["underReplicatedBytes"] >= len(data), 20, interval=0.2,
+               what="under-replicated bytes to show")
+    assert a.cluster_status()["replication"]["oldestPendingSeconds"] > 0
+    a.kill9()
+    a.start()   # the journal on disk brings the job back
+    c.start()
+    r = a.sync(timeout=60)
+    assert r.returncode == 0, f"sync after restart: {r.stderr}\n{a.log_tail()}"
+    assert a.blocks() <= c.blocks()
+    assert_bytes_equal(read_file(c / "pending.bin"), data, "read on the restarted node")
+
+
+def test_reading_three_times_the_cache_budget_stays_within_it(make_nodes):
+    a, = make_nodes(1, replicas=1, ack=1)
+    b, = make_nodes(1, replicas=1, ack=1, extra=["--cache-size", "16M"])
+    data = payload(48 * MiB, 4)
+    write_file(a / "big.bin", data)
+    assert_bytes_equal(read_file(b / "big.bin"), data, "48 MiB through a 16 MiB cache")
+    st = b.cluster_status()
+    assert st["cacheBudget"] == 16 * MiB
+    assert st["cacheBytes"] <= 16 * MiB, st
+    assert st["cacheStats"]["peerFetches"] >= 12
+    assert st["cacheStats"]["evictedBytes"] > 0
+    assert not b.blocks(), "fetched blocks must land in the cache, not among the node's replicas"
+
+
+def test_peer_server_needs_the_secret_and_rejects_tampered_blocks(make_nodes):
+    a, = make_nodes(1, replicas=1)
+    write_file(a / "f.bin", payload(2 * MiB, 5))
+    addr = a.peer_address
+    block = sorted(a.blocks())[0]
+    secret = make_nodes.secret.read_text().strip()
+    for path in ["/v1/status", "/metrics", f"/v1/blocks/{block}"]:
+        for auth in [None, "wrong", secret + "x"]:
+            status, body = peer_request(addr, "GET", path, auth)
+            assert status == 401, (path, auth, status)
+            assert len(body) < 200
+    status, body = peer_request(addr, "GET", f"/v1/blocks/{block}", secret)
+    assert status == 200 and len(body) > 0
+    import hashlib
+    assert hashlib.sha256(body).hexdigest() == block
+    tampered = bytearray(body)
+    tampered[10] ^= 0xFF
+    status, _ = peer_request(addr, "PUT", f"/v1/blocks/{block}", secret, bytes(tampered))
+    assert status == 422
+    fake = hashlib.sha256(b"not these bytes").hexdigest()
+    status, _ = peer_request(addr, "PUT", f"/v1/blocks/{fake}", secret, b"other bytes")
+    assert status == 422 and fake not in a.blocks()
+    status, _ = peer_request(addr, "GET", "/v1/blocks/..%2F..%2Fetc%2Fpasswd", secret)
+    assert status == 400
+    status, body = peer_request(addr, "GET", "/metrics", secret)
+    assert status == 200 and b"modelfs_peer_requests_total" in body and b"modelfs_under_replicated_bytes" in body
+
+
+def test_losing_one_etcd_member_the_filesystem_carries_on(make_nodes):
+    own = EtcdCluster(3)
+    try:
+        a, b = make_nodes(2, etcd_cluster=own, replicas=2, ack=2)
+        write_file(a / "before.bin", payload(MiB, 6))
+        own.kill(0)
+        data = payload(3 * MiB, 7)
+        write_file(a / "after.bin", data)
+        os.rename(a / "after.bin", a / "renamed.bin")
+        assert_bytes_equal(read_file(b / "renamed.bin"), data, "written after an etcd member died")
+        assert read_file(b / "before.bin") == payload(MiB, 6)
+        os.mkdir(b / "made-on-b")
+        assert os.path.isdir(a / "made-on-b")
+    finally:
+        # Unmount the nodes before their etcd goes (the fixture's teardown then has nothing left).
+        for node in (locals().get("a"), locals().get("b")):
+            if node is not None:
+                node.destroy()
+        own.stop()
+
+
+def test_close_to_open_across_nodes_and_one_writer_node(make_nodes):
+    a, b = make_nodes(2, replicas=2, ack=1)
+    for i in range(8):
+        # Sizes that shrink, grow and stay equal: a stale size or stale pages would show.
+        data = payload(1 * MiB + (i % 3) * 4096 - (i % 2) * 100_000, 20 + i)
+        write_file(a / "state.json", data)
+        assert_bytes_equal(read_file(b / "state.json"), data, f"version {i} read on B right after close on A")
+        write_file(b / "other.bin", data[::-1])
+        assert_bytes_equal(read_file(a / "other.bin"), data[::-1], f"version {i} read on A right after close on B")
+    # Namespace changes show at once on the other node.
+    write_file(a / "ckpt.tmp", b"new")
+    os.replace(a / "ckpt.tmp", a / "ckpt")
+    assert read_file(b / "ckpt") == b"new"
+    os.unlink(a / "ckpt")
+    with pytest.raises(FileNotFoundError):
+        read_file(b / "ckpt")
+    # One writer node at a time: a second node gets EBUSY while the first has it open.
+    f = open(a / "state.json", "r+b")
+    try:
+        with pytest.raises(OSError) as e:
+            open(b / "state.json", "r+b")
+        assert e.value.errno == errno.EBUSY
+        assert read_file(b / "state.json")   # readers are welcome
+    finally:
+        f.close()
+    with open(b / "state.json", "r+b") as g:
+        g.write(b"B")
+
+
+def test_policy_per_directory_and_status_of_nodes(make_nodes):
+    a, b, c = make_nodes(3, replicas=1, ack=1)
+    os.mkdir(a / "important")
+    r = run([MODELFS_BIN, "policy", "set", a / "important", "--replicas", "3", "--ack", "2"])
+    assert r.returncode == 0, r.stderr
+    r = run([MODELFS_BIN, "policy", "get", b / "important", "--json"])
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert (got["replicas"], got["ack"]) == (3, 2) and got["from"].endswith("important")
+    r = run([MODELFS_BIN, "policy", "get", b / "", "--json"])
+    assert json.loads(r.stdout)["replicas"] == 1 and "default" in json.loads(r.stdout)["from"]
+    # A file under the policy: ack 2 at close, 3 after sync; a file outside stays on A only.
+    write_file(a / "important" / "w.bin", payload(4 * MiB, 8))
+    write_file(a / "scratch.bin", payload(4 * MiB, 9))
+    assert a.sync(a / "important").returncode == 0
+    important = pack_blocks(a.data / "packs")
+    assert sum(1 for n in (b, c) if n.blocks()) >= 1
+    # Bad policies are refused with a clear message.
+    r = run([MODELFS_BIN, "policy", "set", a / "important", "--replicas", "2", "--ack", "3"])
+    assert r.returncode != 0 and "ack" in r.stderr
+    r = run([MODELFS_BIN, "policy", "set", a / "scratch.bin", "--replicas", "2"])
+    assert r.returncode != 0 and "directory" in r.stderr
+    # Status: every node up, then the killed one down.
+    nodes = a.cluster_status()["nodes"]
+    assert sorted(n["id"] for n in nodes) == sorted(x.node_id for x in (a, b, c)) and all(n["up"] for n in nodes)
+    c.kill9()
+    wait_until(lambda: [n["up"] for n in a.cluster_status()["nodes"] if n["id"] == c.node_id] == [False],
+               20, interval=0.2, what="the killed node to show as down")
+    r = run([MODELFS_BIN, "status", a.mp])
+    assert r.returncode == 0 and "DOWN" in r.stdout and c.node_id in r.stdout
+    assert important
+
+
+def test_cluster_flags_are_checked(etcd, tmp_path):
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    r = run([MODELFS_BIN, "mount", mp, "--data", tmp_path / "d", "--meta", etcd.url("x")])
+    assert r.returncode != 0 and "--secret-file" in r.stderr
+    secret = make_secret(tmp_path)
+    r = run([MODELFS_BIN, "mount", mp, "--data", tmp_path / "d", "--meta", etcd.url("x"), "--secret-file", secret,
+             "--replicas", "2", "--ack", "3", "--listen", "127.0.0.1:0"])
+    assert r.returncode != 0 and "ack" in r.stderr
+    r = run([MODELFS_BIN, "mount", mp, "--data", tmp_path / "d", "--meta", "etcd://127.0.0.1:1/x",
+             "--secret-file", secret, "--listen", "127.0.0.1:0"], timeout=60)
+    assert r.returncode != 0 and "etcd" in r.stderr and "127.0.0.1:1" in r.stderr
+    assert not any(line.split()[1] == str(mp) for line in open("/proc/mounts"))
