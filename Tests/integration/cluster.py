@@ -97,10 +97,12 @@ class Node(Mount):
     """A modelfs cluster node: a real mount with --meta etcd://..., its own data dir."""
 
     def __init__(self, etcd: EtcdCluster, cluster: str, node_id: str, secret_file: Path,
-                 replicas: int = 3, ack: int = 1, extra: list[str] | None = None):
+                 replicas: int = 3, ack: int = 1, extra: list[str] | None = None, root: Path | None = None):
         args = ["--secret-file", str(secret_file), "--listen", "127.0.0.1:0", "--node-id", node_id,
                 "--replicas", str(replicas), "--ack", str(ack), "--lease-ttl", "3", "--ack-timeout", "30"]
-        super().__init__(MODELFS_BIN, meta=etcd.url(cluster), extra_args=args + (extra or []))
+        if root is not None:
+            Path(root).mkdir(parents=True, exist_ok=True)
+        super().__init__(MODELFS_BIN, root=root, meta=etcd.url(cluster), extra_args=args + (extra or []))
         self.node_id = node_id
 
     def cluster_status(self) -> dict:

@@ -253,3 +253,72 @@ def test_cluster_flags_are_checked(etcd, tmp_path):
              "--secret-file", secret, "--listen", "127.0.0.1:0"], timeout=60)
     assert r.returncode != 0 and "etcd" in r.stderr and "127.0.0.1:1" in r.stderr
     assert not any(line.split()[1] == str(mp) for line in open("/proc/mounts"))
+
+
+def test_torch_and_safetensors_saved_on_one_node_loaded_on_another(make_nodes):
+    torch = pytest.importorskip("torch")
+    st = pytest.importorskip("safetensors.torch")
+    a, b = make_nodes(2, replicas=2, ack=1)
+    g = torch.Generator().manual_seed(7)
+    state = {"w": torch.randn(512, 1024, generator=g), "b": torch.randn(1024, generator=g),
+             "step": torch.tensor(1200)}
+    torch.save(state, a / "step-1200.pt")
+    loaded = torch.load(b / "step-1200.pt", weights_only=True)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    mapped = torch.load(b / "step-1200.pt", mmap=True, weights_only=True)
+    assert all(torch.equal(mapped[k], state[k]) for k in state)
+    st.save_file({"w": state["w"], "b": state["b"]}, str(a / "model.safetensors"))
+    from safetensors import safe_open
+    with safe_open(str(b / "model.safetensors"), framework="pt") as f:   # mmap on B
+        assert torch.equal(f.get_tensor("w"), state["w"])
+        assert torch.equal(f.get_slice("w")[10:20], state["w"][10:20])
+        assert torch.equal(f.get_tensor("b"), state["b"])
+
+
+def test_node_with_another_secret_is_refused_and_it_shows(make_nodes, tmp_path):
+    a, = make_nodes(1, replicas=2, ack=1)
+    other = make_secret(tmp_path, "a-different-cluster-secret")
+    c = Node(a_etcd(a), make_nodes.name, f"{make_nodes.name}-stranger", other, replicas=2)
+    try:
+        c.start()
+        wait_until(lambda: len(a.cluster_status()["nodes"]) == 2, 20, interval=0.1, what="the stranger to register")
+        write_file(a / "f.bin", payload(2 * MiB, 11))
+        st = wait_until(lambda: (lambda r: r if r["underReplicatedBytes"] > 0 and r.get("lastError") else None)(
+            a.cluster_status()["replication"]), 20, interval=0.2, what="replication to the stranger to fail")
+        assert "secret" in st["lastError"], st
+        assert not c.blocks()
+    finally:
+        c.destroy()
+
+
+def a_etcd(node: Node):
+    """The EtcdCluster-like object a node was started with (its --meta URL)."""
+    class _E:
+        def url(self, name):
+            return node.meta.rsplit("/", 1)[0] + "/" + name
+    return _E()
+
+
+def test_etcd_lost_while_mounted(make_nodes):
+    own = EtcdCluster(3)
+    a = None
+    try:
+        a, = make_nodes(1, etcd_cluster=own, replicas=1)
+        data = payload(3 * MiB, 12)
+        write_file(a / "kept.bin", data)
+        f = open(a / "kept.bin", "rb")
+        for i in range(3):
+            own.kill(i)
+        # An open file reads on (its manifest is in the daemon, its blocks local).
+        assert_bytes_equal(f.read(), data, "read of an open file with etcd gone")
+        f.close()
+        # What needs etcd fails with EIO (after the client gave up on every member), not a hang.
+        t = time.monotonic()
+        with pytest.raises(OSError) as e:
+            write_file(a / "new.bin", b"x")
+        assert e.value.errno == errno.EIO
+        assert time.monotonic() - t < 60
+    finally:
+        if a is not None:
+            a.destroy()
+        own.stop()
