@@ -102,16 +102,20 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         state.withLock { $0.jobs = jobs }
     }
 
+    private let started = Mutex(false)
+
     public func start() {
+        started.withLock { $0 = true }
         let t = Thread { [weak self] in self?.run() }
         t.name = "modelfs-replicator"
         t.start()
     }
 
+    /// Stops the background thread (waits for the pass under way); jobs stay in the journal.
     public func stop() {
         stopped.withLock { $0 = true }
         wake.signal()
-        _ = done.wait(timeout: .now() + 10)
+        if started.withLock({ $0 }) { _ = done.wait(timeout: .now() + 10) }
     }
 
     // MARK: Policy

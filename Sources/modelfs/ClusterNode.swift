@@ -49,6 +49,7 @@ final class ClusterNode: @unchecked Sendable {
         self.id = id
         self.local = local
         let (endpoints, name) = try MetadataURL.parseEtcd(meta)
+        try ClusterNode.claim(dataDir: dataDir, cluster: name, client: EtcdClient(endpoints: endpoints))
         let listen = parseHostPort(options.listen)!
         let cache = try PackBlockStore(root: dataDir + "/cache") { Log.error($0) }
         let metrics = PeerMetrics()
@@ -93,6 +94,34 @@ final class ClusterNode: @unchecked Sendable {
                     ("modelfs_cache_misses_total", Double(c.peerFetches + c.failedFetches)),
                     ("modelfs_live_nodes", Double(membership.nodes.count))]
         }
+    }
+
+    /// A data dir belongs to one cluster: its blocks and replication journal mean nothing to
+    /// another. The cluster's id (made once, in etcd) is written to DATA/cluster on first join;
+    /// a data dir of another cluster, or of a single-node filesystem, is refused.
+    static func claim(dataDir: String, cluster: String, client: EtcdClient) throws {
+        let key = Data("/modelfs/\(cluster)/n/cluster_id".utf8)
+        let fresh = Data(UUID().uuidString.lowercased().utf8)
+        let id: String
+        do {
+            let r = try client.txn(compare: [.absent(key)], success: [.put(key, fresh)], failure: [.get(key)], idempotent: true)
+            id = r.succeeded ? String(decoding: fresh, as: UTF8.self)
+                : String(decoding: r.ranges.first?.first?.value ?? Data(), as: UTF8.self)
+        } catch {
+            throw FSError.io("cannot reach etcd at \(client.endpoints.joined(separator: ",")): \(error); start the etcd cluster or fix --meta")
+        }
+        let mine = "\(cluster) \(id)"
+        let path = dataDir + "/cluster"
+        if let recorded = try? String(contentsOfFile: path, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) {
+            guard recorded == mine else {
+                throw FSError.invalid("data dir \(dataDir) belongs to cluster \"\(recorded)\", not \"\(mine)\"; mount it with that cluster's --meta or choose another --data")
+            }
+            return
+        }
+        if FileManager.default.fileExists(atPath: dataDir + "/meta.db") {
+            throw FSError.invalid("data dir \(dataDir) holds a single-node filesystem (meta.db); choose another --data for a cluster node")
+        }
+        try (mine + "\n").write(toFile: path, atomically: true, encoding: .utf8)
     }
 
     func start() throws {

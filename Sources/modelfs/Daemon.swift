@@ -50,6 +50,9 @@ struct Daemon {
             engine = try MetadataURL.open(meta, rootUID: getuid(), rootGID: getgid(), clientID: id)
             node = try ClusterNode(id: id, options: cluster, meta: meta, engine: engine, local: store, dataDir: dataDir)
         } else {
+            if let recorded = try? String(contentsOfFile: dataDir + "/cluster", encoding: .utf8) {
+                throw FSError.invalid("data dir \(dataDir) belongs to cluster \"\(recorded.trimmingCharacters(in: .whitespacesAndNewlines))\"; mount it with --meta etcd://... or choose another --data")
+            }
             engine = try MetadataURL.open(meta, rootUID: getuid(), rootGID: getgid())
             node = nil
         }

@@ -206,6 +206,34 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
         #expect(e?.message.contains("no live node holds a good copy") == true)
     }
 
+    /// A "peer" that answers every request with 200 and junk: its blocks fail verification and
+    /// the reader goes on to a node with a good copy; nobody ever sees the junk.
+    @Test func aPeerThatAnswersGarbageIsSkipped() throws {
+        struct Junk: PeerRoutes {
+            func handle(_ r: PeerRequest) -> PeerResponse { PeerResponse(.ok, body: ByteBuffer(bytes: randomBytes(5000, seed: 9))) }
+        }
+        let cluster = "junk-\(UInt64.random(in: 0...UInt64.max))"
+        let a = try TestNode(id: "a", cluster: cluster)
+        let b = try TestNode(id: "b", cluster: cluster)
+        let junk = try PeerServer(host: "127.0.0.1", port: 0, routes: Junk(), maxBody: 1 << 20)
+        let etcd = try EtcdTestCluster.shared.get()
+        let jm = Membership(client: EtcdClient(endpoints: etcd.endpoints), cluster: cluster,
+                            me: NodeInfo(id: "junk", address: "127.0.0.1:\(junk.port)"), ttl: 5, refresh: 0.2)
+        try jm.start()
+        defer { jm.stop(); junk.shutdown(); a.stop(); b.stop() }
+        #expect(waitForNodes([a, b], count: 3))
+        let blocks = (0..<16).map { blockOf(100_000, seed: 500 + UInt64($0)) }
+        for (id, bytes) in blocks { try bytes.withUnsafeBytes { _ = try a.local.put(id, $0) } }
+        // Rendezvous order puts the junk node first for about a third of these blocks.
+        #expect(blocks.contains { Placement.order($0.0, b.membership.peers)[0].id == "junk" })
+        for (id, bytes) in blocks {
+            #expect(try b.store.read(id).withUnsafeBytes { Array($0) } == bytes)
+        }
+        // Replicating to it fails cleanly (its answers are not a has-list), and says so.
+        let short = a.replicator!.ensure(blocks.map(\.0), copies: 3, policy: ReplicationPolicy(replicas: 3, ack: 1), durable: false)
+        #expect(short != nil)
+    }
+
     @Test func replicationReachesEveryNodeAndResumesAfterRestart() throws {
         let cluster = "repl-\(UInt64.random(in: 0...UInt64.max))"
         let a = try TestNode(id: "a", cluster: cluster)

@@ -322,3 +322,21 @@ def test_etcd_lost_while_mounted(make_nodes):
         if a is not None:
             a.destroy()
         own.stop()
+
+
+def test_data_dir_of_another_cluster_is_refused(make_nodes, etcd, tmp_path):
+    a, = make_nodes(1, replicas=1)
+    a.unmount()
+    r = run([MODELFS_BIN, "mount", a.mp, "--data", a.data, "--meta", etcd.url("elsewhere"),
+             "--secret-file", make_nodes.secret, "--listen", "127.0.0.1:0"], timeout=60)
+    assert r.returncode != 0 and "belongs to cluster" in r.stderr, r.stderr
+    r = run([MODELFS_BIN, "mount", a.mp, "--data", a.data], timeout=60)
+    assert r.returncode != 0 and "belongs to cluster" in r.stderr, r.stderr
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "meta.db").write_bytes(b"")
+    r = run([MODELFS_BIN, "mount", a.mp, "--data", single, "--meta", etcd.url("x"),
+             "--secret-file", make_nodes.secret, "--listen", "127.0.0.1:0"], timeout=60)
+    assert r.returncode != 0 and "single-node" in r.stderr, r.stderr
+    assert not any(line.split()[1] == str(a.mp) for line in open("/proc/mounts"))
+    a.start()   # its own cluster still takes it
