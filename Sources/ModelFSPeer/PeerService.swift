@@ -89,7 +89,9 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
     func get(_ id: BlockID) -> PeerResponse {
         guard let s = store(holding: id) else { return .text(.notFound, "no copy of \(id.hex) here") }
         do {
-            let b = try s.read(id)   // verified: a corrupt copy is never served
+            // Not re-hashed here: the asking node verifies every block it receives and skips a
+            // bad copy (PeerClient.get).
+            let b = try s.readForPeer(id)
             return PeerResponse(.ok, body: b.withUnsafeBytes { ByteBuffer(bytes: $0) })
         } catch {
             return .text(.notFound, "copy of \(id.hex) here is unreadable: \(error)")

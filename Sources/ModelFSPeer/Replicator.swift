@@ -246,7 +246,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         parallelFor(jobs.count, width: width) { [local, client] i in
             let (node, id) = jobs[i]
             do {
-                let b = try local.read(id)
+                let b = try local.readForPeer(id)   // the receiver hashes it before storing
                 try b.withUnsafeBytes { try client.put(id, $0, to: node, durable: durable) }
                 sent.withLock { $0 += UInt64(b.count) }
             } catch {

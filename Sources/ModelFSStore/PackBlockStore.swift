@@ -203,7 +203,14 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         state.withLock { s in s.packs[next] = pack; s.active = next }
     }
 
-    public func read(_ id: BlockID) throws -> BlockBuffer {
+    public func read(_ id: BlockID) throws -> BlockBuffer { try read(id, verify: true) }
+
+    /// Reads a block to hand to a peer that verifies it before storing or returning it (a push,
+    /// a GET from another node): hashing it here too would cost one more SHA-256 pass per byte
+    /// on the replication and remote-read paths. Never used for bytes this node returns itself.
+    public func readForPeer(_ id: BlockID) throws -> BlockBuffer { try read(id, verify: false) }
+
+    func read(_ id: BlockID, verify: Bool) throws -> BlockBuffer {
         let touch = touchOnRead
         guard let (loc, pack) = state.withLock({ s -> (Location, Pack)? in
             guard let l = s.index[id], let p = s.packs[l.pack] else { return nil }
@@ -221,7 +228,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             if r == 0 { break }
             done += r
         }
-        guard done == buffer.count, buffer.withUnsafeBytes({ BlockID.hash($0) }) == id else {
+        guard done == buffer.count, !verify || buffer.withUnsafeBytes({ BlockID.hash($0) }) == id else {
             logger("corrupt block \(id.hex) in \(pack.path) at offset \(loc.offset): its content does not match its name")
             throw FSError.io("block \(id.hex) is corrupt")
         }

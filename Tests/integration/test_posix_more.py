@@ -77,6 +77,14 @@ def test_xattr_create_and_replace_flags(workdir):
     with pytest.raises(OSError) as e:
         os.setxattr(p, "system.posix_acl_access", acl, 0)
     assert e.value.errno == errno.EOPNOTSUPP
+    # No labels or file capabilities either (so the kernel's security.capability probe before
+    # every write is answered without a metadata read).
+    with pytest.raises(OSError) as e:
+        os.setxattr(p, "security.capability", b"\x01\x00\x00\x02" + bytes(16), 0)
+    assert e.value.errno == errno.EOPNOTSUPP
+    with pytest.raises(OSError) as e:
+        os.getxattr(p, "security.capability")
+    assert e.value.errno == errno.ENODATA
 
 
 def test_fallocate_modes(workdir):

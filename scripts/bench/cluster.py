@@ -17,6 +17,9 @@ sys.path.insert(0, str(REPO / "Tests" / "integration"))
 from cluster import EtcdCluster, Node, make_secret  # noqa: E402
 from mfs import MODELFS_BIN, Mount, run, wait_until  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import moosefs  # noqa: E402
+
 MiB = 1 << 20
 
 
@@ -26,15 +29,22 @@ def drop_caches():
         f.write("3\n")
 
 
-def write_timed(src: Path, dst: Path) -> float:
-    """Copies src to dst in 1 MiB writes; seconds until close() returned."""
+def write_timed(src: Path, dst: Path, salt: int = 0) -> float:
+    """Copies src to dst in 1 MiB writes; seconds until close() returned. A non-zero `salt` is
+    stamped every 64 KiB (smaller than any chunk), so no block of the copy exists already:
+    each phase moves all its bytes instead of deduplicating against the one before."""
     buf = bytearray(MiB)
     t = time.perf_counter()
     with open(src, "rb", buffering=0) as i, open(dst, "wb", buffering=0) as o:
+        block = 0
         while True:
             n = i.readinto(buf)
             if not n:
                 break
+            if salt:
+                for off in range(0, n - 15, 65536):
+                    buf[off:off + 16] = salt.to_bytes(8, "little") + block.to_bytes(8, "little")
+                    block += 1
             o.write(memoryview(buf)[:n])
     return time.perf_counter() - t
 
@@ -61,6 +71,7 @@ def main():
     ap.add_argument("--size-mib", type=int, default=2048)
     ap.add_argument("--dir", default="/var/tmp/modelfs-bench")
     ap.add_argument("--out", default=str(REPO / "bench-results" / "cluster.md"))
+    ap.add_argument("--no-moosefs", action="store_true", help="skip the MooseFS goal-3 comparison")
     args = ap.parse_args()
     size = args.size_mib * MiB
     os.makedirs(args.dir, exist_ok=True)
@@ -70,6 +81,7 @@ def main():
     etcd = None
     nodes: list[Node] = []
     single = None
+    mfs = None
     try:
         with open("/dev/urandom", "rb") as r, open(src, "wb") as w:
             for _ in range(args.size_mib):
@@ -78,10 +90,11 @@ def main():
         # Baselines: the plain directory, and a single modelfs node (same disk).
         plain = work / "plain"
         plain.mkdir()
-        results["plain write s"] = write_timed(src, plain / "f")
+        results["plain write s"] = write_timed(src, plain / "f", salt=5)
+        (work / "single").mkdir()
         single = Mount(MODELFS_BIN, root=work / "single")
         single.start()
-        results["single write s"] = write_timed(src, single / "f")
+        results["single write s"] = write_timed(src, single / "f", salt=4)
         drop_caches()
         results["single cold read s"] = read_timed(single / "f")
 
@@ -100,21 +113,36 @@ def main():
             p = run([MODELFS_BIN, "policy", "set", a / d, "--replicas", r, "--ack", k])
             assert p.returncode == 0, p.stderr
 
-        results["K=1 write s"] = write_timed(src, a / "k1" / "f")
+        results["K=1 write s"] = write_timed(src, a / "k1" / "f", salt=1)
         t = time.perf_counter()
         s = a.sync(a / "k1", timeout=1200)
         assert s.returncode == 0, s.stderr
         results["close to 3 copies s"] = time.perf_counter() - t
-        results["K=3 write s"] = write_timed(src, a / "k3" / "f")
+        results["K=3 write s"] = write_timed(src, a / "k3" / "f", salt=2)
         assert a.sync(a / "k3", timeout=1200).returncode == 0
-        results["R=1 write s"] = write_timed(src, a / "r1" / "f")
+        results["R=1 write s"] = write_timed(src, a / "r1" / "f", salt=3)
         drop_caches()
         results["remote cold read s"] = read_timed(b / "r1" / "f")
         assert b.cluster_status()["cacheStats"]["peerFetches"] > 0
         for i, n in enumerate(nodes):
             results[f"node{i} peak RSS MiB"] = peak_rss_mib(n.pid)
         results["single peak RSS MiB"] = peak_rss_mib(single.pid)
+        for n in nodes:
+            n.destroy()
+        nodes = []
+
+        # MooseFS with goal 3, same bytes, same disk (its own network namespace).
+        if not args.no_moosefs and moosefs.available():
+            try:
+                mfs = moosefs.MooseFS(work / "moosefs")
+                (mfs.mnt / "g3").mkdir()
+                mfs.set_goal(mfs.mnt / "g3", 3)
+                results["MooseFS goal 3 write s"] = write_timed(src, mfs.mnt / "g3" / "f", salt=6)
+            except Exception as e:  # noqa: BLE001 - the comparison is optional; say why it is missing
+                print(f"MooseFS comparison skipped: {e}", file=sys.stderr)
     finally:
+        if mfs:
+            mfs.stop()
         for n in nodes:
             n.destroy()
         if single:
@@ -138,7 +166,11 @@ def main():
          f"{results['single write s'] / results['K=3 write s']:.2f}× single-node write"),
         ("cold read on B, all blocks remote", f"{rate('remote cold read s'):.0f} MB/s",
          f"{results['single cold read s'] / results['remote cold read s']:.2f}× single-node cold read (target ≥ 0.6)"),
-    ] + [(f"{k}", f"{v:.0f} MiB", "target ≤ 200") for k, v in results.items() if k.endswith("RSS MiB")]
+    ]
+    if "MooseFS goal 3 write s" in results:
+        rows.append(("MooseFS goal 3 write", f"{rate('MooseFS goal 3 write s'):.0f} MB/s",
+                     f"modelfs K=3 is {results['MooseFS goal 3 write s'] / results['K=3 write s']:.2f}× it (target ≥ 2)"))
+    rows += [(f"{k}", f"{v:.0f} MiB", "target ≤ 200") for k, v in results.items() if k.endswith("RSS MiB")]
     table = "| measurement | value | ratio |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
     text = f"# cluster benchmark ({args.size_mib} MiB, {time.strftime('%Y-%m-%d %H:%M')})\n\n{table}\n"
     print(text)
