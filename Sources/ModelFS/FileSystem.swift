@@ -260,7 +260,8 @@ public final class FileSystem: @unchecked Sendable {
 
     private func makeSession(_ ino: InodeNumber) throws -> WriteSession {
         let a = try meta.getattr(ino)
-        return WriteSession(ino: ino, manifest: try loadManifest(ino), size: a.size, store: store, reader: reader,
+        let sessionStore = replication?.sessionStore(store, ino: ino, parent: parentHint(ino)) ?? store
+        return WriteSession(ino: ino, manifest: try loadManifest(ino), size: a.size, store: sessionStore, reader: reader,
                             parameters: options.chunker, stagingDir: options.stagingDir, counters: writeCounters)
     }
 

@@ -1,5 +1,6 @@
 import Foundation
 import ModelFSCore
+import ModelFSStore
 
 /// What a cluster node adds to a commit (DESIGN.md §3). A single node has none.
 public protocol ReplicationHook: AnyObject, Sendable {
@@ -13,6 +14,10 @@ public protocol ReplicationHook: AnyObject, Sendable {
     /// fsync(): returns once every block is on `replicas` nodes and fsynced there; EIO on timeout
     /// (the job stays queued).
     func awaitReplicas(ino: InodeNumber, parent: InodeNumber?, blocks: [BlockID]) throws
+    /// The store a write session of `ino` puts its blocks through: the cluster starts copying
+    /// each new block to its other holders as soon as it is stored (eager replication), so at
+    /// close() little is left to send.
+    func sessionStore(_ store: any BlockStore, ino: InodeNumber, parent: InodeNumber?) -> any BlockStore
 }
 
 public struct ReplicationTicket: Sendable {

@@ -88,6 +88,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         self.timeout = timeout
         self.width = width
         self.stagingLimit = stagingLimit
+        eagerSlots = DispatchSemaphore(value: width)
         // Jobs a previous run left: they resume.
         let rows = try db.read { db in try Row.fetchAll(db, sql: "SELECT id, ino, created, policy, bytes, blocks FROM jobs") }
         var jobs: [Int64: Job] = [:]
@@ -140,6 +141,69 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         }
         state.withLock { $0.policies[dir] = (p, Date()) }
         return p
+    }
+
+    // MARK: Eager replication
+
+    /// Blocks being copied eagerly (id → pushes under way), and the work queue.
+    private let eagerState = Mutex<(inflight: [BlockID: Int], queued: Int)>(([:], 0))
+    private let eagerQueue = DispatchQueue(label: "modelfs.eager", attributes: .concurrent)
+    private let eagerSlots: DispatchSemaphore
+    /// Blocks waiting or being sent at most: beyond, a K>1 writer waits, a K=1 writer leaves the
+    /// block to its job (write-back never slows the writer for the network).
+    static let eagerLimit = 64
+
+    public func sessionStore(_ store: any BlockStore, ino: InodeNumber, parent: InodeNumber?) -> any BlockStore {
+        let p = policy(for: parent)
+        guard p.replicas > 1 else { return store }
+        return EagerStore(inner: store) { [weak self] id in self?.eager(id, policy: p) }
+    }
+
+    /// Starts copying a block this node just stored to its other holders.
+    func eager(_ id: BlockID, policy: ReplicationPolicy) {
+        let me = membership.me
+        var nodes = membership.nodes
+        if !nodes.contains(where: { $0.id == me.id }) { nodes.append(me) }
+        let targets = Placement.targets(id, nodes: nodes, replicas: policy.replicas, writer: me.id, spreadLabel: policy.spread)
+            .filter { $0.id != me.id }
+        guard !targets.isEmpty else { return }
+        while true {
+            let admitted = eagerState.withLock { s -> Bool in
+                guard s.queued < Self.eagerLimit else { return false }
+                s.queued += 1
+                s.inflight[id, default: 0] += 1
+                return true
+            }
+            if admitted { break }
+            if policy.ack <= 1 || stopped.withLock({ $0 }) { return }
+            changed.lock(); _ = changed.wait(until: Date().addingTimeInterval(0.05)); changed.unlock()
+        }
+        eagerQueue.async { [self] in
+            eagerSlots.wait()
+            defer { eagerSlots.signal() }
+            var sent: UInt64 = 0
+            if let b = try? local.readForPeer(id) {
+                for node in targets {
+                    if (try? b.withUnsafeBytes({ try client.put(id, $0, to: node, durable: false) })) != nil { sent += UInt64(b.count) }
+                }
+            }
+            eagerState.withLock { s in
+                s.queued -= 1
+                s.inflight[id]! -= 1
+                if s.inflight[id] == 0 { s.inflight[id] = nil }
+            }
+            state.withLock { $0.replicatedBytes += sent }
+            changed.lock(); changed.broadcast(); changed.unlock()
+        }
+    }
+
+    /// Waits until no eager copy of these blocks is under way (so a pass does not send them twice).
+    func waitForEager(_ blocks: [BlockID], until deadline: Date) {
+        while Date() < deadline {
+            let busy = eagerState.withLock { s in !s.inflight.isEmpty && blocks.contains { s.inflight[$0] != nil } }
+            if !busy { return }
+            changed.lock(); _ = changed.wait(until: min(deadline, Date().addingTimeInterval(0.05))); changed.unlock()
+        }
     }
 
     // MARK: ReplicationHook
@@ -200,6 +264,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
     /// timeout; then EIO.
     func push(_ blocks: [BlockID], copies: Int, policy: ReplicationPolicy, durable: Bool, what: String) throws {
         let deadline = Date().addingTimeInterval(timeout)
+        waitForEager(blocks, until: deadline)
         while true {
             let shortfall = ensure(blocks, copies: copies, policy: policy, durable: durable)
             if shortfall == nil { return }
@@ -271,6 +336,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
             var progress = false
             for job in jobs {
                 if stopped.withLock({ $0 }) { break }
+                waitForEager(job.blocks, until: Date().addingTimeInterval(timeout))
                 if let short = ensure(job.blocks, copies: job.policy.replicas, policy: job.policy, durable: false) {
                     state.withLock { s in s.jobs[job.id]?.attempts += 1; s.lastError = short }
                     idle = true   // retry after a pause, not in a tight loop
@@ -351,4 +417,24 @@ public final class Shared<T: Sendable>: Sendable {
     public func withLock<R>(_ body: (inout T) throws -> R) rethrows -> R { try m.withLock { try body(&$0) } }
     public func get() -> T { m.withLock { $0 } }
     public func set(_ v: T) { m.withLock { $0 = v } }
+}
+
+/// A write session's view of the store: every block it newly stores is handed to `onNew`.
+final class EagerStore: BlockStore, @unchecked Sendable {
+    let inner: any BlockStore
+    let onNew: @Sendable (BlockID) -> Void
+    init(inner: any BlockStore, onNew: @escaping @Sendable (BlockID) -> Void) { self.inner = inner; self.onNew = onNew }
+
+    @discardableResult
+    func put(_ id: BlockID, _ bytes: UnsafeRawBufferPointer) throws -> Bool {
+        let created = try inner.put(id, bytes)
+        if created { onNew(id) }
+        return created
+    }
+    func read(_ id: BlockID) throws -> BlockBuffer { try inner.read(id) }
+    func contains(_ id: BlockID) -> Bool { inner.contains(id) }
+    func sync(_ ids: [BlockID]) throws { try inner.sync(ids) }
+    func syncFilesystem() throws { try inner.syncFilesystem() }
+    func willNeed(_ ids: [BlockID]) { inner.willNeed(ids) }
+    func usage() -> BlockStoreUsage { inner.usage() }
 }

@@ -80,7 +80,26 @@ public final class EtcdTestCluster: @unchecked Sendable {
     /// (tests keep apart by cluster name, i.e. key prefix).
     public static let shared: Result<EtcdTestCluster, any Error> = Result { try EtcdTestCluster(members: 3) }
 
+    /// etcd members a crashed earlier test run left behind (its atexit never ran): their data
+    /// dirs are named after that run's pid; kill them by PID and remove the dirs. Once per run.
+    static let reaped: Void = {
+        let base = FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : NSTemporaryDirectory()
+        let stale = ((try? FileManager.default.contentsOfDirectory(atPath: base)) ?? []).filter { name in
+            guard name.hasPrefix("modelfs-test-"), let owner = Int32(name.split(separator: "-")[2]) else { return false }
+            return owner != getpid() && Glibc.kill(owner, 0) != 0
+        }
+        guard !stale.isEmpty else { return }
+        for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
+            guard let pid = Int32(entry),
+                  let cmd = FileManager.default.contents(atPath: "/proc/\(entry)/cmdline") else { continue }
+            let line = String(decoding: cmd, as: UTF8.self)
+            if stale.contains(where: { line.contains("/\($0)/") }) { Glibc.kill(pid, SIGKILL) }
+        }
+        for name in stale { try? FileManager.default.removeItem(atPath: "\(base)/\(name)") }
+    }()
+
     public init(members n: Int) throws {
+        _ = Self.reaped
         guard Self.etcdBinary != nil else {
             throw TestSupportError("etcd is not installed: run scripts/install-cluster-deps.sh (Debian package etcd-server)")
         }
