@@ -53,6 +53,15 @@ public struct BlockID: Hashable, Sendable, Comparable, CustomStringConvertible {
         data.withUnsafeBytes { hash($0) }
     }
 
+    /// SHA-256 over bytes that arrive in pieces (a block received from a peer is hashed as it
+    /// streams in, with no second pass over it).
+    public struct Hasher {
+        var sha = SHA256()
+        public init() {}
+        public mutating func update(_ bytes: UnsafeRawBufferPointer) { sha.update(bufferPointer: bytes) }
+        public func finalize() -> BlockID { BlockID(digest: sha.finalize()) }
+    }
+
     init(digest: SHA256.Digest) {
         var w = (UInt64(0), UInt64(0), UInt64(0), UInt64(0))
         digest.withUnsafeBytes { raw in

@@ -33,7 +33,13 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         /// Fetches under way (readahead or a reader): a second reader waits for the first.
         var inflight: [BlockID: DispatchGroup] = [:]
         var prefetching = 0
+        /// Blocks readahead fetched (verified) that no reader has taken yet: the first read gets
+        /// the buffer itself instead of reading the cache copy back from disk and hashing it again.
+        var fetched: [BlockID: BlockBuffer] = [:]
+        var fetchedOrder: [BlockID] = []
     }
+    /// Readahead results kept in memory for their reader, at most.
+    static let handoffBlocks = 16
     private let state = Mutex(State())
     private let prefetchQueue = DispatchQueue(label: "modelfs.prefetch", attributes: .concurrent)
     private let trimLock = NSLock()
@@ -57,6 +63,10 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
     public func contains(_ id: BlockID) -> Bool { local.contains(id) || cache.contains(id) }
 
     public func read(_ id: BlockID) throws -> BlockBuffer {
+        if let b = state.withLock({ $0.fetched.removeValue(forKey: id) }) {
+            state.withLock { $0.stats.cacheHits += 1 }
+            return b
+        }
         if local.contains(id), let b = try? local.read(id) {
             state.withLock { $0.stats.localHits += 1 }
             return b
@@ -69,7 +79,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
     }
 
     /// Fetches a block from the peers into the cache (or waits for a fetch already under way).
-    func fetch(_ id: BlockID) throws -> BlockBuffer {
+    func fetch(_ id: BlockID, handOff: Bool = false) throws -> BlockBuffer {
         let (group, mine) = state.withLock { s -> (DispatchGroup, Bool) in
             if let g = s.inflight[id] { return (g, false) }
             let g = DispatchGroup()
@@ -79,6 +89,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         }
         if !mine {
             group.wait()
+            if let b = state.withLock({ $0.fetched.removeValue(forKey: id) }) { return b }
             if let b = try? cache.read(id) { return b }
             if let b = try? local.read(id) { return b }
             return try fetch(id)   // the other fetch failed: try ourselves
@@ -93,7 +104,16 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
             do {
                 guard let b = try client.get(id, from: node) else { continue }
                 try b.withUnsafeBytes { _ = try cache.put(id, $0) }
-                state.withLock { $0.stats.peerFetches += 1; $0.stats.peerBytes += UInt64(b.count) }
+                state.withLock { s in
+                    s.stats.peerFetches += 1
+                    s.stats.peerBytes += UInt64(b.count)
+                    // Readahead: keep it for the reader (before waiters wake, in the defer below).
+                    if handOff {
+                        s.fetched[id] = b
+                        s.fetchedOrder.append(id)
+                        while s.fetchedOrder.count > Self.handoffBlocks { s.fetched[s.fetchedOrder.removeFirst()] = nil }
+                    }
+                }
                 trimCache()
                 return b
             } catch {
@@ -129,7 +149,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
             }
             guard start else { continue }
             prefetchQueue.async { [self] in
-                _ = try? fetch(id)
+                _ = try? fetch(id, handOff: true)
                 state.withLock { $0.prefetching -= 1 }
             }
         }

@@ -51,14 +51,30 @@ public final class PeerClient: Sendable {
         return FSError.io("\(what) on peer \(node.id) failed: \(r.status.code) \(text)")
     }
 
-    /// The block from `node`, verified; nil if the node has no (good) copy.
+    /// The block from `node`, verified; nil if the node has no (good) copy. The body is copied
+    /// once, from the socket's buffers into block memory, and hashed as it arrives.
     public func get(_ id: BlockID, from node: NodeInfo) throws -> BlockBuffer? {
-        let r = try send(node, .GET, "/v1/blocks/\(id.hex)")
+        var request: HTTPClient.Request
+        do {
+            request = try HTTPClient.Request(url: "http://\(node.address)/v1/blocks/\(id.hex)", method: .GET)
+        } catch {
+            throw FSError.io("peer \(node.id) has an unusable address \(node.address)")
+        }
+        request.headers.add(name: "Authorization", value: authorization)
+        let r: BlockDownload.Result
+        do {
+            r = try http.execute(request: request, delegate: BlockDownload(limit: PeerLimits.maxBlock), deadline: .now() + timeout).wait()
+        } catch {
+            throw FSError.io("peer \(node.id) at \(node.address) unreachable: \(error)")
+        }
         if r.status == .notFound { return nil }
-        guard r.status == .ok, let body = r.body else { throw failure(node, "GET \(id.hex)", r) }
-        let buffer = BlockBuffer(count: body.readableBytes)
-        body.withUnsafeReadableBytes { buffer.pointer.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-        guard buffer.withUnsafeBytes({ BlockID.hash($0) }) == id else {
+        if r.status == .unauthorized {
+            throw FSError(EACCES, "peer \(node.id) at \(node.address) refused the cluster secret; use the same --secret-file on every node")
+        }
+        guard r.status == .ok, let buffer = r.buffer else {
+            throw FSError.io("GET \(id.hex) on peer \(node.id) failed: \(r.status.code) \(r.text)")
+        }
+        guard r.digest == id else {
             Log.warning("peer \(node.id) sent bytes that do not match block \(id.hex); ignoring that copy")
             return nil
         }
@@ -86,5 +102,62 @@ public final class PeerClient: Sendable {
         let r = try send(node, .GET, "/v1/status")
         guard r.status == .ok, let body = r.body else { throw failure(node, "status", r) }
         return Data(body.readableBytesView)
+    }
+}
+
+enum PeerLimits {
+    /// The largest block (4 MiB chunks) plus room: a GET body beyond this is refused.
+    static let maxBlock = (4 << 20) + (64 << 10)
+}
+
+/// Receives a block body straight into block memory (sized by Content-Length), hashing it as it
+/// arrives; any other answer keeps its first KiB of text for the error message.
+final class BlockDownload: HTTPClientResponseDelegate, @unchecked Sendable {
+    struct Result {
+        var status: HTTPResponseStatus
+        var buffer: BlockBuffer?
+        var digest: BlockID?
+        var text: String
+    }
+    let limit: Int
+    private var status: HTTPResponseStatus = .ok
+    private var buffer: BlockBuffer?
+    private var filled = 0
+    private var hasher = BlockID.Hasher()
+    private var text = ""
+    private var broken = false
+
+    init(limit: Int) { self.limit = limit }
+
+    func didReceiveHead(task: HTTPClient.Task<Result>, _ head: HTTPResponseHead) -> EventLoopFuture<Void> {
+        status = head.status
+        if head.status == .ok {
+            if let n = head.headers.first(name: "content-length").flatMap(Int.init), n >= 0, n <= limit {
+                buffer = BlockBuffer(count: n)
+            } else {
+                broken = true
+            }
+        }
+        return task.eventLoop.makeSucceededVoidFuture()
+    }
+
+    func didReceiveBodyPart(task: HTTPClient.Task<Result>, _ part: ByteBuffer) -> EventLoopFuture<Void> {
+        if let buffer, !broken {
+            part.withUnsafeReadableBytes { bytes in
+                guard filled + bytes.count <= buffer.count else { broken = true; return }
+                (buffer.pointer + filled).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+                hasher.update(bytes)
+                filled += bytes.count
+            }
+        } else if text.utf8.count < 1024 {
+            text += String(buffer: part)
+        }
+        return task.eventLoop.makeSucceededVoidFuture()
+    }
+
+    func didFinishRequest(task: HTTPClient.Task<Result>) throws -> Result {
+        let complete = !broken && buffer != nil && filled == buffer!.count
+        return Result(status: status, buffer: complete ? buffer : nil, digest: complete ? hasher.finalize() : nil,
+                      text: text.trimmingCharacters(in: .whitespacesAndNewlines))
     }
 }
