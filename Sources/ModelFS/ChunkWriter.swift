@@ -103,6 +103,10 @@ final class ChunkPipeline: @unchecked Sendable {
         }
     }
 
+    /// Ids of the chunks stored and not yet drained: they are referenced by the session (garbage
+    /// collection must see them; a long write keeps them here until its commit).
+    var storedIDs: [BlockID] { lock.lock(); defer { lock.unlock() }; return done.map(\.id) }
+
     /// The first error of a chunk stored so far, if any.
     var failure: (any Error)? { lock.lock(); defer { lock.unlock() }; return error }
 

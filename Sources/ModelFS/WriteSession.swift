@@ -93,8 +93,11 @@ final class WriteSession: @unchecked Sendable {
         }
     }
 
-    /// The block IDs the session currently references (for garbage collection).
-    var referencedBlocks: [BlockID] { base.chunks.map(\.id) }
+    /// The block IDs the session currently references (for garbage collection): its base and
+    /// the streamed chunks the pipeline stored but nobody drained yet. (Missing the latter, a GC
+    /// pass during a write longer than a second collected its early chunks: found by the cluster
+    /// benchmark, whose 2 GiB writes outlasted the 60 s GC period.)
+    var referencedBlocks: [BlockID] { base.chunks.map(\.id) + pipeline.storedIDs }
 
     // MARK: writes
 

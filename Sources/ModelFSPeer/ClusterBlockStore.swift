@@ -98,7 +98,9 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
             state.withLock { _ = $0.inflight.removeValue(forKey: id) }
             group.leave()
         }
-        let peers = Placement.order(id, membership.peers)
+        // Live peers in placement order; then nodes whose lease lapsed (a node slow to renew
+        // under load still serves its blocks; a dead one just refuses the connection).
+        let peers = Placement.order(id, membership.peers) + membership.lost
         var errors: [String] = []
         for node in peers {
             do {

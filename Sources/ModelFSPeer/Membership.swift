@@ -18,6 +18,8 @@ public final class Membership: @unchecked Sendable {
         var me: NodeInfo
         var lease: Int64 = 0
         var nodes: [NodeInfo] = []
+        /// Every node seen since start, live or not (the last entry each published).
+        var known: [String: NodeInfo] = [:]
         var lastError: String?
     }
     private let state: Mutex<State>
@@ -65,7 +67,18 @@ public final class Membership: @unchecked Sendable {
     public func reload() throws {
         let r = try client.rangeAll(prefix: prefix)
         let nodes = r.kvs.compactMap { try? JSONDecoder().decode(NodeInfo.self, from: $0.value) }.sorted { $0.id < $1.id }
-        state.withLock { $0.nodes = nodes }
+        state.withLock { s in
+            s.nodes = nodes
+            for n in nodes { s.known[n.id] = n }
+        }
+    }
+
+    /// Nodes seen since start that are not live now (lease expired: dead, or only slow to renew).
+    public var lost: [NodeInfo] {
+        state.withLock { s in
+            let live = Set(s.nodes.map(\.id))
+            return s.known.values.filter { !live.contains($0.id) && $0.id != s.me.id }.sorted { $0.id < $1.id }
+        }
     }
 
     private func run() {

@@ -205,6 +205,24 @@ import Testing
     }
 }
 
+/// Garbage collection during a long sequential write: the chunks streamed so far are only in the
+/// session's pipeline (not yet drained into its base) and must be kept.
+@Suite struct GarbageCollectionDuringWrites {
+    @Test func streamedChunksSurviveAPassMidWrite() throws {
+        let t = try TestFS(chunker: .standard); defer { t.remove() }
+        let gc = GarbageCollector(fs: t.fs, store: t.store)
+        let data = randomBytes(24 << 20, seed: 21)
+        let (ino, fh) = try t.create("long-write.bin")
+        try t.write(fh, at: 0, Array(data[0..<(16 << 20)]))
+        // A pass whose cutoff lies after every block stored so far, while the file is open.
+        let removed = try gc.collect(cutoff: Timestamp(totalNanoseconds: Timestamp.now().totalNanoseconds + 1_000_000_000))
+        #expect(removed.blocks == 0, "collected \(removed.blocks) blocks of a file being written")
+        try t.write(fh, at: 16 << 20, Array(data[(16 << 20)...]))
+        try t.close(fh)
+        #expect(try t.contents(ino) == data)
+    }
+}
+
 @Suite struct ConcurrencyTests {
     /// The kernel releases handles asynchronously: opens and releases of one inode interleave.
     /// A new writable handle must always find a session (once it could be dropped under it,

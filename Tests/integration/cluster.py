@@ -97,9 +97,10 @@ class Node(Mount):
     """A modelfs cluster node: a real mount with --meta etcd://..., its own data dir."""
 
     def __init__(self, etcd: EtcdCluster, cluster: str, node_id: str, secret_file: Path,
-                 replicas: int = 3, ack: int = 1, extra: list[str] | None = None, root: Path | None = None):
+                 replicas: int = 3, ack: int = 1, extra: list[str] | None = None, root: Path | None = None,
+                 lease_ttl: int = 3):
         args = ["--secret-file", str(secret_file), "--listen", "127.0.0.1:0", "--node-id", node_id,
-                "--replicas", str(replicas), "--ack", str(ack), "--lease-ttl", "3", "--ack-timeout", "30"]
+                "--replicas", str(replicas), "--ack", str(ack), "--lease-ttl", str(lease_ttl), "--ack-timeout", "30"]
         if root is not None:
             Path(root).mkdir(parents=True, exist_ok=True)
         super().__init__(MODELFS_BIN, root=root, meta=etcd.url(cluster), extra_args=args + (extra or []))

@@ -340,3 +340,28 @@ def test_data_dir_of_another_cluster_is_refused(make_nodes, etcd, tmp_path):
     assert r.returncode != 0 and "single-node" in r.stderr, r.stderr
     assert not any(line.split()[1] == str(a.mp) for line in open("/proc/mounts"))
     a.start()   # its own cluster still takes it
+
+
+def test_staging_limit_slows_writers_until_replication_catches_up(make_nodes):
+    import threading
+    a, = make_nodes(1, replicas=2, ack=1, extra=["--staging-size", "1M"])
+    data = payload(3 * MiB, 13)
+    done = threading.Event()
+    errors = []
+
+    def writer():
+        try:
+            write_file(a / "held.bin", data)   # close() waits: 3 MiB unreplicated > 1 MiB
+        except OSError as e:  # pragma: no cover - reported below
+            errors.append(e)
+        done.set()
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    # With no second node the job cannot finish, so close() must still be waiting.
+    assert not done.wait(3), "close() returned although unreplicated bytes exceed --staging-size"
+    b, = make_nodes(1, replicas=2, ack=1)   # a node to replicate to: the writer goes on
+    assert done.wait(60), "close() still blocked after replication became possible"
+    t.join()
+    assert not errors, errors
+    assert_bytes_equal(read_file(b / "held.bin"), data, "written under backpressure")

@@ -102,7 +102,7 @@ def main():
         etcd = EtcdCluster(3)
         secret = make_secret(work)
         for i in range(3):
-            nodes.append(Node(etcd, "bench", f"node{i}", secret, replicas=3, ack=1,
+            nodes.append(Node(etcd, "bench", f"node{i}", secret, replicas=3, ack=1, lease_ttl=10,
                               extra=["--cache-size", "1G", "--ack-timeout", "600"], root=work / f"node{i}"))
         for n in nodes:
             n.start()
@@ -140,6 +140,14 @@ def main():
                 results["MooseFS goal 3 write s"] = write_timed(src, mfs.mnt / "g3" / "f", salt=6)
             except Exception as e:  # noqa: BLE001 - the comparison is optional; say why it is missing
                 print(f"MooseFS comparison skipped: {e}", file=sys.stderr)
+    except BaseException:
+        # Keep the daemons' logs of a failed run.
+        keep = Path(args.out).parent / "cluster-logs"
+        keep.mkdir(parents=True, exist_ok=True)
+        for n in nodes:
+            shutil.copy(n.log_path, keep / f"{n.node_id}.log")
+        print(f"logs kept in {keep}", file=sys.stderr)
+        raise
     finally:
         if mfs:
             mfs.stop()
