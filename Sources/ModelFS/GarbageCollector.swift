@@ -21,10 +21,18 @@ public final class GarbageCollector: @unchecked Sendable {
     private var timer: (any DispatchSourceTimer)?
     private let pending = Mutex(false)
 
-    public init(fs: FileSystem, store: PackBlockStore, interval: Double = 60) {
+    /// Blocks touched within this many seconds before a pass are kept whether referenced or not.
+    /// One node: 1 s (every writer is in this process, under the commit lock). A cluster node:
+    /// 15 minutes, because the references to its copies are made by other nodes: a copy pushed
+    /// while its file is still being written elsewhere, or confirmed by a `has` just before that
+    /// node's commit, is not referenced yet (`has` touches the blocks it confirms).
+    let grace: Double
+
+    public init(fs: FileSystem, store: PackBlockStore, interval: Double = 60, grace: Double = 1) {
         self.fs = fs
         self.store = store
         self.interval = interval
+        self.grace = grace
     }
 
     public func start() {
@@ -52,7 +60,7 @@ public final class GarbageCollector: @unchecked Sendable {
     /// second before the pass started".
     @discardableResult
     public func collect(cutoff: Timestamp? = nil) throws -> (blocks: UInt64, bytes: UInt64) {
-        let cutoff = cutoff ?? Timestamp(totalNanoseconds: Timestamp.now().totalNanoseconds - 1_000_000_000)
+        let cutoff = cutoff ?? Timestamp(totalNanoseconds: Timestamp.now().totalNanoseconds - Int64(grace * 1e9))
         let referenced = try fs.referencedBlocks()
         var blocks: UInt64 = 0, bytes: UInt64 = 0
         for (id, touched) in store.listBlocks() where touched < cutoff && !referenced.contains(id) {

@@ -126,12 +126,12 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
         guard body.readableBytes % 32 == 0 else { return .text(.badRequest, "the body must be 32-byte block ids") }
         var out = ByteBuffer()
         out.reserveCapacity(body.readableBytes / 32)
-        body.withUnsafeReadableBytes { raw in
-            for i in stride(from: 0, to: raw.count, by: 32) {
-                let id = BlockID(bytes: UnsafeRawBufferPointer(rebasing: raw[i..<(i + 32)]))!
-                out.writeInteger(UInt8(local.contains(id) ? 1 : 0))
-            }
+        let ids = body.withUnsafeReadableBytes { raw in
+            stride(from: 0, to: raw.count, by: 32).map { BlockID(bytes: UnsafeRawBufferPointer(rebasing: raw[$0..<($0 + 32)]))! }
         }
+        // Touched: a replicator about to count these copies keeps them from garbage collection
+        // until its node's commit references them.
+        for present in local.touch(ids) { out.writeInteger(UInt8(present ? 1 : 0)) }
         return PeerResponse(.ok, body: out)
     }
 }

@@ -292,6 +292,19 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         state.withLock { s in s.index.map { ($0.key, $0.value.touched) } }
     }
 
+    /// Marks blocks as just used (garbage collection's grace period starts again); returns which
+    /// of them are here.
+    public func touch(_ ids: [BlockID]) -> [Bool] {
+        let now = Timestamp.now()
+        return state.withLock { s in
+            ids.map { id in
+                guard s.index[id] != nil else { return false }
+                s.index[id]!.touched = now
+                return true
+            }
+        }
+    }
+
     /// A cache's store: reads count as uses for `evictLeastRecentlyUsed`.
     public var touchOnRead: Bool {
         get { state.withLock { $0.touchOnRead } }

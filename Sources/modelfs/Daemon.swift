@@ -65,7 +65,7 @@ struct Daemon {
         let fs = try FileSystem(meta: engine, store: node?.blocks ?? store, options: fsOptions)
         fs.replication = node?.replicator
         fs.writerLock = node?.writerLock
-        let gc = GarbageCollector(fs: fs, store: store)
+        let gc = GarbageCollector(fs: fs, store: store, grace: node == nil ? 1 : 15 * 60)
 
         var options = ["fsname=modelfs", "subtype=modelfs", "default_permissions"]
         // Other users may use a root-mounted filesystem; the kernel enforces permissions.
