@@ -149,6 +149,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
     private let eagerState = Mutex<(inflight: [BlockID: Int], queued: Int)>(([:], 0))
     private let eagerQueue = DispatchQueue(label: "modelfs.eager", attributes: .concurrent)
     private let eagerSlots: DispatchSemaphore
+    private let writeBackSlots = DispatchSemaphore(value: 2)
     /// Blocks waiting or being sent at most: beyond, a K>1 writer waits, a K=1 writer leaves the
     /// block to its job (write-back never slows the writer for the network).
     static let eagerLimit = 64
@@ -178,9 +179,12 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
             if policy.ack <= 1 || stopped.withLock({ $0 }) { return }
             changed.lock(); _ = changed.wait(until: Date().addingTimeInterval(0.05)); changed.unlock()
         }
+        // Write-back (K = 1) copies trickle on two threads, leaving the CPU to the writer;
+        // a writer that waits for its copies anyway (K > 1) gets them on `width`.
+        let slots = policy.ack <= 1 ? writeBackSlots : eagerSlots
         eagerQueue.async { [self] in
-            eagerSlots.wait()
-            defer { eagerSlots.signal() }
+            slots.wait()
+            defer { slots.signal() }
             var sent: UInt64 = 0
             if let b = try? local.readForPeer(id) {
                 for node in targets {
