@@ -178,7 +178,7 @@ extension FuseServer {
                 let slices = try s.fs.readSlices(fh(fi), at: UInt64(off), count: size)
                 var iov = slices.map { iovec(iov_base: $0.buffer.pointer + $0.offset, iov_len: $0.count) }
                 withExtendedLifetime(slices) {
-                    if iov.isEmpty { fuse_reply_buf(req, nil, 0) } else { fuse_reply_iov(req, &iov, Int32(iov.count)) }
+                    _ = iov.isEmpty ? fuse_reply_buf(req, nil, 0) : fuse_reply_iov(req, &iov, Int32(iov.count))
                 }
             } catch { fuse_reply_err(req, errnoFor(error, op: "read")) }
         }

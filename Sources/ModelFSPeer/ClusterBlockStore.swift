@@ -131,8 +131,12 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
     /// Keeps the cache within its budget: when over, evicts least-recently-used blocks down to
     /// 90% of it (replicas in `local` are never evicted).
     func trimCache() {
-        guard cache.usage().bytes > cacheBudget, trimLock.try() else { return }
+        guard cache.usage().bytes > cacheBudget else { return }
+        // Every put that finds the cache over budget waits its turn and checks again: with a
+        // `try` here, a put landing during another thread's eviction left the cache over budget.
+        trimLock.lock()
         defer { trimLock.unlock() }
+        guard cache.usage().bytes > cacheBudget else { return }
         do {
             let freed = try cache.evictLeastRecentlyUsed(keepingBytes: cacheBudget / 10 * 9)
             state.withLock { $0.stats.evictedBytes += freed }

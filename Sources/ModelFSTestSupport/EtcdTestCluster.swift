@@ -16,7 +16,9 @@ private let exitHook: Void = {
 public func startProcess(_ executable: String, _ arguments: [String], log: String,
                          environment: [String: String]? = nil) throws -> Process {
     _ = exitHook
-    FileManager.default.createFile(atPath: log, contents: nil)
+    guard FileManager.default.createFile(atPath: log, contents: nil) else {
+        throw TestSupportError("cannot create the log file \(log)")
+    }
     let out = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
     let p = Process()
     p.executableURL = URL(fileURLWithPath: executable)

@@ -155,7 +155,8 @@ struct Daemon {
         }
         var host = [CChar](repeating: 0, count: 256)
         gethostname(&host, host.count)
-        let id = "\(String(cString: host))-\(UUID().uuidString.prefix(8).lowercased())"
+        let name = String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let id = "\(name)-\(UUID().uuidString.prefix(8).lowercased())"
         try (id + "\n").write(toFile: path, atomically: true, encoding: .utf8)
         return id
     }
