@@ -9,18 +9,8 @@ dpkg -s libfuse3-dev >/dev/null 2>&1 || need+=(libfuse3-dev)
 dpkg -s fuse3 >/dev/null 2>&1 || need+=(fuse3)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 
-if [ "${#need[@]}" -gt 0 ]; then
-    sudo=""
-    if [ "$(id -u)" != 0 ]; then
-        if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
-            echo "modelfs: missing packages ${need[*]}; install them as root: apt-get install ${need[*]}" >&2
-            exit 1
-        fi
-    fi
-    echo "installing ${need[*]}"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/lib-apt.sh"
+apt_install "${need[@]}"
 
 if ! command -v swift >/dev/null 2>&1; then
     echo "modelfs: the Swift toolchain is missing; install Swift 6 (https://www.swift.org/install) and retry" >&2

@@ -377,23 +377,20 @@ public final class FileSystem: @unchecked Sendable {
     /// durable against power loss (DESIGN.md §3).
     public func fsync(_ fh: FileHandleID) throws {
         let h = try handle(fh)
-        // With one syncfs covering blocks and metadata, the file's block list is not needed.
-        let perBlock = !options.metadataOnStoreFilesystem
+        // The file's block list is needed to sync per block or to replicate, not when one
+        // syncfs covers blocks and metadata on a single node.
+        let needBlocks = !options.metadataOnStoreFilesystem || replication != nil
         var blocks: [BlockID] = []
         if h.writable, let s = session(of: h.ino) {
             s.lock.lock(); defer { s.lock.unlock() }
             try commit(s)
-            if perBlock { blocks = s.referencedBlocks }
-        } else if perBlock {
+            if needBlocks { blocks = s.referencedBlocks }   // after a commit: the committed chunks
+        } else if needBlocks {
             blocks = try loadManifest(h.ino).chunks.map(\.id)
         }
-        if perBlock, case .block(let id, _) = try meta.manifest(of: h.ino) { blocks.append(id) }
+        if needBlocks, case .block(let id, _) = try meta.manifest(of: h.ino) { blocks.append(id) }
         try syncDurably(blocks)
-        if let replication {
-            var all = try loadManifest(h.ino).chunks.map(\.id)
-            if case .block(let id, _) = try meta.manifest(of: h.ino) { all.append(id) }
-            try replication.awaitReplicas(ino: h.ino, parent: parentHint(h.ino), blocks: all)
-        }
+        try replication?.awaitReplicas(ino: h.ino, parent: parentHint(h.ino), blocks: blocks)
     }
 
     private func parentHint(_ ino: InodeNumber) -> InodeNumber? { tables.withLock { $0.live[ino]?.parent } }

@@ -55,12 +55,11 @@ public final class Membership: @unchecked Sendable {
         t.start()
     }
 
+    /// Registers under a new lease.
     private func register() throws {
         let lease = try client.grantLease(ttl: ttl)
-        var me = state.withLock { $0.me }
-        if let u = usage?() { me.usedBytes = u.used; me.blocks = u.blocks; me.capacityBytes = u.capacity }
-        try client.put(prefix + Data(me.id.utf8), try JSONEncoder().encode(me), lease: lease)
-        state.withLock { $0.lease = lease; $0.me = me }
+        try register(reusing: lease)
+        state.withLock { $0.lease = lease }
     }
 
     /// Re-reads the live nodes from etcd.

@@ -27,7 +27,8 @@ public final class PeerClient: Sendable {
     /// AsyncHTTPClient insists on an explicit shutdown; a second one is a no-op.
     deinit { try? http.syncShutdown() }
 
-    func send(_ node: NodeInfo, _ method: HTTPMethod, _ path: String, body: ByteBuffer? = nil) throws -> HTTPClient.Response {
+    /// A request to `node` carrying the cluster secret.
+    func request(_ node: NodeInfo, _ method: HTTPMethod, _ path: String, body: ByteBuffer? = nil) throws -> HTTPClient.Request {
         var request: HTTPClient.Request
         do {
             request = try HTTPClient.Request(url: "http://\(node.address)\(path)", method: method, body: body.map { .byteBuffer($0) })
@@ -35,45 +36,42 @@ public final class PeerClient: Sendable {
             throw FSError.io("peer \(node.id) has an unusable address \(node.address)")
         }
         request.headers.add(name: "Authorization", value: authorization)
-        do {
-            return try http.execute(request: request, deadline: .now() + timeout).wait()
-        } catch {
+        return request
+    }
+
+    /// Waits for a request's answer; a transport failure names the peer.
+    func answer<T: Sendable>(_ node: NodeInfo, _ task: () -> EventLoopFuture<T>) throws -> T {
+        do { return try task().wait() } catch {
             throw FSError.io("peer \(node.id) at \(node.address) unreachable: \(error)")
         }
     }
 
+    func send(_ node: NodeInfo, _ method: HTTPMethod, _ path: String, body: ByteBuffer? = nil) throws -> HTTPClient.Response {
+        let request = try request(node, method, path, body: body)
+        return try answer(node) { http.execute(request: request, deadline: .now() + timeout) }
+    }
+
     private func failure(_ node: NodeInfo, _ what: String, _ r: HTTPClient.Response) -> FSError {
-        let text = r.body.map { String(buffer: $0) }?.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
-        if r.status == .unauthorized {
+        failure(node, what, r.status, r.body.map { String(buffer: $0) }?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "")
+    }
+
+    private func failure(_ node: NodeInfo, _ what: String, _ status: HTTPResponseStatus, _ text: String) -> FSError {
+        if status == .unauthorized {
             return FSError(EACCES, "peer \(node.id) at \(node.address) refused the cluster secret; use the same --secret-file on every node")
         }
-        if r.status == .insufficientStorage { return FSError.noSpace("peer \(node.id): \(text)") }
-        return FSError.io("\(what) on peer \(node.id) failed: \(r.status.code) \(text)")
+        if status == .insufficientStorage { return FSError.noSpace("peer \(node.id): \(text)") }
+        return FSError.io("\(what) on peer \(node.id) failed: \(status.code) \(text)")
     }
 
     /// The block from `node`, verified; nil if the node has no (good) copy. The body is copied
     /// once, from the socket's buffers into block memory, and hashed as it arrives.
     public func get(_ id: BlockID, from node: NodeInfo) throws -> BlockBuffer? {
-        var request: HTTPClient.Request
-        do {
-            request = try HTTPClient.Request(url: "http://\(node.address)/v1/blocks/\(id.hex)", method: .GET)
-        } catch {
-            throw FSError.io("peer \(node.id) has an unusable address \(node.address)")
-        }
-        request.headers.add(name: "Authorization", value: authorization)
-        let r: BlockDownload.Result
-        do {
-            r = try http.execute(request: request, delegate: BlockDownload(limit: PeerLimits.maxBlock), deadline: .now() + timeout).wait()
-        } catch {
-            throw FSError.io("peer \(node.id) at \(node.address) unreachable: \(error)")
+        let request = try request(node, .GET, "/v1/blocks/\(id.hex)")
+        let r = try answer(node) {
+            http.execute(request: request, delegate: BlockDownload(limit: PeerLimits.maxBlock), deadline: .now() + timeout).futureResult
         }
         if r.status == .notFound { return nil }
-        if r.status == .unauthorized {
-            throw FSError(EACCES, "peer \(node.id) at \(node.address) refused the cluster secret; use the same --secret-file on every node")
-        }
-        guard r.status == .ok, let buffer = r.buffer else {
-            throw FSError.io("GET \(id.hex) on peer \(node.id) failed: \(r.status.code) \(r.text)")
-        }
+        guard r.status == .ok, let buffer = r.buffer else { throw failure(node, "GET \(id.hex)", r.status, r.text) }
         guard r.digest == id else {
             Log.warning("peer \(node.id) sent bytes that do not match block \(id.hex); ignoring that copy")
             return nil
@@ -113,7 +111,7 @@ enum PeerLimits {
 /// Receives a block body straight into block memory (sized by Content-Length), hashing it as it
 /// arrives; any other answer keeps its first KiB of text for the error message.
 final class BlockDownload: HTTPClientResponseDelegate, @unchecked Sendable {
-    struct Result {
+    struct Result: @unchecked Sendable {   // its buffer is handed over once, to the caller
         var status: HTTPResponseStatus
         var buffer: BlockBuffer?
         var digest: BlockID?

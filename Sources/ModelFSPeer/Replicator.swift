@@ -54,6 +54,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         var replicatedBytes: UInt64 = 0
         var lastError: String?
         var policies: [InodeNumber: (ReplicationPolicy?, Date)] = [:]
+        var pendingBytes: UInt64 { jobs.values.reduce(0) { $0 + $1.bytes } }
     }
     private let state = Mutex(State())
     private let wake = DispatchSemaphore(value: 0)
@@ -252,7 +253,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
     func throttle() {
         var warned = false
         while !stopped.withLock({ $0 }) {
-            let pending = state.withLock { $0.jobs.values.reduce(UInt64(0)) { $0 + $1.bytes } }
+            let pending = state.withLock { $0.pendingBytes }
             if pending <= stagingLimit { return }
             if !warned {
                 Log.warning("\(pending) unreplicated bytes exceed the staging limit \(stagingLimit): slowing writers")
@@ -384,7 +385,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
             var r = ReplicationStatus(defaultPolicy: defaultPolicy)
             r.pendingJobs = s.jobs.count
             r.pendingFiles = Set(s.jobs.values.map(\.ino)).count
-            r.pendingBytes = s.jobs.values.reduce(0) { $0 + $1.bytes }
+            r.pendingBytes = s.pendingBytes
             r.underReplicatedBytes = s.jobs.values.filter { $0.attempts > 0 }.reduce(0) { $0 + $1.bytes }
             r.oldestPendingSeconds = s.jobs.values.map { -$0.created.timeIntervalSinceNow }.max() ?? 0
             r.replicatedBytes = s.replicatedBytes

@@ -49,7 +49,8 @@ final class ClusterNode: @unchecked Sendable {
         self.id = id
         self.local = local
         let (endpoints, name) = try MetadataURL.parseEtcd(meta)
-        try ClusterNode.claim(dataDir: dataDir, cluster: name, client: EtcdClient(endpoints: endpoints))
+        let etcd = EtcdClient(endpoints: endpoints)
+        try ClusterNode.claim(dataDir: dataDir, cluster: name, client: etcd)
         let listen = parseHostPort(options.listen)!
         let cache = try PackBlockStore(root: dataDir + "/cache") { Log.error($0) }
         let metrics = PeerMetrics()
@@ -64,7 +65,6 @@ final class ClusterNode: @unchecked Sendable {
             throw FSError(EADDRINUSE, "cannot listen on \(options.listen) for peers: \(error); choose another --listen")
         }
         let advertise = options.advertise ?? "\(listen.host):\(server.port)"
-        let etcd = EtcdClient(endpoints: endpoints)
         membership = Membership(client: etcd, cluster: name,
                                 me: NodeInfo(id: id, address: advertise, labels: parseLabels(options.labels ?? "") ?? [:]),
                                 ttl: options.leaseTtl)

@@ -123,7 +123,7 @@ final class ControlServer: @unchecked Sendable {
         reply.withUnsafeBytes { p in
             var off = 0
             while off < p.count {
-                let w = send(c, p.baseAddress! + off, p.count - off, Int32(MSG_NOSIGNAL))
+                let w = Glibc.send(c, p.baseAddress! + off, p.count - off, Int32(MSG_NOSIGNAL))
                 if w <= 0 { return }
                 off += w
             }
@@ -141,17 +141,23 @@ final class ControlServer: @unchecked Sendable {
         return addr
     }
 
-    /// Client side: sends a request line and reads the reply lines as they come.
-    static func stream(_ path: String, _ line: String, _ onLine: (Data) -> Void) throws {
+    /// Client side: connects to a daemon's socket and sends one request line; returns the socket.
+    private static func send(_ path: String, _ line: String) throws -> Int32 {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw posixError("socket", path) }
-        defer { close(fd) }
         var addr = address(path)
         let r = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
-        guard r == 0 else { throw posixError("connect to daemon at", path) }
+        guard r == 0 else { close(fd); throw posixError("connect to daemon at", path) }
         sendAll(fd, Data((line + "\n").utf8))
+        return fd
+    }
+
+    /// Client side: sends a request line and reads the reply lines as they come.
+    static func stream(_ path: String, _ line: String, _ onLine: (Data) -> Void) throws {
+        let fd = try send(path, line)
+        defer { close(fd) }
         var pending = Data()
         var buf = [UInt8](repeating: 0, count: 65536)
         while true {
@@ -169,15 +175,8 @@ final class ControlServer: @unchecked Sendable {
 
     /// Client side: asks a daemon for its status.
     static func request(_ path: String, _ line: String) throws -> Data {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { throw posixError("socket", path) }
+        let fd = try send(path, line)
         defer { close(fd) }
-        var addr = address(path)
-        let r = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard r == 0 else { throw posixError("connect to daemon at", path) }
-        _ = (line + "\n").withCString { write(fd, $0, strlen($0)) }
         var out = Data()
         var buf = [UInt8](repeating: 0, count: 65536)
         while true {
