@@ -319,9 +319,13 @@ public final class FileSystem: @unchecked Sendable {
             attrs = try meta.create(parent: parent, name: name, newInode(.regular, mode: mode, parent: parent, context: context))
         } catch let e as FSError where e.errno == EEXIST && !flags.exclusive {
             let existing = try meta.lookup(parent: parent, name: name)
+            live(existing.ino) { $0.parent = parent }
             let opened = try open(existing.ino, flags: flags)
             return (remembered(withLiveSize(try meta.getattr(existing.ino)), parent: parent), opened)
         }
+        // The parent first: the write session open() makes takes its directory's policy
+        // (eager replication of a file created under `replicas=1` must not copy it).
+        live(attrs.ino) { $0.parent = parent }
         let opened = try open(attrs.ino, flags: OpenFlags(flags.raw & ~O_TRUNC))
         return (remembered(attrs, parent: parent), opened)
     }
@@ -393,7 +397,7 @@ public final class FileSystem: @unchecked Sendable {
         try replication?.awaitReplicas(ino: h.ino, parent: parentHint(h.ino), blocks: blocks)
     }
 
-    private func parentHint(_ ino: InodeNumber) -> InodeNumber? { tables.withLock { $0.live[ino]?.parent } }
+    func parentHint(_ ino: InodeNumber) -> InodeNumber? { tables.withLock { $0.live[ino]?.parent } }
 
     public func fsyncdir() throws { try syncDurably([]) }
 
@@ -521,10 +525,12 @@ public final class FileSystem: @unchecked Sendable {
 
     public func getxattr(_ ino: InodeNumber, name: String) throws -> Data {
         if FileSystem.unsupportedXattr(name) { throw FSError.noData() }
+        if let v = try stateXattr(ino, name: name) { return v }
         return try meta.getxattr(ino, name: name)
     }
 
     public func setxattr(_ ino: InodeNumber, name: String, value: Data, mode: XattrSetMode) throws {
+        if FileSystem.stateXattrs.contains(name) { throw FSError(EPERM, "\(name) is read-only: it reports the file's replication state") }
         if name == ReplicationPolicy.xattr {
             // A replication policy (modelfs policy set): directories only, and it must parse.
             guard try meta.getattr(ino).kind == .directory else {
@@ -540,7 +546,10 @@ public final class FileSystem: @unchecked Sendable {
 
     public func listxattr(_ ino: InodeNumber) throws -> [String] { try meta.listxattr(ino) }
 
-    public func removexattr(_ ino: InodeNumber, name: String) throws { try meta.removexattr(ino, name: name) }
+    public func removexattr(_ ino: InodeNumber, name: String) throws {
+        if FileSystem.stateXattrs.contains(name) { throw FSError(EPERM, "\(name) is read-only: it reports the file's replication state") }
+        try meta.removexattr(ino, name: name)
+    }
 
     // MARK: statfs
 

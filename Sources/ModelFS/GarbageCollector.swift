@@ -28,9 +28,13 @@ public final class GarbageCollector: @unchecked Sendable {
     /// node's commit, is not referenced yet (`has` touches the blocks it confirms).
     let grace: Double
 
-    public init(fs: FileSystem, store: PackBlockStore, interval: Double = 60, grace: Double = 1) {
+    /// Other stores swept with the same marks (a cluster node's read cache).
+    let others: [PackBlockStore]
+
+    public init(fs: FileSystem, store: PackBlockStore, others: [PackBlockStore] = [], interval: Double = 60, grace: Double = 1) {
         self.fs = fs
         self.store = store
+        self.others = others
         self.interval = interval
         self.grace = grace
     }
@@ -63,11 +67,14 @@ public final class GarbageCollector: @unchecked Sendable {
         let cutoff = cutoff ?? Timestamp(totalNanoseconds: Timestamp.now().totalNanoseconds - Int64(grace * 1e9))
         let referenced = try fs.referencedBlocks()
         var blocks: UInt64 = 0, bytes: UInt64 = 0
-        for (id, touched) in store.listBlocks() where touched < cutoff && !referenced.contains(id) {
-            let freed = store.removeIfStale(id, cutoff: cutoff)
-            if freed > 0 { blocks += 1; bytes += freed }
+        for s in [store] + others {
+            var removed = false
+            for (id, touched) in s.listBlocks() where touched < cutoff && !referenced.contains(id) {
+                let freed = s.removeIfStale(id, cutoff: cutoff)
+                if freed > 0 { blocks += 1; bytes += freed; removed = true }
+            }
+            if removed { try s.reclaim() }
         }
-        if blocks > 0 { try store.reclaim() }
         if blocks > 0 { Log.info("garbage collection removed \(blocks) blocks (\(bytes) bytes)") }
         return (blocks, bytes)
     }

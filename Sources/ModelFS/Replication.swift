@@ -18,6 +18,9 @@ public protocol ReplicationHook: AnyObject, Sendable {
     /// each new block to its other holders as soon as it is stored (eager replication), so at
     /// close() little is left to send.
     func sessionStore(_ store: any BlockStore, ino: InodeNumber, parent: InodeNumber?) -> any BlockStore
+    /// Copies of a file's blocks on the live nodes, against the policy that applies under
+    /// `parent` (the `user.modelfs.*` xattrs).
+    func fileState(blocks: [ChunkRef], parent: InodeNumber?) -> FileReplicaState
 }
 
 public struct ReplicationTicket: Sendable {

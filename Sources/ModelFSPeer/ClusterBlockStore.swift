@@ -56,6 +56,22 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
     }
 
     public var stats: Stats { state.withLock { $0.stats } }
+    /// Called when a local replica fails verification on read (the scrubber repairs it).
+    public let onCorrupt = Shared<(@Sendable (BlockID) -> Void)?>(nil)
+
+    /// Fetches into the cache every block of `ids` that this node has neither as a replica nor
+    /// cached, `parallel` at a time from the peers that hold them (`modelfs warm`). Calls
+    /// `progress(done, total, failed)` as blocks arrive.
+    public func warm(_ ids: [BlockID], progress: @escaping @Sendable (Int, Int, Int) -> Void) {
+        let missing = Array(Set(ids)).filter { !local.contains($0) && !cache.contains($0) }
+        let done = Shared((0, 0))
+        progress(0, missing.count, 0)
+        parallelFor(missing.count, width: parallel) { [self] i in
+            let ok = (try? fetch(missing[i])) != nil
+            let (n, failed) = done.withLock { d -> (Int, Int) in d.0 += 1; if !ok { d.1 += 1 }; return d }
+            progress(n, missing.count, failed)
+        }
+    }
 
     @discardableResult
     public func put(_ id: BlockID, _ bytes: UnsafeRawBufferPointer) throws -> Bool { try local.put(id, bytes) }
@@ -67,9 +83,14 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
             state.withLock { $0.stats.cacheHits += 1 }
             return b
         }
-        if local.contains(id), let b = try? local.read(id) {
-            state.withLock { $0.stats.localHits += 1 }
-            return b
+        if local.contains(id) {
+            if let b = try? local.read(id) {
+                state.withLock { $0.stats.localHits += 1 }
+                return b
+            }
+            // A replica that fails its hash: the reader gets a good copy from a peer below, and
+            // the replica is replaced in the background.
+            if local.contains(id) { onCorrupt.get()?(id) }
         }
         if cache.contains(id), let b = try? cache.read(id) {
             state.withLock { $0.stats.cacheHits += 1 }

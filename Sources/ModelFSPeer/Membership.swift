@@ -7,8 +7,11 @@ import Synchronization
 ///
 /// The node registers `/modelfs/NAME/nodes/ID` under an etcd lease of `ttl` seconds and renews
 /// it every ttl/3: a node that dies stops renewing and etcd deletes its entry when the lease
-/// expires. The list of live nodes is re-read every `refresh` seconds (and on demand), which is
-/// what placement and the read path use.
+/// expires. It also records itself once under `members/ID` (no lease): the cluster's roster, so
+/// a node that died stays listed as down, on every node and across restarts, until an operator
+/// removes it (`modelfs node remove`). `drain/ID` marks a node being drained: placement gives it
+/// no new copies. The lists are re-read every `refresh` seconds (and on demand), which is what
+/// placement, healing and the read path use.
 public final class Membership: @unchecked Sendable {
     public let client: EtcdClient
     let prefix: Data
@@ -20,6 +23,9 @@ public final class Membership: @unchecked Sendable {
         var nodes: [NodeInfo] = []
         /// Every node seen since start, live or not (the last entry each published).
         var known: [String: NodeInfo] = [:]
+        /// Known nodes not live now, and since when this node has seen them so.
+        var downSince: [String: Date] = [:]
+        var draining: Set<String> = []
         var lastError: String?
     }
     private let state: Mutex<State>
@@ -27,11 +33,17 @@ public final class Membership: @unchecked Sendable {
     private let stopped = Mutex(false)
     private var thread: Thread?
     /// Fills in the node's usage before each renewal.
-    public var usage: (@Sendable () -> (used: UInt64, blocks: UInt64, capacity: UInt64))?
+    public var usage: (@Sendable () -> (used: UInt64, blocks: UInt64, capacity: UInt64, bytesIn: UInt64, bytesOut: UInt64))?
+    private var lastTraffic: (at: Date, bytesIn: UInt64, bytesOut: UInt64)?
+
+    let membersPrefix: Data
+    let drainPrefix: Data
 
     public init(client: EtcdClient, cluster: String, me: NodeInfo, ttl: Int = 10, refresh: Double = 1) {
         self.client = client
         prefix = Data("/modelfs/\(cluster)/nodes/".utf8)
+        membersPrefix = Data("/modelfs/\(cluster)/members/".utf8)
+        drainPrefix = Data("/modelfs/\(cluster)/drain/".utf8)
         self.ttl = ttl
         self.refresh = refresh
         state = Mutex(State(me: me))
@@ -41,12 +53,31 @@ public final class Membership: @unchecked Sendable {
     public var nodes: [NodeInfo] { state.withLock { $0.nodes } }
     /// Live nodes other than this one.
     public var peers: [NodeInfo] { state.withLock { s in s.nodes.filter { $0.id != s.me.id } } }
+    /// Live nodes that take new copies: not being drained (this node always, for its own writes).
+    public var placementNodes: [NodeInfo] {
+        state.withLock { s in
+            var out = s.nodes.filter { !s.draining.contains($0.id) || $0.id == s.me.id }
+            if !out.contains(where: { $0.id == s.me.id }) { out.append(s.me) }
+            return out
+        }
+    }
+    /// Nodes being drained.
+    public var draining: Set<String> { state.withLock { $0.draining } }
+    /// Every node of the roster and seen since start, live or not.
+    public var known: [NodeInfo] { state.withLock { s in s.known.values.sorted { $0.id < $1.id } } }
+    /// Nodes known but not live, with how long this node has seen them down.
+    public var down: [(node: NodeInfo, seconds: Double)] {
+        state.withLock { s in
+            s.downSince.compactMap { id, since in s.known[id].map { ($0, -since.timeIntervalSinceNow) } }.sorted { $0.node.id < $1.node.id }
+        }
+    }
     public var lastError: String? { state.withLock { $0.lastError } }
     /// The lease this node's registration lives under (0 before start).
     public var lease: Int64 { state.withLock { $0.lease } }
 
     /// Registers this node and starts renewing; returns once the node list has been read.
     public func start() throws {
+        try client.put(membersPrefix + Data(me.id.utf8), try JSONEncoder().encode(me))
         try register()
         try reload()
         let t = Thread { [weak self] in self?.run() }
@@ -66,18 +97,52 @@ public final class Membership: @unchecked Sendable {
     public func reload() throws {
         let r = try client.rangeAll(prefix: prefix)
         let nodes = r.kvs.compactMap { try? JSONDecoder().decode(NodeInfo.self, from: $0.value) }.sorted { $0.id < $1.id }
+        let members = try client.rangeAll(prefix: membersPrefix).kvs.compactMap { try? JSONDecoder().decode(NodeInfo.self, from: $0.value) }
+        let draining = Set(try client.rangeAll(prefix: drainPrefix, keysOnly: true).kvs.map {
+            String(decoding: $0.key.dropFirst(drainPrefix.count), as: UTF8.self)
+        })
         state.withLock { s in
             s.nodes = nodes
+            s.draining = draining
+            let roster = Set(members.map(\.id))
+            // A node removed from the roster is forgotten (unless it is live again).
+            for id in s.known.keys where !roster.contains(id) && !nodes.contains(where: { $0.id == id }) && id != s.me.id {
+                s.known[id] = nil
+            }
+            for n in members where s.known[n.id] == nil { s.known[n.id] = n }
             for n in nodes { s.known[n.id] = n }
+            let live = Set(nodes.map(\.id))
+            for id in s.known.keys where id != s.me.id {
+                if live.contains(id) { s.downSince[id] = nil } else if s.downSince[id] == nil { s.downSince[id] = Date() }
+            }
+            for id in s.downSince.keys where s.known[id] == nil { s.downSince[id] = nil }
         }
     }
 
-    /// Nodes seen since start that are not live now (lease expired: dead, or only slow to renew).
+    /// Known nodes that are not live now (lease expired: dead, or only slow to renew).
     public var lost: [NodeInfo] {
         state.withLock { s in
             let live = Set(s.nodes.map(\.id))
             return s.known.values.filter { !live.contains($0.id) && $0.id != s.me.id }.sorted { $0.id < $1.id }
         }
+    }
+
+    /// Marks a node as draining (or not): placement stops giving it copies, healing moves its
+    /// copies elsewhere.
+    public func setDraining(_ id: String, _ on: Bool) throws {
+        if on { try client.put(drainPrefix + Data(id.utf8), Data("1".utf8)) } else { try client.delete(drainPrefix + Data(id.utf8)) }
+        try reload()
+    }
+
+    /// Takes a node off the roster. Refused while it is live.
+    public func remove(_ id: String) throws {
+        try reload()
+        if nodes.contains(where: { $0.id == id }) {
+            throw FSError(EBUSY, "node \(id) is up; drain it (modelfs node drain \(id)), stop it, then remove it")
+        }
+        guard known.contains(where: { $0.id == id }) else { throw FSError.noEntry("no node \(id) in this cluster") }
+        _ = try client.txn(compare: [], success: [.delete(membersPrefix + Data(id.utf8)), .delete(drainPrefix + Data(id.utf8))])
+        try reload()
     }
 
     private func run() {
@@ -107,7 +172,16 @@ public final class Membership: @unchecked Sendable {
     /// Updates this node's entry (its usage) under the lease it holds.
     private func register(reusing lease: Int64) throws {
         var me = state.withLock { $0.me }
-        if let u = usage?() { me.usedBytes = u.used; me.blocks = u.blocks; me.capacityBytes = u.capacity }
+        if let u = usage?() {
+            me.usedBytes = u.used; me.blocks = u.blocks; me.capacityBytes = u.capacity
+            let now = Date()
+            if let last = lastTraffic, now.timeIntervalSince(last.at) > 0.1 {
+                let dt = now.timeIntervalSince(last.at)
+                me.inRate = Double(u.bytesIn &- last.bytesIn) / dt
+                me.outRate = Double(u.bytesOut &- last.bytesOut) / dt
+            }
+            lastTraffic = (now, u.bytesIn, u.bytesOut)
+        }
         try client.put(prefix + Data(me.id.utf8), try JSONEncoder().encode(me), lease: lease)
         state.withLock { $0.me = me }
     }

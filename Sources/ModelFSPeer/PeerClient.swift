@@ -87,12 +87,28 @@ public final class PeerClient: Sendable {
 
     /// Which of `ids` the node holds as replicas.
     public func has(_ ids: [BlockID], at node: NodeInfo) throws -> [Bool] {
+        try batch("has", ids, at: node).map { $0 == 1 }
+    }
+
+    /// Has the node re-hash its replicas of `ids` (and repair corrupt ones): per id 0 no replica,
+    /// 1 good, 2 was corrupt and is repaired, 3 corrupt with no good copy to repair it from.
+    public func verify(_ ids: [BlockID], at node: NodeInfo) throws -> [UInt8] { try batch("verify", ids, at: node) }
+
+    private func batch(_ route: String, _ ids: [BlockID], at node: NodeInfo) throws -> [UInt8] {
         var body = ByteBuffer()
         body.reserveCapacity(ids.count * 32)
         for id in ids { body.writeBytes(id.bytes) }
-        let r = try send(node, .POST, "/v1/has", body: body)
-        guard r.status == .ok, let out = r.body, out.readableBytes == ids.count else { throw failure(node, "has", r) }
-        return out.readableBytesView.map { $0 == 1 }
+        let r = try send(node, .POST, "/v1/\(route)", body: body)
+        guard r.status == .ok, let out = r.body, out.readableBytes == ids.count else { throw failure(node, route, r) }
+        return Array(out.readableBytesView)
+    }
+
+    /// Drops the node's replica of `id`; false if it had none.
+    public func delete(_ id: BlockID, at node: NodeInfo) throws -> Bool {
+        let r = try send(node, .DELETE, "/v1/blocks/\(id.hex)")
+        if r.status == .notFound { return false }
+        guard r.status == .ok else { throw failure(node, "DELETE \(id.hex)", r) }
+        return true
     }
 
     /// The node's status document.

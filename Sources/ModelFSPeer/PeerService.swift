@@ -12,7 +12,12 @@ import Synchronization
 ///   PUT  /v1/blocks/ID[?durable=1]
 ///                               stores a block: hashed first, 422 if the bytes are not ID's;
 ///                               with durable=1 it is fsynced before the answer
+///   DELETE /v1/blocks/ID        drops this node's replica (healing moves it off a draining node
+///                               only once enough other copies are confirmed)
 ///   POST /v1/has                body: N 32-byte ids; answer: N bytes, 1 where the node has it
+///   POST /v1/verify             body: N ids; each replica is re-read and hashed, a corrupt one
+///                               replaced from a good copy; answer: N bytes, 0 no replica here,
+///                               1 good, 2 was corrupt and is repaired, 3 corrupt, no good copy
 ///   GET  /v1/status             the node's status (JSON)
 ///   GET  /metrics               Prometheus text
 ///
@@ -25,6 +30,8 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
     let cache: PackBlockStore?
     public let metrics: PeerMetrics
     let status: @Sendable () -> Data
+    /// Replaces a corrupt replica from a good copy elsewhere (the scrubber's repair).
+    public let repair = Shared<(@Sendable (BlockID) -> Bool)?>(nil)
     public static let maxBody = (4 << 20) + (64 << 10)
 
     public init(secret: String, local: PackBlockStore, cache: PackBlockStore?, metrics: PeerMetrics,
@@ -68,11 +75,13 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
             case .GET: return ("get", get(id))
             case .HEAD: return ("head", head(id))
             case .PUT: return ("put", put(id, r))
-            default: return ("block", .text(.methodNotAllowed, "use GET, HEAD or PUT"))
+            case .DELETE: return ("delete", delete(id))
+            default: return ("block", .text(.methodNotAllowed, "use GET, HEAD, PUT or DELETE"))
             }
         }
         switch (r.method, r.path) {
         case (.POST, "/v1/has"): return ("has", has(r.body))
+        case (.POST, "/v1/verify"): return ("verify", verify(r.body))
         case (.GET, "/v1/status"): return ("status", PeerResponse(.ok, body: ByteBuffer(bytes: status()), contentType: "application/json"))
         case (.GET, "/metrics"):
             return ("metrics", PeerResponse(.ok, body: ByteBuffer(string: metrics.render()), contentType: "text/plain; version=0.0.4"))
@@ -122,13 +131,42 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
         }
     }
 
-    func has(_ body: ByteBuffer) -> PeerResponse {
-        guard body.readableBytes % 32 == 0 else { return .text(.badRequest, "the body must be 32-byte block ids") }
-        var out = ByteBuffer()
-        out.reserveCapacity(body.readableBytes / 32)
-        let ids = body.withUnsafeReadableBytes { raw in
+    func delete(_ id: BlockID) -> PeerResponse {
+        do {
+            return try local.remove(id) > 0 ? PeerResponse(.ok) : .text(.notFound, "no replica of \(id.hex) here")
+        } catch {
+            return .text(.internalServerError, "cannot drop \(id.hex): \(error)")
+        }
+    }
+
+    /// The ids of a batch body (N × 32 bytes), or nil.
+    static func ids(_ body: ByteBuffer) -> [BlockID]? {
+        guard body.readableBytes % 32 == 0 else { return nil }
+        return body.withUnsafeReadableBytes { raw in
             stride(from: 0, to: raw.count, by: 32).map { BlockID(bytes: UnsafeRawBufferPointer(rebasing: raw[$0..<($0 + 32)]))! }
         }
+    }
+
+    func verify(_ body: ByteBuffer) -> PeerResponse {
+        guard let ids = Self.ids(body) else { return .text(.badRequest, "the body must be 32-byte block ids") }
+        var out = ByteBuffer()
+        for id in ids {
+            switch local.verify(id) {
+            case nil: out.writeInteger(UInt8(0))
+            case true?: out.writeInteger(UInt8(1))
+            case false?:
+                metrics.count("modelfs_corrupt_replicas_found_total")
+                let fixed = repair.get()?(id) ?? false
+                out.writeInteger(UInt8(fixed ? 2 : 3))
+            }
+        }
+        return PeerResponse(.ok, body: out)
+    }
+
+    func has(_ body: ByteBuffer) -> PeerResponse {
+        guard let ids = Self.ids(body) else { return .text(.badRequest, "the body must be 32-byte block ids") }
+        var out = ByteBuffer()
+        out.reserveCapacity(ids.count)
         // Touched: a replicator about to count these copies keeps them from garbage collection
         // until its node's commit references them.
         for present in local.touch(ids) { out.writeInteger(UInt8(present ? 1 : 0)) }
@@ -153,6 +191,11 @@ public final class PeerMetrics: Sendable {
     public init() {}
 
     public func setGauges(_ f: @escaping @Sendable () -> [(String, Double)]) { gauges.withLock { $0 = f } }
+
+    /// Peer bytes received and sent since start.
+    public var traffic: (bytesIn: UInt64, bytesOut: UInt64) {
+        state.withLock { ($0.counters["modelfs_peer_bytes_in_total"] ?? 0, $0.counters["modelfs_peer_bytes_out_total"] ?? 0) }
+    }
 
     public func count(_ name: String, _ by: UInt64 = 1) { state.withLock { $0.counters[name, default: 0] += by } }
 

@@ -11,6 +11,9 @@ public struct NodeInfo: Codable, Sendable, Equatable, Hashable {
     public var capacityBytes: UInt64
     public var usedBytes: UInt64
     public var blocks: UInt64
+    /// Bytes per second its peer server received and sent, over its last renewal period.
+    public var inRate: Double?
+    public var outRate: Double?
     public init(id: String, address: String, labels: [String: String] = [:], capacityBytes: UInt64 = 0,
                 usedBytes: UInt64 = 0, blocks: UInt64 = 0) {
         self.id = id; self.address = address; self.labels = labels

@@ -20,6 +20,8 @@ public struct ReplicationStatus: Codable, Sendable, Equatable {
     public var replicatedBytes: UInt64 = 0
     public var lastError: String?
     public var defaultPolicy: ReplicationPolicy
+    /// Files with a pending job: inode → seconds since its oldest pending write (at most 10,000).
+    public var pendingInodes: [UInt64: Double] = [:]
 }
 
 /// Write-back replication (DESIGN.md §3, §5). Each committed version becomes a job journaled in
@@ -164,9 +166,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
     /// Starts copying a block this node just stored to its other holders.
     func eager(_ id: BlockID, policy: ReplicationPolicy) {
         let me = membership.me
-        var nodes = membership.nodes
-        if !nodes.contains(where: { $0.id == me.id }) { nodes.append(me) }
-        let targets = Placement.targets(id, nodes: nodes, replicas: policy.replicas, writer: me.id, spreadLabel: policy.spread)
+        let targets = Placement.targets(id, nodes: membership.placementNodes, replicas: policy.replicas, writer: me.id, spreadLabel: policy.spread)
             .filter { $0.id != me.id }
         guard !targets.isEmpty else { return }
         while true {
@@ -285,7 +285,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
     /// every block has them, else what is short.
     func ensure(_ blocks: [BlockID], copies: Int, policy: ReplicationPolicy, durable: Bool) -> String? {
         let me = membership.me
-        let nodes = membership.nodes.contains(where: { $0.id == me.id }) ? membership.nodes : membership.nodes + [me]
+        let nodes = membership.placementNodes
         guard nodes.count >= copies else {
             return "\(nodes.count) live nodes for \(copies) copies"
         }
@@ -326,6 +326,45 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         state.withLock { $0.replicatedBytes += sent.withLock { $0 } }
         let e = errors.withLock { $0 }
         return e.isEmpty ? nil : "\(e.count) copies failed (\(e.first!))"
+    }
+
+    // MARK: Census
+
+    /// How many live nodes (this one included) hold each block as a replica, and which: one
+    /// batched `has` per peer, all peers at once. A peer that does not answer counts as holding
+    /// nothing; its id is in `failed`.
+    public func census(_ ids: [BlockID]) -> (holders: [BlockID: [String]], failed: [String]) {
+        let me = membership.me
+        var holders: [BlockID: [String]] = [:]
+        for id in ids where local.contains(id) { holders[id, default: []].append(me.id) }
+        let peers = membership.peers
+        let answers = Shared<[(String, [Bool]?)]>([])
+        let list = ids
+        parallelFor(peers.count, width: 8) { [client] i in
+            var got: [Bool]? = []
+            for start in stride(from: 0, to: list.count, by: 8192) {
+                let part = Array(list[start..<min(list.count, start + 8192)])
+                guard let has = try? client.has(part, at: peers[i]) else { got = nil; break }
+                got! += has
+            }
+            answers.withLock { $0.append((peers[i].id, got)) }
+        }
+        var failed: [String] = []
+        for (node, has) in answers.get() {
+            guard let has else { failed.append(node); continue }
+            for (i, present) in has.enumerated() where present { holders[list[i], default: []].append(node) }
+        }
+        return (holders, failed.sorted())
+    }
+
+    public func fileState(blocks: [ChunkRef], parent: InodeNumber?) -> FileReplicaState {
+        let policy = policy(for: parent)
+        let ids = Array(Set(blocks.map(\.id)))
+        let holders = census(ids).holders
+        let least = ids.map { holders[$0]?.count ?? 0 }.min() ?? policy.replicas
+        var short: UInt64 = 0
+        for c in blocks where holders[c.id]?.count ?? 0 < policy.replicas { short += UInt64(c.length) }
+        return FileReplicaState(replicas: least, pendingBytes: short, policy: policy)
     }
 
     // MARK: Background
@@ -390,6 +429,9 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
             r.oldestPendingSeconds = s.jobs.values.map { -$0.created.timeIntervalSinceNow }.max() ?? 0
             r.replicatedBytes = s.replicatedBytes
             r.lastError = s.lastError
+            for j in s.jobs.values where r.pendingInodes.count < 10_000 {
+                r.pendingInodes[j.ino.rawValue] = max(r.pendingInodes[j.ino.rawValue] ?? 0, -j.created.timeIntervalSinceNow)
+            }
             return r
         }
     }

@@ -210,8 +210,8 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     /// on the replication and remote-read paths. Never used for bytes this node returns itself.
     public func readForPeer(_ id: BlockID) throws -> BlockBuffer { try read(id, verify: false) }
 
-    func read(_ id: BlockID, verify: Bool) throws -> BlockBuffer {
-        let touch = touchOnRead
+    func read(_ id: BlockID, verify: Bool, touching: Bool = true) throws -> BlockBuffer {
+        let touch = touching && touchOnRead
         guard let (loc, pack) = state.withLock({ s -> (Location, Pack)? in
             guard let l = s.index[id], let p = s.packs[l.pack] else { return nil }
             if touch { s.index[id]!.touched = .now() }
@@ -326,9 +326,8 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             }
             return out
         }
-        let future = Timestamp(seconds: Int64.max / 2_000_000_000, nanoseconds: 0)
         var dropped: UInt64 = 0
-        for id in victims { dropped += removeIfStale(id, cutoff: future) }
+        for id in victims { dropped += removeIfStale(id, cutoff: Self.never) }
         try reclaim()
         return dropped
     }
@@ -349,6 +348,25 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             return UInt64(l.length)
         }
     }
+
+    /// Drops a block whatever its age (a corrupt copy, a copy moved off a draining node) and
+    /// gives its space back. Returns the bytes freed.
+    @discardableResult
+    public func remove(_ id: BlockID) throws -> UInt64 {
+        let freed = removeIfStale(id, cutoff: Self.never)
+        if freed > 0 { try reclaim() }
+        return freed
+    }
+
+    /// Re-reads a block and checks it against its name: true if good, false if corrupt or
+    /// unreadable, nil if this store has no such block. Does not count as a use.
+    public func verify(_ id: BlockID) -> Bool? {
+        guard contains(id) else { return nil }
+        do { _ = try read(id, verify: true, touching: false); return true } catch { return contains(id) ? false : nil }
+    }
+
+    /// A cutoff later than any touch.
+    static let never = Timestamp(seconds: Int64.max / 2_000_000_000, nanoseconds: 0)
 
     /// Returns the space of dead blocks to the filesystem, without copying anything (so it works
     /// on a full disk): each dead record's header is rewritten as "MFBX" (the scan at start then

@@ -17,6 +17,10 @@ struct ClusterStatus: Codable {
         var blocks: UInt64
         var capacityBytes: UInt64
         var isThisNode: Bool
+        var draining: Bool
+        /// Peer traffic in and out, bytes per second (as the node last published it).
+        var inRate: Double
+        var outRate: Double
     }
     var nodeID: String
     var address: String
@@ -27,6 +31,10 @@ struct ClusterStatus: Codable {
     var cacheStats: ClusterBlockStore.Stats
     /// The last failure talking to etcd about membership, if it has not recovered.
     var membershipError: String?
+    /// The cluster's healer: what its last pass found and what it copied.
+    var heal: HealStatus?
+    /// This node's scrubber.
+    var scrub: ScrubStatus
 }
 
 /// The parts a cluster node adds to a mount (DESIGN.md §5): its peer server, its membership,
@@ -41,6 +49,13 @@ final class ClusterNode: @unchecked Sendable {
     let local: PackBlockStore
     let writerLock: EtcdWriterLock
     let namespace: EtcdTransactionalStore?
+    let scrubber: Scrubber
+    let etcd: EtcdClient
+    let clusterName: String
+    let options: ClusterOptions
+    let metrics: PeerMetrics
+    /// Made once the filesystem exists (`attach`).
+    private(set) var healer: Healer?
     private var watcher: EtcdWatcher?
     /// Every node seen since start: those no longer live are shown as down.
     private let seen = Mutex<[String: NodeInfo]>([:])
@@ -50,17 +65,20 @@ final class ClusterNode: @unchecked Sendable {
         self.local = local
         let (endpoints, name) = try MetadataURL.parseEtcd(meta)
         let etcd = EtcdClient(endpoints: endpoints)
+        self.etcd = etcd
+        clusterName = name
+        self.options = options
         try ClusterNode.claim(dataDir: dataDir, cluster: name, client: etcd)
         let listen = parseHostPort(options.listen)!
         let cache = try PackBlockStore(root: dataDir + "/cache") { Log.error($0) }
         let metrics = PeerMetrics()
+        self.metrics = metrics
         client = PeerClient(secret: options.secret)
         let statusBox = Shared<(@Sendable () -> Data)?>(nil)
+        let service = PeerService(secret: options.secret, local: local, cache: cache, metrics: metrics,
+                                  status: { statusBox.get()?() ?? Data("{}".utf8) })
         do {
-            server = try PeerServer(host: listen.host, port: listen.port,
-                                    routes: PeerService(secret: options.secret, local: local, cache: cache, metrics: metrics,
-                                                        status: { statusBox.get()?() ?? Data("{}".utf8) }),
-                                    maxBody: PeerService.maxBody)
+            server = try PeerServer(host: listen.host, port: listen.port, routes: service, maxBody: PeerService.maxBody)
         } catch {
             throw FSError(EADDRINUSE, "cannot listen on \(options.listen) for peers: \(error); choose another --listen")
         }
@@ -79,13 +97,31 @@ final class ClusterNode: @unchecked Sendable {
             var vfs = statvfs()
             return statvfs(dataDir, &vfs) == 0 ? UInt64(vfs.f_blocks) * UInt64(vfs.f_frsize) : 0
         }()
-        membership.usage = { let u = local.usage(); return (u.bytes, u.blocks, capacity) }
+        scrubber = Scrubber(local: local, membership: membership, client: client, rate: parseSize(options.scrubRate)!,
+                            every: options.scrubEvery)
+        service.repair.set { [scrubber] id in scrubber.repair(id) }
+        blocks.onCorrupt.set { [scrubber] id in scrubber.repairSoon(id) }
+        membership.usage = {
+            let u = local.usage()
+            let traffic = metrics.traffic
+            return (u.bytes, u.blocks, capacity, traffic.bytesIn, traffic.bytesOut)
+        }
         statusBox.set { [weak self] in (try? JSONEncoder().encode(self?.status())) ?? Data("{}".utf8) }
         metrics.setGauges { [weak self] in
             guard let self else { return [] }
             let r = replicator.status()
             let c = blocks.stats
+            let sc = scrubber.status
+            let h = healer?.localStatus
             return [("modelfs_pending_replication_bytes", Double(r.pendingBytes)),
+                    ("modelfs_oldest_pending_write_seconds", r.oldestPendingSeconds),
+                    ("modelfs_scrub_progress", sc.progress),
+                    ("modelfs_scrubbed_bytes_total", Double(sc.scrubbedBytes)),
+                    ("modelfs_scrub_corrupt_found_total", Double(sc.corruptFound)),
+                    ("modelfs_scrub_repaired_total", Double(sc.repaired)),
+                    ("modelfs_heal_under_replicated_bytes", Double(h?.underReplicatedBytes ?? 0)),
+                    ("modelfs_heal_unreadable_bytes", Double(h?.unreadableBytes ?? 0)),
+                    ("modelfs_heal_copied_bytes_total", Double(h?.copiedBytes ?? 0)),
                     ("modelfs_under_replicated_bytes", Double(r.underReplicatedBytes)),
                     ("modelfs_replication_queue_jobs", Double(r.pendingJobs)),
                     ("modelfs_replicated_bytes_total", Double(r.replicatedBytes)),
@@ -124,11 +160,19 @@ final class ClusterNode: @unchecked Sendable {
         try (mine + "\n").write(toFile: path, atomically: true, encoding: .utf8)
     }
 
+    /// The parts that need the filesystem: the healer walks its namespace.
+    func attach(_ fs: FileSystem) {
+        healer = Healer(fs: fs, replicator: replicator, membership: membership, client: client, local: local, etcd: etcd,
+                        cluster: clusterName, interval: options.healInterval, deadAfter: options.deadAfter)
+    }
+
     func start() throws {
         do { try membership.start() } catch {
             throw FSError.io("cannot join the cluster through etcd: \(error); check --meta and that etcd is up")
         }
         replicator.start()
+        scrubber.start()
+        healer?.start()
         Log.info("node \(id) joined the cluster at \(membership.me.address) (peer port \(server.port)); \(membership.nodes.count) nodes live")
     }
 
@@ -146,6 +190,8 @@ final class ClusterNode: @unchecked Sendable {
 
     func stop() {
         watcher?.stop()
+        healer?.stop()
+        scrubber.stop()
         replicator.stop()
         membership.stop()
         server.shutdown()
@@ -155,16 +201,22 @@ final class ClusterNode: @unchecked Sendable {
     func status() -> ClusterStatus {
         let live = membership.nodes
         let all = seen.withLock { s -> [NodeInfo] in
+            // The roster (nodes that died before this one started too), minus removed nodes.
+            let known = membership.known
+            s = s.filter { e in known.contains { $0.id == e.key } }
+            for n in known where s[n.id] == nil { s[n.id] = n }
             for n in live { s[n.id] = n }
             return s.values.sorted { $0.id < $1.id }
         }
         let liveIDs = Set(live.map(\.id))
+        let draining = membership.draining
         let nodes = all.map { n in
             ClusterStatus.Node(id: n.id, address: n.address, up: liveIDs.contains(n.id), labels: n.labels, usedBytes: n.usedBytes,
-                               blocks: n.blocks, capacityBytes: n.capacityBytes, isThisNode: n.id == id)
+                               blocks: n.blocks, capacityBytes: n.capacityBytes, isThisNode: n.id == id,
+                               draining: draining.contains(n.id), inRate: n.inRate ?? 0, outRate: n.outRate ?? 0)
         }
         return ClusterStatus(nodeID: id, address: membership.me.address, nodes: nodes, replication: replicator.status(),
                              cacheBytes: blocks.cache.usage().bytes, cacheBudget: blocks.cacheBudget, cacheStats: blocks.stats,
-                             membershipError: membership.lastError)
+                             membershipError: membership.lastError, heal: healer?.clusterStatus(), scrub: scrubber.status)
     }
 }

@@ -42,10 +42,27 @@ struct ClusterOptions: ParsableArguments {
     @Option(help: "Seconds without renewal after which etcd drops this node (it counts as down).")
     var leaseTtl: Int = 10
 
+    @Option(help: "Seconds a node may be down before its blocks are copied elsewhere (a restart within this costs no copying).")
+    var deadAfter: Double = 60
+
+    @Option(help: "Seconds between the healer's passes over the namespace (one node runs them).")
+    var healInterval: Double = 30
+
+    @Option(help: "Bytes per second the scrubber re-reads and re-hashes this node's replicas at (0: off).")
+    var scrubRate: String = "16M"
+
+    @Option(help: "Seconds from the start of one scrub pass to the next.")
+    var scrubEvery: Double = 86400
+
+    @Option(help: "Seconds a block nothing references is kept before garbage collection removes it.")
+    var gcDelay: Double = 900
+
     /// The flags again, to hand to the daemon process.
     var arguments: [String] {
         var a = ["--listen", listen, "--replicas", String(replicas), "--ack", String(ack), "--cache-size", cacheSize,
-                 "--staging-size", stagingSize, "--ack-timeout", String(ackTimeout), "--lease-ttl", String(leaseTtl)]
+                 "--staging-size", stagingSize, "--ack-timeout", String(ackTimeout), "--lease-ttl", String(leaseTtl),
+                 "--dead-after", String(deadAfter), "--heal-interval", String(healInterval), "--scrub-rate", scrubRate,
+                 "--scrub-every", String(scrubEvery), "--gc-delay", String(gcDelay)]
         if let advertise { a += ["--advertise", advertise] }
         if let secretFile { a += ["--secret-file", secretFile] }
         if let spread { a += ["--spread", spread] }
@@ -78,6 +95,11 @@ struct ClusterOptions: ParsableArguments {
         if parseLabels(labels ?? "") == nil { return "--labels \(labels ?? ""): expected KEY=VALUE[,KEY=VALUE...]" }
         if ackTimeout <= 0 { return "--ack-timeout must be positive" }
         if leaseTtl < 2 || leaseTtl > 3600 { return "--lease-ttl \(leaseTtl): use 2 to 3600 seconds" }
+        if deadAfter < 0 { return "--dead-after must be 0 or more seconds" }
+        if healInterval <= 0 { return "--heal-interval must be positive" }
+        if parseSize(scrubRate) == nil { return "--scrub-rate \(scrubRate): expected a rate in bytes per second such as 16M (0: off)" }
+        if scrubEvery <= 0 { return "--scrub-every must be positive" }
+        if gcDelay < 1 { return "--gc-delay must be at least 1 second" }
         return nil
     }
 

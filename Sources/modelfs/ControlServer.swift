@@ -37,20 +37,28 @@ struct MountStatus: Codable {
 /// Waits until the given inodes (all, if nil) are replicated, reporting progress; false on timeout.
 typealias SyncHandler = @Sendable (Set<InodeNumber>?, Double, (ReplicationStatus) -> Void) -> Bool
 
+/// Answers one request: its words (the first is the command), and a way to send a JSON line.
+typealias ControlHandler = @Sendable ([Substring], (any Encodable) -> Void) throws -> Void
+
 /// A Unix socket the daemon answers on, one request line per connection:
 ///   "status"                  → one JSON line (MountStatus)
 ///   "sync TIMEOUT [INO,...]"  → JSON progress lines (ReplicationStatus) at least once a second,
 ///                               then {"done":true|false}; without inodes, everything pending
+///   other commands            → the handler registered for the first word (`handlers`): JSON
+///                               lines; a failure is one {"error": "..."} line
 final class ControlServer: @unchecked Sendable {
     let path: String
     let status: @Sendable () throws -> MountStatus
     let sync: SyncHandler?
+    let handlers: [String: ControlHandler]
     private var fd: Int32 = -1
 
-    init(path: String, status: @escaping @Sendable () throws -> MountStatus, sync: SyncHandler? = nil) {
+    init(path: String, status: @escaping @Sendable () throws -> MountStatus, sync: SyncHandler? = nil,
+         handlers: [String: ControlHandler] = [:]) {
         self.path = path
         self.status = status
         self.sync = sync
+        self.handlers = handlers
     }
 
     func start() throws {
@@ -86,6 +94,20 @@ final class ControlServer: @unchecked Sendable {
         let request = String(decoding: line, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
         if request.hasPrefix("sync ") {
             serveSync(c, request)
+            return
+        }
+        let words = request.split(separator: " ")
+        if let first = words.first, let handler = handlers[String(first)] {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = .sortedKeys
+            do {
+                try handler(words) { value in
+                    if var d = try? encoder.encode(value) { d.append(UInt8(ascii: "\n")); Self.sendAll(c, d) }
+                }
+            } catch {
+                let message = (error as? FSError)?.message ?? "\(error)"
+                if var d = try? encoder.encode(["error": message]) { d.append(UInt8(ascii: "\n")); Self.sendAll(c, d) }
+            }
             return
         }
         var reply: Data

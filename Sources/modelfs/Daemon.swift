@@ -65,7 +65,16 @@ struct Daemon {
         let fs = try FileSystem(meta: engine, store: node?.blocks ?? store, options: fsOptions)
         fs.replication = node?.replicator
         fs.writerLock = node?.writerLock
-        let gc = GarbageCollector(fs: fs, store: store, grace: node == nil ? 1 : 15 * 60)
+        node?.attach(fs)
+        // A cluster node's blocks are referenced by other nodes' commits too: they are kept
+        // --gc-delay seconds (GarbageCollector.grace), and its read cache is swept as well.
+        let gc: GarbageCollector
+        if let node, let cluster {
+            gc = GarbageCollector(fs: fs, store: store, others: [node.blocks.cache],
+                                  interval: min(60, max(1, cluster.gcDelay / 2)), grace: cluster.gcDelay)
+        } else {
+            gc = GarbageCollector(fs: fs, store: store, grace: 1)
+        }
 
         var options = ["fsname=modelfs", "subtype=modelfs", "default_permissions"]
         // Other users may use a root-mounted filesystem; the kernel enforces permissions.
@@ -82,7 +91,7 @@ struct Daemon {
             { @Sendable inodes, timeout, progress in
                 n.replicator.waitUntilReplicated(inodes: inodes, timeout: timeout, progress: progress)
             }
-        })
+        }, handlers: Operate.handlers(fs: fs, node: node))
         // On a cluster, other nodes change the namespace: short kernel timeouts (the watch
         // invalidates sooner). Alone, nobody else does: long ones make warm stat free.
         let timeout = node == nil ? 60.0 : 1.0

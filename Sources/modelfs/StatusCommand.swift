@@ -1,23 +1,56 @@
 import ArgumentParser
+import CModelFSSys
 import Foundation
+import ModelFSPeer
 
 struct StatusCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "status",
-        abstract: "Show every modelfs mount on this machine: files, bytes, dedup, blocks, data-dir usage.")
+        abstract: "Show every modelfs mount on this machine, or what is safe where under one path.",
+        discussion: """
+            Without PATH: every mount (files, bytes, dedup, blocks, data-dir usage; on a cluster node also \
+            nodes, pending and under-replicated bytes, the healer and the scrubber).
+            With PATH (a file or directory inside a mount): that mount, then every file at or below PATH \
+            by state — replicated, pending (with the age of the oldest unreplicated write), under-replicated, \
+            unreadable. --json prints the documented schema (docs/STATUS.md).
+            """)
 
-    @Argument(help: "Only this mountpoint (default: all mounts).")
-    var mountpoint: String?
+    @Argument(help: "A mountpoint, or a file or directory inside a mount (default: all mounts).")
+    var path: String?
 
-    @Flag(help: "Print JSON (an array of mount objects) instead of a table.")
+    @Flag(help: "Print JSON instead of tables.")
     var json = false
 
+    @Flag(help: "Print again every --interval seconds until interrupted.")
+    var watch = false
+
+    @Option(help: "Seconds between prints with --watch.")
+    var interval: Double = 2
+
     func run() throws {
+        if watch && interval <= 0 { throw fail("--interval must be positive") }
+        while true {
+            if watch && !json && isatty(1) == 1 { print("\u{1B}[H\u{1B}[2J", terminator: "") }
+            try once()
+            guard watch else { return }
+            modelfs_flush_stdout()
+            usleep(useconds_t(interval * 1e6))
+        }
+    }
+
+    func once() throws {
         var records = Registry.all()
-        if let mountpoint {
-            let mp = canonicalPath(mountpoint)
-            records = records.filter { $0.mountpoint == mp }
-            if records.isEmpty { throw fail("\(mp) is not a modelfs mount (see `modelfs status` for all mounts)") }
+        var target: (ino: UInt64, parent: UInt64, path: String)?
+        if let path {
+            let record = try mountRecord(containing: path)
+            records = [record]
+            let p = canonicalPath(path)
+            var st = stat()
+            guard stat(p, &st) == 0 else { throw fail("\(p): \(String(cString: strerror(errno)))") }
+            var parent: UInt64 = 0
+            var pst = stat()
+            if st.st_mode & S_IFMT != S_IFDIR, stat((p as NSString).deletingLastPathComponent, &pst) == 0 { parent = UInt64(pst.st_ino) }
+            target = (UInt64(st.st_ino), parent, p)
         }
         var statuses: [MountStatus] = []
         for r in records {
@@ -28,10 +61,21 @@ struct StatusCommand: ParsableCommand {
                 throw fail("the daemon of \(r.mountpoint) (pid \(r.pid)) did not answer: \(error)")
             }
         }
+        var report: PathReport?
+        if let target, let r = records.first {
+            let data = try ControlServer.request(r.socket, "files \(target.ino) \(target.parent) \(target.path)")
+            if let e = try? JSONDecoder().decode([String: String].self, from: data), let m = e["error"] { throw fail(m) }
+            report = try JSONDecoder().decode(PathReport.self, from: data)
+        }
         if json {
             let enc = JSONEncoder()
-            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try enc.encode(statuses), as: UTF8.self))
+            enc.outputFormatting = watch ? [.sortedKeys] : [.prettyPrinted, .sortedKeys]
+            if let report {
+                struct PathStatus: Encodable { var mount: MountStatus; var path: PathReport }
+                print(String(decoding: try enc.encode(PathStatus(mount: statuses[0], path: report)), as: UTF8.self))
+            } else {
+                print(String(decoding: try enc.encode(statuses), as: UTF8.self))
+            }
             return
         }
         if statuses.isEmpty { print("no modelfs mounts"); return }
@@ -50,6 +94,26 @@ struct StatusCommand: ParsableCommand {
             for (k, v) in rows { print("  " + k.padding(toLength: 16, withPad: " ", startingAt: 0) + v) }
             if let c = s.cluster { printCluster(c) }
         }
+        if let report { printReport(report) }
+    }
+
+    func printReport(_ r: PathReport) {
+        print("\(r.path): \(r.files) files, \(humanBytes(r.bytes))")
+        let rows: [(String, PathReport.Bucket, String)] = [
+            ("replicated", r.replicated, ""),
+            ("pending", r.pending, r.pending.files > 0 ? String(format: " (oldest unreplicated write %.0f s ago)", r.oldestPendingSeconds) : ""),
+            ("under-replicated", r.underReplicated, ""),
+            ("unreadable", r.unreadable, r.unreadable.files > 0 ? " (no live node holds some of their blocks)" : ""),
+        ]
+        for (name, b, note) in rows {
+            print("  " + name.padding(toLength: 18, withPad: " ", startingAt: 0) + "\(b.files) files, \(humanBytes(b.bytes))" + note)
+        }
+        if !r.unansweredNodes.isEmpty { print("  not answering: \(r.unansweredNodes.joined(separator: ", "))") }
+        let notable = r.list.filter { $0.state != "replicated" }
+        for f in notable.prefix(20) {
+            print("    \(f.state.padding(toLength: 17, withPad: " ", startingAt: 0)) \(f.replicas)/\(f.wanted) copies  \(f.path)")
+        }
+        if notable.count > 20 { print("    … \(notable.count - 20) more (--json lists every file)") }
     }
 
     func printCluster(_ c: ClusterStatus) {
@@ -61,16 +125,51 @@ struct StatusCommand: ParsableCommand {
             ("pending", "\(r.pendingFiles) files, \(humanBytes(r.pendingBytes)) not yet on all replicas\(age)"),
             ("under-replicated", humanBytes(r.underReplicatedBytes) + (r.lastError.map { " (\($0))" } ?? "")),
             ("replicated", "\(humanBytes(r.replicatedBytes)) sent to peers since start"),
-            ("read cache", "\(humanBytes(c.cacheBytes)) of \(humanBytes(c.cacheBudget)), \(c.cacheStats.peerFetches) blocks fetched from peers"),
+            ("read cache", cacheLine(c)),
+            ("healer", healLine(c.heal)),
+            ("scrubber", scrubLine(c.scrub)),
         ]
         for (k, v) in rows { print("  " + k.padding(toLength: 16, withPad: " ", startingAt: 0) + v) }
         if let e = c.membershipError { print("  etcd            \(e)") }
         print("  nodes:")
-        print("    " + ["ID", "STATE", "ADDRESS", "USED", "BLOCKS", "LABELS"].map { $0.padding(toLength: 14, withPad: " ", startingAt: 0) }.joined())
-        for n in c.nodes {
-            let cells = [n.id + (n.isThisNode ? "*" : ""), n.up ? "up" : "DOWN", n.address, humanBytes(n.usedBytes), "\(n.blocks)",
-                         n.labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")]
-            print("    " + cells.map { $0.padding(toLength: max(14, $0.count + 1), withPad: " ", startingAt: 0) }.joined())
-        }
+        printNodes(c.nodes)
+    }
+
+    func cacheLine(_ c: ClusterStatus) -> String {
+        let s = c.cacheStats
+        let hits = s.cacheHits + s.localHits, total = hits + s.peerFetches
+        let ratio = total == 0 ? "" : String(format: ", hit ratio %.2f", Double(hits) / Double(total))
+        return "\(humanBytes(c.cacheBytes)) of \(humanBytes(c.cacheBudget)), \(s.peerFetches) blocks fetched from peers\(ratio)"
+    }
+
+    func healLine(_ h: HealStatus?) -> String {
+        guard let h, h.passes > 0 else { return "no pass yet" }
+        var out = "\(h.files) files, \(h.blocks) blocks: \(humanBytes(h.underReplicatedBytes)) short of copies, "
+            + "\(humanBytes(h.unreadableBytes)) unreadable; \(humanBytes(h.copiedBytes)) copied"
+        if h.copyRate > 0 { out += String(format: " (%.0f MB/s)", h.copyRate / 1e6) }
+        out += String(format: "; last pass %.0f s ago on %@", Date().timeIntervalSince1970 - h.lastPassAt, h.healer)
+        if !h.waitingFor.isEmpty { out += "; waiting --dead-after for \(h.waitingFor.joined(separator: ","))" }
+        for (n, left) in h.draining.sorted(by: { $0.key < $1.key }) { out += "; draining \(n): \(left) blocks left" }
+        if let e = h.lastError { out += " (\(e))" }
+        return out
+    }
+
+    func scrubLine(_ s: ScrubStatus) -> String {
+        guard s.rate > 0 else { return "off" }
+        return "\(s.passes) passes, \(humanBytes(s.scrubbedBytes)) re-hashed" + String(format: " (pass %.0f%%)", s.progress * 100)
+            + ", \(s.corruptFound) corrupt found, \(s.repaired) repaired" + (s.unrepairable > 0 ? ", \(s.unrepairable) unrepairable" : "")
+    }
+}
+
+/// The nodes table (`status`, `node list`).
+func printNodes(_ nodes: [ClusterStatus.Node]) {
+    let head = ["ID", "STATE", "ADDRESS", "USED", "CAPACITY", "BLOCKS", "IN/OUT MB/s", "LABELS"]
+    print("    " + head.map { $0.padding(toLength: 14, withPad: " ", startingAt: 0) }.joined())
+    for n in nodes {
+        let state = !n.up ? "DOWN" : n.draining ? "draining" : "up"
+        let cells = [n.id + (n.isThisNode ? "*" : ""), state, n.address, humanBytes(n.usedBytes), humanBytes(n.capacityBytes), "\(n.blocks)",
+                     String(format: "%.1f/%.1f", n.inRate / 1e6, n.outRate / 1e6),
+                     n.labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")]
+        print("    " + cells.map { $0.padding(toLength: max(14, $0.count + 1), withPad: " ", startingAt: 0) }.joined())
     }
 }

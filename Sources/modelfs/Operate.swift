@@ -1,0 +1,246 @@
+import Foundation
+import ModelFS
+import ModelFSCore
+import ModelFSPeer
+import ModelFSStore
+
+/// `modelfs status PATH`: every file at or below PATH by replication state. The schema is
+/// documented in docs/STATUS.md.
+struct PathReport: Codable {
+    struct Bucket: Codable { var files = 0; var bytes: UInt64 = 0 }
+    struct File: Codable {
+        var path: String
+        var ino: UInt64
+        var size: UInt64
+        var version: UInt64
+        /// Copies of its least-copied block on live nodes, and the policy's R.
+        var replicas: Int
+        var wanted: Int
+        /// Bytes of its blocks with fewer than `wanted` copies.
+        var shortBytes: UInt64
+        /// "replicated", "pending", "under-replicated" or "unreadable".
+        var state: String
+        /// Pending: seconds since the oldest write not yet replicated.
+        var pendingSeconds: Double?
+    }
+    var path: String
+    var files = 0
+    var bytes: UInt64 = 0
+    var replicated = Bucket()
+    var pending = Bucket()
+    var underReplicated = Bucket()
+    var unreadable = Bucket()
+    /// What a crash of the writing nodes now would lose: the age of the oldest pending write.
+    var oldestPendingSeconds: Double = 0
+    /// Live nodes that did not answer (their copies are not counted).
+    var unansweredNodes: [String] = []
+    var list: [File] = []
+}
+
+/// Where a request points: an inode, the directory it was reached through, the path shown.
+struct Target {
+    var ino: InodeNumber
+    var parent: InodeNumber?
+    var path: String
+    /// "files|warm|verify INO PARENT PATH" (PATH last: it may hold spaces).
+    init(_ words: [Substring]) throws {
+        guard words.count >= 4, let i = UInt64(words[1]), let p = UInt64(words[2]) else {
+            throw FSError.invalid("malformed request: expected \(words.first ?? "") INO PARENT PATH")
+        }
+        ino = InodeNumber(i)
+        parent = p == 0 ? nil : InodeNumber(p)
+        path = words[3...].joined(separator: " ")
+    }
+}
+
+/// Sends progress lines from several threads, one at a time and at most every half second
+/// (the last one always).
+final class LineSink: @unchecked Sendable {
+    private let out: (any Encodable) -> Void
+    private let lock = NSLock()
+    private var last = Date.distantPast
+    init(_ out: @escaping (any Encodable) -> Void) { self.out = out }
+    func send(_ value: any Encodable, final: Bool) {
+        lock.lock(); defer { lock.unlock() }
+        guard final || Date().timeIntervalSince(last) >= 0.5 else { return }
+        last = Date()
+        out(value)
+    }
+}
+
+enum Operate {
+    static func pathReport(fs: FileSystem, node: ClusterNode?, _ t: Target) throws -> PathReport {
+        var files: [FileBlocks] = []
+        try fs.walkFiles(from: t.ino, parent: t.parent) { files.append($0) }
+        var report = PathReport(path: t.path)
+        var holders: [BlockID: Int] = [:]
+        var pending: [UInt64: Double] = [:]
+        let ids = Array(Set(files.flatMap { $0.blocks.map(\.id) }))
+        if let node {
+            let census = node.replicator.census(ids)
+            holders = census.holders.mapValues(\.count)
+            report.unansweredNodes = census.failed
+            pending = node.replicator.status().pendingInodes
+            // The other nodes' pending jobs: what they wrote and have not replicated yet.
+            for peer in node.membership.peers {
+                guard let data = try? node.client.status(of: peer),
+                      let s = try? JSONDecoder().decode(ClusterStatus.self, from: data) else { continue }
+                for (ino, age) in s.replication.pendingInodes { pending[ino] = max(pending[ino] ?? 0, age) }
+            }
+        } else {
+            for id in ids where fs.store.contains(id) { holders[id] = 1 }
+        }
+        for f in files {
+            let wanted = node?.replicator.policy(for: f.parent).replicas ?? 1
+            let least = f.blocks.map { holders[$0.id] ?? 0 }.min() ?? wanted
+            let short = f.blocks.filter { holders[$0.id] ?? 0 < wanted }.reduce(UInt64(0)) { $0 + UInt64($1.length) }
+            var file = PathReport.File(path: f.path.isEmpty ? t.path : t.path + "/" + f.path, ino: f.ino.rawValue, size: f.size,
+                                       version: f.version, replicas: least, wanted: wanted, shortBytes: short, state: "replicated")
+            if least == 0 {
+                file.state = "unreadable"
+                report.unreadable.files += 1; report.unreadable.bytes += f.size
+            } else if least >= wanted {
+                report.replicated.files += 1; report.replicated.bytes += f.size
+            } else if let age = pending[f.ino.rawValue] {
+                file.state = "pending"
+                file.pendingSeconds = age
+                report.pending.files += 1; report.pending.bytes += f.size
+                report.oldestPendingSeconds = max(report.oldestPendingSeconds, age)
+            } else {
+                file.state = "under-replicated"
+                report.underReplicated.files += 1; report.underReplicated.bytes += f.size
+            }
+            report.files += 1
+            report.bytes += f.size
+            report.list.append(file)
+        }
+        report.list.sort { $0.path < $1.path }
+        return report
+    }
+
+    struct WarmProgress: Codable { var done: Int; var total: Int; var failed: Int }
+
+
+    static func warm(fs: FileSystem, node: ClusterNode?, _ t: Target, send: (any Encodable) -> Void) throws {
+        guard let node else { throw FSError.invalid("this mount is a single node: every block is already local") }
+        var ids: [BlockID] = []
+        try fs.walkFiles(from: t.ino, parent: t.parent) { ids += $0.blocks.map(\.id) }
+        // Progress comes from the fetching threads: one line at a time, at most twice a second.
+        try withoutActuallyEscaping(send) { send in
+            let sink = LineSink(send)
+            node.blocks.warm(ids) { done, total, failed in
+                sink.send(WarmProgress(done: done, total: total, failed: failed), final: done == total)
+            }
+        }
+    }
+
+    struct VerifyReport: Codable {
+        var files = 0
+        var blocks = 0
+        /// Replicas re-read and hashed on their nodes, and what that found.
+        var replicasChecked = 0
+        var good = 0
+        var repaired = 0
+        var corruptUnrepaired = 0
+        /// Copies made to bring blocks back to their policy's R.
+        var copiesMade = 0
+        /// After repair: blocks still short of R copies, and blocks no live node holds.
+        var underReplicatedBlocks = 0
+        var unreadableBlocks = 0
+        var unansweredNodes: [String] = []
+        var ok = false
+    }
+
+    static func verify(fs: FileSystem, node: ClusterNode?, _ t: Target) throws -> VerifyReport {
+        var want: [BlockID: Healer.Want] = [:]
+        var r = VerifyReport()
+        try fs.walkFiles(from: t.ino, parent: t.parent) { f in
+            r.files += 1
+            let p = node?.replicator.policy(for: f.parent) ?? ReplicationPolicy(replicas: 1, ack: 1)
+            for c in f.blocks {
+                var w = want[c.id] ?? Healer.Want(copies: 0, length: c.length, spread: p.spread, settled: true)
+                w.copies = max(w.copies, p.replicas)
+                want[c.id] = w
+            }
+        }
+        let ids = Array(want.keys)
+        r.blocks = ids.count
+        func tally(_ code: UInt8) {
+            switch code {
+            case 1: r.replicasChecked += 1; r.good += 1
+            case 2: r.replicasChecked += 1; r.repaired += 1
+            case 3: r.replicasChecked += 1; r.corruptUnrepaired += 1
+            default: break
+            }
+        }
+        guard let node else {
+            for id in ids {
+                guard let store = fs.store as? PackBlockStore, let v = store.verify(id) else { r.unreadableBlocks += 1; continue }
+                tally(v ? 1 : 3)
+                if !v { r.unreadableBlocks += 1 }
+            }
+            r.ok = r.corruptUnrepaired == 0 && r.unreadableBlocks == 0
+            return r
+        }
+        // Every replica, on its own node: this one directly, the others through /v1/verify.
+        for id in ids {
+            switch node.local.verify(id) {
+            case nil: break
+            case true?: tally(1)
+            case false?: tally(node.scrubber.repair(id) ? 2 : 3)
+            }
+        }
+        for peer in node.membership.peers {
+            var codes: [UInt8] = []
+            do {
+                for start in stride(from: 0, to: ids.count, by: 8192) {
+                    codes += try node.client.verify(Array(ids[start..<min(ids.count, start + 8192)]), at: peer)
+                }
+            } catch {
+                r.unansweredNodes.append(peer.id)
+                continue
+            }
+            codes.forEach(tally)
+        }
+        // Then the copies: every block back to its R (the healer's repair, for these blocks only).
+        if let healer = node.healer {
+            let before = healer.localStatus.copiedBlocks
+            let plan = try healer.repair(want, act: true)
+            r.copiesMade = Int(healer.localStatus.copiedBlocks - before)
+            if r.copiesMade > 0 || plan.short > 0 {
+                let after = try healer.repair(want, act: false)
+                r.underReplicatedBlocks = after.short
+                r.unreadableBlocks = after.unreadable
+            } else {
+                r.unreadableBlocks = plan.unreadable
+            }
+        }
+        r.ok = r.corruptUnrepaired == 0 && r.underReplicatedBlocks == 0 && r.unreadableBlocks == 0 && r.unansweredNodes.isEmpty
+        return r
+    }
+
+    /// The control socket's handlers for the operations above and `modelfs node`.
+    static func handlers(fs: FileSystem, node: ClusterNode?) -> [String: ControlHandler] {
+        var h: [String: ControlHandler] = [
+            "files": { words, send in send(try pathReport(fs: fs, node: node, Target(words))) },
+            "warm": { words, send in try warm(fs: fs, node: node, Target(words), send: send) },
+            "verify": { words, send in send(try verify(fs: fs, node: node, Target(words))) },
+        ]
+        guard let node else { return h }
+        h["drain"] = { words, send in
+            guard words.count == 3, ["on", "off"].contains(words[2]) else { throw FSError.invalid("malformed request: drain ID on|off") }
+            let id = String(words[1])
+            guard node.membership.known.contains(where: { $0.id == id }) else {
+                throw FSError.noEntry("no node \(id) in this cluster (modelfs node list shows them)")
+            }
+            try node.membership.setDraining(id, words[2] == "on")
+            send(["ok": true])
+        }
+        h["remove"] = { words, send in
+            guard words.count == 2 else { throw FSError.invalid("malformed request: remove ID") }
+            try node.membership.remove(String(words[1]))
+            send(["ok": true])
+        }
+        return h
+    }
+}

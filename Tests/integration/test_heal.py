@@ -1,0 +1,284 @@
+"""Operating and self-healing on loopback clusters of 3-5 real nodes (issue #4): re-replication
+after a node dies, rebalancing toward a node that joins, drain and remove, scrub and repair of
+corrupt replicas, garbage collection across nodes, `modelfs status PATH` and the
+`user.modelfs.*` xattrs, checked against what each node's store really holds."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster import pack_blocks
+from mfs import MODELFS_BIN, MiB, assert_bytes_equal, read_file, run, wait_until, write_file
+from test_cluster import etcd, make_nodes, payload  # noqa: F401  (fixtures)
+
+# Fast healing for tests: a node down 2 s is dead; the healer passes every second.
+HEAL = ["--dead-after", "2", "--heal-interval", "1", "--scrub-rate", "0"]
+
+
+def copies(nodes, blocks) -> dict[str, int]:
+    """Block id → how many of `nodes` hold it as a replica (read from their pack files)."""
+    held = [n.blocks() for n in nodes]
+    return {b: sum(b in h for h in held) for b in blocks}
+
+
+def heal(node) -> dict:
+    return node.cluster_status().get("heal") or {}
+
+
+def fresh_pass(node, after: float) -> dict | None:
+    """The healer's status once it has finished a pass that started after `after` (Unix time)."""
+    h = heal(node)
+    return h if h.get("lastPassAt", 0) - h.get("lastPassSeconds", 0) > after else None
+
+
+def write_set(node, n: int, size: int, seed: int, sub: str = "") -> dict[str, bytes]:
+    files = {}
+    d = node / sub if sub else node.mp
+    os.makedirs(d, exist_ok=True)
+    for i in range(n):
+        data = payload(size + i * 4099, seed + i)
+        write_file(Path(d) / f"f{i}.bin", data)
+        files[(sub + "/" if sub else "") + f"f{i}.bin"] = data
+    return files
+
+
+def read_all(node, files: dict[str, bytes], what: str):
+    for name, data in files.items():
+        assert_bytes_equal(read_file(node / name), data, f"{name} read on {node.node_id} {what}")
+
+
+def test_a_dead_node_is_healed_back_to_r_copies(make_nodes):
+    nodes = make_nodes(4, replicas=3, ack=1, extra=HEAL)
+    a = nodes[0]
+    files = write_set(a, 6, 5 * MiB, 40)
+    assert a.sync().returncode == 0
+    held = a.blocks()
+    assert all(c >= 3 for c in copies(nodes, held).values())
+    victim = nodes[1]
+    victim.kill9()
+    live = [n for n in nodes if n is not victim]
+    # Every file stays readable from every live node while the copies are being rebuilt.
+    read_all(live[2], files, "while under-replicated")
+    wait_until(lambda: all(c >= 3 for c in copies(live, held).values()), 90, interval=0.5,
+               what="every block to have 3 copies on the 3 live nodes")
+    read_all(live[1], files, "after healing")
+    # The healer's view agrees with the stores: nothing short, nothing unreadable, copies made.
+    since = time.time()
+    h = wait_until(lambda: fresh_pass(a, since), 30, interval=0.3, what="a healer pass after the copies")
+    assert h["underReplicatedBytes"] == 0 and h["unreadableBytes"] == 0, h
+    assert h["copiedBytes"] > 0 and h["files"] == 6, h
+
+
+def test_a_joining_node_receives_its_share_and_nothing_becomes_unreadable(make_nodes):
+    nodes = make_nodes(3, replicas=2, ack=1, extra=HEAL)
+    a = nodes[0]
+    files = write_set(a, 8, 4 * MiB, 60)
+    assert a.sync().returncode == 0
+    held = set().union(*(n.blocks() for n in nodes))
+    d, = make_nodes(1, replicas=2, ack=1, extra=HEAL)
+    everyone = nodes + [d]
+
+    def settled():
+        c = copies(everyone, held)
+        # Never fewer than R copies of any block, at any moment we look.
+        assert min(c.values()) >= 2, f"a block fell below 2 copies during rebalancing: {min(c.values())}"
+        return len(d.blocks() & held) >= len(held) // 8 and max(c.values()) == 2
+
+    wait_until(settled, 90, interval=0.5, what="the new node to hold its share and surplus copies to be dropped")
+    read_all(d, files, "after rebalancing")
+
+
+def test_drain_moves_every_copy_off_a_node_then_it_can_leave(make_nodes):
+    nodes = make_nodes(4, replicas=2, ack=1, extra=HEAL)
+    a, b, c, victim = nodes
+    files = write_set(a, 6, 4 * MiB, 80)
+    assert a.sync().returncode == 0
+    held = set().union(*(n.blocks() for n in nodes))
+    assert victim.blocks() & held, "the node to drain should hold some blocks first"
+    r = run([MODELFS_BIN, "node", "drain", victim.node_id, "--mount", a.mp, "--timeout", "90"], timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (victim.blocks() & held), "a drained node still holds blocks the cluster needs"
+    assert all(n >= 2 for n in copies([a, b, c], held).values())
+    r = run([MODELFS_BIN, "node", "remove", victim.node_id, "--mount", a.mp])
+    assert r.returncode != 0 and "up" in r.stderr, "removing a live node must be refused"
+    victim.stop()
+    wait_until(lambda: not [n for n in a.cluster_status()["nodes"] if n["id"] == victim.node_id and n["up"]], 20,
+               interval=0.2, what="the drained node to show as down")
+    r = run([MODELFS_BIN, "node", "remove", victim.node_id, "--mount", a.mp])
+    assert r.returncode == 0, r.stderr
+    r = run([MODELFS_BIN, "node", "list", "--mount", a.mp, "--json"])
+    assert r.returncode == 0 and victim.node_id not in [n["id"] for n in json.loads(r.stdout)]
+    read_all(b, files, "after the drained node left")
+    r = run([MODELFS_BIN, "node", "drain", "no-such-node", "--mount", a.mp])
+    assert r.returncode != 0 and "no node" in r.stderr
+
+
+def corrupt_block(node, block: str) -> None:
+    """Flips bytes in the middle of `block`'s record in `node`'s replica packs."""
+    for pack in sorted((node.data / "packs").glob("*.pack")):
+        raw = pack.read_bytes()
+        off = 0
+        while off + 40 <= len(raw):
+            n = int.from_bytes(raw[off + 4:off + 8], "little")
+            if raw[off:off + 4] == b"MFB1" and raw[off + 8:off + 40].hex() == block:
+                with open(pack, "r+b") as f:
+                    f.seek(off + 40 + n // 2)
+                    f.write(bytes(b ^ 0x5A for b in raw[off + 40 + n // 2:off + 40 + n // 2 + 64]))
+                return
+            off += 40 + n
+    raise AssertionError(f"block {block} not found in {node.node_id}'s packs")
+
+
+def good_copy(node, block: str) -> bool:
+    """True once `node` holds a verified replica of `block` (and no corrupt live record)."""
+    try:
+        return block in node.blocks()
+    except AssertionError:   # pack_blocks found a live record that does not hash to its id
+        return False
+
+
+def test_a_corrupt_replica_is_never_read_and_is_repaired(make_nodes):
+    a, b, c = make_nodes(3, replicas=3, ack=1, extra=HEAL)
+    data = payload(12 * MiB, 90)
+    write_file(a / "model.bin", data)
+    assert a.sync().returncode == 0
+    blocks = sorted(a.blocks())
+    x, y = blocks[0], blocks[1]
+    corrupt_block(b, x)
+    corrupt_block(c, y)
+    # B reads through its corrupt replica: correct bytes (from a peer), and B repairs it.
+    assert_bytes_equal(read_file(b / "model.bin"), data, "read on the node with a corrupt replica")
+    wait_until(lambda: good_copy(b, x), 30, interval=0.2, what="B's corrupt replica to be replaced")
+    assert b.cluster_status()["scrub"]["repaired"] >= 1
+    # `modelfs verify` re-hashes every replica on its node and repairs C's.
+    r = run([MODELFS_BIN, "verify", a / "model.bin", "--json"], timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["repaired"] >= 1 and rep["corruptUnrepaired"] == 0 and rep["ok"], rep
+    assert good_copy(c, y)
+    assert_bytes_equal(read_file(c / "model.bin"), data, "read on C after verify")
+
+
+def test_the_background_scrubber_finds_and_repairs_corruption(make_nodes):
+    a, b = make_nodes(2, replicas=2, ack=1,
+                      extra=["--dead-after", "2", "--heal-interval", "1", "--scrub-rate", "1G", "--scrub-every", "1"])
+    data = payload(6 * MiB, 91)
+    write_file(a / "w.bin", data)
+    assert a.sync().returncode == 0
+    victim = sorted(b.blocks())[-1]
+    corrupt_block(b, victim)
+    wait_until(lambda: b.cluster_status()["scrub"]["repaired"] >= 1 and good_copy(b, victim), 30, interval=0.2,
+               what="the scrubber to find and repair the corrupt replica")
+    s = b.cluster_status()["scrub"]
+    assert s["corruptFound"] >= 1 and s["passes"] >= 1, s
+    assert_bytes_equal(read_file(b / "w.bin"), data, "read after the scrubber's repair")
+    status, body = __import__("cluster").peer_request(b.peer_address, "GET", "/metrics",
+                                                      make_nodes.secret.read_text().strip())
+    assert status == 200 and b"modelfs_scrub_repaired_total 1" in body.replace(b".0\n", b"\n")
+
+
+def used(node) -> int:
+    """Bytes the node's replica and cache packs take on disk."""
+    total = 0
+    for d in ("packs", "cache/packs"):
+        for p in (node.data / d).glob("*.pack"):
+            total += p.stat().st_blocks * 512
+    return total
+
+
+def test_deleting_a_large_file_gives_the_space_back_on_every_node(make_nodes):
+    nodes = make_nodes(3, replicas=2, ack=1, extra=HEAL + ["--gc-delay", "3"])
+    a = nodes[0]
+    before = {n.node_id: used(n) for n in nodes}
+    size = 1024 * MiB
+    with open(a / "big.bin", "wb") as f:
+        for _ in range(size // (4 * MiB)):
+            f.write(os.urandom(4 * MiB))   # no two blocks alike: nothing deduplicates
+    assert a.sync(timeout=300).returncode == 0
+    # B reads part of it, so a cache copy exists too.
+    with open(nodes[1] / "big.bin", "rb") as f:
+        f.read(64 * MiB)
+    grown = {n.node_id: used(n) - before[n.node_id] for n in nodes}
+    assert sum(grown.values()) >= 2 * size * 0.95, grown
+    os.unlink(a / "big.bin")
+    wait_until(lambda: all(used(n) - before[n.node_id] < 16 * MiB for n in nodes), 120, interval=0.5,
+               what="every node to give the deleted file's space back")
+
+
+def test_status_path_and_xattrs_tell_the_truth(make_nodes):
+    a, b, c = make_nodes(3, replicas=3, ack=1, extra=["--dead-after", "3600", "--heal-interval", "1", "--scrub-rate", "0"])
+    files = write_set(a, 3, 2 * MiB, 100, sub="ckpt")
+    assert a.sync().returncode == 0
+    f0 = a / "ckpt" / "f0.bin"
+    xa = lambda p, n: os.getxattr(p, f"user.modelfs.{n}").decode()
+    assert xa(f0, "replicas") == "3" and xa(f0, "pending_bytes") == "0"
+    assert xa(b / "ckpt" / "f0.bin", "policy") == "replicas=3,ack=1"
+    v0 = int(xa(f0, "version"))
+    write_file(f0, files["ckpt/f0.bin"][::-1])
+    assert int(xa(b / "ckpt" / "f0.bin", "version")) > v0
+    for name in ("replicas", "pending_bytes", "version"):
+        with pytest.raises(OSError) as e:
+            os.setxattr(f0, f"user.modelfs.{name}", b"9")
+        assert e.value.errno == errno.EPERM
+        assert f"user.modelfs.{name}" not in os.listxattr(f0)
+    # A directory of single-copy files written on C: unreadable once C is gone.
+    os.mkdir(c / "scratch")
+    assert run([MODELFS_BIN, "policy", "set", c / "scratch", "--replicas", "1"]).returncode == 0
+    write_file(c / "scratch" / "tmp.bin", payload(MiB, 7))
+    assert a.sync().returncode == 0
+    assert c.sync().returncode == 0
+    c.kill9()
+    wait_until(lambda: not [n for n in a.cluster_status()["nodes"] if n["id"] == c.node_id and n["up"]], 20,
+               interval=0.2, what="C to show as down")
+    # A file written now waits for its third copy: pending, with its age.
+    write_file(a / "ckpt" / "new.bin", payload(3 * MiB, 8))
+    r = run([MODELFS_BIN, "status", a.mp, "--json"])
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert set(doc) == {"mount", "path"}
+    rep = doc["path"]
+    for key in ("path", "files", "bytes", "replicated", "pending", "underReplicated", "unreadable",
+                "oldestPendingSeconds", "unansweredNodes", "list"):
+        assert key in rep, key
+    by = {f["path"].removeprefix(str(a.mp) + "/"): f for f in rep["list"]}
+    assert set(by) == {"ckpt/f0.bin", "ckpt/f1.bin", "ckpt/f2.bin", "ckpt/new.bin", "scratch/tmp.bin"}
+    # The truth, from the stores of the live nodes.
+    live_blocks = [a.blocks(), b.blocks()]
+    for path, f in by.items():
+        assert set(f) >= {"path", "ino", "size", "version", "replicas", "wanted", "shortBytes", "state"}
+    assert by["scratch/tmp.bin"]["state"] == "unreadable" and by["scratch/tmp.bin"]["replicas"] == 0, rep
+    assert by["ckpt/new.bin"]["state"] == "pending" and by["ckpt/new.bin"]["pendingSeconds"] > 0
+    assert by["ckpt/f1.bin"]["state"] == "under-replicated" and by["ckpt/f1.bin"]["wanted"] == 3
+    held_everywhere = live_blocks[0] & live_blocks[1]
+    assert by["ckpt/f1.bin"]["replicas"] == 2 and by["ckpt/f1.bin"]["shortBytes"] == by["ckpt/f1.bin"]["size"]
+    assert rep["unreadable"] == {"files": 1, "bytes": MiB}
+    assert rep["pending"]["files"] == 1 and rep["oldestPendingSeconds"] > 0
+    assert rep["underReplicated"]["files"] == 3
+    assert held_everywhere, "A and B should share the replicated blocks"
+    # The xattrs say the same as status, on both live nodes.
+    for node in (a, b):
+        assert xa(node / "ckpt" / "f1.bin", "replicas") == "2"
+        assert int(xa(node / "ckpt" / "f1.bin", "pending_bytes")) == by["ckpt/f1.bin"]["size"]
+    # The human table.
+    r = run([MODELFS_BIN, "status", a / "ckpt"])
+    assert r.returncode == 0 and "under-replicated" in r.stdout and "pending" in r.stdout, r.stdout
+
+
+def test_warm_prefetches_a_directory_into_the_cache(make_nodes):
+    a, b = make_nodes(2, replicas=1, ack=1, extra=HEAL)
+    files = write_set(a, 4, 3 * MiB, 120, sub="m")
+    wanted = a.blocks()
+    r = run([MODELFS_BIN, "warm", b / "m"], timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert wanted <= pack_blocks(b.data / "cache" / "packs")
+    fetched = b.cluster_status()["cacheStats"]["peerFetches"]
+    read_all(b, files, "after warm")
+    assert b.cluster_status()["cacheStats"]["peerFetches"] == fetched, "reads after warm went to the peers again"
+    a.kill9()
+    r = run([MODELFS_BIN, "verify", b / "m"])
+    assert r.returncode == 1, "verify must fail while the only replicas are on a dead node"
