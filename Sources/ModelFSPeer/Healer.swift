@@ -5,6 +5,21 @@ import ModelFSMeta
 import ModelFSStore
 import Synchronization
 
+/// Blocks one node is to send to others (`POST /v1/copy`).
+public struct CopyOrder: Codable, Sendable {
+    public struct Item: Codable, Sendable {
+        public var id: String
+        public var to: [NodeInfo]
+    }
+    public var items: [Item]
+}
+
+public struct CopyResult: Codable, Sendable {
+    public var copies = 0
+    public var bytes: UInt64 = 0
+    public var errors: [String] = []
+}
+
 /// What the cluster's healer last found and did (`modelfs status`, kept in etcd at
 /// `/modelfs/NAME/n/heal` so every node shows it).
 public struct HealStatus: Codable, Sendable, Equatable {
@@ -18,7 +33,8 @@ public struct HealStatus: Codable, Sendable, Equatable {
     public var files = 0
     public var blocks = 0
     public var bytes: UInt64 = 0
-    /// Blocks (and their bytes) with fewer than their policy's R copies on live, undrained nodes.
+    /// Blocks (and their bytes) with fewer than their policy's R copies on live, undrained nodes
+    /// (blocks of files written within --dead-after are left to their writer and not counted).
     public var underReplicatedBlocks = 0
     public var underReplicatedBytes: UInt64 = 0
     /// Blocks that no live node holds: unreadable until a node that has them comes back.
@@ -62,6 +78,11 @@ public final class Healer: @unchecked Sendable {
     let interval: Double
     let deadAfter: Double
     let width: Int
+    /// A node holding less than this share of the mean is under-filled and receives copies.
+    /// Below one half: a node that writes everything (one trainer) keeps a copy of all it
+    /// writes, so the others hold about 1/(N-1) of it each, which is always more than half of
+    /// the mean; they are not "under-filled", and nothing moves. A node that just joined is.
+    static let underFilled = 0.5
     /// Bytes rebalancing copies per pass at most.
     static let moveBudget: UInt64 = 1 << 30
     private let state = Mutex(HealStatus())
@@ -222,9 +243,12 @@ public final class Healer: @unchecked Sendable {
                 continue
             }
             if good.count < w.copies {
+                // A block of a file written within --dead-after is its writer's to replicate:
+                // not counted short (status shows such files as pending), not copied, unless a
+                // draining node holds it.
+                guard w.settled || draining.contains(where: { h.contains($0) }) else { continue }
                 plan.short += 1
                 plan.shortBytes += UInt64(w.length)
-                guard w.settled || draining.contains(where: { h.contains($0) }) else { continue }
                 let to = Placement.targets(id, nodes: targetsPool, replicas: targetsPool.count, writer: nil, spreadLabel: w.spread)
                     .filter { !h.contains($0.id) }.prefix(w.copies - good.count)
                 if !to.isEmpty { copies.append((id, good.count, h.compactMap { byID[$0] }, Array(to))) }
@@ -255,7 +279,7 @@ public final class Healer: @unchecked Sendable {
             var budget = Self.moveBudget
             for (id, length, t) in moveCandidates where budget > 0 {
                 let after = Double(t.usedBytes + incoming[t.id, default: 0] + UInt64(length))
-                guard after < mean * 0.8 else { continue }
+                guard after < mean * Self.underFilled else { continue }
                 incoming[t.id, default: 0] += UInt64(length)
                 budget -= min(budget, UInt64(length))
                 copies.append((id: id, have: Int.max, from: (holders[id] ?? []).compactMap { byID[$0] }, to: [t]))
@@ -264,32 +288,48 @@ public final class Healer: @unchecked Sendable {
         }
         for d in draining where plan.draining[d] == nil && byID[d] != nil { plan.draining[d] = 0 }
         guard act else { return plan }
-        // Fewest copies first: a block down to one copy is one failure away from loss.
+        // Fewest copies first: a block down to one copy is one failure away from loss. Each
+        // block's holder sends it (this node directly, others through POST /v1/copy), in
+        // batches per holder, every holder at once.
         copies.sort { $0.have < $1.have }
         let started = Date()
+        let me = membership.me.id
+        let pass = state.withLock { $0.passes }
+        var batches: [(source: NodeInfo, items: [CopyOrder.Item], bytes: UInt64)] = []
+        var bySource: [String: Int] = [:]
+        for c in copies {
+            // Spread the sending over the holders (the block id picks one; each pass another,
+            // so a holder whose copy turns out bad is not asked forever).
+            let holders = c.from.sorted { $0.id < $1.id }
+            guard !holders.isEmpty else { plan.errors.append("block \(c.id.hex) has no holder to copy from"); continue }
+            let source = holders[Int((c.id.w0 &+ UInt64(pass)) % UInt64(holders.count))]
+            let item = CopyOrder.Item(id: c.id.hex, to: c.to)
+            if let i = bySource[source.id], batches[i].items.count < Self.batch {
+                batches[i].items.append(item)
+            } else {
+                bySource[source.id] = batches.count
+                batches.append((source, [item], 0))
+            }
+        }
         let sent = Shared<UInt64>(0)
         let errors = Shared<[String]>([])
-        let list = copies
-        let me = membership.me.id
-        parallelFor(list.count, width: width) { [self] i in
-            let c = list[i]
-            guard let b = read(c.id, from: c.from) else {
-                errors.withLock { $0.append("no holder of block \(c.id.hex) sent a good copy") }
-                return
-            }
-            for node in c.to {
-                do {
-                    if node.id == me {
-                        try b.withUnsafeBytes { _ = try local.put(c.id, $0) }
-                        try local.sync([c.id])
-                    } else {
-                        try b.withUnsafeBytes { try client.put(c.id, $0, to: node, durable: true) }
+        // Batches of different holders in parallel; one holder's batches one after another.
+        let sources = Dictionary(grouping: batches, by: { $0.source.id }).map { $0.value }
+        parallelFor(sources.count, width: width) { [self] i in
+            for b in sources[i] {
+                let result: CopyResult
+                if b.source.id == me {
+                    result = Healer.perform(CopyOrder(items: b.items), local: local, client: client, me: me, width: width)
+                } else {
+                    do { result = try client.copy(CopyOrder(items: b.items), at: b.source) } catch {
+                        errors.withLock { $0.append("\(error)") }
+                        continue
                     }
-                    sent.withLock { $0 += UInt64(b.count) }
-                    state.withLock { $0.copiedBlocks += 1; $0.copiedBytes += UInt64(b.count) }
-                } catch {
-                    errors.withLock { $0.append("copy of \(c.id.hex) to \(node.id): \(error)") }
                 }
+                sent.withLock { $0 += result.bytes }
+                state.withLock { $0.copiedBlocks += UInt64(result.copies); $0.copiedBytes += result.bytes }
+                if !result.errors.isEmpty { errors.withLock { $0 += result.errors } }
+                publishSoon()
             }
         }
         plan.copiedBytes = sent.get()
@@ -308,13 +348,62 @@ public final class Healer: @unchecked Sendable {
         return plan
     }
 
-    /// A verified copy of `id` from this node or one of `holders`.
-    func read(_ id: BlockID, from holders: [NodeInfo]) -> BlockBuffer? {
-        if local.contains(id), let b = try? local.read(id) { return b }
-        for n in holders where n.id != membership.me.id {
-            if let b = try? client.get(id, from: n) { return b }
+    /// Blocks per copy order.
+    static let batch = 64
+
+    /// Carries out a copy order on the holder: reads each block (not hashed here: its receiver
+    /// hashes it before storing), sends it to its targets `width` at a time, then has every
+    /// target fdatasync the packs it wrote them to (not syncfs: nodes sharing a disk would flush
+    /// each other's writes), so the copies are durable before the healer counts them.
+    public static func perform(_ order: CopyOrder, local: PackBlockStore, client: PeerClient, me: String, width: Int = 8) -> CopyResult {
+        let result = Shared(CopyResult())
+        let touched = Shared<[String: (NodeInfo, [BlockID])]>([:])
+        let items = order.items
+        parallelFor(items.count, width: width) { i in
+            guard let id = BlockID(hex: items[i].id) else { return }
+            do {
+                let b = try local.readForPeer(id)
+                for node in items[i].to {
+                    do {
+                        if node.id == me {
+                            try b.withUnsafeBytes { raw in
+                                guard BlockID.hash(raw) == id else { throw FSError.io("local replica of \(id.hex) is corrupt") }
+                                _ = try local.put(id, raw)
+                            }
+                        } else {
+                            try b.withUnsafeBytes { try client.put(id, $0, to: node, durable: false) }
+                        }
+                        touched.withLock { $0[node.id, default: (node, [])].1.append(id) }
+                        result.withLock { $0.copies += 1; $0.bytes += UInt64(b.count) }
+                    } catch {
+                        result.withLock { $0.errors.append("copy of \(id.hex) to \(node.id): \(error)") }
+                    }
+                }
+            } catch {
+                result.withLock { $0.errors.append("\(me) cannot read block \(id.hex) to copy it: \(error)") }
+            }
         }
-        return nil
+        for (node, ids) in touched.get().values {
+            do {
+                if node.id == me { try local.sync(ids) } else { try client.sync(ids, at: node) }
+            } catch {
+                result.withLock { $0.errors.append("sync of \(node.id): \(error)") }
+            }
+        }
+        return result.get()
+    }
+
+    private let lastPublish = Mutex(Date.distantPast)
+
+    /// Publishes the running totals at most once a second while copies are made, so `status`
+    /// shows healing as it runs.
+    func publishSoon() {
+        let due = lastPublish.withLock { last -> Bool in
+            guard Date().timeIntervalSince(last) >= 1 else { return false }
+            last = Date()
+            return true
+        }
+        if due { publish() }
     }
 
     func publish() {

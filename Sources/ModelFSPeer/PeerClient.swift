@@ -103,6 +103,23 @@ public final class PeerClient: Sendable {
         return Array(out.readableBytesView)
     }
 
+    /// Has `node` send blocks it holds to other nodes (and sync them).
+    public func copy(_ order: CopyOrder, at node: NodeInfo) throws -> CopyResult {
+        let r = try send(node, .POST, "/v1/copy", body: ByteBuffer(bytes: try JSONEncoder().encode(order)))
+        guard r.status == .ok, let body = r.body, let result = try? JSONDecoder().decode(CopyResult.self, from: Data(body.readableBytesView)) else {
+            throw failure(node, "copy", r)
+        }
+        return result
+    }
+
+    /// Makes the node's copies of `ids` durable.
+    public func sync(_ ids: [BlockID], at node: NodeInfo) throws {
+        var body = ByteBuffer()
+        for id in ids { body.writeBytes(id.bytes) }
+        let r = try send(node, .POST, "/v1/sync", body: body)
+        guard r.status == .ok else { throw failure(node, "sync", r) }
+    }
+
     /// Drops the node's replica of `id`; false if it had none.
     public func delete(_ id: BlockID, at node: NodeInfo) throws -> Bool {
         let r = try send(node, .DELETE, "/v1/blocks/\(id.hex)")

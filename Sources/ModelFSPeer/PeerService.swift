@@ -15,6 +15,13 @@ import Synchronization
 ///   DELETE /v1/blocks/ID        drops this node's replica (healing moves it off a draining node
 ///                               only once enough other copies are confirmed)
 ///   POST /v1/has                body: N 32-byte ids; answer: N bytes, 1 where the node has it
+///   POST /v1/copy               body: CopyOrder (JSON): send these blocks from this node to those
+///                               nodes, then sync each of them; answer: CopyResult (JSON). The
+///                               healer has each block's holder push it, so every byte crosses
+///                               the network once and is hashed once, by its receiver
+///   POST /v1/sync               body: N ids; makes those blocks durable (fdatasync of the packs
+///                               holding them): healing sends its copies without ?durable=1,
+///                               then syncs each receiving node once per batch
 ///   POST /v1/verify             body: N ids; each replica is re-read and hashed, a corrupt one
 ///                               replaced from a good copy; answer: N bytes, 0 no replica here,
 ///                               1 good, 2 was corrupt and is repaired, 3 corrupt, no good copy
@@ -32,6 +39,8 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
     let status: @Sendable () -> Data
     /// Replaces a corrupt replica from a good copy elsewhere (the scrubber's repair).
     public let repair = Shared<(@Sendable (BlockID) -> Bool)?>(nil)
+    /// Carries out a copy order (Healer.perform).
+    public let copy = Shared<(@Sendable (CopyOrder) -> CopyResult)?>(nil)
     public static let maxBody = (4 << 20) + (64 << 10)
 
     public init(secret: String, local: PackBlockStore, cache: PackBlockStore?, metrics: PeerMetrics,
@@ -82,6 +91,19 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
         switch (r.method, r.path) {
         case (.POST, "/v1/has"): return ("has", has(r.body))
         case (.POST, "/v1/verify"): return ("verify", verify(r.body))
+        case (.POST, "/v1/copy"):
+            guard let order = try? JSONDecoder().decode(CopyOrder.self, from: Data(r.body.readableBytesView)) else {
+                return ("copy", .text(.badRequest, "the body must be a JSON copy order"))
+            }
+            guard let perform = copy.get() else { return ("copy", .text(.serviceUnavailable, "this node does not copy yet")) }
+            let result = perform(order)
+            return ("copy", PeerResponse(.ok, body: ByteBuffer(bytes: (try? JSONEncoder().encode(result)) ?? Data()),
+                                         contentType: "application/json"))
+        case (.POST, "/v1/sync"):
+            guard let ids = Self.ids(r.body) else { return ("sync", .text(.badRequest, "the body must be 32-byte block ids")) }
+            do { try local.sync(ids); return ("sync", PeerResponse(.ok)) } catch {
+                return ("sync", .text(.internalServerError, "cannot sync the block store: \(error)"))
+            }
         case (.GET, "/v1/status"): return ("status", PeerResponse(.ok, body: ByteBuffer(bytes: status()), contentType: "application/json"))
         case (.GET, "/metrics"):
             return ("metrics", PeerResponse(.ok, body: ByteBuffer(string: metrics.render()), contentType: "text/plain; version=0.0.4"))

@@ -100,6 +100,7 @@ final class ClusterNode: @unchecked Sendable {
         scrubber = Scrubber(local: local, membership: membership, client: client, rate: parseSize(options.scrubRate)!,
                             every: options.scrubEvery)
         service.repair.set { [scrubber] id in scrubber.repair(id) }
+        service.copy.set { [client] order in Healer.perform(order, local: local, client: client, me: id) }
         blocks.onCorrupt.set { [scrubber] id in scrubber.repairSoon(id) }
         membership.usage = {
             let u = local.usage()

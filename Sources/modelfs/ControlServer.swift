@@ -114,7 +114,7 @@ final class ControlServer: @unchecked Sendable {
         switch request {
         case "status":
             do { reply = try JSONEncoder().encode(status()) } catch {
-                reply = Data("{\"error\":\"\(error)\"}".utf8)
+                reply = (try? JSONEncoder().encode(["error": "\(error)"])) ?? Data()
             }
         default:
             reply = Data("{\"error\":\"unknown request\"}".utf8)

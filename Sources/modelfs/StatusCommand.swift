@@ -56,8 +56,19 @@ struct StatusCommand: ParsableCommand {
         for r in records {
             do {
                 let data = try ControlServer.request(r.socket, "status")
+                if let e = try? JSONDecoder().decode([String: String].self, from: data), let m = e["error"] {
+                    throw fail("the daemon of \(r.mountpoint) (pid \(r.pid)) cannot say its status: \(m)")
+                }
                 statuses.append(try JSONDecoder().decode(MountStatus.self, from: data))
+            } catch let e as ExitCode {
+                throw e
             } catch {
+                // Listing every mount: one that is going away (unmounting as we ask) is noted
+                // and skipped, not a failure of the others.
+                if path == nil && (kill(r.pid, 0) != 0 || !Registry.all().contains { $0.socket == r.socket }) {
+                    FileHandle.standardError.write(Data("modelfs: \(r.mountpoint) is going away (pid \(r.pid) gone); skipped\n".utf8))
+                    continue
+                }
                 throw fail("the daemon of \(r.mountpoint) (pid \(r.pid)) did not answer: \(error)")
             }
         }

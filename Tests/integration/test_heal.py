@@ -282,3 +282,31 @@ def test_warm_prefetches_a_directory_into_the_cache(make_nodes):
     a.kill9()
     r = run([MODELFS_BIN, "verify", b / "m"])
     assert r.returncode == 1, "verify must fail while the only replicas are on a dead node"
+
+
+def test_single_node_status_path_xattrs_and_verify(mnt):
+    d = mnt.path("run")
+    d.mkdir()
+    data = payload(3 * MiB, 130)
+    write_file(d / "a.bin", data)
+    write_file(d / "b.bin", b"small")
+    assert os.getxattr(d / "a.bin", "user.modelfs.replicas") == b"1"
+    assert os.getxattr(d / "a.bin", "user.modelfs.pending_bytes") == b"0"
+    assert os.getxattr(d / "a.bin", "user.modelfs.policy") == b"replicas=1,ack=1"
+    r = run([MODELFS_BIN, "status", d, "--json"])
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)["path"]
+    assert rep["files"] == 2 and rep["replicated"] == {"files": 2, "bytes": len(data) + 5}
+    r = run([MODELFS_BIN, "verify", d])
+    assert r.returncode == 0, r.stdout + r.stderr
+    # A corrupt block on a single node cannot be repaired: verify says so and fails.
+    mnt.stop()
+    packs = sorted((mnt.data / "packs").glob("*.pack"))
+    raw = packs[0].read_bytes()
+    with open(packs[0], "r+b") as f:
+        f.seek(40 + 1000)
+        f.write(bytes(b ^ 0xFF for b in raw[1040:1100]))
+    mnt.start()
+    r = run([MODELFS_BIN, "verify", mnt.path("run"), "--json"])
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert json.loads(r.stdout)["corruptUnrepaired"] >= 1

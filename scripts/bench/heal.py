@@ -1,0 +1,197 @@
+"""The healing benchmark (see heal.sh). Every etcd member and node is a real process, stopped
+by PID at the end."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "Tests" / "integration"))
+sys.path.append(str(Path(__file__).resolve().parent))
+from cluster import EtcdCluster, Node, make_secret  # noqa: E402
+from mfs import MODELFS_BIN, run, wait_until  # noqa: E402
+
+# The timing helpers of the cluster benchmark (scripts/bench/cluster.py, a module named like the
+# test suite's cluster.py, hence loaded by path).
+_spec = importlib.util.spec_from_file_location("bench_cluster", Path(__file__).resolve().parent / "cluster.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+drop_caches, read_timed, write_timed = bench.drop_caches, bench.read_timed, bench.write_timed
+
+MiB = 1 << 20
+
+
+def copy_dirs(src: Path, dst: Path) -> float:
+    """The raw rate's baseline: every file of src copied to dst, fsynced."""
+    t = time.perf_counter()
+    for f in sorted(src.iterdir()):
+        with open(f, "rb", buffering=0) as i, open(dst / f.name, "wb", buffering=0) as o:
+            while chunk := i.read(4 * MiB):
+                o.write(chunk)
+            os.fsync(o.fileno())
+    return time.perf_counter() - t
+
+
+def foreground(node: Node, src: Path, reads, out: dict, key: str, stop: threading.Event):
+    """On `node`: a cold read of the next file of `reads` (written elsewhere, never read here)
+    and a write of src, over and over until `stop` (at least once); MB/s of each."""
+    rd = wr = 0.0
+    nr = nw = 0
+    for i in itertools.count():
+        path = next(reads, None)
+        if path is None:
+            break
+        rd += read_timed(path)
+        nr += path.stat().st_size
+        wr += write_timed(src, node / f"fg-{key.replace(' ', '-')}-{i}.bin", salt=1000 + i)
+        nw += src.stat().st_size
+        if stop.is_set():
+            break
+    out[f"{key} read MB/s"] = nr / 1e6 / rd if rd else 0
+    out[f"{key} write MB/s"] = nw / 1e6 / wr if wr else 0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--dir", default="/var/tmp/modelfs-bench")
+    ap.add_argument("--out", default=str(REPO / "bench-results" / "heal.md"))
+    args = ap.parse_args()
+    os.makedirs(args.dir, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="heal.", dir=args.dir))
+    results: dict[str, float] = {}
+    etcd = None
+    nodes: list[Node] = []
+    try:
+        # The data: SIZE in 64 MiB files of random bytes, and a 64 MiB file for the foreground.
+        data = work / "data"
+        data.mkdir()
+        files = max(1, args.size_mib // 64)
+        for k in range(files):
+            (data / f"part-{k}.bin").write_bytes(os.urandom(64 * MiB))
+        fg_src = work / "fg.bin"
+        fg_src.write_bytes(os.urandom(64 * MiB))
+        total = files * 64 * MiB
+
+        (work / "copy").mkdir()
+        drop_caches()
+        results["raw copy s"] = copy_dirs(data, work / "copy")
+        shutil.rmtree(work / "copy")
+
+        etcd = EtcdCluster(3)
+        secret = make_secret(work)
+        for i in range(4):
+            nodes.append(Node(etcd, "heal", f"node{i}", secret, replicas=2, ack=1, lease_ttl=3,
+                              extra=["--dead-after", "2", "--heal-interval", "1", "--scrub-rate", "0",
+                                     "--ack-timeout", "600"], root=work / f"node{i}"))
+        for n in nodes:
+            n.start()
+        a, b, c, d = nodes
+        wait_until(lambda: len([x for x in a.cluster_status()["nodes"] if x["up"]]) == 4, 30, what="4 nodes up")
+        os.mkdir(a / "set")
+        for f in sorted(data.iterdir()):
+            shutil.copyfile(f, a / "set" / f.name)
+        # Files for the foreground reader on D: each read once, cold.
+        os.mkdir(a / "fg")
+        for k in range(12):
+            write_timed(fg_src, a / "fg" / f"r{k}.bin", salt=7 + k)
+        reads = iter(sorted((d / "fg").iterdir()))
+        assert a.sync(timeout=1200).returncode == 0
+
+        # Foreground speed on D, unloaded: one read and one write.
+        stop = threading.Event()
+        stop.set()
+        fg: dict[str, float] = {}
+        drop_caches()
+        foreground(d, fg_src, reads, fg, "unloaded", stop)
+        results.update(fg)
+
+        def heal_state():
+            return a.cluster_status().get("heal") or {}
+
+        def set_replicated():
+            """Every file of the set has R copies on live nodes (modelfs status PATH)."""
+            r = run([MODELFS_BIN, "status", a / "set", "--json"])
+            return r.returncode == 0 and json.loads(r.stdout)["path"]["replicated"]["files"] == files
+
+        # Node loss: kill B; time from when repairs may start (--dead-after) to nothing short.
+        copied0 = heal_state().get("copiedBytes", 0)
+        stop.clear()
+        th = threading.Thread(target=foreground, args=(d, fg_src, reads, fg, "during re-replication", stop))
+        b.kill9()
+        t_kill = time.time()
+        th.start()
+        wait_until(lambda: not set_replicated(), 30, interval=0.1, what="the set to show as short of copies")
+        wait_until(set_replicated, 1200, interval=0.2, what="re-replication to finish")
+        results["re-replication s"] = time.time() - (t_kill + 2)
+        stop.set()
+        th.join()
+        results["re-replicated bytes"] = heal_state().get("copiedBytes", 0) - copied0
+        results["healer copy MB/s (re-replication)"] = heal_state().get("copyRate", 0) / 1e6
+        results.update(fg)
+
+        # Drain C: its copies go to A and D.
+        copied0 = heal_state().get("copiedBytes", 0)
+        stop.clear()
+        th = threading.Thread(target=foreground, args=(d, fg_src, reads, fg, "during drain", stop))
+        th.start()
+        t = time.time()
+        r = run([MODELFS_BIN, "node", "drain", c.node_id, "--mount", a.mp, "--timeout", "1200"], timeout=1300)
+        assert r.returncode == 0, r.stderr
+        results["drain s"] = time.time() - t
+        stop.set()
+        th.join()
+        results["drained bytes"] = heal_state().get("copiedBytes", 0) - copied0
+        results["healer copy MB/s (drain)"] = heal_state().get("copyRate", 0) / 1e6
+        results.update(fg)
+        results["set bytes"] = total
+    except BaseException:
+        keep = Path(args.out).parent / "heal-logs"
+        keep.mkdir(parents=True, exist_ok=True)
+        for n in nodes:
+            shutil.copy(n.log_path, keep / f"{n.node_id}.log")
+        print(f"logs kept in {keep}", file=sys.stderr)
+        raise
+    finally:
+        for n in nodes:
+            n.destroy()
+        if etcd:
+            etcd.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    raw = results["set bytes"] / 1e6 / results["raw copy s"]
+    heal_rate = results["re-replicated bytes"] / 1e6 / results["re-replication s"]
+    drain_rate = results["drained bytes"] / 1e6 / results["drain s"]
+    ratio = lambda k: results[f"{k} MB/s"] / results[f"unloaded {k.split()[-1]} MB/s"]  # noqa: E731
+    rows = [
+        ("raw copy between two local directories", f"{raw:.0f} MB/s", "baseline"),
+        ("re-replication after kill -9: copying", f"{results['healer copy MB/s (re-replication)']:.0f} MB/s",
+         f"{results['healer copy MB/s (re-replication)'] / raw:.2f}× raw (target ≥ 0.5)"),
+        ("re-replication: kill -9 to R copies, detection (lease 3 s + --dead-after 2 s) included", f"{heal_rate:.0f} MB/s ({results['re-replicated bytes'] / 1e6:.0f} MB in {results['re-replication s']:.1f} s)",
+         f"{heal_rate / raw:.2f}× raw"),
+        ("drain of a node: copying", f"{results['healer copy MB/s (drain)']:.0f} MB/s", f"{results['healer copy MB/s (drain)'] / raw:.2f}× raw (target ≥ 0.5)"),
+        ("drain: command to done", f"{drain_rate:.0f} MB/s ({results['drained bytes'] / 1e6:.0f} MB in {results['drain s']:.1f} s)", f"{drain_rate / raw:.2f}× raw"),
+        ("foreground read, unloaded", f"{results['unloaded read MB/s']:.0f} MB/s", "baseline"),
+        ("foreground write, unloaded", f"{results['unloaded write MB/s']:.0f} MB/s", "baseline"),
+    ]
+    for phase in ("during re-replication", "during drain"):
+        for kind in ("read", "write"):
+            rows.append((f"foreground {kind} {phase}", f"{results[f'{phase} {kind} MB/s']:.0f} MB/s",
+                         f"{ratio(f'{phase} {kind}'):.2f}× unloaded (target ≥ 0.8)"))
+    table = "| measurement | value | ratio |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
+    text = f"# healing benchmark ({results['set bytes'] / MiB:.0f} MiB, R=2, 4 nodes, {time.strftime('%Y-%m-%d %H:%M')})\n\n{table}\n"
+    print(text)
+    Path(args.out).write_text(text + "\n```json\n" + json.dumps(results, indent=1) + "\n```\n")
+
+
+if __name__ == "__main__":
+    main()
