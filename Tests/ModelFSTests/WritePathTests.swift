@@ -255,3 +255,60 @@ final class LockedCounter: @unchecked Sendable {
     func add() { lock.lock(); n += 1; lock.unlock() }
     var value: Int { lock.lock(); defer { lock.unlock() }; return n }
 }
+
+/// The namespace walk that healing, `status PATH` and `verify` stand on, and the state xattrs.
+@Suite struct TreeAndStateTests {
+    @Test func walkFindsEveryFileOnceWithItsBlocksAndParent() throws {
+        let t = try TestFS(); defer { t.remove() }
+        let sub = try t.fs.mkdir(parent: .root, name: "sub", mode: 0o755, context: .root).ino
+        let deep = try t.fs.mkdir(parent: sub, name: "deep", mode: 0o755, context: .root).ino
+        var want: [String: [UInt8]] = [:]
+        for (dir, path, name, seed) in [(InodeNumber.root, "", "a", 1), (sub, "sub/", "b", 2), (deep, "sub/deep/", "c", 3)] {
+            let bytes = randomBytes(100_000 + seed * 7, seed: UInt64(seed))
+            let (_, fh) = try t.create(name, in: dir)
+            try t.write(fh, at: 0, bytes)
+            try t.close(fh)
+            want[path + name] = bytes
+        }
+        let (ino, fh) = try t.create("empty", in: sub)
+        try t.close(fh)
+        _ = try t.fs.link(ino, parent: deep, name: "hardlink")
+        var seen: [String: FileBlocks] = [:]
+        try t.fs.walkFiles(from: .root) { seen[$0.path] = $0 }
+        // The hard link is one file, found once under either of its names.
+        #expect(Set(seen.keys).subtracting(["sub/empty", "sub/deep/hardlink"]) == Set(want.keys))
+        #expect(seen.count == 4)
+        for (path, bytes) in want {
+            let f = try #require(seen[path])
+            #expect(f.size == UInt64(bytes.count))
+            #expect(f.blocks.reduce(0) { $0 + Int($1.length) } == bytes.count)
+            for c in f.blocks { #expect(t.store.contains(c.id)) }
+        }
+        #expect(seen["sub/deep/c"]?.parent == deep && seen["a"]?.parent == .root)
+        // From a file: just that file, with the parent given.
+        var one: [FileBlocks] = []
+        try t.fs.walkFiles(from: try t.fs.lookup(parent: sub, name: "b").ino, parent: sub) { one.append($0) }
+        #expect(one.count == 1 && one[0].path == "" && one[0].parent == sub)
+    }
+
+    @Test func stateXattrsAreReadOnlyAndSayOneCopyOnASingleNode() throws {
+        let t = try TestFS(); defer { t.remove() }
+        let (ino, fh) = try t.create("f")
+        try t.write(fh, at: 0, randomBytes(50_000, seed: 9))
+        try t.close(fh)
+        let text = { (name: String) in String(decoding: try t.fs.getxattr(ino, name: "user.modelfs." + name), as: UTF8.self) }
+        #expect(try text("replicas") == "1")
+        #expect(try text("pending_bytes") == "0")
+        #expect(try text("policy") == "replicas=1,ack=1")
+        let v1 = try #require(UInt64(try text("version")))
+        let (_, fh2) = try t.create("f", flags: O_RDWR | O_TRUNC)
+        try t.write(fh2, at: 0, [1, 2, 3])
+        try t.close(fh2)
+        #expect(try #require(UInt64(try text("version"))) > v1)
+        let e = #expect(throws: FSError.self) { try t.fs.setxattr(ino, name: "user.modelfs.replicas", value: Data("5".utf8), mode: .any) }
+        #expect(e?.errno == EPERM)
+        #expect(try !t.fs.listxattr(ino).contains("user.modelfs.replicas"))
+        // A directory has no state attributes (its policy is an ordinary one).
+        #expect(throws: FSError.self) { _ = try t.fs.getxattr(.root, name: "user.modelfs.replicas") }
+    }
+}
