@@ -151,7 +151,11 @@ enum Operate {
         var ok = false
     }
 
-    static func verify(fs: FileSystem, node: ClusterNode?, _ t: Target) throws -> VerifyReport {
+    struct VerifyProgress: Codable { var checked: Int; var total: Int }
+
+    /// Sends progress lines (`VerifyProgress`: replica checks done of the whole) while it works,
+    /// then returns the report.
+    static func verify(fs: FileSystem, node: ClusterNode?, _ t: Target, progress: (VerifyProgress) -> Void = { _ in }) throws -> VerifyReport {
         var want: [BlockID: Healer.Want] = [:]
         var r = VerifyReport()
         try fs.walkFiles(from: t.ino, parent: t.parent) { f in
@@ -183,7 +187,10 @@ enum Operate {
             return r
         }
         // Every replica, on its own node: this one directly, the others through /v1/verify.
-        for id in ids {
+        let total = ids.count * (1 + node.membership.peers.count)
+        var asked = 0
+        for (i, id) in ids.enumerated() {
+            if i % 256 == 0 { progress(VerifyProgress(checked: i, total: total)) }
             switch node.local.verify(id) {
             case nil: break
             case true?: tally(1)
@@ -192,9 +199,11 @@ enum Operate {
         }
         for peer in node.membership.peers {
             var codes: [UInt8] = []
+            asked += 1
             do {
-                for start in stride(from: 0, to: ids.count, by: 8192) {
-                    codes += try node.client.verify(Array(ids[start..<min(ids.count, start + 8192)]), at: peer)
+                for start in stride(from: 0, to: ids.count, by: 1024) {
+                    progress(VerifyProgress(checked: ids.count * asked + start, total: total))
+                    codes += try node.client.verify(Array(ids[start..<min(ids.count, start + 1024)]), at: peer)
                 }
             } catch {
                 r.unansweredNodes.append(peer.id)
@@ -224,7 +233,9 @@ enum Operate {
         var h: [String: ControlHandler] = [
             "files": { words, send in send(try pathReport(fs: fs, node: node, Target(words))) },
             "warm": { words, send in try warm(fs: fs, node: node, Target(words), send: send) },
-            "verify": { words, send in send(try verify(fs: fs, node: node, Target(words))) },
+            "verify": { words, send in
+                send(try verify(fs: fs, node: node, Target(words)) { send($0) })
+            },
         ]
         guard let node else { return h }
         h["drain"] = { words, send in

@@ -76,7 +76,14 @@ struct VerifyCommand: ParsableCommand {
         let (record, words) = try controlTarget(path)
         var report: Operate.VerifyReport?
         if !json { print("modelfs: verifying every replica under \(canonicalPath(path))…") }
-        try controlStream(record, "verify " + words) { report = try JSONDecoder().decode(Operate.VerifyReport.self, from: $0) }
+        try controlStream(record, "verify " + words) { data in
+            if let p = try? JSONDecoder().decode(Operate.VerifyProgress.self, from: data) {
+                if !json { showProgress(p.checked, max(p.total, 1), "\(p.checked)/\(p.total) replicas checked") }
+                return
+            }
+            report = try JSONDecoder().decode(Operate.VerifyReport.self, from: data)
+        }
+        if !json && isatty(1) == 1 { print("") }
         guard let r = report else { throw fail("no report from the daemon") }
         if json {
             let enc = JSONEncoder()
