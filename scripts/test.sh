@@ -3,9 +3,12 @@
 #   1. unit, conformance and model-based tests (swift test; no kernel). The etcd engine and the
 #      peer tests start their own etcd members and peer servers on loopback.
 #   2. real-mount tests: POSIX, durability (kill -9), random I/O, errors, frameworks, and
-#      loopback clusters of several nodes (pytest)
+#      loopback clusters of several nodes (pytest); with them the framework matrix (torch,
+#      safetensors, TensorFlow, Keras, Orbax, transformers, h5py, joblib, Spark) on one node and
+#      across nodes, stress-ng and CPython's file tests on the mount (issue #5)
 # Needs root (FUSE mounts with allow_other, tmpfs for the disk-full test).
-# Usage: scripts/test.sh [unit|mount|all]   (default: all)
+# Usage: scripts/test.sh [unit|mount|frameworks|all]   (default: all; `frameworks` runs only the
+# framework matrix and peer suites of tier 2)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 tier="${1:-all}"
@@ -19,10 +22,18 @@ if [ "$tier" = unit ] || [ "$tier" = all ]; then
     swift test --skip-build
 fi
 
-if [ "$tier" = mount ] || [ "$tier" = all ]; then
+if [ "$tier" = mount ] || [ "$tier" = all ] || [ "$tier" = frameworks ]; then
     echo "== release build"
     swift build -c release --product modelfs
     scripts/install-python-deps.sh
+    scripts/install-framework-deps.sh
+fi
+if [ "$tier" = mount ] || [ "$tier" = all ]; then
     echo "== real-mount tests"
     MODELFS_BIN="$PWD/.build/release/modelfs" scripts/test-mount.sh
+fi
+if [ "$tier" = frameworks ]; then
+    echo "== framework matrix and peer suites"
+    MODELFS_BIN="$PWD/.build/release/modelfs" scripts/test-mount.sh \
+        Tests/integration/test_frameworks*.py Tests/integration/test_peer_suites.py
 fi

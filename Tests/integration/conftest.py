@@ -38,6 +38,10 @@ def _binary_problem() -> str | None:
     return None
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "spark: Spark (pyspark, a JVM per phase): the slowest framework tests")
+
+
 def pytest_collection_modifyitems(config, items):
     problem = _binary_problem()
     if problem and os.environ.get("MODELFS_ALLOW_SKIP") == "1":

@@ -489,6 +489,71 @@ def joblib_load(d: Path):
     return plain
 
 
+# -- Spark MLlib and Hadoop SequenceFiles (pyspark local mode, Java 17) ----------------
+
+def _spark():
+    from pyspark.sql import SparkSession
+    return (SparkSession.builder.master("local[2]").appName("modelfs-compat")
+            .config("spark.ui.enabled", "false").config("spark.driver.host", "127.0.0.1")
+            .config("spark.driver.bindAddress", "127.0.0.1").config("spark.sql.shuffle.partitions", "2")
+            .getOrCreate())
+
+
+def _spark_frame(spark, seed: int):
+    from pyspark.ml.linalg import Vectors
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((200, 5))
+    y = (x @ np.array([1.0, -2.0, 0.5, 0.0, 3.0]) + rng.standard_normal(200) > 0).astype(float)
+    return spark.createDataFrame([(float(y[i]), Vectors.dense(x[i].tolist())) for i in range(200)], ["label", "features"])
+
+
+def _seq_pairs():
+    rng = np.random.default_rng(10)
+    return [(i, bytearray(rng.integers(0, 256, int(rng.integers(1, 5000)), dtype=np.uint8).tobytes()))
+            for i in range(300)]
+
+
+def _seq_arrays(pairs):
+    pairs = sorted(pairs)
+    return {"keys": np.array([k for k, _ in pairs], dtype=np.int64),
+            "lens": np.array([len(v) for _, v in pairs], dtype=np.int64),
+            "bytes": np.frombuffer(b"".join(bytes(v) for _, v in pairs), dtype=np.uint8)}
+
+
+def spark_save(d: Path):
+    """MLlib: model.save, then model.write().overwrite().save() of another model over it; an RDD saved
+    as a Hadoop SequenceFile on a file:// path (Hadoop's local FileSystem: .crc side files,
+    _temporary task directories renamed into place by the output committer, _SUCCESS)."""
+    from pyspark.ml.classification import LogisticRegression
+    spark = _spark()
+    try:
+        first = LogisticRegression(maxIter=10).fit(_spark_frame(spark, 1))
+        second = LogisticRegression(maxIter=20, regParam=0.01).fit(_spark_frame(spark, 2))
+        with timed("save"):
+            first.save(str(d / "lr"))
+            second.write().overwrite().save(str(d / "lr"))
+            spark.sparkContext.parallelize(_seq_pairs(), 3).saveAsSequenceFile("file://" + str(d / "seq"))
+        names = os.listdir(d / "seq")
+        assert "_SUCCESS" in names and any(n.endswith(".crc") for n in names), names
+        assert not (d / "seq" / "_temporary").exists()
+        return {"coef": second.coefficients.toArray(), "intercept": np.float64(second.intercept),
+                **_seq_arrays(_seq_pairs())}
+    finally:
+        spark.stop()
+
+
+def spark_load(d: Path):
+    from pyspark.ml.classification import LogisticRegressionModel
+    spark = _spark()
+    try:
+        with timed("load"):
+            m = LogisticRegressionModel.load(str(d / "lr"))
+            pairs = spark.sparkContext.sequenceFile("file://" + str(d / "seq")).collect()
+        return {"coef": m.coefficients.toArray(), "intercept": np.float64(m.intercept), **_seq_arrays(pairs)}
+    finally:
+        spark.stop()
+
+
 # ---------------------------------------------------------------------------
 # the case table: name -> [(phase function, node index)], and which tiers run it
 # ---------------------------------------------------------------------------
@@ -506,10 +571,13 @@ CASES: dict[str, list] = {
     "hf-cache": [(hf_cache_save, 0), (hf_cache_load, 1)],
     "h5py-inplace": [(h5_create, 0), (h5_update, 1), (h5_read, 2)],
     "joblib": [(joblib_save, 0), (joblib_load, 1)],
+    "spark": [(spark_save, 0), (spark_load, 1)],
 }
 # Already covered on one node by test_frameworks.py (test_torch_save_load: tmp + os.replace;
 # test_h5py_create_modify_in_place): run across nodes only.
 CLUSTER_ONLY = {"torch-replace", "h5py-inplace"}
+# Slow (a JVM per phase): their own file, test_frameworks_spark.py (marker `spark`).
+SPARK = {"spark"}
 SAVES = ("save", "create", "update")
 
 
@@ -595,7 +663,7 @@ def record_times(case: str, where: str, times: dict, local: dict | None):
 if __name__ != "__main__":
     import pytest
 
-    SINGLE = [c for c in CASES if c not in CLUSTER_ONLY]
+    SINGLE = [c for c in CASES if c not in CLUSTER_ONLY | SPARK]
 
     @pytest.mark.parametrize("case", SINGLE)
     def test_framework_on_one_node(case, mnt, tmp_path):
