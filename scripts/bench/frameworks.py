@@ -1,0 +1,170 @@
+"""Framework benchmark (issue #5; see frameworks.sh): torch.save/torch.load and safetensors at ~1 GiB,
+on a plain local directory, a single modelfs node on the same disk, and a 2-node loopback cluster,
+in one run. Save (until the call returned: close() committed), warm load (page cache hot), cold
+load (caches dropped; modelfs remounted), and cold load from peers (R=1: every block lives on the
+writer, the reader has never read the file). Every load is compared with what was saved.
+Mounts, etcd members and nodes are the integration suite's (Tests/integration), stopped by PID."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "Tests" / "integration"))
+from cluster import EtcdCluster, Node, make_secret  # noqa: E402
+from mfs import MODELFS_BIN, Mount, wait_until  # noqa: E402
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+MiB = 1 << 20
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def state(mib: int, salt: int) -> dict[str, torch.Tensor]:
+    """mib MiB of fp32 in 64 MiB tensors (plus a bf16 one); salt makes every run's bytes new, so
+    modelfs cannot deduplicate one target's save against another's."""
+    g = torch.Generator().manual_seed(1000 + salt)
+    n = max(1, mib // 64)
+    sd = {f"layer{i}.weight": torch.randn(16 * MiB, generator=g) for i in range(n)}
+    sd["embed.bf16"] = torch.randn(4 * MiB, generator=g).to(torch.bfloat16)
+    return sd
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def timed(fn):
+    t = time.perf_counter()
+    r = fn()
+    return time.perf_counter() - t, r
+
+
+def bench_formats(d: Path, sd: dict, cold_prep, res: dict, label: str):
+    """Save both formats into d; warm and cold loads; records seconds under label/..."""
+    for fmt in ("torch", "safetensors"):
+        p = d / ("ckpt.pt" if fmt == "torch" else "ckpt.safetensors")
+        save = (lambda: torch.save(sd, p)) if fmt == "torch" else (lambda: save_file(sd, str(p)))
+        load = (lambda: torch.load(p, weights_only=True)) if fmt == "torch" else (lambda: load_file(str(p)))
+        t, _ = timed(save)
+        res[f"{label} {fmt} save"] = t
+        cold_prep()
+        t, got = timed(load)
+        assert same(got, sd), f"{label} {fmt}: cold load differs"
+        res[f"{label} {fmt} cold load"] = t
+        del got
+        t, got = timed(load)
+        assert same(got, sd), f"{label} {fmt}: warm load differs"
+        res[f"{label} {fmt} warm load"] = t
+        del got
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, default=1024, help="checkpoint size (default 1024)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds; the median of each figure is reported")
+    ap.add_argument("--dir", default="/var/tmp/modelfs-bench")
+    ap.add_argument("--out", default=str(REPO / "bench-results" / "frameworks.md"))
+    args = ap.parse_args()
+    os.makedirs(args.dir, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="frameworks.", dir=args.dir))
+    rounds: list[dict] = []
+    single = etcd = None
+    nodes: list[Node] = []
+    try:
+        for rnd in range(args.rounds):
+            res: dict[str, float] = {}
+            # local directory, same disk
+            local = work / f"local{rnd}"
+            local.mkdir()
+            sd = state(args.mib, salt=10 * rnd + 1)
+            bench_formats(local, sd, drop_caches, res, "local")
+            shutil.rmtree(local)
+
+            # single modelfs node
+            single = Mount(MODELFS_BIN, root=work / f"single{rnd}")
+            single.start()
+            sd = state(args.mib, salt=10 * rnd + 2)
+
+            def remount_cold():
+                single.remount()
+                drop_caches()
+            bench_formats(single.mp, sd, remount_cold, res, "modelfs")
+            single.destroy()
+            single = None
+
+            # 2-node cluster, R=1: the reader fetches every block from the writer
+            etcd = EtcdCluster(3)
+            secret = make_secret(work)
+            nodes = [Node(etcd, f"bench{rnd}", f"n{i}", secret, replicas=1, ack=1, lease_ttl=10,
+                          extra=["--cache-size", f"{4 * args.mib}M"], root=work / f"node{rnd}-{i}") for i in range(2)]
+            for n in nodes:
+                n.start()
+            a, b = nodes
+            wait_until(lambda: len([x for x in a.cluster_status()["nodes"] if x["up"]]) == 2, 30, what="2 nodes up")
+            sd = state(args.mib, salt=10 * rnd + 3)
+            for fmt in ("torch", "safetensors"):
+                pa = a / ("ckpt.pt" if fmt == "torch" else "ckpt.safetensors")
+                pb = b / pa.name
+                t, _ = timed((lambda: torch.save(sd, pa)) if fmt == "torch" else (lambda: save_file(sd, str(pa))))
+                res[f"cluster {fmt} save"] = t
+                drop_caches()
+                load = (lambda: torch.load(pb, weights_only=True)) if fmt == "torch" else (lambda: load_file(str(pb)))
+                t, got = timed(load)
+                assert same(got, sd), f"cluster {fmt}: load on B differs"
+                res[f"cluster {fmt} cold load from peers"] = t
+                del got
+            assert b.cluster_status()["cacheStats"]["peerFetches"] > 0
+            for n in nodes:
+                n.destroy()
+            nodes = []
+            etcd.stop()
+            etcd = None
+            rounds.append(res)
+            print(f"round {rnd + 1}: " + json.dumps({k: round(v, 2) for k, v in res.items()}), flush=True)
+    finally:
+        for n in nodes:
+            n.destroy()
+        if single:
+            single.destroy()
+        if etcd:
+            etcd.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    gib = args.mib / 1024
+    rows = []
+    for fmt in ("torch", "safetensors"):
+        for what, mine, base, target in (
+                ("save", f"modelfs {fmt} save", f"local {fmt} save", 1.3),
+                ("warm load", f"modelfs {fmt} warm load", f"local {fmt} warm load", 1.1),
+                ("cold load", f"modelfs {fmt} cold load", f"local {fmt} cold load", None),
+                ("save on cluster node (R=1)", f"cluster {fmt} save", f"local {fmt} save", None),
+                ("cold load from peers", f"cluster {fmt} cold load from peers", f"local {fmt} cold load", 2.0)):
+            ratio = med[mine] / med[base]
+            verdict = "" if target is None else (f"≤ {target}: " + ("met" if ratio <= target else "NOT met"))
+            rows.append(f"| {fmt} | {what} | {med[base]:.2f} s | {med[mine]:.2f} s | {ratio:.2f}× | {verdict} |")
+    table = ("| format | operation | local dir | modelfs | ratio | target |\n|---|---|---|---|---|---|\n"
+             + "\n".join(rows))
+    text = (f"# framework benchmark ({gib:g} GiB checkpoint, median of {args.rounds} rounds, "
+            f"{time.strftime('%Y-%m-%d %H:%M')})\n\n{table}\n")
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text + "\n```json\n" + json.dumps(rounds, indent=1) + "\n```\n")
+
+
+if __name__ == "__main__":
+    main()
