@@ -6,16 +6,6 @@
 #
 #   scripts/bench/frameworks.sh [--mib N] [--rounds N] [--dir DIR]
 #
-# Needs root (drop_caches, FUSE), etcd (scripts/install-cluster-deps.sh), the venv with torch and
-# safetensors (scripts/install-python-deps.sh), and the release binary (MODELFS_BIN, or built here).
-set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-"$here/scripts/install-deps.sh"
-"$here/scripts/install-cluster-deps.sh"
-if [ -z "${MODELFS_BIN:-}" ]; then
-    ( cd "$here" && swift build -c release --product modelfs 2>&1 | tail -n 1 )
-    export MODELFS_BIN="$here/.build/release/modelfs"
-fi
-[ -x "$here/.venv/bin/python" ] || "$here/scripts/install-python-deps.sh"
-mkdir -p "$here/bench-results"
-exec "$here/.venv/bin/python" "$here/scripts/bench/frameworks.py" --out "$here/bench-results/frameworks.md" "$@"
+# Needs root (drop_caches, FUSE), etcd, the venv with torch and safetensors and the release
+# binary; scripts/bench/run-py.sh installs or builds what is missing.
+exec "$(dirname "${BASH_SOURCE[0]}")/run-py.sh" frameworks "$@"
