@@ -316,7 +316,21 @@ public final class Healer: @unchecked Sendable {
         // Batches of different holders in parallel; one holder's batches one after another.
         let sources = Dictionary(grouping: batches, by: { $0.source.id }).map { $0.value }
         parallelFor(sources.count, width: width) { [self] i in
-            for b in sources[i] {
+            for var b in sources[i] {
+                // Nodes that left since the plan was made get nothing more.
+                let live = Set(membership.nodes.map(\.id))
+                guard live.contains(b.source.id) || b.source.id == me else { continue }
+                b.items = b.items.map { var it = $0; it.to = it.to.filter { live.contains($0.id) }; return it }.filter { !$0.to.isEmpty }
+                if b.items.isEmpty { continue }
+                let began = Date()
+                var firstError = ""
+                defer {
+                    let took = Date().timeIntervalSince(began)
+                    if took > 5 {
+                        let to = Set(b.items.flatMap { $0.to.map(\.id) }).sorted().joined(separator: ",")
+                        Log.warning("healing: a batch of \(b.items.count) copies from \(b.source.id) to \(to) took \(Int(took)) s \(firstError)")
+                    }
+                }
                 let result: CopyResult
                 if b.source.id == me {
                     result = Healer.perform(CopyOrder(items: b.items), local: local, client: client, me: me, width: width)
@@ -328,7 +342,7 @@ public final class Healer: @unchecked Sendable {
                 }
                 sent.withLock { $0 += result.bytes }
                 state.withLock { $0.copiedBlocks += UInt64(result.copies); $0.copiedBytes += result.bytes }
-                if !result.errors.isEmpty { errors.withLock { $0 += result.errors } }
+                if !result.errors.isEmpty { errors.withLock { $0 += result.errors }; firstError = result.errors[0] }
                 publishSoon()
             }
         }
@@ -358,12 +372,16 @@ public final class Healer: @unchecked Sendable {
     public static func perform(_ order: CopyOrder, local: PackBlockStore, client: PeerClient, me: String, width: Int = 8) -> CopyResult {
         let result = Shared(CopyResult())
         let touched = Shared<[String: (NodeInfo, [BlockID])]>([:])
+        // A target that failed once is skipped for the rest of the order: a node that just died
+        // costs one connect timeout, not one per block.
+        let failed = Shared<Set<String>>([])
         let items = order.items
         parallelFor(items.count, width: width) { i in
             guard let id = BlockID(hex: items[i].id) else { return }
             do {
                 let b = try local.readForPeer(id)
                 for node in items[i].to {
+                    if failed.withLock({ $0.contains(node.id) }) { continue }
                     do {
                         if node.id == me {
                             try b.withUnsafeBytes { raw in
@@ -376,6 +394,7 @@ public final class Healer: @unchecked Sendable {
                         touched.withLock { $0[node.id, default: (node, [])].1.append(id) }
                         result.withLock { $0.copies += 1; $0.bytes += UInt64(b.count) }
                     } catch {
+                        failed.withLock { _ = $0.insert(node.id) }
                         result.withLock { $0.errors.append("copy of \(id.hex) to \(node.id): \(error)") }
                     }
                 }

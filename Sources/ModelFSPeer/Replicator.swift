@@ -20,8 +20,9 @@ public struct ReplicationStatus: Codable, Sendable, Equatable {
     public var replicatedBytes: UInt64 = 0
     public var lastError: String?
     public var defaultPolicy: ReplicationPolicy
-    /// Files with a pending job: inode → seconds since its oldest pending write (at most 10,000).
-    public var pendingInodes: [UInt64: Double] = [:]
+    /// Files with a pending job: inode → seconds since its oldest pending write (at most
+    /// 10,000; absent from an older daemon's status).
+    public var pendingInodes: [UInt64: Double]?
 }
 
 /// Write-back replication (DESIGN.md §3, §5). Each committed version becomes a job journaled in
@@ -429,9 +430,11 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
             r.oldestPendingSeconds = s.jobs.values.map { -$0.created.timeIntervalSinceNow }.max() ?? 0
             r.replicatedBytes = s.replicatedBytes
             r.lastError = s.lastError
-            for j in s.jobs.values where r.pendingInodes.count < 10_000 {
-                r.pendingInodes[j.ino.rawValue] = max(r.pendingInodes[j.ino.rawValue] ?? 0, -j.created.timeIntervalSinceNow)
+            var pending: [UInt64: Double] = [:]
+            for j in s.jobs.values where pending.count < 10_000 {
+                pending[j.ino.rawValue] = max(pending[j.ino.rawValue] ?? 0, -j.created.timeIntervalSinceNow)
             }
+            r.pendingInodes = pending
             return r
         }
     }

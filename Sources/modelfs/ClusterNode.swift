@@ -21,6 +21,29 @@ struct ClusterStatus: Codable {
         /// Peer traffic in and out, bytes per second (as the node last published it).
         var inRate: Double
         var outRate: Double
+
+        init(id: String, address: String, up: Bool, labels: [String: String], usedBytes: UInt64, blocks: UInt64,
+             capacityBytes: UInt64, isThisNode: Bool, draining: Bool, inRate: Double, outRate: Double) {
+            self.id = id; self.address = address; self.up = up; self.labels = labels; self.usedBytes = usedBytes
+            self.blocks = blocks; self.capacityBytes = capacityBytes; self.isThisNode = isThisNode
+            self.draining = draining; self.inRate = inRate; self.outRate = outRate
+        }
+
+        /// Fields added later default when absent, so this CLI reads an older daemon's status.
+        init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            id = try c.decode(String.self, forKey: .id)
+            address = try c.decode(String.self, forKey: .address)
+            up = try c.decode(Bool.self, forKey: .up)
+            labels = try c.decode([String: String].self, forKey: .labels)
+            usedBytes = try c.decode(UInt64.self, forKey: .usedBytes)
+            blocks = try c.decode(UInt64.self, forKey: .blocks)
+            capacityBytes = try c.decode(UInt64.self, forKey: .capacityBytes)
+            isThisNode = try c.decode(Bool.self, forKey: .isThisNode)
+            draining = try c.decodeIfPresent(Bool.self, forKey: .draining) ?? false
+            inRate = try c.decodeIfPresent(Double.self, forKey: .inRate) ?? 0
+            outRate = try c.decodeIfPresent(Double.self, forKey: .outRate) ?? 0
+        }
     }
     var nodeID: String
     var address: String
@@ -33,8 +56,8 @@ struct ClusterStatus: Codable {
     var membershipError: String?
     /// The cluster's healer: what its last pass found and what it copied.
     var heal: HealStatus?
-    /// This node's scrubber.
-    var scrub: ScrubStatus
+    /// This node's scrubber (absent from an older daemon).
+    var scrub: ScrubStatus?
 }
 
 /// The parts a cluster node adds to a mount (DESIGN.md §5): its peer server, its membership,

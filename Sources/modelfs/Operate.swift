@@ -80,12 +80,12 @@ enum Operate {
             let census = node.replicator.census(ids)
             holders = census.holders.mapValues(\.count)
             report.unansweredNodes = census.failed
-            pending = node.replicator.status().pendingInodes
+            pending = node.replicator.status().pendingInodes ?? [:]
             // The other nodes' pending jobs: what they wrote and have not replicated yet.
             for peer in node.membership.peers {
                 guard let data = try? node.client.status(of: peer),
                       let s = try? JSONDecoder().decode(ClusterStatus.self, from: data) else { continue }
-                for (ino, age) in s.replication.pendingInodes { pending[ino] = max(pending[ino] ?? 0, age) }
+                for (ino, age) in s.replication.pendingInodes ?? [:] { pending[ino] = max(pending[ino] ?? 0, age) }
             }
         } else {
             for id in ids where fs.store.contains(id) { holders[id] = 1 }

@@ -165,8 +165,8 @@ struct StatusCommand: ParsableCommand {
         return out
     }
 
-    func scrubLine(_ s: ScrubStatus) -> String {
-        guard s.rate > 0 else { return "off" }
+    func scrubLine(_ s: ScrubStatus?) -> String {
+        guard let s, s.rate > 0 else { return "off" }
         return "\(s.passes) passes, \(humanBytes(s.scrubbedBytes)) re-hashed" + String(format: " (pass %.0f%%)", s.progress * 100)
             + ", \(s.corruptFound) corrupt found, \(s.repaired) repaired" + (s.unrepairable > 0 ? ", \(s.unrepairable) unrepairable" : "")
     }
