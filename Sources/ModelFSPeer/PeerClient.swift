@@ -4,6 +4,7 @@ import ModelFSCore
 import ModelFSStore
 import NIOCore
 import NIOHTTP1
+import Synchronization
 
 /// Talks to other nodes' peer servers (AsyncHTTPClient, kept-alive connections). Calls are
 /// synchronous: they come from FUSE worker threads and replication threads, never from an event
@@ -39,9 +40,25 @@ public final class PeerClient: Sendable {
         return request
     }
 
-    /// Waits for a request's answer; a transport failure names the peer.
+    /// Peers whose last request failed in transport, and until when they are not tried again.
+    private let unreachable = Mutex<[String: (until: Date, reason: String)]>([:])
+    /// How long a peer that could not be reached is skipped: a node that just died costs one
+    /// connect timeout, not one per block, on every path (reads, replication, healing), until
+    /// its lease expires and it leaves the live list.
+    static let backoff = 3.0
+
+    /// Waits for a request's answer; a transport failure names the peer and marks it
+    /// unreachable for `backoff` seconds (requests to it fail at once meanwhile).
     func answer<T: Sendable>(_ node: NodeInfo, _ task: () -> EventLoopFuture<T>) throws -> T {
-        do { return try task().wait() } catch {
+        if let u = unreachable.withLock({ $0[node.id] }), u.until > Date() {
+            throw FSError.io("peer \(node.id) at \(node.address) unreachable (\(u.reason)); not retried for \(Int(Self.backoff)) s")
+        }
+        do {
+            let r = try task().wait()
+            unreachable.withLock { _ = $0.removeValue(forKey: node.id) }
+            return r
+        } catch {
+            unreachable.withLock { $0[node.id] = (Date().addingTimeInterval(Self.backoff), "\(error)") }
             throw FSError.io("peer \(node.id) at \(node.address) unreachable: \(error)")
         }
     }
