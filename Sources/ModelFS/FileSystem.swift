@@ -166,9 +166,22 @@ public final class FileSystem: @unchecked Sendable {
         return out
     }
 
+    /// The largest file: 4 TiB. A manifest lists every chunk (a hole too), so a size of 2^62
+    /// (stress-ng's fsize) would need 2^40 entries; beyond this, EFBIG, as for an rlimit.
+    public static let maxFileSize: UInt64 = 1 << 42
+
+    static func checkSize(_ end: UInt64) throws {
+        guard end <= maxFileSize else { throw FSError(EFBIG, "files are limited to \(maxFileSize >> 40) TiB") }
+    }
+
     public func setattr(_ ino: InodeNumber, _ changes: AttributeChanges, handle fh: FileHandleID?, context: RequestContext) throws -> InodeAttributes {
+        // Times are kept as 64-bit nanoseconds since 1970: years 1678 to 2262.
+        for t in [changes.atime, changes.mtime].compactMap({ $0 }) where !t.representable {
+            throw FSError(EOVERFLOW, "times before 1678 or after 2262 cannot be stored")
+        }
         var attrs = try meta.getattr(ino)
         if let newSize = changes.size {
+            try FileSystem.checkSize(newSize)
             guard attrs.kind == .regular else { throw attrs.kind == .directory ? FSError.isDirectory() : FSError.invalid("cannot truncate a symlink") }
             if let s = session(of: ino) {
                 s.lock.lock(); defer { s.lock.unlock() }
@@ -352,6 +365,7 @@ public final class FileSystem: @unchecked Sendable {
     public func write(_ fh: FileHandleID, at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws -> Int {
         let h = try handle(fh)
         guard h.writable, let s = session(of: h.ino) else { throw FSError.badHandle("file is not open for writing") }
+        try FileSystem.checkSize(offset + UInt64(bytes.count))
         s.lock.lock(); defer { s.lock.unlock() }
         do { try s.write(at: offset, bytes) } catch { garbageHint(); throw error }
         return bytes.count
@@ -362,6 +376,7 @@ public final class FileSystem: @unchecked Sendable {
         guard h.writable, let s = session(of: h.ino) else { throw FSError.badHandle("file is not open for writing") }
         guard mode & ~keepSizeFlag == 0 else { throw FSError(EOPNOTSUPP, "only plain fallocate and FALLOC_FL_KEEP_SIZE are supported") }
         if mode & keepSizeFlag != 0 { return }  // space is allocated when written
+        try FileSystem.checkSize(offset + length)
         s.lock.lock(); defer { s.lock.unlock() }
         if offset + length > s.size { try s.truncate(to: offset + length) }
     }

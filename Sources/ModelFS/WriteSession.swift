@@ -316,11 +316,49 @@ final class WriteSession: @unchecked Sendable {
                 }
             }
             let regionStart = dirtyStart ?? out.end
-            if regionStart < size { try rechunk(regionStart..<size, into: &out) }
+            if regionStart < size {
+                // Beyond the last byte written (base chunks, staged bytes) the file is a hole:
+                // its zero chunks are named without reading or hashing anything, so extending
+                // a file by ftruncate or fallocate costs nothing per byte.
+                // Holes between written pieces (a pwrite far beyond the end) likewise, when they
+                // are large enough to matter.
+                var data = overlay
+                let limit = min(baseLimit, base.end, size)
+                if regionStart < limit { data.insert(regionStart..<limit) }
+                let holeMin = 2 * UInt64(ChunkerParameters.largestChunk)
+                var segment = regionStart   // start of the data not yet chunked
+                var pos = regionStart       // end of the data seen so far
+                for r in data.ranges where r.upperBound > regionStart && r.lowerBound < size {
+                    let lo = max(r.lowerBound, regionStart)
+                    if lo > pos && lo - pos >= holeMin {
+                        if segment < pos { try rechunk(segment..<pos, into: &out) }
+                        try appendZeros(lo - pos, into: &out)
+                        segment = lo
+                    }
+                    pos = max(pos, min(r.upperBound, size))
+                }
+                if size - pos >= holeMin {
+                    if segment < pos { try rechunk(segment..<pos, into: &out) }
+                    try appendZeros(size - pos, into: &out)
+                } else if segment < size {
+                    try rechunk(segment..<size, into: &out)
+                }
+            }
             return out.manifest
         } catch let e as FSError {
             failure = e
             throw e
+        }
+    }
+
+    /// `count` zero bytes as maximum-size zero chunks (and one shorter at the end).
+    private func appendZeros(_ count: UInt64, into out: inout ChunkList) throws {
+        var left = count
+        let full = UInt64(min(parameters.maxSize, ChunkerParameters.largestChunk))
+        while left > 0 {
+            let n = Int(min(left, full))
+            out.append(ChunkRef(id: try ZeroBlocks.store(n, in: store), length: UInt32(n)))
+            left -= UInt64(n)
         }
     }
 
@@ -383,4 +421,25 @@ public final class WriteCounters: @unchecked Sendable {
         values.withLock { $0.streamed += streamed; $0.staged += staged; $0.absorbed += absorbed }
     }
     public var snapshot: Values { values.withLock { $0 } }
+}
+
+/// Blocks of zeros, by length: hashed once per process, stored (or found stored) on use. The
+/// zeros are one lazily mapped allocation (calloc of the largest chunk: the kernel's zero page
+/// until written, so no memory is used).
+enum ZeroBlocks {
+    private static let ids = Mutex<[Int: BlockID]>([:])
+    nonisolated(unsafe) private static let zeros = UnsafeRawPointer(calloc(1, ChunkerParameters.largestChunk)!)
+
+    static func store(_ length: Int, in store: any BlockStore) throws -> BlockID {
+        precondition(length <= ChunkerParameters.largestChunk)
+        let bytes = UnsafeRawBufferPointer(start: zeros, count: length)
+        let id = ids.withLock { known in
+            if let id = known[length] { return id }
+            let id = BlockID.hash(bytes)
+            known[length] = id
+            return id
+        }
+        try store.put(id, bytes)   // found stored: only touched
+        return id
+    }
 }

@@ -19,6 +19,8 @@ public struct ChunkerParameters: Sendable, Equatable {
 
     /// 256 KiB min / 1 MiB average / 4 MiB max (DESIGN.md §1).
     public static let standard = ChunkerParameters(minSize: 256 << 10, averageSize: 1 << 20, maxSize: 4 << 20)
+    /// The largest chunk any parameters make here (peers bound request bodies by it).
+    public static let largestChunk = 4 << 20
 }
 
 /// The gear table: 256 pseudo-random 64-bit words from a fixed SplitMix64 seed, so every node

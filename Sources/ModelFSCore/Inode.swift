@@ -40,10 +40,24 @@ public struct Timestamp: Hashable, Sendable, Comparable {
         seconds = n >= 0 ? n / 1_000_000_000 : (n - 999_999_999) / 1_000_000_000
         nanoseconds = Int32(n - seconds * 1_000_000_000)
     }
-    public var totalNanoseconds: Int64 { seconds * 1_000_000_000 + Int64(nanoseconds) }
+    /// Nanoseconds since 1970, saturating outside years 1678…2262 (see `representable`).
+    public var totalNanoseconds: Int64 {
+        let (s, o1) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
+        let (t, o2) = s.addingReportingOverflow(Int64(nanoseconds))
+        if o1 || o2 { return seconds < 0 ? .min : .max }
+        return t
+    }
+    /// Whether this time fits 64-bit nanoseconds (what the metadata engines store).
+    public var representable: Bool {
+        let (s, o1) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
+        return !o1 && !s.addingReportingOverflow(Int64(nanoseconds)).overflow
+    }
+    /// The time now, from the same coarse clock the kernel stamps files with (a `touch`
+    /// through the writeback cache takes the kernel's time: a finer clock here would make
+    /// that time earlier than the creation time this process gave the file).
     public static func now() -> Timestamp {
         var ts = timespec()
-        clock_gettime(CLOCK_REALTIME, &ts)
+        clock_gettime(CLOCK_REALTIME_COARSE, &ts)
         return Timestamp(seconds: Int64(ts.tv_sec), nanoseconds: Int32(ts.tv_nsec))
     }
     public static func < (a: Timestamp, b: Timestamp) -> Bool { a.totalNanoseconds < b.totalNanoseconds }

@@ -180,7 +180,19 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
         id = blockOf(10, seed: 6).0
         #expect(try raw(server.port, .PUT, "/v1/blocks/\(id.hex)", auth: auth, body: [UInt8](repeating: 1, count: PeerService.maxBody + 1)).0 == 413)
         #expect(try raw(server.port, .POST, "/v1/has", auth: auth, body: [1, 2, 3]).0 == 400)
-        #expect(try raw(server.port, .DELETE, "/v1/blocks/\(id.hex)", auth: auth).0 == 405)
+        #expect(try raw(server.port, .PATCH, "/v1/blocks/\(id.hex)", auth: auth).0 == 405)
+        // DELETE drops a replica (healing, draining): 404 when there is none.
+        #expect(try raw(server.port, .DELETE, "/v1/blocks/\(id.hex)", auth: auth).0 == 404)
+        let (held, heldBytes) = blockOf(20, seed: 7)
+        try heldBytes.withUnsafeBytes { _ = try local.put(held, $0) }
+        #expect(try raw(server.port, .DELETE, "/v1/blocks/\(held.hex)", auth: auth).0 == 200)
+        #expect(!local.contains(held))
+        #expect(try raw(server.port, .DELETE, "/v1/blocks/\(held.hex)", auth: nil).0 == 401)
+        // The batch routes refuse bodies that are not whole ids, and copy orders that are not JSON.
+        for route in ["verify", "sync"] {
+            #expect(try raw(server.port, .POST, "/v1/\(route)", auth: auth, body: [1, 2, 3]).0 == 400, "\(route)")
+        }
+        #expect(try raw(server.port, .POST, "/v1/copy", auth: auth, body: Array("not json".utf8)).0 == 400)
     }
 }
 

@@ -6,7 +6,7 @@
 
 What does not pass is excluded here by name, with its reason, and listed in docs/COMPATIBILITY.md:
 either a documented limit of modelfs (non-UTF-8 names, FIFOs, FIEMAP) or a modelfs bug, which then
-has a minimal reproduction below marked xfail(strict=True) until it is fixed.
+has a minimal reproduction below (marked xfail(strict=True) until it is fixed).
 """
 from __future__ import annotations
 
@@ -130,11 +130,9 @@ def test_cpython_regression_tests(mnt, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# Minimal reproductions of the modelfs bugs the peer suites found (xfail until fixed)
+# Minimal reproductions of the modelfs bugs the peer suites found (fixed; kept as regression tests)
 # ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="modelfs bug: Timestamp nanoseconds overflow (SQLiteStore.putInode) "
-                                       "traps the daemon for times beyond +-2**63 ns (years 1677..2262)")
 def test_utime_far_future_does_not_kill_the_daemon(mnt):
     p = mnt.path("f")
     p.write_bytes(b"x")
@@ -156,8 +154,6 @@ def test_utime_far_future_does_not_kill_the_daemon(mnt):
     mnt.expect_dead = False
 
 
-@pytest.mark.xfail(strict=True, reason="modelfs bug: daemon-set times (create) are finer and later than the "
-                                       "kernel's coarse clock used for UTIME_NOW with the writeback cache")
 def test_touch_never_moves_mtime_backwards(mnt):
     back = []
     for i in range(30):
@@ -171,8 +167,6 @@ def test_touch_never_moves_mtime_backwards(mnt):
     assert not back, f"{len(back)}/30 touches moved mtime backwards, by up to {max(back) / 1e6:.1f} ms"
 
 
-@pytest.mark.xfail(strict=True, reason="modelfs bug: close() after extending a file is O(new size): 2 GiB of "
-                                       "hole take seconds to commit; stress-ng fsize (offsets ~2**62) hangs")
 def test_close_after_extending_a_file_is_not_proportional_to_its_size(mnt):
     def extend(path, how):
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
