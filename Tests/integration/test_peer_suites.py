@@ -63,13 +63,10 @@ STRESSORS = {
     "lease": [],
     "file-ioctl": [],
     "dup": [],
+    "fsize": [],
 }
 # Not run, with the reason (also in docs/COMPATIBILITY.md):
 STRESS_EXCLUDED = {
-    "fsize": "modelfs bug: close() after extending a file by fallocate/ftruncate/pwrite takes time "
-             "proportional to the new size (the hole is materialized at commit); stress-ng fsize "
-             "fallocates at offsets up to 2^62 and its close() never returns. Reproduction: "
-             "test_close_after_extending_a_file_is_not_proportional_to_its_size.",
     "fiemap": "FUSE has no FIEMAP ioctl (stress-ng skips itself: 'FS_IOC_FIEMAP not supported')",
 }
 
@@ -101,15 +98,9 @@ CPYTHON_EXCLUDED = {
     "test.test_posixpath.PosixCommonTest.test_nonascii_abspath":
         "non-UTF-8 file names: modelfs stores UTF-8 names only (EILSEQ)",
     "test.test_tarfile.TestExtractionFilters.test_pipe": "FIFOs: mkfifo is EPERM on modelfs (docs/SEMANTICS.md)",
-    "test.test_pathlib.*.test_touch_common":
-        "modelfs bug: touch (utimensat UTIME_NOW) can set an mtime up to one jiffy older than the one the "
-        "file got at creation; reproduction: test_touch_never_moves_mtime_backwards",
     "test.test_compileall.HardlinkDedupTests*.test_import":
         "fails the same way in a plain local directory on this machine (opt-1.pyc stays hard-linked after "
         "`python -O -c 'import module'`): not a filesystem matter",
-    "test.test_compileall.*.test_larger_than_32_bit_times":
-        "modelfs bug: utime with a time past year 2262 (2**35 s) kills the daemon; "
-        "reproduction: test_utime_far_future_does_not_kill_the_daemon",
 }
 
 
