@@ -410,13 +410,22 @@ class Mount:
 
     # -- status ----------------------------------------------------------
     def status(self) -> dict:
-        r = run([self.bin, "status", "--json"], timeout=30)
-        assert r.returncode == 0, f"`modelfs status --json` failed rc={r.returncode}: {r.stderr.strip()!r}"
-        try:
-            doc = json.loads(r.stdout)
-        except json.JSONDecodeError as e:
-            raise AssertionError(f"`modelfs status --json` printed non-JSON ({e}): {r.stdout[:2000]!r}")
-        return _pick_status(doc, self)
+        # `status` of all mounts skips one that is going away (another test's); if this mount is
+        # missing, ask again for a few seconds, then fail with what status said and the log.
+        deadline = time.monotonic() + 5
+        while True:
+            r = run([self.bin, "status", "--json"], timeout=30)
+            assert r.returncode == 0, f"`modelfs status --json` failed rc={r.returncode}: {r.stderr.strip()!r}"
+            try:
+                doc = json.loads(r.stdout)
+            except json.JSONDecodeError as e:
+                raise AssertionError(f"`modelfs status --json` printed non-JSON ({e}): {r.stdout[:2000]!r}")
+            try:
+                return _pick_status(doc, self)
+            except AssertionError as e:
+                if time.monotonic() >= deadline:
+                    raise AssertionError(f"{e}\nstderr: {r.stderr.strip()!r}\ndaemon log:\n{self.log_tail(4000)}")
+                time.sleep(0.2)
 
 
 def _pick_status(doc, m: Mount) -> dict:
