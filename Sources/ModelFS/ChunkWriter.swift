@@ -85,6 +85,9 @@ final class ChunkPipeline: @unchecked Sendable {
     private let slots = DispatchSemaphore(value: 2)
     private let lock = NSLock()
     private var done: [ChunkRef] = []
+    /// The chunk being stored right now: named before its put, so a garbage-collection mark
+    /// taken meanwhile sees it (a pass with a late cutoff collected one between put and append).
+    private var storing: BlockID?
     private var error: (any Error)?
     let store: any BlockStore
 
@@ -95,17 +98,26 @@ final class ChunkPipeline: @unchecked Sendable {
         queue.async { [self] in
             defer { slots.signal() }
             do {
-                let r = try ChunkWriter.store(buffer, length, in: store)
-                lock.lock(); done.append(r); lock.unlock()
+                let r = try buffer.withUnsafeBytes { all -> ChunkRef in
+                    let bytes = UnsafeRawBufferPointer(rebasing: all[0..<length])
+                    let id = BlockID.hash(bytes)
+                    lock.lock(); storing = id; lock.unlock()
+                    try store.put(id, bytes)
+                    return ChunkRef(id: id, length: UInt32(length))
+                }
+                lock.lock(); done.append(r); storing = nil; lock.unlock()
             } catch {
-                lock.lock(); if self.error == nil { self.error = error }; lock.unlock()
+                lock.lock(); storing = nil; if self.error == nil { self.error = error }; lock.unlock()
             }
         }
     }
 
     /// Ids of the chunks stored and not yet drained: they are referenced by the session (garbage
     /// collection must see them; a long write keeps them here until its commit).
-    var storedIDs: [BlockID] { lock.lock(); defer { lock.unlock() }; return done.map(\.id) }
+    var storedIDs: [BlockID] {
+        lock.lock(); defer { lock.unlock() }
+        return done.map(\.id) + (storing.map { [$0] } ?? [])
+    }
 
     /// The first error of a chunk stored so far, if any.
     var failure: (any Error)? { lock.lock(); defer { lock.unlock() }; return error }
