@@ -129,7 +129,10 @@ def pack_blocks(packs: Path) -> set[str]:
     ("MFBX") are skipped; a record still being appended (torn tail) ends the scan of its pack."""
     out = set()
     for pack in sorted(packs.glob("*.pack")):
-        raw = pack.read_bytes()
+        try:
+            raw = pack.read_bytes()
+        except FileNotFoundError:   # a pack emptied by GC or a dropped copy, deleted as we look
+            continue
         off = 0
         while off + 40 <= len(raw):
             magic = raw[off:off + 4]

@@ -187,7 +187,10 @@ def used(node) -> int:
     total = 0
     for d in ("packs", "cache/packs"):
         for p in (node.data / d).glob("*.pack"):
-            total += p.stat().st_blocks * 512
+            try:
+                total += p.stat().st_blocks * 512
+            except FileNotFoundError:   # an emptied pack deleted as we look
+                pass
     return total
 
 
