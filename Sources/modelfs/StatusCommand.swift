@@ -40,17 +40,12 @@ struct StatusCommand: ParsableCommand {
 
     func once() throws {
         var records = Registry.all()
-        var target: (ino: UInt64, parent: UInt64, path: String)?
+        // With PATH: its mount only, and the "INO PARENT PATH" words of its request.
+        var target: String?
         if let path {
-            let record = try mountRecord(containing: path)
+            let (record, words) = try controlTarget(path)
             records = [record]
-            let p = canonicalPath(path)
-            var st = stat()
-            guard stat(p, &st) == 0 else { throw fail("\(p): \(String(cString: strerror(errno)))") }
-            var parent: UInt64 = 0
-            var pst = stat()
-            if st.st_mode & S_IFMT != S_IFDIR, stat((p as NSString).deletingLastPathComponent, &pst) == 0 { parent = UInt64(pst.st_ino) }
-            target = (UInt64(st.st_ino), parent, p)
+            target = words
         }
         var statuses: [MountStatus] = []
         for r in records {
@@ -74,7 +69,7 @@ struct StatusCommand: ParsableCommand {
         }
         var report: PathReport?
         if let target, let r = records.first {
-            let data = try ControlServer.request(r.socket, "files \(target.ino) \(target.parent) \(target.path)")
+            let data = try ControlServer.request(r.socket, "files " + target)
             if let e = try? JSONDecoder().decode([String: String].self, from: data), let m = e["error"] { throw fail(m) }
             report = try JSONDecoder().decode(PathReport.self, from: data)
         }
