@@ -379,20 +379,29 @@ public final class Healer: @unchecked Sendable {
         parallelFor(items.count, width: width) { i in
             guard let id = BlockID(hex: items[i].id) else { return }
             do {
-                let b = try local.readForPeer(id)
+                guard local.contains(id) else { throw FSError.io("no replica here") }
                 for node in items[i].to {
                     if failed.withLock({ $0.contains(node.id) }) { continue }
                     do {
+                        let n: Int
                         if node.id == me {
+                            let b = try local.readForPeer(id)
                             try b.withUnsafeBytes { raw in
                                 guard BlockID.hash(raw) == id else { throw FSError.io("local replica of \(id.hex) is corrupt") }
                                 _ = try local.put(id, raw)
                             }
+                            n = b.count
                         } else {
-                            try b.withUnsafeBytes { try client.put(id, $0, to: node, durable: false) }
+                            // Straight from the pack (sendfile); the receiver hashes it.
+                            guard let sent = try client.put(id, from: local, to: node, durable: false) else {
+                                // Gone meanwhile (dropped or collected): not the target's fault.
+                                result.withLock { $0.errors.append("\(me) cannot copy block \(id.hex): no replica here any more") }
+                                return
+                            }
+                            n = sent
                         }
                         touched.withLock { $0[node.id, default: (node, [])].1.append(id) }
-                        result.withLock { $0.copies += 1; $0.bytes += UInt64(b.count) }
+                        result.withLock { $0.copies += 1; $0.bytes += UInt64(n) }
                     } catch {
                         failed.withLock { _ = $0.insert(node.id) }
                         result.withLock { $0.errors.append("copy of \(id.hex) to \(node.id): \(error)") }

@@ -102,6 +102,26 @@ public final class PeerClient: Sendable {
         guard r.status == .ok || r.status == .created else { throw failure(node, "PUT \(id.hex)", r) }
     }
 
+    /// Stores `store`'s copy of block `id` on `node`, sent straight from the pack file with
+    /// sendfile(2) (no read into this process, no hash: the receiver verifies it); with
+    /// `durable`, the node fsyncs it before answering. Returns the bytes sent, nil if `store`
+    /// has no copy.
+    @discardableResult
+    public func put(_ id: BlockID, from store: PackBlockStore, to node: NodeInfo, durable: Bool) throws -> Int? {
+        guard let (fd, offset, length) = store.fileRangeForPeer(id) else { return nil }
+        // AsyncHTTPClient completes a body write when it takes the part, not when the socket
+        // has sent it: the descriptor is closed when the whole request has ended.
+        let handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: fd)
+        defer { try? handle.close() }
+        var request = try request(node, .PUT, "/v1/blocks/\(id.hex)\(durable ? "?durable=1" : "")")
+        request.body = .stream(contentLength: Int64(length)) { writer in
+            writer.write(.fileRegion(FileRegion(fileHandle: handle, readerIndex: offset, endIndex: offset + length)))
+        }
+        let r = try answer(node) { http.execute(request: request, deadline: .now() + timeout) }
+        guard r.status == .ok || r.status == .created else { throw failure(node, "PUT \(id.hex)", r) }
+        return length
+    }
+
     /// Which of `ids` the node holds as replicas.
     public func has(_ ids: [BlockID], at node: NodeInfo) throws -> [Bool] {
         try batch("has", ids, at: node).map { $0 == 1 }

@@ -64,8 +64,8 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
     public func handle(_ r: PeerRequest) -> PeerResponse {
         let start = DispatchTime.now().uptimeNanoseconds
         let (route, response) = route(r)
-        metrics.request(route: route, status: Int(response.status.code), bytesIn: r.body.readableBytes,
-                        bytesOut: r.method == .HEAD ? 0 : response.body?.readableBytes ?? 0,
+        metrics.request(route: route, status: Int(response.status.code), bytesIn: r.bodyBytes,
+                        bytesOut: r.method == .HEAD ? 0 : response.bodyBytes,
                         seconds: Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
         return response
     }
@@ -118,15 +118,12 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
     }
 
     func get(_ id: BlockID) -> PeerResponse {
-        guard let s = store(holding: id) else { return .text(.notFound, "no copy of \(id.hex) here") }
-        do {
-            // Not re-hashed here: the asking node verifies every block it receives and skips a
-            // bad copy (PeerClient.get).
-            let b = try s.readForPeer(id)
-            return PeerResponse(.ok, body: b.withUnsafeBytes { ByteBuffer(bytes: $0) })
-        } catch {
-            return .text(.notFound, "copy of \(id.hex) here is unreadable: \(error)")
+        // Not re-hashed here, and sent straight from the pack file: the asking node verifies
+        // every block it receives and skips a bad copy (PeerClient.get).
+        guard let s = store(holding: id), let (fd, offset, length) = s.fileRangeForPeer(id) else {
+            return .text(.notFound, "no copy of \(id.hex) here")
         }
+        return PeerResponse(.ok, file: PeerFileBody(fd: fd, offset: offset, count: length))
     }
 
     func head(_ id: BlockID) -> PeerResponse {
@@ -134,10 +131,11 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
     }
 
     func put(_ id: BlockID, _ r: PeerRequest) -> PeerResponse {
-        let ok = r.body.withUnsafeReadableBytes { bytes -> Result<Bool, any Error>? in
+        let store = { [local] (bytes: UnsafeRawBufferPointer) -> Result<Bool, any Error>? in
             guard BlockID.hash(bytes) == id else { return nil }
             return Result { try local.put(id, bytes) }
         }
+        let ok = if let block = r.block { block.withUnsafeBytes(store) } else { r.body.withUnsafeReadableBytes(store) }
         guard let ok else {
             metrics.count("modelfs_peer_rejected_blocks_total")
             return .text(.unprocessableEntity, "block rejected: its bytes do not hash to \(id.hex)")

@@ -188,10 +188,8 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
             slots.wait()
             defer { slots.signal() }
             var sent: UInt64 = 0
-            if let b = try? local.readForPeer(id) {
-                for node in targets {
-                    if (try? b.withUnsafeBytes({ try client.put(id, $0, to: node, durable: false) })) != nil { sent += UInt64(b.count) }
-                }
+            for node in targets {
+                if let n = try? client.put(id, from: local, to: node, durable: false) { sent += UInt64(n) }
             }
             eagerState.withLock { s in
                 s.queued -= 1
@@ -317,9 +315,11 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         parallelFor(jobs.count, width: width) { [local, client] i in
             let (node, id) = jobs[i]
             do {
-                let b = try local.readForPeer(id)   // the receiver hashes it before storing
-                try b.withUnsafeBytes { try client.put(id, $0, to: node, durable: durable) }
-                sent.withLock { $0 += UInt64(b.count) }
+                // Straight from the pack; the receiver hashes it before storing.
+                guard let n = try client.put(id, from: local, to: node, durable: durable) else {
+                    throw FSError.io("block \(id.hex) is missing from this node's store")
+                }
+                sent.withLock { $0 += UInt64(n) }
             } catch {
                 errors.withLock { $0.append("\(node.id): \(error)") }
             }

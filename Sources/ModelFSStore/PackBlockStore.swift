@@ -210,6 +210,22 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     /// on the replication and remote-read paths. Never used for bytes this node returns itself.
     public func readForPeer(_ id: BlockID) throws -> BlockBuffer { try read(id, verify: false) }
 
+    /// Where a block's bytes lie, for a peer server that sends them straight from the pack file
+    /// (sendfile: no copy through this process, no hash; the receiver verifies): its own
+    /// duplicate of the pack's descriptor, which the caller closes, the offset and the length.
+    /// Nil if the block is not here.
+    public func fileRangeForPeer(_ id: BlockID) -> (fd: Int32, offset: Int, length: Int)? {
+        guard let (loc, pack) = state.withLock({ s -> (Location, Pack)? in
+            guard let l = s.index[id], let p = s.packs[l.pack] else { return nil }
+            if s.touchOnRead { s.index[id]!.touched = .now() }
+            return (l, p)
+        }) else { return nil }
+        // The reference to `pack` keeps its descriptor open until the duplicate exists.
+        let fd = dup(pack.fd)
+        guard fd >= 0 else { return nil }
+        return (fd, Int(loc.offset), Int(loc.length))
+    }
+
     func read(_ id: BlockID, verify: Bool, touching: Bool = true) throws -> BlockBuffer {
         let touch = touching && touchOnRead
         guard let (loc, pack) = state.withLock({ s -> (Location, Pack)? in

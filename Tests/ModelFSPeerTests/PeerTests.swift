@@ -144,6 +144,36 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
         #expect(metrics.render().contains(#"modelfs_peer_requests_total{route="put",status="201"} 1"#))
     }
 
+    @Test func aBlockIsPushedStraightFromItsPackAndServedFromOne() throws {
+        let (server, local, _, dir) = try serve()
+        defer { server.shutdown(); try? FileManager.default.removeItem(atPath: dir) }
+        let node = NodeInfo(id: "n", address: "127.0.0.1:\(server.port)")
+        let client = PeerClient(secret: "s3cret")
+        defer { client.shutdown() }
+        let sourceDir = try scratch("source")
+        defer { try? FileManager.default.removeItem(atPath: sourceDir) }
+        let source = try PackBlockStore(root: sourceDir)
+        // Several blocks in one pack, so each push sends its own range of the file.
+        let blocks = (0..<5).map { blockOf(1 << 20 + $0 * 4097, seed: UInt64(40 + $0)) }
+        for (id, bytes) in blocks { _ = try bytes.withUnsafeBytes { try source.put(id, $0) } }
+        for (i, (id, bytes)) in blocks.enumerated() {
+            #expect(try client.put(id, from: source, to: node, durable: i == 0) == bytes.count)
+            #expect(local.contains(id))
+            let got = try #require(try client.get(id, from: node))
+            #expect(got.withUnsafeBytes { Array($0) } == bytes)
+        }
+        #expect(try client.put(blockOf(10, seed: 3).0, from: source, to: node, durable: false) == nil)
+        // A pack whose bytes changed under the block (bit rot): the receiver refuses the push.
+        let (id, bytes) = blockOf(70_000, seed: 50)
+        _ = try bytes.withUnsafeBytes { try source.put(id, $0) }
+        let (fd, offset, _) = try #require(source.fileRangeForPeer(id))
+        var flipped = bytes[100] ^ 0xff
+        #expect(pwrite(fd, &flipped, 1, off_t(offset + 100)) == 1)
+        close(fd)
+        #expect(throws: (any Error).self) { try client.put(id, from: source, to: node, durable: false) }
+        #expect(!local.contains(id))
+    }
+
     @Test func withoutTheSecretNothingIsServed() throws {
         let (server, local, _, dir) = try serve()
         defer { server.shutdown(); try? FileManager.default.removeItem(atPath: dir) }
