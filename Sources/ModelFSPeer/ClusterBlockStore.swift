@@ -109,6 +109,10 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
             return (g, true)
         }
         if !mine {
+            // A prefetch that finds the block already on its way has nothing to do: waiting and
+            // then reading the cache copy back (and hashing it again) cost a sixth of the CPU
+            // of a cold remote read.
+            if handOff { throw Superseded() }
             group.wait()
             if let b = state.withLock({ $0.fetched.removeValue(forKey: id) }) { return b }
             if let b = try? cache.read(id) { return b }
@@ -148,6 +152,9 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         Log.error("block \(id.hex) is not on this node and no live peer of \(peers.count) has a good copy\(detail)")
         throw FSError.io("block \(id.hex) is unavailable: no live node holds a good copy")
     }
+
+    /// A prefetch of a block another fetch is already bringing in.
+    struct Superseded: Error {}
 
     /// Keeps the cache within its budget: when over, evicts least-recently-used blocks down to
     /// 90% of it (replicas in `local` are never evicted).
