@@ -50,8 +50,8 @@ public final class BlockReader: @unchecked Sendable {
 
     /// A sequential reader will want these blocks next, in this order: the store is told to start
     /// reading them from disk, and the first ones are read and verified in the background.
-    public func readahead(_ ids: [BlockID]) {
-        let missing = ids.filter { !cache.contains($0) }
+    public func readahead(_ ids: some Sequence<BlockID>) {
+        let missing = cache.missing(ids)
         guard !missing.isEmpty else { return }
         store.willNeed(missing)
         for id in missing.prefix(2) {
@@ -95,8 +95,8 @@ struct ChunkList {
     }
 
     /// The blocks that hold bytes [range) (within 0..<end), as slices of verified block buffers,
-    /// in order. A read that reaches into the second half of a block starts readahead of the
-    /// following ones.
+    /// in order. The read that crosses the middle of a block starts readahead of the following
+    /// ones (once per block: a sequential reader asks for each block in several requests).
     func slices(_ range: Range<UInt64>, reader: BlockReader) throws -> [ReadSlice] {
         guard !range.isEmpty else { return [] }
         var out: [ReadSlice] = []
@@ -110,8 +110,9 @@ struct ChunkList {
             let n = Int(min(range.upperBound, offsets[i + 1]) - pos)
             out.append(ReadSlice(buffer: block, offset: from, count: n))
             pos += UInt64(n)
-            if i + 1 < chunks.count && from + n > Int(c.length) / 2 {
-                reader.readahead(chunks[(i + 1)..<min(chunks.count, i + 9)].map(\.id))
+            let middle = Int(c.length) / 2
+            if i + 1 < chunks.count && from <= middle && from + n > middle {
+                reader.readahead(chunks[(i + 1)..<min(chunks.count, i + 9)].lazy.map(\.id))
             }
             i += 1
         }

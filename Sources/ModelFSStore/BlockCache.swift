@@ -33,6 +33,11 @@ public final class BlockCache: @unchecked Sendable {
     /// Whether a block is cached (without counting a hit or a miss).
     public func contains(_ id: BlockID) -> Bool { state.withLock { $0.entries[id] != nil } }
 
+    /// The blocks of `ids` that are not cached, in order (one lock for all of them).
+    public func missing(_ ids: some Sequence<BlockID>) -> [BlockID] {
+        state.withLock { s in ids.filter { s.entries[$0] == nil } }
+    }
+
     public func insert(_ id: BlockID, _ buffer: BlockBuffer) {
         guard buffer.count <= budget else { return }
         state.withLock { s in
