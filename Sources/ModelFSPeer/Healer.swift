@@ -44,6 +44,8 @@ public struct HealStatus: Codable, Sendable, Equatable {
     public var copiedBlocks: UInt64 = 0
     public var copiedBytes: UInt64 = 0
     public var copyRate: Double = 0
+    /// The healer's --heal-rate: bytes per second of copies at most (0: no cap).
+    public var rateCap: UInt64 = 0
     /// Copies dropped (from draining nodes, or surplus) once enough others were confirmed.
     public var removedCopies: UInt64 = 0
     /// Copies the last pass made to rebalance toward under-filled nodes.
@@ -78,6 +80,8 @@ public final class Healer: @unchecked Sendable {
     let interval: Double
     let deadAfter: Double
     let width: Int
+    /// Bytes per second of copies, over all holders together, at most (0: no cap).
+    let rate: UInt64
     /// A node holding less than this share of the mean is under-filled and receives copies.
     /// Below one half: a node that writes everything (one trainer) keeps a copy of all it
     /// writes, so the others hold about 1/(N-1) of it each, which is always more than half of
@@ -92,7 +96,7 @@ public final class Healer: @unchecked Sendable {
     private var started = false
 
     public init(fs: FileSystem, replicator: Replicator, membership: Membership, client: PeerClient, local: PackBlockStore,
-                etcd: EtcdClient, cluster: String, interval: Double, deadAfter: Double, width: Int = 8) {
+                etcd: EtcdClient, cluster: String, interval: Double, deadAfter: Double, rate: UInt64 = 0, width: Int = 8) {
         self.fs = fs
         self.replicator = replicator
         self.membership = membership
@@ -104,6 +108,7 @@ public final class Healer: @unchecked Sendable {
         self.interval = interval
         self.deadAfter = deadAfter
         self.width = width
+        self.rate = rate
     }
 
     /// This node's own view (meaningful on the healer).
@@ -205,6 +210,7 @@ public final class Healer: @unchecked Sendable {
             s.rebalanceCopies = plan.moves
             s.waitingFor = waiting
             if plan.copiedBytes > 0 { s.copyRate = Double(plan.copiedBytes) / max(plan.copySeconds, 0.001) }
+            s.rateCap = rate
             s.lastError = plan.errors.first
         }
         publish()
@@ -230,7 +236,7 @@ public final class Healer: @unchecked Sendable {
         let live = membership.nodes
         let byID = Dictionary(live.map { ($0.id, $0) }, uniquingKeysWith: { a, _ in a })
         let targetsPool = live.filter { !draining.contains($0.id) }
-        var copies: [(id: BlockID, have: Int, from: [NodeInfo], to: [NodeInfo])] = []
+        var copies: [(id: BlockID, have: Int, length: UInt32, from: [NodeInfo], to: [NodeInfo])] = []
         var drops: [(BlockID, NodeInfo)] = []
         var moveCandidates: [(BlockID, UInt32, NodeInfo)] = []
         for (id, w) in want {
@@ -251,7 +257,7 @@ public final class Healer: @unchecked Sendable {
                 plan.shortBytes += UInt64(w.length)
                 let to = Placement.targets(id, nodes: targetsPool, replicas: targetsPool.count, writer: nil, spreadLabel: w.spread)
                     .filter { !h.contains($0.id) }.prefix(w.copies - good.count)
-                if !to.isEmpty { copies.append((id, good.count, h.compactMap { byID[$0] }, Array(to))) }
+                if !to.isEmpty { copies.append((id, good.count, w.length, h.compactMap { byID[$0] }, Array(to))) }
                 continue
             }
             // Enough copies: only with every node's answer is anything dropped or moved.
@@ -282,7 +288,7 @@ public final class Healer: @unchecked Sendable {
                 guard after < mean * Self.underFilled else { continue }
                 incoming[t.id, default: 0] += UInt64(length)
                 budget -= min(budget, UInt64(length))
-                copies.append((id: id, have: Int.max, from: (holders[id] ?? []).compactMap { byID[$0] }, to: [t]))
+                copies.append((id: id, have: Int.max, length: length, from: (holders[id] ?? []).compactMap { byID[$0] }, to: [t]))
                 plan.moves += 1
             }
         }
@@ -296,6 +302,10 @@ public final class Healer: @unchecked Sendable {
         let me = membership.me.id
         let pass = state.withLock { $0.passes }
         var batches: [(source: NodeInfo, items: [CopyOrder.Item], bytes: UInt64)] = []
+        // Under a --heal-rate cap, batches of at most half a second of copying each, so the
+        // pacing below is smooth.
+        let batchBytes = rate > 0 ? max(4 << 20, rate / 2) : UInt64.max
+        let pacer = Pacer(rate: rate)
         var bySource: [String: Int] = [:]
         for c in copies {
             // Spread the sending over the holders (the block id picks one; each pass another,
@@ -304,11 +314,13 @@ public final class Healer: @unchecked Sendable {
             guard !holders.isEmpty else { plan.errors.append("block \(c.id.hex) has no holder to copy from"); continue }
             let source = holders[Int((c.id.w0 &+ UInt64(pass)) % UInt64(holders.count))]
             let item = CopyOrder.Item(id: c.id.hex, to: c.to)
-            if let i = bySource[source.id], batches[i].items.count < Self.batch {
+            let bytes = UInt64(c.length) * UInt64(c.to.count)
+            if let i = bySource[source.id], batches[i].items.count < Self.batch, batches[i].bytes + bytes <= batchBytes {
                 batches[i].items.append(item)
+                batches[i].bytes += bytes
             } else {
                 bySource[source.id] = batches.count
-                batches.append((source, [item], 0))
+                batches.append((source, [item], bytes))
             }
         }
         let sent = Shared<UInt64>(0)
@@ -344,6 +356,7 @@ public final class Healer: @unchecked Sendable {
                 state.withLock { $0.copiedBlocks += UInt64(result.copies); $0.copiedBytes += result.bytes }
                 if !result.errors.isEmpty { errors.withLock { $0 += result.errors }; firstError = result.errors[0] }
                 publishSoon()
+                pacer.spent(result.bytes)
             }
         }
         plan.copiedBytes = sent.get()
@@ -437,5 +450,23 @@ public final class Healer: @unchecked Sendable {
     func publish() {
         let s = state.withLock { $0 }
         if let data = try? JSONEncoder().encode(s) { try? etcd.put(statusKey, data) }
+    }
+}
+
+/// Keeps work that reports its bytes under `rate` bytes per second on average, from the pacer's
+/// creation on, across all the threads that share it: after each piece, the caller waits until
+/// the bytes so far are due (0: never waits).
+final class Pacer: Sendable {
+    let rate: UInt64
+    let start = Date()
+    private let total = Mutex<UInt64>(0)
+
+    init(rate: UInt64) { self.rate = rate }
+
+    func spent(_ bytes: UInt64) {
+        guard rate > 0 else { return }
+        let sum = total.withLock { $0 += bytes; return $0 }
+        let wait = Double(sum) / Double(rate) - Date().timeIntervalSince(start)
+        if wait > 0 { Thread.sleep(forTimeInterval: wait) }
     }
 }

@@ -187,7 +187,8 @@ final class ClusterNode: @unchecked Sendable {
     /// The parts that need the filesystem: the healer walks its namespace.
     func attach(_ fs: FileSystem) {
         healer = Healer(fs: fs, replicator: replicator, membership: membership, client: client, local: local, etcd: etcd,
-                        cluster: clusterName, interval: options.healInterval, deadAfter: options.deadAfter)
+                        cluster: clusterName, interval: options.healInterval, deadAfter: options.deadAfter,
+                        rate: parseSize(options.healRate)!)
     }
 
     func start() throws {

@@ -48,6 +48,9 @@ struct ClusterOptions: ParsableArguments {
     @Option(help: "Seconds between the healer's passes over the namespace (one node runs them).")
     var healInterval: Double = 30
 
+    @Option(help: "Bytes per second of healing copies (re-replication, drain, rebalancing) across the cluster, applied by the node that runs the healer; 0: as fast as the nodes go.")
+    var healRate: String = "0"
+
     @Option(help: "Bytes per second the scrubber re-reads and re-hashes this node's replicas at (0: off).")
     var scrubRate: String = "16M"
 
@@ -61,7 +64,7 @@ struct ClusterOptions: ParsableArguments {
     var arguments: [String] {
         var a = ["--listen", listen, "--replicas", String(replicas), "--ack", String(ack), "--cache-size", cacheSize,
                  "--staging-size", stagingSize, "--ack-timeout", String(ackTimeout), "--lease-ttl", String(leaseTtl),
-                 "--dead-after", String(deadAfter), "--heal-interval", String(healInterval), "--scrub-rate", scrubRate,
+                 "--dead-after", String(deadAfter), "--heal-interval", String(healInterval), "--heal-rate", healRate, "--scrub-rate", scrubRate,
                  "--scrub-every", String(scrubEvery), "--gc-delay", String(gcDelay)]
         if let advertise { a += ["--advertise", advertise] }
         if let secretFile { a += ["--secret-file", secretFile] }
@@ -97,6 +100,7 @@ struct ClusterOptions: ParsableArguments {
         if leaseTtl < 2 || leaseTtl > 3600 { return "--lease-ttl \(leaseTtl): use 2 to 3600 seconds" }
         if deadAfter < 0 { return "--dead-after must be 0 or more seconds" }
         if healInterval <= 0 { return "--heal-interval must be positive" }
+        if parseSize(healRate) == nil { return "--heal-rate \(healRate): expected a rate in bytes per second such as 200M (0: no cap)" }
         if parseSize(scrubRate) == nil { return "--scrub-rate \(scrubRate): expected a rate in bytes per second such as 16M (0: off)" }
         if scrubEvery <= 0 { return "--scrub-every must be positive" }
         if gcDelay < 1 { return "--gc-delay must be at least 1 second" }

@@ -153,6 +153,7 @@ struct StatusCommand: ParsableCommand {
         var out = "\(h.files) files, \(h.blocks) blocks: \(humanBytes(h.underReplicatedBytes)) short of copies, "
             + "\(humanBytes(h.unreadableBytes)) unreadable; \(humanBytes(h.copiedBytes)) copied"
         if h.copyRate > 0 { out += String(format: " (%.0f MB/s)", h.copyRate / 1e6) }
+        if h.rateCap > 0 { out += String(format: ", capped at %.0f MB/s", Double(h.rateCap) / 1e6) }
         out += String(format: "; last pass %.0f s ago on %@", Date().timeIntervalSince1970 - h.lastPassAt, h.healer)
         if !h.waitingFor.isEmpty { out += "; waiting --dead-after for \(h.waitingFor.joined(separator: ","))" }
         for (n, left) in h.draining.sorted(by: { $0.key < $1.key }) { out += "; draining \(n): \(left) blocks left" }

@@ -74,6 +74,28 @@ def test_a_dead_node_is_healed_back_to_r_copies(make_nodes):
     assert h["copiedBytes"] > 0 and h["files"] == 6, h
 
 
+def test_heal_rate_caps_the_copying_and_healing_still_finishes(make_nodes):
+    cap = 4 * MiB
+    nodes = make_nodes(4, replicas=2, ack=1, extra=HEAL + ["--heal-rate", "4M"])
+    a = nodes[0]
+    files = write_set(a, 4, 8 * MiB, 70)
+    assert a.sync().returncode == 0
+    held = a.blocks()
+    victim = next(n for n in nodes[1:] if n.blocks() & held)
+    lost = victim.blocks() & held
+    victim.kill9()
+    live = [n for n in nodes if n is not victim]
+    wait_until(lambda: all(c >= 2 for c in copies(live, held).values()), 120, interval=0.5,
+               what="every block to have 2 copies on the live nodes")
+    read_all(live[-1], files, "after capped healing")
+    since = time.time()
+    h = wait_until(lambda: fresh_pass(a, since), 30, interval=0.3, what="a healer pass after the copies")
+    assert h["rateCap"] == cap, h
+    assert h["underReplicatedBytes"] == 0 and h["copiedBytes"] >= len(lost) * 256 * 1024, h
+    # The pass that copied kept under the cap (its rate counts the pacing waits).
+    assert 0 < h["copyRate"] <= cap * 1.05, h
+
+
 def test_a_joining_node_receives_its_share_and_nothing_becomes_unreadable(make_nodes):
     nodes = make_nodes(3, replicas=2, ack=1, extra=HEAL)
     a = nodes[0]
