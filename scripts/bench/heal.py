@@ -63,6 +63,7 @@ def foreground(node: Node, src: Path, reads, out: dict, key: str, stop: threadin
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--heal-rate", default="0", help="the nodes' --heal-rate (default 0: no cap)")
     ap.add_argument("--dir", default="/var/tmp/modelfs-bench")
     ap.add_argument("--out", default=str(REPO / "bench-results" / "heal.md"))
     args = ap.parse_args()
@@ -91,7 +92,7 @@ def main():
         secret = make_secret(work)
         for i in range(4):
             nodes.append(Node(etcd, "heal", f"node{i}", secret, replicas=2, ack=1, lease_ttl=3,
-                              extra=["--dead-after", "2", "--heal-interval", "1", "--scrub-rate", "0",
+                              extra=["--dead-after", "2", "--heal-interval", "1", "--scrub-rate", "0", "--heal-rate", args.heal_rate,
                                      "--ack-timeout", "600"], root=work / f"node{i}"))
         for n in nodes:
             n.start()
@@ -194,7 +195,8 @@ def main():
             rows.append((f"foreground {kind} {phase}", f"{results[f'{phase} {kind} MB/s']:.0f} MB/s",
                          f"{ratio(f'{phase} {kind}'):.2f}× unloaded (target ≥ 0.8)"))
     table = "| measurement | value | ratio |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
-    text = f"# healing benchmark ({results['set bytes'] / MiB:.0f} MiB, R=2, 4 nodes, {time.strftime('%Y-%m-%d %H:%M')})\n\n{table}\n"
+    cap = "" if args.heal_rate in ("0", "") else f", --heal-rate {args.heal_rate}"
+    text = f"# healing benchmark ({results['set bytes'] / MiB:.0f} MiB, R=2, 4 nodes{cap}, {time.strftime('%Y-%m-%d %H:%M')})\n\n{table}\n"
     print(text)
     Path(args.out).write_text(text + "\n```json\n" + json.dumps(results, indent=1) + "\n```\n")
 

@@ -4,7 +4,7 @@
 # re-replication after kill -9 of a node, and draining a node, each in MB/s, with a foreground
 # reader and writer on another node whose speed is compared with the same work unloaded.
 #
-#   scripts/bench/heal.sh [--size-mib N] [--dir DIR]
+#   scripts/bench/heal.sh [--size-mib N] [--dir DIR] [--heal-rate RATE (the nodes' cap, e.g. 100M)]
 #
 # Needs root (drop_caches, FUSE), etcd (scripts/install-cluster-deps.sh), the release binary and
 # the venv. Prints a table of ratios; writes bench-results/heal.md (git-ignored).
