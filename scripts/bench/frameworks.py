@@ -1,8 +1,8 @@
 """Framework benchmark (issue #5; see frameworks.sh): torch.save/torch.load and safetensors at ~1 GiB,
 on a plain local directory, a single modelfs node on the same disk, and a 2-node loopback cluster,
-in one run. Save (until the call returned: close() committed), warm load (page cache hot), cold
-load (caches dropped; modelfs remounted), and cold load from peers (R=1: every block lives on the
-writer, the reader has never read the file). Every load is compared with what was saved.
+in one run. Save (until the call returned: close() committed), warm load (page cache hot; the
+fastest of three), cold load (caches dropped; modelfs remounted), and cold load from peers (R=1:
+every block lives on the writer, the reader has never read the file). Every load is compared with what was saved.
 Mounts, etcd members and nodes are the integration suite's (Tests/integration), stopped by PID."""
 from __future__ import annotations
 
@@ -80,10 +80,16 @@ def bench_formats(d: Path, sd: dict, cold_prep, res: dict, label: str):
         assert same(got, sd), f"{label} {fmt}: cold load differs"
         res[f"{label} {fmt} cold load"] = t
         del got
-        t, got = timed(load)
-        assert same(got, sd), f"{label} {fmt}: warm load differs"
-        res[f"{label} {fmt} warm load"] = t
-        del got
+        # Warm loads take well under a second, and on this shared host one of them can take
+        # 2-3x another (measured: the same torch.load of a local file 0.66-2.32 s in one
+        # minute): the fastest of three, for every target alike.
+        best = float("inf")
+        for _ in range(3):
+            t, got = timed(load)
+            assert same(got, sd), f"{label} {fmt}: warm load differs"
+            best = min(best, t)
+            del got
+        res[f"{label} {fmt} warm load"] = best
 
 
 def main():
