@@ -215,24 +215,25 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     /// duplicate of the pack's descriptor, which the caller closes, the offset and the length.
     /// Nil if the block is not here.
     public func fileRangeForPeer(_ id: BlockID) -> (fd: Int32, offset: Int, length: Int)? {
-        guard let (loc, pack) = state.withLock({ s -> (Location, Pack)? in
-            guard let l = s.index[id], let p = s.packs[l.pack] else { return nil }
-            if s.touchOnRead { s.index[id]!.touched = .now() }
-            return (l, p)
-        }) else { return nil }
+        guard let (loc, pack) = locate(id, touching: true) else { return nil }
         // The reference to `pack` keeps its descriptor open until the duplicate exists.
         let fd = dup(pack.fd)
         guard fd >= 0 else { return nil }
         return (fd, Int(loc.offset), Int(loc.length))
     }
 
-    func read(_ id: BlockID, verify: Bool, touching: Bool = true) throws -> BlockBuffer {
-        let touch = touching && touchOnRead
-        guard let (loc, pack) = state.withLock({ s -> (Location, Pack)? in
+    /// A block's location and its open pack; with `touching`, a read counts as a use for the
+    /// least-recently-used eviction (where the store keeps that, `touchOnRead`).
+    private func locate(_ id: BlockID, touching: Bool) -> (Location, Pack)? {
+        state.withLock { s in
             guard let l = s.index[id], let p = s.packs[l.pack] else { return nil }
-            if touch { s.index[id]!.touched = .now() }
+            if touching && s.touchOnRead { s.index[id]!.touched = .now() }
             return (l, p)
-        }) else {
+        }
+    }
+
+    func read(_ id: BlockID, verify: Bool, touching: Bool = true) throws -> BlockBuffer {
+        guard let (loc, pack) = locate(id, touching: touching) else {
             logger("missing block \(id.hex): not in any pack under \(packsDir)")
             throw FSError.io("block \(id.hex) is missing from \(root)")
         }
