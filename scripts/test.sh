@@ -19,7 +19,8 @@ scripts/install-cluster-deps.sh
 if [ "$tier" = unit ] || [ "$tier" = all ]; then
     echo "== unit, conformance and model-based tests"
     swift build --build-tests
-    swift test --skip-build
+    # A crash prints only the crashed thread's backtrace, so CI's tail of the log names it.
+    SWIFT_BACKTRACE="enable=yes,threads=crashed,registers=none,images=none" swift test --skip-build
 fi
 
 if [ "$tier" = mount ] || [ "$tier" = all ] || [ "$tier" = frameworks ]; then

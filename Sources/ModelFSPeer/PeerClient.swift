@@ -113,14 +113,20 @@ public final class PeerClient: Sendable {
     public func put(_ id: BlockID, from store: PackBlockStore, to node: NodeInfo, durable: Bool) throws -> Int? {
         guard let (fd, offset, length) = store.fileRangeForPeer(id) else { return nil }
         // AsyncHTTPClient completes a body write when it takes the part, not when the socket
-        // has sent it: the descriptor is closed when the whole request has ended.
+        // has sent it: the descriptor is closed when the whole request has ended. A request that
+        // fails (timeout, reset) can end while its channel is still inside sendfile(2) on the
+        // descriptor, so the close runs on the channel's own event loop, after that call: closed
+        // from here it raced the loop, and sendfile on a closed descriptor (EBADF) traps in NIO.
+        let loop = http.eventLoopGroup.next()
         let handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: fd)
-        defer { try? handle.close() }
+        defer { loop.execute { try? handle.close() } }
         var request = try request(node, .PUT, Self.putPath(id, durable: durable))
         request.body = .stream(contentLength: Int64(length)) { writer in
             writer.write(.fileRegion(FileRegion(fileHandle: handle, readerIndex: offset, endIndex: offset + length)))
         }
-        let r = try answer(node) { http.execute(request: request, deadline: .now() + timeout) }
+        let r = try answer(node) {
+            http.execute(request: request, eventLoop: .delegateAndChannel(on: loop), deadline: .now() + timeout)
+        }
         guard r.status == .ok || r.status == .created else { throw failure(node, "PUT \(id.hex)", r) }
         return length
     }

@@ -158,7 +158,9 @@ final class PeerHTTPHandler: ChannelInboundHandler {
             if let block {
                 // Content-Length promised block.count bytes; more is a malformed request.
                 guard filled + part.readableBytes <= block.count else { overflow = true; self.block = nil; return }
-                part.withUnsafeReadableBytes { (block.pointer + filled).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+                part.withUnsafeReadableBytes { b in
+                    if let base = b.baseAddress { (block.pointer + filled).copyMemory(from: base, byteCount: b.count) }
+                }
                 filled += part.readableBytes
                 return
             }

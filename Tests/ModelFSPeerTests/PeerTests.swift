@@ -174,6 +174,41 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
         #expect(!local.contains(id))
     }
 
+    @Test func aPushToAPeerThatStopsReadingFailsAndClosesItsDescriptor() throws {
+        // A listener that never accepts or reads: the kernel completes the connection, the
+        // push's sendfile fills the socket buffers, and the request times out mid-body.
+        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        #expect(listener >= 0)
+        defer { close(listener) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &addr) { a in
+            a.withMemoryRebound(to: sockaddr.self, capacity: 1) { p in
+                bind(listener, p, len) == 0 && listen(listener, 4) == 0 && getsockname(listener, p, &len) == 0
+            }
+        }
+        #expect(bound)
+        let node = NodeInfo(id: "mute", address: "127.0.0.1:\(UInt16(bigEndian: addr.sin_port))")
+        let sourceDir = try scratch("mute-source")
+        defer { try? FileManager.default.removeItem(atPath: sourceDir) }
+        let source = try PackBlockStore(root: sourceDir)
+        let (id, bytes) = blockOf(48 << 20, seed: 60)  // far more than loopback socket buffers hold
+        _ = try bytes.withUnsafeBytes { try source.put(id, $0) }
+        // Descriptors of this test's packs, other than the store's own: the push's duplicate.
+        func duplicates() -> Int {
+            let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+            return fds.filter { ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\($0)")) ?? "").hasPrefix(sourceDir) }.count
+        }
+        let held = duplicates()
+        let client = PeerClient(secret: "s3cret", timeout: .milliseconds(700))
+        defer { client.shutdown() }
+        #expect(throws: (any Error).self) { try client.put(id, from: source, to: node, durable: false) }
+        // Closed on the channel's event loop once the request has ended, not leaked.
+        #expect(waitUntil(timeout: 5) { duplicates() == held })
+    }
+
     @Test func withoutTheSecretNothingIsServed() throws {
         let (server, local, _, dir) = try serve()
         defer { server.shutdown(); try? FileManager.default.removeItem(atPath: dir) }
