@@ -55,6 +55,37 @@ public struct HealStatus: Codable, Sendable, Equatable {
     /// Down nodes within --dead-after: repairs wait for them to come back or be declared dead.
     public var waitingFor: [String] = []
     public var lastError: String?
+
+    public init() {}
+
+    /// Every field may be missing: the record in etcd may come from a node running an older
+    /// version (one without `rateCap`, say), and such a record must still show in `status`
+    /// (the synthesized decoder refused it whole, and status showed no healer at all).
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        func v<T: Decodable>(_ key: CodingKeys, _ fallback: T) throws -> T { try c.decodeIfPresent(T.self, forKey: key) ?? fallback }
+        healer = try v(.healer, "")
+        passes = try v(.passes, 0)
+        lastPassAt = try v(.lastPassAt, 0)
+        lastPassSeconds = try v(.lastPassSeconds, 0)
+        running = try v(.running, false)
+        files = try v(.files, 0)
+        blocks = try v(.blocks, 0)
+        bytes = try v(.bytes, 0)
+        underReplicatedBlocks = try v(.underReplicatedBlocks, 0)
+        underReplicatedBytes = try v(.underReplicatedBytes, 0)
+        unreadableBlocks = try v(.unreadableBlocks, 0)
+        unreadableBytes = try v(.unreadableBytes, 0)
+        copiedBlocks = try v(.copiedBlocks, 0)
+        copiedBytes = try v(.copiedBytes, 0)
+        copyRate = try v(.copyRate, 0)
+        rateCap = try v(.rateCap, 0)
+        removedCopies = try v(.removedCopies, 0)
+        rebalanceCopies = try v(.rebalanceCopies, 0)
+        draining = try v(.draining, [:])
+        waitingFor = try v(.waitingFor, [])
+        lastError = try c.decodeIfPresent(String.self, forKey: .lastError)
+    }
 }
 
 /// Brings every block back to R verified copies (DESIGN.md §5) after a node dies, and moves

@@ -358,3 +358,25 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
         }
     }
 }
+
+@Suite struct HealStatusRecordTests {
+    @Test func aRecordFromAnOlderNodeStillDecodes() throws {
+        var s = HealStatus()
+        s.healer = "node-2"; s.passes = 7; s.copiedBytes = 123_456; s.rateCap = 50_000_000
+        s.draining = ["node-3": 12]; s.lastError = "peer node-4 unreachable"
+        let full = try JSONEncoder().encode(s)
+        #expect(try JSONDecoder().decode(HealStatus.self, from: full) == s)
+        // The same record as a node without --heal-rate wrote it: no rateCap key, plus a key
+        // this version does not know.
+        var dict = try #require(try JSONSerialization.jsonObject(with: full) as? [String: Any])
+        dict["rateCap"] = nil
+        dict["someFutureField"] = 1
+        let old = try JSONDecoder().decode(HealStatus.self, from: JSONSerialization.data(withJSONObject: dict))
+        var expected = s
+        expected.rateCap = 0
+        #expect(old == expected)
+        #expect(try JSONDecoder().decode(HealStatus.self, from: Data("{}".utf8)) == HealStatus())
+        // A field of the wrong type is still an error, not a silent default.
+        #expect(throws: (any Error).self) { try JSONDecoder().decode(HealStatus.self, from: Data(#"{"passes":"many"}"#.utf8)) }
+    }
+}
