@@ -96,15 +96,6 @@ public final class PeerClient: Sendable {
         return buffer
     }
 
-    /// Stores the block on `node`; with `durable`, the node fsyncs it before answering.
-    public func put(_ id: BlockID, _ bytes: UnsafeRawBufferPointer, to node: NodeInfo, durable: Bool) throws {
-        let r = try send(node, .PUT, Self.putPath(id, durable: durable), body: ByteBuffer(bytes: bytes))
-        guard r.status == .ok || r.status == .created else { throw failure(node, "PUT \(id.hex)", r) }
-    }
-
-    /// Where a block is PUT; `durable` has the node fsync it before answering.
-    static func putPath(_ id: BlockID, durable: Bool) -> String { "/v1/blocks/\(id.hex)\(durable ? "?durable=1" : "")" }
-
     /// Stores `store`'s copy of block `id` on `node`, sent straight from the pack file with
     /// sendfile(2) (no read into this process, no hash: the receiver verifies it); with
     /// `durable`, the node fsyncs it before answering. Returns the bytes sent, nil if `store`
@@ -120,7 +111,7 @@ public final class PeerClient: Sendable {
         let loop = http.eventLoopGroup.next()
         let handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: fd)
         defer { loop.execute { try? handle.close() } }
-        var request = try request(node, .PUT, Self.putPath(id, durable: durable))
+        var request = try request(node, .PUT, "/v1/blocks/\(id.hex)\(durable ? "?durable=1" : "")")
         request.body = .stream(contentLength: Int64(length)) { writer in
             writer.write(.fileRegion(FileRegion(fileHandle: handle, readerIndex: offset, endIndex: offset + length)))
         }

@@ -127,32 +127,33 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
         return (Int(r.status.code), r.body.map { Array($0.readableBytesView) } ?? [])
     }
 
-    @Test func blocksRoundTripVerified() throws {
+    /// A server (its store `local`, its metrics, `node` naming it), a client with the secret, and
+    /// a second store (`source`) whose blocks the client pushes.
+    func connected(_ body: (_ local: PackBlockStore, _ metrics: PeerMetrics, _ node: NodeInfo, _ client: PeerClient,
+                            _ source: PackBlockStore) throws -> Void) throws {
         let (server, local, metrics, dir) = try serve()
         defer { server.shutdown(); try? FileManager.default.removeItem(atPath: dir) }
-        let node = NodeInfo(id: "n", address: "127.0.0.1:\(server.port)")
         let client = PeerClient(secret: "s3cret")
         defer { client.shutdown() }
+        let sourceDir = try scratch("source")
+        defer { try? FileManager.default.removeItem(atPath: sourceDir) }
+        try body(local, metrics, NodeInfo(id: "n", address: "127.0.0.1:\(server.port)"), client, PackBlockStore(root: sourceDir))
+    }
+
+    @Test func blocksRoundTripVerified() throws { try connected { local, metrics, node, client, source in
         let (id, bytes) = blockOf(3 << 20, seed: 1)
         #expect(try client.get(id, from: node) == nil)
         #expect(try client.has([id], at: node) == [false])
-        try bytes.withUnsafeBytes { try client.put(id, $0, to: node, durable: true) }
+        _ = try bytes.withUnsafeBytes { try source.put(id, $0) }
+        try client.put(id, from: source, to: node, durable: true)
         #expect(local.contains(id))
         #expect(try client.has([id, blockOf(10, seed: 2).0], at: node) == [true, false])
         let got = try #require(try client.get(id, from: node))
         #expect(got.withUnsafeBytes { Array($0) } == bytes)
         #expect(metrics.render().contains(#"modelfs_peer_requests_total{route="put",status="201"} 1"#))
-    }
+    } }
 
-    @Test func aBlockIsPushedStraightFromItsPackAndServedFromOne() throws {
-        let (server, local, _, dir) = try serve()
-        defer { server.shutdown(); try? FileManager.default.removeItem(atPath: dir) }
-        let node = NodeInfo(id: "n", address: "127.0.0.1:\(server.port)")
-        let client = PeerClient(secret: "s3cret")
-        defer { client.shutdown() }
-        let sourceDir = try scratch("source")
-        defer { try? FileManager.default.removeItem(atPath: sourceDir) }
-        let source = try PackBlockStore(root: sourceDir)
+    @Test func aBlockIsPushedStraightFromItsPackAndServedFromOne() throws { try connected { local, _, node, client, source in
         // Several blocks in one pack, so each push sends its own range of the file.
         let blocks = (0..<5).map { blockOf(1 << 20 + $0 * 4097, seed: UInt64(40 + $0)) }
         for (id, bytes) in blocks { _ = try bytes.withUnsafeBytes { try source.put(id, $0) } }
@@ -172,7 +173,7 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
         close(fd)
         #expect(throws: (any Error).self) { try client.put(id, from: source, to: node, durable: false) }
         #expect(!local.contains(id))
-    }
+    } }
 
     @Test func aPushToAPeerThatStopsReadingFailsAndClosesItsDescriptor() throws {
         // A listener that never accepts or reads: the kernel completes the connection, the
