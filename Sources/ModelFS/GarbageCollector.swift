@@ -65,6 +65,7 @@ public final class GarbageCollector: @unchecked Sendable {
     @discardableResult
     public func collect(cutoff: Timestamp? = nil) throws -> (blocks: UInt64, bytes: UInt64) {
         let cutoff = cutoff ?? Timestamp(totalNanoseconds: Timestamp.now().totalNanoseconds - Int64(grace * 1e9))
+        let started = DispatchTime.now()
         let referenced = try fs.referencedBlocks()
         var blocks: UInt64 = 0, bytes: UInt64 = 0
         for s in [store] + others {
@@ -75,7 +76,10 @@ public final class GarbageCollector: @unchecked Sendable {
             }
             if removed { try s.reclaim() }
         }
-        if blocks > 0 { Log.info("garbage collection removed \(blocks) blocks (\(bytes) bytes)") }
+        if blocks > 0 {
+            let seconds = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
+            Log.info("garbage collection removed \(blocks) blocks (\(bytes) bytes) in \(String(format: "%.2f", seconds)) s")
+        }
         return (blocks, bytes)
     }
 }

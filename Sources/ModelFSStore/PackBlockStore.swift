@@ -389,12 +389,28 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     /// on a full disk): each dead record's header is rewritten as "MFBX" (the scan at start then
     /// skips it), the packs are fdatasynced so no crash can leave a live header over punched data,
     /// and the record's data pages are punched out (FALLOC_FL_PUNCH_HOLE). Sealed packs with no
-    /// live block left are deleted. Returns the bytes given back.
+    /// live block left are deleted whole first, with no per-record work: a deleted 1 GiB
+    /// checkpoint is four unlinks, not a thousand header writes, fdatasyncs and punches competing
+    /// with the writers' fsyncs. (A crash before such an unlink is durable brings back complete
+    /// blocks that nothing references; the next pass collects them again.) Returns the bytes
+    /// given back.
     @discardableResult
     public func reclaim() throws -> UInt64 {
-        let (dead, packs) = state.withLock { s -> ([DeadRecord], [UInt32: Pack]) in
+        let (dead, packs, empty) = state.withLock { s -> ([DeadRecord], [UInt32: Pack], [Pack]) in
             defer { s.dead.removeAll() }
-            return (s.dead, s.packs)
+            let e = s.packs.values.filter { $0.number != s.active && $0.liveBytes == 0 }
+            for p in e { s.packs[p.number] = nil; s.unsynced.remove(p.number) }
+            return (s.dead, s.packs, e)
+        }
+        var freed: UInt64 = 0
+        for p in empty {
+            var st = stat()
+            let allocated = fstat(p.fd, &st) == 0 ? UInt64(st.st_blocks) * 512 : 0
+            if unlink(p.path) == 0 {
+                freed += allocated
+            } else {
+                logger("cannot delete pack \(p.path): \(String(cString: strerror(errno)))")
+            }
         }
         var touched: [UInt32: Pack] = [:]
         for d in dead {
@@ -403,7 +419,6 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             touched[d.pack] = p
         }
         for p in touched.values where fdatasync(p.fd) != 0 { throw posixError("fdatasync", p.path) }
-        var freed: UInt64 = 0
         for d in dead {
             guard let p = packs[d.pack] else { continue }
             // Whole pages inside the data only: the neighbours' headers stay intact.
@@ -412,14 +427,6 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             if end > start && modelfs_punch_hole(p.fd, off_t(start), off_t(end - start)) == 0 {
                 freed += end - start
             }
-        }
-        let empty = state.withLock { s -> [Pack] in
-            let e = s.packs.values.filter { $0.number != s.active && $0.liveBytes == 0 }
-            for p in e { s.packs[p.number] = nil; s.unsynced.remove(p.number) }
-            return e
-        }
-        for p in empty {
-            if unlink(p.path) != 0 { logger("cannot delete pack \(p.path): \(String(cString: strerror(errno)))") }
         }
         return freed
     }

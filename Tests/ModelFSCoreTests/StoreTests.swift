@@ -105,6 +105,28 @@ func storeBlock(_ store: PackBlockStore, _ bytes: [UInt8]) throws -> BlockID {
         #expect(Array(try PackBlockStore(root: dir, packLimit: 50_000).read(keep).data) == randomBytes(20_000, seed: 5))
         for id in dead { #expect(!store.contains(id)) }
     }
+
+    @Test func aSealedPackWithNothingLiveIsDeletedWhole() throws {
+        let dir = temporaryDirectory(); defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = try PackBlockStore(root: dir, packLimit: 50_000)
+        // Three 20 kB records fill the first pack (it is sealed), the fourth starts the next.
+        var gone: [BlockID] = []
+        for i in 0..<3 { gone.append(try storeBlock(store, randomBytes(20_000, seed: UInt64(40 + i)))) }
+        let keep = try storeBlock(store, randomBytes(20_000, seed: 50))
+        let sealed = try #require(store.location(of: gone[0])).path
+        #expect(try #require(store.location(of: keep)).path != sealed)
+        var st = stat()
+        #expect(stat(sealed, &st) == 0)
+        let allocated = UInt64(st.st_blocks) * 512
+        let future = Timestamp(totalNanoseconds: Timestamp.now().totalNanoseconds + 60_000_000_000)
+        for id in gone { #expect(store.removeIfStale(id, cutoff: future) == 20_000) }
+        // All of the pack's space comes back (headers and partial pages too), by deleting it.
+        #expect(try store.reclaim() == allocated)
+        #expect(!FileManager.default.fileExists(atPath: sealed))
+        let again = try PackBlockStore(root: dir, packLimit: 50_000)
+        #expect(again.usage().blocks == 1)
+        #expect(Array(try again.read(keep).data) == randomBytes(20_000, seed: 50))
+    }
 }
 
 final class LogSink: @unchecked Sendable {
