@@ -79,6 +79,9 @@ public final class FileSystem: @unchecked Sendable {
         var live: [InodeNumber: Live] = [:]
         var handles: [UInt64: Handle] = [:]
         var nextHandle: UInt64 = 1
+        /// Opens under way (between `open`'s first metadata read and its handle): an unlink
+        /// meanwhile must not delete the inode under them.
+        var opening: [InodeNumber: Int] = [:]
     }
     private let tables = Mutex(Tables())
     /// Serialises commits and GC's view of sessions with metadata.
@@ -135,7 +138,7 @@ public final class FileSystem: @unchecked Sendable {
     }
 
     private func linkRemoved(_ r: RemovedLink?) {
-        guard let r, r.nlink == 0 else { return }
+        guard let r, r.nlink == 0, !r.deleted else { return }
         deleteIfUnlinked(r.ino)
     }
 
@@ -237,8 +240,15 @@ public final class FileSystem: @unchecked Sendable {
         remembered(try withLiveSize(meta.link(ino, parent: parent, name: name, now: .now())), parent: parent)
     }
 
+    /// A file whose last link goes while nothing has it open is deleted by the unlink itself (one
+    /// metadata write); one still open lives on, unlinked, until its last release and forget.
     public func unlink(parent: InodeNumber, name: String) throws {
-        linkRemoved(try meta.unlink(parent: parent, name: name, now: .now()))
+        linkRemoved(try meta.unlink(parent: parent, name: name, now: .now(), isOpen: isOpen))
+    }
+
+    /// Whether a handle of `ino` is open or being opened (asked inside unlink's transaction).
+    private func isOpen(_ ino: InodeNumber) -> Bool {
+        tables.withLock { t in (t.live[ino]?.opens ?? 0) > 0 || t.opening[ino] != nil }
     }
 
     public func rmdir(parent: InodeNumber, name: String) throws {
@@ -246,7 +256,8 @@ public final class FileSystem: @unchecked Sendable {
     }
 
     public func rename(parent: InodeNumber, name: String, newParent: InodeNumber, newName: String, flags: RenameFlags) throws {
-        linkRemoved(try meta.rename(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags, now: .now()))
+        linkRemoved(try meta.rename(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags,
+                                    now: .now(), isOpen: isOpen))
     }
 
     /// Directory entries after `cookie`, starting with "." (cookie 1) and ".." (cookie 2);
@@ -289,6 +300,12 @@ public final class FileSystem: @unchecked Sendable {
     }
 
     public func open(_ ino: InodeNumber, flags: OpenFlags) throws -> Opened {
+        tables.withLock { $0.opening[ino, default: 0] += 1 }
+        defer {
+            tables.withLock { t in
+                if let n = t.opening[ino], n > 1 { t.opening[ino] = n - 1 } else { t.opening[ino] = nil }
+            }
+        }
         let attrs = try meta.getattr(ino)
         guard attrs.kind == .regular else { throw attrs.kind == .directory ? FSError.isDirectory() : FSError(ELOOP, "is a symlink") }
         // Prepare the session or view outside the table lock (loading a manifest is I/O), install

@@ -15,11 +15,13 @@ public struct NewInode: Sendable {
     }
 }
 
-/// An inode that lost a link: the caller deletes it once `nlink == 0` and nothing holds it open.
+/// An inode that lost a link: the caller deletes it once `nlink == 0` and nothing holds it open,
+/// unless the engine already did (`deleted`: its last link went while nothing had it open).
 public struct RemovedLink: Sendable, Equatable {
     public var ino: InodeNumber
     public var kind: FileKind
     public var nlink: UInt32
+    public var deleted = false
 }
 
 public struct MetadataStats: Sendable, Equatable, Codable {
@@ -41,18 +43,20 @@ public struct MetadataStats: Sendable, Equatable, Codable {
 ///   over a file (ENOTDIR), a file over a dir (EISDIR), a non-empty dir target (ENOTEMPTY), a
 ///   dir moved into its own subtree (EINVAL); `.noReplace` gives EEXIST if the target exists;
 ///   `.exchange` swaps two entries. Directory rename is O(1).
-/// - Unlinking the last link leaves the inode with `nlink == 0`; it lives until `deleteInode`.
+/// - Unlinking the last link leaves the inode with `nlink == 0`; it lives until `deleteInode`,
+///   except that `unlink` and a replacing `rename` delete a file (not a directory) in the same
+///   transaction when `isOpen` — asked inside it — says nothing has it open.
 /// - `setattr` ignores `size`: content and size change only through `commit`.
 public protocol MetadataEngine: AnyObject, Sendable {
     func getattr(_ ino: InodeNumber) throws -> InodeAttributes
     func lookup(parent: InodeNumber, name: String) throws -> InodeAttributes
     func create(parent: InodeNumber, name: String, _ new: NewInode) throws -> InodeAttributes
     func link(_ ino: InodeNumber, parent: InodeNumber, name: String, now: Timestamp) throws -> InodeAttributes
-    func unlink(parent: InodeNumber, name: String, now: Timestamp) throws -> RemovedLink
+    func unlink(parent: InodeNumber, name: String, now: Timestamp, isOpen: (InodeNumber) -> Bool) throws -> RemovedLink
     func rmdir(parent: InodeNumber, name: String, now: Timestamp) throws -> RemovedLink
     /// Returns the inode that lost its link when the target was replaced.
     func rename(parent: InodeNumber, name: String, newParent: InodeNumber, newName: String,
-                flags: RenameFlags, now: Timestamp) throws -> RemovedLink?
+                flags: RenameFlags, now: Timestamp, isOpen: (InodeNumber) -> Bool) throws -> RemovedLink?
     func setattr(_ ino: InodeNumber, _ changes: AttributeChanges, now: Timestamp) throws -> InodeAttributes
     /// Entries with a cookie greater than `after`, in cookie order ("." and ".." not included).
     func readdir(_ dir: InodeNumber, after cookie: UInt64, limit: Int) throws -> [DirectoryEntry]
@@ -114,5 +118,19 @@ extension MetadataURL {
             throw FSError.invalid("--meta \(url): the cluster name may hold letters, digits, '-', '_' and '.' only")
         }
         return (endpoints, name)
+    }
+}
+
+extension MetadataEngine {
+    /// Unlink that leaves a last-link inode for `deleteInode` (as if it were open).
+    public func unlink(parent: InodeNumber, name: String, now: Timestamp) throws -> RemovedLink {
+        try unlink(parent: parent, name: name, now: now, isOpen: { _ in true })
+    }
+
+    /// Rename that leaves a replaced last-link inode for `deleteInode` (as if it were open).
+    public func rename(parent: InodeNumber, name: String, newParent: InodeNumber, newName: String,
+                       flags: RenameFlags, now: Timestamp) throws -> RemovedLink? {
+        try rename(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags, now: now,
+                   isOpen: { _ in true })
     }
 }

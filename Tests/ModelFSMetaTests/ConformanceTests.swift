@@ -88,6 +88,38 @@ func errno(of body: () throws -> Void) -> Int32? {
         #expect(errno { try m.deleteInode(d.ino) } == EBUSY)
     }
 
+    @Test(arguments: EngineKind.allCases) func aLastLinkNobodyHasOpenIsDeletedByTheUnlinkItself(_ kind: EngineKind) throws {
+        let (m, done) = try kind.make(); defer { done() }
+        let a = try m.create(parent: .root, name: "a", file())
+        try m.setxattr(a.ino, name: "user.k", value: Data("v".utf8), mode: .any)
+        _ = try m.link(a.ino, parent: .root, name: "a2", now: now)
+        var asked: [InodeNumber] = []
+        // Not the last link: nothing is deleted, whatever isOpen says.
+        let first = try m.unlink(parent: .root, name: "a", now: now, isOpen: { asked.append($0); return false })
+        #expect(first == RemovedLink(ino: a.ino, kind: .regular, nlink: 1))
+        #expect(try m.getattr(a.ino).nlink == 1)
+        // The last link, nothing open: gone in the same transaction, xattrs too, no orphan left.
+        let last = try m.unlink(parent: .root, name: "a2", now: now, isOpen: { asked.append($0); return false })
+        #expect(last == RemovedLink(ino: a.ino, kind: .regular, nlink: 0, deleted: true))
+        #expect(asked.contains(a.ino))
+        #expect(errno { _ = try m.getattr(a.ino) } == ENOENT)
+        #expect(errno { _ = try m.getxattr(a.ino, name: "user.k") } != nil)
+        #expect(try m.orphans().isEmpty)
+        // The last link of a file that is open: it stays, unlinked, for deleteInode.
+        let b = try m.create(parent: .root, name: "b", file())
+        let kept = try m.unlink(parent: .root, name: "b", now: now, isOpen: { $0 == b.ino })
+        #expect(kept == RemovedLink(ino: b.ino, kind: .regular, nlink: 0))
+        #expect(try m.orphans() == [b.ino])
+        // A rename over a file nobody has open deletes the replaced file.
+        let c = try m.create(parent: .root, name: "c", file())
+        let d = try m.create(parent: .root, name: "d", file())
+        let replaced = try m.rename(parent: .root, name: "c", newParent: .root, newName: "d", flags: [], now: now,
+                                    isOpen: { _ in false })
+        #expect(replaced == RemovedLink(ino: d.ino, kind: .regular, nlink: 0, deleted: true))
+        #expect(errno { _ = try m.getattr(d.ino) } == ENOENT)
+        #expect(try m.lookup(parent: .root, name: "d").ino == c.ino)
+    }
+
     @Test(arguments: EngineKind.allCases) func renameCases(_ kind: EngineKind) throws {
         let (m, done) = try kind.make(); defer { done() }
         let a = try m.create(parent: .root, name: "a", file())

@@ -178,6 +178,22 @@ import Testing
         #expect(e?.errno == EIO)
     }
 
+    @Test func anUnlinkedFileStaysReadableWhileOpenAndGoesAtItsLastRelease() throws {
+        let t = try TestFS(chunker: .standard); defer { t.remove() }
+        let data = randomBytes(3 << 20, seed: 12)
+        let (ino, w) = try t.create("open.bin")
+        try t.write(w, at: 0, data)
+        try t.close(w)
+        let r = try t.fs.open(ino, flags: OpenFlags(O_RDONLY))
+        try t.fs.unlink(parent: .root, name: "open.bin")
+        // Open: the inode stays (unlinked) and its bytes stay readable.
+        #expect(try t.fs.meta.getattr(ino).nlink == 0)
+        #expect(try t.read(r.handle, at: 0, count: data.count) == data)
+        try t.fs.release(r.handle)
+        t.fs.forget(ino, count: 1)
+        #expect(throws: FSError.self) { try t.fs.meta.getattr(ino) }
+    }
+
     @Test func garbageCollectionFreesOverwrittenAndDeletedContent() throws {
         let t = try TestFS(chunker: .standard); defer { t.remove() }
         let gc = GarbageCollector(fs: t.fs, store: t.store)
@@ -189,10 +205,9 @@ import Testing
         try t.write(d, at: 0, randomBytes(6 << 20, seed: 11))
         try t.close(d)
         try t.fs.unlink(parent: .root, name: "drop")
-        // The inode lives until the kernel forgets it (its content with it).
-        #expect(try t.fs.meta.getattr(dropIno).nlink == 0)
-        t.fs.forget(dropIno, count: 1)
+        // Nothing had it open: the unlink deleted the inode (its content with it).
         #expect(throws: FSError.self) { try t.fs.meta.getattr(dropIno) }
+        t.fs.forget(dropIno, count: 1)
         // A pass with a cutoff in the past removes nothing: every block is newer.
         #expect(try gc.collect(cutoff: Timestamp(seconds: 1, nanoseconds: 0)).blocks == 0)
         let packsBefore = t.store.packBytes
