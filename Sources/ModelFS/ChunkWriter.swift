@@ -98,13 +98,11 @@ final class ChunkPipeline: @unchecked Sendable {
         queue.async { [self] in
             defer { slots.signal() }
             do {
-                let r = try buffer.withUnsafeBytes { all -> ChunkRef in
-                    let bytes = UnsafeRawBufferPointer(rebasing: all[0..<length])
-                    let id = BlockID.hash(bytes)
-                    lock.lock(); storing = id; lock.unlock()
-                    try store.put(id, bytes)
-                    return ChunkRef(id: id, length: UInt32(length))
-                }
+                let id = buffer.withUnsafeBytes { BlockID.hash(UnsafeRawBufferPointer(rebasing: $0[0..<length])) }
+                lock.lock(); storing = id; lock.unlock()
+                // The chunk's buffer is this pipeline's now: the store may write straight from it.
+                try store.put(id, owned: buffer, length: length)
+                let r = ChunkRef(id: id, length: UInt32(length))
                 lock.lock(); done.append(r); storing = nil; lock.unlock()
             } catch {
                 lock.lock(); storing = nil; if self.error == nil { self.error = error }; lock.unlock()

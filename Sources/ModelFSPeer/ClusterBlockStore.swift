@@ -75,6 +75,10 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
 
     @discardableResult
     public func put(_ id: BlockID, _ bytes: UnsafeRawBufferPointer) throws -> Bool { try local.put(id, bytes) }
+    @discardableResult
+    public func put(_ id: BlockID, owned buffer: BlockBuffer, length: Int) throws -> Bool {
+        try local.put(id, owned: buffer, length: length)
+    }
 
     public func contains(_ id: BlockID) -> Bool { local.contains(id) || cache.contains(id) }
 
@@ -130,7 +134,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         for node in peers {
             do {
                 guard let b = try client.get(id, from: node) else { continue }
-                try b.withUnsafeBytes { _ = try cache.put(id, $0) }
+                try cache.put(id, owned: b, length: b.count)
                 state.withLock { s in
                     s.stats.peerFetches += 1
                     s.stats.peerBytes += UInt64(b.count)

@@ -135,7 +135,13 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
             guard BlockID.hash(bytes) == id else { return nil }
             return Result { try local.put(id, bytes) }
         }
-        let ok = if let block = r.block { block.withUnsafeBytes(store) } else { r.body.withUnsafeReadableBytes(store) }
+        // A body received into block memory is stored from that buffer (a direct write for a
+        // large block, no copy through the page cache).
+        let ok: Result<Bool, any Error>? = if let block = r.block {
+            block.withUnsafeBytes { BlockID.hash($0) == id } ? Result { try local.put(id, owned: block, length: block.count) } : nil
+        } else {
+            r.body.withUnsafeReadableBytes(store)
+        }
         guard let ok else {
             metrics.count("modelfs_peer_rejected_blocks_total")
             return .text(.unprocessableEntity, "block rejected: its bytes do not hash to \(id.hex)")

@@ -481,6 +481,12 @@ final class EagerStore: BlockStore, @unchecked Sendable {
         if created { onNew(id) }
         return created
     }
+    @discardableResult
+    func put(_ id: BlockID, owned buffer: BlockBuffer, length: Int) throws -> Bool {
+        let created = try inner.put(id, owned: buffer, length: length)
+        if created { onNew(id) }
+        return created
+    }
     func read(_ id: BlockID) throws -> BlockBuffer { try inner.read(id) }
     func contains(_ id: BlockID) -> Bool { inner.contains(id) }
     func sync(_ ids: [BlockID]) throws { try inner.sync(ids) }

@@ -9,7 +9,9 @@ import Foundation
 public final class BlockBuffer: @unchecked Sendable {
     public let pointer: UnsafeMutableRawPointer
     public let count: Int
-    private let capacity: Int
+    /// Bytes allocated (page-aligned, a multiple of 4 KiB up to 8 MiB): room after `count` that a
+    /// store may use to pad a direct write.
+    public let capacity: Int
 
     public init(count: Int) {
         self.count = count

@@ -7,6 +7,11 @@ public protocol BlockStore: AnyObject, Sendable {
     /// (identical content is stored once).
     @discardableResult
     func put(_ id: BlockID, _ bytes: UnsafeRawBufferPointer) throws -> Bool
+    /// The same, for a block whose buffer the caller hands over: its first `length` bytes are
+    /// the block, and the store may overwrite the buffer's bytes after them (up to its capacity),
+    /// e.g. to pad a direct write. A store can then write from the buffer itself.
+    @discardableResult
+    func put(_ id: BlockID, owned buffer: BlockBuffer, length: Int) throws -> Bool
     /// Reads and verifies a block: EIO if it is missing or its bytes do not match its name.
     func read(_ id: BlockID) throws -> BlockBuffer
     func contains(_ id: BlockID) -> Bool
@@ -17,6 +22,13 @@ public protocol BlockStore: AnyObject, Sendable {
     /// Hints that these blocks will be read soon (the store may start reading them from disk).
     func willNeed(_ ids: [BlockID])
     func usage() -> BlockStoreUsage
+}
+
+extension BlockStore {
+    @discardableResult
+    public func put(_ id: BlockID, owned buffer: BlockBuffer, length: Int) throws -> Bool {
+        try buffer.withUnsafeBytes { try put(id, UnsafeRawBufferPointer(rebasing: $0[0..<length])) }
+    }
 }
 
 public struct BlockStoreUsage: Sendable, Equatable, Codable {

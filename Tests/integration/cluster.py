@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from mfs import MODELFS_BIN, Mount, wait_until
+from mfs import MODELFS_BIN, Mount, pack_records, wait_until
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
@@ -125,25 +125,13 @@ class Node(Mount):
 
 
 def pack_blocks(packs: Path) -> set[str]:
-    """Ids of live records in pack files: b"MFB1" | len u32 LE | 32-byte id | data. Dead records
-    ("MFBX") are skipped; a record still being appended (torn tail) ends the scan of its pack."""
+    """Ids of live records in pack files (mfs.pack_records), each checked against its bytes."""
     out = set()
     for pack in sorted(packs.glob("*.pack")):
-        try:
-            raw = pack.read_bytes()
-        except FileNotFoundError:   # a pack emptied by GC or a dropped copy, deleted as we look
-            continue
-        off = 0
-        while off + 40 <= len(raw):
-            magic = raw[off:off + 4]
-            n = int.from_bytes(raw[off + 4:off + 8], "little")
-            if magic not in (b"MFB1", b"MFBX") or off + 40 + n > len(raw):
-                break
-            if magic == b"MFB1":
-                ident = raw[off + 8:off + 40].hex()
-                assert hashlib.sha256(raw[off + 40:off + 40 + n]).hexdigest() == ident, f"bad record in {pack}"
+        for magic, ident, _, _, data in pack_records(pack):
+            if magic in (b"MFB1", b"MFB2"):
+                assert hashlib.sha256(data).hexdigest() == ident, f"bad record in {pack}"
                 out.add(ident)
-            off += 40 + n
     return out
 
 

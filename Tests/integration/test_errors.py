@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mfs import (MiB, Mount, assert_bytes_equal, fusermount_lazy, in_child, is_mounted,
-                 mountinfo, pid_alive, read_file, run, wait_pid_exit, wait_until, write_file)
+                 mountinfo, pack_records, pid_alive, read_file, run, wait_pid_exit, wait_until, write_file)
 
 
 # ---------------------------------------------------------------------------
@@ -287,21 +287,13 @@ def test_umount_force_with_open_file(mnt):
 
 
 def block_records(data_dir: Path) -> dict[str, tuple[Path, int, int]]:
-    """Every block in the data dir's packs: sha256 hex -> (pack path, data offset, length).
-    Pack records are: b"MFB1" | length (u32 LE) | 32-byte id | data (docs/ARCHITECTURE.md)."""
+    """Every block in the data dir's packs: sha256 hex -> (pack path, data offset, length)."""
     out = {}
     for pack in sorted((data_dir / "packs").glob("*.pack")):
-        raw = pack.read_bytes()
-        off = 0
-        while off + 40 <= len(raw):
-            assert raw[off:off + 4] == b"MFB1", f"bad record header in {pack} at {off}"
-            n = int.from_bytes(raw[off + 4:off + 8], "little")
-            ident = raw[off + 8:off + 40].hex()
-            data = raw[off + 40:off + 40 + n]
-            assert len(data) == n, f"torn record in {pack} at {off}"
+        for magic, ident, data_off, n, data in pack_records(pack):
+            assert magic in (b"MFB1", b"MFB2"), f"dead record {ident} in {pack}"
             assert hashlib.sha256(data).hexdigest() == ident, f"record {ident} in {pack} does not match its name"
-            out.setdefault(ident, (pack, off + 40, n))
-            off += 40 + n
+            out.setdefault(ident, (pack, data_off, n))
     return out
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cluster import pack_blocks
-from mfs import MODELFS_BIN, MiB, assert_bytes_equal, read_file, run, wait_until, write_file
+from mfs import MODELFS_BIN, MiB, assert_bytes_equal, pack_records, read_file, run, wait_until, write_file
 from test_cluster import etcd, make_nodes, payload  # noqa: F401  (fixtures)
 
 # Fast healing for tests: a node down 2 s is dead; the healer passes every second.
@@ -143,16 +143,12 @@ def test_drain_moves_every_copy_off_a_node_then_it_can_leave(make_nodes):
 def corrupt_block(node, block: str) -> None:
     """Flips bytes in the middle of `block`'s record in `node`'s replica packs."""
     for pack in sorted((node.data / "packs").glob("*.pack")):
-        raw = pack.read_bytes()
-        off = 0
-        while off + 40 <= len(raw):
-            n = int.from_bytes(raw[off + 4:off + 8], "little")
-            if raw[off:off + 4] == b"MFB1" and raw[off + 8:off + 40].hex() == block:
+        for magic, ident, data_off, n, data in pack_records(pack):
+            if magic in (b"MFB1", b"MFB2") and ident == block:
                 with open(pack, "r+b") as f:
-                    f.seek(off + 40 + n // 2)
-                    f.write(bytes(b ^ 0x5A for b in raw[off + 40 + n // 2:off + 40 + n // 2 + 64]))
+                    f.seek(data_off + n // 2)
+                    f.write(bytes(b ^ 0x5A for b in data[n // 2:n // 2 + 64]))
                 return
-            off += 40 + n
     raise AssertionError(f"block {block} not found in {node.node_id}'s packs")
 
 
@@ -327,10 +323,10 @@ def test_single_node_status_path_xattrs_and_verify(mnt):
     # A corrupt block on a single node cannot be repaired: verify says so and fails.
     mnt.stop()
     packs = sorted((mnt.data / "packs").glob("*.pack"))
-    raw = packs[0].read_bytes()
+    _, _, data_off, _, data = next(pack_records(packs[0]))
     with open(packs[0], "r+b") as f:
-        f.seek(40 + 1000)
-        f.write(bytes(b ^ 0xFF for b in raw[1040:1100]))
+        f.seek(data_off + 1000)
+        f.write(bytes(b ^ 0xFF for b in data[1000:1060]))
     mnt.start()
     r = run([MODELFS_BIN, "verify", mnt.path("run"), "--json"])
     assert r.returncode == 1, r.stdout + r.stderr
