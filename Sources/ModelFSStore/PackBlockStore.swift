@@ -65,15 +65,15 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         var size: UInt64
         var liveBytes: UInt64 = 0
         var deadBytes: UInt64 = 0
-        /// A second descriptor with O_DIRECT, opened at the first aligned append (-1: the
-        /// filesystem refused it; such a pack gets buffered records only). Appends only.
-        var directFD: Int32?
-        init(number: UInt32, path: String, fd: Int32, size: UInt64) {
-            self.number = number; self.path = path; self.fd = fd; self.size = size
+        /// A second descriptor with O_DIRECT, for aligned records: their appends and their reads
+        /// (-1: the filesystem refused it; such a pack gets buffered records only).
+        let directFD: Int32
+        init(number: UInt32, path: String, fd: Int32, directFD: Int32, size: UInt64) {
+            self.number = number; self.path = path; self.fd = fd; self.directFD = directFD; self.size = size
         }
         deinit {
             close(fd)
-            if let d = directFD, d >= 0 { close(d) }
+            if directFD >= 0 { close(directFD) }
         }
     }
 
@@ -132,7 +132,8 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         guard fd >= 0 else { throw posixError("open pack", path) }
         var st = stat()
         fstat(fd, &st)
-        return Pack(number: number, path: path, fd: fd, size: UInt64(st.st_size))
+        let direct = open(path, O_RDWR | modelfs_o_direct() | O_CLOEXEC)
+        return Pack(number: number, path: path, fd: fd, directFD: direct, size: UInt64(st.st_size))
     }
 
     /// The record header at `offset`: its magic, length and id, or nil if there is none.
@@ -291,14 +292,9 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     /// One page for aligned records' headers, written under the append lock.
     private let alignedHeaderPage = UnsafeMutableRawPointer.allocate(byteCount: PackBlockStore.page, alignment: PackBlockStore.page)
 
-    /// The pack's O_DIRECT descriptor (append lock held), or nil where the filesystem has none.
+    /// The pack's O_DIRECT descriptor, or nil where the filesystem has none.
     private func directDescriptor(_ pack: Pack) -> Int32? {
-        if pack.directFD == nil {
-            let fd = open(pack.path, O_WRONLY | modelfs_o_direct() | O_CLOEXEC)
-            if fd < 0 { logger("pack \(pack.path): no direct I/O here (\(String(cString: strerror(errno)))); blocks go through the page cache") }
-            pack.directFD = fd
-        }
-        return pack.directFD.flatMap { $0 >= 0 ? $0 : nil }
+        pack.directFD >= 0 ? pack.directFD : nil
     }
 
     /// Writes page-aligned pieces one after another at `offset` with the direct descriptor.
@@ -395,6 +391,18 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         }
         let buffer = BlockBuffer(count: Int(loc.length))
         var done = 0
+        // An aligned record is read directly into the block's buffer, padding included (no copy
+        // out of the page cache, no page-cache memory to fault in); short reads end on a page.
+        let padded = Int(PackBlockStore.pageUp(UInt64(loc.length)))
+        if loc.aligned, pack.directFD >= 0, padded <= buffer.capacity {
+            while done < buffer.count && done % PackBlockStore.page == 0 {
+                let r = pread(pack.directFD, buffer.pointer + done, padded - done, off_t(loc.offset) + off_t(done))
+                if r < 0 { if errno == EINTR { continue }; break }   // the buffered reads below try again
+                if r == 0 { break }
+                done += r
+            }
+            done = min(done, buffer.count)
+        }
         while done < buffer.count {
             let r = pread(pack.fd, buffer.pointer + done, buffer.count - done, off_t(loc.offset) + off_t(done))
             if r < 0 { if errno == EINTR { continue }; throw posixError("read pack", pack.path) }
@@ -409,8 +417,9 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     }
 
     public func willNeed(_ ids: [BlockID]) {
+        // Aligned records are read directly: the page cache would hold them for nothing.
         let ranges = state.withLock { s in ids.compactMap { id -> (Pack, Location)? in
-            guard let l = s.index[id], let p = s.packs[l.pack] else { return nil }
+            guard let l = s.index[id], !(l.aligned && s.packs[l.pack]?.directFD ?? -1 >= 0), let p = s.packs[l.pack] else { return nil }
             return (p, l)
         } }
         for (p, l) in ranges { _ = posix_fadvise(p.fd, off_t(l.offset), off_t(l.length), POSIX_FADV_WILLNEED) }

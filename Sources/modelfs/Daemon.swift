@@ -30,6 +30,13 @@ struct Daemon {
         // returned to the system on free, and cap the arenas.
         _ = modelfs_mallopt(modelfs_m_mmap_threshold(), 128 << 10)
         _ = modelfs_mallopt(modelfs_m_arena_max(), 4)
+        // Every pack holds two descriptors (buffered and O_DIRECT): a 1 TB store is 8,000 of
+        // them. Take the hard limit on open files, not the soft one (often 1,024).
+        var files = rlimit()
+        if getrlimit(Int32(RLIMIT_NOFILE.rawValue), &files) == 0 && files.rlim_cur < files.rlim_max {
+            files.rlim_cur = files.rlim_max
+            _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &files)
+        }
         // One daemon per data dir: a second one would corrupt the first one's view.
         let lockPath = dataDir + "/.lock"
         let lockFD = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
