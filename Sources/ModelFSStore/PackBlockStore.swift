@@ -209,14 +209,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
 
     @discardableResult
     public func put(_ id: BlockID, _ bytes: UnsafeRawBufferPointer) throws -> Bool {
-        // Found already stored: touch it (under the lock GC removes under) and say so.
-        let existed = state.withLock { s -> Bool in
-            guard s.index[id] != nil else { return false }
-            s.index[id]!.touched = .now()
-            s.usage.dedupHits += 1
-            return true
-        }
-        if existed { return false }
+        if touchIfStored(id) { return false }
         appendLock.lock(); defer { appendLock.unlock() }
         if contains(id) { return false }  // stored by another writer meanwhile
         try checkHeadroom(for: bytes.count)
@@ -228,6 +221,17 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         }
         if end >= packLimit { try rollActivePack() }
         return true
+    }
+
+    /// A block found already stored: touched (under the lock GC removes under) and counted as a
+    /// dedup hit. Returns whether it was there.
+    private func touchIfStored(_ id: BlockID) -> Bool {
+        state.withLock { s -> Bool in
+            guard s.index[id] != nil else { return false }
+            s.index[id]!.touched = .now()
+            s.usage.dedupHits += 1
+            return true
+        }
     }
 
     /// Stores a block from its own page-aligned buffer: a block of `directMinimum` bytes or more
@@ -246,13 +250,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
 
     /// The aligned append of `put(_:owned:length:)`; nil if the active pack has no direct I/O.
     private func putAligned(_ id: BlockID, _ buffer: BlockBuffer, length: Int, padded: Int) throws -> Bool? {
-        let existed = state.withLock { s -> Bool in
-            guard s.index[id] != nil else { return false }
-            s.index[id]!.touched = .now()
-            s.usage.dedupHits += 1
-            return true
-        }
-        if existed { return false }
+        if touchIfStored(id) { return false }
         appendLock.lock(); defer { appendLock.unlock() }
         if contains(id) { return false }
         let pack = state.withLock { s in s.packs[s.active]! }
