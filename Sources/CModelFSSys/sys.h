@@ -20,5 +20,5 @@ static inline int modelfs_mallopt(int param, int value) { return mallopt(param, 
 static inline int modelfs_m_mmap_threshold(void) { return -3; }
 static inline int modelfs_m_arena_max(void) { return -8; }
 static inline void modelfs_flush_stdout(void) { fflush(stdout); }  // progress bars
-static inline int modelfs_o_direct(void) { return __O_DIRECT; }  // O_DIRECT (needs _GNU_SOURCE): PackBlockStore.directDescriptor
+static inline int modelfs_o_direct(void) { return __O_DIRECT; }  // O_DIRECT (needs _GNU_SOURCE): PackBlockStore.openPack
 #endif

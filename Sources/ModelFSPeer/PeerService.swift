@@ -131,23 +131,20 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
     }
 
     func put(_ id: BlockID, _ r: PeerRequest) -> PeerResponse {
-        let store = { [local] (bytes: UnsafeRawBufferPointer) -> Result<Bool, any Error>? in
-            guard BlockID.hash(bytes) == id else { return nil }
-            return Result { try local.put(id, bytes) }
-        }
-        // A body received into block memory is stored from that buffer (a direct write for a
-        // large block, no copy through the page cache).
-        let ok: Result<Bool, any Error>? = if let block = r.block {
-            block.withUnsafeBytes { BlockID.hash($0) == id } ? Result { try local.put(id, owned: block, length: block.count) } : nil
-        } else {
-            r.body.withUnsafeReadableBytes(store)
-        }
-        guard let ok else {
+        let matches = r.block.map { b in b.withUnsafeBytes { BlockID.hash($0) == id } }
+            ?? r.body.withUnsafeReadableBytes { BlockID.hash($0) == id }
+        guard matches else {
             metrics.count("modelfs_peer_rejected_blocks_total")
             return .text(.unprocessableEntity, "block rejected: its bytes do not hash to \(id.hex)")
         }
         do {
-            let created = try ok.get()
+            // A body received into block memory is stored from that buffer (a direct write for a
+            // large block, no copy through the page cache).
+            let created = if let block = r.block {
+                try local.put(id, owned: block, length: block.count)
+            } else {
+                try r.body.withUnsafeReadableBytes { try local.put(id, $0) }
+            }
             if r.query["durable"] == "1" { try local.sync([id]) }
             return created ? PeerResponse(.created) : PeerResponse(.ok)
         } catch let e as FSError where e.errno == ENOSPC {

@@ -75,14 +75,16 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             close(fd)
             if directFD >= 0 { close(directFD) }
         }
+        /// The O_DIRECT descriptor, or nil where the filesystem has none.
+        var direct: Int32? { directFD >= 0 ? directFD : nil }
     }
 
-    /// `aligned`: an "MFB2" record (header a page before the data) rather than "MFB1" (40 bytes before).
+    /// Where a block's data is. `aligned`: an "MFB2" record (header a page before the data)
+    /// rather than "MFB1" (40 bytes before).
     struct Location {
         var pack: UInt32; var offset: UInt64; var length: UInt32; var touched: Timestamp; var aligned = false
         var headerOffset: UInt64 { offset - (aligned ? UInt64(PackBlockStore.page) : UInt64(PackBlockStore.headerSize)) }
     }
-    struct DeadRecord { var pack: UInt32; var dataOffset: UInt64; var length: UInt32; var aligned = false }
 
     private struct State {
         var index: [BlockID: Location] = [:]
@@ -92,7 +94,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         var usage = BlockStoreUsage()
         var touchOnRead = false
         /// Records dropped from the index whose space `reclaim` has not yet returned.
-        var dead: [DeadRecord] = []
+        var dead: [Location] = []
     }
     private let state = Mutex(State())
     /// Serialises appends to the active pack.
@@ -145,6 +147,13 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         guard known.contains(magic), let id = BlockID(bytes: header[8..<40]) else { return nil }
         let length = UInt32(header[4]) | UInt32(header[5]) << 8 | UInt32(header[6]) << 16 | UInt32(header[7]) << 24
         return (magic, length, id)
+    }
+
+    /// A record header: magic (4) | data length, UInt32 LE (4) | BlockID (32).
+    static func recordHeader(_ magic: [UInt8], length: Int, id: BlockID) -> [UInt8] {
+        var header = magic
+        withUnsafeBytes(of: UInt32(length).littleEndian) { header += $0 }
+        return header + id.bytes
     }
 
     /// Whether bytes [from, to) of a pack read as zeros (the hole before an aligned record).
@@ -214,11 +223,6 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         if contains(id) { return false }  // stored by another writer meanwhile
         try checkHeadroom(for: bytes.count)
         let end = try appendLocked(id, bytes)
-        state.withLock { s in
-            s.usage.blocks += 1
-            s.usage.bytes += UInt64(bytes.count)
-            s.usage.bytesWritten += UInt64(bytes.count)
-        }
         if end >= packLimit { try rollActivePack() }
         return true
     }
@@ -254,16 +258,14 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         appendLock.lock(); defer { appendLock.unlock() }
         if contains(id) { return false }
         let pack = state.withLock { s in s.packs[s.active]! }
-        guard let direct = directDescriptor(pack) else { return nil }
+        guard let direct = pack.direct else { return nil }
         try checkHeadroom(for: padded + PackBlockStore.page)
         // The padding after the block goes to disk: zeros, not whatever the buffer held.
         if padded > length { memset(buffer.pointer + length, 0, padded - length) }
         let offset = PackBlockStore.pageUp(pack.size)
         memset(alignedHeaderPage, 0, PackBlockStore.page)
-        var header = PackBlockStore.alignedMagic
-        withUnsafeBytes(of: UInt32(length).littleEndian) { header += $0 }
-        header += id.bytes
-        header.withUnsafeBytes { alignedHeaderPage.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        PackBlockStore.recordHeader(PackBlockStore.alignedMagic, length: length, id: id)
+            .withUnsafeBytes { alignedHeaderPage.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
         do {
             try writeDirect(pack, direct, [(UnsafeRawPointer(alignedHeaderPage), PackBlockStore.page),
                                            (UnsafeRawPointer(buffer.pointer), padded)], at: offset)
@@ -272,28 +274,14 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             throw error
         }
         let end = offset + UInt64(PackBlockStore.page + padded)
-        state.withLock { s in
-            pack.deadBytes += offset - pack.size   // the hole before the record, if any
-            pack.size = end
-            pack.liveBytes += UInt64(length)
-            s.index[id] = Location(pack: pack.number, offset: offset + UInt64(PackBlockStore.page),
-                                   length: UInt32(length), touched: .now(), aligned: true)
-            s.unsynced.insert(pack.number)
-            s.usage.blocks += 1
-            s.usage.bytes += UInt64(length)
-            s.usage.bytesWritten += UInt64(length)
-        }
+        appended(id, to: pack, at: Location(pack: pack.number, offset: offset + UInt64(PackBlockStore.page),
+                                           length: UInt32(length), touched: .now(), aligned: true), end: end)
         if end >= packLimit { try rollActivePack() }
         return true
     }
 
     /// One page for aligned records' headers, written under the append lock.
     private let alignedHeaderPage = UnsafeMutableRawPointer.allocate(byteCount: PackBlockStore.page, alignment: PackBlockStore.page)
-
-    /// The pack's O_DIRECT descriptor, or nil where the filesystem has none.
-    private func directDescriptor(_ pack: Pack) -> Int32? {
-        pack.directFD >= 0 ? pack.directFD : nil
-    }
 
     /// Writes page-aligned pieces one after another at `offset` with the direct descriptor.
     private func writeDirect(_ pack: Pack, _ fd: Int32, _ pieces: [(UnsafeRawPointer, Int)], at offset: UInt64) throws {
@@ -392,9 +380,9 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         // An aligned record is read directly into the block's buffer, padding included (no copy
         // out of the page cache, no page-cache memory to fault in); short reads end on a page.
         let padded = Int(PackBlockStore.pageUp(UInt64(loc.length)))
-        if loc.aligned, pack.directFD >= 0, padded <= buffer.capacity {
+        if loc.aligned, let direct = pack.direct, padded <= buffer.capacity {
             while done < buffer.count && done % PackBlockStore.page == 0 {
-                let r = pread(pack.directFD, buffer.pointer + done, padded - done, off_t(loc.offset) + off_t(done))
+                let r = pread(direct, buffer.pointer + done, padded - done, off_t(loc.offset) + off_t(done))
                 if r < 0 { if errno == EINTR { continue }; break }   // the buffered reads below try again
                 if r == 0 { break }
                 done += r
@@ -417,7 +405,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     public func willNeed(_ ids: [BlockID]) {
         // Aligned records are read directly: the page cache would hold them for nothing.
         let ranges = state.withLock { s in ids.compactMap { id -> (Pack, Location)? in
-            guard let l = s.index[id], !(l.aligned && s.packs[l.pack]?.directFD ?? -1 >= 0), let p = s.packs[l.pack] else { return nil }
+            guard let l = s.index[id], let p = s.packs[l.pack], !(l.aligned && p.direct != nil) else { return nil }
             return (p, l)
         } }
         for (p, l) in ranges { _ = posix_fadvise(p.fd, off_t(l.offset), off_t(l.length), POSIX_FADV_WILLNEED) }
@@ -522,7 +510,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
                 p.liveBytes -= min(p.liveBytes, UInt64(l.length))
                 p.deadBytes += UInt64(l.length)
             }
-            s.dead.append(DeadRecord(pack: l.pack, dataOffset: l.offset, length: l.length, aligned: l.aligned))
+            s.dead.append(l)
             s.usage.blocks -= 1
             s.usage.bytes -= min(s.usage.bytes, UInt64(l.length))
             return UInt64(l.length)
@@ -559,7 +547,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     /// given back.
     @discardableResult
     public func reclaim() throws -> UInt64 {
-        let (dead, packs, empty) = state.withLock { s -> ([DeadRecord], [UInt32: Pack], [Pack]) in
+        let (dead, packs, empty) = state.withLock { s -> ([Location], [UInt32: Pack], [Pack]) in
             defer { s.dead.removeAll() }
             let e = s.packs.values.filter { $0.number != s.active && $0.liveBytes == 0 }
             for p in e { s.packs[p.number] = nil; s.unsynced.remove(p.number) }
@@ -578,9 +566,8 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         var touched: [UInt32: Pack] = [:]
         for d in dead {
             guard let p = packs[d.pack] else { continue }
-            let (magic, header) = d.aligned ? (PackBlockStore.alignedDeadMagic, d.dataOffset - UInt64(PackBlockStore.page))
-                                            : (PackBlockStore.deadMagic, d.dataOffset - UInt64(PackBlockStore.headerSize))
-            try magic.withUnsafeBytes { try writeAll(p, $0, at: header) }
+            let magic = d.aligned ? PackBlockStore.alignedDeadMagic : PackBlockStore.deadMagic
+            try magic.withUnsafeBytes { try writeAll(p, $0, at: d.headerOffset) }
             touched[d.pack] = p
         }
         for p in touched.values where fdatasync(p.fd) != 0 { throw posixError("fdatasync", p.path) }
@@ -588,9 +575,9 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             guard let p = packs[d.pack] else { continue }
             // Whole pages inside the data only: the neighbours' headers stay intact. (An aligned
             // record's data pages, padding included, are its own.)
-            let start = (d.dataOffset + 4095) / 4096 * 4096
-            let end = d.aligned ? PackBlockStore.pageUp(d.dataOffset + UInt64(d.length))
-                                : (d.dataOffset + UInt64(d.length)) / 4096 * 4096
+            let start = PackBlockStore.pageUp(d.offset)
+            let end = d.aligned ? PackBlockStore.pageUp(d.offset + UInt64(d.length))
+                                : (d.offset + UInt64(d.length)) / 4096 * 4096
             if end > start && modelfs_punch_hole(p.fd, off_t(start), off_t(end - start)) == 0 {
                 freed += end - start
             }
@@ -605,25 +592,32 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     private func appendLocked(_ id: BlockID, _ bytes: UnsafeRawBufferPointer) throws -> UInt64 {
         let pack = state.withLock { s in s.packs[s.active]! }
         let offset = pack.size
-        var header = PackBlockStore.magic
-        withUnsafeBytes(of: UInt32(bytes.count).littleEndian) { header += $0 }
-        header += id.bytes
         do {
-            try header.withUnsafeBytes { try writeAll(pack, $0, at: offset) }
+            try PackBlockStore.recordHeader(PackBlockStore.magic, length: bytes.count, id: id)
+                .withUnsafeBytes { try writeAll(pack, $0, at: offset) }
             try writeAll(pack, bytes, at: offset + UInt64(PackBlockStore.headerSize))
         } catch {
             _ = ftruncate(pack.fd, off_t(offset))
             throw error
         }
         let end = offset + UInt64(PackBlockStore.headerSize) + UInt64(bytes.count)
-        state.withLock { s in
-            pack.size = end
-            pack.liveBytes += UInt64(bytes.count)
-            s.index[id] = Location(pack: pack.number, offset: offset + UInt64(PackBlockStore.headerSize),
-                                   length: UInt32(bytes.count), touched: .now())
-            s.unsynced.insert(pack.number)
-        }
+        appended(id, to: pack, at: Location(pack: pack.number, offset: offset + UInt64(PackBlockStore.headerSize),
+                                           length: UInt32(bytes.count), touched: .now()), end: end)
         return end
+    }
+
+    /// Indexes a record just appended to `pack` (append lock held), which now ends at `end`.
+    private func appended(_ id: BlockID, to pack: Pack, at loc: Location, end: UInt64) {
+        state.withLock { s in
+            pack.deadBytes += loc.headerOffset - pack.size   // the hole before an aligned record, if any
+            pack.size = end
+            pack.liveBytes += UInt64(loc.length)
+            s.index[id] = loc
+            s.unsynced.insert(pack.number)
+            s.usage.blocks += 1
+            s.usage.bytes += UInt64(loc.length)
+            s.usage.bytesWritten += UInt64(loc.length)
+        }
     }
 
     /// Where a block's bytes are (for tests that corrupt them on purpose).
