@@ -128,12 +128,13 @@ def write_file(path, data: bytes, fsync: bool = False, chunk: int = 1 * MiB):
             os.fsync(f.fileno())
 
 
-def pack_records(pack: Path):
+def pack_records(pack: Path, strict: bool = False):
     """The records of one pack file, in order: (magic, id hex, data offset, length, data).
     Formats (docs/ARCHITECTURE.md): b"MFB1" | len u32 LE | 32-byte id | data, anywhere; b"MFB2"
     has the same 40-byte header at the start of a 4 KiB page and the data from the next page,
     padded to a page; a hole (zeros) before an aligned record is stepped over. Dead records are
-    b"MFBX" / b"MFX2". A record still being appended (torn tail) ends the scan."""
+    b"MFBX" / b"MFX2". A record still being appended (torn tail) or a bad header ends the scan;
+    with `strict` (a pack nobody is appending to) either one is an AssertionError."""
     try:
         raw = pack.read_bytes()
     except FileNotFoundError:   # a pack emptied by GC or a dropped copy, deleted as we look
@@ -148,15 +149,18 @@ def pack_records(pack: Path):
                 off = nxt
                 magic = raw[off:off + 4]
         if magic not in (b"MFB1", b"MFBX", b"MFB2", b"MFX2"):
+            assert not strict, f"bad record header in {pack} at {off}"
             return
         n = int.from_bytes(raw[off + 4:off + 8], "little")
         aligned = magic in (b"MFB2", b"MFX2")
         data_off = off + (page if aligned else 40)
         end = data_off + ((n + page - 1) // page * page if aligned else n)
         if end > len(raw):
+            assert not strict, f"torn record in {pack} at {off}"
             return
         yield magic, raw[off + 8:off + 40].hex(), data_off, n, raw[data_off:data_off + n]
         off = end
+    assert not strict or off == len(raw), f"torn record in {pack} at {off}"
 
 
 def assert_bytes_equal(actual: bytes, expected: bytes, what: str = "content"):

@@ -290,7 +290,7 @@ def block_records(data_dir: Path) -> dict[str, tuple[Path, int, int]]:
     """Every block in the data dir's packs: sha256 hex -> (pack path, data offset, length)."""
     out = {}
     for pack in sorted((data_dir / "packs").glob("*.pack")):
-        for magic, ident, data_off, n, data in pack_records(pack):
+        for magic, ident, data_off, n, data in pack_records(pack, strict=True):
             assert magic in (b"MFB1", b"MFB2"), f"dead record {ident} in {pack}"
             assert hashlib.sha256(data).hexdigest() == ident, f"record {ident} in {pack} does not match its name"
             out.setdefault(ident, (pack, data_off, n))
