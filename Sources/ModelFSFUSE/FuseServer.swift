@@ -14,13 +14,14 @@ public final class FuseServer: @unchecked Sendable {
     /// namespace, so a long timeout is safe and makes warm `stat` free.
     let entryTimeout: Double
     let attrTimeout: Double
-    /// The kernel's writeback cache (single node). A cluster node runs without it: with it, the
-    /// kernel trusts its own idea of a file's size over ours for as long as it caches the inode,
-    /// so a new version committed by another node could be read cut to the old size.
+    /// The kernel's writeback cache (`-o writeback_cache`, single node only; off by default, see
+    /// MountOptions for the measurements). A cluster node runs without it: with it, the kernel
+    /// trusts its own idea of a file's size over ours for as long as it caches the inode, so a
+    /// new version committed by another node could be read cut to the old size.
     let writebackCache: Bool
     private var session: OpaquePointer?
 
-    public init(fs: FileSystem, dataDir: String, entryTimeout: Double = 60, attrTimeout: Double = 60, writebackCache: Bool = true) {
+    public init(fs: FileSystem, dataDir: String, entryTimeout: Double = 60, attrTimeout: Double = 60, writebackCache: Bool = false) {
         self.fs = fs
         self.dataDir = dataDir
         self.entryTimeout = entryTimeout

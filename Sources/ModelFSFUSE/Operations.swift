@@ -18,14 +18,18 @@ extension FuseServer {
             guard let conn else { return }
             let c = conn.pointee.capable
             var want = conn.pointee.want
-            // Writeback cache: writes land in the page cache and reach us as large, merged
-            // requests; the kernel keeps size and mtime itself while it has dirty pages.
-            // (Not on a cluster node: see FuseServer.writebackCache.)
+            // Writeback cache, only when asked for (-o writeback_cache; never on a cluster node,
+            // see FuseServer.writebackCache): writes land in the page cache and reach us later as
+            // merged requests; the kernel keeps size and mtime itself while it has dirty pages.
+            // Without it (the default) each write() reaches us in order, up to 1 MiB per request,
+            // which is faster for large sequential checkpoint writes (MountOptions).
             let server = userdata.map { Unmanaged<FuseServer>.fromOpaque($0).takeUnretainedValue() }
-            if c & UInt32(FUSE_CAP_WRITEBACK_CACHE) != 0 && server?.writebackCache != false {
+            if c & UInt32(FUSE_CAP_WRITEBACK_CACHE) != 0 && server?.writebackCache == true {
                 want |= UInt32(FUSE_CAP_WRITEBACK_CACHE)
+                Log.info("kernel writeback cache: on")
             } else {
                 want &= ~UInt32(FUSE_CAP_WRITEBACK_CACHE)
+                Log.info("kernel writeback cache: off (writes reach the daemon as they are made)")
             }
             // O_TRUNC arrives with open(), so truncate-and-rewrite is one step for us.
             if c & UInt32(FUSE_CAP_ATOMIC_O_TRUNC) != 0 { want |= UInt32(FUSE_CAP_ATOMIC_O_TRUNC) }

@@ -86,7 +86,9 @@ struct Daemon {
         var options = ["fsname=modelfs", "subtype=modelfs", "default_permissions"]
         // Other users may use a root-mounted filesystem; the kernel enforces permissions.
         if getuid() == 0 { options.append("allow_other") }
-        options += fuseOptions.flatMap { $0.split(separator: ",").map(String.init) }
+        // `writeback_cache` is ours, not libfuse's (see MountOptions); the rest goes to libfuse.
+        let mountOptions = MountOptions(fuseOptions)
+        options += mountOptions.fuse
 
         let record = MountRecord(mountpoint: mountpoint, dataDir: dataDir, meta: meta, pid: getpid(),
                                  socket: Registry.socketPath(mountpoint))
@@ -103,7 +105,7 @@ struct Daemon {
         // invalidates sooner). Alone, nobody else does: long ones make warm stat free.
         let timeout = node == nil ? 60.0 : 1.0
         let server = FuseServer(fs: fs, dataDir: dataDir, entryTimeout: timeout, attrTimeout: timeout,
-                                writebackCache: node == nil)
+                                writebackCache: mountOptions.writebackCache)
         try node?.start()
         if let node {
             let me = node.id

@@ -28,7 +28,7 @@ struct MountCommand: ParsableCommand {
     @Flag(name: .short, help: "Stay in the foreground (do not daemonize).")
     var foreground = false
 
-    @Option(name: .short, help: "Extra FUSE mount options, comma-separated (e.g. -o ro).")
+    @Option(name: .short, help: "Extra FUSE mount options, comma-separated (e.g. -o ro). -o writeback_cache (one node only) turns on the kernel's writeback cache: faster for many small writes, slower for large sequential ones.")
     var o: [String] = []
 
     @Option(help: .hidden)
@@ -88,6 +88,9 @@ struct MountCommand: ParsableCommand {
         if getuid() != 0 && !FileManager.default.isExecutableFile(atPath: "/usr/bin/fusermount3")
             && !FileManager.default.isExecutableFile(atPath: "/bin/fusermount3") {
             return "fusermount3 is missing; install it with: sudo apt-get install fuse3"
+        }
+        if meta.hasPrefix("etcd://") && MountOptions(o).writebackCache {
+            return "-o writeback_cache is for a single node: with it the kernel keeps its own file sizes and would miss other nodes' writes; drop it"
         }
         if meta.hasPrefix("etcd://") {
             do { _ = try MetadataURL.parseEtcd(meta) } catch let e as FSError { return e.message } catch { return "\(error)" }

@@ -123,6 +123,18 @@ def test_mount_unknown_meta_scheme(modelfs_bin, scratch):
     assert not is_mounted(mp, None)
 
 
+def test_mount_writeback_cache_refused_on_a_cluster_node(modelfs_bin, scratch):
+    data, mp = scratch / "data", scratch / "mnt"
+    data.mkdir()
+    mp.mkdir()
+    try:
+        expect_cli_error([modelfs_bin, "mount", mp, "--data", data, "--meta", "etcd://127.0.0.1:2379",
+                          "-o", "writeback_cache"], "single node")
+    finally:
+        _ensure_unmounted(mp, data)
+    assert not is_mounted(mp, None)
+
+
 def _exec_as_nobody():
     os.setgroups([])
     os.setgid(65534)

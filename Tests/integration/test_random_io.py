@@ -10,6 +10,8 @@ import os
 import random
 from collections import deque
 
+import pytest
+
 from mfs import MiB, assert_bytes_equal, read_file
 
 SEED = int(os.environ.get("MODELFS_SEED", str(random.SystemRandom().randrange(1 << 31))))
@@ -131,7 +133,9 @@ class Model:
             assert_bytes_equal(read_file(p), bytes(self.shadow[k]), f"{when}: f{k}")
 
 
-def test_random_io_against_shadow(mnt):
+@pytest.mark.parametrize("options", [[], ["writeback_cache"]], ids=["default", "writeback_cache"])
+def test_random_io_against_shadow(mount_factory, options):
+    mnt = mount_factory(options=options)
     rng = random.Random(SEED)
     model = Model(mnt, rng)
     i = -1
