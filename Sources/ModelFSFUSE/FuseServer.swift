@@ -167,16 +167,17 @@ public final class FuseServer: @unchecked Sendable {
         fi.pointee.fh = o.handle.rawValue
         // keep_cache: the kernel's cached pages are still this version, keep them.
         modelfs_fi_set_keep_cache(fi, o.keepCache ? 1 : 0)
-        // direct_io stays off: mmap (MAP_SHARED too) needs the page cache.
-        modelfs_fi_set_direct_io(fi, 0)
+        // direct_io only for write-only opens (FileSystem.open): mmap (MAP_SHARED too) needs the
+        // page cache, and a write-only descriptor cannot be mapped.
+        modelfs_fi_set_direct_io(fi, o.direct ? 1 : 0)
     }
 
-    /// With the writeback cache the kernel may read pages of a file opened write-only and
-    /// appends itself: open O_WRONLY as O_RDWR and drop O_APPEND (libfuse's own examples forget
-    /// this in `create`, and np.savez then fails with EBADF).
-    static func adjustedFlags(_ fi: UnsafeMutablePointer<fuse_file_info>?) -> OpenFlags {
+    /// The kernel computes append offsets itself: drop O_APPEND. With the writeback cache it may
+    /// also read pages of a file opened write-only: open O_WRONLY as O_RDWR then (libfuse's own
+    /// examples forget this in `create`, and np.savez then fails with EBADF).
+    func adjustedFlags(_ fi: UnsafeMutablePointer<fuse_file_info>?) -> OpenFlags {
         var f = fi?.pointee.flags ?? O_RDONLY
-        if f & O_ACCMODE == O_WRONLY { f = (f & ~O_ACCMODE) | O_RDWR }
+        if writebackCache && f & O_ACCMODE == O_WRONLY { f = (f & ~O_ACCMODE) | O_RDWR }
         f &= ~O_APPEND
         return OpenFlags(f)
     }

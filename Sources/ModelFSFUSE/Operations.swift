@@ -157,7 +157,7 @@ extension FuseServer {
         ops.open = { req, i, fi in
             let s = FuseServer.server(req)
             do {
-                let opened = try s.fs.open(ino(i), flags: FuseServer.adjustedFlags(fi))
+                let opened = try s.fs.open(ino(i), flags: s.adjustedFlags(fi))
                 if opened.staleAttributes { s.invalidateAttributes(i) }
                 s.setOpenReply(fi, opened)
                 fuse_reply_open(req, fi)
@@ -168,7 +168,7 @@ extension FuseServer {
             let s = FuseServer.server(req)
             do {
                 let (attrs, opened) = try s.fs.create(parent: ino(parent), name: try FuseServer.name(name), mode: UInt32(mode),
-                                                      flags: FuseServer.adjustedFlags(fi), context: FuseServer.context(req))
+                                                      flags: s.adjustedFlags(fi), context: FuseServer.context(req))
                 s.setOpenReply(fi, opened)
                 var e = s.entry(attrs)
                 fuse_reply_create(req, &e, fi)
@@ -190,7 +190,8 @@ extension FuseServer {
         ops.write = { req, _, buf, size, off, fi in
             let s = FuseServer.server(req)
             do {
-                let n = try s.fs.write(fh(fi), at: UInt64(off), UnsafeRawBufferPointer(start: buf, count: size))
+                let n = try s.fs.write(fh(fi), at: UInt64(off), UnsafeRawBufferPointer(start: buf, count: size),
+                                       caller: FuseServer.context(req))
                 fuse_reply_write(req, n)
             } catch { fuse_reply_err(req, errnoFor(error, op: "write")) }
         }

@@ -63,7 +63,11 @@ struct Daemon {
             engine = try MetadataURL.open(meta, rootUID: getuid(), rootGID: getgid())
             node = nil
         }
+        // `writeback_cache` is ours, not libfuse's (see MountOptions); the rest goes to libfuse.
+        let mountOptions = MountOptions(fuseOptions)
         var fsOptions = FileSystemOptions(stagingDir: staging)
+        // Write-only opens bypass the page cache, unless the writeback cache holds the writes.
+        fsOptions.directWrites = !mountOptions.writebackCache
         if meta.hasPrefix("sqlite:") {
             var st = stat()
             let dbDir = (String(meta.dropFirst("sqlite:".count)) as NSString).deletingLastPathComponent
@@ -86,8 +90,6 @@ struct Daemon {
         var options = ["fsname=modelfs", "subtype=modelfs", "default_permissions"]
         // Other users may use a root-mounted filesystem; the kernel enforces permissions.
         if getuid() == 0 { options.append("allow_other") }
-        // `writeback_cache` is ours, not libfuse's (see MountOptions); the rest goes to libfuse.
-        let mountOptions = MountOptions(fuseOptions)
         options += mountOptions.fuse
 
         let record = MountRecord(mountpoint: mountpoint, dataDir: dataDir, meta: meta, pid: getpid(),

@@ -12,13 +12,15 @@ final class TestFS: @unchecked Sendable {
     let fs: FileSystem
     static let smallChunks = ChunkerParameters(minSize: 2 << 10, averageSize: 8 << 10, maxSize: 32 << 10)
 
-    init(chunker: ChunkerParameters = TestFS.smallChunks, meta: String = "memory:", dir: String? = nil) throws {
+    init(chunker: ChunkerParameters = TestFS.smallChunks, meta: String = "memory:", dir: String? = nil,
+         directWrites: Bool = false) throws {
         self.dir = dir ?? NSTemporaryDirectory() + "modelfs-fs-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
         try FileManager.default.createDirectory(atPath: self.dir + "/staging", withIntermediateDirectories: true)
         store = try PackBlockStore(root: self.dir)
         var options = FileSystemOptions(stagingDir: self.dir + "/staging")
         options.chunker = chunker
         options.blockCacheBytes = 8 << 20
+        options.directWrites = directWrites
         let url = meta == "sqlite" ? "sqlite:\(self.dir)/meta.db" : meta
         fs = try FileSystem(meta: try MetadataURL.open(url, rootUID: 0, rootGID: 0), store: store, options: options)
     }

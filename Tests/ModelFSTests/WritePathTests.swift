@@ -329,4 +329,32 @@ final class LockedCounter: @unchecked Sendable {
         // A directory has no state attributes (its policy is an ordinary one).
         #expect(throws: FSError.self) { _ = try t.fs.getxattr(.root, name: "user.modelfs.replicas") }
     }
+
+    @Test func writeOnlyOpensAreDirectAndClearSetIDBitsForOtherUsers() throws {
+        let t = try TestFS(directWrites: true); defer { t.remove() }
+        let (ino, fh) = try t.create("f", flags: O_WRONLY)
+        let rw = try t.fs.open(ino, flags: OpenFlags(O_RDWR))
+        let ro = try t.fs.open(ino, flags: OpenFlags(O_RDONLY))
+        #expect(!rw.direct && !ro.direct)
+        let user = RequestContext(uid: 1000, gid: 1000, pid: 1)
+        func mode() throws -> UInt32 { try t.fs.getattr(ino).mode }
+        for (set, kept) in [(UInt32(0o6777), UInt32(0o0777)), (0o2767, 0o2767)] {
+            _ = try t.fs.setattr(ino, AttributeChanges(mode: set), handle: nil, context: .root)
+            let w = try t.fs.open(ino, flags: OpenFlags(O_WRONLY))
+            #expect(w.direct)
+            _ = try [UInt8](repeating: 1, count: 10).withUnsafeBytes { try t.fs.write(w.handle, at: 0, $0, caller: .root) }
+            #expect(try mode() == set, "root keeps set-id bits")
+            _ = try [UInt8](repeating: 2, count: 10).withUnsafeBytes { try t.fs.write(w.handle, at: 0, $0, caller: user) }
+            #expect(try mode() == kept, "a write by uid 1000 with mode \(String(set, radix: 8))")
+            try t.close(w.handle)
+        }
+        // A write through the page cache is the kernel's to police (it sends a chmod first).
+        _ = try t.fs.setattr(ino, AttributeChanges(mode: 0o6777), handle: nil, context: .root)
+        _ = try [UInt8](repeating: 3, count: 10).withUnsafeBytes { try t.fs.write(rw.handle, at: 0, $0, caller: user) }
+        #expect(try mode() == 0o6777)
+        for h in [fh, rw.handle, ro.handle] { try t.close(h) }
+        let plain = try TestFS(); defer { plain.remove() }
+        let (pino, _) = try plain.create("g", flags: O_WRONLY)
+        #expect(try !plain.fs.open(pino, flags: OpenFlags(O_WRONLY)).direct)
+    }
 }

@@ -173,3 +173,99 @@ def test_writeback_cache_option(mount_factory):
     assert read_file(p) == bytes(expect)
     m.remount()
     assert read_file(p) == bytes(expect)
+
+
+def _resident_pages(fd, size) -> int:
+    """Pages of the file open as `fd` in the kernel's page cache (mincore over a read-only
+    mapping; mapping, unlike opening, does not drop cached pages)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    addr = libc.mmap(None, size, 1, 1, fd, 0)   # PROT_READ, MAP_SHARED
+    assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    try:
+        vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
+        assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+        return sum(v & 1 for v in vec)
+    finally:
+        libc.munmap(addr, size)
+
+
+@pytest.mark.parametrize("access,cached", [(os.O_WRONLY, False), (os.O_RDWR, True)], ids=["write-only", "read-write"])
+def test_write_only_opens_bypass_the_page_cache(workdir, access, cached):
+    """A write-only descriptor writes past the kernel's page cache (nothing can map or read
+    it); a read-write one writes through it."""
+    data = os.urandom(8 << 20)
+    p = workdir / "f"
+    w = os.open(p, access | os.O_CREAT | os.O_TRUNC, 0o644)
+    r = os.open(p, os.O_RDONLY)
+    try:
+        assert os.write(w, data) == len(data)
+        resident = _resident_pages(r, len(data))
+        assert (resident > 0) == cached, f"{resident} pages cached"
+        assert os.pread(r, len(data), 0) == data
+    finally:
+        os.close(r)
+        os.close(w)
+    assert read_file(p) == data
+
+
+def test_a_direct_write_is_seen_by_open_readers(workdir):
+    """Readers that cached the pages (read(), a shared mapping) see a write-only writer's bytes
+    as soon as its write() returns."""
+    import mmap
+    p = workdir / "f"
+    write_file(p, b"A" * (256 << 10))
+    r = os.open(p, os.O_RDONLY)
+    m = mmap.mmap(r, 256 << 10, prot=mmap.PROT_READ)
+    try:
+        assert os.pread(r, 4096, 8192) == b"A" * 4096 and m[0:4] == b"AAAA"
+        w = os.open(p, os.O_WRONLY)
+        try:
+            assert os.pwrite(w, b"B" * (64 << 10), 0) == 64 << 10
+            assert os.pread(r, 4096, 8192) == b"B" * 4096
+            assert m[0:4] == b"BBBB" and m[70000:70004] == b"AAAA"
+        finally:
+            os.close(w)
+    finally:
+        m.close()
+        os.close(r)
+
+
+def test_pages_cached_during_a_direct_write_are_not_kept(workdir):
+    """A reader that came and went while a write-only writer had the file open cached pages
+    the writer then changed: the next open does not keep them."""
+    p = workdir / "f"
+    w = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(w, b"1" * 65536)
+        assert read_file(p) == b"1" * 65536      # a reader opens, caches the pages, closes
+        os.pwrite(w, b"2" * 65536, 0)           # nobody else has it open now
+        assert read_file(p) == b"2" * 65536
+    finally:
+        os.close(w)
+    assert read_file(p) == b"2" * 65536
+
+
+@pytest.mark.parametrize("mode,after", [(0o6777, 0o0777), (0o2767, 0o2767)], ids=["setuid+setgid", "setgid-no-group-exec"])
+def test_a_write_by_another_user_clears_set_id_bits(workdir, mode, after):
+    """As the kernel does for writes through its page cache: a write by a caller without
+    CAP_FSETID clears setuid, and setgid where the group may execute; root's write keeps them."""
+    p = workdir / "s"
+    write_file(p, b"x" * 10)
+    os.chmod(workdir, 0o777)
+    for flags in (os.O_WRONLY, os.O_RDWR):
+        os.chmod(p, mode)
+        def write_as_user(path, flags):
+            fd = os.open(path, flags)
+            os.write(fd, b"y")
+            os.close(fd)
+        in_child(write_as_user, str(p), flags, uid=1000, gid=1000)
+        assert stat.S_IMODE(os.stat(p).st_mode) == after, f"flags {flags:#o}"
+    os.chmod(p, mode)
+    fd = os.open(p, os.O_WRONLY)
+    os.write(fd, b"z")
+    os.close(fd)
+    assert stat.S_IMODE(os.stat(p).st_mode) == mode
