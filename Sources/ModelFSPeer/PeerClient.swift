@@ -96,6 +96,15 @@ public final class PeerClient: Sendable {
         return buffer
     }
 
+    /// Stores a block this node still holds in memory on `node` (an eager copy of a block just
+    /// written: its pack record was written with O_DIRECT, so sending it from the file would read
+    /// it back from disk). One copy into the request body; the receiver verifies it. With
+    /// `durable`, the node fsyncs it before answering.
+    public func put(_ id: BlockID, _ bytes: UnsafeRawBufferPointer, to node: NodeInfo, durable: Bool) throws {
+        let r = try send(node, .PUT, "/v1/blocks/\(id.hex)\(durable ? "?durable=1" : "")", body: ByteBuffer(bytes: bytes))
+        guard r.status == .ok || r.status == .created else { throw failure(node, "PUT \(id.hex)", r) }
+    }
+
     /// Stores `store`'s copy of block `id` on `node`, sent straight from the pack file with
     /// sendfile(2) (no read into this process, no hash: the receiver verifies it); with
     /// `durable`, the node fsyncs it before answering. Returns the bytes sent, nil if `store`

@@ -157,15 +157,21 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
     /// Blocks waiting or being sent at most: beyond, a K>1 writer waits, a K=1 writer leaves the
     /// block to its job (write-back never slows the writer for the network).
     static let eagerLimit = 64
+    /// Bytes of just-written blocks kept in memory for their eager copies, at most (blocks beyond
+    /// are sent from their pack, which reads them back from disk: the write pipeline stores
+    /// blocks with O_DIRECT, so they are not in the page cache).
+    static let heldLimit = 48 << 20
+    private let heldBytes = Mutex(0)
 
     public func sessionStore(_ store: any BlockStore, ino: InodeNumber, parent: InodeNumber?) -> any BlockStore {
         let p = policy(for: parent)
         guard p.replicas > 1 else { return store }
-        return EagerStore(inner: store) { [weak self] id in self?.eager(id, policy: p) }
+        return EagerStore(inner: store) { [weak self] id, buffer, length in self?.eager(id, policy: p, buffer: buffer, length: length) }
     }
 
-    /// Starts copying a block this node just stored to its other holders.
-    func eager(_ id: BlockID, policy: ReplicationPolicy) {
+    /// Starts copying a block this node just stored to its other holders: from `buffer` (its
+    /// bytes, [0, length)) while at most `heldLimit` bytes are held so, else from its pack.
+    func eager(_ id: BlockID, policy: ReplicationPolicy, buffer: BlockBuffer? = nil, length: Int = 0) {
         let me = membership.me
         let targets = Placement.targets(id, nodes: membership.placementNodes, replicas: policy.replicas, writer: me.id, spreadLabel: policy.spread)
             .filter { $0.id != me.id }
@@ -184,13 +190,28 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         // Write-back (K = 1) copies trickle on two threads, leaving the CPU to the writer;
         // a writer that waits for its copies anyway (K > 1) gets them on `width`.
         let slots = policy.ack <= 1 ? writeBackSlots : eagerSlots
+        let held = buffer.flatMap { b in
+            heldBytes.withLock { h -> BlockBuffer? in
+                guard h + length <= Self.heldLimit else { return nil }
+                h += length
+                return b
+            }
+        }
         eagerQueue.async { [self] in
             slots.wait()
             defer { slots.signal() }
             var sent: UInt64 = 0
             for node in targets {
-                if let n = try? client.put(id, from: local, to: node, durable: false) { sent += UInt64(n) }
+                if let held {
+                    let ok = held.withUnsafeBytes { all in
+                        (try? client.put(id, UnsafeRawBufferPointer(rebasing: all[0..<length]), to: node, durable: false)) != nil
+                    }
+                    if ok { sent += UInt64(length) }
+                } else if let n = try? client.put(id, from: local, to: node, durable: false) {
+                    sent += UInt64(n)
+                }
             }
+            if held != nil { heldBytes.withLock { $0 -= length } }
             eagerState.withLock { s in
                 s.queued -= 1
                 s.inflight[id]! -= 1
@@ -472,19 +493,20 @@ public final class Shared<T: Sendable>: Sendable {
 /// A write session's view of the store: every block it newly stores is handed to `onNew`.
 final class EagerStore: BlockStore, @unchecked Sendable {
     let inner: any BlockStore
-    let onNew: @Sendable (BlockID) -> Void
-    init(inner: any BlockStore, onNew: @escaping @Sendable (BlockID) -> Void) { self.inner = inner; self.onNew = onNew }
+    /// A block newly stored: its id, and its bytes when the store was handed a buffer.
+    let onNew: @Sendable (BlockID, BlockBuffer?, Int) -> Void
+    init(inner: any BlockStore, onNew: @escaping @Sendable (BlockID, BlockBuffer?, Int) -> Void) { self.inner = inner; self.onNew = onNew }
 
     @discardableResult
     func put(_ id: BlockID, _ bytes: UnsafeRawBufferPointer) throws -> Bool {
         let created = try inner.put(id, bytes)
-        if created { onNew(id) }
+        if created { onNew(id, nil, bytes.count) }
         return created
     }
     @discardableResult
     func put(_ id: BlockID, owned buffer: BlockBuffer, length: Int) throws -> Bool {
         let created = try inner.put(id, owned: buffer, length: length)
-        if created { onNew(id) }
+        if created { onNew(id, buffer, length) }
         return created
     }
     func read(_ id: BlockID) throws -> BlockBuffer { try inner.read(id) }

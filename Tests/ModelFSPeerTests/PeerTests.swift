@@ -175,6 +175,19 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
         #expect(!local.contains(id))
     } }
 
+    @Test func aBlockHeldInMemoryIsPushedFromItsBytes() throws { try connected { local, _, node, client, _ in
+        // Eager copies of blocks just written go from the write pipeline's buffer (their pack
+        // record was written with O_DIRECT: sending it from the file would read it from disk).
+        let (id, bytes) = blockOf((1 << 20) + 12_345, seed: 60)
+        try bytes.withUnsafeBytes { try client.put(id, $0, to: node, durable: false) }
+        let got = try #require(try client.get(id, from: node))
+        #expect(got.withUnsafeBytes { Array($0) } == bytes)
+        // Bytes that are not the block's: refused, nothing stored.
+        let (other, _) = blockOf(5000, seed: 61)
+        #expect(throws: (any Error).self) { try bytes.withUnsafeBytes { try client.put(other, $0, to: node, durable: false) } }
+        #expect(!local.contains(other))
+    } }
+
     @Test func aPushToAPeerThatStopsReadingFailsAndClosesItsDescriptor() throws {
         // A listener that never accepts or reads: the kernel completes the connection, the
         // push's sendfile fills the socket buffers, and the request times out mid-body.

@@ -2,10 +2,23 @@
 # Cluster benchmark (issue #3), all in one run on this machine's loopback:
 #   a single modelfs node (the baseline), then a 3-node cluster on a real 3-member etcd:
 #   write SIZE on node A with R=3 at K=1 and at K=3, time from close() to 3 verified copies,
-#   cold read on node B of a file whose blocks are all remote; peak RSS of every node.
+#   cold read on node B of a file whose blocks are all remote; peak RSS of every node; and
+#   MooseFS with goal 3 writing the same bytes (Debian's moosefs-* packages, installed here).
 #
-#   scripts/bench/cluster.sh [--size-mib N] [--dir DIR]
+#   scripts/bench/cluster.sh [--size-mib N] [--dir DIR] [--no-moosefs]
 #
-# Needs root (drop_caches, FUSE), etcd (scripts/install-cluster-deps.sh), the release binary and
-# the venv. Prints a table of ratios; writes bench-results/cluster.md (git-ignored).
+# Needs root (drop_caches, FUSE, a network namespace for MooseFS), etcd
+# (scripts/install-cluster-deps.sh), the release binary and the venv. Prints a table of ratios;
+# writes bench-results/cluster.md (git-ignored).
+set -euo pipefail
+if [[ " $* " != *" --no-moosefs "* ]]; then
+    need=()
+    for p in mfsmaster:moosefs-master mfschunkserver:moosefs-chunkserver mfsmount:moosefs-client; do
+        command -v "${p%%:*}" >/dev/null 2>&1 || need+=("${p#*:}")
+    done
+    if [ "${#need[@]}" -gt 0 ]; then
+        . "$(dirname "${BASH_SOURCE[0]}")/../lib-apt.sh"
+        apt_install "${need[@]}"
+    fi
+fi
 exec "$(dirname "${BASH_SOURCE[0]}")/run-py.sh" cluster "$@"
