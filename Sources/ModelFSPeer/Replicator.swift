@@ -160,7 +160,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
     /// Bytes of just-written blocks kept in memory for their eager copies, at most (blocks beyond
     /// are sent from their pack, which reads them back from disk: the write pipeline stores
     /// blocks with O_DIRECT, so they are not in the page cache).
-    static let heldLimit = 48 << 20
+    static let heldLimit = 32 << 20
     private let heldBytes = Mutex(0)
 
     public func sessionStore(_ store: any BlockStore, ino: InodeNumber, parent: InodeNumber?) -> any BlockStore {
