@@ -171,7 +171,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
 
     /// Starts copying a block this node just stored to its other holders: from `buffer` (its
     /// bytes, [0, length)) while at most `heldLimit` bytes are held so, else from its pack.
-    func eager(_ id: BlockID, policy: ReplicationPolicy, buffer: BlockBuffer? = nil, length: Int = 0) {
+    func eager(_ id: BlockID, policy: ReplicationPolicy, buffer: BlockBuffer?, length: Int) {
         let me = membership.me
         let targets = Placement.targets(id, nodes: membership.placementNodes, replicas: policy.replicas, writer: me.id, spreadLabel: policy.spread)
             .filter { $0.id != me.id }
