@@ -413,25 +413,26 @@ public final class FileSystem: @unchecked Sendable {
     /// the kernel leaves clearing set-id bits to us there (root, taken to hold CAP_FSETID, keeps them).
     public func write(_ fh: FileHandleID, at offset: UInt64, _ bytes: UnsafeRawBufferPointer,
                       caller: RequestContext = .root) throws -> Int {
-        let h = try handle(fh)
-        guard h.writable, let s = session(of: h.ino) else { throw FSError.badHandle("file is not open for writing") }
-        try FileSystem.checkSize(offset + UInt64(bytes.count))
-        do {
-            s.lock.lock(); defer { s.lock.unlock() }
-            try s.write(at: offset, bytes)
-        } catch { garbageHint(); throw error }
         // The kernel clears set-id bits itself before a write through its page cache, and leaves
         // it to the filesystem for a direct one (libfuse 3.14 does not pass on its flag saying
-        // the writer lacks CAP_FSETID: root is taken to hold it).
-        if h.direct && caller.uid != 0 && tables.withLock({ t in
-            guard let l = t.live[h.ino], l.setID else { return false }
+        // the writer lacks CAP_FSETID: root is taken to hold it). Looked up with the handle, in
+        // one lock.
+        let (found, clearSetID) = tables.withLock { t -> (Handle?, Bool) in
+            guard let h = t.handles[fh.rawValue] else { return (nil, false) }
+            guard h.direct && caller.uid != 0, let l = t.live[h.ino], l.setID else { return (h, false) }
             l.setID = false
-            return true
-        }) {
+            return (h, true)
+        }
+        guard let h = found else { throw FSError.badHandle() }
+        guard h.writable, let s = session(of: h.ino) else { throw FSError.badHandle("file is not open for writing") }
+        try FileSystem.checkSize(offset + UInt64(bytes.count))
+        if clearSetID {
             let mode = try meta.getattr(h.ino).mode
             let cleared = UInt32(S_ISUID) | (mode & UInt32(S_IXGRP) != 0 ? UInt32(S_ISGID) : 0)
             _ = try meta.setattr(h.ino, AttributeChanges(mode: mode & ~cleared), now: .now())
         }
+        s.lock.lock(); defer { s.lock.unlock() }
+        do { try s.write(at: offset, bytes) } catch { garbageHint(); throw error }
         return bytes.count
     }
 
