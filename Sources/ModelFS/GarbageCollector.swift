@@ -48,20 +48,32 @@ public final class GarbageCollector: @unchecked Sendable {
         timer = t
     }
 
-    public func stop() { timer?.cancel(); timer = nil }
+    /// Stops the timer. A pass asked for by a failed write runs now instead of 1.5 s later, so
+    /// that a remount right after an ENOSPC finds the space back (its preflight refused a data
+    /// dir with under 16 MiB free). With `idle` (one node, the FUSE loop ended: no write is under
+    /// way, every session committed or failed) it keeps no grace period: the failed write's
+    /// blocks were stored a moment ago, and no writer is left that could still reference them.
+    public func stop(idle: Bool) {
+        timer?.cancel(); timer = nil
+        guard takePending() else { return }
+        queue.sync { _ = try? collect(cutoff: idle ? .now() : nil) }
+    }
 
     /// Runs a pass shortly (coalescing bursts of requests).
     public func requestSoon() {
         let already = pending.withLock { p -> Bool in defer { p = true }; return p }
         if already { return }
         queue.asyncAfter(deadline: .now() + 1.5) { [weak self] in
-            self?.pending.withLock { $0 = false }
-            _ = try? self?.collect()
+            guard let self, self.takePending() else { return }   // `stop` ran it already
+            _ = try? self.collect()
         }
     }
 
-    /// One pass; returns the blocks and bytes removed. `cutoff` (tests only) replaces "one
-    /// second before the pass started".
+    /// Whether a pass was asked for and has not run; it counts as run from here on.
+    private func takePending() -> Bool { pending.withLock { p in defer { p = false }; return p } }
+
+    /// One pass; returns the blocks and bytes removed. `cutoff` (tests, and `stop` when idle)
+    /// replaces "`grace` seconds before the pass started".
     @discardableResult
     public func collect(cutoff: Timestamp? = nil) throws -> (blocks: UInt64, bytes: UInt64) {
         let cutoff = cutoff ?? Timestamp(totalNanoseconds: Timestamp.now().totalNanoseconds - Int64(grace * 1e9))

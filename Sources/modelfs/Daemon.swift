@@ -142,7 +142,7 @@ struct Daemon {
                 _ = line.withCString { write(1, $0, strlen($0)) }
             }
         }
-        gc.stop()
+        gc.stop(idle: node == nil)
         node?.stop()
         try? engine.sync()
         Registry.remove(mountpoint)
