@@ -216,11 +216,13 @@ public final class FileSystem: @unchecked Sendable {
         return withLiveSize(attrs)
     }
 
-    /// Whether a write by a caller without CAP_FSETID clears bits of `mode`: setuid, and setgid
-    /// on a group-executable file (as the kernel does for writes through its page cache).
-    static func writeClearsSetID(_ mode: UInt32) -> Bool {
-        mode & UInt32(S_ISUID) != 0 || mode & UInt32(S_ISGID | S_IXGRP) == UInt32(S_ISGID | S_IXGRP)
+    /// The bits of `mode` a write by a caller without CAP_FSETID clears: setuid, and setgid on a
+    /// group-executable file (as the kernel does for writes through its page cache).
+    static func setIDClearedByWrite(_ mode: UInt32) -> UInt32 {
+        mode & (UInt32(S_ISUID) | (mode & UInt32(S_IXGRP) != 0 ? UInt32(S_ISGID) : 0))
     }
+
+    static func writeClearsSetID(_ mode: UInt32) -> Bool { setIDClearedByWrite(mode) != 0 }
 
     // MARK: namespace
 
@@ -428,8 +430,7 @@ public final class FileSystem: @unchecked Sendable {
         try FileSystem.checkSize(offset + UInt64(bytes.count))
         if clearSetID {
             let mode = try meta.getattr(h.ino).mode
-            let cleared = UInt32(S_ISUID) | (mode & UInt32(S_IXGRP) != 0 ? UInt32(S_ISGID) : 0)
-            _ = try meta.setattr(h.ino, AttributeChanges(mode: mode & ~cleared), now: .now())
+            _ = try meta.setattr(h.ino, AttributeChanges(mode: mode & ~FileSystem.setIDClearedByWrite(mode)), now: .now())
         }
         s.lock.lock(); defer { s.lock.unlock() }
         do { try s.write(at: offset, bytes) } catch { garbageHint(); throw error }
