@@ -253,6 +253,49 @@ func errno(of body: () throws -> Void) -> Int32? {
         #expect(b.ino != a.ino)
     }
 
+    @Test func sqliteRowsOfARolledBackTransactionAreNeverSeen() throws {
+        // The SQLite store keeps inode rows in memory (InodeRows): what a transaction wrote must
+        // reach them only once it committed.
+        let dir = NSTemporaryDirectory() + "modelfs-meta-rows-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let ino = InodeNumber(5)
+        // The first store is closed before a second one opens the file (exclusive locking).
+        let b: InodeNumber = try {
+        let store = try SQLiteTransactionalStore(path: dir + "/m.db")
+        let rec = InodeRecord(attrs: InodeAttributes(ino: ino, kind: .regular, mode: 0o644, uid: 1, gid: 1, nlink: 1, size: 10,
+                                                     atime: now, mtime: now, ctime: now, version: 1))
+        try store.write { try $0.putInode(rec) }
+        #expect(try store.read { try $0.inode(ino) } == rec)
+        struct Boom: Error {}
+        var bigger = rec
+        bigger.attrs.size = 99
+        #expect(throws: Boom.self) {
+            try store.write { tx in try tx.putInode(bigger); #expect(try tx.inode(ino) == bigger); throw Boom() }
+        }
+        #expect(try store.read { try $0.inode(ino) } == rec)
+        #expect(throws: Boom.self) {
+            try store.write { tx in try tx.deleteInode(ino); #expect(try tx.inode(ino) == nil); throw Boom() }
+        }
+        #expect(try store.read { try $0.inode(ino) } == rec)
+        try store.write { try $0.putInode(bigger) }
+        #expect(try store.read { try $0.inode(ino) } == bigger)
+        try store.write { try $0.deleteInode(ino) }
+        #expect(try store.read { try $0.inode(ino) } == nil)
+        // An inode number taken by a transaction that rolled back is not given again.
+        let a = try store.write { try $0.allocateInode() }
+        let lost = try? store.write { tx -> InodeNumber in _ = try tx.allocateInode(); throw Boom() }
+        #expect(lost == nil)
+        let b = try store.write { try $0.allocateInode() }
+        #expect(b.rawValue == a.rawValue + 2)
+        return b
+        }()
+        // What the database holds is what the memory said: a second store on the file agrees.
+        let reopened = try SQLiteTransactionalStore(path: dir + "/m.db")
+        #expect(try reopened.read { try $0.inode(ino) } == nil)
+        #expect(try reopened.write { try $0.allocateInode() }.rawValue > b.rawValue)
+    }
+
     @Test func unknownSchemeIsAClearError() {
         let e = #expect(throws: FSError.self) { _ = try MetadataURL.open("foo:bar", rootUID: 0, rootGID: 0) }
         #expect(e?.message.contains("unknown --meta scheme") == true)
