@@ -97,16 +97,29 @@ final class ChunkPipeline: @unchecked Sendable {
         slots.wait()
         queue.async { [self] in
             defer { slots.signal() }
-            do {
-                let id = buffer.withUnsafeBytes { BlockID.hash(UnsafeRawBufferPointer(rebasing: $0[0..<length])) }
-                lock.lock(); storing = id; lock.unlock()
-                // The chunk's buffer is this pipeline's now: the store may write straight from it.
-                try store.put(id, owned: buffer, length: length)
-                let r = ChunkRef(id: id, length: UInt32(length))
-                lock.lock(); done.append(r); storing = nil; lock.unlock()
-            } catch {
-                lock.lock(); storing = nil; if self.error == nil { self.error = error }; lock.unlock()
-            }
+            put(buffer, length)
+        }
+    }
+
+    /// Stores a chunk on the calling thread, after every chunk submitted before it: for the last
+    /// chunk of a stream, which the caller waits for anyway (a small file's only chunk cost two
+    /// thread hand-offs, there and back, for nothing). Callers never submit concurrently (the
+    /// session's lock), so the order of `done` holds.
+    func putNow(_ buffer: BlockBuffer, _ length: Int) {
+        queue.sync {}
+        put(buffer, length)
+    }
+
+    private func put(_ buffer: BlockBuffer, _ length: Int) {
+        do {
+            let id = buffer.withUnsafeBytes { BlockID.hash(UnsafeRawBufferPointer(rebasing: $0[0..<length])) }
+            lock.lock(); storing = id; lock.unlock()
+            // The chunk's buffer is this pipeline's now: the store may write straight from it.
+            try store.put(id, owned: buffer, length: length)
+            let r = ChunkRef(id: id, length: UInt32(length))
+            lock.lock(); done.append(r); storing = nil; lock.unlock()
+        } catch {
+            lock.lock(); storing = nil; if self.error == nil { self.error = error }; lock.unlock()
         }
     }
 

@@ -234,7 +234,7 @@ final class WriteSession: @unchecked Sendable {
     private func finishStream() throws {
         try writer.finish { buffer, length in
             pipelinedBytes += UInt64(length)
-            pipeline.submit(buffer, length)
+            pipeline.putNow(buffer, length)
         }
         try drainPipeline()
     }
