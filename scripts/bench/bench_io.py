@@ -31,9 +31,26 @@ STAMP_XOR = 0x9E3779B97F4A7C15
 # --------------------------------------------------------------------------
 # helpers
 
+def steal_ticks():
+    """CPU time the hypervisor gave to other guests, in clock ticks, since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        return int(f.readline().split()[8])
+
+
+# The window each emitted figure's steal share covers: from the previous figure (or the start).
+_window = [time.monotonic(), steal_ticks()]
+
+
 def emit(args, metric, value, unit, **extra):
     rec = {"target": args.target, "round": args.round, "metric": metric, "value": value, "unit": unit}
     rec.update(extra)
+    # On a shared VM the host may run other guests on these cores mid-step: the share of the
+    # machine's CPU time stolen meanwhile says which figures to distrust.
+    now, ticks = time.monotonic(), steal_ticks()
+    wall = now - _window[0]
+    if wall > 0:
+        rec["steal_share"] = round((ticks - _window[1]) / os.sysconf("SC_CLK_TCK") / (wall * (os.cpu_count() or 1)), 4)
+    _window[:] = [now, ticks]
     with open(args.results, "a") as f:
         f.write(json.dumps(rec) + "\n")
     shown = f"{value:.3f}" if isinstance(value, float) else str(value)
@@ -403,11 +420,16 @@ def md_table(header, rows, align):
     return "\n".join([line(header), sep] + [line(r) for r in rows])
 
 
+# A figure measured while the host stole this share of the CPU time or more is named in the notes.
+STEAL_NOTE = 0.05
+
+
 def cmd_report(args):
     samples = {}   # (target, metric) -> [value per round]
     daemon = {}    # (target, round) -> [instance records]
     steps = {}     # target -> {step: peak MiB (max over rounds)}
     rounds = set()
+    stolen = []    # (target, round, metric, steal share) of figures the host disturbed
     with open(args.results) as f:
         for line in f:
             r = json.loads(line)
@@ -419,6 +441,8 @@ def cmd_report(args):
                 st[r["step"]] = max(st.get(r["step"], 0.0), r["peak_mib"])
             else:
                 samples.setdefault((r["target"], r["metric"]), []).append(r["value"])
+                if r.get("steal_share", 0) >= STEAL_NOTE:
+                    stolen.append((r["target"], r.get("round", 0), r["metric"], r["steal_share"]))
     for (t, _), insts in sorted(daemon.items()):
         for i in insts:
             if i["phase"] == "write":
@@ -494,6 +518,10 @@ def cmd_report(args):
     notes.append("passthrough_ll from libfuse 3.14 logs 'Ignoring invalid max threads value' at "
                  "start (the example leaves config.max_threads unset); libfuse then uses its "
                  "default thread limit.")
+    if stolen:
+        notes.append(f"Host steal of {STEAL_NOTE:.0%} or more of the machine's CPU time (the hypervisor ran other "
+                     "guests on these cores) during: " + ", ".join(
+                         f"{t} round {r} {m} ({share:.0%})" for t, r, m, share in stolen) + ".")
     if nrounds > 1:
         notes.insert(0, f"{nrounds} rounds, targets interleaved; values are medians over rounds "
                         "(memory peaks: maximum over rounds).")
