@@ -48,7 +48,7 @@ def emit(args, metric, value, unit, **extra):
     # machine's CPU time stolen meanwhile says which figures to distrust.
     now, ticks = time.monotonic(), steal_ticks()
     wall = now - _window[0]
-    if wall > 0:
+    if wall >= 0.5:   # the counter moves in clock ticks: a shorter window says nothing
         rec["steal_share"] = round((ticks - _window[1]) / os.sysconf("SC_CLK_TCK") / (wall * (os.cpu_count() or 1)), 4)
     _window[:] = [now, ticks]
     with open(args.results, "a") as f:
