@@ -91,6 +91,10 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         var packs: [UInt32: Pack] = [:]
         var active: UInt32 = 0
         var unsynced = Set<UInt32>()
+        /// Packs whose directory entry may not be durable yet: created by this process, or found
+        /// at start (a crash may have come before their entry was synced). `sync` fsyncs the
+        /// directory only when it syncs one of these.
+        var newEntries = Set<UInt32>()
         var usage = BlockStoreUsage()
         var touchOnRead = false
         /// Records dropped from the index whose space `reclaim` has not yet returned.
@@ -124,6 +128,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             s.active += 1
             s.packs[s.active] = try PackBlockStore.openPack(packPath(s.active), number: s.active)
         }
+        s.newEntries = Set(s.packs.keys)
         state.withLock { $0 = s }
     }
 
@@ -338,7 +343,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     private func rollActivePack() throws {
         let next = state.withLock { $0.active + 1 }
         let pack = try PackBlockStore.openPack(packPath(next), number: next)
-        state.withLock { s in s.packs[next] = pack; s.active = next }
+        state.withLock { s in s.packs[next] = pack; s.active = next; s.newEntries.insert(next) }
     }
 
     public func read(_ id: BlockID) throws -> BlockBuffer { try read(id, verify: true) }
@@ -412,16 +417,20 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     }
 
     public func sync(_ ids: [BlockID]) throws {
-        let packs = state.withLock { s -> [Pack] in
+        let (packs, entries) = state.withLock { s -> ([Pack], Set<UInt32>) in
             let wanted = Set(ids.compactMap { s.index[$0]?.pack })
-            return s.unsynced.intersection(wanted).compactMap { s.packs[$0] }
+            return (s.unsynced.intersection(wanted).compactMap { s.packs[$0] }, s.newEntries.intersection(wanted))
         }
         for p in packs {
             guard fdatasync(p.fd) == 0 else { throw posixError("fdatasync", p.path) }
         }
-        // A new pack's directory entry must be durable too.
-        if !packs.isEmpty { try fsyncDirectory(packsDir) }
-        state.withLock { s in for p in packs { s.unsynced.remove(p.number) } }
+        // A new pack's directory entry must be durable too (once: an fsync of the directory per
+        // fsync of a small file was a third flush of the disk for nothing).
+        if !entries.isEmpty { try fsyncDirectory(packsDir) }
+        state.withLock { s in
+            for p in packs { s.unsynced.remove(p.number) }
+            s.newEntries.subtract(entries)
+        }
     }
 
     public func syncFilesystem() throws {
@@ -429,7 +438,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         guard fd >= 0 else { throw posixError("open", packsDir) }
         defer { close(fd) }
         guard modelfs_syncfs(fd) == 0 else { throw posixError("syncfs", packsDir) }
-        state.withLock { $0.unsynced.removeAll() }
+        state.withLock { $0.unsynced.removeAll(); $0.newEntries.removeAll() }
     }
 
     private func fsyncDirectory(_ path: String) throws {
@@ -550,7 +559,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         let (dead, packs, empty) = state.withLock { s -> ([Location], [UInt32: Pack], [Pack]) in
             defer { s.dead.removeAll() }
             let e = s.packs.values.filter { $0.number != s.active && $0.liveBytes == 0 }
-            for p in e { s.packs[p.number] = nil; s.unsynced.remove(p.number) }
+            for p in e { s.packs[p.number] = nil; s.unsynced.remove(p.number); s.newEntries.remove(p.number) }
             return (s.dead, s.packs, e)
         }
         var freed: UInt64 = 0
