@@ -95,6 +95,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         /// at start (a crash may have come before their entry was synced). `sync` fsyncs the
         /// directory only when it syncs one of these.
         var newEntries = Set<UInt32>()
+        var directorySyncs = 0
         var usage = BlockStoreUsage()
         var touchOnRead = false
         /// Records dropped from the index whose space `reclaim` has not yet returned.
@@ -441,11 +442,15 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         state.withLock { $0.unsynced.removeAll(); $0.newEntries.removeAll() }
     }
 
+    /// fsyncs of the packs directory by `sync` so far (tests).
+    var directorySyncs: Int { state.withLock { $0.directorySyncs } }
+
     private func fsyncDirectory(_ path: String) throws {
         let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard fd >= 0 else { throw posixError("open", path) }
         defer { close(fd) }
         guard fsync(fd) == 0 else { throw posixError("fsync", path) }
+        state.withLock { $0.directorySyncs += 1 }
     }
 
     /// The device the store lives on (to tell whether one syncfs also covers another file).

@@ -43,6 +43,31 @@ func storeBlock(_ store: PackBlockStore, _ bytes: [UInt8]) throws -> BlockID {
         for (i, id) in ids.enumerated() { #expect(Array(try again.read(id).data) == randomBytes(30_000, seed: UInt64(100 + i))) }
     }
 
+    @Test func thePacksDirectoryIsSyncedOncePerNewPack() throws {
+        // A pack's directory entry is made durable the first time one of its blocks is synced,
+        // not on every sync (that was one more flush of the disk per fsync of a small file).
+        let dir = temporaryDirectory(); defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = try PackBlockStore(root: dir, packLimit: 100_000)
+        let a = try storeBlock(store, randomBytes(30_000, seed: 200))
+        try store.sync([a])
+        #expect(store.directorySyncs == 1)
+        let b = try storeBlock(store, randomBytes(30_000, seed: 201))
+        try store.sync([b])
+        try store.sync([a, b])
+        #expect(store.directorySyncs == 1)
+        // Past packLimit: a new pack, whose entry needs its own directory sync.
+        var more: [BlockID] = []
+        for i in 0..<4 { more.append(try storeBlock(store, randomBytes(30_000, seed: UInt64(202 + i)))) }
+        try store.sync(more)
+        #expect(store.directorySyncs == 2)
+        // After a restart every pack found counts as new once (a crash may have come before its
+        // entry was synced).
+        let again = try PackBlockStore(root: dir, packLimit: 100_000)
+        try again.sync([a])
+        try again.sync([a, b])
+        #expect(again.directorySyncs == 1)
+    }
+
     @Test func corruptBlockIsEIONeverWrongBytes() throws {
         let dir = temporaryDirectory(); defer { try? FileManager.default.removeItem(atPath: dir) }
         let logged = LogSink()
