@@ -462,7 +462,7 @@ def test_disk_full_enospc(mount_factory):
     # remount finds the space back (its preflight refuses a data dir with under 16 MiB free).
     m.remount()
 
-    assert_bytes_equal(read_file(m.path("small")), small, "earlier file after ENOSPC")
+    assert_bytes_equal(read_file(m.path("small")), small, "earlier file after ENOSPC and a remount")
     os.unlink(big)
 
     def small_write_ok():
