@@ -61,15 +61,19 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
 
     /// Fetches into the cache every block of `ids` that this node has neither as a replica nor
     /// cached, `parallel` at a time from the peers that hold them (`modelfs warm`). Calls
-    /// `progress(done, total, failed)` as blocks arrive.
+    /// `progress(done, total, failed)` as blocks arrive (it must be quick: it runs under a lock).
     public func warm(_ ids: [BlockID], progress: @escaping @Sendable (Int, Int, Int) -> Void) {
         let missing = Array(Set(ids)).filter { !local.contains($0) && !cache.contains($0) }
         let done = Shared((0, 0))
         progress(0, missing.count, 0)
         parallelFor(missing.count, width: parallel) { [self] i in
             let ok = (try? fetch(missing[i])) != nil
-            let (n, failed) = done.withLock { d -> (Int, Int) in d.0 += 1; if !ok { d.1 += 1 }; return d }
-            progress(n, missing.count, failed)
+            // Reported under the count's lock, so the counts reported only grow.
+            done.withLock { d in
+                d.0 += 1
+                if !ok { d.1 += 1 }
+                progress(d.0, missing.count, d.1)
+            }
         }
     }
 

@@ -53,21 +53,6 @@ struct Target {
     }
 }
 
-/// Sends progress lines from several threads, one at a time and at most every half second
-/// (the last one always).
-final class LineSink: @unchecked Sendable {
-    private let out: (any Encodable) -> Void
-    private let lock = NSLock()
-    private var last = Date.distantPast
-    init(_ out: @escaping (any Encodable) -> Void) { self.out = out }
-    func send(_ value: any Encodable, final: Bool) {
-        lock.lock(); defer { lock.unlock() }
-        guard final || Date().timeIntervalSince(last) >= 0.5 else { return }
-        last = Date()
-        out(value)
-    }
-}
-
 enum Operate {
     static func pathReport(fs: FileSystem, node: ClusterNode?, _ t: Target) throws -> PathReport {
         var files: [FileBlocks] = []
@@ -125,13 +110,13 @@ enum Operate {
         guard let node else { throw FSError.invalid("this mount is a single node: every block is already local") }
         var ids: [BlockID] = []
         try fs.walkFiles(from: t.ino, parent: t.parent) { ids += $0.blocks.map(\.id) }
-        // Progress comes from the fetching threads: one line at a time, at most twice a second.
-        try withoutActuallyEscaping(send) { send in
-            let sink = LineSink(send)
-            node.blocks.warm(ids) { done, total, failed in
-                sink.send(WarmProgress(done: done, total: total, failed: failed), final: done == total)
-            }
+        // Progress comes from the fetching threads; this thread sends it, at most twice a second.
+        let relay = ProgressRelay<WarmProgress>()
+        DispatchQueue.global().async { [ids] in
+            node.blocks.warm(ids) { done, total, failed in relay.post(WarmProgress(done: done, total: total, failed: failed)) }
+            relay.finish()
         }
+        relay.relay { send($0) }
     }
 
     struct VerifyReport: Codable {

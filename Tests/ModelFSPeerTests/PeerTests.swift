@@ -105,6 +105,38 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
     }
 }
 
+@Suite struct ProgressRelayTests {
+    /// Worker threads post; only the waiting thread sends, never faster than the interval, and the
+    /// last value posted is always the last one sent.
+    @Test func theWaitingThreadSendsTheNewestValueAndAlwaysTheLast() {
+        let relay = ProgressRelay<Int>()
+        let count = 20_000
+        DispatchQueue.global().async {
+            let n = Shared(0)
+            parallelFor(count, width: 4) { _ in n.withLock { $0 += 1; relay.post($0) } }
+            relay.finish()
+        }
+        let caller = Thread.current
+        var sent: [(Int, Date)] = []
+        relay.relay(every: 0.05) { value in
+            #expect(Thread.current == caller)
+            sent.append((value, Date()))
+        }
+        #expect(sent.last?.0 == count)
+        #expect(sent.count < count)
+        #expect(sent.map(\.0) == sent.map(\.0).sorted())
+        for (a, b) in zip(sent, sent.dropFirst().dropLast()) { #expect(b.1.timeIntervalSince(a.1) >= 0.049) }
+    }
+
+    @Test func nothingPostedSendsNothing() {
+        let relay = ProgressRelay<Int>()
+        relay.finish()
+        var sent = 0
+        relay.relay { _ in sent += 1 }
+        #expect(sent == 0)
+    }
+}
+
 @Suite struct PeerServerTests {
     func serve(_ secret: String = "s3cret") throws -> (PeerServer, PackBlockStore, PeerMetrics, String) {
         let dir = try scratch("server")

@@ -296,6 +296,8 @@ def test_warm_prefetches_a_directory_into_the_cache(make_nodes):
     wanted = a.blocks()
     r = run([MODELFS_BIN, "warm", b / "m"], timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+    # The last progress line is the whole: every block the writer holds was missing here.
+    assert f"is on this node ({len(wanted)} fetched)" in r.stdout, r.stdout
     assert wanted <= pack_blocks(b.data / "cache" / "packs")
     fetched = b.cluster_status()["cacheStats"]["peerFetches"]
     read_all(b, files, "after warm")
