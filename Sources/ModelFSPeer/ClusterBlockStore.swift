@@ -131,6 +131,17 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
             state.withLock { _ = $0.inflight.removeValue(forKey: id) }
             group.leave()
         }
+        // A fetch that ended between the caller's look in the cache and this one's start has
+        // left the block behind (it does so before it stops being in flight): fetching it again
+        // cost a remote read about 4 % more bytes than the file held.
+        if !handOff {
+            if let b = state.withLock({ $0.fetched.removeValue(forKey: id) }) ?? (cache.contains(id) ? try? cache.read(id) : nil) {
+                state.withLock { $0.stats.cacheHits += 1 }
+                return b
+            }
+        } else if cache.contains(id) {
+            throw Superseded()
+        }
         // Live peers in placement order; then nodes whose lease lapsed (a node slow to renew
         // under load still serves its blocks; a dead one just refuses the connection).
         let peers = Placement.order(id, membership.peers) + membership.lost

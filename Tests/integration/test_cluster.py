@@ -125,6 +125,9 @@ def test_reading_three_times_the_cache_budget_stays_within_it(make_nodes):
     assert st["cacheBudget"] == 16 * MiB
     assert st["cacheBytes"] <= 16 * MiB, st
     assert st["cacheStats"]["peerFetches"] >= 12
+    # Every block crosses the network once: a read that found its block's prefetch just ending
+    # fetched it again (about 4 % of the bytes of a cold read).
+    assert st["cacheStats"]["peerBytes"] - len(data) < MiB, st["cacheStats"]
     assert st["cacheStats"]["evictedBytes"] > 0
     assert not b.blocks(), "fetched blocks must land in the cache, not among the node's replicas"
 
