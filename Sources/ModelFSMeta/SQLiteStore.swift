@@ -17,9 +17,15 @@ import ModelFSCore
 ///
 /// Schema (all keys):
 ///   inodes(ino PK, kind, mode, uid, gid, nlink, size, atime, mtime, ctime [ns], version, parent, target, manifest)
-///   dentries(cookie PK autoincrement, parent, name, ino, kind; UNIQUE(parent, name); index on ino)
+///   dentries(cookie PK, parent, name, ino, kind; UNIQUE(parent, name))
+///   settings(key PK, value)  — "next_inode" (every number below it may be in use), "sync_counter"
+///
+/// The cookie is the rowid: the largest so far plus one. Without AUTOINCREMENT a cookie can come
+/// back only as the largest after that entry is removed, and an entry made during a readdir may
+/// be returned or not (POSIX), so a reader never sees a name twice or misses one that stayed;
+/// AUTOINCREMENT cost a write of its `sqlite_sequence` page on every create. Databases made
+/// before keep AUTOINCREMENT and work the same.
 ///   xattrs(ino, name, value; PK(ino, name))
-///   settings(key PK, value)  — "next_inode", "sync_counter"
 public final class SQLiteTransactionalStore: TransactionalStore, @unchecked Sendable {
     let pool: DatabaseQueue
 
@@ -46,7 +52,7 @@ public final class SQLiteTransactionalStore: TransactionalStore, @unchecked Send
                   version INTEGER NOT NULL, parent INTEGER, target TEXT, manifest BLOB);
                 CREATE INDEX IF NOT EXISTS inodes_orphans ON inodes(nlink) WHERE nlink = 0;
                 CREATE TABLE IF NOT EXISTS dentries(
-                  cookie INTEGER PRIMARY KEY AUTOINCREMENT, parent INTEGER NOT NULL, name TEXT NOT NULL,
+                  cookie INTEGER PRIMARY KEY, parent INTEGER NOT NULL, name TEXT NOT NULL,
                   ino INTEGER NOT NULL, kind INTEGER NOT NULL, UNIQUE(parent, name));
                 CREATE TABLE IF NOT EXISTS xattrs(
                   ino INTEGER NOT NULL, name TEXT NOT NULL, value BLOB NOT NULL, PRIMARY KEY(ino, name)) WITHOUT ROWID;
@@ -69,15 +75,22 @@ public final class SQLiteTransactionalStore: TransactionalStore, @unchecked Send
         try mapErrors {
             try pool.writeWithoutTransaction { db in
                 let written = InodeRows.Written()
-                var result: T?
-                try db.inTransaction {
+                // BEGIN and COMMIT as cached statements: GRDB's inTransaction prepares and
+                // finalizes both on every transaction (a few percent of the daemon's CPU in a
+                // small-file loop).
+                try db.cachedStatement(sql: "BEGIN").execute()
+                let result: T
+                do {
                     result = try body(SQLiteTransaction(db: db, rows: rows, written: written))
-                    return .commit
+                    try db.cachedStatement(sql: "COMMIT").execute()
+                } catch {
+                    if db.isInsideTransaction { try? db.execute(sql: "ROLLBACK") }
+                    throw error
                 }
                 // Committed: the rows this transaction wrote are the current ones (a rollback
-                // throws above and leaves the cache as it was).
+                // leaves the cache as it was).
                 rows.apply(written)
-                return result!
+                return result
             }
         }
     }
@@ -112,10 +125,14 @@ final class InodeRows: @unchecked Sendable {
     private var rows: [InodeNumber: InodeRecord] = [:]
     /// The next inode number to give out, once read from the settings table.
     var nextInode: Int64?
+    /// The committed `next_inode` bound: numbers from it on were never given out.
+    var storedInodeBound: Int64 = 0
+    static let reservation: Int64 = 1024
 
-    /// A write transaction's changes: a row, or nil for a deleted one.
+    /// A write transaction's changes: a row, or nil for a deleted one; the inode bound it stored.
     final class Written {
         var rows: [InodeNumber: InodeRecord?] = [:]
+        var inodeBound: Int64?
     }
 
     subscript(_ ino: InodeNumber) -> InodeRecord? { rows[ino] }
@@ -129,6 +146,7 @@ final class InodeRows: @unchecked Sendable {
         for (ino, r) in w.rows {
             if let r { remember(r) } else { rows[ino] = nil }
         }
+        if let b = w.inodeBound { storedInodeBound = max(storedInodeBound, b) }
     }
 }
 
@@ -184,13 +202,25 @@ struct SQLiteTransaction: MetadataTransaction {
         written?.rows[ino] = .some(nil)
     }
 
-    /// The counter is read once, then kept in memory and stored with every allocation. A
-    /// transaction that rolls back leaves the number it took unused (the memory counter never
-    /// goes back), so no number is given twice.
+    /// The counter is read once, then kept in memory; what is stored is a bound, moved ahead
+    /// `InodeRows.reservation` numbers at a time, below which every number given out lies (a
+    /// restart continues from the bound, skipping what the last run had reserved but not used).
+    /// Storing each allocation wrote the settings page on every create. A transaction that
+    /// rolls back leaves the number it took unused (the memory counter never goes back), and
+    /// the bound it stored counts only once it has committed, so no number is given twice.
     func allocateInode() throws -> InodeNumber {
-        let next = try rows.nextInode ?? Int64.fetchOne(db.cachedStatement(sql: "SELECT value FROM settings WHERE key = 'next_inode'")) ?? 2
+        if rows.nextInode == nil {
+            let stored = try Int64.fetchOne(db.cachedStatement(sql: "SELECT value FROM settings WHERE key = 'next_inode'")) ?? 2
+            rows.nextInode = stored
+            rows.storedInodeBound = stored
+        }
+        let next = rows.nextInode!
         rows.nextInode = next + 1
-        try db.cachedStatement(sql: "UPDATE settings SET value = ? WHERE key = 'next_inode'").execute(arguments: [next + 1])
+        if next >= max(rows.storedInodeBound, written?.inodeBound ?? 0) {
+            let bound = next + InodeRows.reservation
+            try db.cachedStatement(sql: "UPDATE settings SET value = ? WHERE key = 'next_inode'").execute(arguments: [bound])
+            written?.inodeBound = bound
+        }
         return InodeNumber(UInt64(next))
     }
 

@@ -105,7 +105,13 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     /// Serialises appends to the active pack.
     private let appendLock = NSLock()
 
-    deinit { alignedHeaderPage.deallocate() }
+    /// The packs directory, open for `syncfs` (opening it for each fsync cost two syscalls).
+    private let packsDirFD: Int32
+
+    deinit {
+        alignedHeaderPage.deallocate()
+        close(packsDirFD)
+    }
 
     public init(root: String, packLimit: UInt64 = 256 << 20, logger: @escaping @Sendable (String) -> Void = { _ in }) throws {
         self.root = root
@@ -115,6 +121,8 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         for dir in [root, packsDir] {
             if mkdir(dir, 0o700) != 0 && errno != EEXIST { throw posixError("mkdir", dir) }
         }
+        packsDirFD = open(packsDir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard packsDirFD >= 0 else { throw posixError("open", packsDir) }
         var s = State()
         let names = ((try? FileManager.default.contentsOfDirectory(atPath: packsDir)) ?? [])
             .filter { $0.hasSuffix(".pack") }.sorted()
@@ -435,10 +443,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     }
 
     public func syncFilesystem() throws {
-        let fd = open(packsDir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard fd >= 0 else { throw posixError("open", packsDir) }
-        defer { close(fd) }
-        guard modelfs_syncfs(fd) == 0 else { throw posixError("syncfs", packsDir) }
+        guard modelfs_syncfs(packsDirFD) == 0 else { throw posixError("syncfs", packsDir) }
         state.withLock { $0.unsynced.removeAll(); $0.newEntries.removeAll() }
     }
 

@@ -296,6 +296,52 @@ func errno(of body: () throws -> Void) -> Int32? {
         #expect(try reopened.write { try $0.allocateInode() }.rawValue > b.rawValue)
     }
 
+    @Test func sqliteInodeNumbersAreNeverGivenTwiceAcrossRestartsAndRollbacks() throws {
+        // The store keeps `next_inode` as a bound reserved InodeRows.reservation at a time.
+        let dir = NSTemporaryDirectory() + "modelfs-meta-bound-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/m.db"
+        func stored(_ store: SQLiteTransactionalStore) throws -> Int64 {
+            try store.pool.read { try Int64.fetchOne($0, sql: "SELECT value FROM settings WHERE key = 'next_inode'")! }
+        }
+        struct Boom: Error {}
+        var given = Set<UInt64>()
+        let n = Int(InodeRows.reservation)
+        let last: UInt64 = try {
+            let store = try SQLiteTransactionalStore(path: path)
+            var first: UInt64?
+            for _ in 0..<(n + 10) {
+                let ino = try store.write { try $0.allocateInode() }.rawValue
+                #expect(given.insert(ino).inserted)
+                first = first ?? ino
+            }
+            // One write of the bound per reservation, not one per number: the second one now.
+            #expect(try stored(store) == Int64(first!) + 2 * Int64(n))
+            // A transaction that moves the bound and rolls back: the bound it stored is gone,
+            // so the next allocation stores one again.
+            let before = try stored(store)
+            var taken: UInt64 = 0
+            while taken < UInt64(before) - 1 {
+                taken = try store.write { try $0.allocateInode() }.rawValue
+                #expect(given.insert(taken).inserted)
+            }
+            #expect(throws: Boom.self) { try store.write { tx -> Void in _ = try tx.allocateInode(); throw Boom() } }
+            #expect(try stored(store) == before)
+            let after = try store.write { try $0.allocateInode() }.rawValue
+            #expect(given.insert(after).inserted)
+            #expect(try stored(store) > Int64(after))
+            return after
+        }()
+        // A restart continues above everything given out (the rest of the reservation is skipped).
+        let reopened = try SQLiteTransactionalStore(path: path)
+        for _ in 0..<3 {
+            let ino = try reopened.write { try $0.allocateInode() }.rawValue
+            #expect(ino > last)
+            #expect(given.insert(ino).inserted)
+        }
+    }
+
     @Test func unknownSchemeIsAClearError() {
         let e = #expect(throws: FSError.self) { _ = try MetadataURL.open("foo:bar", rootUID: 0, rootGID: 0) }
         #expect(e?.message.contains("unknown --meta scheme") == true)
