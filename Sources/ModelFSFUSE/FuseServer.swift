@@ -14,6 +14,11 @@ public final class FuseServer: @unchecked Sendable {
     /// namespace, so a long timeout is safe and makes warm `stat` free.
     let entryTimeout: Double
     let attrTimeout: Double
+    /// How long the kernel may remember that a name does not exist (0: it asks every time). On
+    /// one node every create goes through this kernel, which turns its negative entry into the
+    /// new file, so the answer stays true; `open(O_CREAT)` of a new name then goes straight to
+    /// CREATE instead of a LOOKUP first (one request of seven in a create+write+fsync+close).
+    let negativeTimeout: Double
     /// The kernel's writeback cache (`-o writeback_cache`, single node only; off by default, see
     /// MountOptions for the measurements). A cluster node runs without it: with it, the kernel
     /// trusts its own idea of a file's size over ours for as long as it caches the inode, so a
@@ -21,11 +26,13 @@ public final class FuseServer: @unchecked Sendable {
     let writebackCache: Bool
     private var session: OpaquePointer?
 
-    public init(fs: FileSystem, dataDir: String, entryTimeout: Double = 60, attrTimeout: Double = 60, writebackCache: Bool = false) {
+    public init(fs: FileSystem, dataDir: String, entryTimeout: Double = 60, attrTimeout: Double = 60,
+                negativeTimeout: Double = 0, writebackCache: Bool = false) {
         self.fs = fs
         self.dataDir = dataDir
         self.entryTimeout = entryTimeout
         self.attrTimeout = attrTimeout
+        self.negativeTimeout = negativeTimeout
         self.writebackCache = writebackCache
     }
 
@@ -121,6 +128,20 @@ public final class FuseServer: @unchecked Sendable {
             var e = entry(try body())
             fuse_reply_entry(req, &e)
         } catch { fuse_reply_err(req, errnoFor(error, op: op)) }
+    }
+
+    /// A lookup's answer: the entry, or "no such name" as a negative entry the kernel keeps for
+    /// `negativeTimeout` (an entry with inode number 0).
+    func replyLookup(_ req: fuse_req_t?, _ body: () throws -> InodeAttributes) {
+        do {
+            var e = entry(try body())
+            fuse_reply_entry(req, &e)
+        } catch let error as FSError where error.errno == ENOENT && negativeTimeout > 0 {
+            var e = fuse_entry_param()
+            e.ino = 0
+            e.entry_timeout = negativeTimeout
+            fuse_reply_entry(req, &e)
+        } catch { fuse_reply_err(req, errnoFor(error, op: "lookup")) }
     }
 
     func replyAttr(_ req: fuse_req_t?, _ op: String, _ body: () throws -> InodeAttributes) {

@@ -104,10 +104,11 @@ struct Daemon {
             }
         }, handlers: Operate.handlers(fs: fs, node: node))
         // On a cluster, other nodes change the namespace: short kernel timeouts (the watch
-        // invalidates sooner). Alone, nobody else does: long ones make warm stat free.
+        // invalidates sooner), and no cached "no such name" (a name another node creates must
+        // show at once). Alone, nobody else does: long ones make warm stat free.
         let timeout = node == nil ? 60.0 : 1.0
         let server = FuseServer(fs: fs, dataDir: dataDir, entryTimeout: timeout, attrTimeout: timeout,
-                                writebackCache: mountOptions.writebackCache)
+                                negativeTimeout: node == nil ? timeout : 0, writebackCache: mountOptions.writebackCache)
         try node?.start()
         if let node {
             let me = node.id

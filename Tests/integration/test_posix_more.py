@@ -269,3 +269,38 @@ def test_a_write_by_another_user_clears_set_id_bits(workdir, mode, after):
     os.write(fd, b"z")
     os.close(fd)
     assert stat.S_IMODE(os.stat(p).st_mode) == mode
+
+
+def test_a_name_looked_up_before_it_exists_appears_however_it_is_made(workdir):
+    # One node keeps "no such name" in the kernel (negative entries, docs/SEMANTICS.md): every
+    # way of making the name must replace that answer at once.
+    makers = {
+        "create": lambda p: write_file(p, b"x"),
+        "mkdir": lambda p: os.mkdir(p),
+        "symlink": lambda p: os.symlink("target", p),
+        "link": lambda p: os.link(workdir / "linked-from", p),
+        "rename": lambda p: os.rename(workdir / "renamed-from", p),
+        "mknod": lambda p: os.mknod(p, 0o644 | stat.S_IFREG),
+    }
+    write_file(workdir / "linked-from", b"l")
+    write_file(workdir / "renamed-from", b"r")
+    for kind, make in makers.items():
+        p = workdir / f"later-{kind}"
+        for _ in range(2):
+            assert not os.path.lexists(p)
+            with pytest.raises(FileNotFoundError):
+                os.stat(p)
+        make(p)
+        assert os.path.lexists(p), f"{kind}: the name stayed hidden behind the cached negative answer"
+        assert p.name in os.listdir(workdir)
+    # And gone again: unlink and rename away turn it back into "no such name".
+    os.unlink(workdir / "later-create")
+    assert not os.path.lexists(workdir / "later-create")
+    os.rename(workdir / "later-link", workdir / "moved")
+    assert not os.path.lexists(workdir / "later-link") and read_file(workdir / "moved") == b"l"
+    # A name missing in a directory made after the lookup of its path.
+    with pytest.raises(FileNotFoundError):
+        os.stat(workdir / "sub" / "f")
+    os.mkdir(workdir / "sub")
+    write_file(workdir / "sub" / "f", b"s")
+    assert read_file(workdir / "sub" / "f") == b"s"
