@@ -16,8 +16,9 @@ public final class FuseServer: @unchecked Sendable {
     let attrTimeout: Double
     /// How long the kernel may remember that a name does not exist (0: it asks every time). On
     /// one node every create goes through this kernel, which turns its negative entry into the
-    /// new file, so the answer stays true; `open(O_CREAT)` of a new name then goes straight to
-    /// CREATE instead of a LOOKUP first (one request of seven in a create+write+fsync+close).
+    /// new file, so the answer stays true; a name asked for again (a framework probing for
+    /// optional files) is answered without a request. A name never asked for still costs a
+    /// LOOKUP before its CREATE.
     let negativeTimeout: Double
     /// The kernel's writeback cache (`-o writeback_cache`, single node only; off by default, see
     /// MountOptions for the measurements). A cluster node runs without it: with it, the kernel
@@ -123,25 +124,18 @@ public final class FuseServer: @unchecked Sendable {
         return e
     }
 
-    func replyEntry(_ req: fuse_req_t?, _ op: String, _ body: () throws -> InodeAttributes) {
+    /// The entry, or with `negative` > 0 "no such name" as a negative entry the kernel keeps for
+    /// that long (an entry with inode number 0; lookup only).
+    func replyEntry(_ req: fuse_req_t?, _ op: String, negative: Double = 0, _ body: () throws -> InodeAttributes) {
         do {
             var e = entry(try body())
             fuse_reply_entry(req, &e)
-        } catch { fuse_reply_err(req, errnoFor(error, op: op)) }
-    }
-
-    /// A lookup's answer: the entry, or "no such name" as a negative entry the kernel keeps for
-    /// `negativeTimeout` (an entry with inode number 0).
-    func replyLookup(_ req: fuse_req_t?, _ body: () throws -> InodeAttributes) {
-        do {
-            var e = entry(try body())
-            fuse_reply_entry(req, &e)
-        } catch let error as FSError where error.errno == ENOENT && negativeTimeout > 0 {
+        } catch let error as FSError where error.errno == ENOENT && negative > 0 {
             var e = fuse_entry_param()
             e.ino = 0
-            e.entry_timeout = negativeTimeout
+            e.entry_timeout = negative
             fuse_reply_entry(req, &e)
-        } catch { fuse_reply_err(req, errnoFor(error, op: "lookup")) }
+        } catch { fuse_reply_err(req, errnoFor(error, op: op)) }
     }
 
     func replyAttr(_ req: fuse_req_t?, _ op: String, _ body: () throws -> InodeAttributes) {

@@ -59,7 +59,7 @@ extension FuseServer {
 
         ops.lookup = { req, parent, name in
             let s = FuseServer.server(req)
-            s.replyLookup(req) { try s.fs.lookup(parent: ino(parent), name: try FuseServer.name(name)) }
+            s.replyEntry(req, "lookup", negative: s.negativeTimeout) { try s.fs.lookup(parent: ino(parent), name: try FuseServer.name(name)) }
         }
 
         ops.forget = { req, i, n in

@@ -18,6 +18,7 @@ import ModelFSCore
 /// Schema (all keys):
 ///   inodes(ino PK, kind, mode, uid, gid, nlink, size, atime, mtime, ctime [ns], version, parent, target, manifest)
 ///   dentries(cookie PK, parent, name, ino, kind; UNIQUE(parent, name))
+///   xattrs(ino, name, value; PK(ino, name))
 ///   settings(key PK, value)  — "next_inode" (every number below it may be in use), "sync_counter"
 ///
 /// The cookie is the rowid: the largest so far plus one. Without AUTOINCREMENT a cookie can come
@@ -25,7 +26,6 @@ import ModelFSCore
 /// be returned or not (POSIX), so a reader never sees a name twice or misses one that stayed;
 /// AUTOINCREMENT cost a write of its `sqlite_sequence` page on every create. Databases made
 /// before keep AUTOINCREMENT and work the same.
-///   xattrs(ino, name, value; PK(ino, name))
 public final class SQLiteTransactionalStore: TransactionalStore, @unchecked Sendable {
     let pool: DatabaseQueue
 

@@ -122,8 +122,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
             // of a cold remote read.
             if handOff { throw Superseded() }
             group.wait()
-            if let b = state.withLock({ $0.fetched.removeValue(forKey: id) }) { return b }
-            if let b = try? cache.read(id) { return b }
+            if let b = leftBehind(id) { return b }
             if let b = try? local.read(id) { return b }
             return try fetch(id)   // the other fetch failed: try ourselves
         }
@@ -135,7 +134,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         // left the block behind (it does so before it stops being in flight): fetching it again
         // cost a remote read about 4 % more bytes than the file held.
         if !handOff {
-            if let b = state.withLock({ $0.fetched.removeValue(forKey: id) }) ?? (cache.contains(id) ? try? cache.read(id) : nil) {
+            if let b = leftBehind(id) {
                 state.withLock { $0.stats.cacheHits += 1 }
                 return b
             }
@@ -170,6 +169,12 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         let detail = errors.isEmpty ? "" : " (\(errors.joined(separator: "; ")))"
         Log.error("block \(id.hex) is not on this node and no live peer of \(peers.count) has a good copy\(detail)")
         throw FSError.io("block \(id.hex) is unavailable: no live node holds a good copy")
+    }
+
+    /// What an earlier fetch of `id` left: its bytes handed off for a reader, or the cache copy.
+    private func leftBehind(_ id: BlockID) -> BlockBuffer? {
+        if let b = state.withLock({ $0.fetched.removeValue(forKey: id) }) { return b }
+        return cache.contains(id) ? try? cache.read(id) : nil
     }
 
     /// A prefetch of a block another fetch is already bringing in.
