@@ -13,6 +13,8 @@ public final class PeerClient: Sendable {
     let http: HTTPClient
     let authorization: String
     let timeout: TimeAmount
+    /// Block GETs, on plain sockets (see BlockFetcher).
+    let fetcher: BlockFetcher
 
     public init(secret: String, timeout: TimeAmount = .seconds(30)) {
         var config = HTTPClient.Configuration()
@@ -21,9 +23,13 @@ public final class PeerClient: Sendable {
         http = HTTPClient(eventLoopGroupProvider: .singleton, configuration: config)
         authorization = "Bearer \(secret)"
         self.timeout = timeout
+        fetcher = BlockFetcher(authorization: authorization, timeout: Double(timeout.nanoseconds) / 1e9)
     }
 
-    public func shutdown() { try? http.syncShutdown() }
+    public func shutdown() {
+        try? http.syncShutdown()
+        fetcher.shutdown()
+    }
 
     /// AsyncHTTPClient insists on an explicit shutdown; a second one is a no-op.
     deinit { try? http.syncShutdown() }
@@ -50,11 +56,15 @@ public final class PeerClient: Sendable {
     /// Waits for a request's answer; a transport failure names the peer and marks it
     /// unreachable for `backoff` seconds (requests to it fail at once meanwhile).
     func answer<T: Sendable>(_ node: NodeInfo, _ task: () -> EventLoopFuture<T>) throws -> T {
+        try reach(node) { try task().wait() }
+    }
+
+    func reach<T>(_ node: NodeInfo, _ exchange: () throws -> T) throws -> T {
         if let u = unreachable.withLock({ $0[node.id] }), u.until > Date() {
             throw FSError.io("peer \(node.id) at \(node.address) unreachable (\(u.reason)); not retried for \(Int(Self.backoff)) s")
         }
         do {
-            let r = try task().wait()
+            let r = try exchange()
             unreachable.withLock { _ = $0.removeValue(forKey: node.id) }
             return r
         } catch {
@@ -80,15 +90,13 @@ public final class PeerClient: Sendable {
         return FSError.io("\(what) on peer \(node.id) failed: \(status.code) \(text)")
     }
 
-    /// The block from `node`, verified; nil if the node has no (good) copy. The body is copied
-    /// once, from the socket's buffers into block memory, and hashed as it arrives.
+    /// The block from `node`, verified; nil if the node has no (good) copy. The body is received
+    /// straight into block memory and hashed as it arrives, on the calling thread.
     public func get(_ id: BlockID, from node: NodeInfo) throws -> BlockBuffer? {
-        let request = try request(node, .GET, "/v1/blocks/\(id.hex)")
-        let r = try answer(node) {
-            http.execute(request: request, delegate: BlockDownload(limit: PeerLimits.maxBlock), deadline: .now() + timeout).futureResult
-        }
-        if r.status == .notFound { return nil }
-        guard r.status == .ok, let buffer = r.buffer else { throw failure(node, "GET \(id.hex)", r.status, r.text) }
+        let r = try reach(node) { try fetcher.get("/v1/blocks/\(id.hex)", from: node.address, limit: PeerLimits.maxBlock) }
+        let status = HTTPResponseStatus(statusCode: r.status)
+        if status == .notFound { return nil }
+        guard status == .ok, let buffer = r.buffer else { throw failure(node, "GET \(id.hex)", status, r.text) }
         guard r.digest == id else {
             Log.warning("peer \(node.id) sent bytes that do not match block \(id.hex); ignoring that copy")
             return nil
@@ -185,56 +193,4 @@ public final class PeerClient: Sendable {
 enum PeerLimits {
     /// The largest block (4 MiB chunks) plus room: a GET body beyond this is refused.
     static let maxBlock = (4 << 20) + (64 << 10)
-}
-
-/// Receives a block body straight into block memory (sized by Content-Length), hashing it as it
-/// arrives; any other answer keeps its first KiB of text for the error message.
-final class BlockDownload: HTTPClientResponseDelegate, @unchecked Sendable {
-    struct Result: @unchecked Sendable {   // its buffer is handed over once, to the caller
-        var status: HTTPResponseStatus
-        var buffer: BlockBuffer?
-        var digest: BlockID?
-        var text: String
-    }
-    let limit: Int
-    private var status: HTTPResponseStatus = .ok
-    private var buffer: BlockBuffer?
-    private var filled = 0
-    private var hasher = BlockID.Hasher()
-    private var text = ""
-    private var broken = false
-
-    init(limit: Int) { self.limit = limit }
-
-    func didReceiveHead(task: HTTPClient.Task<Result>, _ head: HTTPResponseHead) -> EventLoopFuture<Void> {
-        status = head.status
-        if head.status == .ok {
-            if let n = head.headers.first(name: "content-length").flatMap(Int.init), n >= 0, n <= limit {
-                buffer = BlockBuffer(count: n)
-            } else {
-                broken = true
-            }
-        }
-        return task.eventLoop.makeSucceededVoidFuture()
-    }
-
-    func didReceiveBodyPart(task: HTTPClient.Task<Result>, _ part: ByteBuffer) -> EventLoopFuture<Void> {
-        if let buffer, !broken {
-            part.withUnsafeReadableBytes { bytes in
-                guard filled + bytes.count <= buffer.count else { broken = true; return }
-                (buffer.pointer + filled).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
-                hasher.update(bytes)
-                filled += bytes.count
-            }
-        } else if text.utf8.count < 1024 {
-            text += String(buffer: part)
-        }
-        return task.eventLoop.makeSucceededVoidFuture()
-    }
-
-    func didFinishRequest(task: HTTPClient.Task<Result>) throws -> Result {
-        let complete = !broken && buffer != nil && filled == buffer!.count
-        return Result(status: status, buffer: complete ? buffer : nil, digest: complete ? hasher.finalize() : nil,
-                      text: text.trimmingCharacters(in: .whitespacesAndNewlines))
-    }
 }

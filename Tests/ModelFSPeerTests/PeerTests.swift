@@ -426,3 +426,167 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
         #expect(throws: (any Error).self) { try JSONDecoder().decode(HealStatus.self, from: Data(#"{"passes":"many"}"#.utf8)) }
     }
 }
+
+/// A loopback "peer" on one thread that answers the requests it reads, in order, with `answers`
+/// (raw bytes, each in one send), closing the connection after an answer marked so, and leaving
+/// requests beyond them unanswered: what the peer server would never do, to see the block
+/// fetcher cope. One connection at a time.
+final class ScriptedPeer: @unchecked Sendable {
+    let listener: Int32
+    let port: UInt16
+    private let answers: Mutex<[(bytes: [UInt8], close: Bool)]>
+    let accepted = Mutex(0)
+    private let done = DispatchSemaphore(value: 0)
+
+    init(_ answers: [(bytes: [UInt8], close: Bool)]) throws {
+        self.answers = Mutex(answers)
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        listener = fd
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let ok = withUnsafeMutablePointer(to: &addr) { a in
+            a.withMemoryRebound(to: sockaddr.self, capacity: 1) { p in
+                bind(fd, p, len) == 0 && listen(fd, 8) == 0 && getsockname(fd, p, &len) == 0
+            }
+        }
+        guard ok else { close(fd); throw FSError.io("cannot listen on loopback") }
+        port = UInt16(bigEndian: addr.sin_port)
+        Thread.detachNewThread { [self] in
+            defer { done.signal() }
+            while true {
+                let fd = accept(listener, nil, nil)
+                guard fd >= 0 else { return }
+                accepted.withLock { $0 += 1 }
+                serve(fd)
+            }
+        }
+    }
+
+    private func serve(_ fd: Int32) {
+        defer { close(fd) }
+        var request: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = recv(fd, &chunk, chunk.count, 0)
+            guard n > 0 else { return }
+            request += chunk[0..<n]
+            guard BlockFetcher.headEnd(request, from: 0, to: request.count) != nil else { continue }
+            request = []
+            // Out of answers: hold the connection, unanswered, until the client closes it.
+            guard let next = answers.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) else { continue }
+            _ = next.bytes.withUnsafeBytes { send(fd, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL)) }
+            if next.close { return }
+        }
+    }
+
+    var node: NodeInfo { NodeInfo(id: "scripted", address: "127.0.0.1:\(port)") }
+
+    func stop() {
+        shutdown(listener, Int32(SHUT_RDWR))
+        close(listener)
+        done.wait()
+    }
+
+    static func ok(_ body: [UInt8]) -> [UInt8] { Array("HTTP/1.1 200 OK\r\nContent-Length: \(body.count)\r\n\r\n".utf8) + body }
+}
+
+@Suite struct BlockFetcherTests {
+    @Test func aKeptAliveConnectionThePeerClosedIsReplacedAndTheBlockStillComes() throws {
+        let (id, bytes) = blockOf(300_000, seed: 70)
+        // The first answer says keep-alive (HTTP/1.1, no Connection: close) and the peer then
+        // closes anyway, as a restarted or idle-closing server does; head and body come in one
+        // send, so the first bytes of the body arrive with the head.
+        let peer = try ScriptedPeer([(ScriptedPeer.ok(bytes), true), (ScriptedPeer.ok(bytes), false)])
+        defer { peer.stop() }
+        let client = PeerClient(secret: "s3cret", timeout: .seconds(5))
+        defer { client.shutdown() }
+        for _ in 0..<2 {
+            let got = try #require(try client.get(id, from: peer.node))
+            #expect(got.withUnsafeBytes { Array($0) } == bytes)
+        }
+        #expect(peer.accepted.withLock { $0 } == 2)
+    }
+
+    @Test func aConnectionIsReusedWhileThePeerKeepsIt() throws {
+        let (id, bytes) = blockOf(70_000, seed: 71)
+        let peer = try ScriptedPeer(Array(repeating: (ScriptedPeer.ok(bytes), false), count: 3))
+        defer { peer.stop() }
+        let client = PeerClient(secret: "s3cret", timeout: .seconds(5))
+        defer { client.shutdown() }
+        for _ in 0..<3 { #expect(try client.get(id, from: peer.node) != nil) }
+        #expect(peer.accepted.withLock { $0 } == 1)
+    }
+
+    @Test func bytesThatAreNotTheBlockAreNeverReturned() throws {
+        let (id, bytes) = blockOf(100_000, seed: 72)
+        var wrong = bytes
+        wrong[99_999] ^= 1
+        let peer = try ScriptedPeer([(ScriptedPeer.ok(wrong), false)])
+        defer { peer.stop() }
+        let client = PeerClient(secret: "s3cret", timeout: .seconds(5))
+        defer { client.shutdown() }
+        #expect(try client.get(id, from: peer.node) == nil)
+    }
+
+    @Test func malformedOrCutAnswersFailAsTransportErrorsNamingThePeer() throws {
+        let (id, _) = blockOf(1000, seed: 73)
+        let answers: [(String, [UInt8])] = [
+            ("junk", Array("hello there\r\n\r\n".utf8)),
+            ("no length", Array("HTTP/1.1 200 OK\r\nContent-Type: x\r\n\r\nabc".utf8)),
+            ("chunked", Array("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n".utf8)),
+            ("cut body", Array("HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nabc".utf8)),
+            ("cut head", Array("HTTP/1.1 200 OK\r\nContent-Len".utf8)),
+            ("huge head", Array("HTTP/1.1 200 OK\r\nX: \(String(repeating: "a", count: 9000))\r\n\r\n".utf8)),
+        ]
+        for (what, answer) in answers {
+            let peer = try ScriptedPeer([(answer, true)])
+            defer { peer.stop() }
+            let client = PeerClient(secret: "s3cret", timeout: .seconds(5))
+            defer { client.shutdown() }
+            let e = #expect(throws: FSError.self, "\(what)") { _ = try client.get(id, from: peer.node) }
+            #expect(e?.message.contains("peer scripted at 127.0.0.1:\(peer.port) unreachable") == true, "\(what): \(e?.message ?? "")")
+        }
+    }
+
+    @Test func aPeerThatSendsNothingTimesOut() throws {
+        let (id, _) = blockOf(1000, seed: 74)
+        let peer = try ScriptedPeer([])   // reads the request, never answers, holds the connection
+        let client = PeerClient(secret: "s3cret", timeout: .milliseconds(300))
+        defer { client.shutdown() }
+        let e = #expect(throws: FSError.self) { _ = try client.get(id, from: peer.node) }
+        #expect(e?.message.contains("sent nothing for") == true, "\(e?.message ?? "")")
+        peer.stop()
+    }
+
+    @Test func aBigErrorBodyOrABodyOverTheLimitClosesTheConnection() throws {
+        let (id, _) = blockOf(1000, seed: 75)
+        let big = [UInt8](repeating: 65, count: 100_000)
+        let peer = try ScriptedPeer([
+            (Array("HTTP/1.1 500 Internal Server Error\r\nContent-Length: 5\r\n\r\noops!".utf8), false),
+            (Array("HTTP/1.1 503 Service Unavailable\r\nContent-Length: \(big.count)\r\n\r\n".utf8) + big, false),
+            (Array("HTTP/1.1 200 OK\r\nContent-Length: \(PeerLimits.maxBlock + 1)\r\n\r\n".utf8), false),
+        ])
+        defer { peer.stop() }
+        let client = PeerClient(secret: "s3cret", timeout: .seconds(5))
+        defer { client.shutdown() }
+        let e1 = #expect(throws: FSError.self) { _ = try client.get(id, from: peer.node) }
+        #expect(e1?.message.contains("500 oops!") == true, "\(e1?.message ?? "")")
+        #expect(throws: FSError.self) { _ = try client.get(id, from: peer.node) }   // same connection
+        #expect(throws: FSError.self) { _ = try client.get(id, from: peer.node) }   // a new one
+        #expect(peer.accepted.withLock { $0 } == 2)
+    }
+
+    @Test func headsAndAddressesAreParsed() {
+        #expect(BlockFetcher.parseHead(ArraySlice("HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n".utf8))! == (200, 12, true))
+        #expect(BlockFetcher.parseHead(ArraySlice("HTTP/1.1 404 Not Found\r\ncontent-length:0\r\nConnection: close\r\n\r\n".utf8))! == (404, 0, false))
+        #expect(BlockFetcher.parseHead(ArraySlice("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n".utf8))! == (200, 1, false))
+        #expect(BlockFetcher.parseHead(ArraySlice("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n".utf8)) == nil)
+        #expect(BlockFetcher.parseHead(ArraySlice("HTTP/1.1 2000 OK\r\nContent-Length: 1\r\n\r\n".utf8)) == nil)
+        #expect(BlockFetcher.split("127.0.0.1:7000")! == ("127.0.0.1", "7000"))
+        #expect(BlockFetcher.split("[::1]:7000")! == ("::1", "7000"))
+        #expect(BlockFetcher.split("node-b.example:80")! == ("node-b.example", "80"))
+        for bad in ["127.0.0.1", ":80", "host:", "host:8x", "[::1]", "[::1]:"] { #expect(BlockFetcher.split(bad) == nil, "\(bad)") }
+    }
+}
