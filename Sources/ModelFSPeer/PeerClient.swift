@@ -13,8 +13,8 @@ public final class PeerClient: Sendable {
     let http: HTTPClient
     let authorization: String
     let timeout: TimeAmount
-    /// Block GETs, on plain sockets (see BlockFetcher).
-    let fetcher: BlockFetcher
+    /// Block GETs and PUTs, on plain sockets (see BlockTransfer).
+    let transfer: BlockTransfer
 
     public init(secret: String, timeout: TimeAmount = .seconds(30)) {
         var config = HTTPClient.Configuration()
@@ -23,12 +23,12 @@ public final class PeerClient: Sendable {
         http = HTTPClient(eventLoopGroupProvider: .singleton, configuration: config)
         authorization = "Bearer \(secret)"
         self.timeout = timeout
-        fetcher = BlockFetcher(authorization: authorization, timeout: Double(timeout.nanoseconds) / 1e9)
+        transfer = BlockTransfer(authorization: authorization, timeout: Double(timeout.nanoseconds) / 1e9)
     }
 
     public func shutdown() {
         try? http.syncShutdown()
-        fetcher.shutdown()
+        transfer.shutdown()
     }
 
     /// AsyncHTTPClient insists on an explicit shutdown; a second one is a no-op.
@@ -93,7 +93,7 @@ public final class PeerClient: Sendable {
     /// The block from `node`, verified; nil if the node has no (good) copy. The body is received
     /// straight into block memory and hashed as it arrives, on the calling thread.
     public func get(_ id: BlockID, from node: NodeInfo) throws -> BlockBuffer? {
-        let r = try reach(node) { try fetcher.get("/v1/blocks/\(id.hex)", from: node.address, limit: PeerLimits.maxBlock) }
+        let r = try reach(node) { try transfer.get("/v1/blocks/\(id.hex)", from: node.address, limit: PeerLimits.maxBlock) }
         let status = HTTPResponseStatus(statusCode: r.status)
         if status == .notFound { return nil }
         guard status == .ok, let buffer = r.buffer else { throw failure(node, "GET \(id.hex)", status, r.text) }
@@ -106,11 +106,10 @@ public final class PeerClient: Sendable {
 
     /// Stores a block this node still holds in memory on `node` (an eager copy of a block just
     /// written: its pack record was written with O_DIRECT, so sending it from the file would read
-    /// it back from disk). One copy into the request body; the receiver verifies it. With
-    /// `durable`, the node fsyncs it before answering.
+    /// it back from disk), sent from that memory; the receiver verifies it. With `durable`, the
+    /// node fsyncs it before answering.
     public func put(_ id: BlockID, _ bytes: UnsafeRawBufferPointer, to node: NodeInfo, durable: Bool) throws {
-        let r = try send(node, .PUT, "/v1/blocks/\(id.hex)\(durable ? "?durable=1" : "")", body: ByteBuffer(bytes: bytes))
-        guard r.status == .ok || r.status == .created else { throw failure(node, "PUT \(id.hex)", r) }
+        try put(id, .memory(bytes), to: node, durable: durable)
     }
 
     /// Stores `store`'s copy of block `id` on `node`, sent straight from the pack file with
@@ -120,23 +119,16 @@ public final class PeerClient: Sendable {
     @discardableResult
     public func put(_ id: BlockID, from store: PackBlockStore, to node: NodeInfo, durable: Bool) throws -> Int? {
         guard let (fd, offset, length) = store.fileRangeForPeer(id) else { return nil }
-        // AsyncHTTPClient completes a body write when it takes the part, not when the socket
-        // has sent it: the descriptor is closed when the whole request has ended. A request that
-        // fails (timeout, reset) can end while its channel is still inside sendfile(2) on the
-        // descriptor, so the close runs on the channel's own event loop, after that call: closed
-        // from here it raced the loop, and sendfile on a closed descriptor (EBADF) traps in NIO.
-        let loop = http.eventLoopGroup.next()
-        let handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: fd)
-        defer { loop.execute { try? handle.close() } }
-        var request = try request(node, .PUT, "/v1/blocks/\(id.hex)\(durable ? "?durable=1" : "")")
-        request.body = .stream(contentLength: Int64(length)) { writer in
-            writer.write(.fileRegion(FileRegion(fileHandle: handle, readerIndex: offset, endIndex: offset + length)))
-        }
-        let r = try answer(node) {
-            http.execute(request: request, eventLoop: .delegateAndChannel(on: loop), deadline: .now() + timeout)
-        }
-        guard r.status == .ok || r.status == .created else { throw failure(node, "PUT \(id.hex)", r) }
+        defer { close(fd) }
+        try put(id, .file(fd: fd, offset: offset, count: length), to: node, durable: durable)
         return length
+    }
+
+    private func put(_ id: BlockID, _ body: BlockTransfer.Body, to node: NodeInfo, durable: Bool) throws {
+        let path = "/v1/blocks/\(id.hex)\(durable ? "?durable=1" : "")"
+        let r = try reach(node) { try transfer.put(path, to: node.address, body) }
+        let status = HTTPResponseStatus(statusCode: r.status)
+        guard status == .ok || status == .created else { throw failure(node, "PUT \(id.hex)", status, r.text) }
     }
 
     /// Which of `ids` the node holds as replicas.

@@ -222,7 +222,7 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
 
     @Test func aPushToAPeerThatStopsReadingFailsAndClosesItsDescriptor() throws {
         // A listener that never accepts or reads: the kernel completes the connection, the
-        // push's sendfile fills the socket buffers, and the request times out mid-body.
+        // push's sendfile fills the socket buffers, and the send times out mid-body.
         let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         #expect(listener >= 0)
         defer { close(listener) }
@@ -251,7 +251,7 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
         let client = PeerClient(secret: "s3cret", timeout: .milliseconds(700))
         defer { client.shutdown() }
         #expect(throws: (any Error).self) { try client.put(id, from: source, to: node, durable: false) }
-        // Closed on the channel's event loop once the request has ended, not leaked.
+        // Closed once the push has failed, not leaked.
         #expect(waitUntil(timeout: 5) { duplicates() == held })
     }
 
@@ -436,6 +436,8 @@ final class ScriptedPeer: @unchecked Sendable {
     let port: UInt16
     private let answers: Mutex<[(bytes: [UInt8], close: Bool)]>
     let accepted = Mutex(0)
+    /// The request bodies received, in order.
+    let bodies = Mutex<[[UInt8]]>([])
     private let done = DispatchSemaphore(value: 0)
 
     init(_ answers: [(bytes: [UInt8], close: Bool)]) throws {
@@ -472,7 +474,18 @@ final class ScriptedPeer: @unchecked Sendable {
             let n = recv(fd, &chunk, chunk.count, 0)
             guard n > 0 else { return }
             request += chunk[0..<n]
-            guard BlockFetcher.headEnd(request, from: 0, to: request.count) != nil else { continue }
+            guard let end = BlockTransfer.headEnd(request, from: 0, to: request.count) else { continue }
+            // A body (a PUT's): read all of it, keep it.
+            let head = String(decoding: request[0..<end], as: UTF8.self).lowercased()
+            let length = head.split(separator: "\r\n").first { $0.hasPrefix("content-length:") }
+                .flatMap { Int($0.dropFirst("content-length:".count).trimmingCharacters(in: .whitespaces)) } ?? 0
+            var body = Array(request[end...])
+            while body.count < length {
+                let m = recv(fd, &chunk, min(chunk.count, length - body.count), 0)
+                guard m > 0 else { return }
+                body += chunk[0..<m]
+            }
+            if length > 0 { bodies.withLock { $0.append(body) } }
             request = []
             // Out of answers: hold the connection, unanswered, until the client closes it.
             guard let next = answers.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) else { continue }
@@ -492,7 +505,7 @@ final class ScriptedPeer: @unchecked Sendable {
     static func ok(_ body: [UInt8]) -> [UInt8] { Array("HTTP/1.1 200 OK\r\nContent-Length: \(body.count)\r\n\r\n".utf8) + body }
 }
 
-@Suite struct BlockFetcherTests {
+@Suite struct BlockTransferTests {
     @Test func aKeptAliveConnectionThePeerClosedIsReplacedAndTheBlockStillComes() throws {
         let (id, bytes) = blockOf(300_000, seed: 70)
         // The first answer says keep-alive (HTTP/1.1, no Connection: close) and the peer then
@@ -507,6 +520,23 @@ final class ScriptedPeer: @unchecked Sendable {
             #expect(got.withUnsafeBytes { Array($0) } == bytes)
         }
         #expect(peer.accepted.withLock { $0 } == 2)
+    }
+
+    @Test func aPutOnAConnectionThePeerClosedIsSentAgainWholeOnANewOne() throws {
+        let (id, bytes) = blockOf(200_000, seed: 76)
+        let created = Array("HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n".utf8)
+        let peer = try ScriptedPeer([(created, true), (created, false)])
+        defer { peer.stop() }
+        let client = PeerClient(secret: "s3cret", timeout: .seconds(5))
+        defer { client.shutdown() }
+        let dir = try scratch("put-source")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let source = try PackBlockStore(root: dir)
+        _ = try bytes.withUnsafeBytes { try source.put(id, $0) }
+        try bytes.withUnsafeBytes { try client.put(id, $0, to: peer.node, durable: false) }   // from memory
+        #expect(try client.put(id, from: source, to: peer.node, durable: true) == bytes.count)   // by sendfile, retried
+        #expect(peer.accepted.withLock { $0 } == 2)
+        #expect(peer.bodies.withLock { $0 } == [bytes, bytes])
     }
 
     @Test func aConnectionIsReusedWhileThePeerKeepsIt() throws {
@@ -579,14 +609,14 @@ final class ScriptedPeer: @unchecked Sendable {
     }
 
     @Test func headsAndAddressesAreParsed() {
-        #expect(BlockFetcher.parseHead(ArraySlice("HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n".utf8))! == (200, 12, true))
-        #expect(BlockFetcher.parseHead(ArraySlice("HTTP/1.1 404 Not Found\r\ncontent-length:0\r\nConnection: close\r\n\r\n".utf8))! == (404, 0, false))
-        #expect(BlockFetcher.parseHead(ArraySlice("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n".utf8))! == (200, 1, false))
-        #expect(BlockFetcher.parseHead(ArraySlice("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n".utf8)) == nil)
-        #expect(BlockFetcher.parseHead(ArraySlice("HTTP/1.1 2000 OK\r\nContent-Length: 1\r\n\r\n".utf8)) == nil)
-        #expect(BlockFetcher.split("127.0.0.1:7000")! == ("127.0.0.1", "7000"))
-        #expect(BlockFetcher.split("[::1]:7000")! == ("::1", "7000"))
-        #expect(BlockFetcher.split("node-b.example:80")! == ("node-b.example", "80"))
-        for bad in ["127.0.0.1", ":80", "host:", "host:8x", "[::1]", "[::1]:"] { #expect(BlockFetcher.split(bad) == nil, "\(bad)") }
+        #expect(BlockTransfer.parseHead(ArraySlice("HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n".utf8))! == (200, 12, true))
+        #expect(BlockTransfer.parseHead(ArraySlice("HTTP/1.1 404 Not Found\r\ncontent-length:0\r\nConnection: close\r\n\r\n".utf8))! == (404, 0, false))
+        #expect(BlockTransfer.parseHead(ArraySlice("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n".utf8))! == (200, 1, false))
+        #expect(BlockTransfer.parseHead(ArraySlice("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n".utf8)) == nil)
+        #expect(BlockTransfer.parseHead(ArraySlice("HTTP/1.1 2000 OK\r\nContent-Length: 1\r\n\r\n".utf8)) == nil)
+        #expect(BlockTransfer.split("127.0.0.1:7000")! == ("127.0.0.1", "7000"))
+        #expect(BlockTransfer.split("[::1]:7000")! == ("::1", "7000"))
+        #expect(BlockTransfer.split("node-b.example:80")! == ("node-b.example", "80"))
+        for bad in ["127.0.0.1", ":80", "host:", "host:8x", "[::1]", "[::1]:"] { #expect(BlockTransfer.split(bad) == nil, "\(bad)") }
     }
 }

@@ -4,15 +4,34 @@ import ModelFSCore
 import ModelFSStore
 import Synchronization
 
-/// Block GETs over plain blocking sockets, kept alive per peer: the one request on a remote
-/// read's path. The body is received by `recv` straight into block memory and hashed piece by
-/// piece on the thread that wants the block. Through AsyncHTTPClient each body arrived as 64 KiB
-/// ByteBuffers on an event loop thread, was copied once more into block memory and hashed there,
-/// every piece through a channel pipeline: per GiB read on a node, 0.14 s of user copies and
-/// about 0.4 s of event-loop work beside the kernel's receive copy and SHA-256.
+/// Block GETs and PUTs over plain blocking sockets, kept alive per peer: the requests that move
+/// block bytes (remote reads, eager and write-back copies, healing pushes). A GET's body is
+/// received by `recv` straight into block memory and hashed piece by piece on the thread that
+/// wants the block; a PUT's body is sent from the block's memory (`send`) or its pack
+/// (`sendfile`) by the thread that copies it. Through AsyncHTTPClient each GET body arrived as
+/// 64 KiB ByteBuffers on an event loop thread, was copied once more into block memory and hashed
+/// there (per GiB read on a node, 0.14 s of user copies and about 0.4 s of event-loop work
+/// beside the kernel's receive copy and SHA-256), and each PUT from memory was first copied into
+/// a fresh ByteBuffer, whose every page faulted and was cleared.
 ///
 /// HTTP/1.1 as the peer server speaks it: every response has a Content-Length.
-final class BlockFetcher: Sendable {
+final class BlockTransfer: Sendable {
+    /// What a request sends after its head.
+    enum Body {
+        case none
+        case memory(UnsafeRawBufferPointer)
+        /// `count` bytes of `fd` from `offset`, by sendfile.
+        case file(fd: Int32, offset: Int, count: Int)
+
+        var count: Int {
+            switch self {
+            case .none: 0
+            case .memory(let b): b.count
+            case .file(_, _, let n): n
+            }
+        }
+    }
+
     struct Response {
         var status: Int
         /// The whole body when the status is 200 and it fitted `limit`.
@@ -38,6 +57,7 @@ final class BlockFetcher: Sendable {
     static let piece = 256 << 10
 
     init(authorization: String, timeout: Double, connectTimeout: Double = 2) {
+        _ = Self.ignoreSIGPIPE
         self.authorization = authorization
         self.timeout = timeout
         self.connectTimeout = connectTimeout
@@ -45,20 +65,35 @@ final class BlockFetcher: Sendable {
 
     deinit { shutdown() }
 
+    /// sendfile(2) has no MSG_NOSIGNAL: a peer that closed its end is an EPIPE, not a signal
+    /// that ends the process (libfuse ignores SIGPIPE too, once mounted).
+    static let ignoreSIGPIPE: Void = { signal(SIGPIPE, SIG_IGN); return () }()
+
     func shutdown() {
         let fds = idle.withLock { i -> [Int32] in let all = i.values.flatMap { $0 }; i = [:]; return all }
         for fd in fds { close(fd) }
     }
 
-    /// GET `path` from `address` ("host:port"). A kept-alive connection the peer closed meanwhile
-    /// fails before any answer arrives: the request is sent again once on a new connection (a
-    /// GET changes nothing).
+    /// GET `path` from `address` ("host:port"): a 200's body up to `limit` bytes arrives in block
+    /// memory with its digest.
     func get(_ path: String, from address: String, limit: Int) throws -> Response {
+        try exchange("GET", path, address, .none, blockLimit: limit)
+    }
+
+    /// PUT `body` to `path` at `address`; the answer's text is kept (no block is received).
+    func put(_ path: String, to address: String, _ body: Body) throws -> Response {
+        try exchange("PUT", path, address, body, blockLimit: nil)
+    }
+
+    /// A kept-alive connection the peer closed meanwhile fails before any answer arrives: the
+    /// request is sent again once on a new connection (a GET changes nothing; a PUT stores a
+    /// block under its own hash, so storing it twice is storing it once).
+    private func exchange(_ method: String, _ path: String, _ address: String, _ body: Body, blockLimit: Int?) throws -> Response {
         if let fd = idle.withLock({ $0[address]?.popLast() }) {
-            do { return try exchange(fd, path, address, limit) } catch is Stale {}
+            do { return try exchange(fd, method, path, address, body, blockLimit) } catch is Stale {}
         }
         do {
-            return try exchange(try connect(address), path, address, limit)
+            return try exchange(try connect(address), method, path, address, body, blockLimit)
         } catch is Stale {
             throw TransportError(description: "connection to \(address) closed before it answered")
         }
@@ -68,20 +103,17 @@ final class BlockFetcher: Sendable {
     private struct Stale: Error {}
 
     /// Sends the request on `fd` and reads the answer; `fd` goes back to the pool or is closed.
-    private func exchange(_ fd: Int32, _ path: String, _ address: String, _ limit: Int) throws -> Response {
+    private func exchange(_ fd: Int32, _ method: String, _ path: String, _ address: String, _ body: Body,
+                          _ blockLimit: Int?) throws -> Response {
         var keep = false
         defer { if keep { release(fd, address) } else { close(fd) } }
-        let request = "GET \(path) HTTP/1.1\r\nHost: \(address)\r\nAuthorization: \(authorization)\r\n\r\n"
-        var request8 = Array(request.utf8)
-        var sent = 0
-        while sent < request8.count {
-            let n = request8.withUnsafeMutableBytes { send(fd, $0.baseAddress! + sent, $0.count - sent, Int32(MSG_NOSIGNAL)) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 {
-                if errno == EPIPE || errno == ECONNRESET { throw Stale() }
-                throw TransportError(description: "cannot send to \(address): \(String(cString: strerror(errno)))")
-            }
-            sent += n
+        let length = method == "GET" ? "" : "Content-Length: \(body.count)\r\n"
+        let request = Array("\(method) \(path) HTTP/1.1\r\nHost: \(address)\r\nAuthorization: \(authorization)\r\n\(length)\r\n".utf8)
+        try request.withUnsafeBytes { try sendAll(fd, $0, address) }
+        switch body {
+        case .none: break
+        case .memory(let bytes): try sendAll(fd, bytes, address)
+        case .file(let file, let offset, let count): try sendFile(fd, file, offset, count, address)
         }
         // The head, and whatever of the body came with it.
         var head = [UInt8](repeating: 0, count: 8192)
@@ -109,7 +141,7 @@ final class BlockFetcher: Sendable {
         }
         let extra = have - headEnd
         var response = Response(status: parsed.status, buffer: nil, digest: nil, text: "")
-        if parsed.status == 200 && parsed.length <= limit {
+        if parsed.status == 200, let limit = blockLimit, parsed.length <= limit {
             let buffer = BlockBuffer(count: parsed.length)
             guard extra <= parsed.length else { throw TransportError(description: "\(address) sent more than its Content-Length") }
             var hasher = BlockID.Hasher()
@@ -143,6 +175,34 @@ final class BlockFetcher: Sendable {
         }
         keep = parsed.keepAlive && extra <= parsed.length
         return response
+    }
+
+    /// A peer that closed or reset the connection before it read the request: `Stale`.
+    private func sendAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, _ address: String) throws {
+        var sent = 0
+        while sent < bytes.count {
+            let n = send(fd, bytes.baseAddress! + sent, bytes.count - sent, Int32(MSG_NOSIGNAL))
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw sendFailure(address) }
+            sent += n
+        }
+    }
+
+    private func sendFile(_ fd: Int32, _ file: Int32, _ offset: Int, _ count: Int, _ address: String) throws {
+        var at = off_t(offset)
+        let end = off_t(offset + count)
+        while at < end {
+            let n = sendfile(fd, file, &at, Int(end - at))
+            if n < 0 && errno == EINTR { continue }
+            if n == 0 { throw TransportError(description: "the file to send to \(address) ended early") }
+            guard n > 0 else { throw sendFailure(address) }
+        }
+    }
+
+    private func sendFailure(_ address: String) -> any Error {
+        if errno == EPIPE || errno == ECONNRESET { return Stale() }
+        if errno == EAGAIN || errno == EWOULDBLOCK { return TransportError(description: "\(address) took nothing for \(timeout) s") }
+        return TransportError(description: "cannot send to \(address): \(String(cString: strerror(errno)))")
     }
 
     private func receive(_ fd: Int32, _ p: UnsafeMutableRawPointer, _ count: Int, address: String) throws -> Int {
