@@ -6,9 +6,10 @@ import NIOCore
 import NIOHTTP1
 import Synchronization
 
-/// Talks to other nodes' peer servers (AsyncHTTPClient, kept-alive connections). Calls are
-/// synchronous: they come from FUSE worker threads and replication threads, never from an event
-/// loop. Every block received is verified against its id before anyone sees it.
+/// Talks to other nodes' peer servers over kept-alive connections: block GETs and PUTs on plain
+/// sockets (`BlockTransfer`), the other requests through AsyncHTTPClient. Calls are synchronous:
+/// they come from FUSE worker threads and replication threads, never from an event loop. Every
+/// block received is verified against its id before anyone sees it.
 public final class PeerClient: Sendable {
     let http: HTTPClient
     let authorization: String
