@@ -51,17 +51,24 @@ final class BlockTransfer: Sendable {
     let authorization: String
     let timeout: Double
     let connectTimeout: Double
-    private let idle = Mutex<[String: [Int32]]>([:])
+    /// Idle connections per address, each with when it became idle (seconds of uptime).
+    private let idle = Mutex<(byAddress: [String: [(fd: Int32, since: Double)]], swept: Double)>(([:], 0))
     static let maxIdlePerPeer = 16
+    /// A connection idle longer than this is closed (a peer that moved to another address, or
+    /// left, is not held on to).
+    let maxIdleSeconds: Double
     /// A received piece is hashed while it is still in the CPU's cache.
     static let piece = 256 << 10
 
-    init(authorization: String, timeout: Double, connectTimeout: Double = 2) {
+    init(authorization: String, timeout: Double, connectTimeout: Double = 2, maxIdleSeconds: Double = 60) {
         _ = Self.ignoreSIGPIPE
         self.authorization = authorization
         self.timeout = timeout
         self.connectTimeout = connectTimeout
+        self.maxIdleSeconds = maxIdleSeconds
     }
+
+    static func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
 
     deinit { shutdown() }
 
@@ -70,7 +77,7 @@ final class BlockTransfer: Sendable {
     static let ignoreSIGPIPE: Void = { signal(SIGPIPE, SIG_IGN); return () }()
 
     func shutdown() {
-        let fds = idle.withLock { i -> [Int32] in let all = i.values.flatMap { $0 }; i = [:]; return all }
+        let fds = idle.withLock { i -> [Int32] in let all = i.byAddress.values.flatMap { $0.map(\.fd) }; i.byAddress = [:]; return all }
         for fd in fds { close(fd) }
     }
 
@@ -89,8 +96,12 @@ final class BlockTransfer: Sendable {
     /// request is sent again once on a new connection (a GET changes nothing; a PUT stores a
     /// block under its own hash, so storing it twice is storing it once).
     private func exchange(_ method: String, _ path: String, _ address: String, _ body: Body, blockLimit: Int?) throws -> Response {
-        if let fd = idle.withLock({ $0[address]?.popLast() }) {
-            do { return try exchange(fd, method, path, address, body, blockLimit) } catch is Stale {}
+        if let fd = take(address) {
+            do { return try exchange(fd, method, path, address, body, blockLimit) } catch is Stale {
+                // The peer closed it: it restarted or timed us out, and the others it closed too.
+                let rest = idle.withLock { i in i.byAddress.removeValue(forKey: address) ?? [] }
+                for c in rest { close(c.fd) }
+            }
         }
         do {
             return try exchange(try connect(address), method, path, address, body, blockLimit)
@@ -218,12 +229,40 @@ final class BlockTransfer: Sendable {
         }
     }
 
-    private func release(_ fd: Int32, _ address: String) {
-        let kept = idle.withLock { i -> Bool in
-            guard i[address, default: []].count < Self.maxIdlePerPeer else { return false }
-            i[address, default: []].append(fd)
-            return true
+    /// The connection to `address` idle the shortest time, unless it has been idle longer than
+    /// `maxIdleSeconds` (those are closed).
+    private func take(_ address: String) -> Int32? {
+        let now = Self.now()
+        let (fd, expired) = idle.withLock { i -> (Int32?, [Int32]) in
+            guard let list = i.byAddress[address] else { return (nil, []) }
+            var live = list.filter { now - $0.since <= maxIdleSeconds }
+            let expired = list.filter { now - $0.since > maxIdleSeconds }.map(\.fd)
+            let fd = live.popLast()?.fd
+            i.byAddress[address] = live.isEmpty ? nil : live
+            return (fd, expired)
         }
+        for c in expired { close(c) }
+        return fd
+    }
+
+    private func release(_ fd: Int32, _ address: String) {
+        let now = Self.now()
+        let (kept, expired) = idle.withLock { i -> (Bool, [Int32]) in
+            // Every so often, connections idle too long to any address are closed.
+            var expired: [Int32] = []
+            if now - i.swept > maxIdleSeconds {
+                i.swept = now
+                for (a, list) in i.byAddress {
+                    let keep = list.filter { now - $0.since <= maxIdleSeconds }
+                    expired += list.filter { now - $0.since > maxIdleSeconds }.map(\.fd)
+                    i.byAddress[a] = keep.isEmpty ? nil : keep
+                }
+            }
+            guard i.byAddress[address, default: []].count < Self.maxIdlePerPeer else { return (false, expired) }
+            i.byAddress[address, default: []].append((fd, now))
+            return (true, expired)
+        }
+        for c in expired { close(c) }
         if !kept { close(fd) }
     }
 

@@ -539,6 +539,22 @@ final class ScriptedPeer: @unchecked Sendable {
         #expect(peer.bodies.withLock { $0 } == [bytes, bytes])
     }
 
+    @Test func aConnectionIdleLongerThanTheLimitIsClosedNotReused() throws {
+        let (id, bytes) = blockOf(70_000, seed: 77)
+        let peer = try ScriptedPeer(Array(repeating: (ScriptedPeer.ok(bytes), false), count: 3))
+        defer { peer.stop() }
+        let transfer = BlockTransfer(authorization: "Bearer s3cret", timeout: 5, maxIdleSeconds: 0.3)
+        defer { transfer.shutdown() }
+        let path = "/v1/blocks/\(id.hex)"
+        #expect(try transfer.get(path, from: "127.0.0.1:\(peer.port)", limit: 1 << 20).digest == id)
+        #expect(try transfer.get(path, from: "127.0.0.1:\(peer.port)", limit: 1 << 20).digest == id)
+        #expect(peer.accepted.withLock { $0 } == 1)   // within the limit: the same connection
+        // The idle limit is the thing under test: time has to pass.
+        Thread.sleep(forTimeInterval: 0.5)
+        #expect(try transfer.get(path, from: "127.0.0.1:\(peer.port)", limit: 1 << 20).digest == id)
+        #expect(peer.accepted.withLock { $0 } == 2)
+    }
+
     @Test func aConnectionIsReusedWhileThePeerKeepsIt() throws {
         let (id, bytes) = blockOf(70_000, seed: 71)
         let peer = try ScriptedPeer(Array(repeating: (ScriptedPeer.ok(bytes), false), count: 3))
