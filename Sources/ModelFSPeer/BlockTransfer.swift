@@ -235,14 +235,18 @@ final class BlockTransfer: Sendable {
         let now = Self.now()
         let (fd, expired) = idle.withLock { i -> (Int32?, [Int32]) in
             guard let list = i.byAddress[address] else { return (nil, []) }
-            var live = list.filter { now - $0.since <= maxIdleSeconds }
-            let expired = list.filter { now - $0.since > maxIdleSeconds }.map(\.fd)
+            var (live, expired) = expire(list, now: now)
             let fd = live.popLast()?.fd
             i.byAddress[address] = live.isEmpty ? nil : live
             return (fd, expired)
         }
         for c in expired { close(c) }
         return fd
+    }
+
+    /// The connections of `list` still within `maxIdleSeconds`, and the descriptors of the others.
+    private func expire(_ list: [(fd: Int32, since: Double)], now: Double) -> ([(fd: Int32, since: Double)], [Int32]) {
+        (list.filter { now - $0.since <= maxIdleSeconds }, list.filter { now - $0.since > maxIdleSeconds }.map(\.fd))
     }
 
     private func release(_ fd: Int32, _ address: String) {
@@ -253,9 +257,9 @@ final class BlockTransfer: Sendable {
             if now - i.swept > maxIdleSeconds {
                 i.swept = now
                 for (a, list) in i.byAddress {
-                    let keep = list.filter { now - $0.since <= maxIdleSeconds }
-                    expired += list.filter { now - $0.since > maxIdleSeconds }.map(\.fd)
-                    i.byAddress[a] = keep.isEmpty ? nil : keep
+                    let (live, gone) = expire(list, now: now)
+                    expired += gone
+                    i.byAddress[a] = live.isEmpty ? nil : live
                 }
             }
             guard i.byAddress[address, default: []].count < Self.maxIdlePerPeer else { return (false, expired) }

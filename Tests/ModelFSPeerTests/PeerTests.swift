@@ -223,20 +223,9 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
     @Test func aPushToAPeerThatStopsReadingFailsAndClosesItsDescriptor() throws {
         // A listener that never accepts or reads: the kernel completes the connection, the
         // push's sendfile fills the socket buffers, and the send times out mid-body.
-        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        #expect(listener >= 0)
+        let (listener, port) = try loopbackListener(backlog: 4)
         defer { close(listener) }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &addr) { a in
-            a.withMemoryRebound(to: sockaddr.self, capacity: 1) { p in
-                bind(listener, p, len) == 0 && listen(listener, 4) == 0 && getsockname(listener, p, &len) == 0
-            }
-        }
-        #expect(bound)
-        let node = NodeInfo(id: "mute", address: "127.0.0.1:\(UInt16(bigEndian: addr.sin_port))")
+        let node = NodeInfo(id: "mute", address: "127.0.0.1:\(port)")
         let sourceDir = try scratch("mute-source")
         defer { try? FileManager.default.removeItem(atPath: sourceDir) }
         let source = try PackBlockStore(root: sourceDir)
@@ -427,6 +416,23 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
     }
 }
 
+/// A listening TCP socket on 127.0.0.1 at a port the kernel picks: its descriptor and port.
+func loopbackListener(backlog: Int32) throws -> (Int32, UInt16) {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { throw FSError.io("cannot make a socket") }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    let ok = withUnsafeMutablePointer(to: &addr) { a in
+        a.withMemoryRebound(to: sockaddr.self, capacity: 1) { p in
+            bind(fd, p, len) == 0 && listen(fd, backlog) == 0 && getsockname(fd, p, &len) == 0
+        }
+    }
+    guard ok else { close(fd); throw FSError.io("cannot listen on loopback") }
+    return (fd, UInt16(bigEndian: addr.sin_port))
+}
+
 /// A loopback "peer" on one thread that answers the requests it reads, in order, with `answers`
 /// (raw bytes, each in one send), closing the connection after an answer marked so, and leaving
 /// requests beyond them unanswered: what the peer server would never do, to see the block
@@ -442,19 +448,7 @@ final class ScriptedPeer: @unchecked Sendable {
 
     init(_ answers: [(bytes: [UInt8], close: Bool)]) throws {
         self.answers = Mutex(answers)
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        listener = fd
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let ok = withUnsafeMutablePointer(to: &addr) { a in
-            a.withMemoryRebound(to: sockaddr.self, capacity: 1) { p in
-                bind(fd, p, len) == 0 && listen(fd, 8) == 0 && getsockname(fd, p, &len) == 0
-            }
-        }
-        guard ok else { close(fd); throw FSError.io("cannot listen on loopback") }
-        port = UInt16(bigEndian: addr.sin_port)
+        (listener, port) = try loopbackListener(backlog: 8)
         Thread.detachNewThread { [self] in
             defer { done.signal() }
             while true {
