@@ -190,30 +190,20 @@ final class BlockTransfer: Sendable {
 
     /// A peer that closed or reset the connection before it read the request: `Stale`.
     private func sendAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, _ address: String) throws {
-        var sent = 0
-        while sent < bytes.count {
-            let n = send(fd, bytes.baseAddress! + sent, bytes.count - sent, Int32(MSG_NOSIGNAL))
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { throw sendFailure(address) }
-            sent += n
-        }
+        let e = SocketIO.sendAll(fd, bytes)
+        if e != 0 { throw sendFailure(e, address) }
     }
 
     private func sendFile(_ fd: Int32, _ file: Int32, _ offset: Int, _ count: Int, _ address: String) throws {
-        var at = off_t(offset)
-        let end = off_t(offset + count)
-        while at < end {
-            let n = sendfile(fd, file, &at, Int(end - at))
-            if n < 0 && errno == EINTR { continue }
-            if n == 0 { throw TransportError(description: "the file to send to \(address) ended early") }
-            guard n > 0 else { throw sendFailure(address) }
-        }
+        let e = SocketIO.sendFile(fd, file, offset, count)
+        if e == EIO { throw TransportError(description: "the file to send to \(address) ended early") }
+        if e != 0 { throw sendFailure(e, address) }
     }
 
-    private func sendFailure(_ address: String) -> any Error {
-        if errno == EPIPE || errno == ECONNRESET { return Stale() }
-        if errno == EAGAIN || errno == EWOULDBLOCK { return TransportError(description: "\(address) took nothing for \(timeout) s") }
-        return TransportError(description: "cannot send to \(address): \(String(cString: strerror(errno)))")
+    private func sendFailure(_ e: Int32, _ address: String) -> any Error {
+        if e == EPIPE || e == ECONNRESET { return Stale() }
+        if e == EAGAIN || e == EWOULDBLOCK { return TransportError(description: "\(address) took nothing for \(timeout) s") }
+        return TransportError(description: "cannot send to \(address): \(String(cString: strerror(e)))")
     }
 
     private func receive(_ fd: Int32, _ p: UnsafeMutableRawPointer, _ count: Int, address: String) throws -> Int {

@@ -1,8 +1,10 @@
 import Foundation
+import Glibc
+import ModelFSCore
 import ModelFSStore
 import NIOCore
 import NIOHTTP1
-import NIOPosix
+import Synchronization
 
 /// A request as the peer routes see it: the whole body (bounded) already read.
 public struct PeerRequest: Sendable {
@@ -15,6 +17,8 @@ public struct PeerRequest: Sendable {
     /// is already mapped, where a fresh megabyte ByteBuffer cost a page fault and a page clear
     /// per 4 KiB (a fifth of a receiving node's CPU while it took replicas).
     public var block: BlockBuffer?
+    /// The SHA-256 of `block`, computed piece by piece as it arrived.
+    public var digest: BlockID?
     /// Bytes of body the request carried.
     public var bodyBytes: Int { block?.count ?? body.readableBytes }
     public init(method: HTTPMethod, uri: String, headers: HTTPHeaders = HTTPHeaders(), body: ByteBuffer = ByteBuffer()) {
@@ -48,6 +52,8 @@ public struct PeerResponse: Sendable {
     public var body: ByteBuffer?
     /// Instead of `body`: bytes sent straight from a file (block GETs, from the pack).
     public var file: PeerFileBody?
+    /// Or: a block's bytes in memory (block GETs read from the pack with O_DIRECT).
+    public var block: BlockBuffer?
     public var contentType: String
     /// For HEAD: the length the GET would have.
     public var contentLength: Int?
@@ -60,162 +66,375 @@ public struct PeerResponse: Sendable {
         self.file = file
     }
     /// Bytes of body this response carries.
-    public var bodyBytes: Int { file?.count ?? body?.readableBytes ?? 0 }
+    public var bodyBytes: Int { file?.count ?? block?.count ?? body?.readableBytes ?? 0 }
+    public init(_ status: HTTPResponseStatus, block: BlockBuffer) {
+        self.init(status)
+        self.block = block
+    }
     public static func text(_ status: HTTPResponseStatus, _ s: String) -> PeerResponse {
         PeerResponse(status, body: ByteBuffer(string: s + "\n"), contentType: "text/plain; charset=utf-8")
     }
 }
 
-/// The routes behind the server. `handle` may block (disk I/O): it runs on the server's thread
-/// pool, never on an event loop.
+/// The routes behind the server. `handle` may block (disk I/O, requests to other nodes): it runs
+/// on the connection's own thread.
 public protocol PeerRoutes: Sendable {
     func handle(_ request: PeerRequest) -> PeerResponse
 }
 
-/// The node's HTTP/1.1 peer server on SwiftNIO (DESIGN.md §5): one event loop thread accepts
-/// and parses; request bodies are collected up to `maxBody` (413 beyond, the connection then
-/// closes) and handed with the request to a pool of threads that run the routes.
-public final class PeerServer: Sendable {
-    let group: MultiThreadedEventLoopGroup
-    let pool: NIOThreadPool
-    let channel: any Channel
+/// The node's HTTP/1.1 peer server (DESIGN.md §5) on plain blocking sockets, one thread per
+/// connection: the clients keep their connections alive (BlockTransfer holds at most 16 idle ones
+/// per peer), so a thread serves request after request. A block PUT's body is received by `recv`
+/// straight into block memory and hashed piece by piece as it arrives, while it is still in the
+/// CPU's cache; a GET's block is sent from its pack with sendfile(2) by the same thread. Through
+/// SwiftNIO each PUT body arrived as ByteBuffers on the one event loop thread, was copied into
+/// block memory there and hashed whole afterwards on a pool thread.
+///
+/// Limits: a request head ≤ 16 KiB (431 beyond), a body ≤ `maxBody` (413, the connection then
+/// closes), a Content-Length on every body (411 for chunked ones), at most `threads` block bodies
+/// being received or handled at once (the memory they take is bounded), at most
+/// `maxConnections` connections (503 beyond), and a connection that sends nothing for
+/// `idleSeconds` is closed.
+public final class PeerServer: @unchecked Sendable {
     /// The port bound (useful when asked for port 0).
     public let port: Int
-
-    public init(host: String, port: Int, routes: any PeerRoutes, maxBody: Int, threads: Int = 8) throws {
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        pool = NIOThreadPool(numberOfThreads: threads)
-        pool.start()
-        let pool = self.pool
-        let bootstrap = ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 256)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-            .childChannelInitializer { channel in
-                do {
-                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
-                    try channel.pipeline.syncOperations.addHandler(PeerHTTPHandler(routes: routes, pool: pool, maxBody: maxBody))
-                    return channel.eventLoop.makeSucceededVoidFuture()
-                } catch {
-                    return channel.eventLoop.makeFailedFuture(error)
-                }
-            }
-        do {
-            channel = try bootstrap.bind(host: host, port: port).wait()
-        } catch {
-            try? group.syncShutdownGracefully()
-            try? pool.syncShutdownGracefully()
-            throw error
-        }
-        self.port = channel.localAddress?.port ?? port
-    }
-
-    public func shutdown() {
-        try? channel.close().wait()
-        try? group.syncShutdownGracefully()
-        try? pool.syncShutdownGracefully()
-    }
-}
-
-final class PeerHTTPHandler: ChannelInboundHandler {
-    typealias InboundIn = HTTPServerRequestPart
-    typealias OutboundOut = HTTPServerResponsePart
-
+    let listener: Int32
     let routes: any PeerRoutes
-    let pool: NIOThreadPool
     let maxBody: Int
-    private var head: HTTPRequestHead?
-    private var body = ByteBuffer()
-    private var block: BlockBuffer?
-    private var filled = 0
-    private var overflow = false
+    let bodySlots: DispatchSemaphore
+    private let connections = Mutex<(open: Set<Int32>, closing: Bool)>(([], false))
+    private let running = DispatchGroup()
+    static let maxConnections = 1024
+    static let maxHead = 16 << 10
+    static let idleSeconds = 120
     /// PUT bodies above this go to block memory (`PeerRequest.block`).
     static let blockBodyMin = 64 << 10
 
-    init(routes: any PeerRoutes, pool: NIOThreadPool, maxBody: Int) {
-        self.routes = routes; self.pool = pool; self.maxBody = maxBody
+    public init(host: String, port: Int, routes: any PeerRoutes, maxBody: Int, threads: Int = 8) throws {
+        _ = BlockTransfer.ignoreSIGPIPE
+        self.routes = routes
+        self.maxBody = maxBody
+        bodySlots = DispatchSemaphore(value: threads)
+        (listener, self.port) = try Self.listen(host: host, port: port)
+        running.enter()
+        Thread { [self] in
+            acceptLoop()
+            running.leave()
+        }.start()
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        switch unwrapInboundIn(data) {
-        case .head(let h):
-            head = h
-            overflow = false
-            body = ByteBuffer()
-            block = nil
-            filled = 0
-            if let n = h.headers.first(name: "content-length").flatMap(Int.init) {
-                if n > maxBody {
-                    overflow = true
-                } else if h.method == .PUT && n > Self.blockBodyMin {
-                    block = BlockBuffer(count: n)
-                } else {
-                    body.reserveCapacity(n)
-                }
+    /// A listening socket on host:port, and the port it got.
+    static func listen(host: String, port: Int) throws -> (Int32, Int) {
+        var hints = addrinfo()
+        hints.ai_family = AF_UNSPEC
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV
+        var list: UnsafeMutablePointer<addrinfo>?
+        let rc = getaddrinfo(host.isEmpty ? nil : host, String(port), &hints, &list)
+        guard rc == 0, let first = list else {
+            throw FSError.invalid("cannot listen on \(host):\(port): \(String(cString: gai_strerror(rc)))")
+        }
+        defer { freeaddrinfo(list) }
+        let fd = socket(first.pointee.ai_family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw FSError.io("cannot open a socket: \(String(cString: strerror(errno)))") }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        guard bind(fd, first.pointee.ai_addr, first.pointee.ai_addrlen) == 0, Glibc.listen(fd, 256) == 0 else {
+            let e = errno
+            close(fd)
+            throw FSError(e, String(cString: strerror(e)))
+        }
+        var addr = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let bound = withUnsafeMutablePointer(to: &addr) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+        } == 0 ? withUnsafeBytes(of: addr) { raw -> Int in
+            // sin_port and sin6_port sit at the same offset, in network order.
+            Int(UInt16(bigEndian: raw.load(fromByteOffset: 2, as: UInt16.self)))
+        } : port
+        return (fd, bound)
+    }
+
+    public func shutdown() {
+        let first = connections.withLock { c -> Bool in
+            guard !c.closing else { return false }
+            c.closing = true
+            // Wakes every connection's thread out of recv/send (it closes its own descriptor).
+            for fd in c.open { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+            return true
+        }
+        guard first else { return }
+        _ = Glibc.shutdown(listener, Int32(SHUT_RDWR))   // wakes accept
+        // Routes still running (a copy order, a sync) get a while to finish.
+        _ = running.wait(timeout: .now() + 10)
+        close(listener)
+    }
+
+    private func acceptLoop() {
+        while true {
+            let fd = accept(listener, nil, nil)
+            if fd >= 0 { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+            if fd < 0 {
+                if errno == EINTR || errno == ECONNABORTED { continue }
+                if connections.withLock({ $0.closing }) { return }
+                // Out of descriptors or memory: the backlog waits a moment.
+                Log.error("peer server: accept failed: \(String(cString: strerror(errno)))")
+                usleep(50_000)
+                continue
             }
-        case .body(var part):
-            if overflow { return }
-            if let block {
-                // Content-Length promised block.count bytes; more is a malformed request.
-                guard filled + part.readableBytes <= block.count else { overflow = true; self.block = nil; return }
-                part.withUnsafeReadableBytes { b in
-                    if let base = b.baseAddress { (block.pointer + filled).copyMemory(from: base, byteCount: b.count) }
+            let admitted = connections.withLock { c -> Bool in
+                guard !c.closing, c.open.count < Self.maxConnections else { return false }
+                c.open.insert(fd)
+                return true
+            }
+            guard admitted else {
+                _ = Self.send(fd, Self.head(.serviceUnavailable, contentType: "text/plain", length: 0, keepAlive: false))
+                close(fd)
+                continue
+            }
+            running.enter()
+            Thread { [self] in
+                serve(fd)
+                Self.lingeringClose(fd)
+                connections.withLock { c in
+                    c.open.remove(fd)
+                    close(fd)
                 }
-                filled += part.readableBytes
+                running.leave()
+            }.start()
+        }
+    }
+
+    /// Serves requests on one connection until it closes, fails, idles out or asks to close.
+    private func serve(_ fd: Int32) {
+        var one: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        var tv = timeval(tv_sec: Self.idleSeconds, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        // Bytes received and not yet used: a head, the start of a body, a pipelined request.
+        var buf = [UInt8](repeating: 0, count: Self.maxHead)
+        var have = 0
+        while true {
+            var end = BlockTransfer.headEnd(buf, from: 0, to: have)
+            while end == nil {
+                guard have < buf.count else {
+                    _ = Self.respond(fd, .text(.init(statusCode: 431), "request head over \(Self.maxHead) bytes"), head: false, keepAlive: false)
+                    return
+                }
+                let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + have, $0.count - have, 0) }
+                if n < 0 && errno == EINTR { continue }
+                guard n > 0 else { return }   // closed, idle too long, or reset: nothing to answer
+                let from = max(0, have - 3)
+                have += n
+                end = BlockTransfer.headEnd(buf, from: from, to: have)
+            }
+            let headEnd = end!
+            guard let h = Self.parseRequestHead(buf[0..<headEnd]) else {
+                _ = Self.respond(fd, .text(.badRequest, "malformed HTTP request"), head: false, keepAlive: false)
                 return
             }
-            if body.readableBytes + part.readableBytes > maxBody { overflow = true; body = ByteBuffer(); return }
-            body.writeBuffer(&part)
-        case .end:
-            guard let head else { return }
-            self.head = nil
-            if overflow {
-                respond(context, head, .text(.payloadTooLarge, "request body over \(maxBody) bytes"), keepAlive: false)
+            if h.chunked {
+                _ = Self.respond(fd, .text(.lengthRequired, "send the body with a Content-Length"), head: false, keepAlive: false)
                 return
             }
-            var request = PeerRequest(method: head.method, uri: head.uri, headers: head.headers, body: body)
-            if let block {
-                guard filled == block.count else {
-                    self.block = nil
-                    respond(context, head, .text(.badRequest, "request body shorter than its Content-Length"), keepAlive: false)
+            let length = h.length
+            let leading = min(have - headEnd, length)
+            if length > maxBody {
+                // Read and dropped (a client that is still sending would otherwise see a reset, not
+                // the answer), up to 64 MiB; then the connection closes.
+                if length <= 64 << 20 {
+                    if h.expectContinue { _ = Self.send(fd, Array("HTTP/1.1 100 Continue\r\n\r\n".utf8)) }
+                    _ = discard(fd, length - leading)
+                }
+                _ = Self.respond(fd, .text(.payloadTooLarge, "request body over \(maxBody) bytes"), head: false, keepAlive: false)
+                return
+            }
+            if h.expectContinue && leading < length { _ = Self.send(fd, Array("HTTP/1.1 100 Continue\r\n\r\n".utf8)) }
+            var request = PeerRequest(method: HTTPMethod(rawValue: h.method), uri: h.uri, headers: h.headers)
+            let slot = request.method == .PUT && length > Self.blockBodyMin
+            if slot {
+                bodySlots.wait()
+                let block = BlockBuffer(count: length)
+                var hasher = BlockID.Hasher()
+                buf.withUnsafeBytes { b in
+                    let lead = UnsafeRawBufferPointer(rebasing: b[headEnd..<(headEnd + leading)])
+                    if leading > 0 { block.pointer.copyMemory(from: lead.baseAddress!, byteCount: leading) }
+                    hasher.update(lead)
+                }
+                guard receive(fd, into: block.pointer, from: leading, count: length, hashing: &hasher) else {
+                    bodySlots.signal()
                     return
                 }
                 request.block = block
+                request.digest = hasher.finalize()
+            } else if length > 0 {
+                var body = ByteBuffer()
+                body.reserveCapacity(length)
+                body.writeBytes(buf[headEnd..<(headEnd + leading)])
+                var rest = length - leading
+                var chunk = [UInt8](repeating: 0, count: min(rest, 64 << 10))
+                while rest > 0 {
+                    let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, min($0.count, rest), 0) }
+                    if n < 0 && errno == EINTR { continue }
+                    guard n > 0 else { return }
+                    body.writeBytes(chunk[0..<n])
+                    rest -= n
+                }
+                request.body = body
             }
-            body = ByteBuffer()
-            block = nil
-            let routes = self.routes
-            let loop = context.eventLoop
-            let bound = NIOLoopBound((self, context), eventLoop: loop)
-            pool.runIfActive(eventLoop: loop) { routes.handle(request) }.whenComplete { result in
-                let (handler, context) = bound.value
-                let response = (try? result.get()) ?? .text(.serviceUnavailable, "node is shutting down")
-                handler.respond(context, head, response, keepAlive: head.isKeepAlive)
-            }
+            // What came after this request's body stays for the next one.
+            let used = headEnd + leading
+            if used < have { buf.withUnsafeMutableBytes { b in b.baseAddress!.copyMemory(from: b.baseAddress! + used, byteCount: have - used) } }
+            have -= used
+            let response = routes.handle(request)
+            if slot { bodySlots.signal() }
+            guard Self.respond(fd, response, head: request.method == .HEAD, keepAlive: h.keepAlive), h.keepAlive else { return }
         }
     }
 
-    func respond(_ context: ChannelHandlerContext, _ head: HTTPRequestHead, _ r: PeerResponse, keepAlive: Bool) {
-        var headers = HTTPHeaders()
-        headers.add(name: "Content-Type", value: r.contentType)
-        headers.add(name: "Content-Length", value: String(r.contentLength ?? r.bodyBytes))
-        if !keepAlive { headers.add(name: "Connection", value: "close") }
-        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: r.status, headers: headers))), promise: nil)
+    /// Before the descriptor is closed: the sending side is shut and whatever the client still
+    /// sends is read and dropped for up to a second (1 MiB at most). Closing a socket with unread
+    /// bytes resets the connection, and the reset can overtake the error answer just sent.
+    static func lingeringClose(_ fd: Int32) {
+        _ = Glibc.shutdown(fd, Int32(SHUT_WR))
+        var tv = timeval(tv_sec: 1, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var sink = [UInt8](repeating: 0, count: 64 << 10)
+        for _ in 0..<16 {
+            let n = sink.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, $0.count, 0) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return }
+        }
+    }
+
+    /// Receives bytes [from, count) of a body into `p`, hashing each piece as it lands.
+    private func receive(_ fd: Int32, into p: UnsafeMutableRawPointer, from: Int, count: Int, hashing hasher: inout BlockID.Hasher) -> Bool {
+        var filled = from
+        while filled < count {
+            // A whole piece per call: fewer wake-ups than taking each segment as it lands.
+            let n = recv(fd, p + filled, min(BlockTransfer.piece, count - filled), Int32(MSG_WAITALL))
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { return false }
+            hasher.update(UnsafeRawBufferPointer(start: p + filled, count: n))
+            filled += n
+        }
+        return true
+    }
+
+    private func discard(_ fd: Int32, _ count: Int) -> Bool {
+        var rest = count
+        var sink = [UInt8](repeating: 0, count: 64 << 10)
+        while rest > 0 {
+            let n = sink.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, min($0.count, rest), 0) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { return false }
+            rest -= n
+        }
+        return true
+    }
+
+    static func head(_ status: HTTPResponseStatus, contentType: String, length: Int, keepAlive: Bool) -> [UInt8] {
+        Array(("HTTP/1.1 \(status.code) \(status.reasonPhrase)\r\nContent-Type: \(contentType)\r\n"
+               + "Content-Length: \(length)\r\n" + (keepAlive ? "" : "Connection: close\r\n") + "\r\n").utf8)
+    }
+
+    /// Sends the response (a HEAD's without its body); a file body's descriptor is closed here.
+    /// False when the connection failed.
+    static func respond(_ fd: Int32, _ r: PeerResponse, head isHead: Bool, keepAlive: Bool) -> Bool {
+        var bytes = head(r.status, contentType: r.contentType, length: r.contentLength ?? r.bodyBytes, keepAlive: keepAlive)
         if let f = r.file {
-            // sendfile(2) from the pack: the bytes never pass through this process.
-            let handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: f.fd)
-            if head.method == .HEAD {
-                try? handle.close()
-            } else {
-                let region = FileRegion(fileHandle: handle, readerIndex: f.offset, endIndex: f.offset + f.count)
-                context.write(wrapOutboundOut(.body(.fileRegion(region)))).whenComplete { _ in try? handle.close() }
+            defer { close(f.fd) }
+            guard send(fd, bytes) else { return false }
+            return isHead || SocketIO.sendFile(fd, f.fd, f.offset, f.count) == 0
+        }
+        if let b = r.block {
+            guard send(fd, bytes) else { return false }
+            return isHead || b.withUnsafeBytes { SocketIO.sendAll(fd, $0) == 0 }
+        }
+        if let b = r.body, !isHead, b.readableBytes > 0 {
+            // A small body goes out with its head in one segment.
+            if b.readableBytes <= 64 << 10 {
+                bytes += b.readableBytesView
+                return send(fd, bytes)
             }
-        } else if let b = r.body, head.method != .HEAD {
-            context.write(wrapOutboundOut(.body(.byteBuffer(b))), promise: nil)
+            guard send(fd, bytes) else { return false }
+            return b.withUnsafeReadableBytes { SocketIO.sendAll(fd, $0) == 0 }
         }
-        let channel = context.channel
-        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
-            if !keepAlive { channel.close(promise: nil) }
+        return send(fd, bytes)
+    }
+
+    static func send(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
+        bytes.withUnsafeBytes { SocketIO.sendAll(fd, $0) == 0 }
+    }
+
+    struct RequestHead {
+        var method: String
+        var uri: String
+        var headers = HTTPHeaders()
+        var length = 0
+        var chunked = false
+        var keepAlive: Bool
+        var expectContinue = false
+    }
+
+    /// The request line and headers (HTTP/1.0 or 1.1), or nil if malformed.
+    static func parseRequestHead(_ bytes: ArraySlice<UInt8>) -> RequestHead? {
+        let lines = String(decoding: bytes, as: UTF8.self).split(separator: "\r\n", omittingEmptySubsequences: true)
+        guard let first = lines.first else { return nil }
+        let parts = first.split(separator: " ", omittingEmptySubsequences: true)
+        guard parts.count == 3, parts[2] == "HTTP/1.1" || parts[2] == "HTTP/1.0", parts[1].hasPrefix("/"),
+              parts[0].allSatisfy({ $0.isUppercase || $0 == "-" }) else { return nil }
+        var h = RequestHead(method: String(parts[0]), uri: String(parts[1]), keepAlive: parts[2] == "HTTP/1.1")
+        var length: Int?
+        for line in lines.dropFirst() {
+            guard let colon = line.firstIndex(of: ":"), colon != line.startIndex else { return nil }
+            let name = String(line[..<colon])
+            let value = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+            h.headers.add(name: name, value: value)
+            switch name.lowercased() {
+            case "content-length":
+                guard let n = Int(value), n >= 0, length == nil || length == n else { return nil }
+                length = n
+            case "transfer-encoding":
+                if value.lowercased() != "identity" { h.chunked = true }
+            case "connection":
+                let v = value.lowercased()
+                if v.contains("close") { h.keepAlive = false } else if v.contains("keep-alive") { h.keepAlive = true }
+            case "expect":
+                h.expectContinue = value.lowercased() == "100-continue"
+            default:
+                break
+            }
         }
+        h.length = length ?? 0
+        return h
+    }
+}
+
+/// Blocking socket sends shared by the peer server and BlockTransfer: 0, or the errno that
+/// stopped them (0 from sendfile's file ending early is reported as EIO).
+enum SocketIO {
+    static func sendAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Int32 {
+        var sent = 0
+        while sent < bytes.count {
+            let n = Glibc.send(fd, bytes.baseAddress! + sent, bytes.count - sent, Int32(MSG_NOSIGNAL))
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { return n == 0 ? EPIPE : errno }
+            sent += n
+        }
+        return 0
+    }
+
+    static func sendFile(_ fd: Int32, _ file: Int32, _ offset: Int, _ count: Int) -> Int32 {
+        var at = off_t(offset)
+        let end = off_t(offset + count)
+        while at < end {
+            let n = sendfile(fd, file, &at, Int(end - at))
+            if n < 0 && errno == EINTR { continue }
+            if n == 0 { return EIO }
+            guard n > 0 else { return errno }
+        }
+        return 0
     }
 }

@@ -131,7 +131,8 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
     }
 
     func put(_ id: BlockID, _ r: PeerRequest) -> PeerResponse {
-        let matches = r.block.map { b in b.withUnsafeBytes { BlockID.hash($0) == id } }
+        // A block body comes hashed by the server as it arrived.
+        let matches = r.block.map { b in (r.digest ?? b.withUnsafeBytes { BlockID.hash($0) }) == id }
             ?? r.body.withUnsafeReadableBytes { BlockID.hash($0) == id }
         guard matches else {
             metrics.count("modelfs_peer_rejected_blocks_total")
