@@ -118,9 +118,12 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
     }
 
     func get(_ id: BlockID) -> PeerResponse {
-        // Not re-hashed here, and sent straight from the pack file: the asking node verifies
-        // every block it receives and skips a bad copy (PeerClient.get).
-        guard let s = store(holding: id), let (fd, offset, length) = s.fileRangeForPeer(id) else {
+        // Not re-hashed here: the asking node verifies every block it receives and skips a bad
+        // copy (PeerClient.get). Read directly into memory where the record allows, else sent
+        // straight from the pack file.
+        guard let s = store(holding: id) else { return .text(.notFound, "no copy of \(id.hex) here") }
+        if let b = s.readDirectForPeer(id) { return PeerResponse(.ok, block: b) }
+        guard let (fd, offset, length) = s.fileRangeForPeer(id) else {
             return .text(.notFound, "no copy of \(id.hex) here")
         }
         return PeerResponse(.ok, file: PeerFileBody(fd: fd, offset: offset, count: length))

@@ -312,6 +312,12 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
             #expect(b.cache.usage().bytes <= 8 << 20)
         }
         #expect(b.store.stats.peerFetches == 24)
+        // The last block fetched is read again at once, while its cache write may still be
+        // queued: from this node either way, not from the peer.
+        let hits = b.store.stats.cacheHits
+        #expect(try b.store.read(blocks[23].0).withUnsafeBytes { Array($0) } == blocks[23].1)
+        #expect(b.store.stats.peerFetches == 24 && b.store.stats.cacheHits == hits + 1)
+        #expect(b.store.contains(blocks[23].0))
         #expect(!b.local.contains(blocks[0].0))   // fetched blocks are cache, not replicas
         // A block nobody has: a clear error.
         let e = #expect(throws: FSError.self) { _ = try b.store.read(blockOf(10, seed: 999).0) }
