@@ -207,16 +207,13 @@ final class BlockTransfer: Sendable {
     }
 
     private func receive(_ fd: Int32, _ p: UnsafeMutableRawPointer, _ count: Int, address: String) throws -> Int {
-        while true {
-            let n = recv(fd, p, count, 0)
-            if n >= 0 { return n }
-            if errno == EINTR { continue }
-            if errno == EAGAIN || errno == EWOULDBLOCK {
-                throw TransportError(description: "\(address) sent nothing for \(timeout) s")
-            }
-            if errno == ECONNRESET { throw TransportError(description: "connection to \(address) reset", reset: true) }
-            throw TransportError(description: "cannot receive from \(address): \(String(cString: strerror(errno)))")
+        let n = SocketIO.receive(fd, p, count)
+        if n >= 0 { return n }
+        if errno == EAGAIN || errno == EWOULDBLOCK {
+            throw TransportError(description: "\(address) sent nothing for \(timeout) s")
         }
+        if errno == ECONNRESET { throw TransportError(description: "connection to \(address) reset", reset: true) }
+        throw TransportError(description: "cannot receive from \(address): \(String(cString: strerror(errno)))")
     }
 
     /// The connection to `address` idle the shortest time, unless it has been idle longer than

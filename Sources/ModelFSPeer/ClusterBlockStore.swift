@@ -227,8 +227,6 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         return true
     }
 
-
-
     /// A prefetch of a block another fetch is already bringing in.
     struct Superseded: Error {}
 
@@ -254,7 +252,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
 
     public func willNeed(_ ids: [BlockID]) {
         local.willNeed(ids)
-        for id in ids where !local.contains(id) && !cached(id) {
+        for id in ids where !contains(id) {
             let start = state.withLock { s -> Bool in
                 guard s.inflight[id] == nil, s.prefetching < parallel else { return false }
                 s.prefetching += 1

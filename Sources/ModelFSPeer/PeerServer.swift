@@ -222,8 +222,7 @@ public final class PeerServer: @unchecked Sendable {
                     _ = Self.respond(fd, .text(.init(statusCode: 431), "request head over \(Self.maxHead) bytes"), head: false, keepAlive: false)
                     return
                 }
-                let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + have, $0.count - have, 0) }
-                if n < 0 && errno == EINTR { continue }
+                let n = buf.withUnsafeMutableBytes { SocketIO.receive(fd, $0.baseAddress! + have, $0.count - have) }
                 guard n > 0 else { return }   // closed, idle too long, or reset: nothing to answer
                 let from = max(0, have - 3)
                 have += n
@@ -272,14 +271,15 @@ public final class PeerServer: @unchecked Sendable {
                 var body = ByteBuffer()
                 body.reserveCapacity(length)
                 body.writeBytes(buf[headEnd..<(headEnd + leading)])
-                var rest = length - leading
-                var chunk = [UInt8](repeating: 0, count: min(rest, 64 << 10))
-                while rest > 0 {
-                    let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, min($0.count, rest), 0) }
-                    if n < 0 && errno == EINTR { continue }
+                // The rest straight into the buffer's own memory.
+                while body.readableBytes < length {
+                    let want = length - body.readableBytes
+                    var n = 0
+                    body.writeWithUnsafeMutableBytes(minimumWritableBytes: want) { p in
+                        n = SocketIO.receive(fd, p.baseAddress!, want, flags: Int32(MSG_WAITALL))
+                        return max(n, 0)
+                    }
                     guard n > 0 else { return }
-                    body.writeBytes(chunk[0..<n])
-                    rest -= n
                 }
                 request.body = body
             }
@@ -302,9 +302,7 @@ public final class PeerServer: @unchecked Sendable {
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         var sink = [UInt8](repeating: 0, count: 64 << 10)
         for _ in 0..<16 {
-            let n = sink.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, $0.count, 0) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { return }
+            guard sink.withUnsafeMutableBytes({ SocketIO.receive(fd, $0.baseAddress!, $0.count) }) > 0 else { return }
         }
     }
 
@@ -313,8 +311,7 @@ public final class PeerServer: @unchecked Sendable {
         var filled = from
         while filled < count {
             // A whole piece per call: fewer wake-ups than taking each segment as it lands.
-            let n = recv(fd, p + filled, min(BlockTransfer.piece, count - filled), Int32(MSG_WAITALL))
-            if n < 0 && errno == EINTR { continue }
+            let n = SocketIO.receive(fd, p + filled, min(BlockTransfer.piece, count - filled), flags: Int32(MSG_WAITALL))
             guard n > 0 else { return false }
             hasher.update(UnsafeRawBufferPointer(start: p + filled, count: n))
             filled += n
@@ -326,8 +323,7 @@ public final class PeerServer: @unchecked Sendable {
         var rest = count
         var sink = [UInt8](repeating: 0, count: 64 << 10)
         while rest > 0 {
-            let n = sink.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, min($0.count, rest), 0) }
-            if n < 0 && errno == EINTR { continue }
+            let n = sink.withUnsafeMutableBytes { SocketIO.receive(fd, $0.baseAddress!, min($0.count, rest)) }
             guard n > 0 else { return false }
             rest -= n
         }
@@ -412,9 +408,18 @@ public final class PeerServer: @unchecked Sendable {
     }
 }
 
-/// Blocking socket sends shared by the peer server and BlockTransfer: 0, or the errno that
-/// stopped them (0 from sendfile's file ending early is reported as EIO).
+/// Blocking socket I/O shared by the peer server and BlockTransfer. The sends return 0, or the
+/// errno that stopped them (0 from sendfile's file ending early is reported as EIO).
 enum SocketIO {
+    /// recv(2), retried when a signal interrupts it: the bytes received, 0 at the end of the
+    /// stream, -1 with errno set.
+    static func receive(_ fd: Int32, _ p: UnsafeMutableRawPointer, _ count: Int, flags: Int32 = 0) -> Int {
+        while true {
+            let n = recv(fd, p, count, flags)
+            if n >= 0 || errno != EINTR { return n }
+        }
+    }
+
     static func sendAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Int32 {
         var sent = 0
         while sent < bytes.count {

@@ -371,9 +371,8 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     /// 3.0-3.3 s with them fresh); memory from the pool is already mapped, and the one extra
     /// copy (into the socket) costs the sender less than that.
     public func readDirectForPeer(_ id: BlockID) -> BlockBuffer? {
-        guard let (loc, pack) = locate(id, touching: true), loc.aligned, pack.direct != nil,
-              Int(PackBlockStore.pageUp(UInt64(loc.length))) <= BufferPool.sizeClass(Int(loc.length)) else { return nil }
-        return try? read(id, verify: false, touching: false)
+        guard let (loc, pack) = locate(id, touching: true), Self.readsDirectly(loc, pack) else { return nil }
+        return try? load(id, loc, pack, verify: false)
     }
 
     /// Where a block's bytes lie, for a peer server that sends them straight from the pack file
@@ -403,12 +402,23 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             logger("missing block \(id.hex): not in any pack under \(packsDir)")
             throw FSError.io("block \(id.hex) is missing from \(root)")
         }
+        return try load(id, loc, pack, verify: verify)
+    }
+
+    /// Whether the record at `loc` is read with O_DIRECT: aligned, on a filesystem that has it,
+    /// and its padding fits the block's pooled buffer.
+    private static func readsDirectly(_ loc: Location, _ pack: Pack) -> Bool {
+        loc.aligned && pack.direct != nil && Int(pageUp(UInt64(loc.length))) <= BufferPool.sizeClass(Int(loc.length))
+    }
+
+    /// Reads the block recorded at `loc` in `pack` into a new buffer (verified if asked).
+    private func load(_ id: BlockID, _ loc: Location, _ pack: Pack, verify: Bool) throws -> BlockBuffer {
         let buffer = BlockBuffer(count: Int(loc.length))
         var done = 0
         // An aligned record is read directly into the block's buffer, padding included (no copy
         // out of the page cache, no page-cache memory to fault in); short reads end on a page.
         let padded = Int(PackBlockStore.pageUp(UInt64(loc.length)))
-        if loc.aligned, let direct = pack.direct, padded <= buffer.capacity {
+        if Self.readsDirectly(loc, pack), let direct = pack.direct {
             while done < buffer.count && done % PackBlockStore.page == 0 {
                 let r = pread(direct, buffer.pointer + done, padded - done, off_t(loc.offset) + off_t(done))
                 if r < 0 { if errno == EINTR { continue }; break }   // the buffered reads below try again
