@@ -40,9 +40,6 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     let packsDir: String
     /// A new pack is started when the active one reaches this size.
     public let packLimit: UInt64
-    /// Whether large blocks are written and read with O_DIRECT (see above); without it every
-    /// record goes through the page cache.
-    public let directIO: Bool
     private let logger: @Sendable (String) -> Void
 
     static let headerSize = 40
@@ -116,11 +113,9 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         close(packsDirFD)
     }
 
-    public init(root: String, packLimit: UInt64 = 256 << 20, directIO: Bool = true,
-                logger: @escaping @Sendable (String) -> Void = { _ in }) throws {
+    public init(root: String, packLimit: UInt64 = 256 << 20, logger: @escaping @Sendable (String) -> Void = { _ in }) throws {
         self.root = root
         self.packLimit = packLimit
-        self.directIO = directIO
         self.logger = logger
         packsDir = root + "/packs"
         for dir in [root, packsDir] {
@@ -133,14 +128,14 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             .filter { $0.hasSuffix(".pack") }.sorted()
         for name in names {
             guard let n = UInt32(name.dropLast(5)) else { continue }
-            let pack = try openPack(packsDir + "/" + name, number: n)
+            let pack = try PackBlockStore.openPack(packsDir + "/" + name, number: n)
             try scan(pack, isLast: name == names.last, into: &s)
             s.packs[n] = pack
             s.active = max(s.active, n)
         }
         if s.packs.isEmpty || s.packs[s.active]!.size >= packLimit {
             s.active += 1
-            s.packs[s.active] = try openPack(packPath(s.active), number: s.active)
+            s.packs[s.active] = try PackBlockStore.openPack(packPath(s.active), number: s.active)
         }
         s.newEntries = Set(s.packs.keys)
         state.withLock { $0 = s }
@@ -148,12 +143,12 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
 
     func packPath(_ n: UInt32) -> String { packsDir + "/" + String(format: "%08u", n) + ".pack" }
 
-    func openPack(_ path: String, number: UInt32) throws -> Pack {
+    static func openPack(_ path: String, number: UInt32) throws -> Pack {
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw posixError("open pack", path) }
         var st = stat()
         fstat(fd, &st)
-        let direct = directIO ? open(path, O_RDWR | modelfs_o_direct() | O_CLOEXEC) : -1
+        let direct = open(path, O_RDWR | modelfs_o_direct() | O_CLOEXEC)
         return Pack(number: number, path: path, fd: fd, directFD: direct, size: UInt64(st.st_size))
     }
 
@@ -356,7 +351,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     /// Starts a new active pack (called with the append lock held).
     private func rollActivePack() throws {
         let next = state.withLock { $0.active + 1 }
-        let pack = try openPack(packPath(next), number: next)
+        let pack = try PackBlockStore.openPack(packPath(next), number: next)
         state.withLock { s in s.packs[next] = pack; s.active = next; s.newEntries.insert(next) }
     }
 

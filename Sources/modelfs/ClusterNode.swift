@@ -93,13 +93,7 @@ final class ClusterNode: @unchecked Sendable {
         self.options = options
         try ClusterNode.claim(dataDir: dataDir, cluster: name, client: etcd)
         let listen = parseHostPort(options.listen)!
-        // The read cache is written through the page cache, not with O_DIRECT: a block is cached
-        // while the reader waits for the next ones, and a direct write takes the disk from the
-        // peer reading it there (on one machine the same disk; elsewhere the next read of this
-        // node's own replicas). The kernel writes the pages back later, and a block read again
-        // soon comes from memory. A 2-node cold read of 1 GiB: 479-558 MB/s direct, 666-882
-        // buffered, the reader's CPU the same (1.4-1.8 s).
-        let cache = try PackBlockStore(root: dataDir + "/cache", directIO: false) { Log.error($0) }
+        let cache = try PackBlockStore(root: dataDir + "/cache") { Log.error($0) }
         let metrics = PeerMetrics()
         self.metrics = metrics
         client = PeerClient(secret: options.secret)

@@ -174,25 +174,6 @@ func storeBlock(_ store: PackBlockStore, _ bytes: [UInt8]) throws -> BlockID {
         #expect(Array(try PackBlockStore(root: dir).read(s3).data) == randomBytes(777, seed: 64))
     }
 
-    @Test func aStoreWithoutDirectIOKeepsLargeBlocksBufferedAndReadsAlignedOnes() throws {
-        let dir = temporaryDirectory(); defer { try? FileManager.default.removeItem(atPath: dir) }
-        // Written with O_DIRECT first: an aligned record.
-        let big1 = randomBytes(400_001, seed: 65), big2 = randomBytes(1 << 20, seed: 66)
-        let (b1, _) = try owned(try PackBlockStore(root: dir), big1)
-        // The same packs opened without direct I/O (the read cache): a large block is an
-        // "MFB1" record through the page cache, and the aligned one still reads back.
-        let buffered = try PackBlockStore(root: dir, directIO: false)
-        let (b2, created) = try owned(buffered, big2)
-        #expect(created)
-        let loc = try #require(buffered.location(of: b2))
-        #expect(header(loc.path, at: loc.offset - 40) == "MFB1")
-        #expect(buffered.readDirectForPeer(b1) == nil, "no direct reads without direct I/O")
-        for (id, bytes) in [(b1, big1), (b2, big2)] {
-            #expect(Array(try buffered.read(id).data) == bytes)
-            #expect(Array(try PackBlockStore(root: dir).read(id).data) == bytes)
-        }
-    }
-
     @Test func aTornAlignedRecordIsCutOffAtStart() throws {
         let dir = temporaryDirectory(); defer { try? FileManager.default.removeItem(atPath: dir) }
         let store = try PackBlockStore(root: dir)

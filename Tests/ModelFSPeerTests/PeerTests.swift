@@ -39,7 +39,7 @@ final class TestNode: @unchecked Sendable {
          policy: ReplicationPolicy = ReplicationPolicy(replicas: 3, ack: 1), labels: [String: String] = [:]) throws {
         dir = try scratch(id)
         local = try PackBlockStore(root: dir + "/blocks")
-        cache = try PackBlockStore(root: dir + "/cache", directIO: false)   // as ClusterNode opens it
+        cache = try PackBlockStore(root: dir + "/cache")
         let etcd = try EtcdTestCluster.shared.get()
         let metrics = PeerMetrics()
         server = try PeerServer(host: "127.0.0.1", port: 0,
