@@ -86,7 +86,8 @@ public protocol PeerRoutes: Sendable {
 /// connection: the clients keep their connections alive (BlockTransfer holds at most 16 idle ones
 /// per peer), so a thread serves request after request. A block PUT's body is received by `recv`
 /// straight into block memory and hashed piece by piece as it arrives, while it is still in the
-/// CPU's cache; a GET's block is sent from its pack with sendfile(2) by the same thread. Through
+/// CPU's cache; a GET's block is read with O_DIRECT into block memory and sent from there by the
+/// same thread (sendfile(2) from the pack for a record that cannot be read directly). Through
 /// SwiftNIO each PUT body arrived as ByteBuffers on the one event loop thread, was copied into
 /// block memory there and hashed whole afterwards on a pool thread.
 ///
