@@ -577,9 +577,25 @@ public final class FileSystem: @unchecked Sendable {
     /// the metadata).
     public func referencedBlocks() throws -> Set<BlockID> {
         commitLock.lock(); defer { commitLock.unlock() }
-        let sessions = tables.withLock { t in t.live.values.compactMap(\.session) }
         var out = Set<BlockID>()
-        for s in sessions { s.lock.lock(); out.formUnion(s.referencedBlocks); s.lock.unlock() }
+        // A session commits with its own lock held and then takes the commit lock, so its lock
+        // is only tried here: waiting for it with the commit lock held deadlocked a flush
+        // against a collection pass. A busy session lets the commit lock go and the look at
+        // the sessions starts again.
+        while true {
+            let sessions = tables.withLock { t in t.live.values.compactMap(\.session) }
+            out = []
+            var busy = false
+            for s in sessions {
+                guard s.lock.try() else { busy = true; break }
+                out.formUnion(s.referencedBlocks)
+                s.lock.unlock()
+            }
+            if !busy { break }
+            commitLock.unlock()
+            usleep(1_000)
+            commitLock.lock()
+        }
         for ref in try meta.allManifests() {
             switch ref {
             case .inline(let m): for c in m.chunks { out.insert(c.id) }
