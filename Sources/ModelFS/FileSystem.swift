@@ -572,28 +572,33 @@ public final class FileSystem: @unchecked Sendable {
         }
     }
 
+    /// The blocks every open session references, each read under its session's lock if that
+    /// is free; the first session whose lock is held stops the look and is returned as `busy`.
+    private func openSessionBlocks() -> (blocks: Set<BlockID>, busy: WriteSession?) {
+        var out = Set<BlockID>()
+        for s in tables.withLock({ t in t.live.values.compactMap(\.session) }) {
+            guard s.lock.try() else { return (out, s) }
+            out.formUnion(s.referencedBlocks)
+            s.lock.unlock()
+        }
+        return (out, nil)
+    }
+
     /// Every block that a file references, committed or open for writing, taken under the
     /// commit lock (sessions first, then metadata: a session that commits in between is seen in
     /// the metadata).
     public func referencedBlocks() throws -> Set<BlockID> {
         commitLock.lock(); defer { commitLock.unlock() }
-        var out = Set<BlockID>()
+        var out: Set<BlockID>
         // A session commits with its own lock held and then takes the commit lock, so its lock
         // is only tried here: waiting for it with the commit lock held deadlocked a flush
-        // against a collection pass. A busy session lets the commit lock go and the look at
-        // the sessions starts again.
+        // against a collection pass. A busy session is waited for with the commit lock let go,
+        // and the look at the sessions starts again.
         while true {
-            let sessions = tables.withLock { t in t.live.values.compactMap(\.session) }
-            out = []
-            var busy = false
-            for s in sessions {
-                guard s.lock.try() else { busy = true; break }
-                out.formUnion(s.referencedBlocks)
-                s.lock.unlock()
-            }
-            if !busy { break }
+            let (blocks, busy) = openSessionBlocks()
+            guard let busy else { out = blocks; break }
             commitLock.unlock()
-            usleep(1_000)
+            busy.lock.lock(); busy.lock.unlock()
             commitLock.lock()
         }
         for ref in try meta.allManifests() {
