@@ -2,10 +2,10 @@ import Foundation
 import ModelFSCore
 import ModelFSStore
 
-/// Turns a stream of bytes into chunks: bytes are copied once into a chunk-sized buffer and the
-/// chunker finds content-defined boundaries as they arrive. Each finished chunk's buffer is handed
-/// to a sink (which hashes and stores it, now or on another thread) and a fresh buffer continues.
-/// Nothing is re-read later (DESIGN.md §3).
+/// Turns a stream of bytes into chunks: the chunker finds content-defined boundaries in the bytes
+/// as they arrive and each byte is copied once, into its chunk's buffer. Each finished chunk's
+/// buffer is handed to a sink (which hashes and stores it, now or on another thread) and a fresh
+/// buffer continues. Nothing is re-read later (DESIGN.md §3).
 struct ChunkWriter {
     /// Receives a finished chunk: its buffer (now the sink's) and its length.
     typealias Sink = (BlockBuffer, Int) throws -> Void
@@ -15,8 +15,6 @@ struct ChunkWriter {
     private let maxSize: Int
     /// Bytes in `buffer` (the unfinished chunk).
     private(set) var length = 0
-    /// How far the chunker has scanned `buffer`.
-    private var scanned = 0
 
     init(parameters: ChunkerParameters) {
         chunker = Chunker(parameters)
@@ -29,42 +27,42 @@ struct ChunkWriter {
         buffer.withUnsafeBytes { dst.copyMemory(from: $0.baseAddress! + from, byteCount: count) }
     }
 
+    /// Scans the incoming bytes where they are and copies each into the chunk buffer once, up to
+    /// a boundary at a time: the bytes after a boundary go straight into the next chunk's buffer
+    /// (copying all of a write first and moving what followed a boundary afterwards copied half
+    /// of the bytes twice).
     mutating func append(_ bytes: UnsafeRawBufferPointer, sink: Sink) throws {
         var src = bytes
         while !src.isEmpty {
-            let take = min(src.count, maxSize - length)
-            (buffer.pointer + length).copyMemory(from: src.baseAddress!, byteCount: take)
-            length += take
-            src = UnsafeRawBufferPointer(rebasing: src[take...])
-            while scanned < length {
-                let (n, boundary) = chunker.consume(UnsafeRawBufferPointer(start: buffer.pointer + scanned, count: length - scanned))
-                scanned += n
-                if boundary { try cut(at: scanned, sink: sink) }
-            }
+            // The chunker cuts at maxSize, so it never takes more than the buffer has room for.
+            let window = UnsafeRawBufferPointer(rebasing: src[..<min(src.count, maxSize - length)])
+            let (n, boundary) = chunker.consume(window)
+            (buffer.pointer + length).copyMemory(from: src.baseAddress!, byteCount: n)
+            length += n
+            src = UnsafeRawBufferPointer(rebasing: src[n...])
+            if boundary { try cut(sink: sink) }
         }
     }
 
     /// Emits whatever is pending as a last (short) chunk.
     mutating func finish(sink: Sink) throws {
-        if length > 0 { try cut(at: length, sink: sink) }
+        if length > 0 { try cut(sink: sink) }
         chunker.reset()
     }
 
     /// Drops pending bytes (the file was truncated below them).
     mutating func discard() {
-        length = 0; scanned = 0
+        length = 0
         chunker.reset()
     }
 
-    private mutating func cut(at p: Int, sink: Sink) throws {
+    private mutating func cut(sink: Sink) throws {
         let full = buffer
-        let rest = length - p
+        let count = length
         buffer = BlockBuffer(count: maxSize)
-        if rest > 0 { buffer.pointer.copyMemory(from: full.pointer + p, byteCount: rest) }
-        length = rest
-        scanned = 0
+        length = 0
         chunker.reset()
-        try sink(full, p)
+        try sink(full, count)
     }
 
     /// Hashes and stores one chunk.

@@ -85,6 +85,55 @@ import ModelFSTestSupport
         #expect(shared > 0.9, "only \(shared) of chunks shared after a 100-byte insertion")
     }
 
+    /// The definition of a boundary, one byte at a time: the chunker's four-bytes-per-step scan
+    /// must cut exactly here (stored blocks are named by these cuts; a different cut would stop
+    /// new writes deduplicating against old ones and against other nodes).
+    static func referenceSplit(_ b: [UInt8], _ p: ChunkerParameters) -> [Int] {
+        let bits = p.averageSize.trailingZeroBitCount
+        func mask(_ n: Int) -> UInt64 {
+            var m: UInt64 = 0, placed = 0, pos = 63
+            while placed < n && pos >= 0 { m |= 1 << UInt64(pos); placed += 1; pos -= 2; if pos < 0 { pos = 62 } }
+            return m
+        }
+        let strict = mask(bits + 2), loose = mask(max(1, bits - 2))
+        var out: [Int] = []
+        var start = 0
+        while start < b.count {
+            var h: UInt64 = 0
+            var i = start + p.minSize
+            var end = min(b.count, start + p.maxSize)
+            while i < end {
+                h = (h << 1) &+ gearTable[Int(b[i])]
+                i += 1
+                if h & (i - start <= p.averageSize ? strict : loose) == 0 { end = i }
+            }
+            end = min(max(end, min(b.count, start + p.minSize)), b.count)
+            out.append(end - start)
+            start = end
+        }
+        return out
+    }
+
+    @Test(arguments: [1, 2, 3] as [UInt64])
+    func cutsWhereTheOneByteDefinitionCuts(seed: UInt64) {
+        for p in [ChunkerParameters.standard, Self.small, ChunkerParameters(minSize: 1, averageSize: 64, maxSize: 4096)] {
+            let data = randomBytes(p == .standard ? 24 << 20 : 2 << 20, seed: seed)
+            let fast = data.withUnsafeBytes { Chunker.split($0, parameters: p) }
+            #expect(Self.firstDifference(fast, Self.referenceSplit(data, p)) == nil, "parameters \(p)")
+        }
+        // Low-entropy data, where the loose mask and maxSize cuts matter.
+        var g = SplitMix(seed: seed)
+        let sparse = (0..<(3 << 20)).map { _ in g.next() % 61 == 0 ? UInt8(truncatingIfNeeded: g.next()) : 0 }
+        let fast = sparse.withUnsafeBytes { Chunker.split($0, parameters: Self.small) }
+        #expect(Self.firstDifference(fast, Self.referenceSplit(sparse, Self.small)) == nil)
+    }
+
+    /// The index of the first chunk whose length differs (or where one list ends), nil if equal.
+    static func firstDifference(_ a: [Int], _ b: [Int]) -> Int? {
+        if let i = (0..<min(a.count, b.count)).first(where: { a[$0] != b[$0] }) { return i }
+        return a.count == b.count ? nil : min(a.count, b.count)
+    }
+
     @Test func zerosCutAtMaxSize() {
         let zeros = [UInt8](repeating: 0, count: 100 << 10)
         let lengths = zeros.withUnsafeBytes { Chunker.split($0, parameters: Self.small) }
