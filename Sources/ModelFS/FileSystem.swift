@@ -413,8 +413,11 @@ public final class FileSystem: @unchecked Sendable {
 
     /// Writes `bytes` at `offset` through an open handle. `caller` matters for direct writes only:
     /// the kernel leaves clearing set-id bits to us there (root, taken to hold CAP_FSETID, keeps them).
+    /// `acknowledge`, if given, is called once the bytes are accepted, possibly before they are
+    /// chunked (WriteSession.write): a FUSE server answers the request there. After it was
+    /// called a thrown error is the session's failure, reported by later writes, fsync and close.
     public func write(_ fh: FileHandleID, at offset: UInt64, _ bytes: UnsafeRawBufferPointer,
-                      caller: RequestContext = .root) throws -> Int {
+                      caller: RequestContext = .root, acknowledge: (() -> Void)? = nil) throws -> Int {
         // The kernel clears set-id bits itself before a write through its page cache, and leaves
         // it to the filesystem for a direct one (libfuse 3.14 does not pass on its flag saying
         // the writer lacks CAP_FSETID: root is taken to hold it). Looked up with the handle, in
@@ -433,7 +436,7 @@ public final class FileSystem: @unchecked Sendable {
             _ = try meta.setattr(h.ino, AttributeChanges(mode: mode & ~FileSystem.setIDClearedByWrite(mode)), now: .now())
         }
         s.lock.lock(); defer { s.lock.unlock() }
-        do { try s.write(at: offset, bytes) } catch { garbageHint(); throw error }
+        do { try s.write(at: offset, bytes, acknowledge: acknowledge) } catch { garbageHint(); throw error }
         return bytes.count
     }
 

@@ -101,14 +101,23 @@ final class WriteSession: @unchecked Sendable {
 
     // MARK: writes
 
-    func write(at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws {
+    /// Takes `bytes` at `offset`. `acknowledge`, if given, is called once the bytes can no longer
+    /// be refused; for the next bytes of the stream that is before they are chunked (see below).
+    /// Callers hold the session's lock, so whatever the acknowledgement lets in waits for this.
+    func write(at offset: UInt64, _ bytes: UnsafeRawBufferPointer, acknowledge: (() -> Void)? = nil) throws {
         if failure == nil, let e = pipeline.failure { failure = WriteSession.storeFailure(e) }
         if let failure { throw failure }
-        guard !bytes.isEmpty else { return }
+        guard !bytes.isEmpty else { acknowledge?(); return }
         let end = offset + UInt64(bytes.count)
+        var acknowledged = false
         do {
             if streaming && offset == streamPosition {
                 if reorderOverlaps(offset..<end) { try spillReorder() }
+                // In order: from here on nothing refuses these bytes (a failure of the store or
+                // of the catch-up below is kept and reported by the next write, fsync and
+                // close(), as the pipeline's own failures are). Answered now, the writer and the
+                // kernel prepare the next request while these bytes are chunked.
+                if let acknowledge { size = max(size, end); dirty = true; acknowledge(); acknowledged = true }
                 try stream(bytes)
                 overlay.remove(offset..<end)
                 try catchUp()
@@ -123,9 +132,13 @@ final class WriteSession: @unchecked Sendable {
         } catch let e as FSError {
             failure = e
             throw e
+        } catch {
+            if acknowledged { failure = WriteSession.storeFailure(error) }
+            throw error
         }
         size = max(size, end)
         dirty = true
+        if !acknowledged { acknowledge?() }
     }
 
     /// After the stream advanced: continue it with bytes that arrived ahead of it — from the

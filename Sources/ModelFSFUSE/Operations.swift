@@ -189,11 +189,21 @@ extension FuseServer {
 
         ops.write = { req, _, buf, size, off, fi in
             let s = FuseServer.server(req)
+            // Answered as soon as the filesystem accepts the bytes: for a sequential writer that
+            // is before they are chunked, so its next request is read (by another of the loop's
+            // threads) while this one is still scanned. libfuse reuses `buf` only after we return.
+            var replied = false
             do {
-                let n = try s.fs.write(fh(fi), at: UInt64(off), UnsafeRawBufferPointer(start: buf, count: size),
-                                       caller: FuseServer.context(req))
-                fuse_reply_write(req, n)
-            } catch { fuse_reply_err(req, errnoFor(error, op: "write")) }
+                _ = try s.fs.write(fh(fi), at: UInt64(off), UnsafeRawBufferPointer(start: buf, count: size),
+                                   caller: FuseServer.context(req)) {
+                    fuse_reply_write(req, size)
+                    replied = true
+                }
+            } catch {
+                // After the answer the error is the session's, reported by the next write, fsync
+                // and close().
+                if !replied { fuse_reply_err(req, errnoFor(error, op: "write")) }
+            }
         }
 
         ops.flush = { req, _, fi in

@@ -4,6 +4,7 @@ import Testing
 @testable import ModelFS
 @testable import ModelFSCore
 @testable import ModelFSStore
+@testable import ModelFSMeta
 
 @Suite struct WritePathTests {
     @Test func sequentialWriteIsChunkedAsItArrivesAndWrittenOnce() throws {
@@ -356,5 +357,58 @@ final class LockedCounter: @unchecked Sendable {
         let plain = try TestFS(); defer { plain.remove() }
         let (pino, _) = try plain.create("g", flags: O_WRONLY)
         #expect(try !plain.fs.open(pino, flags: OpenFlags(O_WRONLY)).direct)
+    }
+}
+
+/// A store that refuses every put after the first `allowed` (a disk filling up under a writer).
+final class FillingStore: BlockStore, @unchecked Sendable {
+    let inner: PackBlockStore
+    private let lock = NSLock()
+    private var allowed: Int
+    init(_ inner: PackBlockStore, allowed: Int) { self.inner = inner; self.allowed = allowed }
+    private func take() throws {
+        lock.lock(); defer { lock.unlock() }
+        guard allowed > 0 else { throw FSError.noSpace("test store: full") }
+        allowed -= 1
+    }
+    func put(_ id: BlockID, _ bytes: UnsafeRawBufferPointer) throws -> Bool { try take(); return try inner.put(id, bytes) }
+    func read(_ id: BlockID) throws -> BlockBuffer { try inner.read(id) }
+    func contains(_ id: BlockID) -> Bool { inner.contains(id) }
+    func sync(_ ids: [BlockID]) throws { try inner.sync(ids) }
+    func syncFilesystem() throws { try inner.syncFilesystem() }
+    func willNeed(_ ids: [BlockID]) { inner.willNeed(ids) }
+    func usage() -> BlockStoreUsage { inner.usage() }
+}
+
+@Suite struct EarlyAcknowledgementTests {
+    /// Sequential writes are answered before they are chunked and stored; a store failure after
+    /// that answer must not be lost: the next writes, fsync and close() report it.
+    @Test func aFailureAfterTheAnswerIsReportedByCloseAndLaterWrites() throws {
+        let t = try TestFS(chunker: .standard); defer { t.remove() }
+        let store = FillingStore(t.store, allowed: 3)
+        var options = FileSystemOptions(stagingDir: t.dir + "/staging")
+        options.chunker = .standard
+        let fs = try FileSystem(meta: try MetadataURL.open("memory:", rootUID: 0, rootGID: 0), store: store, options: options)
+        let (a, o) = try fs.create(parent: .root, name: "big.bin", mode: 0o644, flags: OpenFlags(O_RDWR | O_CREAT), context: .root)
+        let data = randomBytes(32 << 20, seed: 11)
+        var answered = 0, refused = 0
+        for i in 0..<32 {
+            var acks = 0
+            do {
+                _ = try data[(i << 20)..<((i + 1) << 20)].withUnsafeBytes { try fs.write(o.handle, at: UInt64(i << 20), $0) { acks += 1 } }
+                #expect(acks == 1, "a write that returned was answered once")
+            } catch let e as FSError {
+                #expect(e.errno == ENOSPC)
+                #expect(acks <= 1)
+                refused += 1
+            }
+            answered += acks
+        }
+        #expect(answered >= 3, "the writes before the disk filled were answered")
+        #expect(refused > 0, "the store's failure reached a later write")
+        #expect(throws: FSError.self) { try fs.fsync(o.handle) }
+        #expect(throws: FSError.self) { try fs.flush(o.handle) }
+        try? fs.release(o.handle)  // may report the failure once more
+        #expect(try fs.getattr(a.ino).size == 0, "nothing of the failed version was committed")
     }
 }
