@@ -116,7 +116,8 @@ final class WriteSession: @unchecked Sendable {
                 // In order: from here on nothing refuses these bytes (a failure of the store or
                 // of the catch-up below is kept and reported by the next write, fsync and
                 // close(), as the pipeline's own failures are). Answered now, the writer and the
-                // kernel prepare the next request while these bytes are chunked.
+                // kernel prepare the next request while these bytes are chunked. The session is
+                // marked dirty first, so that close() commits, and so reports such a failure.
                 if let acknowledge { size = max(size, end); dirty = true; acknowledge(); acknowledged = true }
                 try stream(bytes)
                 overlay.remove(offset..<end)

@@ -491,7 +491,7 @@ public final class Shared<T: Sendable>: Sendable {
 }
 
 /// A write session's view of the store: every block it newly stores is handed to `onNew`.
-final class EagerStore: BlockStore, @unchecked Sendable {
+final class EagerStore: ForwardingBlockStore, @unchecked Sendable {
     let inner: any BlockStore
     /// A block newly stored: its id, and its bytes when the store was handed a buffer.
     let onNew: @Sendable (BlockID, BlockBuffer?, Int) -> Void
@@ -509,10 +509,4 @@ final class EagerStore: BlockStore, @unchecked Sendable {
         if created { onNew(id, buffer, length) }
         return created
     }
-    func read(_ id: BlockID) throws -> BlockBuffer { try inner.read(id) }
-    func contains(_ id: BlockID) -> Bool { inner.contains(id) }
-    func sync(_ ids: [BlockID]) throws { try inner.sync(ids) }
-    func syncFilesystem() throws { try inner.syncFilesystem() }
-    func willNeed(_ ids: [BlockID]) { inner.willNeed(ids) }
-    func usage() -> BlockStoreUsage { inner.usage() }
 }

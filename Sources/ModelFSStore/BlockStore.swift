@@ -31,6 +31,22 @@ extension BlockStore {
     }
 }
 
+/// A store that changes what `put` does and hands everything else to `inner`: a write session's
+/// view that notices new blocks (EagerStore), a test's store that fills up. Only the reads, syncs
+/// and usage are forwarded here; each such store says what its puts do.
+public protocol ForwardingBlockStore: BlockStore {
+    var inner: any BlockStore { get }
+}
+
+extension ForwardingBlockStore {
+    public func read(_ id: BlockID) throws -> BlockBuffer { try inner.read(id) }
+    public func contains(_ id: BlockID) -> Bool { inner.contains(id) }
+    public func sync(_ ids: [BlockID]) throws { try inner.sync(ids) }
+    public func syncFilesystem() throws { try inner.syncFilesystem() }
+    public func willNeed(_ ids: [BlockID]) { inner.willNeed(ids) }
+    public func usage() -> BlockStoreUsage { inner.usage() }
+}
+
 public struct BlockStoreUsage: Sendable, Equatable, Codable {
     public var blocks: UInt64 = 0
     public var bytes: UInt64 = 0

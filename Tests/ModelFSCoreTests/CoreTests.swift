@@ -107,7 +107,6 @@ import ModelFSTestSupport
                 i += 1
                 if h & (i - start <= p.averageSize ? strict : loose) == 0 { end = i }
             }
-            end = min(max(end, min(b.count, start + p.minSize)), b.count)
             out.append(end - start)
             start = end
         }

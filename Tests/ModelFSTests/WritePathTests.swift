@@ -361,23 +361,18 @@ final class LockedCounter: @unchecked Sendable {
 }
 
 /// A store that refuses every put after the first `allowed` (a disk filling up under a writer).
-final class FillingStore: BlockStore, @unchecked Sendable {
-    let inner: PackBlockStore
+/// Owned puts come here too, through BlockStore's default `put(_:owned:length:)`.
+final class FillingStore: ForwardingBlockStore, @unchecked Sendable {
+    let inner: any BlockStore
     private let lock = NSLock()
     private var allowed: Int
-    init(_ inner: PackBlockStore, allowed: Int) { self.inner = inner; self.allowed = allowed }
+    init(_ inner: any BlockStore, allowed: Int) { self.inner = inner; self.allowed = allowed }
     private func take() throws {
         lock.lock(); defer { lock.unlock() }
         guard allowed > 0 else { throw FSError.noSpace("test store: full") }
         allowed -= 1
     }
     func put(_ id: BlockID, _ bytes: UnsafeRawBufferPointer) throws -> Bool { try take(); return try inner.put(id, bytes) }
-    func read(_ id: BlockID) throws -> BlockBuffer { try inner.read(id) }
-    func contains(_ id: BlockID) -> Bool { inner.contains(id) }
-    func sync(_ ids: [BlockID]) throws { try inner.sync(ids) }
-    func syncFilesystem() throws { try inner.syncFilesystem() }
-    func willNeed(_ ids: [BlockID]) { inner.willNeed(ids) }
-    func usage() -> BlockStoreUsage { inner.usage() }
 }
 
 @Suite struct EarlyAcknowledgementTests {
