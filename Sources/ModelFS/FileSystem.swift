@@ -451,14 +451,20 @@ public final class FileSystem: @unchecked Sendable {
     }
 
     /// close(): commit the new version if the file changed (DESIGN.md §3).
+    /// The node's last handle of a file it writes marks its write lock as closing, so that a
+    /// writer on another node right after close() returns waits for RELEASE, which the kernel
+    /// sends after close() has returned, instead of failing with EBUSY.
     public func flush(_ fh: FileHandleID) throws {
         let h = try handle(fh)
-        guard h.writable, let s = session(of: h.ino) else { return }
-        s.lock.lock()
-        let ticket: ReplicationTicket?
-        do { ticket = try commit(s) } catch { s.lock.unlock(); throw error }
-        s.lock.unlock()
-        if let ticket, let replication { try replication.awaitAck(ticket) }
+        guard let s = session(of: h.ino) else { return }
+        if h.writable {
+            s.lock.lock()
+            let ticket: ReplicationTicket?
+            do { ticket = try commit(s) } catch { s.lock.unlock(); throw error }
+            s.lock.unlock()
+            if let ticket, let replication { try replication.awaitAck(ticket) }
+        }
+        if let writerLock, tables.withLock({ $0.live[h.ino]?.opens == 1 }) { writerLock.closing(h.ino) }
     }
 
     /// fsync(): the file's new version is committed, then its blocks and the metadata are made

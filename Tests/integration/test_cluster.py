@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import subprocess
 import tempfile
@@ -208,6 +209,27 @@ def test_close_to_open_across_nodes_and_one_writer_node(make_nodes):
         f.close()
     with open(b / "state.json", "r+b") as g:
         g.write(b"B")
+    # Writers alternating between nodes, each opening right after the other's close() returned
+    # (the kernel sends RELEASE after that: the lock is given back a moment later).
+    for i in range(20):
+        writer = (a, b)[i % 2]
+        with open(writer / "state.json", "r+b") as g:
+            g.write(bytes([65 + i]))
+    assert read_file(a / "state.json")[:1] == bytes([65 + 19])
+    # A file kept open by a shared mapping after its descriptor closed: still one writer node.
+    g = open(a / "state.json", "r+b")
+    m = mmap.mmap(g.fileno(), 4096)
+    g.close()
+    try:
+        m[0:1] = b"m"
+        m.flush()
+        with pytest.raises(OSError) as e:
+            open(b / "state.json", "r+b")
+        assert e.value.errno == errno.EBUSY
+    finally:
+        m.close()
+    with open(b / "state.json", "r+b") as g:
+        assert g.read(1) == b"m"
 
 
 def test_policy_per_directory_and_status_of_nodes(make_nodes):
