@@ -80,6 +80,8 @@ public final class FileSystem: @unchecked Sendable {
         var setID = false
         /// A directory the inode was last reached through (its replication policy's origin).
         var parent: InodeNumber?
+        /// The FLUSH of the last open handle came: its RELEASE, and the writer lock's, follows.
+        var lastFlushed = false
     }
     private struct Handle { var ino: InodeNumber; var writable: Bool; var direct = false }
     private struct Tables {
@@ -355,6 +357,7 @@ public final class FileSystem: @unchecked Sendable {
                 if flags.writable && l.session == nil && fresh == nil { return nil }
                 if !flags.writable && l.session == nil && l.view?.version != attrs.version && view == nil { return nil }
                 l.opens += 1
+                l.lastFlushed = false
                 l.setID = FileSystem.writeClearsSetID(attrs.mode)
                 if flags.writable && l.session == nil { l.session = fresh }
                 if let view, l.view?.version != attrs.version { l.view = view }
@@ -451,9 +454,9 @@ public final class FileSystem: @unchecked Sendable {
     }
 
     /// close(): commit the new version if the file changed (DESIGN.md §3).
-    /// The node's last handle of a file it writes marks its write lock as closing, so that a
-    /// writer on another node right after close() returns waits for RELEASE, which the kernel
-    /// sends after close() has returned, instead of failing with EBUSY.
+    /// The flush of the last open handle is noted (`writing`): a writer on another node right
+    /// after close() returns waits for the RELEASE, which the kernel sends after close() has
+    /// returned, instead of failing with EBUSY.
     public func flush(_ fh: FileHandleID) throws {
         let h = try handle(fh)
         guard let s = session(of: h.ino) else { return }
@@ -464,7 +467,19 @@ public final class FileSystem: @unchecked Sendable {
             s.lock.unlock()
             if let ticket, let replication { try replication.awaitAck(ticket) }
         }
-        if let writerLock, tables.withLock({ $0.live[h.ino]?.opens == 1 }) { writerLock.closing(h.ino) }
+        tables.withLock { t in
+            if let l = t.live[h.ino], l.opens == 1 { l.lastFlushed = true }
+        }
+    }
+
+    /// Whether this node writes `ino` (a session is open) and whether it is closing: the FLUSH
+    /// of its last handle came and the RELEASE has not yet (the writer lock is given back then).
+    /// Another node's writable open asks this (`GET /v1/writing/INO`) when it finds the lock held.
+    public func writing(_ ino: InodeNumber) -> (open: Bool, closing: Bool) {
+        tables.withLock { t in
+            guard let l = t.live[ino], l.session != nil else { return (false, false) }
+            return (true, l.lastFlushed)
+        }
     }
 
     /// fsync(): the file's new version is committed, then its blocks and the metadata are made

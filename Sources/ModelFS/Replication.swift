@@ -37,9 +37,6 @@ public struct ReplicationTicket: Sendable {
 public protocol WriterLock: AnyObject, Sendable {
     /// Takes the file for this node (again, if it already holds it); EBUSY if another node has it.
     func acquire(_ ino: InodeNumber) throws
-    /// The node's last handle of the file is being closed (FLUSH); RELEASE, and with it
-    /// `release`, follows after close() has returned. Another node about to write may wait.
-    func closing(_ ino: InodeNumber)
     /// Gives it back (the node's last handle of a file it wrote closed).
     func release(_ ino: InodeNumber)
 }

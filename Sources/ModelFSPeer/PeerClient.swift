@@ -175,6 +175,19 @@ public final class PeerClient: Sendable {
         return true
     }
 
+    /// Whether `node` has `ino` open for writing, and whether it is closing it (its last
+    /// handle's FLUSH came, the RELEASE not yet).
+    public func writing(_ ino: InodeNumber, at node: NodeInfo) throws -> (open: Bool, closing: Bool) {
+        let r = try send(node, .GET, "/v1/writing/\(ino.rawValue)")
+        guard r.status == .ok, let body = r.body else { throw failure(node, "writing \(ino)", r) }
+        switch String(buffer: body).trimmingCharacters(in: .whitespacesAndNewlines) {
+        case "closing": return (true, true)
+        case "open": return (true, false)
+        case "no": return (false, false)
+        case let other: throw FSError.io("peer \(node.id) answered \"\(other.prefix(40))\" to writing \(ino)")
+        }
+    }
+
     /// The node's status document.
     public func status(of node: NodeInfo) throws -> Data {
         let r = try send(node, .GET, "/v1/status")

@@ -25,6 +25,9 @@ import Synchronization
 ///   POST /v1/verify             body: N ids; each replica is re-read and hashed, a corrupt one
 ///                               replaced from a good copy; answer: N bytes, 0 no replica here,
 ///                               1 good, 2 was corrupt and is repaired, 3 corrupt, no good copy
+///   GET  /v1/writing/INO        `open`, `closing` or `no`: whether this node has inode INO
+///                               (decimal) open for writing, and if so whether the FLUSH of its
+///                               last handle came (its write lock is about to be given back)
 ///   GET  /v1/status             the node's status (JSON)
 ///   GET  /metrics               Prometheus text
 ///
@@ -41,6 +44,8 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
     public let repair = Shared<(@Sendable (BlockID) -> Bool)?>(nil)
     /// Carries out a copy order (Healer.perform).
     public let copy = Shared<(@Sendable (CopyOrder) -> CopyResult)?>(nil)
+    /// Whether the filesystem writes an inode, and whether it is closing it (FileSystem.writing).
+    public let writing = Shared<(@Sendable (InodeNumber) -> (open: Bool, closing: Bool))?>(nil)
     public static let maxBody = (4 << 20) + (64 << 10)
 
     public init(secret: String, local: PackBlockStore, cache: PackBlockStore?, metrics: PeerMetrics,
@@ -87,6 +92,15 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
             case .DELETE: return ("delete", delete(id))
             default: return ("block", .text(.methodNotAllowed, "use GET, HEAD, PUT or DELETE"))
             }
+        }
+        if r.method == .GET, r.path.hasPrefix("/v1/writing/") {
+            let digits = r.path.dropFirst("/v1/writing/".count)
+            guard (1...20).contains(digits.count), digits.utf8.allSatisfy({ (48...57).contains($0) }), let n = UInt64(digits) else {
+                return ("writing", .text(.badRequest, "an inode number is decimal digits"))
+            }
+            guard let query = writing.get() else { return ("writing", .text(.serviceUnavailable, "this node is not mounted yet")) }
+            let w = query(InodeNumber(n))
+            return ("writing", .text(.ok, w.closing ? "closing" : w.open ? "open" : "no"))
         }
         switch (r.method, r.path) {
         case (.POST, "/v1/has"): return ("has", has(r.body))

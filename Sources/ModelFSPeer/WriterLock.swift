@@ -9,33 +9,33 @@ import ModelFSMeta
 /// only if this node still holds it.
 ///
 /// The kernel sends RELEASE after close() has returned, so a node that closed its last handle
-/// of a file still holds the lock for a moment. Its flush marks the value "closing" first (the
-/// id, a NUL, `closing`: a NUL cannot be in an id given on a command line), and a node that
-/// finds the lock so marked waits up to `closingWait` for it to go before answering EBUSY:
-/// after close() returns on A, an open for writing on B succeeds (close-to-open). A node that
-/// finds it held plainly answers EBUSY at once.
+/// of a file still holds the lock for a moment. A node that finds the lock held asks the holder
+/// (`GET /v1/writing/INO`): if the holder is closing the file (the FLUSH of its last handle
+/// came), it waits up to `closingWait` for the lock to go, polling etcd; otherwise, or if the
+/// holder cannot be asked, it answers EBUSY at once. So after close() returns on A, an open
+/// for writing on B succeeds (close-to-open), and a close costs no etcd write beyond RELEASE's.
 public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
     let client: EtcdClient
     let prefix: Data
     let membership: Membership
+    let peers: PeerClient
     let closingWait: Duration
 
-    public init(client: EtcdClient, cluster: String, membership: Membership, closingWait: Duration = .seconds(3)) {
+    public init(client: EtcdClient, cluster: String, membership: Membership, peers: PeerClient, closingWait: Duration = .seconds(3)) {
         self.client = client
         prefix = Data("/modelfs/\(cluster)/w/".utf8)
         self.membership = membership
+        self.peers = peers
         self.closingWait = closingWait
     }
 
     func key(_ ino: InodeNumber) -> Data { prefix + Data(EtcdTransactionalStore.hex(ino).utf8) }
-    var held: Data { Data(membership.me.id.utf8) }
-    static func closing(_ held: Data) -> Data { held + Data("\u{0}closing".utf8) }
 
     public func acquire(_ ino: InodeNumber) throws {
-        let me = held, k = key(ino)
+        let me = Data(membership.me.id.utf8), k = key(ino)
         let clock = ContinuousClock()
-        let deadline = clock.now + closingWait
-        var pauseMicros: UInt32 = 5_000
+        var deadline: ContinuousClock.Instant?   // set once the holder said it is closing
+        var pauseMicros: UInt32 = 2_000
         do {
             while true {
                 let r = try client.txn(compare: [.absent(k)], success: [.put(k, me, lease: membership.lease)], failure: [.get(k)],
@@ -43,18 +43,12 @@ public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
                 if r.succeeded { return }
                 let holder = r.ranges.first?.first?.value ?? Data()
                 if holder == me { return }
-                if holder == Self.closing(me) {
-                    // This node closed its last handle and opens the file again before RELEASE came.
-                    let back = try client.txn(compare: [.value(k, equals: holder)], success: [.put(k, me, lease: membership.lease)],
-                                              idempotent: true)
-                    if back.succeeded { return }
-                    continue
-                }
-                let name = holder.split(separator: 0, maxSplits: 1).first.map { String(decoding: $0, as: UTF8.self) } ?? "?"
-                guard holder.contains(0), clock.now < deadline else {
+                let name = String(decoding: holder, as: UTF8.self)
+                if deadline == nil, holderIsClosing(name, ino) { deadline = clock.now + closingWait }
+                guard let deadline, clock.now < deadline else {
                     throw FSError(EBUSY, "inode \(ino) is open for writing on node \(name); close it there first")
                 }
-                usleep(pauseMicros)   // polls etcd: RELEASE usually follows within milliseconds
+                usleep(pauseMicros)   // RELEASE usually follows the close within milliseconds
                 pauseMicros = min(pauseMicros * 2, 100_000)
             }
         } catch let e as EtcdError {
@@ -62,16 +56,13 @@ public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
         }
     }
 
-    public func closing(_ ino: InodeNumber) {
-        let k = key(ino)
-        _ = try? client.txn(compare: [.value(k, equals: held)], success: [.put(k, Self.closing(held), lease: membership.lease)],
-                            idempotent: true)
+    private func holderIsClosing(_ id: String, _ ino: InodeNumber) -> Bool {
+        guard let node = (membership.peers + membership.lost).first(where: { $0.id == id }) else { return false }
+        return (try? peers.writing(ino, at: node))?.closing ?? false
     }
 
     public func release(_ ino: InodeNumber) {
-        let k = key(ino), me = held
-        guard let r = try? client.txn(compare: [.value(k, equals: me)], success: [.delete(k)], failure: [.get(k)], idempotent: true),
-              !r.succeeded, r.ranges.first?.first?.value == Self.closing(me) else { return }
-        _ = try? client.txn(compare: [.value(k, equals: Self.closing(me))], success: [.delete(k)], idempotent: true)
+        _ = try? client.txn(compare: [.value(key(ino), equals: Data(membership.me.id.utf8))], success: [.delete(key(ino))],
+                            idempotent: true)
     }
 }

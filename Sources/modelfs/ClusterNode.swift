@@ -65,6 +65,7 @@ struct ClusterStatus: Codable {
 final class ClusterNode: @unchecked Sendable {
     let id: String
     let server: PeerServer
+    let service: PeerService
     let membership: Membership
     let client: PeerClient
     let blocks: ClusterBlockStore
@@ -98,7 +99,7 @@ final class ClusterNode: @unchecked Sendable {
         self.metrics = metrics
         client = PeerClient(secret: options.secret)
         let statusBox = Shared<(@Sendable () -> Data)?>(nil)
-        let service = PeerService(secret: options.secret, local: local, cache: cache, metrics: metrics,
+        service = PeerService(secret: options.secret, local: local, cache: cache, metrics: metrics,
                                   status: { statusBox.get()?() ?? Data("{}".utf8) })
         do {
             server = try PeerServer(host: listen.host, port: listen.port, routes: service, maxBody: PeerService.maxBody)
@@ -109,7 +110,7 @@ final class ClusterNode: @unchecked Sendable {
         membership = Membership(client: etcd, cluster: name,
                                 me: NodeInfo(id: id, address: advertise, labels: parseLabels(options.labels ?? "") ?? [:]),
                                 ttl: options.leaseTtl)
-        writerLock = EtcdWriterLock(client: etcd, cluster: name, membership: membership)
+        writerLock = EtcdWriterLock(client: etcd, cluster: name, membership: membership, peers: client)
         namespace = (engine as? KVMetadataEngine<EtcdTransactionalStore>)?.store
         blocks = ClusterBlockStore(local: local, cache: cache, cacheBudget: parseSize(options.cacheSize)!,
                                    membership: membership, client: client)
@@ -186,6 +187,7 @@ final class ClusterNode: @unchecked Sendable {
 
     /// The parts that need the filesystem: the healer walks its namespace.
     func attach(_ fs: FileSystem) {
+        service.writing.set { [fs] ino in fs.writing(ino) }
         healer = Healer(fs: fs, replicator: replicator, membership: membership, client: client, local: local, etcd: etcd,
                         cluster: clusterName, interval: options.healInterval, deadAfter: options.deadAfter,
                         rate: parseSize(options.healRate)!)

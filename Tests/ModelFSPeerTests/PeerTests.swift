@@ -294,6 +294,28 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
         }
         #expect(try raw(server.port, .POST, "/v1/copy", auth: auth, body: Array("not json".utf8)).0 == 400)
     }
+
+    /// A node that finds a file's write lock held asks its holder whether it is closing it.
+    @Test func writingSaysWhetherTheNodeWritesOrClosesAnInode() throws {
+        let dir = try scratch("writing")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let service = PeerService(secret: "s3cret", local: try PackBlockStore(root: dir), cache: nil, metrics: PeerMetrics(),
+                                  status: { Data("{}".utf8) })
+        let server = try PeerServer(host: "127.0.0.1", port: 0, routes: service, maxBody: PeerService.maxBody)
+        defer { server.shutdown() }
+        let node = NodeInfo(id: "holder", address: "127.0.0.1:\(server.port)")
+        let client = PeerClient(secret: "s3cret")
+        defer { client.shutdown() }
+        #expect(throws: FSError.self) { _ = try client.writing(InodeNumber(7), at: node) }   // not mounted yet: 503
+        service.writing.set { ino in (ino.rawValue >= 7, ino.rawValue == 8) }
+        #expect(try client.writing(InodeNumber(6), at: node) == (false, false))
+        #expect(try client.writing(InodeNumber(7), at: node) == (true, false))
+        #expect(try client.writing(InodeNumber(8), at: node) == (true, true))
+        for bad in ["", "-1", "12a", "99999999999999999999999", "7/8"] {
+            #expect(try raw(server.port, .GET, "/v1/writing/\(bad)", auth: "Bearer s3cret").0 == 400, "\(bad)")
+        }
+        #expect(try raw(server.port, .GET, "/v1/writing/7", auth: nil).0 == 401)
+    }
 }
 
 @Suite(.serialized) struct ClusterStoreTests {
