@@ -27,9 +27,9 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         public var peerBytes: UInt64 = 0
         public var failedFetches: UInt64 = 0
         public var evictedBytes: UInt64 = 0
-        /// Fetched blocks their fetcher wrote into the cache itself, the cache writer being
-        /// `cacheWriteLimit` behind.
-        public var cacheWritesInLine: UInt64 = 0
+        /// Fetched blocks not kept in the cache, its writer being `cacheWriteLimit` behind (the
+        /// disk slower than the network): a later read fetches them again and may keep them.
+        public var cacheWritesDropped: UInt64 = 0
     }
     private struct State {
         var stats = Stats()
@@ -40,14 +40,32 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         /// the buffer itself instead of reading the cache copy back from disk and hashing it again.
         var fetched: [BlockID: BlockBuffer] = [:]
         var fetchedOrder: [BlockID] = []
+        /// The last blocks handed to readers (which keep them in memory a while): readahead
+        /// asked for just before a reader took one does not fetch it again, whether or not the
+        /// cache kept it.
+        var delivered: Set<BlockID> = []
+        var deliveredOrder: [BlockID] = []
+
+        mutating func take(_ id: BlockID) -> BlockBuffer? {
+            guard let b = fetched.removeValue(forKey: id) else { return nil }
+            deliver(id)
+            return b
+        }
+        mutating func deliver(_ id: BlockID) {
+            guard delivered.insert(id).inserted else { return }
+            deliveredOrder.append(id)
+            if deliveredOrder.count > ClusterBlockStore.deliveredBlocks { delivered.remove(deliveredOrder.removeFirst()) }
+        }
+        func known(_ id: BlockID) -> Bool { inflight[id] != nil || fetched[id] != nil || delivered.contains(id) }
     }
+    static let deliveredBlocks = 64
     /// Readahead results kept in memory for their reader, at most.
     static let handoffBlocks = 16
     /// Fetched blocks on their way into the cache: written behind by one thread, so that a
-    /// reader never waits for the disk write of a block it already has (a cold remote read of
-    /// 1 GiB with the writes in line: 517-663 MB/s; with none: 723-745). Readers find them here
-    /// meanwhile. Beyond `cacheWriteLimit` bytes queued the fetching thread writes the block
-    /// itself, as `warm` always does.
+    /// reader never waits for the disk write of a block it already has. Readers find them here
+    /// meanwhile. Beyond `cacheWriteLimit` bytes queued a block is not cached (as JuiceFS drops
+    /// cache writes when its queue is full): a 2-node cold read of 1 GiB, the fetching thread
+    /// writing such blocks itself, 498-535 MB/s; dropping them, 830-908. `warm` writes in line.
     private let cacheWrites = Mutex((pending: [BlockID: BlockBuffer](), bytes: 0))
     private let cacheWriter = DispatchQueue(label: "modelfs.cache-writer")
     static let cacheWriteLimit = 16 << 20
@@ -107,7 +125,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
     }
 
     public func read(_ id: BlockID) throws -> BlockBuffer {
-        if let b = state.withLock({ $0.fetched.removeValue(forKey: id) }) {
+        if let b = state.withLock({ $0.take(id) }) {
             state.withLock { $0.stats.cacheHits += 1 }
             return b
         }
@@ -158,7 +176,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
                 state.withLock { $0.stats.cacheHits += 1 }
                 return b
             }
-        } else if cached(id) {
+        } else if cached(id) || state.withLock({ $0.fetched[id] != nil || $0.delivered.contains(id) }) {
             throw Superseded()
         }
         // Live peers in placement order; then nodes whose lease lapsed (a node slow to renew
@@ -168,7 +186,9 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         for node in peers {
             do {
                 guard let b = try client.get(id, from: node) else { continue }
-                if !writeBehind || !cacheLater(id, b) {
+                if writeBehind {
+                    cacheLater(id, b)
+                } else {
                     trimCache(adding: b.count)
                     try cache.put(id, owned: b, length: b.count)
                     trimCache(adding: 0)   // several threads put at once
@@ -181,6 +201,8 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
                         s.fetched[id] = b
                         s.fetchedOrder.append(id)
                         while s.fetchedOrder.count > Self.handoffBlocks { s.fetched[s.fetchedOrder.removeFirst()] = nil }
+                    } else {
+                        s.deliver(id)
                     }
                 }
                 return b
@@ -196,23 +218,24 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
 
     /// What an earlier fetch of `id` left: its bytes handed off for a reader, or the cache copy.
     private func leftBehind(_ id: BlockID) -> BlockBuffer? {
-        if let b = state.withLock({ $0.fetched.removeValue(forKey: id) }) { return b }
+        if let b = state.withLock({ $0.take(id) }) { return b }
         return cacheCopy(id)
     }
 
-    /// Queues a verified block for the cache writer; false when the queue is full (the caller
-    /// writes it itself: the reader slows to the disk's pace, the cache misses nothing).
-    private func cacheLater(_ id: BlockID, _ b: BlockBuffer) -> Bool {
-        let queued = cacheWrites.withLock { w -> Bool in
-            guard w.pending[id] == nil else { return true }
+    /// Queues a verified block for the cache writer; when the queue is full the block is not
+    /// cached (the reader keeps the network's pace, not the disk's).
+    private func cacheLater(_ id: BlockID, _ b: BlockBuffer) {
+        let queued = cacheWrites.withLock { w -> Bool? in
+            guard w.pending[id] == nil else { return nil }
             guard w.bytes + b.count <= Self.cacheWriteLimit else { return false }
             w.pending[id] = b
             w.bytes += b.count
             return true
         }
+        guard let queued else { return }
         guard queued else {
-            state.withLock { $0.stats.cacheWritesInLine += 1 }
-            return false
+            state.withLock { $0.stats.cacheWritesDropped += 1 }
+            return
         }
         cacheWriter.async { [self] in
             trimCache(adding: b.count)
@@ -224,7 +247,6 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
                 w.bytes -= b.count
             }
         }
-        return true
     }
 
     /// A prefetch of a block another fetch is already bringing in.
@@ -254,7 +276,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         local.willNeed(ids)
         for id in ids where !contains(id) {
             let start = state.withLock { s -> Bool in
-                guard s.inflight[id] == nil, s.prefetching < parallel else { return false }
+                guard !s.known(id), s.prefetching < parallel else { return false }
                 s.prefetching += 1
                 return true
             }
