@@ -11,8 +11,9 @@ import ModelFSMeta
 /// The kernel sends RELEASE after close() has returned, so a node that closed its last handle
 /// of a file still holds the lock for a moment. A node that finds the lock held asks the holder
 /// (`GET /v1/writing/INO`): if the holder is closing the file (the FLUSH of its last handle
-/// came), it waits up to `closingWait` for the lock to go, polling etcd; otherwise, or if the
-/// holder cannot be asked, it answers EBUSY at once. So after close() returns on A, an open
+/// came) or no longer writes it (its RELEASE is deleting the lock), it waits up to
+/// `closingWait` for the lock to go, polling etcd; otherwise, or if the holder cannot be asked,
+/// it answers EBUSY at once. So after close() returns on A, an open
 /// for writing on B succeeds (close-to-open), and a close costs no etcd write beyond RELEASE's.
 public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
     let client: EtcdClient
@@ -44,7 +45,7 @@ public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
                 let holder = r.ranges.first?.first?.value ?? Data()
                 if holder == me { return }
                 let name = String(decoding: holder, as: UTF8.self)
-                if deadline == nil, holderIsClosing(name, ino) { deadline = clock.now + closingWait }
+                if deadline == nil, holderLetsGo(name, ino) { deadline = clock.now + closingWait }
                 guard let deadline, clock.now < deadline else {
                     throw FSError(EBUSY, "inode \(ino) is open for writing on node \(name); close it there first")
                 }
@@ -56,9 +57,12 @@ public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
         }
     }
 
-    private func holderIsClosing(_ id: String, _ ino: InodeNumber) -> Bool {
-        guard let node = (membership.peers + membership.lost).first(where: { $0.id == id }) else { return false }
-        return (try? peers.writing(ino, at: node))?.closing ?? false
+    /// The holder is closing the file, or has closed it and is deleting the lock (its session
+    /// goes before the etcd delete, so for a moment it writes nothing and still holds the lock).
+    private func holderLetsGo(_ id: String, _ ino: InodeNumber) -> Bool {
+        guard let node = (membership.peers + membership.lost).first(where: { $0.id == id }),
+              let w = try? peers.writing(ino, at: node) else { return false }
+        return w.closing || !w.open
     }
 
     public func release(_ ino: InodeNumber) {
