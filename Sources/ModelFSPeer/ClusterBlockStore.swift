@@ -56,7 +56,8 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
             deliveredOrder.append(id)
             if deliveredOrder.count > ClusterBlockStore.deliveredBlocks { delivered.remove(deliveredOrder.removeFirst()) }
         }
-        func known(_ id: BlockID) -> Bool { inflight[id] != nil || fetched[id] != nil || delivered.contains(id) }
+        /// Fetched for a reader who has not taken it yet, or taken a moment ago.
+        func handedOut(_ id: BlockID) -> Bool { fetched[id] != nil || delivered.contains(id) }
     }
     static let deliveredBlocks = 64
     /// Readahead results kept in memory for their reader, at most.
@@ -65,7 +66,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
     /// reader never waits for the disk write of a block it already has. Readers find them here
     /// meanwhile. Beyond `cacheWriteLimit` bytes queued a block is not cached (as JuiceFS drops
     /// cache writes when its queue is full): a 2-node cold read of 1 GiB, the fetching thread
-    /// writing such blocks itself, 498-535 MB/s; dropping them, 830-908. `warm` writes in line.
+    /// writing such blocks itself, 498-535 MB/s; dropping them, 793-908. `warm` writes in line.
     private let cacheWrites = Mutex((pending: [BlockID: BlockBuffer](), bytes: 0))
     private let cacheWriter = DispatchQueue(label: "modelfs.cache-writer")
     static let cacheWriteLimit = 16 << 20
@@ -176,7 +177,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
                 state.withLock { $0.stats.cacheHits += 1 }
                 return b
             }
-        } else if cached(id) || state.withLock({ $0.fetched[id] != nil || $0.delivered.contains(id) }) {
+        } else if cached(id) || state.withLock({ $0.handedOut(id) }) {
             throw Superseded()
         }
         // Live peers in placement order; then nodes whose lease lapsed (a node slow to renew
@@ -276,7 +277,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         local.willNeed(ids)
         for id in ids where !contains(id) {
             let start = state.withLock { s -> Bool in
-                guard !s.known(id), s.prefetching < parallel else { return false }
+                guard s.inflight[id] == nil, !s.handedOut(id), s.prefetching < parallel else { return false }
                 s.prefetching += 1
                 return true
             }

@@ -13,8 +13,8 @@ import ModelFSMeta
 /// (`GET /v1/writing/INO`): if the holder is closing the file (the FLUSH of its last handle
 /// came) or no longer writes it (its RELEASE is deleting the lock), it waits up to
 /// `closingWait` for the lock to go, polling etcd; otherwise, or if the holder cannot be asked,
-/// it answers EBUSY at once. So after close() returns on A, an open
-/// for writing on B succeeds (close-to-open), and a close costs no etcd write beyond RELEASE's.
+/// it answers EBUSY at once. So after close() returns on A, an open for writing on B succeeds
+/// (close-to-open), and a close costs no etcd write beyond RELEASE's.
 public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
     let client: EtcdClient
     let prefix: Data
@@ -35,7 +35,7 @@ public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
     public func acquire(_ ino: InodeNumber) throws {
         let me = Data(membership.me.id.utf8), k = key(ino)
         let clock = ContinuousClock()
-        var deadline: ContinuousClock.Instant?   // set once the holder said it is closing
+        var deadline: ContinuousClock.Instant?   // set once the holder said it lets the file go
         var pauseMicros: UInt32 = 2_000
         do {
             while true {
@@ -66,7 +66,7 @@ public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
     }
 
     public func release(_ ino: InodeNumber) {
-        _ = try? client.txn(compare: [.value(key(ino), equals: Data(membership.me.id.utf8))], success: [.delete(key(ino))],
-                            idempotent: true)
+        let k = key(ino)
+        _ = try? client.txn(compare: [.value(k, equals: Data(membership.me.id.utf8))], success: [.delete(k)], idempotent: true)
     }
 }
