@@ -150,6 +150,19 @@ def main():
                 assert same(got, sd), f"cluster {fmt}: load on B differs"
                 res[f"cluster {fmt} cold load from peers"] = t
                 del got
+            # The same torch.load through an O_DIRECT descriptor (no page cache on B), of another new
+            # file: how much of the cold load from peers is B's page cache being filled (fresh
+            # memory on this VM; COMPATIBILITY.md) rather than the blocks crossing.
+            torch.save(sd_direct := state(args.mib, salt=10 * rnd + 5), a / "direct.pt")
+            drop_caches()
+
+            def load_direct():
+                with open(os.open(b / "direct.pt", os.O_RDONLY | os.O_DIRECT), "rb") as f:
+                    return torch.load(f, weights_only=True)
+            t, got = timed(load_direct)
+            assert same(got, sd_direct), "cluster torch: O_DIRECT load on B differs"
+            res["cluster torch cold load from peers, O_DIRECT"] = t
+            del got, sd_direct
             # the filesystem alone: a plain sequential read (1 MiB reads) of another new file of the same size
             torch.save(state(args.mib, salt=10 * rnd + 4), a / "other.pt")
             drop_caches()
@@ -184,6 +197,10 @@ def main():
             ratio = med[mine] / med[base]
             verdict = "" if target is None else (f"≤ {target}: " + ("met" if ratio <= target else "NOT met"))
             rows.append(f"| {fmt} | {what} | {med[base]:.2f} s | {med[mine]:.2f} s | {ratio:.2f}× | {verdict} |")
+        if fmt == "torch" and "cluster torch cold load from peers, O_DIRECT" in med:
+            d = med["cluster torch cold load from peers, O_DIRECT"]
+            rows.append(f"| torch | cold load from peers, read with O_DIRECT (no page cache) | "
+                        f"{med['local torch cold load']:.2f} s | {d:.2f} s | {d / med['local torch cold load']:.2f}× | |")
     rows.append(f"| (plain read, 1 MiB reads) | cold read from peers | {med['local raw cold read']:.2f} s | "
                 f"{med['cluster raw cold read from peers']:.2f} s | "
                 f"{med['cluster raw cold read from peers'] / med['local raw cold read']:.2f}× | |")

@@ -2,7 +2,8 @@
 # Framework benchmark (issue #5): torch.save/torch.load and safetensors at ~1 GiB on a plain
 # directory, a single modelfs node and a 2-node loopback cluster (cold load from peers), in one
 # run; prints the ratios against the targets (save ≤ 1.3×, warm load ≤ 1.1×, cold load from
-# peers ≤ 2×) and writes bench-results/frameworks.md (git-ignored).
+# peers ≤ 2×) and writes bench-results/frameworks.md (git-ignored). One row more, for information:
+# the cold torch.load from peers through an O_DIRECT descriptor (B's page cache left out).
 #
 #   scripts/bench/frameworks.sh [--mib N] [--rounds N] [--dir DIR]
 #
