@@ -193,14 +193,13 @@ def main():
                 ("warm load", f"modelfs {fmt} warm load", f"local {fmt} warm load", 1.1),
                 ("cold load", f"modelfs {fmt} cold load", f"local {fmt} cold load", None),
                 ("save on cluster node (R=1)", f"cluster {fmt} save", f"local {fmt} save", None),
-                ("cold load from peers", f"cluster {fmt} cold load from peers", f"local {fmt} cold load", 2.0)):
+                ("cold load from peers", f"cluster {fmt} cold load from peers", f"local {fmt} cold load", 2.0),
+                *([("cold load from peers, read with O_DIRECT (no page cache)",
+                    "cluster torch cold load from peers, O_DIRECT", "local torch cold load", None)]
+                  if fmt == "torch" else [])):
             ratio = med[mine] / med[base]
             verdict = "" if target is None else (f"≤ {target}: " + ("met" if ratio <= target else "NOT met"))
             rows.append(f"| {fmt} | {what} | {med[base]:.2f} s | {med[mine]:.2f} s | {ratio:.2f}× | {verdict} |")
-        if fmt == "torch" and "cluster torch cold load from peers, O_DIRECT" in med:
-            d = med["cluster torch cold load from peers, O_DIRECT"]
-            rows.append(f"| torch | cold load from peers, read with O_DIRECT (no page cache) | "
-                        f"{med['local torch cold load']:.2f} s | {d:.2f} s | {d / med['local torch cold load']:.2f}× | |")
     rows.append(f"| (plain read, 1 MiB reads) | cold read from peers | {med['local raw cold read']:.2f} s | "
                 f"{med['cluster raw cold read from peers']:.2f} s | "
                 f"{med['cluster raw cold read from peers'] / med['local raw cold read']:.2f}× | |")
