@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import ModelFS
 import ModelFSCore
 import ModelFSMeta
@@ -15,15 +16,28 @@ import ModelFSMeta
 /// `closingWait` for the lock to go, polling etcd; otherwise, or if the holder cannot be asked,
 /// it answers EBUSY at once. So after close() returns on A, an open for writing on B succeeds
 /// (close-to-open), and a close costs no etcd write beyond RELEASE's.
+///
+/// A RELEASE whose delete fails (etcd unreachable for a moment) is retried in the background
+/// until the lock is gone or this node takes the file again: otherwise the lock would outlive
+/// the close by as long as this node's lease, which is as long as the node runs, and every other
+/// node's open for writing would wait `closingWait` and fail with EBUSY.
 public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
     let client: EtcdClient
     let prefix: Data
     let membership: Membership
     let peers: PeerClient
     let closingWait: Duration
+    /// Locks released by the filesystem whose etcd delete has not succeeded yet. A retry deletes
+    /// under this mutex and an acquire removes its inode under it before its txn, so a retry never
+    /// deletes a lock this node has taken again.
+    private let unreleased = Mutex<(inodes: Set<InodeNumber>, retrying: Bool)>(([], false))
+    private let retries = DispatchQueue(label: "modelfs.writer-lock.release")
+    let retryPause: Duration
 
-    public init(client: EtcdClient, cluster: String, membership: Membership, peers: PeerClient, closingWait: Duration = .seconds(3)) {
+    public init(client: EtcdClient, cluster: String, membership: Membership, peers: PeerClient, closingWait: Duration = .seconds(3),
+                retryPause: Duration = .milliseconds(500)) {
         self.client = client
+        self.retryPause = retryPause
         prefix = Data("/modelfs/\(cluster)/w/".utf8)
         self.membership = membership
         self.peers = peers
@@ -37,6 +51,7 @@ public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
         let clock = ContinuousClock()
         var deadline: ContinuousClock.Instant?   // set once the holder said it lets the file go
         var pauseMicros: UInt32 = 2_000
+        unreleased.withLock { _ = $0.inodes.remove(ino) }   // a stale lock of ours is ours again
         do {
             while true {
                 let r = try client.txn(compare: [.absent(k)], success: [.put(k, me, lease: membership.lease)], failure: [.get(k)],
@@ -66,7 +81,44 @@ public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
     }
 
     public func release(_ ino: InodeNumber) {
+        if (try? delete(ino)) != nil { return }
+        let start = unreleased.withLock { u -> Bool in
+            u.inodes.insert(ino)
+            defer { u.retrying = true }
+            return !u.retrying
+        }
+        if start { scheduleRetry(after: retryPause) }
+    }
+
+    /// How many released locks still wait for their etcd delete.
+    public var unreleasedCount: Int { unreleased.withLock { $0.inodes.count } }
+
+    /// Deletes this node's lock of `ino` if it still holds it; throws when etcd gives no answer.
+    private func delete(_ ino: InodeNumber) throws {
         let k = key(ino)
-        _ = try? client.txn(compare: [.value(k, equals: Data(membership.me.id.utf8))], success: [.delete(k)], idempotent: true)
+        _ = try client.txn(compare: [.value(k, equals: Data(membership.me.id.utf8))], success: [.delete(k)], idempotent: true)
+    }
+
+    private func scheduleRetry(after pause: Duration) {
+        let c = pause.components
+        let seconds = Double(c.seconds) + Double(c.attoseconds) / 1e18
+        retries.asyncAfter(deadline: .now() + seconds) { [weak self] in
+            guard let self else { return }
+            let pending = unreleased.withLock { $0.inodes }
+            for ino in pending {
+                unreleased.withLock { u in
+                    guard u.inodes.contains(ino), (try? delete(ino)) != nil else { return }
+                    u.inodes.remove(ino)
+                }
+            }
+            let again = unreleased.withLock { u -> Bool in
+                u.retrying = !u.inodes.isEmpty
+                return u.retrying
+            }
+            if again {
+                Log.warning("writer lock: \(unreleasedCount) released lock(s) not yet deleted in etcd (etcd unreachable?); retrying")
+                scheduleRetry(after: min(pause * 2, .seconds(5)))
+            }
+        }
     }
 }

@@ -658,3 +658,51 @@ final class ScriptedPeer: @unchecked Sendable {
         for bad in ["127.0.0.1", ":80", "host:", "host:8x", "[::1]", "[::1]:"] { #expect(BlockTransfer.split(bad) == nil, "\(bad)") }
     }
 }
+
+@Suite struct WriterLockTests {
+    /// A RELEASE while etcd cannot be reached leaves the lock in etcd: it is deleted once etcd is
+    /// back (otherwise it would stay until this node's lease ends, and other nodes would get
+    /// EBUSY for a file nobody writes); and a lock this node takes again meanwhile is never
+    /// deleted by that retry.
+    @Test func aReleaseThatFailsIsRetriedButNeverDropsALockTakenAgain() throws {
+        let etcd = try EtcdTestCluster(members: 1)
+        defer { etcd.stop() }
+        let client = EtcdClient(endpoints: etcd.endpoints, timeout: .seconds(2))
+        let cluster = "wlock-\(UInt64.random(in: 0...UInt64.max))"
+        let membership = Membership(client: client, cluster: cluster, me: NodeInfo(id: "holder", address: "127.0.0.1:1"), ttl: 60, refresh: 0.2)
+        try membership.start()
+        let peers = PeerClient(secret: "s3cret", timeout: .seconds(2))
+        defer { membership.stop(); peers.shutdown(); client.shutdown() }
+        let lock = EtcdWriterLock(client: client, cluster: cluster, membership: membership, peers: peers, retryPause: .milliseconds(50))
+        func holder(_ ino: UInt64) throws -> String? {
+            try client.range(lock.key(InodeNumber(ino))).kvs.first.map { String(decoding: $0.value, as: UTF8.self) }
+        }
+        func etcdOutage(_ during: () -> Void) throws {
+            etcd.kill(0)
+            during()
+            try etcd.start(0)
+            #expect(waitUntil(timeout: 20) { (try? client.range(Data("/".utf8))) != nil })
+        }
+
+        // Released while etcd is down: still held, retried, gone once etcd answers again.
+        try lock.acquire(InodeNumber(7))
+        #expect(try holder(7) == "holder")
+        try etcdOutage {
+            lock.release(InodeNumber(7))
+            #expect(lock.unreleasedCount == 1)
+        }
+        #expect(waitUntil(timeout: 20) { lock.unreleasedCount == 0 })
+        #expect(try holder(7) == nil)
+
+        // Released while etcd is down, then taken again by this node: the retry leaves it be.
+        try lock.acquire(InodeNumber(8))
+        try etcdOutage { lock.release(InodeNumber(8)) }
+        try lock.acquire(InodeNumber(8))
+        #expect(lock.unreleasedCount == 0)
+        lock.release(InodeNumber(9))   // a lock never taken: a delete that finds nothing, at once
+        #expect(lock.unreleasedCount == 0)
+        #expect(try holder(8) == "holder")
+        lock.release(InodeNumber(8))
+        #expect(try holder(8) == nil)
+    }
+}
