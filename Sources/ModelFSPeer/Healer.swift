@@ -424,6 +424,7 @@ public final class Healer: @unchecked Sendable {
             guard let id = BlockID(hex: items[i].id) else { return }
             do {
                 guard local.contains(id) else { throw FSError.io("no replica here") }
+                var outgoing: OutgoingBlock?   // read once for every remote target
                 for node in items[i].to {
                     if failed.withLock({ $0.contains(node.id) }) { continue }
                     do {
@@ -436,8 +437,9 @@ public final class Healer: @unchecked Sendable {
                             }
                             n = b.count
                         } else {
-                            // Straight from the pack (sendfile); the receiver hashes it.
-                            guard let sent = try client.put(id, from: local, to: node, durable: false) else {
+                            // Not hashed here; the receiver hashes it.
+                            if outgoing == nil { outgoing = OutgoingBlock(id, from: local) }
+                            guard let sent = try client.put(outgoing!, to: node, durable: false) else {
                                 // Gone meanwhile (dropped or collected): not the target's fault.
                                 result.withLock { $0.errors.append("\(me) cannot copy block \(id.hex): no replica here any more") }
                                 return

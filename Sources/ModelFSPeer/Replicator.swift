@@ -201,17 +201,17 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
             slots.wait()
             defer { slots.signal() }
             var sent: UInt64 = 0
-            for node in targets {
-                if let held {
+            if let held {
+                for node in targets {
                     let ok = held.withUnsafeBytes { all in
                         (try? client.put(id, UnsafeRawBufferPointer(rebasing: all[0..<length]), to: node, durable: false)) != nil
                     }
                     if ok { sent += UInt64(length) }
-                } else if let n = try? client.put(id, from: local, to: node, durable: false) {
-                    sent += UInt64(n)
                 }
+                heldBytes.withLock { $0 -= length }
+            } else {
+                sent = send(id, to: targets, durable: false).sent
             }
-            if held != nil { heldBytes.withLock { $0 -= length } }
             eagerState.withLock { s in
                 s.queued -= 1
                 s.inflight[id]! -= 1
@@ -318,7 +318,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         }
         let errors = Shared<[String]>([])
         let sent = Shared<UInt64>(0)
-        var work: [(NodeInfo, BlockID)] = []
+        var work: [BlockID: [NodeInfo]] = [:]
         for (node, ids) in wanted.values {
             var missing = ids
             if !durable {
@@ -330,24 +330,37 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
                     continue
                 }
             }
-            work += missing.map { (node, $0) }
+            for id in missing { work[id, default: []].append(node) }
         }
-        let jobs = work
-        parallelFor(jobs.count, width: width) { [local, client] i in
-            let (node, id) = jobs[i]
-            do {
-                // Straight from the pack; the receiver hashes it before storing.
-                guard let n = try client.put(id, from: local, to: node, durable: durable) else {
-                    throw FSError.io("block \(id.hex) is missing from this node's store")
-                }
-                sent.withLock { $0 += UInt64(n) }
-            } catch {
-                errors.withLock { $0.append("\(node.id): \(error)") }
-            }
+        let jobs = Array(work)
+        parallelFor(jobs.count, width: width) { [self] i in
+            let (id, nodes) = jobs[i]
+            let r = send(id, to: nodes, durable: durable)
+            sent.withLock { $0 += r.sent }
+            if !r.errors.isEmpty { errors.withLock { $0 += r.errors } }
         }
         state.withLock { $0.replicatedBytes += sent.withLock { $0 } }
         let e = errors.withLock { $0 }
         return e.isEmpty ? nil : "\(e.count) copies failed (\(e.first!))"
+    }
+
+    /// Sends this node's copy of block `id` to each of `nodes`, read from its pack once
+    /// (OutgoingBlock); the receivers hash it before storing.
+    func send(_ id: BlockID, to nodes: [NodeInfo], durable: Bool) -> (sent: UInt64, errors: [String]) {
+        let block = OutgoingBlock(id, from: local)
+        var sent: UInt64 = 0
+        var errors: [String] = []
+        for node in nodes {
+            do {
+                guard let n = try client.put(block, to: node, durable: durable) else {
+                    throw FSError.io("block \(id.hex) is missing from this node's store")
+                }
+                sent += UInt64(n)
+            } catch {
+                errors.append("\(node.id): \(error)")
+            }
+        }
+        return (sent, errors)
     }
 
     // MARK: Census
