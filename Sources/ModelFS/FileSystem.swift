@@ -91,8 +91,12 @@ public final class FileSystem: @unchecked Sendable {
         /// Opens under way (between `open`'s first metadata read and its handle): an unlink
         /// meanwhile must not delete the inode under them.
         var opening: [InodeNumber: Int] = [:]
+        /// Files whose writer lock the RELEASE of their last writing handle is giving back.
+        var releasingLocks: Set<InodeNumber> = []
     }
     private let tables = Mutex(Tables())
+    /// Signalled when a writer lock has been given back (`releasingLocks` shrank).
+    private let lockReleased = NSCondition()
     /// Serialises commits and GC's view of sessions with metadata.
     let commitLock = NSLock()
     /// Replication of each committed version (a cluster node); nil on a single node.
@@ -348,7 +352,10 @@ public final class FileSystem: @unchecked Sendable {
             let (hasSession, hasView) = tables.withLock { t in
                 (t.live[ino]?.session != nil, t.live[ino]?.view?.version == attrs.version)
             }
-            if flags.writable && !hasSession { try writerLock?.acquire(ino) }
+            if flags.writable && !hasSession, let writerLock {
+                awaitLockRelease(ino)
+                try writerLock.acquire(ino)
+            }
             let fresh = flags.writable && !hasSession ? try makeSession(ino) : nil
             let view = !flags.writable && !hasSession && !hasView
                 ? ReadView(manifest: try loadManifest(ino), size: attrs.size, version: attrs.version) : nil
@@ -562,13 +569,29 @@ public final class FileSystem: @unchecked Sendable {
             guard let l = t.live[h.ino] else { return (false, false) }
             l.opens -= 1
             let writing = l.opens == 0 && l.session != nil
+            if writing && writerLock != nil { t.releasingLocks.insert(h.ino) }
             if l.opens == 0 { l.session = nil; l.view = nil }
             if l.opens == 0 && l.lookups == 0 { t.live[h.ino] = nil; return (true, writing) }
             return (false, writing)
         }
-        if wasWriting { writerLock?.release(h.ino) }
+        if wasWriting, let writerLock {
+            writerLock.release(h.ino)
+            lockReleased.lock()
+            tables.withLock { _ = $0.releasingLocks.remove(h.ino) }
+            lockReleased.broadcast()
+            lockReleased.unlock()
+        }
         if drop { deleteIfUnlinked(h.ino) }
         if let failed { throw failed }
+    }
+
+    /// Waits while the RELEASE of `ino`'s last writing handle is still giving its writer lock back.
+    /// Taken in between, the lock would be found held by this node and kept, and that release
+    /// would then delete it under the new writer: another node could then write the file too.
+    private func awaitLockRelease(_ ino: InodeNumber) {
+        lockReleased.lock()
+        defer { lockReleased.unlock() }
+        while tables.withLock({ $0.releasingLocks.contains(ino) }) { lockReleased.wait() }
     }
 
     /// A change another node made to `ino` (from the metadata watch): forgets what this node

@@ -1,5 +1,6 @@
 import Foundation
 import ModelFSTestSupport
+import Synchronization
 import Testing
 @testable import ModelFS
 @testable import ModelFSCore
@@ -405,5 +406,50 @@ final class FillingStore: ForwardingBlockStore, @unchecked Sendable {
         #expect(throws: FSError.self) { try fs.flush(o.handle) }
         try? fs.release(o.handle)  // may report the failure once more
         #expect(try fs.getattr(a.ino).size == 0, "nothing of the failed version was committed")
+    }
+}
+
+@Suite struct WriterLockOrderTests {
+    /// Records the writer-lock calls; `release` waits for `go` (an etcd delete under way).
+    final class SlowReleaseLock: WriterLock, @unchecked Sendable {
+        let events = Mutex<[String]>([])
+        let go = DispatchSemaphore(value: 0)
+        func acquire(_ ino: InodeNumber) throws { events.withLock { $0.append("acquire") } }
+        func release(_ ino: InodeNumber) {
+            events.withLock { $0.append("release begins") }
+            go.wait()
+            events.withLock { $0.append("release ends") }
+        }
+    }
+
+    /// A writable open that comes while the last writing handle's RELEASE is still giving the
+    /// lock back waits for it: taken in between, the lock would be found held by this node and
+    /// kept, and the release would delete it under the new writer.
+    @Test func aWritableOpenWaitsForTheLockReleaseUnderWay() throws {
+        let t = try TestFS(); defer { t.remove() }
+        let lock = SlowReleaseLock()
+        t.fs.writerLock = lock
+        let (ino, fh) = try t.create("f")
+        try t.write(fh, at: 0, Array("first".utf8))
+        try t.fs.flush(fh)
+        let released = DispatchSemaphore(value: 0), reopened = DispatchSemaphore(value: 0)
+        // Threads of their own: the global queue's few workers may all be busy (the test runner).
+        Thread { try? t.fs.release(fh); released.signal() }.start()
+        #expect(waitUntil(timeout: 10) { lock.events.withLock { $0.last == "release begins" } })
+        let second = Mutex<FileHandleID?>(nil)
+        Thread {
+            second.withLock { $0 = try? t.fs.open(ino, flags: OpenFlags(O_WRONLY)).handle }
+            reopened.signal()
+        }.start()
+        // Without the wait, the second acquire came at once (well within this half second).
+        #expect(reopened.wait(timeout: .now() + 0.5) == .timedOut)
+        lock.go.signal()
+        #expect(released.wait(timeout: .now() + 10) == .success)
+        #expect(reopened.wait(timeout: .now() + 10) == .success)
+        #expect(lock.events.withLock { $0 } == ["acquire", "release begins", "release ends", "acquire"])
+        let h = try #require(second.withLock { $0 })
+        lock.go.signal()   // the second handle's own release
+        try t.close(h)
+        #expect(try t.contents(ino) == Array("first".utf8))
     }
 }
