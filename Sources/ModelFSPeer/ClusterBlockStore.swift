@@ -86,6 +86,8 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
     }
 
     public var stats: Stats { state.withLock { $0.stats } }
+    /// Readahead fetches under way.
+    var prefetchesUnderWay: Int { state.withLock { $0.prefetching } }
     /// Called when a local replica fails verification on read (the scrubber repairs it).
     public let onCorrupt = Shared<(@Sendable (BlockID) -> Void)?>(nil)
 
@@ -277,7 +279,12 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         local.willNeed(ids)
         for id in ids where !contains(id) {
             let start = state.withLock { s -> Bool in
-                guard s.inflight[id] == nil, !s.handedOut(id), s.prefetching < parallel else { return false }
+                // At most `handoffBlocks` fetched and not yet taken, counting those on their way:
+                // beyond that the oldest were let go, and one whose cache write had been dropped
+                // (the queue full) was fetched again by its reader (CI saw a 48 MiB read through
+                // a 16 MiB cache cross 1.1 MB more than the file held).
+                guard s.inflight[id] == nil, !s.handedOut(id), s.prefetching < parallel,
+                      s.fetched.count + s.prefetching < Self.handoffBlocks else { return false }
                 s.prefetching += 1
                 return true
             }

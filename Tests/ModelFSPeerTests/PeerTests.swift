@@ -319,6 +319,30 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
 }
 
 @Suite(.serialized) struct ClusterStoreTests {
+    /// Readahead asked again and again, with no reader taking what it fetched, stops at
+    /// `handoffBlocks` fetched and untaken: beyond that it let the oldest go, and one whose cache
+    /// write had been dropped crossed the network again when its reader came.
+    @Test func readaheadStopsAtTheBlocksKeptForReaders() throws {
+        let cluster = "ahead-\(UInt64.random(in: 0...UInt64.max))"
+        let a = try TestNode(id: "a", cluster: cluster)
+        let b = try TestNode(id: "b", cluster: cluster)
+        defer { a.stop(); b.stop() }
+        #expect(waitForNodes([a, b], count: 2))
+        let blocks = (0..<40).map { blockOf(256 << 10, seed: 700 + UInt64($0)) }
+        for (id, bytes) in blocks { try bytes.withUnsafeBytes { _ = try a.store.put(id, $0) } }
+        let ids = blocks.map(\.0)
+        var last: UInt64 = .max
+        #expect(waitUntil(timeout: 20) {
+            b.store.willNeed(ids)
+            let now = b.store.stats.peerFetches
+            defer { last = now }
+            return now == last && b.store.prefetchesUnderWay == 0
+        })
+        #expect(b.store.stats.peerFetches <= UInt64(ClusterBlockStore.handoffBlocks))
+        for (id, bytes) in blocks { #expect(try b.store.read(id).withUnsafeBytes { Array($0) } == bytes) }
+        #expect(b.store.stats.peerFetches == 40)
+    }
+
     @Test func readsFetchFromPeersAndTheCacheKeepsItsBudget() throws {
         let cluster = "cache-\(UInt64.random(in: 0...UInt64.max))"
         let a = try TestNode(id: "a", cluster: cluster)
