@@ -281,8 +281,8 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
             let start = state.withLock { s -> Bool in
                 // At most `handoffBlocks` fetched and not yet taken, counting those on their way:
                 // beyond that the oldest were let go, and one whose cache write had been dropped
-                // (the queue full) was fetched again by its reader (CI saw a 48 MiB read through
-                // a 16 MiB cache cross 1.1 MB more than the file held).
+                // too (the queue full) had to be fetched again by its reader (the likely cause of
+                // a CI run's 48 MiB read through a 16 MiB cache crossing 1.1 MB more than the file).
                 guard s.inflight[id] == nil, !s.handedOut(id), s.prefetching < parallel,
                       s.fetched.count + s.prefetching < Self.handoffBlocks else { return false }
                 s.prefetching += 1

@@ -130,8 +130,10 @@ public final class PeerClient: Sendable {
     @discardableResult
     public func put(_ block: OutgoingBlock, to node: NodeInfo, durable: Bool) throws -> Int? {
         guard let memory = block.memory else { return try put(block.id, from: block.store, to: node, durable: durable) }
-        try memory.withUnsafeBytes { try put(block.id, $0, to: node, durable: durable) }
-        return memory.count
+        try memory.withUnsafeBytes { all in
+            try put(block.id, UnsafeRawBufferPointer(rebasing: all[0..<block.length]), to: node, durable: durable)
+        }
+        return block.length
     }
 
     private func put(_ id: BlockID, _ body: BlockTransfer.Body, to node: NodeInfo, durable: Bool) throws {
@@ -216,15 +218,27 @@ enum PeerLimits {
 /// the VM, and the first receiver's socket copy paid a first touch per 4 KiB: on a 3-node
 /// loopback cluster the receiver served first spent 2.1-2.9 s more CPU than the other on the
 /// blocks of a 2 GiB file left to its job, and close() -> 3 copies took 3.8-4.5 s instead of
-/// 1.7-2.3 s. A record that cannot be read directly (unaligned) is sent from the file.
+/// 1.7-2.3 s. A record that cannot be read directly (unaligned) is sent from the file. A block
+/// just written (an eager copy) is sent from the write pipeline's buffer instead.
 public struct OutgoingBlock: Sendable {
     public let id: BlockID
     let store: PackBlockStore
     let memory: BlockBuffer?
+    /// The block's bytes are memory[0..<length] (a pipeline buffer may be larger).
+    let length: Int
 
     public init(_ id: BlockID, from store: PackBlockStore) {
         self.id = id
         self.store = store
         memory = store.readDirectForPeer(id)
+        length = memory?.count ?? 0
+    }
+
+    /// Block `id`, already in memory: `buffer[0..<length]` (`store` holds it too).
+    public init(_ id: BlockID, in buffer: BlockBuffer, length: Int, store: PackBlockStore) {
+        self.id = id
+        self.store = store
+        memory = buffer
+        self.length = length
     }
 }

@@ -200,18 +200,9 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         eagerQueue.async { [self] in
             slots.wait()
             defer { slots.signal() }
-            var sent: UInt64 = 0
-            if let held {
-                for node in targets {
-                    let ok = held.withUnsafeBytes { all in
-                        (try? client.put(id, UnsafeRawBufferPointer(rebasing: all[0..<length]), to: node, durable: false)) != nil
-                    }
-                    if ok { sent += UInt64(length) }
-                }
-                heldBytes.withLock { $0 -= length }
-            } else {
-                sent = send(id, to: targets, durable: false).sent
-            }
+            let block = held.map { OutgoingBlock(id, in: $0, length: length, store: local) } ?? OutgoingBlock(id, from: local)
+            let sent = send(block, to: targets, durable: false).sent
+            if held != nil { heldBytes.withLock { $0 -= length } }
             eagerState.withLock { s in
                 s.queued -= 1
                 s.inflight[id]! -= 1
@@ -335,7 +326,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         let jobs = Array(work)
         parallelFor(jobs.count, width: width) { [self] i in
             let (id, nodes) = jobs[i]
-            let r = send(id, to: nodes, durable: durable)
+            let r = send(OutgoingBlock(id, from: local), to: nodes, durable: durable)
             sent.withLock { $0 += r.sent }
             if !r.errors.isEmpty { errors.withLock { $0 += r.errors } }
         }
@@ -344,10 +335,10 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         return e.isEmpty ? nil : "\(e.count) copies failed (\(e.first!))"
     }
 
-    /// Sends this node's copy of block `id` to each of `nodes`, read from its pack once
-    /// (OutgoingBlock); the receivers hash it before storing.
-    func send(_ id: BlockID, to nodes: [NodeInfo], durable: Bool) -> (sent: UInt64, errors: [String]) {
-        let block = OutgoingBlock(id, from: local)
+    /// Sends `block` (read once, or still in memory) to each of `nodes`; the receivers hash it
+    /// before storing.
+    func send(_ block: OutgoingBlock, to nodes: [NodeInfo], durable: Bool) -> (sent: UInt64, errors: [String]) {
+        let id = block.id
         var sent: UInt64 = 0
         var errors: [String] = []
         for node in nodes {

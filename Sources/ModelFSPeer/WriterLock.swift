@@ -84,8 +84,9 @@ public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
         if (try? delete(ino)) != nil { return }
         let start = unreleased.withLock { u -> Bool in
             u.inodes.insert(ino)
-            defer { u.retrying = true }
-            return !u.retrying
+            let idle = !u.retrying
+            u.retrying = true
+            return idle
         }
         if start { scheduleRetry(after: retryPause) }
     }
