@@ -74,9 +74,13 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
     private let prefetchQueue = DispatchQueue(label: "modelfs.prefetch", attributes: .concurrent)
     private let trimLock = NSLock()
 
+    /// Notes this filesystem's block reads and writes as foreground work (healing yields to it).
+    let yield: ForegroundYield?
+
     public init(local: PackBlockStore, cache: PackBlockStore, cacheBudget: UInt64, membership: Membership,
-                client: PeerClient, parallel: Int = 8) {
+                client: PeerClient, parallel: Int = 8, yield: ForegroundYield? = nil) {
         self.local = local
+        self.yield = yield
         self.cache = cache
         self.cacheBudget = cacheBudget
         self.membership = membership
@@ -110,10 +114,14 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
     }
 
     @discardableResult
-    public func put(_ id: BlockID, _ bytes: UnsafeRawBufferPointer) throws -> Bool { try local.put(id, bytes) }
+    public func put(_ id: BlockID, _ bytes: UnsafeRawBufferPointer) throws -> Bool {
+        yield?.noteForeground()
+        return try local.put(id, bytes)
+    }
     @discardableResult
     public func put(_ id: BlockID, owned buffer: BlockBuffer, length: Int) throws -> Bool {
-        try local.put(id, owned: buffer, length: length)
+        yield?.noteForeground()
+        return try local.put(id, owned: buffer, length: length)
     }
 
     public func contains(_ id: BlockID) -> Bool { local.contains(id) || cached(id) }
@@ -128,6 +136,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
     }
 
     public func read(_ id: BlockID) throws -> BlockBuffer {
+        yield?.noteForeground()
         if let b = state.withLock({ $0.take(id) }) {
             state.withLock { $0.stats.cacheHits += 1 }
             return b

@@ -10,6 +10,9 @@ public struct CopyOrder: Codable, Sendable {
     public struct Item: Codable, Sendable {
         public var id: String
         public var to: [NodeInfo]
+        /// The block is down to its last live copy: its copies do not yield to the foreground
+        /// (absent from an older node's order: false).
+        public var urgent: Bool? = nil
     }
     public var items: [Item]
 }
@@ -113,6 +116,8 @@ public final class Healer: @unchecked Sendable {
     let width: Int
     /// Bytes per second of copies, over all holders together, at most (0: no cap).
     let rate: UInt64
+    /// This node's: copies it sends wait while it serves the foreground.
+    let yield: ForegroundYield?
     /// A node holding less than this share of the mean is under-filled and receives copies.
     /// Below one half: a node that writes everything (one trainer) keeps a copy of all it
     /// writes, so the others hold about 1/(N-1) of it each, which is always more than half of
@@ -127,7 +132,8 @@ public final class Healer: @unchecked Sendable {
     private var started = false
 
     public init(fs: FileSystem, replicator: Replicator, membership: Membership, client: PeerClient, local: PackBlockStore,
-                etcd: EtcdClient, cluster: String, interval: Double, deadAfter: Double, rate: UInt64 = 0, width: Int = 8) {
+                etcd: EtcdClient, cluster: String, interval: Double, deadAfter: Double, rate: UInt64 = 0, width: Int = 8,
+                yield: ForegroundYield? = nil) {
         self.fs = fs
         self.replicator = replicator
         self.membership = membership
@@ -140,6 +146,7 @@ public final class Healer: @unchecked Sendable {
         self.deadAfter = deadAfter
         self.width = width
         self.rate = rate
+        self.yield = yield
     }
 
     /// This node's own view (meaningful on the healer).
@@ -267,7 +274,7 @@ public final class Healer: @unchecked Sendable {
         let live = membership.nodes
         let byID = Dictionary(live.map { ($0.id, $0) }, uniquingKeysWith: { a, _ in a })
         let targetsPool = live.filter { !draining.contains($0.id) }
-        var copies: [(id: BlockID, have: Int, length: UInt32, from: [NodeInfo], to: [NodeInfo])] = []
+        var copies: [(id: BlockID, have: Int, length: UInt32, from: [NodeInfo], to: [NodeInfo], urgent: Bool)] = []
         var drops: [(BlockID, NodeInfo)] = []
         var moveCandidates: [(BlockID, UInt32, NodeInfo)] = []
         for (id, w) in want {
@@ -288,7 +295,9 @@ public final class Healer: @unchecked Sendable {
                 plan.shortBytes += UInt64(w.length)
                 let to = Placement.targets(id, nodes: targetsPool, replicas: targetsPool.count, writer: nil, spreadLabel: w.spread)
                     .filter { !h.contains($0.id) }.prefix(w.copies - good.count)
-                if !to.isEmpty { copies.append((id, good.count, w.length, h.compactMap { byID[$0] }, Array(to))) }
+                // One live copy left (a draining node's counts: it still serves): it does not
+                // wait for the foreground.
+                if !to.isEmpty { copies.append((id, good.count, w.length, h.compactMap { byID[$0] }, Array(to), h.count <= 1)) }
                 continue
             }
             // Enough copies: only with every node's answer is anything dropped or moved.
@@ -319,7 +328,7 @@ public final class Healer: @unchecked Sendable {
                 guard after < mean * Self.underFilled else { continue }
                 incoming[t.id, default: 0] += UInt64(length)
                 budget -= min(budget, UInt64(length))
-                copies.append((id: id, have: Int.max, length: length, from: (holders[id] ?? []).compactMap { byID[$0] }, to: [t]))
+                copies.append((id: id, have: Int.max, length: length, from: (holders[id] ?? []).compactMap { byID[$0] }, to: [t], urgent: false))
                 plan.moves += 1
             }
         }
@@ -344,7 +353,7 @@ public final class Healer: @unchecked Sendable {
             let holders = c.from.sorted { $0.id < $1.id }
             guard !holders.isEmpty else { plan.errors.append("block \(c.id.hex) has no holder to copy from"); continue }
             let source = holders[Int((c.id.w0 &+ UInt64(pass)) % UInt64(holders.count))]
-            let item = CopyOrder.Item(id: c.id.hex, to: c.to)
+            let item = CopyOrder.Item(id: c.id.hex, to: c.to, urgent: c.urgent ? true : nil)
             let bytes = UInt64(c.length) * UInt64(c.to.count)
             if let i = bySource[source.id], batches[i].items.count < Self.batch, batches[i].bytes + bytes <= batchBytes {
                 batches[i].items.append(item)
@@ -376,7 +385,7 @@ public final class Healer: @unchecked Sendable {
                 }
                 let result: CopyResult
                 if b.source.id == me {
-                    result = Healer.perform(CopyOrder(items: b.items), local: local, client: client, me: me, width: width)
+                    result = Healer.perform(CopyOrder(items: b.items), local: local, client: client, me: me, width: width, yield: yield)
                 } else {
                     do { result = try client.copy(CopyOrder(items: b.items), at: b.source) } catch {
                         errors.withLock { $0.append("\(error)") }
@@ -412,8 +421,11 @@ public final class Healer: @unchecked Sendable {
     /// Carries out a copy order on the holder: reads each block (not hashed here: its receiver
     /// hashes it before storing), sends it to its targets `width` at a time, then has every
     /// target fdatasync the packs it wrote them to (not syncfs: nodes sharing a disk would flush
-    /// each other's writes), so the copies are durable before the healer counts them.
-    public static func perform(_ order: CopyOrder, local: PackBlockStore, client: PeerClient, me: String, width: Int = 8) -> CopyResult {
+    /// each other's writes), so the copies are durable before the healer counts them. While the
+    /// holder serves the foreground, each copy first waits its turn (`yield`); a receiver that
+    /// does holds back its copies itself (they are sent marked as healing).
+    public static func perform(_ order: CopyOrder, local: PackBlockStore, client: PeerClient, me: String, width: Int = 8,
+                               yield: ForegroundYield? = nil) -> CopyResult {
         let result = Shared(CopyResult())
         let touched = Shared<[String: (NodeInfo, [BlockID])]>([:])
         // A target that failed once is skipped for the rest of the order: a node that just died
@@ -422,6 +434,7 @@ public final class Healer: @unchecked Sendable {
         let items = order.items
         parallelFor(items.count, width: width) { i in
             guard let id = BlockID(hex: items[i].id) else { return }
+            let urgent = items[i].urgent ?? false
             do {
                 guard local.contains(id) else { throw FSError.io("no replica here") }
                 var outgoing: OutgoingBlock?   // read once for every remote target
@@ -431,6 +444,7 @@ public final class Healer: @unchecked Sendable {
                         let n: Int
                         if node.id == me {
                             let b = try local.readForPeer(id)
+                            yield?.admit(b.count, received: true, yielding: !urgent)
                             try b.withUnsafeBytes { raw in
                                 guard BlockID.hash(raw) == id else { throw FSError.io("local replica of \(id.hex) is corrupt") }
                                 _ = try local.put(id, raw)
@@ -439,7 +453,8 @@ public final class Healer: @unchecked Sendable {
                         } else {
                             // Not hashed here; the receiver hashes it.
                             if outgoing == nil { outgoing = OutgoingBlock(id, from: local) }
-                            guard let sent = try client.put(outgoing!, to: node, durable: false) else {
+                            yield?.admit(outgoing!.length > 0 ? outgoing!.length : local.length(of: id) ?? 0, received: false, yielding: !urgent)
+                            guard let sent = try client.put(outgoing!, to: node, durable: false, heal: urgent ? .urgent : .yielding) else {
                                 // Gone meanwhile (dropped or collected): not the target's fault.
                                 result.withLock { $0.errors.append("\(me) cannot copy block \(id.hex): no replica here any more") }
                                 return

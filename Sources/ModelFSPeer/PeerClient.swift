@@ -118,26 +118,29 @@ public final class PeerClient: Sendable {
     /// `durable`, the node fsyncs it before answering. Returns the bytes sent, nil if `store`
     /// has no copy.
     @discardableResult
-    public func put(_ id: BlockID, from store: PackBlockStore, to node: NodeInfo, durable: Bool) throws -> Int? {
+    public func put(_ id: BlockID, from store: PackBlockStore, to node: NodeInfo, durable: Bool, heal: HealCopy? = nil) throws -> Int? {
         guard let (fd, offset, length) = store.fileRangeForPeer(id) else { return nil }
         defer { close(fd) }
-        try put(id, .file(fd: fd, offset: offset, count: length), to: node, durable: durable)
+        try put(id, .file(fd: fd, offset: offset, count: length), to: node, durable: durable, heal: heal)
         return length
     }
 
     /// Stores `block` on `node` (see OutgoingBlock). Returns the bytes sent, nil if the store
-    /// the block was to come from has no copy (any more).
+    /// the block was to come from has no copy (any more). A healing copy (`heal`) is marked so:
+    /// the receiver holds a yielding one back while it serves readers or writers, and does not
+    /// count either as foreground work (ForegroundYield).
     @discardableResult
-    public func put(_ block: OutgoingBlock, to node: NodeInfo, durable: Bool) throws -> Int? {
-        guard let memory = block.memory else { return try put(block.id, from: block.store, to: node, durable: durable) }
+    public func put(_ block: OutgoingBlock, to node: NodeInfo, durable: Bool, heal: HealCopy? = nil) throws -> Int? {
+        guard let memory = block.memory else { return try put(block.id, from: block.store, to: node, durable: durable, heal: heal) }
         try memory.withUnsafeBytes { all in
-            try put(block.id, UnsafeRawBufferPointer(rebasing: all[0..<block.length]), to: node, durable: durable)
+            try put(block.id, .memory(UnsafeRawBufferPointer(rebasing: all[0..<block.length])), to: node, durable: durable, heal: heal)
         }
         return block.length
     }
 
-    private func put(_ id: BlockID, _ body: BlockTransfer.Body, to node: NodeInfo, durable: Bool) throws {
-        let path = "/v1/blocks/\(id.hex)\(durable ? "?durable=1" : "")"
+    private func put(_ id: BlockID, _ body: BlockTransfer.Body, to node: NodeInfo, durable: Bool, heal: HealCopy? = nil) throws {
+        let query = [durable ? "durable=1" : nil, heal.map { "heal=\($0.rawValue)" }].compactMap { $0 }.joined(separator: "&")
+        let path = "/v1/blocks/\(id.hex)\(query.isEmpty ? "" : "?" + query)"
         let r = try reach(node) { try transfer.put(path, to: node.address, body) }
         let status = HTTPResponseStatus(statusCode: r.status)
         guard status == .ok || status == .created else { throw failure(node, "PUT \(id.hex)", status, r.text) }
@@ -220,6 +223,13 @@ enum PeerLimits {
 /// blocks of a 2 GiB file left to its job, and close() -> 3 copies took 3.8-4.5 s instead of
 /// 1.7-2.3 s. A record that cannot be read directly (unaligned) is sent from the file. A block
 /// just written (an eager copy) is sent from the write pipeline's buffer instead.
+/// A healing copy's kind, on the wire as `heal=1` or `heal=urgent`: one that yields to the
+/// receiver's foreground, or one of a block down to its last live copy, which does not.
+public enum HealCopy: String, Sendable {
+    case yielding = "1"
+    case urgent
+}
+
 public struct OutgoingBlock: Sendable {
     public let id: BlockID
     let store: PackBlockStore

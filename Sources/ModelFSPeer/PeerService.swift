@@ -9,9 +9,11 @@ import Synchronization
 ///
 ///   GET  /v1/blocks/ID          the block's bytes (verified), 404 if this node has no copy
 ///   HEAD /v1/blocks/ID          200 or 404
-///   PUT  /v1/blocks/ID[?durable=1]
+///   PUT  /v1/blocks/ID[?durable=1][&heal=1|urgent]
 ///                               stores a block: hashed first, 422 if the bytes are not ID's;
-///                               with durable=1 it is fsynced before the answer
+///                               with durable=1 it is fsynced before the answer; heal marks a
+///                               healing copy: held back while this node serves the foreground
+///                               (1), or not, for a block down to its last live copy (urgent)
 ///   DELETE /v1/blocks/ID        drops this node's replica (healing moves it off a draining node
 ///                               only once enough other copies are confirmed)
 ///   POST /v1/has                body: N 32-byte ids; answer: N bytes, 1 where the node has it
@@ -40,6 +42,9 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
     let cache: PackBlockStore?
     public let metrics: PeerMetrics
     let status: @Sendable () -> Data
+    /// Notes the blocks served to other nodes' readers and writers as foreground work, and holds
+    /// healing copies back meanwhile.
+    let yield: ForegroundYield?
     /// Replaces a corrupt replica from a good copy elsewhere (the scrubber's repair).
     public let repair = Shared<(@Sendable (BlockID) -> Bool)?>(nil)
     /// Carries out a copy order (Healer.perform).
@@ -49,8 +54,9 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
     public static let maxBody = (4 << 20) + (64 << 10)
 
     public init(secret: String, local: PackBlockStore, cache: PackBlockStore?, metrics: PeerMetrics,
-                status: @escaping @Sendable () -> Data) {
+                yield: ForegroundYield? = nil, status: @escaping @Sendable () -> Data) {
         self.secret = Array(secret.utf8)
+        self.yield = yield
         self.local = local
         self.cache = cache
         self.metrics = metrics
@@ -136,6 +142,7 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
         // copy (PeerClient.get). Read directly into memory where the record allows, else sent
         // straight from the pack file.
         guard let s = store(holding: id) else { return .text(.notFound, "no copy of \(id.hex) here") }
+        yield?.noteForeground()   // another node's reader
         if let b = s.readDirectForPeer(id) { return PeerResponse(.ok, block: b) }
         guard let (fd, offset, length) = s.fileRangeForPeer(id) else {
             return .text(.notFound, "no copy of \(id.hex) here")
@@ -154,6 +161,13 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
         guard matches else {
             metrics.count("modelfs_peer_rejected_blocks_total")
             return .text(.unprocessableEntity, "block rejected: its bytes do not hash to \(id.hex)")
+        }
+        // A healing copy waits while this node serves the foreground (unless its block is down to
+        // one live copy); any other copy is a writer's: foreground work.
+        switch r.query["heal"] {
+        case nil: yield?.noteForeground()
+        case HealCopy.urgent.rawValue?: yield?.admit(r.bodyBytes, received: true, yielding: false)
+        default: yield?.admit(r.bodyBytes, received: true)
         }
         do {
             // A body received into block memory is stored from that buffer (a direct write for a

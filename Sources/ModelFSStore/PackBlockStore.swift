@@ -230,6 +230,9 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
 
     public func contains(_ id: BlockID) -> Bool { state.withLock { $0.index[id] != nil } }
 
+    /// The length of block `id`, nil if it is not here.
+    public func length(of id: BlockID) -> Int? { state.withLock { s in s.index[id].map { Int($0.length) } } }
+
     @discardableResult
     public func put(_ id: BlockID, _ bytes: UnsafeRawBufferPointer) throws -> Bool {
         if touchIfStored(id) { return false }

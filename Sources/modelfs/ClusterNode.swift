@@ -58,6 +58,8 @@ struct ClusterStatus: Codable {
     var heal: HealStatus?
     /// This node's scrubber (absent from an older daemon).
     var scrub: ScrubStatus?
+    /// How this node's healing copies yield to its foreground (absent from an older daemon).
+    var healYield: ForegroundYield.Status?
 }
 
 /// The parts a cluster node adds to a mount (DESIGN.md §5): its peer server, its membership,
@@ -78,6 +80,7 @@ final class ClusterNode: @unchecked Sendable {
     let clusterName: String
     let options: ClusterOptions
     let metrics: PeerMetrics
+    let yield: ForegroundYield
     /// Made once the filesystem exists (`attach`).
     private(set) var healer: Healer?
     private var watcher: EtcdWatcher?
@@ -99,7 +102,9 @@ final class ClusterNode: @unchecked Sendable {
         self.metrics = metrics
         client = PeerClient(secret: options.secret)
         let statusBox = Shared<(@Sendable () -> Data)?>(nil)
-        service = PeerService(secret: options.secret, local: local, cache: cache, metrics: metrics,
+        let yield = ForegroundYield(busyRate: parseSize(options.healRateBusy)!)
+        self.yield = yield
+        service = PeerService(secret: options.secret, local: local, cache: cache, metrics: metrics, yield: yield,
                                   status: { statusBox.get()?() ?? Data("{}".utf8) })
         do {
             server = try PeerServer(host: listen.host, port: listen.port, routes: service, maxBody: PeerService.maxBody)
@@ -113,7 +118,7 @@ final class ClusterNode: @unchecked Sendable {
         writerLock = EtcdWriterLock(client: etcd, cluster: name, membership: membership, peers: client)
         namespace = (engine as? KVMetadataEngine<EtcdTransactionalStore>)?.store
         blocks = ClusterBlockStore(local: local, cache: cache, cacheBudget: parseSize(options.cacheSize)!,
-                                   membership: membership, client: client)
+                                   membership: membership, client: client, yield: yield)
         replicator = try Replicator(dataDir: dataDir, local: local, membership: membership, client: client, meta: engine,
                                     defaultPolicy: options.policy, timeout: options.ackTimeout,
                                     stagingLimit: parseSize(options.stagingSize)!)
@@ -124,7 +129,7 @@ final class ClusterNode: @unchecked Sendable {
         scrubber = Scrubber(local: local, membership: membership, client: client, rate: parseSize(options.scrubRate)!,
                             every: options.scrubEvery)
         service.repair.set { [scrubber] id in scrubber.repair(id) }
-        service.copy.set { [client] order in Healer.perform(order, local: local, client: client, me: id) }
+        service.copy.set { [client] order in Healer.perform(order, local: local, client: client, me: id, yield: yield) }
         blocks.onCorrupt.set { [scrubber] id in scrubber.repairSoon(id) }
         membership.usage = {
             let u = local.usage()
@@ -138,6 +143,7 @@ final class ClusterNode: @unchecked Sendable {
             let c = blocks.stats
             let sc = scrubber.status
             let h = healer?.localStatus
+            let y = yield.status
             return [("modelfs_pending_replication_bytes", Double(r.pendingBytes)),
                     ("modelfs_oldest_pending_write_seconds", r.oldestPendingSeconds),
                     ("modelfs_scrub_progress", sc.progress),
@@ -147,6 +153,9 @@ final class ClusterNode: @unchecked Sendable {
                     ("modelfs_heal_under_replicated_bytes", Double(h?.underReplicatedBytes ?? 0)),
                     ("modelfs_heal_unreadable_bytes", Double(h?.unreadableBytes ?? 0)),
                     ("modelfs_heal_copied_bytes_total", Double(h?.copiedBytes ?? 0)),
+                    ("modelfs_heal_yielded_seconds_total", y.yieldedSeconds),
+                    ("modelfs_heal_sent_bytes_total", Double(y.sentBytes)),
+                    ("modelfs_heal_received_bytes_total", Double(y.receivedBytes)),
                     ("modelfs_under_replicated_bytes", Double(r.underReplicatedBytes)),
                     ("modelfs_replication_queue_jobs", Double(r.pendingJobs)),
                     ("modelfs_replicated_bytes_total", Double(r.replicatedBytes)),
@@ -190,7 +199,7 @@ final class ClusterNode: @unchecked Sendable {
         service.writing.set { [fs] ino in fs.writing(ino) }
         healer = Healer(fs: fs, replicator: replicator, membership: membership, client: client, local: local, etcd: etcd,
                         cluster: clusterName, interval: options.healInterval, deadAfter: options.deadAfter,
-                        rate: parseSize(options.healRate)!)
+                        rate: parseSize(options.healRate)!, yield: yield)
     }
 
     func start() throws {
@@ -244,6 +253,7 @@ final class ClusterNode: @unchecked Sendable {
         }
         return ClusterStatus(nodeID: id, address: membership.me.address, nodes: nodes, replication: replicator.status(),
                              cacheBytes: blocks.cache.usage().bytes, cacheBudget: blocks.cacheBudget, cacheStats: blocks.stats,
-                             membershipError: membership.lastError, heal: healer?.clusterStatus(), scrub: scrubber.status)
+                             membershipError: membership.lastError, heal: healer?.clusterStatus(), scrub: scrubber.status,
+                             healYield: yield.status)
     }
 }

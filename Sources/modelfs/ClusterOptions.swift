@@ -51,6 +51,9 @@ struct ClusterOptions: ParsableArguments {
     @Option(help: "Bytes per second of healing copies (re-replication, drain, rebalancing) across the cluster, applied by the node that runs the healer; 0: as fast as the nodes go.")
     var healRate: String = "0"
 
+    @Option(help: "Bytes per second of healing copies a node sends and receives while it serves readers or writers (its own or other nodes'); at full speed once it has been idle for a quarter second. 0: healing never yields.")
+    var healRateBusy: String = "100M"
+
     @Option(help: "Bytes per second the scrubber re-reads and re-hashes this node's replicas at (0: off).")
     var scrubRate: String = "16M"
 
@@ -64,7 +67,7 @@ struct ClusterOptions: ParsableArguments {
     var arguments: [String] {
         var a = ["--listen", listen, "--replicas", String(replicas), "--ack", String(ack), "--cache-size", cacheSize,
                  "--staging-size", stagingSize, "--ack-timeout", String(ackTimeout), "--lease-ttl", String(leaseTtl),
-                 "--dead-after", String(deadAfter), "--heal-interval", String(healInterval), "--heal-rate", healRate, "--scrub-rate", scrubRate,
+                 "--dead-after", String(deadAfter), "--heal-interval", String(healInterval), "--heal-rate", healRate, "--heal-rate-busy", healRateBusy, "--scrub-rate", scrubRate,
                  "--scrub-every", String(scrubEvery), "--gc-delay", String(gcDelay)]
         if let advertise { a += ["--advertise", advertise] }
         if let secretFile { a += ["--secret-file", secretFile] }
@@ -101,6 +104,7 @@ struct ClusterOptions: ParsableArguments {
         if deadAfter < 0 { return "--dead-after must be 0 or more seconds" }
         if healInterval <= 0 { return "--heal-interval must be positive" }
         if parseSize(healRate) == nil { return "--heal-rate \(healRate): expected a rate in bytes per second such as 200M (0: no cap)" }
+        if parseSize(healRateBusy) == nil { return "--heal-rate-busy \(healRateBusy): expected a rate in bytes per second such as 100M (0: healing never yields)" }
         if parseSize(scrubRate) == nil { return "--scrub-rate \(scrubRate): expected a rate in bytes per second such as 16M (0: off)" }
         if scrubEvery <= 0 { return "--scrub-every must be positive" }
         if gcDelay < 1 { return "--gc-delay must be at least 1 second" }

@@ -134,6 +134,7 @@ struct StatusCommand: ParsableCommand {
             ("read cache", cacheLine(c)),
             ("healer", healLine(c.heal)),
             ("scrubber", scrubLine(c.scrub)),
+            ("healing yields", yieldLine(c.healYield)),
         ]
         for (k, v) in rows { print("  " + k.padding(toLength: 16, withPad: " ", startingAt: 0) + v) }
         if let e = c.membershipError { print("  etcd            \(e)") }
@@ -159,6 +160,13 @@ struct StatusCommand: ParsableCommand {
         for (n, left) in h.draining.sorted(by: { $0.key < $1.key }) { out += "; draining \(n): \(left) blocks left" }
         if let e = h.lastError { out += " (\(e))" }
         return out
+    }
+
+    func yieldLine(_ y: ForegroundYield.Status?) -> String {
+        guard let y else { return "unknown (an older daemon)" }
+        guard y.busyRate > 0 else { return "never (--heal-rate-busy 0)" }
+        return String(format: "to %.0f MB/s while this node serves readers or writers (%@); ", Double(y.busyRate) / 1e6, y.busy ? "busy now" : "idle now")
+            + String(format: "%llu healing copies held back, %.1f s in all", y.heldCopies, y.yieldedSeconds)
     }
 
     func scrubLine(_ s: ScrubStatus?) -> String {

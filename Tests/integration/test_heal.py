@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -138,6 +140,91 @@ def test_drain_moves_every_copy_off_a_node_then_it_can_leave(make_nodes):
     read_all(b, files, "after the drained node left")
     r = run([MODELFS_BIN, "node", "drain", "no-such-node", "--mount", a.mp])
     assert r.returncode != 0 and "no node" in r.stderr
+
+
+class BusyWriter:
+    """Writes and deletes 4 MiB files on `node` in a loop until stopped: foreground work for that
+    node and for the nodes receiving its copies."""
+
+    def __init__(self, node):
+        self.node, self.stop, self.rounds, self.error = node, threading.Event(), 0, None
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        try:
+            data = payload(4 * MiB, 500)
+            while not self.stop.is_set():
+                p = self.node / f"busy-{self.rounds}.bin"
+                write_file(p, data[:-8] + self.rounds.to_bytes(8, "little"))
+                os.unlink(p)
+                self.rounds += 1
+        except BaseException as e:   # reported by the test, not lost in the thread
+            self.error = e
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "the writer did not stop"
+        assert self.error is None, f"the foreground writer failed: {self.error!r}"
+
+
+def yielded(nodes) -> int:
+    """Healing copies the nodes held back for their foreground (ForegroundYield)."""
+    return sum(n.cluster_status()["healYield"]["heldCopies"] for n in nodes)
+
+
+def test_a_drain_yields_to_a_busy_node_then_finishes(make_nodes):
+    # 1 MB/s for healing while busy: a drain of ~16 MiB would take ~16 s with the writer on.
+    nodes = make_nodes(4, replicas=2, ack=1, extra=HEAL + ["--heal-rate-busy", "1M"])
+    a, b, c, victim = nodes
+    files = write_set(a, 4, 8 * MiB, 90)
+    assert a.sync().returncode == 0
+    held = set().union(*(n.blocks() for n in nodes))
+    assert victim.blocks() & held
+    assert yielded(nodes) == 0
+    with BusyWriter(victim) as w:
+        drain = subprocess.Popen([MODELFS_BIN, "node", "drain", victim.node_id, "--mount", str(a.mp), "--timeout", "120"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            # The drained node sends its copies: while it writes, they wait their turn.
+            wait_until(lambda: victim.cluster_status()["healYield"]["heldCopies"] > 0, 60, interval=0.2,
+                       what="the busy node to hold healing copies back")
+            assert victim.cluster_status()["healYield"]["busy"]
+            assert drain.poll() is None, "the drain should still be running while held back"
+        except BaseException:
+            drain.kill()
+            drain.wait()
+            raise
+    # The writer stopped: the drain goes at full speed and finishes.
+    out, _ = drain.communicate(timeout=120)
+    assert drain.returncode == 0, out
+    assert w.rounds > 0
+    assert not (victim.blocks() & held), "a drained node still holds blocks the cluster needs"
+    assert all(n >= 2 for n in copies([a, b, c], held).values())
+    read_all(b, files, "after a drain that yielded")
+
+
+def test_blocks_down_to_one_copy_are_copied_at_full_speed_beside_a_busy_writer(make_nodes):
+    # So slow a rate while busy that yielding copies could not finish within the test.
+    nodes = make_nodes(4, replicas=2, ack=1, extra=HEAL + ["--heal-rate-busy", "1K"])
+    a = nodes[0]
+    files = write_set(a, 4, 8 * MiB, 110)
+    assert a.sync().returncode == 0
+    held = a.blocks()
+    victim = next(n for n in nodes[1:] if n.blocks() & held)
+    victim.kill9()
+    live = [n for n in nodes if n is not victim]
+    # Every node that could send or receive a copy is busy: A (holder of every block) writes.
+    with BusyWriter(a) as w:
+        wait_until(lambda: all(c >= 2 for c in copies(live, held).values()), 60, interval=0.5,
+                   what="blocks left with one copy to get their second while the writer runs")
+        assert not w.stop.is_set() and w.rounds > 0
+    read_all(live[-1], files, "after urgent healing")
+    assert sum(n.cluster_status()["healYield"]["receivedBytes"] for n in live) >= len(victim.blocks() & held) * 256 * 1024
 
 
 def corrupt_block(node, block: str) -> None:

@@ -6,7 +6,7 @@
 # healing: on the whole cluster, and on the same cluster (the node down, before the healer
 # starts; the node down and its copies made again, before the drain).
 #
-#   scripts/bench/heal.sh [--size-mib N] [--dir DIR] [--heal-rate RATE (the nodes' cap, e.g. 100M)]
+#   scripts/bench/heal.sh [--size-mib N] [--dir DIR] [--heal-rate RATE (the nodes' cap, e.g. 100M)] [--heal-rate-busy RATE (theirs while busy; 0: never yield)]
 #
 # Needs root (drop_caches, FUSE), etcd (scripts/install-cluster-deps.sh), the release binary and
 # the venv. Prints a table of ratios; writes bench-results/heal.md (git-ignored).
