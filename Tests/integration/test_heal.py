@@ -76,17 +76,24 @@ def test_a_dead_node_is_healed_back_to_r_copies(make_nodes):
     assert h["copiedBytes"] > 0 and h["files"] == 6, h
 
 
-def test_heal_rate_caps_the_copying_and_healing_still_finishes(make_nodes):
-    cap = 4 * MiB
-    nodes = make_nodes(4, replicas=2, ack=1, extra=HEAL + ["--heal-rate", "4M"])
+def lose_a_holder(make_nodes, extra: list[str], seed: int):
+    """4 nodes with R=2: four 8 MiB files written on the first and synced, then kill -9 of another
+    node holding some of their blocks. Returns (the writer, the files, the writer's blocks, the
+    killed node, the live nodes)."""
+    nodes = make_nodes(4, replicas=2, ack=1, extra=extra)
     a = nodes[0]
-    files = write_set(a, 4, 8 * MiB, 70)
+    files = write_set(a, 4, 8 * MiB, seed)
     assert a.sync().returncode == 0
     held = a.blocks()
     victim = next(n for n in nodes[1:] if n.blocks() & held)
-    lost = victim.blocks() & held
     victim.kill9()
-    live = [n for n in nodes if n is not victim]
+    return a, files, held, victim, [n for n in nodes if n is not victim]
+
+
+def test_heal_rate_caps_the_copying_and_healing_still_finishes(make_nodes):
+    cap = 4 * MiB
+    a, files, held, victim, live = lose_a_holder(make_nodes, HEAL + ["--heal-rate", "4M"], 70)
+    lost = victim.blocks() & held
     wait_until(lambda: all(c >= 2 for c in copies(live, held).values()), 120, interval=0.5,
                what="every block to have 2 copies on the live nodes")
     read_all(live[-1], files, "after capped healing")
@@ -210,14 +217,7 @@ def test_a_drain_yields_to_a_busy_node_then_finishes(make_nodes):
 
 def test_blocks_down_to_one_copy_are_copied_at_full_speed_beside_a_busy_writer(make_nodes):
     # So slow a rate while busy that yielding copies could not finish within the test.
-    nodes = make_nodes(4, replicas=2, ack=1, extra=HEAL + ["--heal-rate-busy", "1K"])
-    a = nodes[0]
-    files = write_set(a, 4, 8 * MiB, 110)
-    assert a.sync().returncode == 0
-    held = a.blocks()
-    victim = next(n for n in nodes[1:] if n.blocks() & held)
-    victim.kill9()
-    live = [n for n in nodes if n is not victim]
+    a, files, held, victim, live = lose_a_holder(make_nodes, HEAL + ["--heal-rate-busy", "1K"], 110)
     # Every node that could send or receive a copy is busy: A (holder of every block) writes.
     with BusyWriter(a) as w:
         wait_until(lambda: all(c >= 2 for c in copies(live, held).values()), 60, interval=0.5,
