@@ -71,8 +71,9 @@ def foreground(node: Node, src: Path, reads, stop: threading.Event, healed, at_l
         if path is None:
             break
         r = {"read s": read_cold(path), "read bytes": path.stat().st_size}
-        out = node / f"fg-{next(SALTS)}.bin"
-        r["write s"] = write_timed(src, out, salt=next(SALTS))
+        salt = next(SALTS)
+        out = node / f"fg-{salt}.bin"
+        r["write s"] = write_timed(src, out, salt=salt)
         r["write bytes"] = src.stat().st_size
         # Deleted once timed: what there is to heal stays the set and the read files (and
         # the disk does not fill in a long phase; --gc-delay 5 gives the space back).
@@ -197,15 +198,15 @@ def main():
 
         def healed():
             """Bytes of healing copies the live nodes have received (their /metrics)."""
-            total = 0
+            got = 0.0
             for n in nodes:
-                if n is b and b.expect_dead:
+                if n.expect_dead:
                     continue
                 status, body = peer_request(addresses[n.node_id], "GET", "/metrics", secret_text)
                 assert status == 200, body
                 m = re.search(rb"^modelfs_heal_received_bytes_total (\S+)$", body, re.M)
-                total += float(m.group(1)) if m else 0
-            return total
+                got += float(m.group(1)) if m else 0
+            return got
 
         stop = threading.Event()
         fg: dict[str, float] = {}
@@ -218,10 +219,10 @@ def main():
                 raise SystemExit(f"healing ran during the {key} baseline")
             rates(rounds, key, fg)
 
-        # Foreground speed on D with every node up. No drop_caches here: the files are cold
-        # without it (never read on D; their blocks went to the packs with O_DIRECT), and the
-        # gigabytes of page cache it freed made the next reads the only ones in the run to get
-        # memory this VM had already backed (see docs/PERFORMANCE.md, Healing).
+        # Foreground speed on D with every node up. No drop_caches here: read_cold makes each
+        # read cold on D, the peers read their packs with O_DIRECT, and the gigabytes of page
+        # cache a drop freed made the next reads the only ones in the run to get memory this VM
+        # had already backed (see docs/PERFORMANCE.md, Healing).
         poller = StatusPoller(a.mp)
         poller.start()
         # Not timed: every read file once and one write, to warm up (a node's first reads and
