@@ -4,7 +4,7 @@
 #   - Python, into <repo>/.venv, CPU wheels only: tensorflow-cpu, jax[cpu] + orbax-checkpoint,
 #     keras 3, transformers, joblib, pyspark. They share the venv with torch 2.13.0+cpu and
 #     numpy 2.x (pip resolves one consistent set; `pip check` below proves it).
-#   - Debian: a Java 17 runtime for Spark (only if `java` is missing), stress-ng.
+#   - Debian: a Java 17 runtime for Spark (only if `java` is missing), stress-ng, fio.
 # Idempotent: what is installed at the pinned version is skipped, so a warm machine spends
 # about a second here. FRAMEWORK_DEPS=0 skips the whole step.
 set -euo pipefail
@@ -19,6 +19,7 @@ fi
 need=()
 command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
 command -v stress-ng >/dev/null 2>&1 || need+=(stress-ng)
+command -v fio >/dev/null 2>&1 || need+=(fio)
 if [ "${#need[@]}" -gt 0 ]; then
     . scripts/lib-apt.sh
     apt_install "${need[@]}"
@@ -53,4 +54,4 @@ if [ "${#missing[@]}" -gt 0 ]; then
     "$PY" -m pip install --quiet --disable-pip-version-check "${missing[@]}" "$torch_pin"
     "$PY" -m pip check
 fi
-echo "framework deps ok: $(java -version 2>&1 | head -1); $(stress-ng --version 2>&1 | head -1)"
+echo "framework deps ok: $(java -version 2>&1 | head -1); $(stress-ng --version 2>&1 | head -1); $(fio --version)"

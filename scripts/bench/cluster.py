@@ -49,6 +49,24 @@ def write_timed(src: Path, dst: Path, salt: int = 0) -> float:
     return time.perf_counter() - t
 
 
+def durable_copies_timed(src: Path, dst_dir: Path, copies: int = 3) -> float:
+    """Seconds to write `copies` copies of src into dst_dir and fsync each: what three nodes
+    sharing this machine's one disk must at least spend to hold three durable copies."""
+    t = time.perf_counter()
+    for i in range(copies):
+        dst = dst_dir / f"copy{i}"
+        write_timed(src, dst, salt=10 + i)
+        fd = os.open(dst, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    took = time.perf_counter() - t
+    for i in range(copies):
+        (dst_dir / f"copy{i}").unlink()
+    return took
+
+
 def read_timed(path: Path) -> float:
     buf = bytearray(MiB)
     t = time.perf_counter()
@@ -91,6 +109,7 @@ def main():
         plain = work / "plain"
         plain.mkdir()
         results["plain write s"] = write_timed(src, plain / "f", salt=5)
+        results["3 durable plain copies s"] = durable_copies_timed(src, plain)
         (work / "single").mkdir()
         single = Mount(MODELFS_BIN, root=work / "single")
         single.start()
@@ -170,6 +189,9 @@ def main():
          f"{results['single write s'] / results['K=1 write s']:.2f}× single-node write (target ≥ 0.9)"),
         ("close() → 3 verified copies", f"{results['close to 3 copies s']:.1f} s",
          f"{(results['K=1 write s'] + results['close to 3 copies s']) / results['single write s']:.2f}× one local write (target ≤ 2.5)"),
+        ("floor here: 3 fsynced copies in a plain directory", f"{results['3 durable plain copies s']:.1f} s",
+         f"{results['3 durable plain copies s'] / results['single write s']:.2f}× one local write "
+         "(every node of this bench shares one disk)"),
         ("cluster write, R=3 K=3", f"{rate('K=3 write s'):.0f} MB/s",
          f"{results['single write s'] / results['K=3 write s']:.2f}× single-node write"),
         ("cold read on B, all blocks remote", f"{rate('remote cold read s'):.0f} MB/s",

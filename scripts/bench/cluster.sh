@@ -4,6 +4,8 @@
 #   write SIZE on node A with R=3 at K=1 and at K=3, time from close() to 3 verified copies,
 #   cold read on node B of a file whose blocks are all remote; peak RSS of every node; and
 #   MooseFS with goal 3 writing the same bytes (Debian's moosefs-* packages, installed here).
+#   The floor of this machine is printed beside them: three fsynced copies written to a plain
+#   directory, since the three nodes of the bench share one disk.
 #
 #   scripts/bench/cluster.sh [--size-mib N] [--dir DIR] [--no-moosefs]
 #
