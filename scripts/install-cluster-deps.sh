@@ -7,6 +7,9 @@ set -euo pipefail
 need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+# The network lab (scripts/lab-up.sh, Tests/integration/test_lab.py): nftables cuts one pair of hosts.
+command -v nft >/dev/null 2>&1 || need+=(nftables)
+command -v tc >/dev/null 2>&1 || need+=(iproute2)
 
 if [ "${#need[@]}" -gt 0 ]; then
     . "$(dirname "${BASH_SOURCE[0]}")/lib-apt.sh"

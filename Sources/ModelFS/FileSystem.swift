@@ -147,6 +147,7 @@ public final class FileSystem: @unchecked Sendable {
 
     private func deleteIfUnlinked(_ ino: InodeNumber) {
         guard !isReferenced(ino), let a = try? meta.getattr(ino), a.nlink == 0 else { return }
+        changed()
         do { try meta.deleteInode(ino) } catch { Log.warning("could not delete unlinked \(ino): \(error)") }
     }
 
@@ -204,7 +205,7 @@ public final class FileSystem: @unchecked Sendable {
                 try s.truncate(to: newSize)
             } else {
                 // truncate(2) on a path with no open writer: a short session committed at once.
-                let s = try makeSession(ino)
+                let s = try makeSession(ino, epoch: nil)
                 s.lock.lock(); defer { s.lock.unlock() }
                 try s.truncate(to: newSize)
                 try commit(s)
@@ -268,6 +269,7 @@ public final class FileSystem: @unchecked Sendable {
     /// A file whose last link goes while nothing has it open is deleted by the unlink itself (one
     /// metadata write); one still open lives on, unlinked, until its last release and forget.
     public func unlink(parent: InodeNumber, name: String) throws {
+        defer { changed() }
         linkRemoved(try meta.unlink(parent: parent, name: name, now: .now(), isOpen: isOpen))
     }
 
@@ -281,6 +283,7 @@ public final class FileSystem: @unchecked Sendable {
     }
 
     public func rename(parent: InodeNumber, name: String, newParent: InodeNumber, newName: String, flags: RenameFlags) throws {
+        defer { changed() }
         linkRemoved(try meta.rename(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags,
                                     now: .now(), isOpen: isOpen))
     }
@@ -307,11 +310,14 @@ public final class FileSystem: @unchecked Sendable {
         }
     }
 
-    private func makeSession(_ ino: InodeNumber) throws -> WriteSession {
+    /// A write session of `ino`; `epoch`: the write lock this node took for it (cluster nodes).
+    private func makeSession(_ ino: InodeNumber, epoch: Int64?) throws -> WriteSession {
         let a = try meta.getattr(ino)
         let sessionStore = replication?.sessionStore(store, ino: ino, parent: parentHint(ino)) ?? store
-        return WriteSession(ino: ino, manifest: try loadManifest(ino), size: a.size, store: sessionStore, reader: reader,
-                            parameters: options.chunker, stagingDir: options.stagingDir, counters: writeCounters)
+        let s = WriteSession(ino: ino, manifest: try loadManifest(ino), size: a.size, store: sessionStore, reader: reader,
+                             parameters: options.chunker, stagingDir: options.stagingDir, counters: writeCounters)
+        s.fence = epoch.map { CommitFence(epoch: $0, baseVersion: a.version) }
+        return s
     }
 
     public struct Opened: Sendable {
@@ -352,11 +358,12 @@ public final class FileSystem: @unchecked Sendable {
             let (hasSession, hasView) = tables.withLock { t in
                 (t.live[ino]?.session != nil, t.live[ino]?.view?.version == attrs.version)
             }
+            var epoch: Int64?
             if flags.writable && !hasSession, let writerLock {
                 awaitLockRelease(ino)
-                try writerLock.acquire(ino)
+                epoch = try writerLock.acquire(ino)
             }
-            let fresh = flags.writable && !hasSession ? try makeSession(ino) : nil
+            let fresh = flags.writable && !hasSession ? try makeSession(ino, epoch: epoch) : nil
             let view = !flags.writable && !hasSession && !hasView
                 ? ReadView(manifest: try loadManifest(ino), size: attrs.size, version: attrs.version) : nil
             let installed: (UInt64, Bool, WriteSession?)? = tables.withLock { t in
@@ -546,7 +553,15 @@ public final class FileSystem: @unchecked Sendable {
             if case .block(let id, _) = ref { blocks.append(id) }
             ticket = try replication.journal(ino: s.ino, parent: parentHint(s.ino), blocks: blocks, bytes: s.size)
         }
-        let attrs = try meta.commit(s.ino, size: s.size, manifest: ref, mtime: .now())
+        let attrs: InodeAttributes
+        do {
+            attrs = try meta.commit(s.ino, size: s.size, manifest: ref, mtime: .now(), fence: s.fence)
+        } catch let e as FSError where e.message.hasPrefix("fenced") {
+            Log.error("\(e.message)")
+            throw e
+        }
+        s.fence?.baseVersion = attrs.version
+        changed()
         s.committed(manifest)
         tables.withLock { t in
             // The kernel wrote these bytes itself, so its cache holds exactly this version.
@@ -631,34 +646,47 @@ public final class FileSystem: @unchecked Sendable {
         return (out, nil)
     }
 
-    /// Every block that a file references, committed or open for writing, taken under the
-    /// commit lock (sessions first, then metadata: a session that commits in between is seen in
-    /// the metadata).
-    public func referencedBlocks() throws -> Set<BlockID> {
+    /// The blocks every open write session references, taken under the commit lock with no
+    /// session mid-commit (see GarbageCollector for why this, then the manifests read without
+    /// the lock, marks every block a file references).
+    public func sessionBlocks() -> Set<BlockID> {
         commitLock.lock(); defer { commitLock.unlock() }
-        var out: Set<BlockID>
         // A session commits with its own lock held and then takes the commit lock, so its lock
         // is only tried here: waiting for it with the commit lock held deadlocked a flush
         // against a collection pass. A busy session is waited for with the commit lock let go,
         // and the look at the sessions starts again.
         while true {
             let (blocks, busy) = openSessionBlocks()
-            guard let busy else { out = blocks; break }
+            guard let busy else { return blocks }
             commitLock.unlock()
             busy.lock.lock(); busy.lock.unlock()
             commitLock.lock()
         }
-        for ref in try meta.allManifests() {
-            switch ref {
-            case .inline(let m): for c in m.chunks { out.insert(c.id) }
-            case .block(let id, _):
-                out.insert(id)
-                let b = try reader.block(id)
-                for c in try Manifest(decoding: b.data).chunks { out.insert(c.id) }
-            }
+    }
+
+    /// The blocks a committed version references: its chunks, and the manifest's own block when
+    /// the manifest is stored as one.
+    public func blocks(of ref: ManifestRef) throws -> [BlockID] {
+        switch ref {
+        case .inline(let m): return m.chunks.map(\.id)
+        case .block(let id, _): return [id] + (try Manifest(decoding: reader.block(id).data).chunks.map(\.id))
         }
+    }
+
+    /// Every block that a file references, committed or open for writing (tests; garbage
+    /// collection pages through the manifests itself).
+    public func referencedBlocks() throws -> Set<BlockID> {
+        var out = sessionBlocks()
+        for ref in try meta.allManifests() { out.formUnion(try blocks(of: ref)) }
         return out
     }
+
+    /// Bumped by every change that can leave blocks unreferenced: a commit (the version it
+    /// replaces), a link removed (the inode may go with it), an unlinked inode deleted. Garbage
+    /// collection runs a pass only after one (or after its full interval).
+    public var contentChanges: UInt64 { changes.load(ordering: .relaxed) }
+    private let changes = Atomic<UInt64>(0)
+    private func changed() { changes.add(1, ordering: .relaxed) }
 
     /// Called when blocks may have become garbage (a failed or abandoned write).
     public var onGarbage: (@Sendable () -> Void)?

@@ -4,15 +4,36 @@ import ModelFSStore
 import Synchronization
 
 /// Removes blocks that no file references any more (after deletes, overwrites and failed
-/// writes), by mark and sweep:
-/// 1. note the time T, then take every referenced block (files open for writing, then committed
-///    manifests) under the filesystem's commit lock;
-/// 2. drop each unreferenced block last touched before T minus a margin, then compact packs
-///    that are mostly dead (PackBlockStore.compact) so the space returns to the disk.
-/// A block written after T, or found already stored by a writer after T (the store touches it
-/// under the lock it removes under), is never removed; a block that a commit is about to
-/// reference was written while the commit lock was held, so it is either in the snapshot or newer
-/// than T.
+/// writes), by mark and sweep, without reading the namespace when nothing changed and without
+/// holding a lock writers need while it reads:
+/// 1. note the time T (the pass's start); take the blocks open write sessions reference, under
+///    the filesystem's commit lock with no session mid-commit (`FileSystem.sessionBlocks`), and
+///    let the lock go;
+/// 2. the candidates: this node's blocks last touched before the cutoff (T minus `grace`) that
+///    no open session references;
+/// 3. page through the committed manifests (`MetadataEngine.manifests(after:limit:)`, at most
+///    `scanRate` manifests a second, each page its own read) striking every block they reference
+///    from the candidates, and stop early once none is left;
+/// 4. drop each remaining candidate still untouched since the cutoff, then give the space back
+///    (PackBlockStore.reclaim).
+///
+/// Why a block a file references is never removed, with no snapshot of the namespace: take
+/// the version V that references it at removal time. If V was committed before its manifest's
+/// page was read, the page has V (a later version would have replaced V, which is still
+/// current). If V was committed after, its session either was open at step 1 (its blocks then
+/// were taken, and blocks it stored or found already stored later were touched after T) or
+/// opened later (every block it references is new or found already stored — touched after T —
+/// or a chunk of the version it started from, which was current when its page was read). A
+/// block another node's commit references arrived by a PUT or was confirmed by `has`, both of
+/// which touch it: the cluster's `grace` (--gc-delay) covers the time from there to that commit.
+/// Step 1 holds the commit lock only while it copies the sessions' block sets; a close() during
+/// a pass waits for nothing else (it used to wait for the whole manifest read).
+///
+/// A pass runs when blocks may have become garbage: this filesystem changed content (a commit,
+/// a link removed, an inode deleted: `FileSystem.contentChanges`), another node did (the etcd
+/// watch: `noteRemoteChange`), a write failed (`requestSoon`), or `fullEvery` seconds passed
+/// since the last pass (blocks copied here for a version never committed, a writer that died
+/// mid-file). An idle cluster reads no manifests.
 public final class GarbageCollector: @unchecked Sendable {
     let fs: FileSystem
     let store: PackBlockStore
@@ -31,21 +52,80 @@ public final class GarbageCollector: @unchecked Sendable {
     /// Other stores swept with the same marks (a cluster node's read cache).
     let others: [PackBlockStore]
 
-    public init(fs: FileSystem, store: PackBlockStore, others: [PackBlockStore] = [], interval: Double = 60, grace: Double = 1) {
+    /// Manifests read per second at most while a pass pages through them (0: no limit).
+    let scanRate: UInt64
+    /// Seconds after which a pass runs even with no change seen.
+    let fullEvery: Double
+    static let page = 1000
+
+    private struct Passes {
+        /// `fs.contentChanges` when the last pass started (nil: no pass yet).
+        var generation: UInt64?
+        /// `fs.contentChanges` when a change was last noticed, and when.
+        var noticed: UInt64?
+        var lastChange = Date.distantPast
+        var remoteChange = false
+        var lastPass = Date.distantPast
+        /// Changes up to here are covered: the last pass's cutoff (its start minus the grace).
+        var covered = Date.distantPast
+        var stats = Stats()
+    }
+    private let passes = Mutex(Passes())
+
+    /// What the passes did (status, tests).
+    public struct Stats: Sendable, Codable, Equatable {
+        /// A pass is under way.
+        public var running = false
+        public var passes = 0
+        /// Manifests read, over all passes, and by the last one.
+        public var manifestsRead: UInt64 = 0
+        public var lastManifestsRead = 0
+        public var removedBlocks: UInt64 = 0
+        public var removedBytes: UInt64 = 0
+        public var lastPassSeconds = 0.0
+    }
+    public var stats: Stats { passes.withLock { $0.stats } }
+
+    public init(fs: FileSystem, store: PackBlockStore, others: [PackBlockStore] = [], interval: Double = 60, grace: Double = 1,
+                scanRate: UInt64 = 0, fullEvery: Double = 3600) {
         self.fs = fs
         self.store = store
         self.others = others
         self.interval = interval
         self.grace = grace
+        self.scanRate = scanRate
+        self.fullEvery = fullEvery
     }
 
     public func start() {
         fs.onGarbage = { [weak self] in self?.requestSoon() }
         let t = DispatchSource.makeTimerSource(queue: queue)
         t.schedule(deadline: .now() + interval, repeating: interval)
-        t.setEventHandler { [weak self] in _ = try? self?.collect() }
+        t.setEventHandler { [weak self] in
+            guard let self, self.due() else { return }
+            _ = try? self.collect()
+        }
         t.resume()
         timer = t
+    }
+
+    /// Another node changed a manifest (committed a version, deleted a file): this node's copies
+    /// and cached blocks of the old one may be garbage.
+    public func noteRemoteChange() { passes.withLock { $0.remoteChange = true; $0.lastChange = Date() } }
+
+    /// Whether a pass should run now: content changed since the last one started (most of what a
+    /// change leaves behind is old, and goes at once); or a change the last pass did not cover
+    /// (blocks touched within the grace before it are kept) can be covered now; or it is time for
+    /// a full one.
+    func due() -> Bool {
+        let generation = fs.contentChanges
+        let now = Date()
+        return passes.withLock { p in
+            if p.noticed != generation { p.noticed = generation; p.lastChange = now }
+            if p.generation != generation || p.remoteChange { return true }
+            if p.lastChange > p.covered && now.addingTimeInterval(-grace) >= p.lastChange { return true }
+            return now.timeIntervalSince(p.lastPass) >= fullEvery
+        }
     }
 
     /// Stops the timer. A pass asked for by a failed write runs now instead of 1.5 s later, so
@@ -61,7 +141,7 @@ public final class GarbageCollector: @unchecked Sendable {
 
     /// Runs a pass shortly (coalescing bursts of requests).
     public func requestSoon() {
-        let already = pending.withLock { p -> Bool in defer { p = true }; return p }
+        let already = pending.withLock { p in defer { p = true }; return p }
         if already { return }
         queue.asyncAfter(deadline: .now() + 1.5) { [weak self] in
             guard let self, self.takePending() else { return }   // `stop` ran it already
@@ -76,21 +156,58 @@ public final class GarbageCollector: @unchecked Sendable {
     /// replaces "`grace` seconds before the pass started".
     @discardableResult
     public func collect(cutoff: Timestamp? = nil) throws -> (blocks: UInt64, bytes: UInt64) {
-        let cutoff = cutoff ?? Timestamp(totalNanoseconds: Timestamp.now().totalNanoseconds - Int64(grace * 1e9))
+        let begun = Date()
+        // What this pass covers, on the clock `due` compares with (a change noticed before the
+        // pass began minus the grace is covered).
+        let cutoffDate = cutoff.map { Date(timeIntervalSince1970: Double($0.totalNanoseconds) / 1e9) } ?? begun.addingTimeInterval(-grace)
+        let cutoff = cutoff ?? Timestamp(totalNanoseconds: Int64((cutoffDate.timeIntervalSince1970 * 1e9).rounded(.down)))
         let started = DispatchTime.now()
-        let referenced = try fs.referencedBlocks()
+        let generation = fs.contentChanges
+        passes.withLock { p in
+            if p.noticed != generation { p.noticed = generation; p.lastChange = begun }
+            p.generation = generation; p.remoteChange = false; p.lastPass = begun; p.stats.running = true
+            p.covered = max(p.covered, cutoffDate)
+        }
+        defer { passes.withLock { $0.stats.running = false } }
+        let open = fs.sessionBlocks()
+        let stores = [store] + others
+        var candidates = stores.map { s in Set(s.listBlocks().lazy.filter { $0.mtime < cutoff && !open.contains($0.id) }.map(\.id)) }
+        var left = candidates.reduce(0) { $0 + $1.count }
+        var read = 0
+        let pacer = Pacer(rate: scanRate)
+        var after = InodeNumber(0)
+        while left > 0 {
+            let page = try fs.meta.manifests(after: after, limit: Self.page)
+            for (_, ref) in page {
+                for id in try fs.blocks(of: ref) {
+                    for i in candidates.indices where candidates[i].remove(id) != nil { left -= 1 }
+                }
+            }
+            read += page.count
+            guard page.count == Self.page, let last = page.last else { break }
+            after = last.0
+            pacer.spent(UInt64(page.count))
+        }
         var blocks: UInt64 = 0, bytes: UInt64 = 0
-        for s in [store] + others {
+        for (s, garbage) in zip(stores, candidates) where !garbage.isEmpty {
             var removed = false
-            for (id, touched) in s.listBlocks() where touched < cutoff && !referenced.contains(id) {
+            for id in garbage {
                 let freed = s.removeIfStale(id, cutoff: cutoff)
                 if freed > 0 { blocks += 1; bytes += freed; removed = true }
             }
             if removed { try s.reclaim() }
         }
+        let seconds = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
+        passes.withLock { p in
+            p.stats.passes += 1
+            p.stats.manifestsRead += UInt64(read)
+            p.stats.lastManifestsRead = read
+            p.stats.removedBlocks += blocks
+            p.stats.removedBytes += bytes
+            p.stats.lastPassSeconds = seconds
+        }
         if blocks > 0 {
-            let seconds = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
-            Log.info("garbage collection removed \(blocks) blocks (\(bytes) bytes) in \(String(format: "%.2f", seconds)) s")
+            Log.info("garbage collection removed \(blocks) blocks (\(bytes) bytes) in \(String(format: "%.2f", seconds)) s (\(read) manifests read)")
         }
         return (blocks, bytes)
     }

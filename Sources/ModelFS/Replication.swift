@@ -35,8 +35,10 @@ public struct ReplicationTicket: Sendable {
 
 /// One node at a time may have a file open for writing (DESIGN.md §3): a second node gets EBUSY.
 public protocol WriterLock: AnyObject, Sendable {
-    /// Takes the file for this node (again, if it already holds it); EBUSY if another node has it.
-    func acquire(_ ino: InodeNumber) throws
+    /// Takes the file for this node (again, if it already holds it); EBUSY if another node has
+    /// it. Returns the lock's epoch (the revision at which this node took it), which fences the
+    /// session's commits (`CommitFence`).
+    func acquire(_ ino: InodeNumber) throws -> Int64
     /// Gives it back (the node's last handle of a file it wrote closed).
     func release(_ ino: InodeNumber)
 }

@@ -31,7 +31,11 @@ public struct FileReplicaState: Sendable, Equatable {
 extension FileSystem {
     /// The blocks a file's committed version references (see `FileBlocks.blocks`).
     public func committedBlocks(_ ino: InodeNumber) throws -> [ChunkRef] {
-        switch try meta.manifest(of: ino) {
+        try committedBlocks(of: try meta.manifest(of: ino))
+    }
+
+    func committedBlocks(of ref: ManifestRef) throws -> [ChunkRef] {
+        switch ref {
         case .inline(let m): return m.chunks
         case .block(let id, _):
             let b = try reader.block(id)
@@ -66,13 +70,19 @@ extension FileSystem {
                 let entries: [DirectoryEntry]
                 do { entries = try meta.readdir(dir, after: cookie, limit: 1024) } catch let e as FSError where e.errno == ENOENT { break }
                 if entries.isEmpty { break }
-                for e in entries {
+                // The page's files are read in one batch (`MetadataEngine.files`): on etcd a
+                // few requests per page instead of two per file.
+                let fresh = entries.filter { $0.kind == .regular && seen.insert($0.ino).inserted }
+                let found = try meta.files(fresh.map(\.ino))
+                for (e, f) in zip(fresh, found) {
+                    guard let (a, ref) = f else { continue }   // gone meanwhile
+                    let blocks: [ChunkRef]
+                    do { blocks = try committedBlocks(of: ref) } catch let e as FSError where e.errno == ENOENT { continue }
                     let path = prefix.isEmpty ? e.name : prefix + "/" + e.name
-                    switch e.kind {
-                    case .directory: stack.append((e.ino, path))
-                    case .regular: try file(e.ino, dir, path)
-                    default: break
-                    }
+                    try visit(FileBlocks(ino: e.ino, parent: dir, path: path, size: a.size, version: a.version, mtime: a.mtime, blocks: blocks))
+                }
+                for e in entries where e.kind == .directory {
+                    stack.append((e.ino, prefix.isEmpty ? e.name : prefix + "/" + e.name))
                 }
                 cookie = entries.last!.cookie
             }

@@ -1,5 +1,6 @@
 import Foundation
 import ModelFSCore
+import ModelFSMeta
 import ModelFSStore
 import Synchronization
 
@@ -39,6 +40,9 @@ final class WriteSession: @unchecked Sendable {
     private var reorderBytes = 0
     private(set) var size: UInt64
     private(set) var dirty = false
+    /// On a cluster node: what entitles this session to commit (its write lock's epoch and the
+    /// version it last committed or started from); nil on one node.
+    var fence: CommitFence?
     /// A write that failed (disk full): every later write and commit fails the same way until the
     /// file is closed, and the committed version stays as it was.
     private var failure: FSError?

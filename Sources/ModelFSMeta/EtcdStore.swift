@@ -20,7 +20,13 @@ import Synchronization
 ///   x/INO/NAME     xattr value
 ///   n/next_ino     the next unreserved inode number: nodes reserve 1024 at a time
 ///   t/CLIENT/SLOT  commit markers (one per concurrent writer of a client)
-///   w/INO          the node writing the file, under that node's lease (one writer node at a time)
+///   w/INO          the node writing the file, under that node's lease (one writer node at a time);
+///                  its create revision fences the writer's commits (`CommitFence`)
+///   o/INO          an inode whose last link went while it was open: the client (node) that
+///                  deletes it once closed, or at its next start (`orphans`: no scan of i/)
+///   n/stats/CLIENT the counters (files, directories, symlinks, bytes) of the changes CLIENT
+///                  made, as JSON; n/stats/_base those of a namespace made before counters were
+///                  kept (one scan, once). statfs and status sum n/stats/: no scan of i/
 ///   nodes/ID       live nodes, under their leases (ModelFSPeer.Membership)
 /// Values and names are raw bytes; etcd limits a request to 1.5 MiB, which bounds a manifest
 /// kept in etcd (455 chunks inline, far below) and an xattr value (64 KiB, the kernel's limit).
@@ -32,6 +38,10 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
     private let slots = Mutex<(free: [Int], count: Int)>(([], 0))
     static let inodeBatch: UInt64 = 1024
     static let maxAttempts = 100
+    /// Changes to the counters committed here and not yet added to `n/stats/CLIENT`.
+    private let unflushed = Mutex(StatsDelta())
+    private let flusher = DispatchQueue(label: "modelfs.etcd.stats")
+    private var flushTimer: (any DispatchSourceTimer)?
 
     /// `name` selects the cluster's key prefix (`/modelfs/NAME/`), so one etcd can hold several.
     public init(endpoints: [String], name: String, clientID: String = UUID().uuidString) throws {
@@ -40,13 +50,19 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
         self.clientID = clientID
         do {
             _ = try client.range(key("n/next_ino"))
+            try seedCounters()
         } catch {
             client.shutdown()
             throw FSError.io("cannot reach etcd at \(endpoints.joined(separator: ",")): \(error); start the etcd cluster or fix --meta")
         }
+        let t = DispatchSource.makeTimerSource(queue: flusher)
+        t.schedule(deadline: .now() + 1, repeating: 1)
+        t.setEventHandler { [weak self] in self?.flushCounters() }
+        t.resume()
+        flushTimer = t
     }
 
-    deinit { client.shutdown() }
+    deinit { flushTimer?.cancel(); client.shutdown() }
 
     func key(_ s: String) -> Data { prefix + Data(s.utf8) }
     public static func hex(_ ino: InodeNumber) -> String {
@@ -76,12 +92,18 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
             var ops: [EtcdOp] = tx.writes.map { k, v in v.map { .put(k, $0) } ?? .delete(k) }
             ops.append(.put(markerKey, marker))
             do {
-                if try client.txn(compare: tx.compares(), success: ops).succeeded { return result }
+                if try client.txn(compare: tx.compares(), success: ops).succeeded {
+                    count(tx)
+                    return result
+                }
             } catch EtcdError.ambiguous(let why) {
                 Log.warning("metadata commit outcome unknown (\(why)); reading back its marker")
                 do {
                     let r = try client.range(markerKey)
-                    if r.kvs.first?.value == marker { return result }
+                    if r.kvs.first?.value == marker {
+                        count(tx)
+                        return result
+                    }
                 } catch {
                     throw FSError.io("metadata (etcd): commit outcome unknown and etcd unreachable: \(error); check the etcd cluster")
                 }
@@ -140,9 +162,109 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
 
     private func releaseSlot(_ slot: Int) { slots.withLock { $0.free.append(slot) } }
 
-    /// Removes this client's commit markers (at unmount).
+    /// Removes this client's commit markers and adds its last counted changes (at unmount).
     public func close() {
+        flushTimer?.cancel()
+        flusher.sync { flushCounters() }
         try? client.delete(key("t/\(clientID)/"), rangeEnd: EtcdClient.prefixEnd(key("t/\(clientID)/")))
+    }
+
+    // MARK: Counters (statfs and status without a scan)
+
+    /// What a committed transaction changed in the counters: the inode records it wrote or
+    /// deleted, each against the record it read (a record it did not read is a new inode).
+    private func count(_ tx: EtcdTransaction) {
+        let prefix = key("i/")
+        var d = StatsDelta()
+        for (k, v) in tx.writes where k.starts(with: prefix) {
+            let ino = InodeNumber(UInt64(String(decoding: k.dropFirst(prefix.count), as: UTF8.self), radix: 16) ?? 0)
+            let before = (tx.readValues[k] ?? nil).flatMap { try? EtcdTransaction.decodeInode($0, ino) }
+            let after = v.flatMap { try? EtcdTransaction.decodeInode($0, ino) }
+            d.add(before, -1)
+            d.add(after, 1)
+        }
+        if !d.isZero { unflushed.withLock { $0 += d } }
+    }
+
+    var statsKey: Data { key("n/stats/\(clientID)") }
+
+    /// Adds the unflushed changes to this client's counters key (only this client writes it).
+    func flushCounters() {
+        let d = unflushed.withLock { u -> StatsDelta in defer { u = StatsDelta() }; return u }
+        guard !d.isZero else { return }
+        do {
+            let r = try client.range(statsKey)
+            let old = r.kvs.first
+            var total = old.flatMap { try? JSONDecoder().decode(StatsDelta.self, from: $0.value) } ?? StatsDelta()
+            total += d
+            let value = try JSONEncoder().encode(total)
+            do {
+                if try client.txn(compare: [.modRevision(statsKey, "EQUAL", old?.modRevision ?? 0)], success: [.put(statsKey, value)]).succeeded { return }
+            } catch EtcdError.ambiguous {
+                // Only this client writes the key: a new mod revision means the put landed.
+                if let now = try? client.range(statsKey), (now.kvs.first?.modRevision ?? 0) != (old?.modRevision ?? 0) { return }
+            }
+            unflushed.withLock { $0 += d }
+        } catch {
+            unflushed.withLock { $0 += d }   // etcd unreachable: next time
+        }
+    }
+
+    /// The namespace's counters: every client's key plus what this one has not flushed yet.
+    func countedStats() throws -> MetadataStats {
+        var total = unflushed.withLock { $0 }
+        for kv in try client.rangeAll(prefix: key("n/stats/")).kvs {
+            if let d = try? JSONDecoder().decode(StatsDelta.self, from: kv.value) { total += d }
+        }
+        return total.stats
+    }
+
+    /// A namespace made before counters were kept has none: its inodes are counted once, by the
+    /// first client that starts (`n/stats/_base`, created only if no counters key exists yet).
+    /// A new namespace has nothing to count.
+    private func seedCounters() throws {
+        let prefix = key("n/stats/")
+        var o = EtcdClient.RangeOptions()
+        o.limit = 1
+        o.keysOnly = true
+        guard try client.range(prefix, rangeEnd: EtcdClient.prefixEnd(prefix), o).kvs.isEmpty else { return }
+        var base = StatsDelta()
+        let inodes = key("i/")
+        let r = try client.rangeAll(prefix: inodes)
+        for kv in r.kvs {
+            let ino = InodeNumber(UInt64(String(decoding: kv.key.dropFirst(inodes.count), as: UTF8.self), radix: 16) ?? 0)
+            base.add(try? EtcdTransaction.decodeInode(kv.value, ino), 1)
+        }
+        let baseKey = key("n/stats/_base")
+        _ = try client.txn(compare: [.modRevision(prefix, rangeEnd: EtcdClient.prefixEnd(prefix), "LESS", r.revision + 1)],
+                           success: [.put(baseKey, try JSONEncoder().encode(base))], idempotent: true)
+        if !r.kvs.isEmpty { Log.info("metadata (etcd): counted \(r.kvs.count) inodes once, for statfs and status") }
+    }
+}
+
+/// Signed changes to the namespace's counters (`n/stats/CLIENT` holds one client's sum).
+struct StatsDelta: Codable, Equatable {
+    var f: Int64 = 0, d: Int64 = 0, s: Int64 = 0, b: Int64 = 0
+
+    var isZero: Bool { self == StatsDelta() }
+
+    /// Counts a record (as `MetadataStats` does: linked inodes only) `sign` times.
+    mutating func add(_ r: InodeRecord?, _ sign: Int64) {
+        guard let r, r.attrs.nlink > 0 else { return }
+        switch r.attrs.kind {
+        case .regular: f += sign; b += sign * Int64(clamping: r.attrs.size)
+        case .directory: d += sign
+        case .symlink: s += sign
+        }
+    }
+
+    static func += (a: inout StatsDelta, x: StatsDelta) { a.f += x.f; a.d += x.d; a.s += x.s; a.b += x.b }
+
+    var stats: MetadataStats {
+        var m = MetadataStats()
+        m.files = UInt64(max(0, f)); m.directories = UInt64(max(0, d)); m.symlinks = UInt64(max(0, s))
+        m.logicalBytes = UInt64(max(0, b))
+        return m
     }
 }
 
@@ -181,6 +303,8 @@ final class EtcdTransaction: MetadataTransaction {
     var listed: [(Data, Data)] = []
     /// Buffered writes: a value, or nil for a delete.
     var writes: [Data: Data?] = [:]
+    /// Values read (nil: absent), for the counters (`EtcdTransactionalStore.count`).
+    var readValues: [Data: Data?] = [:]
 
     init(store: EtcdTransactionalStore, writable: Bool) { self.store = store; self.writable = writable }
 
@@ -206,10 +330,33 @@ final class EtcdTransaction: MetadataTransaction {
 
     func get(_ key: Data) throws -> Data? {
         if let w = writes[key] { return w }
+        return try getKV(key)?.value
+    }
+
+    /// The key as stored at the snapshot (not this transaction's buffered writes); the commit
+    /// then requires it unchanged.
+    func getKV(_ key: Data) throws -> EtcdKV? {
         let r = try client.range(key, options())
         note(r)
-        if writable, seen[key] == nil { seen[key] = r.kvs.first?.modRevision ?? 0 }
-        return r.kvs.first?.value
+        if writable, seen[key] == nil {
+            seen[key] = r.kvs.first?.modRevision ?? 0
+            readValues[key] = .some(r.kvs.first?.value)
+        }
+        return r.kvs.first
+    }
+
+    /// The write lock `w/INO` must be the one taken at `fence.epoch` (its create revision), or
+    /// absent with the file still at the version the writer started from. The lock key is
+    /// among the keys read, so a node taking it before this commit lands makes the commit
+    /// conflict, run again, and be refused here.
+    func checkFence(_ ino: InodeNumber, _ fence: CommitFence, version: UInt64) throws {
+        let lock = try getKV(store.key("w/\(EtcdTransactionalStore.hex(ino))"))
+        if let lock, lock.createRevision == fence.epoch { return }
+        if lock == nil && version == fence.baseVersion { return }
+        let why = lock == nil
+            ? "its write lock lapsed (this node was cut off from etcd longer than its lease) and the file changed since (version \(fence.baseVersion) -> \(version))"
+            : "its write lock is now node \(String(decoding: lock!.value, as: UTF8.self))'s (taken at revision \(lock!.createRevision), after this node's at \(fence.epoch))"
+        throw FSError.io("fenced: the version of inode \(ino) written here is refused: \(why); the file keeps the version committed elsewhere")
     }
 
     /// Lists `[prefix, end)` at the snapshot (without this transaction's buffered writes).
@@ -228,6 +375,7 @@ final class EtcdTransaction: MetadataTransaction {
 
     private func inodeKey(_ ino: InodeNumber) -> Data { store.key("i/\(EtcdTransactionalStore.hex(ino))") }
     private func manifestKey(_ ino: InodeNumber) -> Data { store.key("m/\(EtcdTransactionalStore.hex(ino))") }
+    private func orphanKey(_ ino: InodeNumber) -> Data { store.key("o/\(EtcdTransactionalStore.hex(ino))") }
     private func entryPrefix(_ dir: InodeNumber) -> Data { store.key("e/\(EtcdTransactionalStore.hex(dir))/") }
     private func xattrPrefix(_ ino: InodeNumber) -> Data { store.key("x/\(EtcdTransactionalStore.hex(ino))/") }
 
@@ -242,12 +390,17 @@ final class EtcdTransaction: MetadataTransaction {
     }
 
     func putInode(_ record: InodeRecord) throws {
-        put(inodeKey(record.attrs.ino), try JSONEncoder().encode(EtcdInode(record, origin: store.clientID)))
+        let k = inodeKey(record.attrs.ino)
+        let wasOrphan = (readValues[k] ?? nil).flatMap { try? Self.decodeInode($0, record.attrs.ino) }?.attrs.nlink == 0
+        put(k, try JSONEncoder().encode(EtcdInode(record, origin: store.clientID)))
+        // The orphan index: an inode left without links (open somewhere) until it is deleted.
+        if record.attrs.nlink == 0 { put(orphanKey(record.attrs.ino), Data(store.clientID.utf8)) } else if wasOrphan { delete(orphanKey(record.attrs.ino)) }
     }
 
     func deleteInode(_ ino: InodeNumber) throws {
         delete(inodeKey(ino))
         delete(manifestKey(ino))
+        delete(orphanKey(ino))
     }
 
     func allocateInode() throws -> InodeNumber { try store.allocateInode() }
@@ -318,9 +471,8 @@ final class EtcdTransaction: MetadataTransaction {
         for name in try xattrNames(ino) { try removeXattr(ino, name) }
     }
 
-    /// Every inode record at one revision (orphans, stats): a full scan, run at mount and by
-    /// `status`, not on any file operation.
-    private func allInodes() throws -> [InodeRecord] {
+    /// Every inode record at one revision: a full scan, for tests that check the counters.
+    func allInodes() throws -> [InodeRecord] {
         let prefix = store.key("i/")
         let r = try client.rangeAll(prefix: prefix, revision: revision)
         note(r)
@@ -330,17 +482,51 @@ final class EtcdTransaction: MetadataTransaction {
         }
     }
 
+    /// This client's orphans, from the orphan index (`o/`): another node's are still open there.
     func orphans() throws -> [InodeNumber] {
-        try allInodes().filter { $0.attrs.nlink == 0 }.map(\.attrs.ino).sorted()
-    }
-
-    func allManifests() throws -> [Data] {
-        let r = try client.rangeAll(prefix: store.key("m/"), revision: revision)
+        let prefix = store.key("o/")
+        let r = try client.rangeAll(prefix: prefix, revision: revision)
         note(r)
-        return r.kvs.map(\.value)
+        return r.kvs.filter { $0.value == Data(store.clientID.utf8) }
+            .compactMap { UInt64(String(decoding: $0.key.dropFirst(prefix.count), as: UTF8.self), radix: 16).map(InodeNumber.init) }
+            .sorted()
     }
 
-    func stats() throws -> MetadataStats {
+    /// 64 inodes to an etcd txn (its 128 reads: each inode's record and manifest), at the
+    /// latest revision: a walk, not a snapshot.
+    func inodesAndManifests(_ inos: [InodeNumber]) throws -> [(InodeRecord?, Data?)] {
+        var out: [(InodeRecord?, Data?)] = []
+        out.reserveCapacity(inos.count)
+        for start in stride(from: 0, to: inos.count, by: 64) {
+            let part = inos[start..<min(inos.count, start + 64)]
+            let ops = part.flatMap { [EtcdOp.get(inodeKey($0)), EtcdOp.get(manifestKey($0))] }
+            let r = try client.txn(compare: [], success: ops)
+            for (i, ino) in part.enumerated() {
+                let rec = try r.ranges[2 * i].first.map { try Self.decodeInode($0.value, ino) }
+                out.append((rec, r.ranges[2 * i + 1].first?.value))
+            }
+        }
+        return out
+    }
+
+    func manifests(after: InodeNumber, limit: Int) throws -> [(InodeNumber, Data)] {
+        let prefix = store.key("m/")
+        var o = EtcdClient.RangeOptions()
+        o.limit = Int64(limit)
+        o.revision = revision
+        let from = after.rawValue == .max ? EtcdClient.prefixEnd(prefix) : prefix + Data(EtcdTransactionalStore.hex(InodeNumber(after.rawValue + 1)).utf8)
+        let r = try client.range(from, rangeEnd: EtcdClient.prefixEnd(prefix), o)
+        note(r)
+        return r.kvs.compactMap { kv in
+            UInt64(String(decoding: kv.key.dropFirst(prefix.count), as: UTF8.self), radix: 16).map { (InodeNumber($0), kv.value) }
+        }
+    }
+
+    /// From the counters (`n/stats/`): a range of one small key per node, not a scan.
+    func stats() throws -> MetadataStats { try store.countedStats() }
+
+    /// What the counters should say, by a scan (tests).
+    func scannedStats() throws -> MetadataStats {
         var s = MetadataStats()
         for r in try allInodes() where r.attrs.nlink > 0 {
             switch r.attrs.kind {
@@ -359,6 +545,9 @@ public enum NamespaceChange: Sendable {
     case inode(InodeNumber, version: UInt64?, origin: String?)
     /// A directory entry appeared, changed or went away.
     case entry(parent: InodeNumber, name: String, origin: String?)
+    /// A file's manifest was replaced (a new version) or deleted with its inode: the blocks of
+    /// the old one may be garbage (`GarbageCollector.noteRemoteChange`).
+    case manifest(InodeNumber)
 }
 
 extension EtcdTransactionalStore {
@@ -377,6 +566,10 @@ extension EtcdTransactionalStore {
             if e.isDelete { return .inode(InodeNumber(ino), version: nil, origin: nil) }
             let r = try? JSONDecoder().decode(EtcdInode.self, from: e.kv.value)
             return .inode(InodeNumber(ino), version: r?.v, origin: r?.o)
+        }
+        if kind == Data("m/".utf8) {
+            guard let ino = UInt64(String(decoding: body, as: UTF8.self), radix: 16) else { return nil }
+            return .manifest(InodeNumber(ino))
         }
         if kind == Data("e/".utf8), body.count > 17 {
             guard let parent = UInt64(String(decoding: body.prefix(16), as: UTF8.self), radix: 16) else { return nil }

@@ -75,7 +75,10 @@ final class MemoryTransaction: MetadataTransaction {
     func removeAllXattrs(_ ino: InodeNumber) throws { state.xattrs[ino] = nil }
 
     func orphans() throws -> [InodeNumber] { state.inodes.values.filter { $0.attrs.nlink == 0 }.map(\.attrs.ino).sorted() }
-    func allManifests() throws -> [Data] { Array(state.manifests.values) }
+    func manifests(after: InodeNumber, limit: Int) throws -> [(InodeNumber, Data)] {
+        Array(state.manifests.filter { $0.key.rawValue > after.rawValue }.sorted { $0.key.rawValue < $1.key.rawValue }.prefix(limit))
+            .map { ($0.key, $0.value) }
+    }
     func stats() throws -> MetadataStats {
         var s = MetadataStats()
         for r in state.inodes.values where r.attrs.nlink > 0 {

@@ -286,8 +286,10 @@ struct SQLiteTransaction: MetadataTransaction {
         try Int64.fetchAll(db, sql: "SELECT ino FROM inodes WHERE nlink = 0 ORDER BY ino").map { InodeNumber(UInt64($0)) }
     }
 
-    func allManifests() throws -> [Data] {
-        try Data.fetchAll(db, sql: "SELECT manifest FROM inodes WHERE manifest IS NOT NULL")
+    func manifests(after: InodeNumber, limit: Int) throws -> [(InodeNumber, Data)] {
+        try Row.fetchAll(db.cachedStatement(sql: "SELECT ino, manifest FROM inodes WHERE ino > ? AND manifest IS NOT NULL ORDER BY ino LIMIT ?"),
+                         arguments: [i(after), limit])
+            .map { (InodeNumber(UInt64($0[0] as Int64)), $0[1] as Data) }
     }
 
     func stats() throws -> MetadataStats {

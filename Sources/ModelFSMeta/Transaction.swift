@@ -40,9 +40,25 @@ public protocol MetadataTransaction {
     func xattrNames(_ ino: InodeNumber) throws -> [String]
     func removeAllXattrs(_ ino: InodeNumber) throws
 
+    /// Throws (EIO, "fenced") unless `fence` still entitles this client to commit `ino`, whose
+    /// current content version is `version` (see `CommitFence`). Engines without write locks
+    /// (one node) have nothing to check.
+    func checkFence(_ ino: InodeNumber, _ fence: CommitFence, version: UInt64) throws
+
     func orphans() throws -> [InodeNumber]
-    func allManifests() throws -> [Data]
+    /// Manifests of inodes numbered above `after`, in inode order, at most `limit` (a page of a
+    /// scan that may run across many transactions: garbage collection).
+    func manifests(after: InodeNumber, limit: Int) throws -> [(InodeNumber, Data)]
+    /// The records and manifests of many inodes (an engine may read them in batches).
+    func inodesAndManifests(_ inos: [InodeNumber]) throws -> [(InodeRecord?, Data?)]
     func stats() throws -> MetadataStats
+}
+
+extension MetadataTransaction {
+    public func checkFence(_ ino: InodeNumber, _ fence: CommitFence, version: UInt64) throws {}
+    public func inodesAndManifests(_ inos: [InodeNumber]) throws -> [(InodeRecord?, Data?)] {
+        try inos.map { (try inode($0), try manifest($0)) }
+    }
 }
 
 /// A store that runs closures as atomic transactions: all of a write's effects or none.

@@ -195,9 +195,13 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         // under load still serves its blocks; a dead one just refuses the connection).
         let peers = Placement.order(id, membership.peers) + membership.lost
         var errors: [String] = []
-        for node in peers {
+        // Peers in their backoff window (a request to them failed lately) are skipped at first;
+        // if no other node has the block, they are tried once more for real: after a cut link
+        // heals, every peer is still backed off for a moment, and a read must not fail for that.
+        let skipped = peers.filter { client.backedOff($0.id) }
+        for (node, force) in peers.map({ ($0, false) }) + skipped.map({ ($0, true) }) {
             do {
-                guard let b = try client.get(id, from: node) else { continue }
+                guard let b = try client.get(id, from: node, evenIfBackedOff: force) else { continue }
                 if writeBehind {
                     cacheLater(id, b)
                 } else {

@@ -95,6 +95,14 @@ public struct HealStatus: Codable, Sendable, Equatable {
 /// copies off draining nodes. One node at a time runs it: the one that holds the etcd key
 /// `/modelfs/NAME/n/healer` under its lease (if it dies, another takes over).
 ///
+/// A pass reads the whole namespace, so passes run only when there can be something to do
+/// (DESIGN.md §5a): when the cluster's situation changed (a node joined, went down, was declared
+/// dead after `--dead-after`, started or stopped draining, left the roster), when the last pass
+/// copied or dropped anything or saw an error (the next one checks it), when asked (`poke`), or
+/// every `fullEvery` seconds (anti-entropy: a writer's journal lost with its disk). Otherwise the
+/// healer only keeps its key every `interval`: an idle cluster's etcd traffic does not grow with
+/// its namespace. The walk itself reads at most `scanRate` files a second.
+///
 /// A pass: walk the namespace (every committed file, its blocks, the policy of its directory),
 /// ask every live node which of the blocks it holds (batched `has`), then for each block short
 /// of R copies on live undrained nodes copy it, fewest copies first, from a holder to the next
@@ -126,6 +134,13 @@ public final class Healer: @unchecked Sendable {
     /// Bytes rebalancing copies per pass at most.
     static let moveBudget: UInt64 = 1 << 30
     private let state = Mutex(HealStatus())
+    /// Seconds after which a pass runs with nothing changed (anti-entropy).
+    let fullEvery: Double
+    /// Files a second the walk reads at most (0: no limit).
+    let scanRate: UInt64
+    /// What the cluster looked like at the last pass; whether that pass left work to check.
+    private let lastPass = Mutex<(situation: Situation?, leftWork: Bool, at: Date)>((nil, true, .distantPast))
+    private let asked = Mutex(false)
     private let stopped = Mutex(false)
     private let wake = DispatchSemaphore(value: 0)
     private let done = DispatchSemaphore(value: 0)
@@ -133,7 +148,9 @@ public final class Healer: @unchecked Sendable {
 
     public init(fs: FileSystem, replicator: Replicator, membership: Membership, client: PeerClient, local: PackBlockStore,
                 etcd: EtcdClient, cluster: String, interval: Double, deadAfter: Double, rate: UInt64 = 0, width: Int = 8,
-                yield: ForegroundYield? = nil) {
+                yield: ForegroundYield? = nil, fullEvery: Double = 3600, scanRate: UInt64 = 0) {
+        self.fullEvery = fullEvery
+        self.scanRate = scanRate
         self.fs = fs
         self.replicator = replicator
         self.membership = membership
@@ -172,13 +189,52 @@ public final class Healer: @unchecked Sendable {
     }
 
     /// Starts a pass now (if this node is the healer).
-    public func poke() { wake.signal() }
+    public func poke() {
+        asked.withLock { $0 = true }
+        wake.signal()
+    }
+
+    /// What a pass depends on besides the namespace: which nodes are live, down and waited for,
+    /// dead (down past `--dead-after`), draining, on the roster.
+    struct Situation: Equatable {
+        var live: [String], waiting: [String], dead: [String], draining: [String], roster: [String]
+    }
+
+    func situation() -> Situation {
+        let down = membership.down
+        return Situation(live: membership.nodes.map(\.id).sorted(),
+                         waiting: down.filter { $0.seconds < deadAfter }.map(\.node.id),
+                         dead: down.filter { $0.seconds >= deadAfter }.map(\.node.id),
+                         draining: membership.draining.sorted(), roster: membership.known.map(\.id))
+    }
+
+    /// Why a pass should run now, or nil: nothing changed since the last one, which was clean.
+    func reasonForPass() -> String? {
+        let now = situation()
+        let wasAsked = asked.withLock { a in defer { a = false }; return a }
+        return lastPass.withLock { last in
+            if wasAsked { return "asked" }
+            guard let seen = last.situation else { return "first pass" }
+            if seen != now { return "the cluster changed" }
+            if last.leftWork { return "checking the last pass" }
+            if Date().timeIntervalSince(last.at) >= fullEvery { return "periodic" }
+            return nil
+        }
+    }
 
     private func run() {
         defer { done.signal() }
         while !stopped.withLock({ $0 }) {
-            if isLeader() {
-                do { try pass() } catch {
+            if !isLeader() {
+                lastPass.withLock { $0.situation = nil }   // should this node become the healer, it starts with a pass
+            } else if reasonForPass() != nil {
+                let seen = situation()
+                do {
+                    let plan = try pass()
+                    let leftWork = plan.copiedBytes > 0 || plan.dropped > 0 || plan.moves > 0 || !plan.errors.isEmpty
+                    lastPass.withLock { $0 = (seen, leftWork, Date()) }
+                } catch {
+                    lastPass.withLock { $0 = (seen, true, Date()) }
                     state.withLock { $0.lastError = "\(error)"; $0.running = false }
                     publish()
                 }
@@ -210,15 +266,18 @@ public final class Healer: @unchecked Sendable {
         }
     }
 
-    /// One pass over the whole namespace.
-    public func pass() throws {
+    /// One pass over the whole namespace (the walk paced at `scanRate` files a second).
+    @discardableResult
+    public func pass() throws -> Plan {
         let began = Date()
         state.withLock { $0.running = true; $0.healer = membership.me.id }
         var want: [BlockID: Want] = [:]
         var files = 0
         let now = Timestamp.now().totalNanoseconds
+        let pacer = Pacer(rate: scanRate)
         try fs.walkFiles(from: .root) { f in
             files += 1
+            pacer.spent(1)
             let p = replicator.policy(for: f.parent)
             let settled = Double(now - f.mtime.totalNanoseconds) / 1e9 >= deadAfter
             for c in f.blocks {
@@ -252,6 +311,7 @@ public final class Healer: @unchecked Sendable {
             s.lastError = plan.errors.first
         }
         publish()
+        return plan
     }
 
     public struct Plan: Sendable {
@@ -260,6 +320,8 @@ public final class Healer: @unchecked Sendable {
         public var copiedBytes: UInt64 = 0, copySeconds = 0.0
         /// Copies made toward an under-filled node (rebalancing).
         public var moves = 0
+        /// Copies dropped (off draining nodes, or surplus).
+        public var dropped = 0
         public var errors: [String] = []
     }
 
@@ -376,9 +438,12 @@ public final class Healer: @unchecked Sendable {
                 if b.items.isEmpty { continue }
                 let began = Date()
                 var firstError = ""
+                // A slow batch is said only when something in it failed: without errors it is
+                // slow by design (copies yield to the foreground on both ends, or --heal-rate
+                // paces them), and `modelfs status` shows the time they yielded.
                 defer {
                     let took = Date().timeIntervalSince(began)
-                    if took > 5 {
+                    if took > 5 && !firstError.isEmpty {
                         let to = Set(b.items.flatMap { $0.to.map(\.id) }).sorted().joined(separator: ",")
                         Log.warning("healing: a batch of \(b.items.count) copies from \(b.source.id) to \(to) took \(Int(took)) s \(firstError)")
                     }
@@ -388,6 +453,7 @@ public final class Healer: @unchecked Sendable {
                     result = Healer.perform(CopyOrder(items: b.items), local: local, client: client, me: me, width: width, yield: yield)
                 } else {
                     do { result = try client.copy(CopyOrder(items: b.items), at: b.source) } catch {
+                        firstError = "\(error)"
                         errors.withLock { $0.append("\(error)") }
                         continue
                     }
@@ -412,6 +478,7 @@ public final class Healer: @unchecked Sendable {
             }
         }
         plan.errors += errors.get()
+        plan.dropped = drop.count
         return plan
     }
 
@@ -498,23 +565,5 @@ public final class Healer: @unchecked Sendable {
     func publish() {
         let s = state.withLock { $0 }
         if let data = try? JSONEncoder().encode(s) { try? etcd.put(statusKey, data) }
-    }
-}
-
-/// Keeps work that reports its bytes under `rate` bytes per second on average, from the pacer's
-/// creation on, across all the threads that share it: after each piece, the caller waits until
-/// the bytes so far are due (0: never waits).
-final class Pacer: Sendable {
-    let rate: UInt64
-    let start = Date()
-    private let total = Mutex<UInt64>(0)
-
-    init(rate: UInt64) { self.rate = rate }
-
-    func spent(_ bytes: UInt64) {
-        guard rate > 0 else { return }
-        let sum = total.withLock { $0 += bytes; return $0 }
-        let wait = Double(sum) / Double(rate) - Date().timeIntervalSince(start)
-        if wait > 0 { Thread.sleep(forTimeInterval: wait) }
     }
 }

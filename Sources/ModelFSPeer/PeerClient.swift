@@ -60,8 +60,16 @@ public final class PeerClient: Sendable {
         try reach(node) { try task().wait() }
     }
 
-    func reach<T>(_ node: NodeInfo, _ exchange: () throws -> T) throws -> T {
-        if let u = unreachable.withLock({ $0[node.id] }), u.until > Date() {
+    /// Whether requests to this node fail at once now (its last one failed in transport within
+    /// `backoff` seconds).
+    public func backedOff(_ id: String) -> Bool {
+        unreachable.withLock { $0[id].map { $0.until > Date() } ?? false }
+    }
+
+    /// `evenIfBackedOff`: try a peer in its backoff window too (the last resort of a read whose
+    /// every holder failed lately: right after a cut link heals, every peer is still backed off).
+    func reach<T>(_ node: NodeInfo, evenIfBackedOff: Bool = false, _ exchange: () throws -> T) throws -> T {
+        if !evenIfBackedOff, let u = unreachable.withLock({ $0[node.id] }), u.until > Date() {
             throw FSError.io("peer \(node.id) at \(node.address) unreachable (\(u.reason)); not retried for \(Int(Self.backoff)) s")
         }
         do {
@@ -93,8 +101,8 @@ public final class PeerClient: Sendable {
 
     /// The block from `node`, verified; nil if the node has no (good) copy. The body is received
     /// straight into block memory and hashed as it arrives, on the calling thread.
-    public func get(_ id: BlockID, from node: NodeInfo) throws -> BlockBuffer? {
-        let r = try reach(node) { try transfer.get("/v1/blocks/\(id.hex)", from: node.address, limit: PeerLimits.maxBlock) }
+    public func get(_ id: BlockID, from node: NodeInfo, evenIfBackedOff: Bool = false) throws -> BlockBuffer? {
+        let r = try reach(node, evenIfBackedOff: evenIfBackedOff) { try transfer.get("/v1/blocks/\(id.hex)", from: node.address, limit: PeerLimits.maxBlock) }
         let status = HTTPResponseStatus(statusCode: r.status)
         if status == .notFound { return nil }
         guard status == .ok, let buffer = r.buffer else { throw failure(node, "GET \(id.hex)", status, r.text) }

@@ -213,6 +213,7 @@ public final class PeerServer: @unchecked Sendable {
         var tv = timeval(tv_sec: Self.idleSeconds, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        BlockTransfer.detectSilentPeer(fd)   // a client cut off mid-answer frees its thread within seconds
         // Bytes received and not yet used: a head, the start of a body, a pipelined request.
         var buf = [UInt8](repeating: 0, count: Self.maxHead)
         var have = 0

@@ -296,10 +296,17 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
     /// every block has them, else what is short.
     func ensure(_ blocks: [BlockID], copies: Int, policy: ReplicationPolicy, durable: Bool) -> String? {
         let me = membership.me
-        let nodes = membership.placementNodes
-        guard nodes.count >= copies else {
-            return "\(nodes.count) live nodes for \(copies) copies"
+        let live = membership.placementNodes
+        guard live.count >= copies else {
+            return "\(live.count) live nodes for \(copies) copies"
         }
+        // Live nodes this one cannot reach now (a request to them failed in transport within
+        // the last few seconds: a cut link, a partition between two live nodes) are passed
+        // over while enough others remain: their copies go to the next nodes of each block's
+        // placement order, so one unreachable peer does not hold replication (or a K > 1
+        // close()) up. The healer later sees R copies, which is all it asks for.
+        let reachable = live.filter { $0.id == me.id || !client.backedOff($0.id) }
+        let nodes = reachable.count >= copies ? reachable : live
         // Per remote node, the blocks placement gives it.
         var wanted: [String: (NodeInfo, [BlockID])] = [:]
         for b in Set(blocks) {

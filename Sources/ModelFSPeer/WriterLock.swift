@@ -46,7 +46,7 @@ public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
 
     func key(_ ino: InodeNumber) -> Data { prefix + Data(EtcdTransactionalStore.hex(ino).utf8) }
 
-    public func acquire(_ ino: InodeNumber) throws {
+    public func acquire(_ ino: InodeNumber) throws -> Int64 {
         let me = Data(membership.me.id.utf8), k = key(ino)
         let clock = ContinuousClock()
         var deadline: ContinuousClock.Instant?   // set once the holder said it lets the file go
@@ -56,9 +56,10 @@ public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
             while true {
                 let r = try client.txn(compare: [.absent(k)], success: [.put(k, me, lease: membership.lease)], failure: [.get(k)],
                                        idempotent: true)   // sent twice, the second finds our own value
-                if r.succeeded { return }
-                let holder = r.ranges.first?.first?.value ?? Data()
-                if holder == me { return }
+                if r.succeeded { return r.revision }   // the put's revision: the lock's create revision
+                let held = r.ranges.first?.first
+                let holder = held?.value ?? Data()
+                if holder == me, let held { return held.createRevision }
                 let name = String(decoding: holder, as: UTF8.self)
                 if deadline == nil, holderLetsGo(name, ino) { deadline = clock.now + closingWait }
                 guard let deadline, clock.now < deadline else {

@@ -199,7 +199,8 @@ final class ClusterNode: @unchecked Sendable {
         service.writing.set { [fs] ino in fs.writing(ino) }
         healer = Healer(fs: fs, replicator: replicator, membership: membership, client: client, local: local, etcd: etcd,
                         cluster: clusterName, interval: options.healInterval, deadAfter: options.deadAfter,
-                        rate: parseSize(options.healRate)!, yield: yield)
+                        rate: parseSize(options.healRate)!, yield: yield, fullEvery: options.healFullEvery,
+                        scanRate: UInt64(options.healScanRate))
     }
 
     func start() throws {

@@ -45,8 +45,14 @@ struct ClusterOptions: ParsableArguments {
     @Option(help: "Seconds a node may be down before its blocks are copied elsewhere (a restart within this costs no copying).")
     var deadAfter: Double = 60
 
-    @Option(help: "Seconds between the healer's passes over the namespace (one node runs them).")
+    @Option(help: "Seconds between the healer's looks at the cluster (one node runs it): it reads the namespace only when nodes joined, died, left or drain, when its last pass did something, or every --heal-full-every.")
     var healInterval: Double = 30
+
+    @Option(help: "Seconds after which the healer reads the whole namespace even when nothing changed.")
+    var healFullEvery: Double = 3600
+
+    @Option(help: "Files a second, at most, the healer reads while it walks the namespace (0: no limit).")
+    var healScanRate: Int = 20_000
 
     @Option(help: "Bytes per second of healing copies (re-replication, drain, rebalancing) across the cluster, applied by the node that runs the healer; 0: as fast as the nodes go.")
     var healRate: String = "0"
@@ -63,12 +69,16 @@ struct ClusterOptions: ParsableArguments {
     @Option(help: "Seconds a block nothing references is kept before garbage collection removes it.")
     var gcDelay: Double = 900
 
+    @Option(help: "Manifests a second, at most, garbage collection reads from etcd while it pages through the namespace (a pass runs after content changed somewhere, or hourly).")
+    var gcScanRate: Int = 10_000
+
     /// The flags again, to hand to the daemon process.
     var arguments: [String] {
         var a = ["--listen", listen, "--replicas", String(replicas), "--ack", String(ack), "--cache-size", cacheSize,
                  "--staging-size", stagingSize, "--ack-timeout", String(ackTimeout), "--lease-ttl", String(leaseTtl),
-                 "--dead-after", String(deadAfter), "--heal-interval", String(healInterval), "--heal-rate", healRate, "--heal-rate-busy", healRateBusy, "--scrub-rate", scrubRate,
-                 "--scrub-every", String(scrubEvery), "--gc-delay", String(gcDelay)]
+                 "--dead-after", String(deadAfter), "--heal-interval", String(healInterval),
+                 "--heal-full-every", String(healFullEvery), "--heal-scan-rate", String(healScanRate), "--heal-rate", healRate, "--heal-rate-busy", healRateBusy, "--scrub-rate", scrubRate,
+                 "--scrub-every", String(scrubEvery), "--gc-delay", String(gcDelay), "--gc-scan-rate", String(gcScanRate)]
         if let advertise { a += ["--advertise", advertise] }
         if let secretFile { a += ["--secret-file", secretFile] }
         if let spread { a += ["--spread", spread] }
@@ -108,6 +118,9 @@ struct ClusterOptions: ParsableArguments {
         if parseSize(scrubRate) == nil { return "--scrub-rate \(scrubRate): expected a rate in bytes per second such as 16M (0: off)" }
         if scrubEvery <= 0 { return "--scrub-every must be positive" }
         if gcDelay < 1 { return "--gc-delay must be at least 1 second" }
+        if healFullEvery <= 0 { return "--heal-full-every must be more than 0 seconds" }
+        if healScanRate < 0 { return "--heal-scan-rate must be 0 (no limit) or more files a second" }
+        if gcScanRate < 0 { return "--gc-scan-rate must be 0 (no limit) or more manifests a second" }
         return nil
     }
 

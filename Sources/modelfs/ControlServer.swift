@@ -32,6 +32,11 @@ struct MountStatus: Codable {
     var stagedAbsorbedBytes: UInt64
     /// A cluster node's view: nodes, replication, cache (absent on a single node).
     var cluster: ClusterStatus?
+    /// Why the file counts could not be read now (etcd unreachable): they are the last ones read.
+    var metadataError: String?
+    /// This node's garbage collection: passes, manifests read, blocks removed (absent from an
+    /// older daemon).
+    var gc: GarbageCollector.Stats?
 }
 
 /// Waits until the given inodes (all, if nil) are replicated, reporting progress; false on timeout.

@@ -82,7 +82,8 @@ struct Daemon {
         let gc: GarbageCollector
         if let node, let cluster {
             gc = GarbageCollector(fs: fs, store: store, others: [node.blocks.cache],
-                                  interval: min(60, max(1, cluster.gcDelay / 2)), grace: cluster.gcDelay)
+                                  interval: min(60, max(1, cluster.gcDelay / 2)), grace: cluster.gcDelay,
+                                  scanRate: UInt64(cluster.gcScanRate), fullEvery: max(3600, cluster.gcDelay))
         } else {
             gc = GarbageCollector(fs: fs, store: store, grace: 1)
         }
@@ -97,6 +98,7 @@ struct Daemon {
         let control = ControlServer(path: record.socket, status: { [dataDir, meta, mountpoint] in
             var s = try Daemon.status(fs: fs, store: store, mountpoint: mountpoint, dataDir: dataDir, meta: meta)
             s.cluster = node?.status()
+            s.gc = gc.stats
             return s
         }, sync: node.map { n -> SyncHandler in
             { @Sendable inodes, timeout, progress in
@@ -121,6 +123,8 @@ struct Daemon {
                 case .entry(let parent, let name, let origin):
                     guard origin != me else { return }
                     server.invalidateEntry(parent: parent.rawValue, name: name)
+                case .manifest:
+                    gc.noteRemoteChange()
                 }
             }
         }
@@ -151,8 +155,20 @@ struct Daemon {
         Log.info("unmounted \(mountpoint)")
     }
 
+    /// The counts last read: what status shows while the metadata engine cannot answer (a cluster
+    /// node cut off from etcd still says what it holds and what it has not replicated).
+    private static let lastStats = Mutex(MetadataStats())
+
     static func status(fs: FileSystem, store: PackBlockStore, mountpoint: String, dataDir: String, meta: String) throws -> MountStatus {
-        let m = try fs.meta.stats()
+        var metadataError: String?
+        let m: MetadataStats
+        do {
+            m = try fs.meta.stats()
+            lastStats.withLock { $0 = m }
+        } catch {
+            m = lastStats.withLock { $0 }
+            metadataError = "\(error)"
+        }
         let u = store.usage()
         let cache = fs.reader.cache.statistics
         let w = fs.writeCounters.snapshot
@@ -165,7 +181,7 @@ struct Daemon {
             openHandles: fs.openHandleCount,
             cacheBytes: cache.bytes, cacheHits: cache.hits, cacheMisses: cache.misses,
             blockBytesWritten: u.bytesWritten,
-            streamedBytes: w.streamed, stagedBytes: w.staged, stagedAbsorbedBytes: w.absorbed)
+            streamedBytes: w.streamed, stagedBytes: w.staged, stagedAbsorbedBytes: w.absorbed, metadataError: metadataError)
     }
 
     /// This node's id: made once, kept in DATA/node-id.

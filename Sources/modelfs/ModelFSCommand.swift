@@ -20,7 +20,7 @@ struct ModelFSCommand: ParsableCommand {
                 --secret-file /etc/modelfs/secret --advertise THIS_HOST:7420 --replicas 3 --ack 1
             """,
         subcommands: [MountCommand.self, UmountCommand.self, StatusCommand.self, SyncCommand.self, WarmCommand.self,
-                      VerifyCommand.self, PolicyCommand.self, NodeCommand.self]
+                      VerifyCommand.self, PolicyCommand.self, NodeCommand.self, DebugCommand.self]
     )
 }
 

@@ -98,6 +98,7 @@ struct StatusCommand: ParsableCommand {
                 ("block cache", "\(humanBytes(UInt64(s.cacheBytes))), \(s.cacheHits) hits, \(s.cacheMisses) misses"),
             ]
             for (k, v) in rows { print("  " + k.padding(toLength: 16, withPad: " ", startingAt: 0) + v) }
+            if let e = s.metadataError { print("  metadata        unreachable, counts as last read: \(e)") }
             if let c = s.cluster { printCluster(c) }
         }
         if let report { printReport(report) }

@@ -97,6 +97,97 @@ import Testing
         #expect(e?.message.contains("etcd") == true)
     }
 
+    /// A commit carries the writer's fence: refused once another node took the write lock (or
+    /// took it after this node's lapsed), allowed while the lock is the one taken at the epoch,
+    /// and allowed after a lapse nobody used (the file is still at the writer's base version).
+    @Test func commitsAreFencedByTheWriteLock() throws {
+        let name = "fence-\(UInt64.random(in: 0...UInt64.max))"
+        let url = try EtcdTestCluster.shared.get().metaURL(name)
+        let a = try MetadataURL.open(url, rootUID: 0, rootGID: 0)
+        let b = try MetadataURL.open(url, rootUID: 0, rootGID: 0)
+        let client = try #require((a as? KVMetadataEngine<EtcdTransactionalStore>)?.store.client)
+        let f = try a.create(parent: .root, name: "f", file())
+        let lock = Data("/modelfs/\(name)/w/\(EtcdTransactionalStore.hex(f.ino))".utf8)
+        func take(_ node: String) throws -> Int64 {
+            let r = try client.txn(compare: [.absent(lock)], success: [.put(lock, Data(node.utf8))])
+            #expect(r.succeeded)
+            return r.revision
+        }
+        let m = ManifestRef.inline(Manifest(chunks: []))
+        let epochA = try take("a")
+        var fenceA = CommitFence(epoch: epochA, baseVersion: f.version)
+        fenceA.baseVersion = try a.commit(f.ino, size: 0, manifest: m, mtime: now, fence: fenceA).version
+
+        // A's lock lapses (its lease expired), B takes the file and commits: A is fenced.
+        try client.delete(lock)
+        let fenceB = CommitFence(epoch: try take("b"), baseVersion: fenceA.baseVersion)
+        let v = try b.commit(f.ino, size: 1, manifest: m, mtime: now, fence: fenceB).version
+        let e = #expect(throws: FSError.self) { _ = try a.commit(f.ino, size: 2, manifest: m, mtime: now, fence: fenceA) }
+        #expect(e?.errno == EIO)
+        #expect(e?.message.hasPrefix("fenced") == true)
+        #expect(e?.message.contains("node b's") == true)
+        #expect(try a.getattr(f.ino).size == 1 && a.getattr(f.ino).version == v)
+
+        // B's lock lapses and nobody takes it: B (still at its base version) may commit; A,
+        // whose base is older, may not.
+        try client.delete(lock)
+        var fenceB2 = fenceB
+        fenceB2.baseVersion = v
+        #expect(try b.commit(f.ino, size: 3, manifest: m, mtime: now, fence: fenceB2).size == 3)
+        let e2 = #expect(throws: FSError.self) { _ = try a.commit(f.ino, size: 4, manifest: m, mtime: now, fence: fenceA) }
+        #expect(e2?.message.contains("lapsed") == true)
+        // Without a fence (one node, or a truncate by path) nothing is checked.
+        #expect(try a.commit(f.ino, size: 5, manifest: m, mtime: now).size == 5)
+    }
+
+    /// statfs and status read counters kept by every change (`n/stats/`), not a scan of every
+    /// inode: after creates, commits, links, renames over files, rmdirs, unlinks of open and
+    /// closed files and the deletion of an orphan, from two nodes, the counters say what a scan
+    /// says; and a node's orphans come from the orphan index, its own only.
+    @Test func countersAndTheOrphanIndexMatchAScan() throws {
+        let (a, b) = try twoNodes()
+        func scanned() throws -> MetadataStats {
+            try (a as! KVMetadataEngine<EtcdTransactionalStore>).store.read { tx in try (tx as! EtcdTransaction).scannedStats() }
+        }
+        var rng = SystemRandomNumberGenerator()
+        let d = try a.create(parent: .root, name: "d", dir())
+        var files: [(InodeNumber, String)] = []
+        for i in 0..<40 {
+            let m = i % 2 == 0 ? a : b
+            let f = try m.create(parent: d.ino, name: "f\(i)", file())
+            let chunk = ChunkRef(id: BlockID.hash(Data("\(i)".utf8)), length: 100)
+            _ = try m.commit(f.ino, size: UInt64.random(in: 1...1_000_000, using: &rng), manifest: .inline(Manifest(chunks: [chunk])), mtime: now)
+            files.append((f.ino, "f\(i)"))
+        }
+        let sub = try b.create(parent: d.ino, name: "sub", dir())
+        _ = try a.create(parent: .root, name: "l", NewInode(kind: .symlink, mode: 0o777, uid: 0, gid: 0, now: now, target: "d/f1"))
+        _ = try b.link(files[2].0, parent: .root, name: "hard", now: now)
+        _ = try a.rename(parent: d.ino, name: "f3", newParent: d.ino, newName: "f4", flags: [], now: now, isOpen: { _ in false })
+        _ = try b.unlink(parent: d.ino, name: "f5", now: now, isOpen: { _ in false })
+        _ = try a.unlink(parent: d.ino, name: "f2", now: now, isOpen: { _ in false })   // still linked as /hard
+        _ = try b.rmdir(parent: d.ino, name: "sub", now: now)
+        // Open on A while unlinked there: an orphan of A's, not B's, until A deletes it. B's is
+        // the directory it removed.
+        _ = try a.unlink(parent: d.ino, name: "f6", now: now, isOpen: { _ in true })
+        #expect(try a.orphans() == [files[6].0])
+        #expect(try b.orphans() == [sub.ino])   // a removed directory waits for the kernel to forget it
+        func flush() {
+            for m in [a, b] { (m as! KVMetadataEngine<EtcdTransactionalStore>).store.flushCounters() }
+        }
+        flush()
+        #expect(try a.stats() == scanned())
+        try a.deleteInode(files[6].0)
+        try b.deleteInode(sub.ino)
+        #expect(try a.orphans() == [] && b.orphans() == [])
+        // A's last change is not flushed yet: its own count has it already; B's has it once flushed.
+        let want = try scanned()
+        #expect(want.files == 40 - 3 && want.directories == 2 && want.symlinks == 1)
+        #expect(try a.stats() == want)
+        flush()
+        #expect(try a.stats() == want)
+        #expect(try b.stats() == want)
+    }
+
     @Test func unreachableClusterIsAClearError() {
         let port = freeLoopbackPort()
         let e = #expect(throws: FSError.self) { _ = try MetadataURL.open("etcd://127.0.0.1:\(port)", rootUID: 0, rootGID: 0) }

@@ -709,7 +709,7 @@ final class ScriptedPeer: @unchecked Sendable {
         }
 
         // Released while etcd is down: still held, retried, gone once etcd answers again.
-        try lock.acquire(InodeNumber(7))
+        _ = try lock.acquire(InodeNumber(7))
         #expect(try holder(7) == "holder")
         try etcdOutage {
             lock.release(InodeNumber(7))
@@ -719,9 +719,9 @@ final class ScriptedPeer: @unchecked Sendable {
         #expect(try holder(7) == nil)
 
         // Released while etcd is down, then taken again by this node: the retry leaves it be.
-        try lock.acquire(InodeNumber(8))
+        _ = try lock.acquire(InodeNumber(8))
         try etcdOutage { lock.release(InodeNumber(8)) }
-        try lock.acquire(InodeNumber(8))
+        _ = try lock.acquire(InodeNumber(8))
         #expect(lock.unreleasedCount == 0)
         lock.release(InodeNumber(9))   // a lock never taken: a delete that finds nothing, at once
         #expect(lock.unreleasedCount == 0)

@@ -18,8 +18,9 @@ from cluster import pack_blocks
 from mfs import MODELFS_BIN, MiB, assert_bytes_equal, pack_records, read_file, run, wait_until, write_file
 from test_cluster import etcd, make_nodes, payload  # noqa: F401  (fixtures)
 
-# Fast healing for tests: a node down 2 s is dead; the healer passes every second.
-HEAL = ["--dead-after", "2", "--heal-interval", "1", "--scrub-rate", "0"]
+# Fast healing for tests: a node down 2 s is dead; the healer looks every second and reads the
+# whole namespace every second too (these tests wait for a pass after the copies they see).
+HEAL = ["--dead-after", "2", "--heal-interval", "1", "--heal-full-every", "1", "--scrub-rate", "0"]
 
 
 def copies(nodes, blocks) -> dict[str, int]:

@@ -191,7 +191,7 @@ def test_close_after_extending_a_file_is_not_proportional_to_its_size(mnt):
 
 FIO = shutil.which("fio")
 
-FIO_GLOBAL = {"verify": "crc32c", "verify_fatal": "1", "verify_backlog": "0", "group_reporting": "0",
+FIO_GLOBAL = {"verify": "crc32c", "verify_fatal": "1", "verify_backlog": "0", "group_reporting": "0", "verify_state_save": "0",
               "randrepeat": "1", "end_fsync": "1"}
 FIO_JOBS = {
     # name -> (options, bytes each job must write)

@@ -1,0 +1,253 @@
+"""The network lab (issue #26): 5 hosts and a 3-member etcd, each in its own network namespace,
+every link shaped to 1 Gbit/s (Tests/integration/lab.py). Partitions and faults, each test
+asserting that nothing is lost: a pair of hosts cut, a host cut off from its peers (K=1 and
+K=2), a host cut off from everything (the etcd minority side), a writer cut off past its lease
+(fenced), the etcd leader killed under a write load.
+
+One lab serves the module; each test works in a directory of its own, and a fixture restores
+every link, host and etcd member after it (a test that fails leaves no cut behind)."""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import threading
+import time
+import uuid
+
+import pytest
+
+from lab import Lab
+from mfs import MODELFS_BIN, MiB, assert_bytes_equal, read_file, run, wait_until, write_file
+
+HOSTS = 5
+NODE_ARGS = ["--replicas", "3", "--ack", "1", "--lease-ttl", "3", "--ack-timeout", "10", "--dead-after", "30",
+             "--heal-interval", "5", "--gc-delay", "120", "--cache-size", "256M"]
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (network namespaces)")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab = Lab(prefix=f"t{os.getpid() % 100000}", net="10.78")
+    try:
+        lab.up(HOSTS, link="1gbit", host_args=NODE_ARGS)
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture
+def work(lab):
+    """A fresh directory name for the test; afterwards every cut is restored and every host and
+    etcd member runs again, all hosts seeing each other."""
+    name = "t-" + uuid.uuid4().hex[:8]
+    os.mkdir(lab.host(1) / name)
+    yield name
+    for i in range(1, HOSTS + 1):
+        lab.restore(f"h{i}")
+        for j in range(i + 1, HOSTS + 1):
+            lab.restore_pair(f"h{i}", f"h{j}")
+    for i in range(1, lab.state["etcd"] + 1):
+        lab.restore(f"e{i}")
+        if not lab.etcd_alive(i):
+            lab.start_etcd(i)
+    wait_until(lab.etcd_healthy, 60, interval=0.2, what="etcd to be whole again")
+    for i, h in lab.hosts.items():
+        if h.proc is None or h.proc.poll() is not None:
+            h.start()
+    lab.wait_all_up()
+
+
+def payload(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def least_copies(path) -> int:
+    """Live copies of the least-copied block of the file at `path`, by a census of every node
+    (the `user.modelfs.replicas` xattr, answered by the node that mounts `path`)."""
+    return int(os.getxattr(path, "user.modelfs.replicas"))
+
+
+def test_every_host_has_its_own_address_and_a_shaped_link(lab, work):
+    st = lab.host(1).cluster_status()
+    addrs = {n["id"]: n["address"] for n in st["nodes"]}
+    assert addrs == {f"h{i}": f"{lab.host_addr(i)}:7420" for i in range(1, HOSTS + 1)}
+    for i in range(1, HOSTS + 1):
+        q = lab.host(i).run_in("tc", "qdisc", "show", "dev", "eth0").stdout
+        assert "tbf" in q and "rate 1Gbit" in q, q
+    # Written on one host, read bit-exact on every other one.
+    data = payload(24 * MiB, 1)
+    write_file(lab.host(1) / work / "model.bin", data)
+    for i in range(2, HOSTS + 1):
+        assert_bytes_equal(read_file(lab.host(i) / work / "model.bin"), data, f"read on h{i}")
+
+
+def test_a_pair_cut_reads_and_replication_route_around_it(lab, work):
+    h1, h2 = lab.host(1), lab.host(2)
+    lab.cut_pair("h1", "h2")
+    # Replication: every block of a file written on h1 gets its 3 copies although placement
+    # names h2 for some of them, which h1 cannot reach.
+    data = payload(32 * MiB, 2)
+    write_file(h1 / work / "written-during-the-cut.bin", data)
+    r = h1.sync(h1 / work, timeout=60)
+    assert r.returncode == 0, f"sync with h1<->h2 cut: {r.stdout}{r.stderr}\n{h1.log_tail(3000)}"
+    assert least_copies(h1 / work / "written-during-the-cut.bin") >= 3
+    # Reads: h2 reads what h1 wrote from the other holders.
+    t = time.monotonic()
+    assert_bytes_equal(read_file(h2 / work / "written-during-the-cut.bin"), data, "read on h2, cut from the writer")
+    assert time.monotonic() - t < 30
+
+
+def test_a_host_cut_off_from_its_peers_keeps_writing_then_replicates(lab, work):
+    h1 = lab.host(1)
+    for i in range(2, HOSTS + 1):
+        lab.cut_pair("h1", f"h{i}")
+    files = {f"f{i}.bin": payload(4 * MiB + i, 10 + i) for i in range(4)}
+    for name, data in files.items():
+        t = time.monotonic()
+        write_file(h1 / work / name, data)   # K=1: close() does not wait for the network
+        assert time.monotonic() - t < 5, "close() with K=1 waited for unreachable peers"
+    rep = h1.cluster_status()["replication"]
+    assert rep["pendingBytes"] >= sum(map(len, files.values())), rep
+    wait_until(lambda: h1.cluster_status()["replication"]["oldestPendingSeconds"] > 1, 10, what="pending age to show")
+    for i in range(2, HOSTS + 1):
+        lab.restore_pair("h1", f"h{i}")
+    r = h1.sync(h1 / work, timeout=90)
+    assert r.returncode == 0, f"sync after the peers came back: {r.stdout}{r.stderr}"
+    for name, data in files.items():
+        assert_bytes_equal(read_file(lab.host(3) / work / name), data, f"{name} on h3")
+        assert least_copies(h1 / work / name) >= 3, name
+
+
+def test_k2_close_fails_after_the_ack_timeout_and_keeps_the_data(lab, work):
+    h1 = lab.host(1)
+    d = h1 / work / "k2"
+    d.mkdir()
+    r = run([MODELFS_BIN, "policy", "set", d, "--replicas", "3", "--ack", "2"])
+    assert r.returncode == 0, r.stderr
+    for i in range(2, HOSTS + 1):
+        lab.cut_pair("h1", f"h{i}")
+    data = payload(3 * MiB, 20)
+    t = time.monotonic()
+    with pytest.raises(OSError) as e:
+        write_file(d / "needs-two.bin", data)
+    took = time.monotonic() - t
+    assert e.value.errno == errno.EIO, e.value
+    assert 8 <= took < 40, f"close() failed after {took:.1f} s (--ack-timeout 10)"
+    assert "2 durable copies not reached" in h1.log_tail(20000)
+    # The version is committed and kept here, and its job stays queued.
+    assert_bytes_equal(read_file(d / "needs-two.bin"), data, "the file on h1 after the failed close")
+    assert h1.cluster_status()["replication"]["pendingBytes"] >= len(data)
+    for i in range(2, HOSTS + 1):
+        lab.restore_pair("h1", f"h{i}")
+    r = h1.sync(d, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert_bytes_equal(read_file(lab.host(4) / work / "k2" / "needs-two.bin"), data, "on h4 once replicated")
+
+
+def test_a_host_cut_off_entirely_reads_what_it_holds_and_fails_metadata_changes(lab, work):
+    """The etcd minority side: h1 reaches neither etcd nor its peers."""
+    h1 = lab.host(1)
+    data = payload(6 * MiB, 30)
+    write_file(h1 / work / "held.bin", data)
+    f = open(h1 / work / "held.bin", "rb")
+    try:
+        lab.cut("h1")
+        assert_bytes_equal(f.read(), data, "an open file read on h1, cut off")
+    finally:
+        f.close()
+    t = time.monotonic()
+    with pytest.raises(OSError) as e:
+        os.mkdir(h1 / work / "made-while-cut")
+    assert e.value.errno == errno.EIO, e.value
+    assert time.monotonic() - t < 60, "a metadata change on the cut-off host did not fail within 60 s"
+    # Meanwhile the majority side carries on.
+    write_file(lab.host(2) / work / "written-on-h2.bin", data[:MiB])
+    lab.restore("h1")
+    lab.wait_all_up()
+    # Nothing diverged: the failed mkdir left no trace, h2's file shows on h1.
+    assert not os.path.exists(lab.host(3) / work / "made-while-cut")
+    wait_until(lambda: os.path.exists(h1 / work / "written-on-h2.bin"), 10, what="h2's file on h1")
+    assert read_file(h1 / work / "written-on-h2.bin") == data[:MiB]
+    os.mkdir(h1 / work / "made-after")
+
+
+def test_a_writer_cut_off_past_its_lease_is_fenced(lab, work):
+    """h1 holds a file open for writing and is cut off; its lease expires, h2 writes the file;
+    h1 returns: its late writes are refused (its close() fails), never merged over h2's version."""
+    h1, h2 = lab.host(1), lab.host(2)
+    path1, path2 = h1 / work / "contended.bin", h2 / work / "contended.bin"
+    write_file(path1, b"v1" * 1000)
+    f = open(path1, "r+b")
+    try:
+        f.write(b"h1 was here")
+        f.flush()
+        lab.cut("h1")
+        # h1's lease (3 s) expires; h2 may then take the file.
+        wait_until(lambda: not any(n["up"] for n in h2.cluster_status()["nodes"] if n["id"] == "h1"), 30,
+                   interval=0.2, what="h1's lease to expire")
+        newer = payload(2 * MiB, 40)
+        wait_until(lambda: _try_write(path2, newer), 20, interval=0.5, what="h2 to take the file")
+        lab.restore("h1")
+        wait_until(lambda: any(n["id"] == "h1" and n["up"] for n in h2.cluster_status()["nodes"]), 30,
+                   interval=0.2, what="h1 to be back")
+        with pytest.raises(OSError) as e:
+            f.write(b"late write from h1" * 1000)
+            f.close()
+        assert e.value.errno in (errno.EIO, errno.ESTALE, errno.EBUSY), e.value
+    finally:
+        try:
+            f.close()
+        except OSError:
+            pass
+    for host in (h2, lab.host(3), h1):
+        wait_until(lambda: read_file(host / work / "contended.bin") == newer, 20,
+                   what=f"h2's version on {host.node_id}")
+    assert "fenced" in h1.log_tail(30000)
+
+
+def _try_write(path, data) -> bool:
+    try:
+        write_file(path, data)
+        return True
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            return False
+        raise
+
+
+def test_the_etcd_leader_killed_under_a_write_load(lab, work):
+    stop = threading.Event()
+    written: dict[str, bytes] = {}
+    errors: list[str] = []
+
+    def writer(host, tag):
+        n = 0
+        while not stop.is_set():
+            data = payload(512 * 1024 + n, hash((tag, n)) & 0xFFFF)
+            name = f"{tag}-{n}.bin"
+            try:
+                write_file(host / work / name, data)
+                written[name] = data
+            except OSError as e:
+                errors.append(f"{name}: {e}")
+            n += 1
+
+    threads = [threading.Thread(target=writer, args=(lab.host(i), f"w{i}")) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(written) >= 10, 30, what="the load to start")
+        before = len(written)
+        killed = lab.kill_etcd_leader()
+        wait_until(lambda: lab.etcd_leader() not in (None, killed), 30, interval=0.2, what="a new etcd leader")
+        wait_until(lambda: len(written) >= before + 20, 60, what="the load to go on after the leader died")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert not errors, f"writes failed while the etcd leader changed: {errors[:5]}"
+    reader = lab.host(3)
+    for name, data in written.items():
+        assert read_file(reader / work / name) == data, name
