@@ -16,7 +16,9 @@ import Synchronization
 /// Keys, under `/modelfs/NAME/` (inode numbers as 16 hex digits):
 ///   i/INO          inode record (JSON; "o" names the node that wrote it)
 ///   m/INO          manifest bytes (large manifests are blocks; this holds their reference)
-///   e/PARENT/NAME  directory entry "INO,KIND,ORIGIN"; its create revision is the readdir cookie
+///   e/PARENT/NAME  directory entry "INO,KIND[:SUB],ORIGIN"; the readdir cookie is its create
+///                  revision × 256 + SUB, SUB numbering the entries one transaction adds (0 for the
+///                  first, and omitted): several entries of one txn share a create revision
 ///   x/INO/NAME     xattr value
 ///   n/next_ino     the next unreserved inode number: nodes reserve 1024 at a time
 ///   t/CLIENT/SLOT  commit markers (one per concurrent writer of a client)
@@ -305,6 +307,8 @@ final class EtcdTransaction: MetadataTransaction {
     var writes: [Data: Data?] = [:]
     /// Values read (nil: absent), for the counters (`EtcdTransactionalStore.count`).
     var readValues: [Data: Data?] = [:]
+    /// Entries added so far (their SUB: see the key schema).
+    var entriesAdded = 0
 
     init(store: EtcdTransactionalStore, writable: Bool) { self.store = store; self.writable = writable }
 
@@ -408,23 +412,48 @@ final class EtcdTransaction: MetadataTransaction {
     func manifest(_ ino: InodeNumber) throws -> Data? { try get(manifestKey(ino)) }
     func putManifest(_ ino: InodeNumber, _ data: Data) throws { put(manifestKey(ino), data) }
 
-    /// "INO,KIND,ORIGIN" (the origin: the client that wrote it, for watchers).
-    static func decodeEntry(_ data: Data) -> EntryRecord? {
+    /// "INO,KIND[:SUB],ORIGIN" (the origin: the client that wrote it, for watchers).
+    static func decodeEntry(_ data: Data) -> EntryRecord? { decodeEntryAndSub(data)?.0 }
+
+    static func decodeEntryAndSub(_ data: Data) -> (EntryRecord, UInt64)? {
         let parts = String(decoding: data, as: UTF8.self).split(separator: ",", maxSplits: 2)
-        guard parts.count >= 2, let ino = UInt64(parts[0]), let k = UInt8(parts[1]), let kind = FileKind(rawValue: k) else { return nil }
-        return EntryRecord(ino: InodeNumber(ino), kind: kind)
+        guard parts.count >= 2, let ino = UInt64(parts[0]) else { return nil }
+        let kindAndSub = parts[1].split(separator: ":", maxSplits: 1)
+        guard let k = UInt8(kindAndSub[0]), let kind = FileKind(rawValue: k) else { return nil }
+        let sub = kindAndSub.count > 1 ? UInt64(kindAndSub[1]) ?? 0 : 0
+        return (EntryRecord(ino: InodeNumber(ino), kind: kind), min(sub, 255))
     }
 
     func entry(_ parent: InodeNumber, _ name: String) throws -> EntryRecord? {
         try get(entryPrefix(parent) + Data(name.utf8)).flatMap(Self.decodeEntry)
     }
 
-    /// The entry's cookie is the create revision etcd gives its key: greater than any before.
+    /// The entry's cookie comes from the create revision etcd gives its key (greater than any
+    /// before) and its number among the entries this transaction adds (a txn holds at most 128
+    /// operations, so fewer than 256 entries).
     func addEntry(_ parent: InodeNumber, _ name: String, _ e: EntryRecord) throws {
-        put(entryPrefix(parent) + Data(name.utf8), Data("\(e.ino.rawValue),\(e.kind.rawValue),\(store.clientID)".utf8))
+        let sub = entriesAdded
+        entriesAdded += 1
+        let kind = sub == 0 ? "\(e.kind.rawValue)" : "\(e.kind.rawValue):\(sub)"
+        put(entryPrefix(parent) + Data(name.utf8), Data("\(e.ino.rawValue),\(kind),\(store.clientID)".utf8))
     }
 
     func removeEntry(_ parent: InodeNumber, _ name: String) throws { delete(entryPrefix(parent) + Data(name.utf8)) }
+
+    /// One keys-only listing of the directory instead of a read per name (the listed range is
+    /// then checked at commit: no entry may appear in it meanwhile).
+    func existingNames(_ dir: InodeNumber, among names: [String]) throws -> Set<String> {
+        guard names.count > 4 else { return Set(try names.filter { try entry(dir, $0) != nil }) }
+        let prefix = entryPrefix(dir)
+        var o = EtcdClient.RangeOptions()
+        o.keysOnly = true
+        var present = Set(try list(prefix, o).map { String(decoding: $0.key.dropFirst(prefix.count), as: UTF8.self) })
+        for (k, v) in writes where k.starts(with: prefix) {
+            let name = String(decoding: k.dropFirst(prefix.count), as: UTF8.self)
+            if v == nil { present.remove(name) } else { present.insert(name) }
+        }
+        return present.intersection(names)
+    }
 
     func hasEntries(_ dir: InodeNumber) throws -> Bool {
         let prefix = entryPrefix(dir)
@@ -439,17 +468,21 @@ final class EtcdTransaction: MetadataTransaction {
         return try list(prefix, o).contains { writes[$0.key] == nil }
     }
 
+    /// From the revision of `cookie` on, 255 more than asked for (the most that one transaction
+    /// can add beside an entry), so a page still holds `limit` entries after those at or before
+    /// the cookie within its revision are left out.
     func entries(_ dir: InodeNumber, after cookie: UInt64, limit: Int) throws -> [DirectoryEntry] {
         let prefix = entryPrefix(dir)
         var o = EtcdClient.RangeOptions()
-        o.limit = Int64(limit)
-        o.minCreateRevision = Int64(cookie) + 1
+        o.limit = Int64(limit + 255)
+        o.minCreateRevision = Int64(cookie >> 8)
         o.sortByCreateRevision = true
-        return try list(prefix, o).compactMap { kv in
-            guard let e = Self.decodeEntry(kv.value) else { return nil }
+        let all = try list(prefix, o).compactMap { kv -> DirectoryEntry? in
+            guard let (e, sub) = Self.decodeEntryAndSub(kv.value) else { return nil }
             return DirectoryEntry(name: String(decoding: kv.key.dropFirst(prefix.count), as: UTF8.self), ino: e.ino,
-                                  kind: e.kind, cookie: UInt64(kv.createRevision))
+                                  kind: e.kind, cookie: UInt64(kv.createRevision) << 8 | sub)
         }
+        return Array(all.filter { $0.cookie > cookie }.sorted { $0.cookie < $1.cookie }.prefix(limit))
     }
 
     func xattr(_ ino: InodeNumber, _ name: String) throws -> Data? { try get(xattrPrefix(ino) + Data(name.utf8)) }

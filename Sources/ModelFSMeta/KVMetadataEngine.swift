@@ -77,9 +77,9 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
             var dir = try requireDirectory(tx, parent)
             var out: [InodeAttributes] = []
             var now = dir.attrs.mtime
+            if let taken = try tx.existingNames(parent, among: files.map(\.name)).first { throw FSError.exists("\(taken) exists") }
             for f in files {
                 precondition(f.new.kind == .regular, "createFiles makes regular files")
-                if try tx.entry(parent, f.name) != nil { throw FSError.exists("\(f.name) exists") }
                 let ino = try tx.allocateInode()
                 let attrs = InodeAttributes(ino: ino, kind: .regular, mode: f.new.mode & 0o7777, uid: f.new.uid, gid: f.new.gid,
                                             nlink: 1, size: f.size, atime: f.new.now, mtime: f.new.now, ctime: f.new.now, version: 1)

@@ -32,6 +32,8 @@ public protocol MetadataTransaction {
     func addEntry(_ parent: InodeNumber, _ name: String, _ entry: EntryRecord) throws
     func removeEntry(_ parent: InodeNumber, _ name: String) throws
     func hasEntries(_ dir: InodeNumber) throws -> Bool
+    /// Which of `names` are entries of `dir` (an engine may answer with one read).
+    func existingNames(_ dir: InodeNumber, among names: [String]) throws -> Set<String>
     func entries(_ dir: InodeNumber, after cookie: UInt64, limit: Int) throws -> [DirectoryEntry]
 
     func xattr(_ ino: InodeNumber, _ name: String) throws -> Data?
@@ -56,6 +58,9 @@ public protocol MetadataTransaction {
 
 extension MetadataTransaction {
     public func checkFence(_ ino: InodeNumber, _ fence: CommitFence, version: UInt64) throws {}
+    public func existingNames(_ dir: InodeNumber, among names: [String]) throws -> Set<String> {
+        Set(try names.filter { try entry(dir, $0) != nil })
+    }
     public func inodesAndManifests(_ inos: [InodeNumber]) throws -> [(InodeRecord?, Data?)] {
         try inos.map { (try inode($0), try manifest($0)) }
     }

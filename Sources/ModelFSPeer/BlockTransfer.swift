@@ -34,6 +34,8 @@ final class BlockTransfer: Sendable {
 
     struct Response {
         var status: Int
+        /// A 503's `Retry-After`, in seconds.
+        var retryAfter: Double? = nil
         /// The whole body when the status is 200 and it fitted `limit`.
         var buffer: BlockBuffer?
         var digest: BlockID?
@@ -96,6 +98,8 @@ final class BlockTransfer: Sendable {
     /// request is sent again once on a new connection (a GET changes nothing; a PUT stores a
     /// block under its own hash, so storing it twice is storing it once).
     private func exchange(_ method: String, _ path: String, _ address: String, _ body: Body, blockLimit: Int?) throws -> Response {
+        acquireSlot(address)
+        defer { releaseSlot(address) }
         if let fd = take(address) {
             do { return try exchange(fd, method, path, address, body, blockLimit) } catch is Stale {
                 // The peer closed it: it restarted or timed us out, and the others it closed too.
@@ -112,6 +116,15 @@ final class BlockTransfer: Sendable {
 
     /// The connection ended before the first byte of the answer.
     private struct Stale: Error {}
+
+    /// Exchanges under way with one peer at most: a node's readers, readahead, replication and
+    /// healing together keep at most this many connections to a server, so a server's connection
+    /// cap (1,024) serves 64 such nodes at full tilt and many more that read less at once (a
+    /// 256-reader load is served; past the cap the server answers 503 and the request waits).
+    static let maxPerPeer = 16
+    private let slots = PeerSlots(limit: BlockTransfer.maxPerPeer)
+    private func acquireSlot(_ address: String) { slots.acquire(address) }
+    private func releaseSlot(_ address: String) { slots.release(address) }
 
     /// Sends the request on `fd` and reads the answer; `fd` goes back to the pool or is closed.
     private func exchange(_ fd: Int32, _ method: String, _ path: String, _ address: String, _ body: Body,
@@ -151,7 +164,7 @@ final class BlockTransfer: Sendable {
             throw TransportError(description: "\(address) sent a malformed HTTP response")
         }
         let extra = have - headEnd
-        var response = Response(status: parsed.status, buffer: nil, digest: nil, text: "")
+        var response = Response(status: parsed.status, retryAfter: parsed.retryAfter, buffer: nil, digest: nil, text: "")
         if parsed.status == 200, let limit = blockLimit, parsed.length <= limit {
             let buffer = BlockBuffer(count: parsed.length)
             guard extra <= parsed.length else { throw TransportError(description: "\(address) sent more than its Content-Length") }
@@ -280,12 +293,13 @@ final class BlockTransfer: Sendable {
     }
 
     /// Status, Content-Length (required) and whether the connection stays open.
-    static func parseHead(_ bytes: ArraySlice<UInt8>) -> (status: Int, length: Int, keepAlive: Bool)? {
+    static func parseHead(_ bytes: ArraySlice<UInt8>) -> (status: Int, length: Int, keepAlive: Bool, retryAfter: Double?)? {
         let lines = String(decoding: bytes, as: UTF8.self).split(separator: "\r\n", omittingEmptySubsequences: true)
         guard let first = lines.first else { return nil }
         let parts = first.split(separator: " ", maxSplits: 2)
         guard parts.count >= 2, parts[0].hasPrefix("HTTP/1."), let status = Int(parts[1]), (100...599).contains(status) else { return nil }
         var length: Int?
+        var retryAfter: Double?
         var keepAlive = parts[0] == "HTTP/1.1"
         for line in lines.dropFirst() {
             guard let colon = line.firstIndex(of: ":") else { return nil }
@@ -300,12 +314,14 @@ final class BlockTransfer: Sendable {
                 if v == "close" { keepAlive = false } else if v == "keep-alive" { keepAlive = true }
             case "transfer-encoding":
                 return nil   // the peer server always sends a Content-Length
+            case "retry-after":
+                retryAfter = Double(value)
             default:
                 break
             }
         }
         guard let length else { return nil }
-        return (status, length, keepAlive)
+        return (status, length, keepAlive, retryAfter)
     }
 
     /// A connected TCP socket to "host:port", within `connectTimeout`.
@@ -380,5 +396,28 @@ final class BlockTransfer: Sendable {
         let port = address[address.index(after: colon)...]
         guard !port.isEmpty, port.allSatisfy(\.isNumber) else { return nil }
         return (String(address[..<colon]), String(port))
+    }
+}
+
+/// At most `limit` holders per key at once; the others wait (`BlockTransfer.maxPerPeer`).
+final class PeerSlots: @unchecked Sendable {
+    let limit: Int
+    private let condition = NSCondition()
+    private var held: [String: Int] = [:]   // guarded by `condition`
+    init(limit: Int) { self.limit = limit }
+
+    func acquire(_ key: String) {
+        condition.lock()
+        while held[key, default: 0] >= limit { condition.wait() }
+        held[key, default: 0] += 1
+        condition.unlock()
+    }
+
+    func release(_ key: String) {
+        condition.lock()
+        held[key, default: 0] -= 1
+        if held[key] == 0 { held[key] = nil }
+        condition.broadcast()
+        condition.unlock()
     }
 }

@@ -132,7 +132,7 @@ public final class Healer: @unchecked Sendable {
     /// the mean; they are not "under-filled", and nothing moves. A node that just joined is.
     static let underFilled = 0.5
     /// Bytes rebalancing copies per pass at most.
-    static let moveBudget: UInt64 = 1 << 30
+    public static let moveBudget: UInt64 = 1 << 30
     private let state = Mutex(HealStatus())
     /// Seconds after which a pass runs with nothing changed (anti-entropy).
     let fullEvery: Double
@@ -227,12 +227,14 @@ public final class Healer: @unchecked Sendable {
         while !stopped.withLock({ $0 }) {
             if !isLeader() {
                 lastPass.withLock { $0.situation = nil }   // should this node become the healer, it starts with a pass
-            } else if reasonForPass() != nil {
+            } else if let reason = reasonForPass() {
                 let seen = situation()
                 do {
                     let plan = try pass()
                     let leftWork = plan.copiedBytes > 0 || plan.dropped > 0 || plan.moves > 0 || !plan.errors.isEmpty
                     lastPass.withLock { $0 = (seen, leftWork, Date()) }
+                    let s = localStatus
+                    Log.info("healer: a pass (\(reason)) read \(s.files) files in \(String(format: "%.1f", s.lastPassSeconds)) s: \(plan.short) blocks short, \(plan.copiedBytes) bytes copied, \(plan.dropped) copies dropped\(plan.errors.first.map { "; \($0)" } ?? "")")
                 } catch {
                     lastPass.withLock { $0 = (seen, true, Date()) }
                     state.withLock { $0.lastError = "\(error)"; $0.running = false }
@@ -271,6 +273,7 @@ public final class Healer: @unchecked Sendable {
     public func pass() throws -> Plan {
         let began = Date()
         state.withLock { $0.running = true; $0.healer = membership.me.id }
+        publish()
         var want: [BlockID: Want] = [:]
         var files = 0
         let now = Timestamp.now().totalNanoseconds
@@ -325,18 +328,39 @@ public final class Healer: @unchecked Sendable {
         public var errors: [String] = []
     }
 
+    /// A copy the planner asks for: block `id` (with `have` good copies now) from one of `from`
+    /// to each of `to`; `urgent` when it is down to its last live copy.
+    public struct Copy: Sendable {
+        public var id: BlockID
+        public var have: Int
+        public var length: UInt32
+        public var from: [NodeInfo]
+        public var to: [NodeInfo]
+        public var urgent: Bool
+    }
+
     /// Finds what `want` lacks on the live nodes and, with `act`, copies and drops to fix it.
     /// Also used by `modelfs verify` for the blocks under a path.
     public func repair(_ want: [BlockID: Want], act: Bool) throws -> Plan {
-        var plan = Plan()
         let ids = Array(want.keys)
         let (holders, failed) = replicator.census(ids)
-        if !failed.isEmpty { plan.errors.append("nodes \(failed.joined(separator: ",")) did not answer which blocks they hold") }
         let draining = membership.draining
         let live = membership.nodes
+        var (plan, copies, drops) = Healer.plan(want: want, holders: holders, live: live, draining: draining, everyNodeAnswered: failed.isEmpty)
+        if !failed.isEmpty { plan.errors.insert("nodes \(failed.joined(separator: ",")) did not answer which blocks they hold", at: 0) }
+        guard act else { return plan }
+        return try execute(plan, copies: copies, drops: drops)
+    }
+
+    /// The healing planner, pure (the simulator runs it too, `modelfs debug simulate`): from
+    /// what each block wants and which live nodes hold it, the copies to make (fewest copies
+    /// first) and the copies to drop. Drops and rebalancing need `everyNodeAnswered`.
+    public static func plan(want: [BlockID: Want], holders: [BlockID: [String]], live: [NodeInfo], draining: Set<String>,
+                            everyNodeAnswered: Bool, moveBudget: UInt64 = Healer.moveBudget) -> (Plan, [Copy], [(BlockID, NodeInfo)]) {
+        var plan = Plan()
         let byID = Dictionary(live.map { ($0.id, $0) }, uniquingKeysWith: { a, _ in a })
         let targetsPool = live.filter { !draining.contains($0.id) }
-        var copies: [(id: BlockID, have: Int, length: UInt32, from: [NodeInfo], to: [NodeInfo], urgent: Bool)] = []
+        var copies: [Copy] = []
         var drops: [(BlockID, NodeInfo)] = []
         var moveCandidates: [(BlockID, UInt32, NodeInfo)] = []
         for (id, w) in want {
@@ -359,11 +383,13 @@ public final class Healer: @unchecked Sendable {
                     .filter { !h.contains($0.id) }.prefix(w.copies - good.count)
                 // One live copy left (a draining node's counts: it still serves): it does not
                 // wait for the foreground.
-                if !to.isEmpty { copies.append((id, good.count, w.length, h.compactMap { byID[$0] }, Array(to), h.count <= 1)) }
+                if !to.isEmpty {
+                    copies.append(Copy(id: id, have: good.count, length: w.length, from: h.compactMap { byID[$0] }, to: Array(to), urgent: h.count <= 1))
+                }
                 continue
             }
             // Enough copies: only with every node's answer is anything dropped or moved.
-            guard failed.isEmpty, w.settled else { continue }
+            guard everyNodeAnswered, w.settled else { continue }
             for d in h where draining.contains(d) { if let n = byID[d] { drops.append((id, n)) } }
             let top = Placement.targets(id, nodes: targetsPool, replicas: w.copies, writer: nil, spreadLabel: w.spread)
             if good.count > w.copies {
@@ -384,22 +410,34 @@ public final class Healer: @unchecked Sendable {
         if plan.short == 0, !targetsPool.isEmpty {
             let mean = Double(targetsPool.reduce(UInt64(0)) { $0 + $1.usedBytes }) / Double(targetsPool.count)
             var incoming: [String: UInt64] = [:]
-            var budget = Self.moveBudget
+            var budget = moveBudget
             for (id, length, t) in moveCandidates where budget > 0 {
                 let after = Double(t.usedBytes + incoming[t.id, default: 0] + UInt64(length))
                 guard after < mean * Self.underFilled else { continue }
                 incoming[t.id, default: 0] += UInt64(length)
                 budget -= min(budget, UInt64(length))
-                copies.append((id: id, have: Int.max, length: length, from: (holders[id] ?? []).compactMap { byID[$0] }, to: [t], urgent: false))
+                copies.append(Copy(id: id, have: Int.max, length: length, from: (holders[id] ?? []).compactMap { byID[$0] }, to: [t], urgent: false))
                 plan.moves += 1
             }
         }
         for d in draining where plan.draining[d] == nil && byID[d] != nil { plan.draining[d] = 0 }
-        guard act else { return plan }
-        // Fewest copies first: a block down to one copy is one failure away from loss. Each
-        // block's holder sends it (this node directly, others through POST /v1/copy), in
-        // batches per holder, every holder at once.
+        // Fewest copies first: a block down to one copy is one failure away from loss.
         copies.sort { $0.have < $1.have }
+        return (plan, copies, drops)
+    }
+
+    /// The holder that sends a copy: the block id picks one, each pass another (so a holder whose
+    /// copy turns out bad is not asked forever).
+    public static func source(of c: Copy, pass: Int) -> NodeInfo? {
+        let holders = c.from.sorted { $0.id < $1.id }
+        guard !holders.isEmpty else { return nil }
+        return holders[Int((c.id.w0 &+ UInt64(pass)) % UInt64(holders.count))]
+    }
+
+    /// Makes the planned copies and drops. Each block's holder sends it (this node directly,
+    /// others through POST /v1/copy), in batches per holder, every holder at once.
+    func execute(_ planned: Plan, copies: [Copy], drops: [(BlockID, NodeInfo)]) throws -> Plan {
+        var plan = planned
         let started = Date()
         let me = membership.me.id
         let pass = state.withLock { $0.passes }
@@ -410,11 +448,7 @@ public final class Healer: @unchecked Sendable {
         let pacer = Pacer(rate: rate)
         var bySource: [String: Int] = [:]
         for c in copies {
-            // Spread the sending over the holders (the block id picks one; each pass another,
-            // so a holder whose copy turns out bad is not asked forever).
-            let holders = c.from.sorted { $0.id < $1.id }
-            guard !holders.isEmpty else { plan.errors.append("block \(c.id.hex) has no holder to copy from"); continue }
-            let source = holders[Int((c.id.w0 &+ UInt64(pass)) % UInt64(holders.count))]
+            guard let source = Self.source(of: c, pass: pass) else { plan.errors.append("block \(c.id.hex) has no holder to copy from"); continue }
             let item = CopyOrder.Item(id: c.id.hex, to: c.to, urgent: c.urgent ? true : nil)
             let bytes = UInt64(c.length) * UInt64(c.to.count)
             if let i = bySource[source.id], batches[i].items.count < Self.batch, batches[i].bytes + bytes <= batchBytes {

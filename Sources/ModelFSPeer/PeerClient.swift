@@ -68,6 +68,20 @@ public final class PeerClient: Sendable {
 
     /// `evenIfBackedOff`: try a peer in its backoff window too (the last resort of a read whose
     /// every holder failed lately: right after a cut link heals, every peer is still backed off).
+    /// A server at its connection cap answers 503 with `Retry-After`: the request waits that long
+    /// (at most 2 s, with jitter so a crowd does not come back at once) and is sent again, up to
+    /// `busyAttempts` times; then the 503 is the answer (the caller tries another holder).
+    static let busyAttempts = 8
+    func busyRetried(_ exchange: () throws -> BlockTransfer.Response) throws -> BlockTransfer.Response {
+        var r = try exchange()
+        for _ in 1..<Self.busyAttempts where r.status == 503 {
+            guard let wait = r.retryAfter else { break }   // a 503 that does not say "come back" is an answer
+            Thread.sleep(forTimeInterval: min(wait, 2) * Double.random(in: 0.5...1.5))
+            r = try exchange()
+        }
+        return r
+    }
+
     func reach<T>(_ node: NodeInfo, evenIfBackedOff: Bool = false, _ exchange: () throws -> T) throws -> T {
         if !evenIfBackedOff, let u = unreachable.withLock({ $0[node.id] }), u.until > Date() {
             throw FSError.io("peer \(node.id) at \(node.address) unreachable (\(u.reason)); not retried for \(Int(Self.backoff)) s")
@@ -102,7 +116,7 @@ public final class PeerClient: Sendable {
     /// The block from `node`, verified; nil if the node has no (good) copy. The body is received
     /// straight into block memory and hashed as it arrives, on the calling thread.
     public func get(_ id: BlockID, from node: NodeInfo, evenIfBackedOff: Bool = false) throws -> BlockBuffer? {
-        let r = try reach(node, evenIfBackedOff: evenIfBackedOff) { try transfer.get("/v1/blocks/\(id.hex)", from: node.address, limit: PeerLimits.maxBlock) }
+        let r = try busyRetried { try reach(node, evenIfBackedOff: evenIfBackedOff) { try transfer.get("/v1/blocks/\(id.hex)", from: node.address, limit: PeerLimits.maxBlock) } }
         let status = HTTPResponseStatus(statusCode: r.status)
         if status == .notFound { return nil }
         guard status == .ok, let buffer = r.buffer else { throw failure(node, "GET \(id.hex)", status, r.text) }
@@ -146,12 +160,49 @@ public final class PeerClient: Sendable {
         return block.length
     }
 
-    private func put(_ id: BlockID, _ body: BlockTransfer.Body, to node: NodeInfo, durable: Bool, heal: HealCopy? = nil) throws {
-        let query = [durable ? "durable=1" : nil, heal.map { "heal=\($0.rawValue)" }].compactMap { $0 }.joined(separator: "&")
+    /// Returns the answer's text (a chained PUT's: the chain's nodes that stored the block).
+    @discardableResult
+    private func put(_ id: BlockID, _ body: BlockTransfer.Body, to node: NodeInfo, durable: Bool, heal: HealCopy? = nil,
+                     chain: [String] = []) throws -> String {
+        let query = [durable ? "durable=1" : nil, heal.map { "heal=\($0.rawValue)" },
+                     chain.isEmpty ? nil : "chain=" + chain.joined(separator: ",")].compactMap { $0 }.joined(separator: "&")
         let path = "/v1/blocks/\(id.hex)\(query.isEmpty ? "" : "?" + query)"
-        let r = try reach(node) { try transfer.put(path, to: node.address, body) }
+        let r = try busyRetried { try reach(node) { try transfer.put(path, to: node.address, body) } }
         let status = HTTPResponseStatus(statusCode: r.status)
         guard status == .ok || status == .created else { throw failure(node, "PUT \(id.hex)", status, r.text) }
+        return r.text
+    }
+
+    /// Chain replication: PUTs the block to `nodes[0]` only, which stores it and sends it on to
+    /// `nodes[1]`, and so on (each hop hashes what it received before storing or forwarding). The
+    /// sender's link carries the block once instead of once per copy. Returns the ids of the nodes
+    /// that stored it (`nodes[0]` first); one that failed, and every node after it, is missing.
+    /// The forwarding end of a chain (`PUT ...&chain=`): the chain's ids resolved among the live
+    /// nodes (never an address a request names), up to the first that is not live; the ids of
+    /// those that stored the block (none when the next one is not live or does not answer).
+    public func forward(_ block: OutgoingBlock, chain: [String], live: [NodeInfo], durable: Bool) -> [String] {
+        let next = chain.prefix { id in live.contains { $0.id == id } }.compactMap { id in live.first { $0.id == id } }
+        guard !next.isEmpty else { return [] }
+        return (try? putChained(block, to: next, durable: durable)) ?? []
+    }
+
+    public func putChained(_ block: OutgoingBlock, to nodes: [NodeInfo], durable: Bool) throws -> [String] {
+        guard let first = nodes.first else { return [] }
+        let rest = nodes.dropFirst().map(\.id)
+        let text: String
+        if let memory = block.memory {
+            text = try memory.withUnsafeBytes { all in
+                try put(block.id, .memory(UnsafeRawBufferPointer(rebasing: all[0..<block.length])), to: first, durable: durable, chain: rest)
+            }
+        } else {
+            guard let (fd, offset, length) = block.store.fileRangeForPeer(block.id) else {
+                throw FSError.io("block \(block.id.hex) is missing from this node's store")
+            }
+            defer { close(fd) }
+            text = try put(block.id, .file(fd: fd, offset: offset, count: length), to: first, durable: durable, chain: rest)
+        }
+        let below = Set(text.split(whereSeparator: { $0 == " " || $0 == "\n" }).map(String.init))
+        return [first.id] + rest.filter { below.contains($0) }
     }
 
     /// Which of `ids` the node holds as replicas.

@@ -94,7 +94,10 @@ public protocol PeerRoutes: Sendable {
 /// Limits: a request head ≤ 16 KiB (431 beyond), a body ≤ `maxBody` (413, the connection then
 /// closes), a Content-Length on every body (411 for chunked ones), at most `threads` block bodies
 /// being received or handled at once (the memory they take is bounded), at most
-/// `maxConnections` connections (503 beyond), and a connection that sends nothing for
+/// `maxConnections` connections (beyond, a new connection is answered 503 with `Retry-After: 1`
+/// and closed: a clear "come back" rather than a hang or a reset; clients wait that long and try
+/// again or another holder, and keep at most `BlockTransfer.maxPerPeer` connections to one
+/// server, so 256 readers of one host are served), and a connection that sends nothing for
 /// `idleSeconds` is closed.
 public final class PeerServer: @unchecked Sendable {
     /// The port bound (useful when asked for port 0).
@@ -103,16 +106,25 @@ public final class PeerServer: @unchecked Sendable {
     let routes: any PeerRoutes
     let maxBody: Int
     let bodySlots: DispatchSemaphore
-    private let connections = Mutex<(open: Set<Int32>, closing: Bool)>(([], false))
+    /// Open connections, and since when (uptime seconds) each one waiting for its next request
+    /// with nothing received has waited: those are the ones closed to make room at the cap.
+    private let connections = Mutex<(open: Set<Int32>, idle: [Int32: Double], closing: Bool)>(([], [:], false))
     private let running = DispatchGroup()
-    static let maxConnections = 1024
+    let maxConnections: Int
+    /// Connections refused with 503 because `maxConnections` were open.
+    public var refused: Int { refusedCount.withLock { $0 } }
+    private let refusedCount = Mutex(0)
+    /// Idle kept-alive connections closed to make room for a new one at the cap.
+    public var evicted: Int { evictedCount.withLock { $0 } }
+    private let evictedCount = Mutex(0)
     static let maxHead = 16 << 10
     static let idleSeconds = 120
     /// PUT bodies above this go to block memory (`PeerRequest.block`).
     static let blockBodyMin = 64 << 10
 
-    public init(host: String, port: Int, routes: any PeerRoutes, maxBody: Int, threads: Int = 8) throws {
+    public init(host: String, port: Int, routes: any PeerRoutes, maxBody: Int, threads: Int = 8, maxConnections: Int = 1024) throws {
         _ = BlockTransfer.ignoreSIGPIPE
+        self.maxConnections = maxConnections
         self.routes = routes
         self.maxBody = maxBody
         bodySlots = DispatchSemaphore(value: threads)
@@ -171,6 +183,12 @@ public final class PeerServer: @unchecked Sendable {
         close(listener)
     }
 
+    static func uptime() -> Double {
+        var t = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &t)
+        return Double(t.tv_sec) + Double(t.tv_nsec) / 1e9
+    }
+
     private func acceptLoop() {
         while true {
             let fd = accept(listener, nil, nil)
@@ -184,13 +202,26 @@ public final class PeerServer: @unchecked Sendable {
                 continue
             }
             let admitted = connections.withLock { c -> Bool in
-                guard !c.closing, c.open.count < Self.maxConnections else { return false }
+                guard !c.closing else { return false }
+                if c.open.count >= maxConnections {
+                    // At the cap: a kept-alive connection idle the longest makes room (its client
+                    // opens a new one when it next needs it); with none idle, 503.
+                    guard let (oldest, _) = c.idle.min(by: { $0.value < $1.value }) else { return false }
+                    c.idle[oldest] = nil
+                    _ = Glibc.shutdown(oldest, Int32(SHUT_RDWR))   // under the lock: the fd is still that connection
+                    evictedCount.withLock { $0 += 1 }
+                }
                 c.open.insert(fd)
                 return true
             }
             guard admitted else {
-                _ = Self.send(fd, Self.head(.serviceUnavailable, contentType: "text/plain", length: 0, keepAlive: false))
-                close(fd)
+                refusedCount.withLock { $0 += 1 }
+                let busy = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 0\r\n"
+                    + "Retry-After: 1\r\nConnection: close\r\n\r\n"
+                _ = Self.send(fd, Array(busy.utf8))
+                // Closed after the client's request is drained (off this thread: the accept loop
+                // must not wait), so the answer is not overtaken by a reset.
+                DispatchQueue.global().async { Self.lingeringClose(fd); close(fd) }
                 continue
             }
             running.enter()
@@ -199,6 +230,7 @@ public final class PeerServer: @unchecked Sendable {
                 Self.lingeringClose(fd)
                 connections.withLock { c in
                     c.open.remove(fd)
+                    c.idle[fd] = nil
                     close(fd)
                 }
                 running.leave()
@@ -217,6 +249,10 @@ public final class PeerServer: @unchecked Sendable {
         // Bytes received and not yet used: a head, the start of a body, a pipelined request.
         var buf = [UInt8](repeating: 0, count: Self.maxHead)
         var have = 0
+        // Idle (evictable at the cap) only between requests of a kept-alive connection: a new
+        // one waiting for its first request is about to send it, and closing it then would fail
+        // a client that has no earlier answer to show it was alive.
+        var served = false
         while true {
             var end = BlockTransfer.headEnd(buf, from: 0, to: have)
             while end == nil {
@@ -224,7 +260,10 @@ public final class PeerServer: @unchecked Sendable {
                     _ = Self.respond(fd, .text(.init(statusCode: 431), "request head over \(Self.maxHead) bytes"), head: false, keepAlive: false)
                     return
                 }
+                let idle = have == 0 && served
+                if idle { connections.withLock { $0.idle[fd] = Self.uptime() } }
                 let n = buf.withUnsafeMutableBytes { SocketIO.receive(fd, $0.baseAddress! + have, $0.count - have) }
+                if idle { connections.withLock { _ = $0.idle.removeValue(forKey: fd) } }
                 guard n > 0 else { return }   // closed, idle too long, or reset: nothing to answer
                 let from = max(0, have - 3)
                 have += n
@@ -292,6 +331,7 @@ public final class PeerServer: @unchecked Sendable {
             let response = routes.handle(request)
             if slot { bodySlots.signal() }
             guard Self.respond(fd, response, head: request.method == .HEAD, keepAlive: h.keepAlive), h.keepAlive else { return }
+            served = true
         }
     }
 

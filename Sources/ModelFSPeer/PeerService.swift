@@ -9,11 +9,15 @@ import Synchronization
 ///
 ///   GET  /v1/blocks/ID          the block's bytes (verified), 404 if this node has no copy
 ///   HEAD /v1/blocks/ID          200 or 404
-///   PUT  /v1/blocks/ID[?durable=1][&heal=1|urgent]
+///   PUT  /v1/blocks/ID[?durable=1][&heal=1|urgent][&chain=N1,N2...]
 ///                               stores a block: hashed first, 422 if the bytes are not ID's;
 ///                               with durable=1 it is fsynced before the answer; heal marks a
 ///                               healing copy: held back while this node serves the foreground
-///                               (1), or not, for a block down to its last live copy (urgent)
+///                               (1), or not, for a block down to its last live copy (urgent);
+///                               chain: then PUT it to node N1 (a live node of this cluster, by
+///                               id) with the rest of the chain, and answer once that is done:
+///                               the body lists the chain's nodes that stored it (chain
+///                               replication: the writer's link carries each byte once)
 ///   DELETE /v1/blocks/ID        drops this node's replica (healing moves it off a draining node
 ///                               only once enough other copies are confirmed)
 ///   POST /v1/has                body: N 32-byte ids; answer: N bytes, 1 where the node has it
@@ -49,6 +53,9 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
     public let repair = Shared<(@Sendable (BlockID) -> Bool)?>(nil)
     /// Carries out a copy order (Healer.perform).
     public let copy = Shared<(@Sendable (CopyOrder) -> CopyResult)?>(nil)
+    /// Forwards a stored block down a chain (PUT ...&chain=): returns the ids of the chain's
+    /// nodes that stored it (ClusterNode: PeerClient.putChained over live members).
+    public let forward = Shared<(@Sendable (OutgoingBlock, [String], Bool) -> [String])?>(nil)
     /// Whether the filesystem writes an inode, and whether it is closing it (FileSystem.writing).
     public let writing = Shared<(@Sendable (InodeNumber) -> (open: Bool, closing: Bool))?>(nil)
     public static let maxBody = (4 << 20) + (64 << 10)
@@ -178,6 +185,12 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
                 try r.body.withUnsafeReadableBytes { try local.put(id, $0) }
             }
             if r.query["durable"] == "1" { try local.sync([id]) }
+            if let chain = r.query["chain"]?.split(separator: ",").map(String.init), !chain.isEmpty {
+                // Sent on from the bytes received (still in memory), not read back.
+                let block = r.block.map { OutgoingBlock(id, in: $0, length: $0.count, store: local) } ?? OutgoingBlock(id, from: local)
+                let stored = forward.get()?(block, chain, r.query["durable"] == "1") ?? []
+                return .text(created ? .created : .ok, stored.joined(separator: " "))
+            }
             return created ? PeerResponse(.created) : PeerResponse(.ok)
         } catch let e as FSError where e.errno == ENOSPC {
             return .text(.insufficientStorage, "no space left on this node: \(e.message)")

@@ -42,6 +42,8 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
     let width: Int
     /// Unreplicated bytes beyond which close() waits (backpressure, DESIGN.md §3).
     let stagingLimit: UInt64
+    /// Copies of a block go as a chain (`PeerClient.putChained`) rather than one PUT per target.
+    let chain: Bool
 
     struct Job {
         var id: Int64
@@ -57,6 +59,8 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         var replicatedBytes: UInt64 = 0
         var lastError: String?
         var policies: [InodeNumber: (ReplicationPolicy?, Date)] = [:]
+        /// The policy that applies below a directory (its own or inherited), and when it was found.
+        var resolved: [InodeNumber: (ReplicationPolicy, Date)] = [:]
         var pendingBytes: UInt64 { jobs.values.reduce(0) { $0 + $1.bytes } }
     }
     private let state = Mutex(State())
@@ -67,7 +71,8 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
 
     public init(dataDir: String, local: PackBlockStore, membership: Membership, client: PeerClient,
                 meta: any MetadataEngine, defaultPolicy: ReplicationPolicy, timeout: Double = 60, width: Int = 8,
-                stagingLimit: UInt64 = 16 << 30) throws {
+                stagingLimit: UInt64 = 16 << 30, chain: Bool = true) throws {
+        self.chain = chain
         var config = Configuration()
         config.prepareDatabase { db in
             try db.execute(sql: "PRAGMA journal_mode = WAL")
@@ -126,16 +131,25 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
     // MARK: Policy
 
     /// The policy of the nearest directory at or above `dir` that has one, else the default.
-    /// Looked up at commit (cached 2 s per directory: a change reaches commits within that).
+    /// Looked up at commit and by the healer for every file it walks: the answer is cached 2 s
+    /// per directory (a change reaches commits within that), so the walk asks etcd about each
+    /// directory, not each file (it asked for every level above every file: 50 files a second).
     public func policy(for dir: InodeNumber?) -> ReplicationPolicy {
-        guard var d = dir else { return defaultPolicy }
+        guard let start = dir else { return defaultPolicy }
+        if let (p, at) = state.withLock({ $0.resolved[start] }), Date().timeIntervalSince(at) < 2 { return p }
+        var d = start
+        var found = defaultPolicy
         for _ in 0..<64 {
-            if let p = policySet(on: d) { return p }
+            if let p = policySet(on: d) { found = p; break }
             if d == .root { break }
             guard let parent = try? meta.parent(of: d) else { break }
             d = parent
         }
-        return defaultPolicy
+        state.withLock { s in
+            if s.resolved.count > 100_000 { s.resolved = [:] }
+            s.resolved[start] = (found, Date())
+        }
+        return found
     }
 
     private func policySet(on dir: InodeNumber) -> ReplicationPolicy? {
@@ -143,7 +157,10 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         let p = (try? meta.getxattr(dir, name: ReplicationPolicy.xattr)).flatMap {
             try? ReplicationPolicy(parsing: String(decoding: $0, as: UTF8.self))
         }
-        state.withLock { $0.policies[dir] = (p, Date()) }
+        state.withLock { s in
+            if s.policies.count > 100_000 { s.policies = [:] }
+            s.policies[dir] = (p, Date())
+        }
         return p
     }
 
@@ -342,10 +359,23 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         return e.isEmpty ? nil : "\(e.count) copies failed (\(e.first!))"
     }
 
-    /// Sends `block` (read once, or still in memory) to each of `nodes`; the receivers hash it
-    /// before storing.
+    /// Sends `block` (read once, or still in memory) to `nodes`: as a chain (the first stores it
+    /// and sends it on to the next, and so on: this node's link carries it once, however many
+    /// copies), or one PUT per node (`chain` false, or one node). The receivers hash it before
+    /// storing. A node the chain did not reach is an error (the next pass asks `has` and sends
+    /// again what is missing).
     func send(_ block: OutgoingBlock, to nodes: [NodeInfo], durable: Bool) -> (sent: UInt64, errors: [String]) {
         let id = block.id
+        if chain && nodes.count > 1 {
+            do {
+                let stored = try client.putChained(block, to: nodes, durable: durable)
+                let missed = nodes.filter { !stored.contains($0.id) }
+                return (UInt64(block.length),
+                        missed.map { "\($0.id): not reached by the chain from \(nodes[0].id)" })
+            } catch {
+                return (0, ["\(nodes[0].id) (chain head): \(error)"])
+            }
+        }
         var sent: UInt64 = 0
         var errors: [String] = []
         for node in nodes {

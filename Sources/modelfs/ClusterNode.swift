@@ -121,7 +121,7 @@ final class ClusterNode: @unchecked Sendable {
                                    membership: membership, client: client, yield: yield)
         replicator = try Replicator(dataDir: dataDir, local: local, membership: membership, client: client, meta: engine,
                                     defaultPolicy: options.policy, timeout: options.ackTimeout,
-                                    stagingLimit: parseSize(options.stagingSize)!)
+                                    stagingLimit: parseSize(options.stagingSize)!, chain: options.replication == "chain")
         let capacity: UInt64 = {
             var vfs = statvfs()
             return statvfs(dataDir, &vfs) == 0 ? UInt64(vfs.f_blocks) * UInt64(vfs.f_frsize) : 0
@@ -130,6 +130,11 @@ final class ClusterNode: @unchecked Sendable {
                             every: options.scrubEvery)
         service.repair.set { [scrubber] id in scrubber.repair(id) }
         service.copy.set { [client] order in Healer.perform(order, local: local, client: client, me: id, yield: yield) }
+        // A chained PUT goes on to the next node of its chain, by id among the live members
+        // (never to an address a request names).
+        service.forward.set { [client, membership] block, chain, durable in
+            client.forward(block, chain: chain, live: membership.nodes, durable: durable)
+        }
         blocks.onCorrupt.set { [scrubber] id in scrubber.repairSoon(id) }
         membership.usage = {
             let u = local.usage()

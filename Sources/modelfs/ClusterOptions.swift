@@ -36,6 +36,9 @@ struct ClusterOptions: ParsableArguments {
     @Option(help: "Seconds close() and fsync() wait for their copies before failing with EIO.")
     var ackTimeout: Double = 60
 
+    @Option(help: "How a writer sends a block's copies: chain (to the first target, which sends it on to the next: the writer's link carries each byte once) or fanout (one PUT per target).")
+    var replication: String = "chain"
+
     @Option(help: "This node's id (default: generated once and kept in DATA/node-id).")
     var nodeId: String?
 
@@ -75,7 +78,7 @@ struct ClusterOptions: ParsableArguments {
     /// The flags again, to hand to the daemon process.
     var arguments: [String] {
         var a = ["--listen", listen, "--replicas", String(replicas), "--ack", String(ack), "--cache-size", cacheSize,
-                 "--staging-size", stagingSize, "--ack-timeout", String(ackTimeout), "--lease-ttl", String(leaseTtl),
+                 "--staging-size", stagingSize, "--ack-timeout", String(ackTimeout), "--replication", replication, "--lease-ttl", String(leaseTtl),
                  "--dead-after", String(deadAfter), "--heal-interval", String(healInterval),
                  "--heal-full-every", String(healFullEvery), "--heal-scan-rate", String(healScanRate), "--heal-rate", healRate, "--heal-rate-busy", healRateBusy, "--scrub-rate", scrubRate,
                  "--scrub-every", String(scrubEvery), "--gc-delay", String(gcDelay), "--gc-scan-rate", String(gcScanRate)]
@@ -118,6 +121,7 @@ struct ClusterOptions: ParsableArguments {
         if parseSize(scrubRate) == nil { return "--scrub-rate \(scrubRate): expected a rate in bytes per second such as 16M (0: off)" }
         if scrubEvery <= 0 { return "--scrub-every must be positive" }
         if gcDelay < 1 { return "--gc-delay must be at least 1 second" }
+        if replication != "chain" && replication != "fanout" { return "--replication must be chain or fanout" }
         if healFullEvery <= 0 { return "--heal-full-every must be more than 0 seconds" }
         if healScanRate < 0 { return "--heal-scan-rate must be 0 (no limit) or more files a second" }
         if gcScanRate < 0 { return "--gc-scan-rate must be 0 (no limit) or more manifests a second" }

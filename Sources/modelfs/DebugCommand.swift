@@ -14,7 +14,7 @@ final class LoadProgress: Sendable {
 struct DebugCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "debug", abstract: "Tools for benchmarks and tests.", shouldDisplay: false,
-        subcommands: [Load.self])
+        subcommands: [Load.self, Simulate.self])
 
     /// Builds a large namespace straight through the metadata engine (not through FUSE): the
     /// scale benchmark's million files. The layout is a `torch.distributed.checkpoint` run's:
@@ -91,7 +91,13 @@ struct DebugCommand: ParsableCommand {
                 }
             }
             reporter.start()
-            DispatchQueue.concurrentPerform(iterations: workers) { w in
+            // Threads of their own: concurrentPerform runs no more at once than there are CPUs,
+            // and these mostly wait for etcd.
+            let group = DispatchGroup()
+            for w in 0..<workers {
+                group.enter()
+                Thread {
+                defer { group.leave() }
                 for step in stride(from: w, to: steps, by: workers) where progress.failure.withLock({ $0 == nil }) {
                     do {
                         let name = String(format: "step-%06d", step)
@@ -104,7 +110,9 @@ struct DebugCommand: ParsableCommand {
                         progress.failure.withLock { $0 = $0 ?? "step \(step): \(error)" }
                     }
                 }
+                }.start()
             }
+            group.wait()
             if progress.failure.withLock({ $0 == nil }), wide > 0 {
                 do {
                     let d = try engine.create(parent: base, name: "wide", NewInode(kind: .directory, mode: 0o755, uid: 0, gid: 0, now: now)).ino

@@ -33,6 +33,7 @@ final class TestNode: @unchecked Sendable {
     let client: PeerClient
     let store: ClusterBlockStore
     let meta: any MetadataEngine
+    let metrics: PeerMetrics
     var replicator: Replicator?
 
     init(id: String, cluster: String, secret: String = "s3cret", cacheBudget: UInt64 = 64 << 20,
@@ -42,13 +43,17 @@ final class TestNode: @unchecked Sendable {
         cache = try PackBlockStore(root: dir + "/cache")
         let etcd = try EtcdTestCluster.shared.get()
         let metrics = PeerMetrics()
-        server = try PeerServer(host: "127.0.0.1", port: 0,
-                                routes: PeerService(secret: secret, local: local, cache: cache, metrics: metrics, status: { Data("{}".utf8) }),
-                                maxBody: PeerService.maxBody)
+        self.metrics = metrics
+        let service = PeerService(secret: secret, local: local, cache: cache, metrics: metrics, status: { Data("{}".utf8) })
+        server = try PeerServer(host: "127.0.0.1", port: 0, routes: service, maxBody: PeerService.maxBody)
         membership = Membership(client: EtcdClient(endpoints: etcd.endpoints), cluster: cluster,
                                 me: NodeInfo(id: id, address: "127.0.0.1:\(server.port)", labels: labels), ttl: 5, refresh: 0.2)
         try membership.start()
         client = PeerClient(secret: secret, timeout: .seconds(5))
+        // As ClusterNode wires it: a chained PUT goes on to the next live node.
+        service.forward.set { [client, membership] block, chain, durable in
+            client.forward(block, chain: chain, live: membership.nodes, durable: durable)
+        }
         store = ClusterBlockStore(local: local, cache: cache, cacheBudget: cacheBudget, membership: membership, client: client)
         meta = try MetadataURL.open(etcd.metaURL(cluster), rootUID: 0, rootGID: 0)
         replicator = try Replicator(dataDir: dir, local: local, membership: membership, client: client, meta: meta,
@@ -170,6 +175,40 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
         let sourceDir = try scratch("source")
         defer { try? FileManager.default.removeItem(atPath: sourceDir) }
         try body(local, metrics, NodeInfo(id: "n", address: "127.0.0.1:\(server.port)"), client, PackBlockStore(root: sourceDir))
+    }
+
+    /// More readers than the server takes connections: at its cap it closes the connection idle
+    /// the longest, or with none idle answers 503 with Retry-After (the reader waits and comes
+    /// back); every read is served, none fails, none hangs.
+    @Test func readersBeyondTheConnectionCapAreServedAfterA503() throws {
+        let dir = try scratch("busy")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let local = try PackBlockStore(root: dir)
+        let server = try PeerServer(host: "127.0.0.1", port: 0,
+                                    routes: PeerService(secret: "s3cret", local: local, cache: nil, metrics: PeerMetrics(),
+                                                        status: { Data("{}".utf8) }),
+                                    maxBody: PeerService.maxBody, maxConnections: 8)
+        defer { server.shutdown() }
+        let (id, bytes) = blockOf(256 << 10, seed: 77)
+        try bytes.withUnsafeBytes { _ = try local.put(id, $0) }
+        let node = NodeInfo(id: "busy", address: "127.0.0.1:\(server.port)")
+        // 48 readers, each a node of its own (its own connections), each reading 4 times.
+        let readers = (0..<48).map { _ in PeerClient(secret: "s3cret", timeout: .seconds(10)) }
+        defer { readers.forEach { $0.shutdown() } }
+        let served = Mutex(0), failed = Mutex<[String]>([])
+        DispatchQueue.concurrentPerform(iterations: readers.count) { i in
+            for _ in 0..<4 {
+                do {
+                    let b = try readers[i].get(id, from: node)
+                    if b?.count == bytes.count { served.withLock { $0 += 1 } } else { failed.withLock { $0.append("reader \(i): no block") } }
+                } catch {
+                    failed.withLock { $0.append("reader \(i): \(error)") }
+                }
+            }
+        }
+        #expect(failed.withLock { $0 } == [])
+        #expect(served.withLock { $0 } == 48 * 4)
+        #expect(server.refused + server.evicted > 0, "48 readers never found the server at its cap of 8")
     }
 
     @Test func blocksRoundTripVerified() throws { try connected { local, metrics, node, client, source in
@@ -437,6 +476,29 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
         #expect(a.replicator!.status().pendingJobs == 0)
     }
 
+    /// Chain replication: one PUT to the first node, which stores the block and sends it on to
+    /// the next; the answer names every node that stored it. A chain broken by a node that is not
+    /// live stops there, and the answer says so.
+    @Test func aChainedPutStoresOnEveryNodeOfTheChain() throws {
+        let cluster = "chain-\(UInt64.random(in: 0...UInt64.max))"
+        let a = try TestNode(id: "a", cluster: cluster), b = try TestNode(id: "b", cluster: cluster), c = try TestNode(id: "c", cluster: cluster)
+        defer { a.stop(); b.stop(); c.stop() }
+        #expect(waitForNodes([a, b, c], count: 3))
+        let node = { (n: TestNode) in n.membership.me }
+        let (id, bytes) = blockOf(1 << 20, seed: 900)
+        try bytes.withUnsafeBytes { _ = try a.local.put(id, $0) }
+        let stored = try a.client.putChained(OutgoingBlock(id, from: a.local), to: [node(b), node(c)], durable: true)
+        #expect(stored == ["b", "c"])
+        #expect(b.local.contains(id) && c.local.contains(id))
+        #expect(try c.local.read(id).withUnsafeBytes { Array($0) } == bytes)
+
+        let (id2, bytes2) = blockOf(300_000, seed: 901)
+        try bytes2.withUnsafeBytes { _ = try a.local.put(id2, $0) }
+        let ghost = NodeInfo(id: "ghost", address: "127.0.0.1:1")
+        #expect(try a.client.putChained(OutgoingBlock(id2, from: a.local), to: [node(b), ghost, node(c)], durable: false) == ["b"])
+        #expect(b.local.contains(id2) && !c.local.contains(id2))
+    }
+
     @Test func policiesParseAndRefuseNonsense() throws {
         #expect(try ReplicationPolicy(parsing: "replicas=3,ack=2,spread=zone") == ReplicationPolicy(replicas: 3, ack: 2, spread: "zone"))
         #expect(try ReplicationPolicy(parsing: "ack=1, replicas=2") == ReplicationPolicy(replicas: 2, ack: 1))
@@ -671,10 +733,11 @@ final class ScriptedPeer: @unchecked Sendable {
     }
 
     @Test func headsAndAddressesAreParsed() {
-        #expect(BlockTransfer.parseHead(ArraySlice("HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n".utf8))! == (200, 12, true))
-        #expect(BlockTransfer.parseHead(ArraySlice("HTTP/1.1 404 Not Found\r\ncontent-length:0\r\nConnection: close\r\n\r\n".utf8))! == (404, 0, false))
-        #expect(BlockTransfer.parseHead(ArraySlice("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n".utf8))! == (200, 1, false))
+        #expect(BlockTransfer.parseHead(ArraySlice("HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n".utf8)).map { [$0.status, $0.length, $0.keepAlive ? 1 : 0] } == [200, 12, 1])
+        #expect(BlockTransfer.parseHead(ArraySlice("HTTP/1.1 404 Not Found\r\ncontent-length:0\r\nConnection: close\r\n\r\n".utf8)).map { [$0.status, $0.length, $0.keepAlive ? 1 : 0] } == [404, 0, 0])
+        #expect(BlockTransfer.parseHead(ArraySlice("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n".utf8)).map { [$0.status, $0.length, $0.keepAlive ? 1 : 0] } == [200, 1, 0])
         #expect(BlockTransfer.parseHead(ArraySlice("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n".utf8)) == nil)
+        #expect(BlockTransfer.parseHead(ArraySlice("HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nRetry-After: 1\r\n\r\n".utf8))?.retryAfter == 1)
         #expect(BlockTransfer.parseHead(ArraySlice("HTTP/1.1 2000 OK\r\nContent-Length: 1\r\n\r\n".utf8)) == nil)
         #expect(BlockTransfer.split("127.0.0.1:7000")! == ("127.0.0.1", "7000"))
         #expect(BlockTransfer.split("[::1]:7000")! == ("::1", "7000"))

@@ -320,6 +320,42 @@ import Testing
     }
 }
 
+/// The walk reads every file of a large namespace, page after page, on every engine; and a
+/// directory whose entries came 40 to a transaction (`createFiles`: in etcd they share a create
+/// revision) lists each exactly once, however the pages fall.
+@Suite struct LargeWalkTests {
+    @Test(arguments: ["memory", "etcd"]) func walkReadsEveryFileOfManyLargeDirectories(_ kind: String) throws {
+        let url = kind == "etcd" ? try EtcdTestCluster.shared.get().metaURL("walk-\(UInt64.random(in: 0...UInt64.max))") : "memory:"
+        let t = try TestFS(meta: url); defer { t.remove() }
+        let chunk = ChunkRef(id: BlockID.hash(Data("x".utf8)), length: 1)
+        let top = try t.fs.mkdir(parent: .root, name: "ns", mode: 0o755, context: .root).ino
+        for d in 0..<6 {
+            let dir = try t.fs.mkdir(parent: top, name: "step-\(d)", mode: 0o755, context: .root).ino
+            for start in stride(from: 0, to: 1500, by: 40) {
+                _ = try t.fs.meta.createFiles(parent: dir, (start..<min(start + 40, 1500)).map {
+                    (name: "f\($0)", new: NewInode(kind: .regular, mode: 0o644, uid: 0, gid: 0, now: .now()), size: 1,
+                     manifest: ManifestRef.inline(Manifest(chunks: [chunk])))
+                })
+            }
+        }
+        var files = 0
+        try t.fs.walkFiles(from: .root) { f in
+            files += 1
+            #expect(f.blocks.map(\.id) == [chunk.id])
+        }
+        #expect(files == 6 * 1500)
+        let step0 = try t.fs.lookup(parent: top, name: "step-0").ino
+        var names: [String] = [], cookie: UInt64 = 0
+        while true {
+            let page = try t.fs.readdir(step0, after: cookie, limit: 37)
+            guard let last = page.last else { break }
+            names += page.map(\.name).filter { $0 != "." && $0 != ".." }
+            cookie = last.cookie
+        }
+        #expect(names.count == 1500 && Set(names).count == 1500)
+    }
+}
+
 @Suite struct ConcurrencyTests {
     /// The kernel releases handles asynchronously: opens and releases of one inode interleave.
     /// A new writable handle must always find a session (once it could be dropped under it,

@@ -251,3 +251,181 @@ def test_the_etcd_leader_killed_under_a_write_load(lab, work):
     reader = lab.host(3)
     for name, data in written.items():
         assert read_file(reader / work / name) == data, name
+
+
+# ---------------------------------------------------------------------------
+# Scale, CI-sized (scripts/bench/scale.sh has the full sizes)
+# ---------------------------------------------------------------------------
+
+def etcd_served(lab) -> tuple[float, float]:
+    """Requests the etcd members have handled and bytes they have sent to clients so far, from
+    their own metrics (the JSON gateway's calls are counted as the gRPC calls they become)."""
+    reqs = sent = 0.0
+    for i in range(1, lab.state["etcd"] + 1):
+        if not lab.etcd_alive(i):
+            continue
+        for line in lab.etcd_metrics(i).splitlines():
+            if line.startswith("grpc_server_handled_total{"):
+                reqs += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("etcd_network_client_grpc_sent_bytes_total"):
+                sent += float(line.rsplit(" ", 1)[1])
+    return reqs, sent
+
+
+def quiet(lab) -> tuple[int, dict]:
+    """Waits until no host runs a garbage collection pass and the healer is not mid-pass; then
+    (the healer's passes so far, each host's manifests read by GC so far)."""
+    def settled():
+        st = {i: h.status() for i, h in lab.hosts.items()}
+        if any(s["gc"]["running"] for s in st.values()):
+            return None
+        heal = st[1]["cluster"].get("heal") or {}
+        if heal.get("running"):
+            return None
+        return heal.get("passes", 0), {i: s["gc"]["manifestsRead"] for i, s in st.items()}
+    return wait_until(settled, 120, interval=0.5, what="garbage collection and healing to settle")
+
+
+def idle_rate(lab, seconds: float = 10) -> float:
+    """etcd requests a second per host over `seconds` of a cluster doing nothing, checking that
+    no healer pass and no garbage collection manifest read happened meanwhile (retried once if
+    a late one did)."""
+    for _ in range(2):
+        passes, reads = quiet(lab)
+        r0, _ = etcd_served(lab)
+        t0 = time.monotonic()
+        time.sleep(seconds)   # the measurement window itself: nothing to wait for
+        r1, _ = etcd_served(lab)
+        took = time.monotonic() - t0
+        after_passes, after_reads = quiet(lab)
+        if after_passes == passes and after_reads == reads:
+            return (r1 - r0) / took / len(lab.hosts)
+    raise AssertionError(f"the idle cluster kept passing: healer {passes} -> {after_passes}, gc reads {reads} -> {after_reads}")
+
+
+def test_fifty_thousand_files_cost_an_idle_cluster_nothing_more(lab, work):
+    """A namespace of 50,000 DCP-shaped files (built through the metadata engine by `modelfs
+    debug load`, sharing real blocks): statfs and status count them from counters, not a scan;
+    an idle cluster asks etcd for no more than with a small namespace (no healer pass, no GC
+    manifest read); a host lost at 50,000 files is healed."""
+    h1, h2 = lab.host(1), lab.host(2)
+    seed = h1 / work / "seed"
+    seed.mkdir()
+    for i in range(8):
+        write_file(seed / f"s{i}.bin", payload(300_000 + i, 500 + i))
+    assert h1.sync(seed).returncode == 0
+
+    def counted():
+        """The file count, once two hosts agree (each adds the others' changes a second late)."""
+        a, b = h1.status()["files"], h2.status()["files"]
+        return a if a == b else None
+    files_before = wait_until(counted, 30, interval=0.5, what="the hosts' counts to agree")
+    small = idle_rate(lab)
+
+    r = h1.run_in(MODELFS_BIN, "debug", "load", "--meta", lab.meta, "--dir", f"{work}/ns", "--steps", "100",
+                  "--ranks", "498", "--small", "2", "--reuse", f"{work}/seed", "--client-id", "loader-" + work,
+                  timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "loaded 50000 files" in r.stdout, r.stdout
+    wait_until(lambda: counted() == files_before + 50_000, 30, interval=0.5,
+               what="status to count the loaded files")
+    # statfs reads the counters: a few small keys, not 50,000 inode records (~7 MB).
+    _, sent0 = etcd_served(lab)
+    for _ in range(20):
+        st = os.statvfs(h2.mp)
+    _, sent1 = etcd_served(lab)
+    assert st.f_files - st.f_ffree >= 50_000 + 100
+    assert sent1 - sent0 < 2_000_000, f"20 statfs calls made etcd send {sent1 - sent0:.0f} bytes"
+    large = idle_rate(lab)
+    assert large <= small * 1.5 + 2, f"idle etcd requests per host: {small:.1f}/s with a small namespace, {large:.1f}/s with 50,000 files"
+    # The loaded files read back (their content is the seed's).
+    assert read_file(h2 / work / "ns" / "step-000007" / "__3_0.distcp") == read_file(seed / f"s{(7 * 500 + 3) % 8}.bin")
+
+    # A host lost at 50,000 files: the healer's pass (after --dead-after, 30 s) walks them all and
+    # brings the seed blocks back to 3 copies.
+    victim = lab.host(5)
+    t0 = time.monotonic()
+    victim.kill9()
+    wait_until(lambda: all(least_copies(seed / f"s{i}.bin") >= 3 for i in range(8)), 240, interval=2,
+               what="the seed blocks to have 3 copies on the live hosts again")
+    heal = h1.cluster_status()["heal"]
+    assert heal["files"] >= 50_000, heal
+    print(f"healed in {time.monotonic() - t0:.1f} s after kill -9 (dead after 30 s); the pass walked "
+          f"{heal['files']} files in {heal['lastPassSeconds']:.1f} s; idle etcd requests/host {small:.1f} -> {large:.1f}/s")
+
+
+def test_300_readers_of_one_host_are_served(lab, work):
+    """300 reader nodes, each with 4 connections (1,200 in all, above the server's cap of 1,024),
+    GET a block from one host at once: every GET is answered with the block, a 503 only with
+    Retry-After (the reader waits and comes back), never a hang; the server's threads come
+    back down afterwards."""
+    import hashlib
+    import http.client
+    h1 = lab.host(1)
+    before = h1.blocks()
+    data = payload(300_000, 91)
+    write_file(h1 / work / "hot.bin", data)
+    block = (h1.blocks() - before).pop()
+    secret = lab.secret.read_text().strip()
+    threads_before = int(next(l.split()[1] for l in open(f"/proc/{h1.pid}/status") if l.startswith("Threads:")))
+    results: list[str] = []
+    busy = [0]
+    lock = threading.Lock()
+    start = threading.Barrier(1200)
+
+    reconnects = [0]
+
+    def reader():
+        conn = http.client.HTTPConnection(h1.address, 7420, timeout=60)
+        try:
+            start.wait(timeout=120)
+            for n in range(2):
+                for attempt in range(20):
+                    try:
+                        conn.request("GET", f"/v1/blocks/{block}", headers={"Authorization": f"Bearer {secret}"})
+                        r = conn.getresponse()
+                    except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                        # A kept-alive connection the server closed while it was idle (it makes room
+                        # so at its cap): as any HTTP client, and modelfs's own, send it again on a
+                        # new one. A new connection's first request is never closed so.
+                        assert n > 0, "the server closed a new connection before its first answer"
+                        with lock:
+                            reconnects[0] += 1
+                        conn.close()
+                        continue
+                    body = r.read()
+                    if r.status == 503:
+                        assert r.getheader("Retry-After") == "1", r.headers
+                        with lock:
+                            busy[0] += 1
+                        conn.close()
+                        time.sleep(float(r.getheader("Retry-After")) * random.uniform(0.5, 1.5))
+                        continue
+                    with lock:
+                        results.append("ok" if r.status == 200 and hashlib.sha256(body).hexdigest() == block else f"{r.status}")
+                    break
+                else:
+                    with lock:
+                        results.append("gave up after 20 answers of 503")
+        except Exception as e:  # noqa: BLE001
+            with lock:
+                results.append(f"{type(e).__name__}: {e}")
+        finally:
+            conn.close()
+
+    threading.stack_size(256 * 1024)
+    try:
+        ts = [threading.Thread(target=reader) for _ in range(1200)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(timeout=300)
+    finally:
+        threading.stack_size(0)
+    bad = [r for r in results if r != "ok"]
+    assert len(results) == 2400 and not bad, f"{len(bad)} of {len(results)} GETs failed: {sorted(set(bad))[:5]}"
+    assert h1.proc.poll() is None, "the daemon died"
+    wait_until(lambda: int(next(l.split()[1] for l in open(f"/proc/{h1.pid}/status") if l.startswith("Threads:")))
+               < threads_before + 50, 60, interval=0.5, what="the server's connection threads to end")
+    print(f"2,400 GETs over 1,200 connections served; {busy[0]} answers of 503 + Retry-After, "
+          f"{reconnects[0]} idle connections closed to make room")

@@ -8,6 +8,11 @@
 #   directory, since the three nodes of the bench share one disk.
 #
 #   scripts/bench/cluster.sh [--size-mib N] [--dir DIR] [--no-moosefs]
+#   scripts/bench/cluster.sh --lab [--size-mib N] [--link RATE] [--hosts H] [--no-moosefs]
+#
+# With --lab (issue #26) it runs in the network lab instead (scripts/bench/lab.py): hosts in
+# network namespaces on links shaped to RATE (default 1gbit), every figure a fraction of the link
+# rate measured in the same run, CPU idle per phase, MooseFS goal 3 on the same links.
 #
 # Needs root (drop_caches, FUSE, a network namespace for MooseFS), etcd
 # (scripts/install-cluster-deps.sh), the release binary and the venv. Prints a table of ratios;
@@ -22,5 +27,10 @@ if [[ " $* " != *" --no-moosefs "* ]]; then
         . "$(dirname "${BASH_SOURCE[0]}")/../lib-apt.sh"
         apt_install "${need[@]}"
     fi
+fi
+if [[ " $* " == *" --lab "* ]]; then
+    args=()
+    for a in "$@"; do [ "$a" = --lab ] || args+=("$a"); done
+    exec "$(dirname "${BASH_SOURCE[0]}")/run-py.sh" lab "${args[@]}"
 fi
 exec "$(dirname "${BASH_SOURCE[0]}")/run-py.sh" cluster "$@"

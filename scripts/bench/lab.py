@@ -1,0 +1,293 @@
+"""The cluster benchmark in the network lab (issue #26; `scripts/bench/cluster.sh --lab`): hosts in
+network namespaces, every link shaped to RATE, so the link is the bottleneck and the figures are
+fractions of it, measured in the same run (a plain TCP stream between two hosts). CPU idle is
+sampled through every phase: a figure taken while this machine's CPUs were the bottleneck (idle
+under 30 %) is marked.
+
+Phases: the link rate; a single-node write on this machine (the baseline of a K=1 close); R=3
+K=1 (close, then every block at 3 verified copies), chain replication and, for the A/B, fan-out
+(`--replication fanout`); R=3 K=3; a cold read on one host of a file whose blocks are all on
+another; healing after a host is lost while a foreground reader runs; MooseFS with goal 3 in the
+same lab (chunkservers on three hosts, the client on a fourth) as the anchor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "Tests" / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lab import Lab, rate_bits  # noqa: E402
+from mfs import MODELFS_BIN, Mount, run, wait_until  # noqa: E402
+
+import moosefs  # noqa: E402
+
+MiB = 1 << 20
+
+
+def drop_caches():
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+class Cpu:
+    """Idle share of this machine's CPUs between start() and stop() (from /proc/stat)."""
+    @staticmethod
+    def sample():
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return sum(f), f[3] + f[4]
+
+    def __enter__(self):
+        self.t0, self.i0 = self.sample()
+        return self
+
+    def __exit__(self, *exc):
+        t1, i1 = self.sample()
+        self.idle = (i1 - self.i0) / max(1, t1 - self.t0)
+
+
+def make_source(path: Path, size: int):
+    """Random bytes (no block repeats another), in tmpfs so reading them costs nothing."""
+    with open(path, "wb") as f:
+        for _ in range(size // (64 * MiB)):
+            f.write(os.urandom(64 * MiB))
+
+
+def write_timed(src: Path, dst: Path, salt: int) -> float:
+    """1 MiB writes of src into dst, stamped with `salt` every 64 KiB (nothing deduplicates with an
+    earlier phase); seconds until close() returned."""
+    buf = bytearray(MiB)
+    t = time.perf_counter()
+    with open(src, "rb", buffering=0) as i, open(dst, "wb", buffering=0) as o:
+        n_block = 0
+        while True:
+            n = i.readinto(buf)
+            if not n:
+                break
+            for off in range(0, n - 15, 65536):
+                buf[off:off + 16] = salt.to_bytes(8, "little") + n_block.to_bytes(8, "little")
+                n_block += 1
+            o.write(memoryview(buf)[:n])
+    return time.perf_counter() - t
+
+
+def read_timed(path: Path) -> float:
+    buf = bytearray(MiB)
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+    return time.perf_counter() - t
+
+
+STREAM = r"""
+import socket, sys, time
+mode, host, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if mode == "serve":
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((host, 5201)); s.listen(1)
+    print("ready", flush=True)
+    c, _ = s.accept(); got = 0; buf = bytearray(1 << 20)
+    t = time.perf_counter()
+    while True:
+        n = c.recv_into(buf)
+        if not n: break
+        got += n
+    print(got / (time.perf_counter() - t), flush=True)
+else:
+    c = socket.create_connection((host, 5201)); b = bytes(1 << 20); sent = 0
+    while sent < size:
+        c.sendall(b); sent += len(b)
+    c.close()
+"""
+
+
+def link_rate(lab, size: int) -> float:
+    """Bytes/s of one TCP stream from host 2 to host 1 across the shaped links."""
+    a, b = lab.host(1), lab.host(2)
+    server = subprocess.Popen(["nsenter", f"--net=/run/netns/{a.ns}", sys.executable, "-c", STREAM, "serve", a.address, "0"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        subprocess.run(["nsenter", f"--net=/run/netns/{b.ns}", sys.executable, "-c", STREAM, "send", a.address, str(size)],
+                       check=True, timeout=600)
+        return float(server.stdout.readline())
+    finally:
+        server.wait(timeout=60)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=2048)
+    ap.add_argument("--link", default="1gbit")
+    ap.add_argument("--hosts", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--no-moosefs", action="store_true")
+    ap.add_argument("--heal-mib", type=int, default=3072)
+    a = ap.parse_args()
+    size = a.size_mib * MiB
+    link_nominal = rate_bits(a.link) / 8
+    work = Path(tempfile.mkdtemp(prefix="modelfs-labbench-", dir="/dev/shm"))
+    src = work / "src"
+    make_source(src, size)
+    res: dict = {"size MiB": a.size_mib, "link": a.link, "hosts": a.hosts}
+    idle: dict = {}
+    lab = Lab(prefix="mfsl", net="10.80")
+    single = None
+    try:
+        # The single-node baseline: this machine's own write speed through modelfs.
+        single = Mount(MODELFS_BIN, root=Path(tempfile.mkdtemp(prefix="modelfs-single-")))
+        single.start()
+        with Cpu() as c:
+            t = write_timed(src, single.path("f"), salt=1)
+        res["single-node write MB/s"] = size / t / 1e6
+        idle["single-node write"] = c.idle
+        single.destroy()
+        single = None
+        drop_caches()
+
+        args = ["--replicas", "3", "--ack", "1", "--lease-ttl", "5", "--dead-after", "10", "--heal-interval", "2",
+                "--heal-full-every", "5", "--cache-size", "4G", "--scrub-rate", "0", "--gc-delay", "3600",
+                "--heal-rate-busy", "0"]
+        lab.up(a.hosts, link=a.link, host_args=args)
+        h = lab.hosts
+        with Cpu() as c:
+            link = link_rate(lab, 1024 * MiB)
+        res["link MB/s (one TCP stream)"] = link / 1e6
+        res["link nominal MB/s"] = link_nominal / 1e6
+        idle["link"] = c.idle
+
+        for mode, salt in (("chain", 2), ("fanout", 3)):
+            if mode == "fanout":   # the A/B: the same cluster, one PUT per target
+                for i in h:
+                    h[i].unmount()
+                    h[i].extra_args = [x for x in h[i].extra_args] + ["--replication", "fanout"]
+                    h[i].start()
+                lab.wait_all_up()
+            d = h[1] / f"k1-{mode}"
+            d.mkdir()
+            with Cpu() as c:
+                t0 = time.perf_counter()
+                wt = write_timed(src, d / "f", salt=salt)
+                r = h[1].sync(d, timeout=1800)
+                total = time.perf_counter() - t0
+            assert r.returncode == 0, r.stderr
+            res[f"K=1 {mode}: close MB/s"] = size / wt / 1e6
+            res[f"K=1 {mode}: write start -> 3 copies s"] = total
+            res[f"K=1 {mode}: (start -> 3 copies) / (size/link)"] = total / (size / link)
+            idle[f"K=1 {mode}"] = c.idle
+        # back to chain for the rest
+        for i in h:
+            h[i].unmount()
+            h[i].extra_args = [x for x in h[i].extra_args if x not in ("--replication", "fanout")]
+            h[i].start()
+        lab.wait_all_up()
+
+        d = h[1] / "k3"
+        d.mkdir()
+        assert run([MODELFS_BIN, "policy", "set", d, "--replicas", "3", "--ack", "3"]).returncode == 0
+        with Cpu() as c:
+            t = write_timed(src, d / "f", salt=4)
+        res["K=3 write MB/s"] = size / t / 1e6
+        res["K=3 write / link"] = size / t / link
+        idle["K=3"] = c.idle
+
+        d = h[1] / "one-copy"
+        d.mkdir()
+        assert run([MODELFS_BIN, "policy", "set", d, "--replicas", "1", "--ack", "1"]).returncode == 0
+        write_timed(src, d / "f", salt=5)
+        drop_caches()
+        with Cpu() as c:
+            t = read_timed(h[2] / "one-copy" / "f")
+        res["cold remote read MB/s"] = size / t / 1e6
+        res["cold remote read / link"] = size / t / link
+        idle["cold remote read"] = c.idle
+
+        # Healing: files with R=2 written on host 1, then a host holding copies is lost; the
+        # survivors copy back while a foreground reader on host 2 re-reads a file (cold each time).
+        d = h[1] / "heal"
+        d.mkdir()
+        assert run([MODELFS_BIN, "policy", "set", d, "--replicas", "2", "--ack", "1"]).returncode == 0
+        heal_size = a.heal_mib * MiB
+        for i in range(max(1, heal_size // size)):
+            write_timed(src, d / f"f{i}", salt=10 + i)
+        assert h[1].sync(d, timeout=1800).returncode == 0
+        fg = h[1] / "fg"
+        fg.mkdir()
+        assert run([MODELFS_BIN, "policy", "set", fg, "--replicas", "1", "--ack", "1"]).returncode == 0
+        write_timed(src, fg / "f", salt=50)
+        fg_size = size
+
+        def fg_read() -> float:
+            drop_caches()
+            return fg_size / read_timed(h[2] / "fg" / "f")
+        unloaded = sorted(fg_read() for _ in range(3))[1]
+        victim = h[a.hosts]
+        before = h[1].cluster_status().get("heal", {}).get("copiedBytes", 0)
+        victim.kill9()
+        wait_until(lambda: (h[1].cluster_status().get("heal") or {}).get("copiedBytes", 0) > before, 300, interval=0.5,
+                   what="healing to start copying")
+        t0 = time.perf_counter()
+        c0 = (h[1].cluster_status().get("heal") or {}).get("copiedBytes", 0)
+        loaded = []
+        with Cpu() as c:
+            while True:
+                st = h[1].cluster_status().get("heal") or {}
+                if st.get("underReplicatedBytes", 1) == 0 and not st.get("running") and st.get("copiedBytes", 0) > c0:
+                    break
+                loaded.append(fg_read())
+                if time.perf_counter() - t0 > 1800:
+                    raise RuntimeError("healing did not finish in 30 min")
+        st = h[1].cluster_status()["heal"]
+        took = time.perf_counter() - t0
+        copied = st["copiedBytes"] - before
+        survivors = a.hosts - 1
+        res["heal: copied MB"] = copied / 1e6
+        res["heal: MB/s"] = copied / took / 1e6
+        res["heal / survivors' aggregate link"] = copied / took / (survivors * link)
+        res["heal: foreground read during / unloaded"] = (sum(loaded) / len(loaded)) / unloaded if loaded else None
+        idle["healing"] = c.idle
+
+        if not a.no_moosefs and moosefs.available():
+            mfs = moosefs.MooseFS(work / "moosefs", lab=lab)
+            try:
+                mfs.set_goal(mfs.mnt, 3)
+                with Cpu() as c:
+                    t = write_timed(src, mfs.mnt / "f", salt=60)
+                    os.sync()
+                res["MooseFS goal 3 write MB/s"] = size / t / 1e6
+                res["MooseFS goal 3 write / link"] = size / t / link
+                idle["MooseFS"] = c.idle
+            finally:
+                mfs.stop()
+    finally:
+        if single is not None:
+            single.destroy()
+        lab.down()
+        shutil.rmtree(work, ignore_errors=True)
+    res["CPU idle % per phase"] = {k: round(v * 100, 1) for k, v in idle.items()}
+    lines = [f"# Cluster in the lab: {a.hosts} hosts, links {a.link}, {a.size_mib} MiB", "", "| figure | value |", "|---|---|"]
+    for k, v in res.items():
+        if k == "CPU idle % per phase":
+            continue
+        cpu_bound = ""
+        for phase, share in idle.items():
+            if k.startswith(phase) and share < 0.3:
+                cpu_bound = " (CPU-bound: idle under 30 %)"
+        lines.append(f"| {k} | {v:.2f}{cpu_bound} |" if isinstance(v, float) else f"| {k} | {v} |")
+    lines.append(f"| CPU idle % per phase | {res['CPU idle % per phase']} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Scale benchmark (issue #26): a cluster in the network lab with an (almost) empty namespace, then
+with N files (default 1,000,000, DCP-shaped: steps x ranks plus small files per step, built by
+`modelfs debug load` through the metadata engine, sharing real blocks), measured the same way:
+
+  - small-file create+write+close latency p50/p99 (4 KiB files on one host)
+  - `ls -l` of a 5,000-entry directory, `stat` p50/p99, `statfs` p50/p99
+  - idle etcd traffic per host (requests/s, bytes/s, from etcd's own metrics)
+  - close() p99 while a garbage collection pass reads every manifest, against without
+  - etcd bytes per file (the db's size in use, before and after the load)
+  - a host lost (kill -9): time until the healer's pass has brought every block back to R
+  - idle RSS of every daemon
+
+Usage: scripts/bench/scale.sh [--files N] [--hosts H] [--link RATE] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "Tests" / "integration"))
+
+from lab import Lab  # noqa: E402
+from mfs import MODELFS_BIN, wait_until, write_file  # noqa: E402
+
+KiB = 1024
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def small_files(host, d: Path, n: int, tag: str) -> list[float]:
+    d.mkdir(exist_ok=True)
+    out = []
+    for i in range(n):
+        data = os.urandom(4 * KiB)
+        out.append(timed(lambda: write_file(d / f"{tag}-{i}.bin", data)))
+    return out
+
+
+def ls_l(d: Path) -> float:
+    def run():
+        for e in os.scandir(d):
+            e.stat(follow_symlinks=False)
+    return timed(run)
+
+
+def etcd_served(lab) -> tuple[float, float, float]:
+    """(requests handled, bytes sent, bytes received) by every etcd member so far."""
+    reqs = sent = recv = 0.0
+    for i in range(1, lab.state["etcd"] + 1):
+        if not lab.etcd_alive(i):
+            continue
+        for line in lab.etcd_metrics(i).splitlines():
+            if line.startswith("grpc_server_handled_total{"):
+                reqs += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("etcd_network_client_grpc_sent_bytes_total"):
+                sent += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("etcd_network_client_grpc_received_bytes_total"):
+                recv += float(line.rsplit(" ", 1)[1])
+    return reqs, sent, recv
+
+
+def db_in_use(lab) -> float:
+    for line in lab.etcd_metrics(1).splitlines():
+        if line.startswith("etcd_mvcc_db_total_size_in_use_in_bytes"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def settle(lab):
+    def quiet():
+        for h in lab.hosts.values():
+            s = h.status()
+            if s["gc"]["running"] or (s["cluster"].get("heal") or {}).get("running"):
+                return False
+        return True
+    wait_until(quiet, 1800, interval=1, what="garbage collection and healing to settle")
+
+
+def idle(lab, seconds: float) -> dict:
+    settle(lab)
+    r0, s0, v0 = etcd_served(lab)
+    t = time.monotonic()
+    time.sleep(seconds)   # the measurement window
+    r1, s1, v1 = etcd_served(lab)
+    took = time.monotonic() - t
+    n = len(lab.hosts)
+    return {"requests/s per host": (r1 - r0) / took / n, "bytes/s per host": (s1 - s0 + v1 - v0) / took / n}
+
+
+def measure(lab, work: str, label: str, results: dict, rounds: int):
+    h1, h2, h3 = lab.host(1), lab.host(2), lab.host(3)
+    r = {}
+    lat = small_files(h2, h2 / work / f"small-{label}", rounds, label)
+    r["create+write+close p50 ms"] = pct(lat, 50) * 1000
+    r["create+write+close p99 ms"] = pct(lat, 99) * 1000
+    r["ls -l of 5,000 entries s"] = statistics.median(ls_l(h3 / work / "wide") for _ in range(3))
+    names = [e.path for e in os.scandir(h1 / work / "wide")]
+    rnd = random.Random(7)
+    st = [timed(lambda p=rnd.choice(names): os.stat(p)) for _ in range(rounds)]
+    r["stat p50 ms"], r["stat p99 ms"] = pct(st, 50) * 1000, pct(st, 99) * 1000
+    sf = [timed(lambda: os.statvfs(h2.mp)) for _ in range(100)]
+    r["statfs p50 ms"], r["statfs p99 ms"] = pct(sf, 50) * 1000, pct(sf, 99) * 1000
+    r.update({f"idle etcd {k}": v for k, v in idle(lab, 30).items()})
+    results[label] = r
+    print(f"[{label}] " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
+
+
+def gc_pass_closes(lab, work: str, victim: Path, rounds: int) -> tuple[list[float], float, int]:
+    """close() latencies on host 2 while its garbage collection pass (set off by deleting
+    `victim`, whose blocks are older than the grace) reads every manifest."""
+    h2 = lab.host(2)
+    before = h2.status()["gc"]
+    os.unlink(victim)
+    wait_until(lambda: h2.status()["gc"]["running"], 120, interval=0.05, what="a GC pass to start")
+    lat = []
+    i = 0
+    while h2.status()["gc"]["running"] and i < rounds:
+        data = os.urandom(4 * KiB)
+        lat.append(timed(lambda: write_file(h2 / work / "during-gc" / f"g{i}.bin", data)))
+        i += 1
+    wait_until(lambda: not h2.status()["gc"]["running"], 1800, interval=1, what="the GC pass to end")
+    after = h2.status()["gc"]
+    return lat, after["lastPassSeconds"], after["manifestsRead"] - before["manifestsRead"]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=1_000_000)
+    ap.add_argument("--hosts", type=int, default=5)
+    ap.add_argument("--link", default="1gbit")
+    ap.add_argument("--ranks", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    node_args = ["--replicas", "3", "--ack", "1", "--lease-ttl", "5", "--dead-after", "20", "--heal-interval", "5",
+                 "--gc-delay", "30", "--cache-size", "1G", "--scrub-rate", "0"]
+    lab = Lab(prefix="mfsb", net="10.79")
+    results: dict = {"files": a.files, "hosts": a.hosts, "link": a.link}
+    try:
+        lab.up(a.hosts, link=a.link, host_args=node_args)
+        h1, h2 = lab.host(1), lab.host(2)
+        work = "bench"
+        os.mkdir(h1 / work)
+        seed = h1 / work / "seed"
+        seed.mkdir()
+        for i in range(32):
+            write_file(seed / f"s{i}.bin", os.urandom(512 * KiB + i))
+        assert h1.sync(seed).returncode == 0
+        (h2 / work / "during-gc").mkdir()
+        write_file(h2 / work / "old.bin", os.urandom(8 << 20))   # deleted later: GC's candidates
+        assert h2.sync(h2 / work / "old.bin").returncode == 0
+
+        def load(dir_: str, steps: int, ranks: int, small: int, wide: int = 0) -> float:
+            t = time.monotonic()
+            r = h1.run_in(MODELFS_BIN, "debug", "load", "--meta", lab.meta, "--dir", f"{work}/{dir_}", "--steps", str(steps),
+                          "--ranks", str(ranks), "--small", str(small), "--wide", str(wide), "--reuse", f"{work}/seed",
+                          "--workers", "8", "--client-id", f"loader-{dir_ or 'wide'}", timeout=24 * 3600)
+            if r.returncode != 0:
+                raise RuntimeError(r.stdout + r.stderr)
+            return time.monotonic() - t
+
+        load("", 0, 1, 0, wide=5000)   # bench/wide
+        db0 = db_in_use(lab)
+        measure(lab, work, "small namespace", results, a.rounds)
+        base_closes = small_files(h2, h2 / work / "during-gc", a.rounds, "base")
+
+        per_step = a.ranks + 2
+        steps = max(1, (a.files - 5000) // per_step)
+        took = load("ns", steps, a.ranks, 2)
+        loaded = steps * per_step
+        results["loaded files"] = loaded
+        results["load files/s"] = loaded / took
+        print(f"loaded {loaded} files in {took:.0f} s", flush=True)
+        settle(lab)
+        results["etcd bytes per file"] = (db_in_use(lab) - db0) / loaded
+        measure(lab, work, "large namespace", results, a.rounds)
+
+        time.sleep(35)   # old.bin's blocks older than --gc-delay (30 s): candidates for the pass
+        gc_closes, gc_seconds, gc_read = gc_pass_closes(lab, work, h2 / work / "old.bin", a.rounds)
+        results["close() during a GC pass p99 ms"] = pct(gc_closes, 99) * 1000
+        results["close() without GC p99 ms"] = pct(base_closes, 99) * 1000
+        results["GC pass s / manifests read"] = [gc_seconds, gc_read]
+        print(f"GC pass {gc_seconds:.1f} s over {gc_read} manifests; close() p99 {pct(gc_closes, 99) * 1000:.1f} ms "
+              f"during ({len(gc_closes)} closes) vs {pct(base_closes, 99) * 1000:.1f} ms without", flush=True)
+
+        settle(lab)
+        results["idle RSS MiB"] = {h.node_id: rss_mib(h.pid) for h in lab.hosts.values()}
+
+        victim = lab.host(a.hosts)
+        t0 = time.monotonic()
+        victim.kill9()
+        first_pass = None
+
+        def healed():
+            nonlocal first_pass
+            heal = h1.cluster_status().get("heal") or {}
+            if first_pass is None and victim.node_id not in heal.get("waitingFor", [victim.node_id]) and heal.get("running"):
+                first_pass = time.monotonic() - t0
+            ok = all(int(os.getxattr(seed / f"s{i}.bin", "user.modelfs.replicas")) >= 3 for i in range(0, 32, 4))
+            return heal if ok and not heal.get("running") and heal.get("underReplicatedBytes", 1) == 0 else None
+        heal = wait_until(healed, 3600, interval=2, what="the lost host's blocks to be healed")
+        results["host lost: healed after s"] = time.monotonic() - t0
+        results["host lost: pass began after s"] = first_pass
+        results["host lost: pass walked files in s"] = [heal["files"], heal["lastPassSeconds"]]
+        print(json.dumps(results, indent=1), flush=True)
+        if a.out:
+            Path(a.out).write_text(json.dumps(results, indent=1))
+    finally:
+        lab.down()
+
+
+if __name__ == "__main__":
+    main()
