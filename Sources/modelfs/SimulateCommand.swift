@@ -52,24 +52,27 @@ extension DebugCommand {
             let total = blocks * blockSize * Double(replicas)
             report("stored", holders, nodes, scale)
 
-            // A host joins: passes of the planner until it moves nothing more.
+            // A host joins: passes of the planner until it moves nothing more. The real planner moves
+            // at most Healer.moveBudget a pass; here a pass moves all it would over many, and the
+            // real number of passes is counted from the bytes.
             nodes.append(node(hosts))
             let joined = nodes.last!.id
-            var moved = 0.0, passes = 0
-            while passes < 10_000 {
+            var moved = 0.0, dropped = 0.0, passes = 0
+            while passes < 100 {
                 setUsage(&nodes, holders, scale, weight)
-                let (plan, copies, drops) = Healer.plan(want: want, holders: holders, live: nodes, draining: [], everyNodeAnswered: true,
-                                                        moveBudget: UInt64(Double(Healer.moveBudget) / scale))
+                let (_, copies, drops) = Healer.plan(want: want, holders: holders, live: nodes, draining: [], everyNodeAnswered: true,
+                                                     moveBudget: .max)
                 if copies.isEmpty && drops.isEmpty { break }
                 for c in copies { holders[c.id, default: []] += c.to.map(\.id); moved += Double(c.to.count) }
-                for (id, n) in drops { holders[id]?.removeAll { $0 == n.id } }
+                for (id, n) in drops { holders[id]?.removeAll { $0 == n.id }; dropped += 1 }
                 passes += 1
-                _ = plan
             }
+            let movedBytes = moved * scale * blockSize
             let share = Double(holders.values.reduce(0) { $0 + ($1.contains(joined) ? 1 : 0) }) * scale * blockSize
-            print(String(format: "join: %d passes (of %.0f s each at least: --heal-interval), %.1f TB copied = %.2f%% of the data; the new host holds %.1f TB = %.2f%% (a fair share: %.2f%%)",
-                         passes, 30.0, moved * scale * blockSize / 1e12, 100 * moved * scale * blockSize / total,
-                         share / 1e12, 100 * share / total, 100.0 / Double(nodes.count)))
+            print(String(format: "join: %.1f TB copied to the new host = %.2f%% of the stored bytes (at most %.0f GiB a pass: %.0f healer passes), as many dropped elsewhere; it holds %.2f%% of the bytes, a fair share is %.2f%%",
+                         movedBytes / 1e12, 100 * movedBytes / total, Double(Healer.moveBudget) / Double(1 << 30),
+                         (movedBytes / Double(Healer.moveBudget)).rounded(.up), 100 * share / total, 100.0 / Double(nodes.count)))
+            _ = dropped
 
             // A host is lost: one planner pass, then the copies timed on fluid links.
             let lost = nodes[Int(rng.next() % UInt64(hosts))].id

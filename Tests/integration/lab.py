@@ -293,6 +293,24 @@ class Lab:
         with urllib.request.urlopen(f"http://{self.etcd_addr(i)}:2379/metrics", timeout=5) as r:
             return r.read().decode()
 
+    def etcd_served(self) -> tuple[float, float, float]:
+        """Requests the live etcd members have handled, bytes they have sent to clients and
+        received from them so far, from their own metrics (the JSON gateway's calls are counted
+        as the gRPC calls they become)."""
+        reqs = sent = received = 0.0
+        for i in range(1, self.state["etcd"] + 1):
+            if not self.etcd_alive(i):
+                continue
+            for line in self.etcd_metrics(i).splitlines():
+                value = line.rsplit(" ", 1)[-1]
+                if line.startswith("grpc_server_handled_total{"):
+                    reqs += float(value)
+                elif line.startswith("etcd_network_client_grpc_sent_bytes_total"):
+                    sent += float(value)
+                elif line.startswith("etcd_network_client_grpc_received_bytes_total"):
+                    received += float(value)
+        return reqs, sent, received
+
     # -- hosts ---------------------------------------------------------------------------------
     def start_host(self, i: int, extra: list[str] | None = None) -> LabHost:
         h = self.hosts.get(i)

@@ -257,21 +257,6 @@ def test_the_etcd_leader_killed_under_a_write_load(lab, work):
 # Scale, CI-sized (scripts/bench/scale.sh has the full sizes)
 # ---------------------------------------------------------------------------
 
-def etcd_served(lab) -> tuple[float, float]:
-    """Requests the etcd members have handled and bytes they have sent to clients so far, from
-    their own metrics (the JSON gateway's calls are counted as the gRPC calls they become)."""
-    reqs = sent = 0.0
-    for i in range(1, lab.state["etcd"] + 1):
-        if not lab.etcd_alive(i):
-            continue
-        for line in lab.etcd_metrics(i).splitlines():
-            if line.startswith("grpc_server_handled_total{"):
-                reqs += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("etcd_network_client_grpc_sent_bytes_total"):
-                sent += float(line.rsplit(" ", 1)[1])
-    return reqs, sent
-
-
 def quiet(lab) -> tuple[int, dict]:
     """Waits until no host runs a garbage collection pass and the healer is not mid-pass; then
     (the healer's passes so far, each host's manifests read by GC so far)."""
@@ -292,10 +277,10 @@ def idle_rate(lab, seconds: float = 10) -> float:
     a late one did)."""
     for _ in range(2):
         passes, reads = quiet(lab)
-        r0, _ = etcd_served(lab)
+        r0 = lab.etcd_served()[0]
         t0 = time.monotonic()
         time.sleep(seconds)   # the measurement window itself: nothing to wait for
-        r1, _ = etcd_served(lab)
+        r1 = lab.etcd_served()[0]
         took = time.monotonic() - t0
         after_passes, after_reads = quiet(lab)
         if after_passes == passes and after_reads == reads:
@@ -330,10 +315,10 @@ def test_fifty_thousand_files_cost_an_idle_cluster_nothing_more(lab, work):
     wait_until(lambda: counted() == files_before + 50_000, 30, interval=0.5,
                what="status to count the loaded files")
     # statfs reads the counters: a few small keys, not 50,000 inode records (~7 MB).
-    _, sent0 = etcd_served(lab)
+    sent0 = lab.etcd_served()[1]
     for _ in range(20):
         st = os.statvfs(h2.mp)
-    _, sent1 = etcd_served(lab)
+    sent1 = lab.etcd_served()[1]
     assert st.f_files - st.f_ffree >= 50_000 + 100
     assert sent1 - sent0 < 2_000_000, f"20 statfs calls made etcd send {sent1 - sent0:.0f} bytes"
     large = idle_rate(lab)

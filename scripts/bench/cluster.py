@@ -19,34 +19,9 @@ from mfs import MODELFS_BIN, Mount, run, wait_until  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import moosefs  # noqa: E402
+from benchio import drop_caches, read_timed, write_timed  # noqa: E402
 
 MiB = 1 << 20
-
-
-def drop_caches():
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
-def write_timed(src: Path, dst: Path, salt: int = 0) -> float:
-    """Copies src to dst in 1 MiB writes; seconds until close() returned. A non-zero `salt` is
-    stamped every 64 KiB (smaller than any chunk), so no block of the copy exists already:
-    each phase moves all its bytes instead of deduplicating against the one before."""
-    buf = bytearray(MiB)
-    t = time.perf_counter()
-    with open(src, "rb", buffering=0) as i, open(dst, "wb", buffering=0) as o:
-        block = 0
-        while True:
-            n = i.readinto(buf)
-            if not n:
-                break
-            if salt:
-                for off in range(0, n - 15, 65536):
-                    buf[off:off + 16] = salt.to_bytes(8, "little") + block.to_bytes(8, "little")
-                    block += 1
-            o.write(memoryview(buf)[:n])
-    return time.perf_counter() - t
 
 
 def durable_copies_timed(src: Path, dst_dir: Path, copies: int = 3) -> float:
@@ -65,15 +40,6 @@ def durable_copies_timed(src: Path, dst_dir: Path, copies: int = 3) -> float:
     for i in range(copies):
         (dst_dir / f"copy{i}").unlink()
     return took
-
-
-def read_timed(path: Path) -> float:
-    buf = bytearray(MiB)
-    t = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while f.readinto(buf):
-            pass
-    return time.perf_counter() - t
 
 
 def peak_rss_mib(pid: int) -> float:

@@ -10,7 +10,7 @@
 #   scripts/bench/cluster.sh [--size-mib N] [--dir DIR] [--no-moosefs]
 #   scripts/bench/cluster.sh --lab [--size-mib N] [--link RATE] [--hosts H] [--no-moosefs]
 #
-# With --lab (issue #26) it runs in the network lab instead (scripts/bench/lab.py): hosts in
+# With --lab (issue #26) it runs in the network lab instead (scripts/bench/labbench.py): hosts in
 # network namespaces on links shaped to RATE (default 1gbit), every figure a fraction of the link
 # rate measured in the same run, CPU idle per phase, MooseFS goal 3 on the same links.
 #
@@ -31,6 +31,6 @@ fi
 if [[ " $* " == *" --lab "* ]]; then
     args=()
     for a in "$@"; do [ "$a" = --lab ] || args+=("$a"); done
-    exec "$(dirname "${BASH_SOURCE[0]}")/run-py.sh" lab "${args[@]}"
+    exec "$(dirname "${BASH_SOURCE[0]}")/run-py.sh" labbench "${args[@]}"
 fi
 exec "$(dirname "${BASH_SOURCE[0]}")/run-py.sh" cluster "$@"

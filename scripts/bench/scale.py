@@ -58,22 +58,6 @@ def ls_l(d: Path) -> float:
     return timed(run)
 
 
-def etcd_served(lab) -> tuple[float, float, float]:
-    """(requests handled, bytes sent, bytes received) by every etcd member so far."""
-    reqs = sent = recv = 0.0
-    for i in range(1, lab.state["etcd"] + 1):
-        if not lab.etcd_alive(i):
-            continue
-        for line in lab.etcd_metrics(i).splitlines():
-            if line.startswith("grpc_server_handled_total{"):
-                reqs += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("etcd_network_client_grpc_sent_bytes_total"):
-                sent += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("etcd_network_client_grpc_received_bytes_total"):
-                recv += float(line.rsplit(" ", 1)[1])
-    return reqs, sent, recv
-
-
 def db_in_use(lab) -> float:
     for line in lab.etcd_metrics(1).splitlines():
         if line.startswith("etcd_mvcc_db_total_size_in_use_in_bytes"):
@@ -93,10 +77,10 @@ def settle(lab):
 
 def idle(lab, seconds: float) -> dict:
     settle(lab)
-    r0, s0, v0 = etcd_served(lab)
+    r0, s0, v0 = lab.etcd_served()
     t = time.monotonic()
     time.sleep(seconds)   # the measurement window
-    r1, s1, v1 = etcd_served(lab)
+    r1, s1, v1 = lab.etcd_served()
     took = time.monotonic() - t
     n = len(lab.hosts)
     return {"requests/s per host": (r1 - r0) / took / n, "bytes/s per host": (s1 - s0 + v1 - v0) / took / n}

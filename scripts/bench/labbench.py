@@ -29,13 +29,9 @@ from lab import Lab, rate_bits  # noqa: E402
 from mfs import MODELFS_BIN, Mount, run, wait_until  # noqa: E402
 
 import moosefs  # noqa: E402
+from benchio import drop_caches, read_timed, write_timed  # noqa: E402
 
 MiB = 1 << 20
-
-
-def drop_caches():
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 class Cpu:
@@ -61,33 +57,6 @@ def make_source(path: Path, size: int):
             f.write(os.urandom(64 * MiB))
 
 
-def write_timed(src: Path, dst: Path, salt: int) -> float:
-    """1 MiB writes of src into dst, stamped with `salt` every 64 KiB (nothing deduplicates with an
-    earlier phase); seconds until close() returned."""
-    buf = bytearray(MiB)
-    t = time.perf_counter()
-    with open(src, "rb", buffering=0) as i, open(dst, "wb", buffering=0) as o:
-        n_block = 0
-        while True:
-            n = i.readinto(buf)
-            if not n:
-                break
-            for off in range(0, n - 15, 65536):
-                buf[off:off + 16] = salt.to_bytes(8, "little") + n_block.to_bytes(8, "little")
-                n_block += 1
-            o.write(memoryview(buf)[:n])
-    return time.perf_counter() - t
-
-
-def read_timed(path: Path) -> float:
-    buf = bytearray(MiB)
-    t = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while f.readinto(buf):
-            pass
-    return time.perf_counter() - t
-
-
 STREAM = r"""
 import socket, sys, time
 mode, host, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -107,6 +76,22 @@ else:
         c.sendall(b); sent += len(b)
     c.close()
 """
+
+
+def policy_dir(d: Path, replicas: int, ack: int) -> Path:
+    d.mkdir()
+    r = run([MODELFS_BIN, "policy", "set", d, "--replicas", str(replicas), "--ack", str(ack)])
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def restart_hosts(lab, extra: list[str]):
+    """Every host remounted with the lab's flags plus `extra`."""
+    for host in lab.hosts.values():
+        host.unmount()
+        host.extra_args = [x for x in host.extra_args if x not in ("--replication", "fanout")] + extra
+        host.start()
+    lab.wait_all_up()
 
 
 def link_rate(lab, size: int) -> float:
@@ -166,11 +151,7 @@ def main():
 
         for mode, salt in (("chain", 2), ("fanout", 3)):
             if mode == "fanout":   # the A/B: the same cluster, one PUT per target
-                for i in h:
-                    h[i].unmount()
-                    h[i].extra_args = [x for x in h[i].extra_args] + ["--replication", "fanout"]
-                    h[i].start()
-                lab.wait_all_up()
+                restart_hosts(lab, ["--replication", "fanout"])
             d = h[1] / f"k1-{mode}"
             d.mkdir()
             with Cpu() as c:
@@ -183,25 +164,16 @@ def main():
             res[f"K=1 {mode}: write start -> 3 copies s"] = total
             res[f"K=1 {mode}: (start -> 3 copies) / (size/link)"] = total / (size / link)
             idle[f"K=1 {mode}"] = c.idle
-        # back to chain for the rest
-        for i in h:
-            h[i].unmount()
-            h[i].extra_args = [x for x in h[i].extra_args if x not in ("--replication", "fanout")]
-            h[i].start()
-        lab.wait_all_up()
+        restart_hosts(lab, [])   # back to chain for the rest
 
-        d = h[1] / "k3"
-        d.mkdir()
-        assert run([MODELFS_BIN, "policy", "set", d, "--replicas", "3", "--ack", "3"]).returncode == 0
+        d = policy_dir(h[1] / "k3", 3, 3)
         with Cpu() as c:
             t = write_timed(src, d / "f", salt=4)
         res["K=3 write MB/s"] = size / t / 1e6
         res["K=3 write / link"] = size / t / link
         idle["K=3"] = c.idle
 
-        d = h[1] / "one-copy"
-        d.mkdir()
-        assert run([MODELFS_BIN, "policy", "set", d, "--replicas", "1", "--ack", "1"]).returncode == 0
+        d = policy_dir(h[1] / "one-copy", 1, 1)
         write_timed(src, d / "f", salt=5)
         drop_caches()
         with Cpu() as c:
@@ -212,16 +184,12 @@ def main():
 
         # Healing: files with R=2 written on host 1, then a host holding copies is lost; the
         # survivors copy back while a foreground reader on host 2 re-reads a file (cold each time).
-        d = h[1] / "heal"
-        d.mkdir()
-        assert run([MODELFS_BIN, "policy", "set", d, "--replicas", "2", "--ack", "1"]).returncode == 0
+        d = policy_dir(h[1] / "heal", 2, 1)
         heal_size = a.heal_mib * MiB
         for i in range(max(1, heal_size // size)):
             write_timed(src, d / f"f{i}", salt=10 + i)
         assert h[1].sync(d, timeout=1800).returncode == 0
-        fg = h[1] / "fg"
-        fg.mkdir()
-        assert run([MODELFS_BIN, "policy", "set", fg, "--replicas", "1", "--ack", "1"]).returncode == 0
+        fg = policy_dir(h[1] / "fg", 1, 1)
         write_timed(src, fg / "f", salt=50)
         fg_size = size
 
