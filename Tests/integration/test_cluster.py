@@ -129,8 +129,15 @@ def test_reading_three_times_the_cache_budget_stays_within_it(make_nodes):
     # Every block crosses the network once: a read that found its block's prefetch just ending
     # fetched it again (about 4 % of the bytes of a cold read).
     assert st["cacheStats"]["peerBytes"] - len(data) < MiB, st["cacheStats"]
-    assert st["cacheStats"]["evictedBytes"] > 0
     assert not b.blocks(), "fetched blocks must land in the cache, not among the node's replicas"
+    # A read drops cache writes the disk cannot keep up with (how many depends on this VM's
+    # moment), so whether it evicted varies; `warm` caches every block it fetches, and 48 MiB
+    # must push most of the first ones out of 16.
+    r = run([MODELFS_BIN, "warm", b / "big.bin"], timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    st = b.cluster_status()
+    assert st["cacheBytes"] <= 16 * MiB, st
+    assert st["cacheStats"]["evictedBytes"] >= 16 * MiB, st["cacheStats"]
 
 
 def test_a_cold_read_fetches_each_block_once_when_the_cache_cannot_keep_up(make_nodes):
