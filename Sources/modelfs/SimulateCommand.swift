@@ -69,10 +69,10 @@ extension DebugCommand {
             }
             let movedBytes = moved * scale * blockSize
             let share = Double(holders.values.reduce(0) { $0 + ($1.contains(joined) ? 1 : 0) }) * scale * blockSize
-            print(String(format: "join: %.1f TB copied to the new host = %.2f%% of the stored bytes (at most %.0f GiB a pass: %.0f healer passes), as many dropped elsewhere; it holds %.2f%% of the bytes, a fair share is %.2f%%",
+            print(String(format: "join: %.2f TB copied to the new host = %.2f%% of the stored bytes (at most %.0f GiB a pass: %.0f healer passes), %.2f TB dropped elsewhere; it holds %.2f%% of the bytes, a fair share is %.2f%%",
                          movedBytes / 1e12, 100 * movedBytes / total, Double(Healer.moveBudget) / Double(1 << 30),
-                         (movedBytes / Double(Healer.moveBudget)).rounded(.up), 100 * share / total, 100.0 / Double(nodes.count)))
-            _ = dropped
+                         (movedBytes / Double(Healer.moveBudget)).rounded(.up), dropped * scale * blockSize / 1e12,
+                         100 * share / total, 100.0 / Double(nodes.count)))
 
             // A host is lost: one planner pass, then the copies timed on fluid links.
             let lost = nodes[Int(rng.next() % UInt64(hosts))].id
@@ -89,13 +89,13 @@ extension DebugCommand {
             let bytes = sent.values.reduce(0, +)
             let maxOut = sent.values.max() ?? 0, maxIn = received.values.max() ?? 0
             let meanOut = bytes / Double(nodes.count)
-            print(String(format: "lose %@: %.1f TB to copy (%d sample blocks short, %d unreadable); %d hosts send, %d receive; hot spots: busiest sender %.2fx the mean, busiest receiver %.2fx",
+            print(String(format: "lose %@: %.2f TB to copy (%d sample blocks short, %d unreadable); %d hosts send, %d receive; hot spots: busiest sender %.2fx the mean, busiest receiver %.2fx",
                          lost, bytes / 1e12, plan.short, plan.unreadable, sent.count, received.count, maxOut / max(meanOut, 1), maxIn / max(bytes / Double(nodes.count), 1)))
             for l in links.split(separator: ",").compactMap({ Double($0) }) {
                 let rate = l / 8
                 let t = max(maxOut, maxIn) / rate
                 let ideal = bytes / (Double(nodes.count) * rate)
-                print(String(format: "  links %.0f Gbit/s: healed in %.0f s (the busiest host's link; perfectly even: %.0f s), %.1f GB/s cluster-wide",
+                print(String(format: "  links %.0f Gbit/s: healed in %.1f s (the busiest host's link; perfectly even: %.1f s), %.1f GB/s cluster-wide",
                              l / 1e9, t, ideal, bytes / t / 1e9))
             }
         }
