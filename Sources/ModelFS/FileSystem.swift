@@ -291,11 +291,36 @@ public final class FileSystem: @unchecked Sendable {
     /// Directory entries after `cookie`, starting with "." (cookie 1) and ".." (cookie 2);
     /// the cookies of real entries are the engine's plus 2.
     public func readdir(_ dir: InodeNumber, after cookie: UInt64, limit: Int) throws -> [DirectoryEntry] {
+        var out = try dots(dir, after: cookie)
+        let rest = try meta.readdir(dir, after: cookie > 2 ? cookie - 2 : 0, limit: max(0, limit - out.count))
+        out += rest.map { var e = $0; e.cookie += 2; return e }
+        return out
+    }
+
+    /// `readdir` with the attributes of every entry but "." and ".." (nil: removed meanwhile),
+    /// read in batches. The kernel takes a lookup reference on each entry it is given: the
+    /// caller reports those with `tookLookup`.
+    public func readdirPlus(_ dir: InodeNumber, after cookie: UInt64, limit: Int) throws -> [(DirectoryEntry, InodeAttributes?)] {
+        var out: [(DirectoryEntry, InodeAttributes?)] = try dots(dir, after: cookie).map { ($0, nil) }
+        let rest = try meta.readdirPlus(dir, after: cookie > 2 ? cookie - 2 : 0, limit: max(0, limit - out.count))
+        out += rest.map { e, a in
+            var e = e
+            e.cookie += 2
+            return (e, a.map(withLiveSize))
+        }
+        return out
+    }
+
+    /// The kernel now holds a lookup reference to an inode readdirplus gave it (forgotten later
+    /// like one from `lookup`).
+    public func tookLookup(_ attrs: InodeAttributes, parent: InodeNumber) {
+        _ = remembered(attrs, parent: parent)
+    }
+
+    private func dots(_ dir: InodeNumber, after cookie: UInt64) throws -> [DirectoryEntry] {
         var out: [DirectoryEntry] = []
         if cookie < 1 { out.append(DirectoryEntry(name: ".", ino: dir, kind: .directory, cookie: 1)) }
         if cookie < 2 { out.append(DirectoryEntry(name: "..", ino: try meta.parent(of: dir), kind: .directory, cookie: 2)) }
-        let rest = try meta.readdir(dir, after: cookie > 2 ? cookie - 2 : 0, limit: max(0, limit - out.count))
-        out += rest.map { var e = $0; e.cookie += 2; return e }
         return out
     }
 

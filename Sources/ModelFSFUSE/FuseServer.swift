@@ -25,16 +25,20 @@ public final class FuseServer: @unchecked Sendable {
     /// trusts its own idea of a file's size over ours for as long as it caches the inode, so a
     /// new version committed by another node could be read cut to the old size.
     let writebackCache: Bool
+    /// Every readdir a readdirplus (a cluster node: a lookup costs etcd round trips), rather
+    /// than the kernel's heuristic.
+    let alwaysReaddirPlus: Bool
     private var session: OpaquePointer?
 
     public init(fs: FileSystem, dataDir: String, entryTimeout: Double = 60, attrTimeout: Double = 60,
-                negativeTimeout: Double = 0, writebackCache: Bool = false) {
+                negativeTimeout: Double = 0, writebackCache: Bool = false, alwaysReaddirPlus: Bool = false) {
         self.fs = fs
         self.dataDir = dataDir
         self.entryTimeout = entryTimeout
         self.attrTimeout = attrTimeout
         self.negativeTimeout = negativeTimeout
         self.writebackCache = writebackCache
+        self.alwaysReaddirPlus = alwaysReaddirPlus
     }
 
     /// Mounts and serves until unmounted or signalled. `ready` runs once the mount answers.

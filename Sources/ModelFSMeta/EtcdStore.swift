@@ -525,6 +525,23 @@ final class EtcdTransaction: MetadataTransaction {
             .sorted()
     }
 
+    /// 128 inodes to an etcd txn (its most operations), in a read-only transaction at its
+    /// snapshot's revision once it has one; a writable one reads key by key (each read is
+    /// recorded for the commit's conflict check).
+    func inodes(_ inos: [InodeNumber]) throws -> [InodeRecord?] {
+        guard !writable else { return try inos.map { try inode($0) } }
+        var out: [InodeRecord?] = []
+        out.reserveCapacity(inos.count)
+        for start in stride(from: 0, to: inos.count, by: 128) {
+            let part = inos[start..<min(inos.count, start + 128)]
+            let r = try client.txn(compare: [], success: part.map { EtcdOp.get(inodeKey($0)) })
+            for (i, ino) in part.enumerated() {
+                out.append(try r.ranges[i].first.map { try Self.decodeInode($0.value, ino) })
+            }
+        }
+        return out
+    }
+
     /// 64 inodes to an etcd txn (its 128 reads: each inode's record and manifest), at the
     /// latest revision: a walk, not a snapshot.
     func inodesAndManifests(_ inos: [InodeNumber]) throws -> [(InodeRecord?, Data?)] {

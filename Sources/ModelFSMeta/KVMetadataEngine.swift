@@ -265,6 +265,14 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
         }
     }
 
+    public func readdirPlus(_ dir: InodeNumber, after cookie: UInt64, limit: Int) throws -> [(DirectoryEntry, InodeAttributes?)] {
+        try store.read { tx in
+            _ = try requireDirectory(tx, dir)
+            let entries = try tx.entries(dir, after: cookie, limit: limit)
+            return zip(entries, try tx.inodes(entries.map(\.ino))).map { ($0, $1?.attrs) }
+        }
+    }
+
     public func parent(of dir: InodeNumber) throws -> InodeNumber {
         try store.read { tx in try requireDirectory(tx, dir).parent ?? .root }
     }

@@ -60,6 +60,9 @@ public protocol MetadataEngine: AnyObject, Sendable {
     func setattr(_ ino: InodeNumber, _ changes: AttributeChanges, now: Timestamp) throws -> InodeAttributes
     /// Entries with a cookie greater than `after`, in cookie order ("." and ".." not included).
     func readdir(_ dir: InodeNumber, after cookie: UInt64, limit: Int) throws -> [DirectoryEntry]
+    /// `readdir` with each entry's attributes (nil for one removed meanwhile), read in batches:
+    /// READDIRPLUS, so `ls -l` costs a few requests per page instead of a lookup per name.
+    func readdirPlus(_ dir: InodeNumber, after cookie: UInt64, limit: Int) throws -> [(DirectoryEntry, InodeAttributes?)]
     func parent(of dir: InodeNumber) throws -> InodeNumber
     func readlink(_ ino: InodeNumber) throws -> String
     func manifest(of ino: InodeNumber) throws -> ManifestRef

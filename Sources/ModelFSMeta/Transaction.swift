@@ -51,6 +51,9 @@ public protocol MetadataTransaction {
     /// Manifests of inodes numbered above `after`, in inode order, at most `limit` (a page of a
     /// scan that may run across many transactions: garbage collection).
     func manifests(after: InodeNumber, limit: Int) throws -> [(InodeNumber, Data)]
+    /// The records of many inodes (an engine may read them in batches): a directory page's
+    /// attributes for readdirplus.
+    func inodes(_ inos: [InodeNumber]) throws -> [InodeRecord?]
     /// The records and manifests of many inodes (an engine may read them in batches).
     func inodesAndManifests(_ inos: [InodeNumber]) throws -> [(InodeRecord?, Data?)]
     func stats() throws -> MetadataStats
@@ -60,6 +63,9 @@ extension MetadataTransaction {
     public func checkFence(_ ino: InodeNumber, _ fence: CommitFence, version: UInt64) throws {}
     public func existingNames(_ dir: InodeNumber, among names: [String]) throws -> Set<String> {
         Set(try names.filter { try entry(dir, $0) != nil })
+    }
+    public func inodes(_ inos: [InodeNumber]) throws -> [InodeRecord?] {
+        try inos.map { try inode($0) }
     }
     public func inodesAndManifests(_ inos: [InodeNumber]) throws -> [(InodeRecord?, Data?)] {
         try inos.map { (try inode($0), try manifest($0)) }

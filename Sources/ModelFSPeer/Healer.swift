@@ -126,11 +126,14 @@ public final class Healer: @unchecked Sendable {
     let rate: UInt64
     /// This node's: copies it sends wait while it serves the foreground.
     let yield: ForegroundYield?
-    /// A node holding less than this share of the mean is under-filled and receives copies.
-    /// Below one half: a node that writes everything (one trainer) keeps a copy of all it
-    /// writes, so the others hold about 1/(N-1) of it each, which is always more than half of
-    /// the mean; they are not "under-filled", and nothing moves. A node that just joined is.
-    static let underFilled = 0.5
+    /// A node holding less than this share of the median node's bytes is under-filled and
+    /// receives copies of the blocks whose placement names it, until it holds that share. The
+    /// median, not the mean: a node that writes everything (one trainer) keeps a copy of all it
+    /// writes, which lifts the mean well above what the other nodes hold (about 2/(N-1) of it
+    /// each at R=3); measured against the mean they all looked under-filled (so the old rule
+    /// stopped a joining node at half the mean: half its share). Against the median, the others
+    /// are level, and a node that just joined fills to 0.9 of them (`modelfs debug simulate`).
+    static let underFilled = 0.9
     /// Bytes rebalancing copies per pass at most.
     public static let moveBudget: UInt64 = 1 << 30
     private let state = Mutex(HealStatus())
@@ -408,12 +411,13 @@ public final class Healer: @unchecked Sendable {
         // per pass; the copy outside their placement is dropped in a later pass, after `has`
         // confirmed the new one.
         if plan.short == 0, !targetsPool.isEmpty {
-            let mean = Double(targetsPool.reduce(UInt64(0)) { $0 + $1.usedBytes }) / Double(targetsPool.count)
+            let used = targetsPool.map(\.usedBytes).sorted()
+            let median = Double(used[used.count / 2])
             var incoming: [String: UInt64] = [:]
             var budget = moveBudget
             for (id, length, t) in moveCandidates where budget > 0 {
                 let after = Double(t.usedBytes + incoming[t.id, default: 0] + UInt64(length))
-                guard after < mean * Self.underFilled else { continue }
+                guard after < median * Self.underFilled else { continue }
                 incoming[t.id, default: 0] += UInt64(length)
                 budget -= min(budget, UInt64(length))
                 copies.append(Copy(id: id, have: Int.max, length: length, from: (holders[id] ?? []).compactMap { byID[$0] }, to: [t], urgent: false))

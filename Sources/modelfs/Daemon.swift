@@ -110,7 +110,8 @@ struct Daemon {
         // show at once). Alone, nobody else does: long ones make warm stat free.
         let timeout = node == nil ? 60.0 : 1.0
         let server = FuseServer(fs: fs, dataDir: dataDir, entryTimeout: timeout, attrTimeout: timeout,
-                                negativeTimeout: node == nil ? timeout : 0, writebackCache: mountOptions.writebackCache)
+                                negativeTimeout: node == nil ? timeout : 0, writebackCache: mountOptions.writebackCache,
+                                alwaysReaddirPlus: node != nil)
         try node?.start()
         if let node {
             let me = node.id

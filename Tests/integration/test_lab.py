@@ -314,6 +314,17 @@ def test_fifty_thousand_files_cost_an_idle_cluster_nothing_more(lab, work):
     assert "loaded 50000 files" in r.stdout, r.stdout
     wait_until(lambda: counted() == files_before + 50_000, 30, interval=0.5,
                what="status to count the loaded files")
+    # `ls -l` of a 500-entry directory on a host that never looked at it: READDIRPLUS brings the
+    # attributes page by page, so no lookup per name (two etcd reads each, >= 1,000 requests).
+    step = "ns/step-000009"
+    r0 = lab.etcd_served()[0]
+    listed = {e.name: e.stat(follow_symlinks=False) for e in os.scandir(h2 / work / step)}
+    r1 = lab.etcd_served()[0]
+    assert len(listed) == 500
+    assert r1 - r0 < 300, f"listing 500 entries with their attributes took {r1 - r0:.0f} etcd requests"
+    for name in ("__0_0.distcp", "__497_0.distcp", ".metadata", "config-1.json"):
+        a, b = listed[name], os.stat(h1 / work / step / name)
+        assert (a.st_ino, a.st_size, a.st_mode, a.st_mtime_ns) == (b.st_ino, b.st_size, b.st_mode, b.st_mtime_ns), name
     # statfs reads the counters: a few small keys, not 50,000 inode records (~7 MB).
     sent0 = lab.etcd_served()[1]
     for _ in range(20):
