@@ -793,3 +793,72 @@ final class ScriptedPeer: @unchecked Sendable {
         #expect(try holder(8) == nil)
     }
 }
+
+/// The healing planner's rebalancing, run to a standstill on a model cluster (every planned copy
+/// made, every planned drop done, the nodes' usage recounted between passes).
+@Suite struct RebalanceTests {
+    struct Model {
+        var nodes: [NodeInfo]
+        var holders: [BlockID: [String]] = [:]
+        var want: [BlockID: Healer.Want] = [:]
+
+        mutating func recount() {
+            var used: [String: UInt64] = [:]
+            for (id, h) in holders { for n in h { used[n, default: 0] += UInt64(want[id]!.length) } }
+            for i in nodes.indices { nodes[i].usedBytes = used[nodes[i].id, default: 0] }
+        }
+
+        /// Passes until one moves nothing; returns the copies made.
+        mutating func settle(budget: UInt64 = 64 << 20) -> Int {
+            var copied = 0
+            for _ in 0..<200 {
+                recount()
+                let (_, copies, drops) = Healer.plan(want: want, holders: holders, live: nodes, draining: [],
+                                                     everyNodeAnswered: true, moveBudget: budget)
+                if copies.isEmpty && drops.isEmpty { return copied }
+                for c in copies { holders[c.id, default: []] += c.to.map(\.id) }
+                for (id, n) in drops { holders[id]?.removeAll { $0 == n.id } }
+                copied += copies.count
+            }
+            Issue.record("rebalancing did not come to a standstill in 200 passes")
+            return copied
+        }
+
+        func share(_ node: String) -> Double {
+            let total = nodes.reduce(UInt64(0)) { $0 + $1.usedBytes }
+            return Double(nodes.first { $0.id == node }!.usedBytes) / Double(total)
+        }
+    }
+
+    static func cluster(_ n: Int, blocks: Int, writer: String? = nil) -> Model {
+        var m = Model(nodes: (0..<n).map { NodeInfo(id: "n\($0)", address: "x:\($0)") })
+        for seed in 0..<UInt64(blocks) {
+            let (id, _) = blockOf(16, seed: seed)
+            m.want[id] = Healer.Want(copies: 3, length: 1 << 20, spread: nil, settled: true)
+            m.holders[id] = Placement.targets(id, nodes: m.nodes, replicas: 3, writer: writer).map(\.id)
+        }
+        return m
+    }
+
+    /// A node joins a placed cluster of 8: it fills to about its fair share (1/9), and the
+    /// copies made are about that share, not more (rendezvous moves only what the node wins).
+    @Test func aJoiningNodeFillsToItsShare() {
+        var m = Self.cluster(8, blocks: 6000)
+        m.nodes.append(NodeInfo(id: "new", address: "x:99"))
+        let copied = m.settle()
+        m.recount()
+        let share = m.share("new")
+        #expect(share > 0.85 / 9 && share < 1.1 / 9, "the new node holds \(share), fair is \(1.0 / 9)")
+        #expect(Double(copied) < 1.15 * Double(m.nodes.last!.usedBytes >> 20), "copied \(copied) blocks")
+        #expect(m.holders.values.allSatisfy { $0.count == 3 })
+    }
+
+    /// One trainer writes everything (it keeps a copy of every block): its node holds far more
+    /// than the mean, the others are level, and nothing needs to move.
+    @Test func oneWriterClusterStaysPut() {
+        var m = Self.cluster(8, blocks: 3000, writer: "n0")
+        let copied = m.settle()
+        #expect(copied < 3000 / 20, "a one-writer cluster moved \(copied) of 3000 blocks")
+        #expect(m.holders.values.allSatisfy { $0.count == 3 })
+    }
+}

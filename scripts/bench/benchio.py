@@ -9,6 +9,22 @@ from pathlib import Path
 MiB = 1 << 20
 
 
+class Cpu:
+    """Idle share (idle and iowait) of this machine's CPUs while the with-block runs (from /proc/stat)."""
+    @staticmethod
+    def sample():
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return sum(f), f[3] + f[4]
+
+    def __enter__(self):
+        self.t0, self.i0 = self.sample()
+        return self
+
+    def __exit__(self, *exc):
+        t1, i1 = self.sample()
+        self.idle = (i1 - self.i0) / max(1, t1 - self.t0)
+
+
 def drop_caches():
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:

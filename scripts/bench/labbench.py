@@ -29,25 +29,9 @@ from lab import Lab, rate_bits  # noqa: E402
 from mfs import MODELFS_BIN, Mount, run, wait_until  # noqa: E402
 
 import moosefs  # noqa: E402
-from benchio import drop_caches, read_timed, write_timed  # noqa: E402
+from benchio import Cpu, drop_caches, read_timed, write_timed  # noqa: E402
 
 MiB = 1 << 20
-
-
-class Cpu:
-    """Idle share of this machine's CPUs between start() and stop() (from /proc/stat)."""
-    @staticmethod
-    def sample():
-        f = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        return sum(f), f[3] + f[4]
-
-    def __enter__(self):
-        self.t0, self.i0 = self.sample()
-        return self
-
-    def __exit__(self, *exc):
-        t1, i1 = self.sample()
-        self.idle = (i1 - self.i0) / max(1, t1 - self.t0)
 
 
 def make_source(path: Path, size: int):
