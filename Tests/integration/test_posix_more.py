@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from mfs import in_child, read_file, write_file
+from mfs import in_child, read_file, wait_until, write_file
 
 libc = ctypes.CDLL(None, use_errno=True)
 RENAME_EXCHANGE = 2
@@ -139,7 +139,8 @@ def test_other_user_cannot_chown_or_chmod_foreign_file(workdir):
 def test_writes_reach_the_daemon_as_they_are_made_by_default(mnt):
     """Without the kernel's writeback cache (the default) a write() returns once the daemon has
     the bytes: they are already streamed into blocks while the file is still open."""
-    assert "kernel writeback cache: off" in mnt.log_tail()
+    wait_until(lambda: "kernel writeback cache: off" in mnt.log_tail(), 10, interval=0.05,
+               what="the daemon to log the writeback cache off (when the kernel's INIT arrives)")
     before = mnt.status()["streamedBytes"]
     fd = os.open(mnt.path("stream.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -154,7 +155,9 @@ def test_writeback_cache_option(mount_factory):
     partial pages (the kernel then reads pages back), appends and seek-back header rewrites (as
     np.savez and zipfile do) stay exact, before and after a remount."""
     m = mount_factory(options=["writeback_cache"])
-    assert "kernel writeback cache: on" in m.log_tail()
+    # The line is logged when the kernel's INIT arrives, which may come after the mount answers.
+    wait_until(lambda: "kernel writeback cache: on" in m.log_tail(), 10, interval=0.05,
+               what="the daemon to log the writeback cache on")
     p = m.path("wb.bin")
     body = os.urandom(3 * (1 << 20) + 123)
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
