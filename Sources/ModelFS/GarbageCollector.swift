@@ -30,10 +30,18 @@ import Synchronization
 /// a pass waits for nothing else (it used to wait for the whole manifest read).
 ///
 /// A pass runs when blocks may have become garbage: this filesystem changed content (a commit,
-/// a link removed, an inode deleted: `FileSystem.contentChanges`), another node did (the etcd
-/// watch: `noteRemoteChange`), a write failed (`requestSoon`), or `fullEvery` seconds passed
-/// since the last pass (blocks copied here for a version never committed, a writer that died
-/// mid-file). An idle cluster reads no manifests.
+/// a link removed, an inode deleted: `FileSystem.contentChanges`), a write failed
+/// (`requestSoon`), or `fullEvery` seconds passed since the last pass (blocks copied here for a
+/// version never committed, a writer that died mid-file). An idle cluster reads no manifests.
+///
+/// With a change feed (`changeFeed`, a cluster node: the etcd watch reports every manifest
+/// replaced or deleted anywhere, with the version it replaced, `suspect`), a pass set off by
+/// a change takes as candidates only the blocks of those replaced versions that this node holds
+/// (the suspects), not every old block: adding files, however many, makes no pass, and a
+/// delete makes a pass on the nodes that hold the deleted blocks, which reads manifests only
+/// until every suspect is found referenced (or all of them, if some are garbage). The first
+/// pass after start, a failed write's and the `fullEvery` pass take every old block, as
+/// without a feed (what a crash or a lost stretch of the watch left behind).
 public final class GarbageCollector: @unchecked Sendable {
     let fs: FileSystem
     let store: PackBlockStore
@@ -56,6 +64,8 @@ public final class GarbageCollector: @unchecked Sendable {
     let scanRate: UInt64
     /// Seconds after which a pass runs even with no change seen.
     let fullEvery: Double
+    /// Passes set off by changes take only the suspects (see the type's comment).
+    let changeFeed: Bool
     static let page = 1000
 
     private struct Passes {
@@ -68,6 +78,14 @@ public final class GarbageCollector: @unchecked Sendable {
         var lastPass = Date.distantPast
         /// Changes up to here are covered: the last pass's cutoff (its start minus the grace).
         var covered = Date.distantPast
+        /// Versions replaced since the last pass took them (a change feed), and the blocks of
+        /// earlier ones not decided yet: touched within the grace, they wait for a later pass.
+        var replaced: [ManifestRef] = []
+        var suspects: Set<BlockID> = []
+        /// When waiting suspects can be decided (nil: none wait).
+        var retryAt: Date?
+        /// A pass over every old block is owed (a failed write, with a change feed).
+        var fullOwed = false
         var stats = Stats()
     }
     private let passes = Mutex(Passes())
@@ -83,11 +101,32 @@ public final class GarbageCollector: @unchecked Sendable {
         public var removedBlocks: UInt64 = 0
         public var removedBytes: UInt64 = 0
         public var lastPassSeconds = 0.0
+        /// Passes over every old block (the others took only suspects).
+        public var fullPasses = 0
+        /// Blocks waiting to be decided (a change feed).
+        public var suspects = 0
+
+        public init() {}
+
+        /// Fields added later read as zero from an older daemon's status.
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            func v<T: Decodable>(_ key: CodingKeys, _ fallback: T) throws -> T { try c.decodeIfPresent(T.self, forKey: key) ?? fallback }
+            running = try v(.running, false)
+            passes = try v(.passes, 0)
+            manifestsRead = try v(.manifestsRead, 0)
+            lastManifestsRead = try v(.lastManifestsRead, 0)
+            removedBlocks = try v(.removedBlocks, 0)
+            removedBytes = try v(.removedBytes, 0)
+            lastPassSeconds = try v(.lastPassSeconds, 0)
+            fullPasses = try v(.fullPasses, 0)
+            suspects = try v(.suspects, 0)
+        }
     }
     public var stats: Stats { passes.withLock { $0.stats } }
 
     public init(fs: FileSystem, store: PackBlockStore, others: [PackBlockStore] = [], interval: Double = 60, grace: Double = 1,
-                scanRate: UInt64 = 0, fullEvery: Double = 3600) {
+                scanRate: UInt64 = 0, fullEvery: Double = 3600, changeFeed: Bool = false) {
         self.fs = fs
         self.store = store
         self.others = others
@@ -95,6 +134,7 @@ public final class GarbageCollector: @unchecked Sendable {
         self.grace = grace
         self.scanRate = scanRate
         self.fullEvery = fullEvery
+        self.changeFeed = changeFeed
     }
 
     public func start() {
@@ -109,22 +149,31 @@ public final class GarbageCollector: @unchecked Sendable {
         timer = t
     }
 
-    /// Another node changed a manifest (committed a version, deleted a file): this node's copies
-    /// and cached blocks of the old one may be garbage.
-    public func noteRemoteChange() { passes.withLock { $0.remoteChange = true; $0.lastChange = Date() } }
+    /// A version was replaced or deleted (by any node: the change feed): the blocks it
+    /// referenced may be garbage. Without a feed, any change sets off a pass over every old block.
+    public func suspect(_ replaced: ManifestRef) {
+        passes.withLock { p in
+            if changeFeed { p.replaced.append(replaced) } else { p.remoteChange = true }
+            p.lastChange = Date()
+        }
+    }
 
-    /// Whether a pass should run now: content changed since the last one started (most of what a
-    /// change leaves behind is old, and goes at once); or a change the last pass did not cover
-    /// (blocks touched within the grace before it are kept) can be covered now; or it is time for
-    /// a full one.
+    /// Whether a pass should run now. With a change feed: versions were replaced since the last
+    /// one, or suspects it left waiting can be decided, or a full pass is owed or due. Without:
+    /// content changed since the last one started (most of what a change leaves behind is old,
+    /// and goes at once); or a change the last pass did not cover (blocks touched within the
+    /// grace before it are kept) can be covered now; or it is time for a full one.
     func due() -> Bool {
         let generation = fs.contentChanges
         let now = Date()
         return passes.withLock { p in
+            if p.lastPass == .distantPast || now.timeIntervalSince(p.lastPass) >= fullEvery { return true }
+            if changeFeed {
+                return p.fullOwed || !p.replaced.isEmpty || p.retryAt.map { now >= $0 } == true
+            }
             if p.noticed != generation { p.noticed = generation; p.lastChange = now }
             if p.generation != generation || p.remoteChange { return true }
-            if p.lastChange > p.covered && now.addingTimeInterval(-grace) >= p.lastChange { return true }
-            return now.timeIntervalSince(p.lastPass) >= fullEvery
+            return p.lastChange > p.covered && now.addingTimeInterval(-grace) >= p.lastChange
         }
     }
 
@@ -141,6 +190,7 @@ public final class GarbageCollector: @unchecked Sendable {
 
     /// Runs a pass shortly (coalescing bursts of requests).
     public func requestSoon() {
+        passes.withLock { $0.fullOwed = true }
         let already = pending.withLock { p in defer { p = true }; return p }
         if already { return }
         queue.asyncAfter(deadline: .now() + 1.5) { [weak self] in
@@ -163,30 +213,66 @@ public final class GarbageCollector: @unchecked Sendable {
         let cutoff = cutoff ?? Timestamp(totalNanoseconds: Int64((cutoffDate.timeIntervalSince1970 * 1e9).rounded(.down)))
         let started = DispatchTime.now()
         let generation = fs.contentChanges
-        passes.withLock { p in
+        let (full, replaced) = passes.withLock { p -> (Bool, [ManifestRef]) in
             if p.noticed != generation { p.noticed = generation; p.lastChange = begun }
-            p.generation = generation; p.remoteChange = false; p.lastPass = begun; p.stats.running = true
-            p.covered = max(p.covered, cutoffDate)
+            let full = !changeFeed || p.fullOwed || p.lastPass == .distantPast || begun.timeIntervalSince(p.lastPass) >= fullEvery
+            defer {
+                p.generation = generation; p.remoteChange = false; p.lastPass = begun; p.stats.running = true
+                p.covered = max(p.covered, cutoffDate); p.fullOwed = false; p.retryAt = nil
+                p.replaced.removeAll()
+            }
+            return (full, p.replaced)
         }
         defer { passes.withLock { $0.stats.running = false } }
+        // The blocks of the replaced versions (a manifest stored as a block is read for its
+        // chunks; one that cannot be read any more leaves them to a full pass).
+        var suspects = passes.withLock { $0.suspects }
+        for ref in replaced {
+            if let ids = try? fs.blocks(of: ref) { suspects.formUnion(ids) } else if case .block(let id, _) = ref { suspects.insert(id) }
+        }
         let open = fs.sessionBlocks()
         let stores = [store] + others
-        var candidates = stores.map { s in Set(s.listBlocks().lazy.filter { $0.mtime < cutoff && !open.contains($0.id) }.map(\.id)) }
+        var waiting = Set<BlockID>()
+        var candidates = stores.map { s in
+            Set(s.listBlocks().lazy.filter { b in
+                let suspect = suspects.contains(b.id)
+                guard full || suspect, !open.contains(b.id) else { return false }
+                if b.mtime < cutoff { return true }
+                if suspect { waiting.insert(b.id) }   // touched within the grace: decided later
+                return false
+            }.map(\.id))
+        }
+        passes.withLock { p in
+            p.suspects = waiting
+            p.stats.suspects = waiting.count
+            if !waiting.isEmpty { p.retryAt = begun.addingTimeInterval(grace + 1) }
+            if full { p.stats.fullPasses += 1 }
+        }
         var left = candidates.reduce(0) { $0 + $1.count }
         var read = 0
         let pacer = Pacer(rate: scanRate)
         var after = InodeNumber(0)
-        while left > 0 {
-            let page = try fs.meta.manifests(after: after, limit: Self.page)
-            for (_, ref) in page {
-                for id in try fs.blocks(of: ref) {
-                    for i in candidates.indices where candidates[i].remove(id) != nil { left -= 1 }
+        do {
+            while left > 0 {
+                let page = try fs.meta.manifests(after: after, limit: Self.page)
+                for (_, ref) in page {
+                    for id in try fs.blocks(of: ref) {
+                        for i in candidates.indices where candidates[i].remove(id) != nil { left -= 1 }
+                    }
                 }
+                read += page.count
+                guard page.count == Self.page, let last = page.last else { break }
+                after = last.0
+                pacer.spent(UInt64(page.count))
             }
-            read += page.count
-            guard page.count == Self.page, let last = page.last else { break }
-            after = last.0
-            pacer.spent(UInt64(page.count))
+        } catch {
+            // Undecided: the suspects wait for the next pass (a full one is owed again).
+            passes.withLock { p in
+                if full { p.fullOwed = true }
+                p.suspects.formUnion(suspects)
+                p.retryAt = Date().addingTimeInterval(min(grace, 60))
+            }
+            throw error
         }
         var blocks: UInt64 = 0, bytes: UInt64 = 0
         for (s, garbage) in zip(stores, candidates) where !garbage.isEmpty {

@@ -595,9 +595,10 @@ public enum NamespaceChange: Sendable {
     case inode(InodeNumber, version: UInt64?, origin: String?)
     /// A directory entry appeared, changed or went away.
     case entry(parent: InodeNumber, name: String, origin: String?)
-    /// A file's manifest was replaced (a new version) or deleted with its inode: the blocks of
-    /// the old one may be garbage (`GarbageCollector.noteRemoteChange`).
-    case manifest(InodeNumber)
+    /// A file's manifest was written (a new version) or deleted with its inode, by any node;
+    /// `replaced` is the version it replaced or deleted (nil for a file's first): its blocks may
+    /// be garbage now (`GarbageCollector.suspect`).
+    case manifest(InodeNumber, replaced: ManifestRef?)
 }
 
 extension EtcdTransactionalStore {
@@ -619,7 +620,7 @@ extension EtcdTransactionalStore {
         }
         if kind == Data("m/".utf8) {
             guard let ino = UInt64(String(decoding: body, as: UTF8.self), radix: 16) else { return nil }
-            return .manifest(InodeNumber(ino))
+            return .manifest(InodeNumber(ino), replaced: e.prev.flatMap { try? ManifestRef(decoding: $0.value) })
         }
         if kind == Data("e/".utf8), body.count > 17 {
             guard let parent = UInt64(String(decoding: body.prefix(16), as: UTF8.self), radix: 16) else { return nil }

@@ -9,11 +9,14 @@ import Synchronization
 public struct EtcdEvent: Sendable {
     public var isDelete: Bool
     public var kv: EtcdKV
+    /// The key's value before this change (absent for a new key, or once compacted away).
+    public var prev: EtcdKV? = nil
 }
 
 /// Watches every key under a prefix through the gateway's streaming `/v3/watch` (one JSON
 /// object per line), resuming after the last revision seen when the stream breaks (an etcd
-/// member restarted, say). Events are handed to `handler` in order, on one serial queue.
+/// member restarted, say). Events are handed to `handler` in order, on one serial queue, each
+/// with the key's previous value (`prev_kv`: what a replaced manifest referenced).
 public final class EtcdWatcher: @unchecked Sendable {
     let client: EtcdClient
     let prefix: Data
@@ -45,10 +48,10 @@ public final class EtcdWatcher: @unchecked Sendable {
     }
 
     struct CreateRequest: Encodable {
-        struct Body: Encodable { var key: String; var range_end: String; var start_revision: Int64 }
+        struct Body: Encodable { var key: String; var range_end: String; var start_revision: Int64; var prev_kv = true }
         var create_request: Body
     }
-    struct WireEvent: Decodable { var type: String?; var kv: EtcdClient.WireKV? }
+    struct WireEvent: Decodable { var type: String?; var kv: EtcdClient.WireKV?; var prev_kv: EtcdClient.WireKV? }
     struct WireResult: Decodable {
         var header: EtcdClient.WireHeader?; var events: [WireEvent]?; var compact_revision: String?; var canceled: Bool?
     }
@@ -89,7 +92,9 @@ public final class EtcdWatcher: @unchecked Sendable {
             return
         }
         guard let events = r.events, !events.isEmpty else { return }
-        let decoded = events.compactMap { e in e.kv.map { EtcdEvent(isDelete: e.type == "DELETE", kv: EtcdClient.decode($0)) } }
+        let decoded = events.compactMap { e in
+            e.kv.map { EtcdEvent(isDelete: e.type == "DELETE", kv: EtcdClient.decode($0), prev: e.prev_kv.map(EtcdClient.decode)) }
+        }
         if let last = decoded.map(\.kv.modRevision).max() { state.withLock { $0.next = max($0.next, last + 1) } }
         queue.async { [handler] in handler(decoded) }
     }

@@ -83,7 +83,7 @@ struct Daemon {
         if let node, let cluster {
             gc = GarbageCollector(fs: fs, store: store, others: [node.blocks.cache],
                                   interval: min(60, max(1, cluster.gcDelay / 2)), grace: cluster.gcDelay,
-                                  scanRate: UInt64(cluster.gcScanRate), fullEvery: max(3600, cluster.gcDelay))
+                                  scanRate: UInt64(cluster.gcScanRate), fullEvery: max(3600, cluster.gcDelay), changeFeed: true)
         } else {
             gc = GarbageCollector(fs: fs, store: store, grace: 1)
         }
@@ -124,8 +124,8 @@ struct Daemon {
                 case .entry(let parent, let name, let origin):
                     guard origin != me else { return }
                     server.invalidateEntry(parent: parent.rawValue, name: name)
-                case .manifest:
-                    gc.noteRemoteChange()
+                case .manifest(_, let replaced):
+                    if let replaced { gc.suspect(replaced) }
                 }
             }
         }

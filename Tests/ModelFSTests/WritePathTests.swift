@@ -303,7 +303,7 @@ import Testing
         #expect(gc.due())   // a commit
         try gc.collect()
         #expect(!gc.due())
-        gc.noteRemoteChange()
+        gc.suspect(.inline(Manifest()))
         #expect(gc.due())   // another node's
         try gc.collect()
         try t.fs.unlink(parent: .root, name: "a")
@@ -317,6 +317,52 @@ import Testing
         #expect(waitUntil(timeout: 10) { short.due() })
         try short.collect()
         #expect(!short.due())
+    }
+
+    /// With a change feed (a cluster node), new files make no pass; a replaced version makes
+    /// one that takes only its blocks as candidates: it removes the ones no file references
+    /// and stops reading manifests as soon as the others are found.
+    @Test func aChangeFeedPassTakesOnlyTheReplacedVersionsBlocks() throws {
+        let t = try TestFS(); defer { t.remove() }
+        let gc = GarbageCollector(fs: t.fs, store: t.store, grace: 0, changeFeed: true)
+        let d = try t.fs.mkdir(parent: .root, name: "d", mode: 0o755, context: .root).ino
+        for i in 0..<2500 {
+            let (_, fh) = try t.create("f\(i)", in: d)
+            try t.write(fh, at: 0, randomBytes(100, seed: UInt64(i)))
+            try t.close(fh)
+        }
+        try gc.collect()   // the first pass: every old block
+        #expect(gc.stats.fullPasses == 1 && gc.stats.lastManifestsRead >= 2500)
+        #expect(!gc.due())
+        // More files: no version replaced, no pass.
+        for i in 0..<10 {
+            let (_, fh) = try t.create("g\(i)", in: d)
+            try t.write(fh, at: 0, randomBytes(100, seed: UInt64(9000 + i)))
+            try t.close(fh)
+        }
+        #expect(!gc.due())
+        // An old version of f3 (a block nothing else references) and of f4 (whose block g0
+        // shares, written again below) are reported replaced.
+        let old3 = try t.fs.meta.manifest(of: try t.fs.lookup(parent: d, name: "f3").ino)
+        let f4 = try t.fs.lookup(parent: d, name: "f4").ino
+        let old4 = try t.fs.meta.manifest(of: f4)
+        let (_, fh) = try t.create("copy-of-f4", in: d)
+        try t.write(fh, at: 0, randomBytes(100, seed: 4))
+        try t.close(fh)
+        try t.fs.unlink(parent: d, name: "f3")
+        try t.fs.unlink(parent: d, name: "f4")
+        gc.suspect(old3)
+        gc.suspect(old4)
+        #expect(gc.due())
+        let (blocks, _) = try gc.collect()
+        #expect(blocks == 1, "only f3's block is garbage")
+        #expect(gc.stats.fullPasses == 1, "a pass of suspects only")
+        #expect(!t.store.contains(try t.fs.blocks(of: old3)[0]))
+        #expect(t.store.contains(try t.fs.blocks(of: old4)[0]))
+        #expect(!gc.due())
+        // A failed write asks for a full pass.
+        gc.requestSoon()
+        #expect(gc.due())
     }
 }
 
