@@ -365,7 +365,7 @@ public final class Healer: @unchecked Sendable {
         let targetsPool = live.filter { !draining.contains($0.id) }
         var copies: [Copy] = []
         var drops: [(BlockID, NodeInfo)] = []
-        var moveCandidates: [(BlockID, UInt32, NodeInfo)] = []
+        var moveCandidates: [(BlockID, UInt32, [NodeInfo])] = []
         for (id, w) in want {
             let h = holders[id] ?? []
             let good = h.filter { !draining.contains($0) }
@@ -402,8 +402,11 @@ public final class Healer: @unchecked Sendable {
                 let extra = good.filter { g in !top.contains { $0.id == g } }
                     .compactMap { byID[$0] }.sorted { $0.usedBytes > $1.usedBytes }.prefix(good.count - w.copies)
                 for n in extra { drops.append((id, n)) }
-            } else if let t = top.first(where: { !h.contains($0.id) }) {
-                moveCandidates.append((id, w.length, t))
+            } else {
+                // Every node its placement names that lacks it (the writer's own copy displaces
+                // one: the first may be full while a later one just joined).
+                let missing = top.filter { !h.contains($0.id) }
+                if !missing.isEmpty { moveCandidates.append((id, w.length, missing)) }
             }
         }
         // Rebalancing (a node joined, or is far below the others): once nothing is short,
@@ -415,9 +418,9 @@ public final class Healer: @unchecked Sendable {
             let median = Double(used[used.count / 2])
             var incoming: [String: UInt64] = [:]
             var budget = moveBudget
-            for (id, length, t) in moveCandidates where budget > 0 {
-                let after = Double(t.usedBytes + incoming[t.id, default: 0] + UInt64(length))
-                guard after < median * Self.underFilled else { continue }
+            for (id, length, ts) in moveCandidates where budget > 0 {
+                let under = ts.first { Double($0.usedBytes + incoming[$0.id, default: 0] + UInt64(length)) < median * Self.underFilled }
+                guard let t = under else { continue }
                 incoming[t.id, default: 0] += UInt64(length)
                 budget -= min(budget, UInt64(length))
                 copies.append(Copy(id: id, have: Int.max, length: length, from: (holders[id] ?? []).compactMap { byID[$0] }, to: [t], urgent: false))

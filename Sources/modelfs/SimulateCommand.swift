@@ -69,7 +69,7 @@ extension DebugCommand {
             }
             let movedBytes = moved * scale * blockSize
             let share = Double(holders.values.reduce(0) { $0 + ($1.contains(joined) ? 1 : 0) }) * scale * blockSize
-            print(String(format: "join: %.2f TB copied to the new host = %.2f%% of the stored bytes (at most %.0f GiB a pass: %.0f healer passes), %.2f TB dropped elsewhere; it holds %.2f%% of the bytes, a fair share is %.2f%%",
+            print(String(format: "join: %.2f TB copied (to the new host and to any other under-filled one) = %.2f%% of the stored bytes (at most %.0f GiB a pass: %.0f healer passes), %.2f TB dropped elsewhere; it holds %.2f%% of the bytes, a fair share is %.2f%%",
                          movedBytes / 1e12, 100 * movedBytes / total, Double(Healer.moveBudget) / Double(1 << 30),
                          (movedBytes / Double(Healer.moveBudget)).rounded(.up), dropped * scale * blockSize / 1e12,
                          100 * share / total, 100.0 / Double(nodes.count)))

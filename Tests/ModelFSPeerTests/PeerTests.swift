@@ -830,14 +830,29 @@ final class ScriptedPeer: @unchecked Sendable {
         }
     }
 
-    static func cluster(_ n: Int, blocks: Int, writer: String? = nil) -> Model {
+    /// `writer` writes every block; with `everyNodeWrites`, each block's writer is one of the
+    /// nodes in turn (every node trains: each keeps a copy of what it writes).
+    static func cluster(_ n: Int, blocks: Int, writer: String? = nil, everyNodeWrites: Bool = false) -> Model {
         var m = Model(nodes: (0..<n).map { NodeInfo(id: "n\($0)", address: "x:\($0)") })
         for seed in 0..<UInt64(blocks) {
             let (id, _) = blockOf(16, seed: seed)
             m.want[id] = Healer.Want(copies: 3, length: 1 << 20, spread: nil, settled: true)
-            m.holders[id] = Placement.targets(id, nodes: m.nodes, replicas: 3, writer: writer).map(\.id)
+            let w = everyNodeWrites ? "n\(seed % UInt64(n))" : writer
+            m.holders[id] = Placement.targets(id, nodes: m.nodes, replicas: 3, writer: w).map(\.id)
         }
         return m
+    }
+
+    /// Every node writes (and keeps a copy of what it writes, so a block's copies are not where
+    /// its placement alone would put them): a node that joins still fills to about its share.
+    @Test func aJoiningNodeFillsAmongWriters() {
+        var m = Self.cluster(8, blocks: 6000, everyNodeWrites: true)
+        m.nodes.append(NodeInfo(id: "new", address: "x:99"))
+        _ = m.settle()
+        m.recount()
+        let share = m.share("new")
+        #expect(share > 0.85 / 9 && share < 1.1 / 9, "the new node holds \(share), fair is \(1.0 / 9)")
+        #expect(m.holders.values.allSatisfy { $0.count == 3 })
     }
 
     /// A node joins a placed cluster of 8: it fills to about its fair share (1/9), and the

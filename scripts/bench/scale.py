@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -217,6 +218,14 @@ def main():
         print(json.dumps(results, indent=1), flush=True)
         if a.out:
             Path(a.out).write_text(json.dumps(results, indent=1))
+    except BaseException:
+        # The lab's directory goes with it: keep its daemons' and etcd's logs for a post-mortem.
+        keep = Path("/tmp/modelfs-scale-logs")
+        keep.mkdir(exist_ok=True)
+        for log in [*lab.root.glob("h*/modelfs.log"), *lab.root.glob("etcd-*.log")]:
+            shutil.copy(log, keep / f"{log.parent.name}-{log.name}")
+        print(f"logs kept in {keep}", flush=True)
+        raise
     finally:
         lab.down()
 
