@@ -93,6 +93,19 @@ public final class Membership: @unchecked Sendable {
         state.withLock { $0.lease = lease }
     }
 
+    private let registering = NSLock()
+
+    /// The lease `lost` expired (a keep-alive found it gone, or etcd refused a put under it:
+    /// "requested lease not found", when an overloaded etcd let it lapse): registers again under
+    /// a new one, unless another caller did already; returns the lease to use now.
+    public func renewLease(lost: Int64) throws -> Int64 {
+        registering.lock(); defer { registering.unlock() }
+        if lease != lost { return lease }
+        Log.warning("this node's etcd lease expired; registering again")
+        try register()
+        return lease
+    }
+
     /// Re-reads the live nodes from etcd.
     public func reload() throws {
         let r = try client.rangeAll(prefix: prefix)
@@ -155,8 +168,7 @@ public final class Membership: @unchecked Sendable {
                     sinceRenew = 0
                     let lease = state.withLock { $0.lease }
                     if try client.keepAlive(lease: lease) <= 0 {
-                        Log.warning("this node's etcd lease expired; registering again")
-                        try register()
+                        _ = try renewLease(lost: lease)
                     } else if usage != nil {
                         try register(reusing: lease)
                     }

@@ -52,10 +52,21 @@ public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
         var deadline: ContinuousClock.Instant?   // set once the holder said it lets the file go
         var pauseMicros: UInt32 = 2_000
         unreleased.withLock { _ = $0.inodes.remove(ino) }   // a stale lock of ours is ours again
+        var lease = membership.lease
+        var renewals = 0
         do {
             while true {
-                let r = try client.txn(compare: [.absent(k)], success: [.put(k, me, lease: membership.lease)], failure: [.get(k)],
+                let r: EtcdClient.TxnResult
+                do {
+                    r = try client.txn(compare: [.absent(k)], success: [.put(k, me, lease: lease)], failure: [.get(k)],
                                        idempotent: true)   // sent twice, the second finds our own value
+                } catch EtcdError.rejected(_, let message) where message.contains("lease not found") && renewals < 3 {
+                    // The node's lease lapsed (etcd too busy to see its keep-alives in time):
+                    // the lock goes under the new one.
+                    renewals += 1
+                    lease = try membership.renewLease(lost: lease)
+                    continue
+                }
                 if r.succeeded { return r.revision }   // the put's revision: the lock's create revision
                 let held = r.ranges.first?.first
                 let holder = held?.value ?? Data()
