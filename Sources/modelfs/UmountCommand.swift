@@ -71,7 +71,7 @@ func openHandles(_ record: MountRecord) -> Int {
 
 /// True while `pid` runs (a zombie — exited, not yet reaped by its parent — counts as gone).
 func processAlive(_ pid: Int32) -> Bool {
-    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+    guard let stat = readProcFile("/proc/\(pid)/stat"),
           let close = stat.lastIndex(of: ")") else { return false }
     let state = stat[stat.index(close, offsetBy: 2)...].first
     return state != "Z" && state != "X"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mfs import (MiB, Mount, assert_bytes_equal, fusermount_lazy, in_child, is_mounted,
+from mfs import (MODELFS_BIN, MiB, Mount, assert_bytes_equal, fusermount_lazy, in_child, is_mounted,
                  mountinfo, pack_records, pid_alive, read_file, run, wait_pid_exit, wait_until, write_file)
 
 
@@ -266,6 +266,31 @@ def test_umount_refuses_with_open_file_then_succeeds(mnt):
     mnt.proc.wait(timeout=30)
     mnt.start()
     assert read_file(mnt.path("other")) == b"still writable"
+
+
+def test_umount_and_status_on_a_machine_with_many_mounts(mnt, tmp_path):
+    """With more mounts than fit in 4 KiB of /proc/self/mountinfo (any Kubernetes node; 22 lab
+    hosts), `modelfs status` and `umount` still find the modelfs mount (they read only the
+    first 4 KiB, and said it was not mounted by modelfs)."""
+    extra = []
+    try:
+        while len(Path("/proc/self/mountinfo").read_bytes()) < 12 << 10:
+            d = tmp_path / f"t{len(extra)}"
+            d.mkdir()
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", d], check=True)
+            extra.append(d)
+        # The modelfs mount comes before the tmpfs mounts: move it past them (remount).
+        mnt.stop()
+        mnt.start()
+        assert run([MODELFS_BIN, "status", mnt.mp]).returncode == 0
+        r = mnt.umount_cmd(force=False)
+        assert r.returncode == 0, f"umount with {len(extra)} more mounts: {r.stderr!r}"
+        assert not is_mounted(mnt.mp, None)
+        mnt.proc.wait(timeout=30)
+        mnt.start()
+    finally:
+        for d in reversed(extra):
+            subprocess.run(["umount", d], check=False)
 
 
 def test_umount_force_with_open_file(mnt):

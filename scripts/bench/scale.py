@@ -145,7 +145,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    node_args = ["--replicas", "3", "--ack", "1", "--lease-ttl", "5", "--dead-after", "20", "--heal-interval", "5",
+    node_args = ["--replicas", "3", "--ack", "1", "--dead-after", "20", "--heal-interval", "5",
                  "--gc-delay", "30", "--cache-size", "1G", "--scrub-rate", "0"]
     lab = Lab(prefix="mfsb", net="10.79")
     results: dict = {"files": a.files, "hosts": a.hosts, "link": a.link}
