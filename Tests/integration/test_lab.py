@@ -258,17 +258,24 @@ def test_the_etcd_leader_killed_under_a_write_load(lab, work):
 # ---------------------------------------------------------------------------
 
 def quiet(lab) -> tuple[int, dict]:
-    """Waits until no host runs a garbage collection pass and the healer is not mid-pass; then
-    (the healer's passes so far, each host's manifests read by GC so far)."""
+    """Waits until no host runs a garbage collection pass and the healer is at rest (not
+    mid-pass, and its last pass copied, dropped and rebalanced nothing: the earlier tests leave
+    hosts unevenly filled, and rebalancing toward the light ones runs pass after pass until it is
+    done); then (the healer's passes so far, each host's manifests read by GC so far)."""
+    last = {}
+
     def settled():
         st = {i: h.status() for i, h in lab.hosts.items()}
         if any(s["gc"]["running"] for s in st.values()):
             return None
         heal = st[1]["cluster"].get("heal") or {}
-        if heal.get("running"):
+        moved = (heal.get("copiedBlocks", 0), heal.get("removedCopies", 0), heal.get("healer"))
+        busy = heal.get("running") or heal.get("rebalanceCopies", 0) or last.get("moved") != moved
+        last["moved"] = moved
+        if busy:
             return None
         return heal.get("passes", 0), {i: s["gc"]["manifestsRead"] for i, s in st.items()}
-    return wait_until(settled, 120, interval=0.5, what="garbage collection and healing to settle")
+    return wait_until(settled, 300, interval=2, what="garbage collection and healing to settle")
 
 
 def idle_rate(lab, seconds: float = 10) -> float:
