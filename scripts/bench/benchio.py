@@ -1,5 +1,5 @@
-"""File I/O timed the same way by every cluster benchmark (cluster.py on loopback, labbench.py in the
-network lab)."""
+"""What every cluster benchmark measures the same way (cluster.py on loopback, labbench.py, scale.py
+and fleet.py in the network lab): timed file I/O, CPU idle over a phase, a daemon's RSS."""
 from __future__ import annotations
 
 import os
@@ -23,6 +23,14 @@ class Cpu:
     def __exit__(self, *exc):
         t1, i1 = self.sample()
         self.idle = (i1 - self.i0) / max(1, t1 - self.t0)
+
+
+def rss_mib(pid: int) -> float:
+    """A process's resident memory, MiB (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def drop_caches():

@@ -27,17 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lab import Lab  # noqa: E402
 from mfs import MODELFS_BIN, run, wait_until  # noqa: E402
 
-from benchio import Cpu  # noqa: E402
+from benchio import Cpu, rss_mib  # noqa: E402
 
 MiB = 1 << 20
 DEAD_AFTER = 15
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def rss(lab) -> dict:

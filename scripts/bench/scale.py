@@ -26,9 +26,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "Tests" / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lab import Lab  # noqa: E402
 from mfs import MODELFS_BIN, wait_until, write_file  # noqa: E402
+
+from benchio import rss_mib  # noqa: E402
 
 KiB = 1024
 
@@ -127,13 +130,6 @@ def gc_pass_closes(lab, work: str, victim: Path, rounds: int) -> tuple[list[floa
     wait_until(lambda: not h2.status()["gc"]["running"], 1800, interval=1, what="the GC pass to end")
     after = h2.status()["gc"]
     return lat, after["lastPassSeconds"], after["manifestsRead"] - before["manifestsRead"]
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def main():
