@@ -97,7 +97,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         self.timeout = timeout
         self.width = width
         self.stagingLimit = stagingLimit
-        eagerSlots = DispatchSemaphore(value: width)
+        eagerWorkers = Workers("modelfs-eager", count: width)
         // Jobs a previous run left: they resume.
         let rows = try db.read { db in try Row.fetchAll(db, sql: "SELECT id, ino, created, policy, bytes, blocks FROM jobs") }
         var jobs: [Int64: Job] = [:]
@@ -126,6 +126,8 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         stopped.withLock { $0 = true }
         wake.signal()
         if started.withLock({ $0 }) { _ = done.wait(timeout: .now() + 10) }
+        eagerWorkers.stop()
+        writeBackWorkers.stop()
     }
 
     // MARK: Policy
@@ -168,9 +170,11 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
 
     /// Blocks being copied eagerly (id → pushes under way), and the work queue.
     private let eagerState = Mutex<(inflight: [BlockID: Int], queued: Int)>(([:], 0))
-    private let eagerQueue = DispatchQueue(label: "modelfs.eager", attributes: .concurrent)
-    private let eagerSlots: DispatchSemaphore
-    private let writeBackSlots = DispatchSemaphore(value: 2)
+    /// The threads that send eager copies: `width` for writers that wait for their copies
+    /// (K > 1), `writeBackWidth` for write-back ones (K = 1).
+    private let eagerWorkers: Workers
+    private let writeBackWorkers = Workers("modelfs-writeback", count: Replicator.writeBackWidth)
+    static let writeBackWidth = 4
     /// Blocks waiting or being sent at most: beyond, a K>1 writer waits, a K=1 writer leaves the
     /// block to its job (write-back never slows the writer for the network).
     static let eagerLimit = 64
@@ -204,9 +208,9 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
             if policy.ack <= 1 || stopped.withLock({ $0 }) { return }
             changed.lock(); _ = changed.wait(until: Date().addingTimeInterval(0.05)); changed.unlock()
         }
-        // Write-back (K = 1) copies trickle on two threads, leaving the CPU to the writer;
-        // a writer that waits for its copies anyway (K > 1) gets them on `width`.
-        let slots = policy.ack <= 1 ? writeBackSlots : eagerSlots
+        // Write-back (K = 1) copies go on `writeBackWidth` threads, leaving the CPU to the
+        // writer; a writer that waits for its copies anyway (K > 1) gets them on `width`.
+        let workers = policy.ack <= 1 ? writeBackWorkers : eagerWorkers
         let held = buffer.flatMap { b in
             heldBytes.withLock { h -> BlockBuffer? in
                 guard h + length <= Self.heldLimit else { return nil }
@@ -214,9 +218,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
                 return b
             }
         }
-        eagerQueue.async { [self] in
-            slots.wait()
-            defer { slots.signal() }
+        workers.async { [self] in
             let block = held.map { OutgoingBlock(id, in: $0, length: length, store: local) } ?? OutgoingBlock(id, from: local)
             let sent = send(block, to: targets, durable: false).sent
             if held != nil { heldBytes.withLock { $0 -= length } }
@@ -500,26 +502,6 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
             return r
         }
     }
-}
-
-/// Runs `body(0..<count)` on up to `width` threads at once and waits for all.
-func parallelFor(_ count: Int, width: Int, _ body: @escaping @Sendable (Int) -> Void) {
-    guard count > 0 else { return }
-    if count == 1 { body(0); return }
-    let next = Shared(0)
-    let group = DispatchGroup()
-    for _ in 0..<min(width, count) {
-        group.enter()
-        DispatchQueue.global().async {
-            while true {
-                let i = next.withLock { n -> Int in defer { n += 1 }; return n }
-                if i >= count { break }
-                body(i)
-            }
-            group.leave()
-        }
-    }
-    group.wait()
 }
 
 /// A value behind a lock that closures on several threads can share.

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 import ModelFSTestSupport
 @testable import ModelFSCore
@@ -186,5 +187,67 @@ import ModelFSTestSupport
         #expect(throws: FSError.self) { try Manifest(decoding: Data("MFM1\u{1}\0\0\0".utf8)) }
         #expect(throws: FSError.self) { try Manifest(decoding: Data("nope".utf8)) }
         #expect(throws: FSError.self) { try ManifestRef(decoding: Data([7, 1, 2])) }
+    }
+}
+
+@Suite struct WorkersTests {
+    /// Every one of `n` calls waits until all `n` have started: it only finishes if all run at
+    /// once (Dispatch's concurrent queue ran 4 at a time on this 2-vCPU machine).
+    final class Barrier: @unchecked Sendable {
+        let n: Int
+        let lock = NSCondition()
+        var arrived = 0
+        init(_ n: Int) { self.n = n }
+        func arriveAndWait(timeout: Double) -> Bool {
+            lock.lock(); defer { lock.unlock() }
+            arrived += 1
+            lock.broadcast()
+            let deadline = Date().addingTimeInterval(timeout)
+            while arrived < n { if !lock.wait(until: deadline) { return false } }
+            return true
+        }
+    }
+
+    @Test func sixteenBlockingCallsRunAtOnce() {
+        let workers = Workers("test", count: 16)
+        defer { workers.stop() }
+        let barrier = Barrier(16)
+        let met = Mutex(0)
+        let done = DispatchSemaphore(value: 0)
+        for _ in 0..<16 {
+            workers.async {
+                if barrier.arriveAndWait(timeout: 10) { met.withLock { $0 += 1 } }
+                done.signal()
+            }
+        }
+        for _ in 0..<16 { done.wait() }
+        #expect(met.withLock { $0 } == 16)
+    }
+
+    @Test func oneThreadRunsInOrderAndStopFinishesWhatWasGiven() {
+        let workers = Workers("test", count: 1)
+        let seen = Mutex<[Int]>([])
+        let done = DispatchSemaphore(value: 0)
+        for i in 0..<2000 { workers.async { seen.withLock { $0.append(i) } } }
+        workers.async { done.signal() }
+        workers.stop()
+        #expect(done.wait(timeout: .now() + 10) == .success)
+        #expect(seen.withLock { $0 } == Array(0..<2000))
+        #expect(workers.queued == 0)
+    }
+
+    @Test func parallelForCallsEachIndexOnceOnWidthThreads() {
+        let barrier = Barrier(12)
+        let calls = Mutex<[Int]>([])
+        let met = Mutex(0)
+        parallelFor(12, width: 12) { i in
+            if barrier.arriveAndWait(timeout: 10) { met.withLock { $0 += 1 } }
+            calls.withLock { $0.append(i) }
+        }
+        #expect(met.withLock { $0 } == 12)
+        #expect(calls.withLock { $0 }.sorted() == Array(0..<12))
+        let more = Mutex<[Int]>([])
+        parallelFor(1000, width: 3) { i in more.withLock { $0.append(i) } }
+        #expect(more.withLock { $0 }.sorted() == Array(0..<1000))
     }
 }

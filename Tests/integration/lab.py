@@ -138,6 +138,9 @@ class LabHost(Mount):
 
 class Lab:
     def __init__(self, root: Path | str | None = None, prefix: str = "mfl", net: str = "10.77"):
+        # A root made here goes with the lab (down() removes it, unless MODELFS_LAB_KEEP is
+        # set or the teardown found problems: then it stays, with the daemons' logs).
+        self.made_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="modelfs-lab-"))
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o755)
@@ -411,7 +414,9 @@ class Lab:
             sh("ip", "link", "del", self.state["bridge"], check=False)
         self.state_path.unlink(missing_ok=True)
         if problems:
-            raise AssertionError("lab teardown: " + "; ".join(problems))
+            raise AssertionError("lab teardown: " + "; ".join(problems) + f" (logs in {self.root})")
+        if self.made_root and not os.environ.get("MODELFS_LAB_KEEP"):
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def main(argv: list[str]) -> int:

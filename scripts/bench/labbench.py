@@ -9,6 +9,13 @@ K=1 (close, then every block at 3 verified copies), chain replication and, for t
 (`--replication fanout`); R=3 K=3; a cold read on one host of a file whose blocks are all on
 another; healing after a host is lost while a foreground reader runs; MooseFS with goal 3 in the
 same lab (chunkservers on three hosts, the client on a fourth) as the anchor.
+
+Where the hosts keep their data (`--data`): on tmpfs (the default), or on this machine's one
+disk. Real hosts each have a disk of their own; here every host's data dir (and MooseFS's
+chunkservers') would share one virtual disk, and three copies at 1 Gbit/s ask it for about
+3 × 119 MB/s of writes plus the writer's reads: the disk's own ceiling (measured in the run with
+parallel direct writes) is then the bottleneck, not the link. Each phase gets a fresh lab, so no
+phase's data (or memory, on tmpfs) is left for the next.
 """
 from __future__ import annotations
 
@@ -69,15 +76,6 @@ def policy_dir(d: Path, replicas: int, ack: int) -> Path:
     return d
 
 
-def restart_hosts(lab, extra: list[str]):
-    """Every host remounted with the lab's flags plus `extra`."""
-    for host in lab.hosts.values():
-        host.unmount()
-        host.extra_args = [x for x in host.extra_args if x not in ("--replication", "fanout")] + extra
-        host.start()
-    lab.wait_all_up()
-
-
 def link_rate(lab, size: int) -> float:
     """Bytes/s of one TCP stream from host 2 to host 1 across the shaped links."""
     a, b = lab.host(1), lab.host(2)
@@ -92,6 +90,21 @@ def link_rate(lab, size: int) -> float:
         server.wait(timeout=60)
 
 
+def disk_ceiling(where: Path, writers: int = 3, mib: int = 1024) -> float:
+    """Bytes/s that `writers` parallel 1 MiB O_DIRECT writers get from the disk under `where`
+    (dd): the most the hosts' stores on this one disk can write together."""
+    files = [where / f"ceiling-{i}" for i in range(writers)]
+    t = time.perf_counter()
+    procs = [subprocess.Popen(["dd", "if=/dev/zero", f"of={f}", "bs=1M", f"count={mib // writers}", "oflag=direct"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for f in files]
+    for p in procs:
+        assert p.wait() == 0, "dd failed"
+    took = time.perf_counter() - t
+    for f in files:
+        f.unlink()
+    return writers * (mib // writers) * MiB / took
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=2048)
@@ -100,19 +113,39 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-moosefs", action="store_true")
     ap.add_argument("--heal-mib", type=int, default=3072)
+    ap.add_argument("--data", choices=["tmpfs", "disk"], default="tmpfs",
+                    help="where every host (and the single node, and MooseFS) keeps its data")
     a = ap.parse_args()
     size = a.size_mib * MiB
     link_nominal = rate_bits(a.link) / 8
     work = Path(tempfile.mkdtemp(prefix="modelfs-labbench-", dir="/dev/shm"))
+    data_parent = "/dev/shm" if a.data == "tmpfs" else None   # None: tempfile's (/tmp, the disk)
     src = work / "src"
     make_source(src, size)
-    res: dict = {"size MiB": a.size_mib, "link": a.link, "hosts": a.hosts}
+    res: dict = {"size MiB": a.size_mib, "link": a.link, "hosts": a.hosts, "data on": a.data}
     idle: dict = {}
-    lab = Lab(prefix="mfsl", net="10.80")
+    args = ["--replicas", "3", "--ack", "1", "--lease-ttl", "5", "--dead-after", "10", "--heal-interval", "2",
+            "--heal-full-every", "5", "--cache-size", "4G", "--scrub-rate", "0", "--gc-delay", "3600",
+            "--heal-rate-busy", "0"]
+    labs: list = []
+
+    def fresh_lab(extra: list[str] | None = None):
+        """A new lab for the next phase, the one before taken down with its data."""
+        while labs:
+            old = labs.pop()
+            old.down()
+            shutil.rmtree(old.root, ignore_errors=True)
+        lab = Lab(root=tempfile.mkdtemp(prefix="modelfs-lab-", dir=data_parent), prefix="mfsl", net="10.80")
+        labs.append(lab)
+        lab.up(a.hosts, link=a.link, host_args=args + (extra or []))
+        return lab, lab.hosts
+
     single = None
     try:
+        if a.data == "disk":
+            res["disk ceiling MB/s (3 parallel direct writers)"] = disk_ceiling(Path(tempfile.gettempdir())) / 1e6
         # The single-node baseline: this machine's own write speed through modelfs.
-        single = Mount(MODELFS_BIN, root=Path(tempfile.mkdtemp(prefix="modelfs-single-")))
+        single = Mount(MODELFS_BIN, root=Path(tempfile.mkdtemp(prefix="modelfs-single-", dir=data_parent)))
         single.start()
         with Cpu() as c:
             t = write_timed(src, single.path("f"), salt=1)
@@ -122,11 +155,7 @@ def main():
         single = None
         drop_caches()
 
-        args = ["--replicas", "3", "--ack", "1", "--lease-ttl", "5", "--dead-after", "10", "--heal-interval", "2",
-                "--heal-full-every", "5", "--cache-size", "4G", "--scrub-rate", "0", "--gc-delay", "3600",
-                "--heal-rate-busy", "0"]
-        lab.up(a.hosts, link=a.link, host_args=args)
-        h = lab.hosts
+        lab, h = fresh_lab()
         with Cpu() as c:
             link = link_rate(lab, 1024 * MiB)
         res["link MB/s (one TCP stream)"] = link / 1e6
@@ -134,8 +163,8 @@ def main():
         idle["link"] = c.idle
 
         for mode, salt in (("chain", 2), ("fanout", 3)):
-            if mode == "fanout":   # the A/B: the same cluster, one PUT per target
-                restart_hosts(lab, ["--replication", "fanout"])
+            if mode == "fanout":   # the A/B: one PUT per target
+                lab, h = fresh_lab(["--replication", "fanout"])
             d = h[1] / f"k1-{mode}"
             d.mkdir()
             with Cpu() as c:
@@ -145,11 +174,12 @@ def main():
                 total = time.perf_counter() - t0
             assert r.returncode == 0, r.stderr
             res[f"K=1 {mode}: close MB/s"] = size / wt / 1e6
+            res[f"K=1 {mode}: close / single-node write"] = (size / wt / 1e6) / res["single-node write MB/s"]
             res[f"K=1 {mode}: write start -> 3 copies s"] = total
             res[f"K=1 {mode}: (start -> 3 copies) / (size/link)"] = total / (size / link)
             idle[f"K=1 {mode}"] = c.idle
-        restart_hosts(lab, [])   # back to chain for the rest
 
+        lab, h = fresh_lab()
         d = policy_dir(h[1] / "k3", 3, 3)
         with Cpu() as c:
             t = write_timed(src, d / "f", salt=4)
@@ -157,6 +187,7 @@ def main():
         res["K=3 write / link"] = size / t / link
         idle["K=3"] = c.idle
 
+        lab, h = fresh_lab()
         d = policy_dir(h[1] / "one-copy", 1, 1)
         write_timed(src, d / "f", salt=5)
         drop_caches()
@@ -208,7 +239,8 @@ def main():
         idle["healing"] = c.idle
 
         if not a.no_moosefs and moosefs.available():
-            mfs = moosefs.MooseFS(work / "moosefs", lab=lab)
+            lab, h = fresh_lab()
+            mfs = moosefs.MooseFS(Path(tempfile.mkdtemp(prefix="moosefs-", dir=data_parent)), lab=lab)
             try:
                 mfs.set_goal(mfs.mnt, 3)
                 with Cpu() as c:
@@ -219,10 +251,13 @@ def main():
                 idle["MooseFS"] = c.idle
             finally:
                 mfs.stop()
+                shutil.rmtree(mfs.root, ignore_errors=True)
     finally:
         if single is not None:
             single.destroy()
-        lab.down()
+        for lab in labs:
+            lab.down()
+            shutil.rmtree(lab.root, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     res["CPU idle % per phase"] = {k: round(v * 100, 1) for k, v in idle.items()}
     lines = [f"# Cluster in the lab: {a.hosts} hosts, links {a.link}, {a.size_mib} MiB", "", "| figure | value |", "|---|---|"]
