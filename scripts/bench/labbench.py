@@ -112,10 +112,16 @@ def main():
     ap.add_argument("--hosts", type=int, default=5)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-moosefs", action="store_true")
-    ap.add_argument("--heal-mib", type=int, default=3072)
+    ap.add_argument("--heal-mib", type=int, default=2048)
+    ap.add_argument("--heal-link", default="250mbit",
+                    help="the links of the healing phases: at 1 Gbit/s four survivors' copies (4 × 119 MB/s, "
+                         "each byte hashed by its receiver) are more than these 2 vCPUs can hash")
     ap.add_argument("--data", choices=["tmpfs", "disk"], default="tmpfs",
                     help="where every host (and the single node, and MooseFS) keeps its data")
+    ap.add_argument("--only", default="write,read,heal,moosefs",
+                    help="the phases to run, of write (single node, K=1, K=3), read, heal, moosefs")
     a = ap.parse_args()
+    want = lambda phase: phase in a.only.split(",")   # noqa: E731
     size = a.size_mib * MiB
     link_nominal = rate_bits(a.link) / 8
     work = Path(tempfile.mkdtemp(prefix="modelfs-labbench-", dir="/dev/shm"))
@@ -129,7 +135,7 @@ def main():
             "--heal-rate-busy", "0"]
     labs: list = []
 
-    def fresh_lab(extra: list[str] | None = None):
+    def fresh_lab(extra: list[str] | None = None, link: str | None = None):
         """A new lab for the next phase, the one before taken down with its data."""
         while labs:
             old = labs.pop()
@@ -137,23 +143,24 @@ def main():
             shutil.rmtree(old.root, ignore_errors=True)
         lab = Lab(root=tempfile.mkdtemp(prefix="modelfs-lab-", dir=data_parent), prefix="mfsl", net="10.80")
         labs.append(lab)
-        lab.up(a.hosts, link=a.link, host_args=args + (extra or []))
+        lab.up(a.hosts, link=link or a.link, host_args=args + (extra or []))
         return lab, lab.hosts
 
     single = None
     try:
         if a.data == "disk":
             res["disk ceiling MB/s (3 parallel direct writers)"] = disk_ceiling(Path(tempfile.gettempdir())) / 1e6
-        # The single-node baseline: this machine's own write speed through modelfs.
-        single = Mount(MODELFS_BIN, root=Path(tempfile.mkdtemp(prefix="modelfs-single-", dir=data_parent)))
-        single.start()
-        with Cpu() as c:
-            t = write_timed(src, single.path("f"), salt=1)
-        res["single-node write MB/s"] = size / t / 1e6
-        idle["single-node write"] = c.idle
-        single.destroy()
-        single = None
-        drop_caches()
+        if want("write"):
+            # The single-node baseline: this machine's own write speed through modelfs.
+            single = Mount(MODELFS_BIN, root=Path(tempfile.mkdtemp(prefix="modelfs-single-", dir=data_parent)))
+            single.start()
+            with Cpu() as c:
+                t = write_timed(src, single.path("f"), salt=1)
+            res["single-node write MB/s"] = size / t / 1e6
+            idle["single-node write"] = c.idle
+            single.destroy()
+            single = None
+            drop_caches()
 
         lab, h = fresh_lab()
         with Cpu() as c:
@@ -162,83 +169,109 @@ def main():
         res["link nominal MB/s"] = link_nominal / 1e6
         idle["link"] = c.idle
 
-        for mode, salt in (("chain", 2), ("fanout", 3)):
-            if mode == "fanout":   # the A/B: one PUT per target
-                lab, h = fresh_lab(["--replication", "fanout"])
-            d = h[1] / f"k1-{mode}"
-            d.mkdir()
+        if want("write"):
+            for mode, salt in (("chain", 2), ("fanout", 3)):
+                if mode == "fanout":   # the A/B: one PUT per target
+                    lab, h = fresh_lab(["--replication", "fanout"])
+                d = h[1] / f"k1-{mode}"
+                d.mkdir()
+                with Cpu() as c:
+                    t0 = time.perf_counter()
+                    with Cpu() as cw:
+                        wt = write_timed(src, d / "f", salt=salt)
+                    idle[f"K=1 {mode}: close"] = cw.idle
+                    r = h[1].sync(d, timeout=1800)
+                    total = time.perf_counter() - t0
+                assert r.returncode == 0, r.stderr
+                res[f"K=1 {mode}: close MB/s"] = size / wt / 1e6
+                res[f"K=1 {mode}: close / single-node write"] = (size / wt / 1e6) / res["single-node write MB/s"]
+                res[f"K=1 {mode}: write start -> 3 copies s"] = total
+                res[f"K=1 {mode}: (start -> 3 copies) / (size/link)"] = total / (size / link)
+                idle[f"K=1 {mode}"] = c.idle
+
+            lab, h = fresh_lab()
+            d = policy_dir(h[1] / "k3", 3, 3)
             with Cpu() as c:
-                t0 = time.perf_counter()
-                wt = write_timed(src, d / "f", salt=salt)
-                r = h[1].sync(d, timeout=1800)
-                total = time.perf_counter() - t0
-            assert r.returncode == 0, r.stderr
-            res[f"K=1 {mode}: close MB/s"] = size / wt / 1e6
-            res[f"K=1 {mode}: close / single-node write"] = (size / wt / 1e6) / res["single-node write MB/s"]
-            res[f"K=1 {mode}: write start -> 3 copies s"] = total
-            res[f"K=1 {mode}: (start -> 3 copies) / (size/link)"] = total / (size / link)
-            idle[f"K=1 {mode}"] = c.idle
+                t = write_timed(src, d / "f", salt=4)
+            res["K=3 write MB/s"] = size / t / 1e6
+            res["K=3 write / link"] = size / t / link
+            idle["K=3"] = c.idle
 
-        lab, h = fresh_lab()
-        d = policy_dir(h[1] / "k3", 3, 3)
-        with Cpu() as c:
-            t = write_timed(src, d / "f", salt=4)
-        res["K=3 write MB/s"] = size / t / 1e6
-        res["K=3 write / link"] = size / t / link
-        idle["K=3"] = c.idle
-
-        lab, h = fresh_lab()
-        d = policy_dir(h[1] / "one-copy", 1, 1)
-        write_timed(src, d / "f", salt=5)
-        drop_caches()
-        with Cpu() as c:
-            t = read_timed(h[2] / "one-copy" / "f")
-        res["cold remote read MB/s"] = size / t / 1e6
-        res["cold remote read / link"] = size / t / link
-        idle["cold remote read"] = c.idle
-
-        # Healing: files with R=2 written on host 1, then a host holding copies is lost; the
-        # survivors copy back while a foreground reader on host 2 re-reads a file (cold each time).
-        d = policy_dir(h[1] / "heal", 2, 1)
-        heal_size = a.heal_mib * MiB
-        for i in range(max(1, heal_size // size)):
-            write_timed(src, d / f"f{i}", salt=10 + i)
-        assert h[1].sync(d, timeout=1800).returncode == 0
-        fg = policy_dir(h[1] / "fg", 1, 1)
-        write_timed(src, fg / "f", salt=50)
-        fg_size = size
-
-        def fg_read() -> float:
+        if want("read"):
+            lab, h = fresh_lab()
+            d = policy_dir(h[1] / "one-copy", 1, 1)
+            write_timed(src, d / "f", salt=5)
             drop_caches()
-            return fg_size / read_timed(h[2] / "fg" / "f")
-        unloaded = sorted(fg_read() for _ in range(3))[1]
-        victim = h[a.hosts]
-        before = h[1].cluster_status().get("heal", {}).get("copiedBytes", 0)
-        victim.kill9()
-        wait_until(lambda: (h[1].cluster_status().get("heal") or {}).get("copiedBytes", 0) > before, 300, interval=0.5,
-                   what="healing to start copying")
-        t0 = time.perf_counter()
-        c0 = (h[1].cluster_status().get("heal") or {}).get("copiedBytes", 0)
-        loaded = []
-        with Cpu() as c:
-            while True:
-                st = h[1].cluster_status().get("heal") or {}
-                if st.get("underReplicatedBytes", 1) == 0 and not st.get("running") and st.get("copiedBytes", 0) > c0:
-                    break
-                loaded.append(fg_read())
-                if time.perf_counter() - t0 > 1800:
-                    raise RuntimeError("healing did not finish in 30 min")
-        st = h[1].cluster_status()["heal"]
-        took = time.perf_counter() - t0
-        copied = st["copiedBytes"] - before
-        survivors = a.hosts - 1
-        res["heal: copied MB"] = copied / 1e6
-        res["heal: MB/s"] = copied / took / 1e6
-        res["heal / survivors' aggregate link"] = copied / took / (survivors * link)
-        res["heal: foreground read during / unloaded"] = (sum(loaded) / len(loaded)) / unloaded if loaded else None
-        idle["healing"] = c.idle
+            with Cpu() as c:
+                t = read_timed(h[2] / "one-copy" / "f")
+            res["cold remote read MB/s"] = size / t / 1e6
+            res["cold remote read / link"] = size / t / link
+            idle["cold remote read"] = c.idle
 
-        if not a.no_moosefs and moosefs.available():
+        if want("heal"):
+            # Healing, at --heal-link: files with R=2 written from every host (a host keeps a copy of
+            # what it writes, so data written on one host alone would leave that host the only
+            # source of every lost block, and healing would run at one link's rate), then a host is
+            # lost (kill -9) and the survivors copy its blocks back. Twice, in fresh labs: alone, and
+            # while a foreground reader on host 2 re-reads a file of host 1 (cold each time).
+            per_host = a.heal_mib * MiB // a.hosts // MiB * MiB
+            heal_src = work / "heal-src"
+            with open(src, "rb") as f_in, open(heal_src, "wb") as f_out:
+                f_out.write(f_in.read(per_host))
+            res["heal link nominal MB/s"] = rate_bits(a.heal_link) / 8 / 1e6
+            heal_link = None
+            for loaded_run in (False, True):
+                lab, h = fresh_lab(link=a.heal_link)
+                if heal_link is None:
+                    heal_link = link_rate(lab, 256 * MiB)
+                    res["heal link MB/s (one TCP stream)"] = heal_link / 1e6
+                d = policy_dir(h[1] / "heal", 2, 1)
+                for i, host in h.items():
+                    write_timed(heal_src, host / "heal" / f"from-h{i}", salt=10 + i)
+                for host in h.values():
+                    assert host.sync(host / "heal", timeout=1800).returncode == 0
+                fg_size = 256 * MiB
+                if loaded_run:
+                    fg = policy_dir(h[1] / "fg", 1, 1)
+                    with open(src, "rb") as f:
+                        (fg / "f").write_bytes(f.read(fg_size))
+
+                def fg_read() -> float:
+                    drop_caches()
+                    return fg_size / read_timed(h[2] / "fg" / "f")
+                unloaded = sorted(fg_read() for _ in range(3))[1] if loaded_run else None
+                victim = h[a.hosts]
+                before = h[1].cluster_status().get("heal", {}).get("copiedBytes", 0)
+                victim.kill9()
+                wait_until(lambda: (h[1].cluster_status().get("heal") or {}).get("copiedBytes", 0) > before, 300, interval=0.2,
+                           what="healing to start copying")
+                t0 = time.perf_counter()
+                loaded = []
+                with Cpu() as c:
+                    while True:
+                        st = h[1].cluster_status().get("heal") or {}
+                        if st.get("underReplicatedBytes", 1) == 0 and not st.get("running") and st.get("copiedBytes", 0) > before:
+                            break
+                        if loaded_run:
+                            loaded.append(fg_read())
+                        else:
+                            time.sleep(0.2)
+                        if time.perf_counter() - t0 > 1800:
+                            raise RuntimeError("healing did not finish in 30 min")
+                st = h[1].cluster_status()["heal"]
+                took = time.perf_counter() - t0
+                copied = st["copiedBytes"] - before
+                survivors = a.hosts - 1
+                tag = "heal with a foreground reader" if loaded_run else "heal alone"
+                res[f"{tag}: copied MB"] = copied / 1e6
+                res[f"{tag}: MB/s (first copy seen -> healed)"] = copied / took / 1e6
+                res[f"{tag}: / survivors' aggregate link"] = copied / took / (survivors * heal_link)
+                res[f"{tag}: the healer's copy rate / survivors' aggregate link"] = st.get("copyRate", 0) / (survivors * heal_link)
+                if loaded_run:
+                    res[f"{tag}: foreground read during / unloaded"] = (sum(loaded) / len(loaded)) / unloaded if loaded else None
+                idle[tag] = c.idle
+
+        if want("moosefs") and not a.no_moosefs and moosefs.available():
             lab, h = fresh_lab()
             mfs = moosefs.MooseFS(Path(tempfile.mkdtemp(prefix="moosefs-", dir=data_parent)), lab=lab)
             try:

@@ -5,7 +5,8 @@ with N files (default 1,000,000, DCP-shaped: steps x ranks plus small files per 
   - small-file create+write+close latency p50/p99 (4 KiB files on one host)
   - `ls -l` of a 5,000-entry directory, `stat` p50/p99, `statfs` p50/p99
   - idle etcd traffic per host (requests/s, bytes/s, from etcd's own metrics)
-  - close() p99 while a garbage collection pass reads every manifest, against without
+  - close() p99 while a garbage collection pass reads every manifest, against without at the
+    same namespace size, each close timed against etcd's compactions
   - etcd bytes per file (the db's size in use, before and after the load)
   - a host lost (kill -9): time until the healer's pass has brought every block back to R
   - idle RSS of every daemon
@@ -15,6 +16,7 @@ Usage: scripts/bench/scale.sh [--files N] [--hosts H] [--link RATE] [--out FILE]
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import random
@@ -47,13 +49,47 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def small_files(host, d: Path, n: int, tag: str) -> list[float]:
+def small_files(host, d: Path, n: int, tag: str, starts: list[float] | None = None, until=None) -> list[float]:
+    """n 4 KiB files created, written and closed one after another: their latencies (and, into
+    `starts`, the wall-clock time each began); `until()` false ends the loop early."""
     d.mkdir(exist_ok=True)
     out = []
     for i in range(n):
+        if until is not None and not until():
+            break
         data = os.urandom(4 * KiB)
+        if starts is not None:
+            starts.append(time.time())
         out.append(timed(lambda: write_file(d / f"{tag}-{i}.bin", data)))
     return out
+
+
+def compactions(lab) -> list[tuple[float, float]]:
+    """The etcd members' scheduled compactions so far, as (start, end) wall-clock times, from
+    their logs ("finished scheduled compaction", with how long it took)."""
+    out = []
+    for log in lab.root.glob("etcd-*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            if "finished scheduled compaction" not in line:
+                continue
+            try:
+                e = json.loads(line)
+                end = datetime.datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp()
+                took = e["took"]
+                secs = float(took[:-2]) / 1000 if took.endswith("ms") else float(took[:-1]) if took.endswith("s") else 0.0
+                out.append((end - secs, end))
+            except (ValueError, KeyError):
+                continue
+    return out
+
+
+def split_by_compaction(lab, starts: list[float], lat: list[float]) -> tuple[list[float], list[float]]:
+    """Latencies of closes that overlapped an etcd compaction, and of those that did not."""
+    windows = compactions(lab)
+    inside, outside = [], []
+    for t, d in zip(starts, lat):
+        (inside if any(a <= t + d and t <= b for a, b in windows) else outside).append(d)
+    return inside, outside
 
 
 def ls_l(d: Path) -> float:
@@ -114,19 +150,14 @@ def measure(lab, work: str, label: str, results: dict, rounds: int):
     print(f"[{label}] " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
 
 
-def gc_pass_closes(lab, work: str, victim: Path, rounds: int) -> tuple[list[float], float, int]:
+def gc_pass_closes(lab, work: str, victim: Path, rounds: int, starts: list[float]) -> tuple[list[float], float, int]:
     """close() latencies on host 2 while its garbage collection pass (set off by deleting
     `victim`, whose blocks are older than the grace) reads every manifest."""
     h2 = lab.host(2)
     before = h2.status()["gc"]
     os.unlink(victim)
     wait_until(lambda: h2.status()["gc"]["running"], 120, interval=0.05, what="a GC pass to start")
-    lat = []
-    i = 0
-    while h2.status()["gc"]["running"] and i < rounds:
-        data = os.urandom(4 * KiB)
-        lat.append(timed(lambda: write_file(h2 / work / "during-gc" / f"g{i}.bin", data)))
-        i += 1
+    lat = small_files(h2, h2 / work / "during-gc", rounds, "g", starts, until=lambda: h2.status()["gc"]["running"])
     wait_until(lambda: not h2.status()["gc"]["running"], 1800, interval=1, what="the GC pass to end")
     after = h2.status()["gc"]
     return lat, after["lastPassSeconds"], after["manifestsRead"] - before["manifestsRead"]
@@ -184,13 +215,28 @@ def main():
         results["etcd bytes per file"] = (db_in_use(lab) - db0) / loaded
         measure(lab, work, "large namespace", results, a.rounds)
 
+        # close() without and during a GC pass, both at the full namespace, each close timed
+        # against etcd's compactions (every 5 min; at millions of keys each takes etcd's CPU
+        # for tens of seconds here) so the two causes can be told apart.
+        settle(lab)
+        base_starts: list[float] = []
+        base_large = small_files(h2, h2 / work / "during-gc", a.rounds, "base-large", base_starts)
         time.sleep(35)   # old.bin's blocks older than --gc-delay (30 s): candidates for the pass
-        gc_closes, gc_seconds, gc_read = gc_pass_closes(lab, work, h2 / work / "old.bin", a.rounds)
-        results["close() during a GC pass p99 ms"] = pct(gc_closes, 99) * 1000
-        results["close() without GC p99 ms"] = pct(base_closes, 99) * 1000
+        gc_starts: list[float] = []
+        gc_closes, gc_seconds, gc_read = gc_pass_closes(lab, work, h2 / work / "old.bin", a.rounds, gc_starts)
+        base_in, base_out = split_by_compaction(lab, base_starts, base_large)
+        gc_in, gc_out = split_by_compaction(lab, gc_starts, gc_closes)
+        ms = lambda xs: round(pct(xs, 99) * 1000, 1) if xs else None   # noqa: E731
+        results["close() p99 ms, no GC pass: small namespace / full namespace"] = [ms(base_closes), ms(base_large)]
+        results["close() p99 ms during a GC pass"] = ms(gc_closes)
+        results["close() p99 ms outside etcd compactions: no GC pass / during a GC pass"] = [ms(base_out), ms(gc_out)]
+        results["closes overlapping an etcd compaction: no GC pass / during a GC pass"] = [
+            f"{len(base_in)} of {len(base_large)}", f"{len(gc_in)} of {len(gc_closes)}"]
+        results["etcd compactions (start, seconds)"] = [(round(a0), round(b0 - a0, 1)) for a0, b0 in compactions(lab)]
         results["GC pass s / manifests read"] = [gc_seconds, gc_read]
-        print(f"GC pass {gc_seconds:.1f} s over {gc_read} manifests; close() p99 {pct(gc_closes, 99) * 1000:.1f} ms "
-              f"during ({len(gc_closes)} closes) vs {pct(base_closes, 99) * 1000:.1f} ms without", flush=True)
+        print(f"GC pass {gc_seconds:.1f} s over {gc_read} manifests; close() p99 {ms(gc_closes)} ms during "
+              f"({len(gc_closes)} closes, {len(gc_in)} in a compaction; {ms(gc_out)} ms outside) vs {ms(base_large)} ms "
+              f"without at the same size ({len(base_in)} in a compaction; {ms(base_out)} outside)", flush=True)
 
         settle(lab)
         results["idle RSS MiB"] = {h.node_id: rss_mib(h.pid) for h in lab.hosts.values()}
