@@ -305,8 +305,10 @@ public final class Healer: @unchecked Sendable {
             s.files = files
             s.blocks = want.count
             s.bytes = want.values.reduce(0) { $0 + UInt64($1.length) }
-            s.underReplicatedBlocks = plan.short
-            s.underReplicatedBytes = plan.shortBytes
+            // As things stand at the end of the pass: the blocks it found short are no longer
+            // so once every copy it planned was made (and synced) — the next pass checks.
+            s.underReplicatedBlocks = plan.copiedAll ? 0 : plan.short
+            s.underReplicatedBytes = plan.copiedAll ? 0 : plan.shortBytes
             s.unreadableBlocks = plan.unreadable
             s.unreadableBytes = plan.unreadableBytes
             s.draining = plan.draining
@@ -324,6 +326,13 @@ public final class Healer: @unchecked Sendable {
         public var short = 0, shortBytes: UInt64 = 0, unreadable = 0, unreadableBytes: UInt64 = 0
         public var draining: [String: Int] = [:]
         public var copiedBytes: UInt64 = 0, copySeconds = 0.0
+        /// Copies the plan asked for, and those made and synced on their targets.
+        public var copiesPlanned = 0, copiesMade = 0
+        /// Whether every copy the plan asked for was made: then the blocks found short are not
+        /// short any more when the pass ends.
+        public var copiedAll: Bool { executed && errors.isEmpty && copiesMade >= copiesPlanned }
+        /// The plan was carried out (not only made: a pass waiting for a down node is not).
+        public var executed = false
         /// Copies made toward an under-filled node (rebalancing).
         public var moves = 0
         /// Copies dropped (off draining nodes, or surplus).
@@ -467,6 +476,7 @@ public final class Healer: @unchecked Sendable {
             }
         }
         let sent = Shared<UInt64>(0)
+        let made = Shared(0)
         let errors = Shared<[String]>([])
         // Batches of different holders in parallel; one holder's batches one after another.
         let sources = Dictionary(grouping: batches, by: { $0.source.id }).map { $0.value }
@@ -500,6 +510,7 @@ public final class Healer: @unchecked Sendable {
                     }
                 }
                 sent.withLock { $0 += result.bytes }
+                made.withLock { $0 += result.copies }
                 state.withLock { $0.copiedBlocks += UInt64(result.copies); $0.copiedBytes += result.bytes }
                 if !result.errors.isEmpty { errors.withLock { $0 += result.errors }; firstError = result.errors[0] }
                 publishSoon()
@@ -508,6 +519,9 @@ public final class Healer: @unchecked Sendable {
         }
         plan.copiedBytes = sent.get()
         plan.copySeconds = Date().timeIntervalSince(started)
+        plan.copiesPlanned = copies.reduce(0) { $0 + $1.to.count }
+        plan.copiesMade = made.get()
+        plan.executed = true
         let drop = drops
         parallelFor(drop.count, width: width) { [self] i in
             let (id, node) = drop[i]

@@ -8,7 +8,8 @@
 #   directory, since the three nodes of the bench share one disk.
 #
 #   scripts/bench/cluster.sh [--size-mib N] [--dir DIR] [--no-moosefs]
-#   scripts/bench/cluster.sh --lab [--size-mib N] [--link RATE] [--hosts H] [--no-moosefs]
+#   scripts/bench/cluster.sh --lab [--size-mib N] [--link RATE] [--hosts H] [--no-moosefs] [--data tmpfs|disk]
+#                                  [--heal-link RATE] [--heal-mib N] [--only write,read,heal,moosefs]
 #
 # With --lab (issue #26) it runs in the network lab instead (scripts/bench/labbench.py): hosts in
 # network namespaces on links shaped to RATE (default 1gbit), every figure a fraction of the link
