@@ -249,11 +249,17 @@ public final class FileSystem: @unchecked Sendable {
         remembered(try meta.create(parent: parent, name: name, newInode(.directory, mode: mode, parent: parent, context: context)))
     }
 
-    public func mknod(parent: InodeNumber, name: String, mode: UInt32, context: RequestContext) throws -> InodeAttributes {
-        guard mode & 0o170000 == 0o100000 || mode & 0o170000 == 0 else {
-            throw FSError(EPERM, "modelfs stores regular files, directories and symlinks only")
+    /// A regular file (no type bits, or S_IFREG), a FIFO, a socket, or a character or block
+    /// device (`rdev` its number). The kernel checks CAP_MKNOD for devices before asking, and
+    /// handles opening every special file itself: here they are inodes like any other.
+    public func mknod(parent: InodeNumber, name: String, mode: UInt32, rdev: UInt32 = 0, context: RequestContext) throws -> InodeAttributes {
+        let kind = mode & 0o170000 == 0 ? FileKind.regular : FileKind(modeBits: mode)
+        guard let kind, kind == .regular || kind.isSpecial else {
+            throw FSError.invalid("mknod makes regular files, FIFOs, sockets and device nodes (mode \(String(mode, radix: 8)))")
         }
-        return remembered(try meta.create(parent: parent, name: name, newInode(.regular, mode: mode, parent: parent, context: context)), parent: parent)
+        var new = try newInode(kind, mode: mode, parent: parent, context: context)
+        new.rdev = rdev
+        return remembered(try meta.create(parent: parent, name: name, new), parent: parent)
     }
 
     public func symlink(parent: InodeNumber, name: String, target: String, context: RequestContext) throws -> InodeAttributes {
@@ -366,7 +372,14 @@ public final class FileSystem: @unchecked Sendable {
             }
         }
         let attrs = try meta.getattr(ino)
-        guard attrs.kind == .regular else { throw attrs.kind == .directory ? FSError.isDirectory() : FSError(ELOOP, "is a symlink") }
+        guard attrs.kind == .regular else {
+            switch attrs.kind {
+            case .directory: throw FSError.isDirectory()
+            case .symlink: throw FSError(ELOOP, "is a symlink")
+            // The kernel opens special files itself; a request that reaches here is a bug.
+            default: throw FSError(ENXIO, "\(attrs.ino) is a special file: the kernel opens it, not modelfs")
+            }
+        }
         // Write-only opens write past the kernel's page cache: torch.save, safetensors, np.save
         // and Java's FileOutputStream all open so, and nothing can mmap or read a write-only
         // descriptor. Through the page cache, the writer itself filled a fresh page per 4 KiB

@@ -9,8 +9,12 @@ public struct InodeNumber: Hashable, Sendable, Comparable, CustomStringConvertib
     public var description: String { "inode \(rawValue)" }
 }
 
-public enum FileKind: UInt8, Sendable, Codable {
+public enum FileKind: UInt8, Sendable, Codable, CaseIterable {
     case regular = 1, directory = 2, symlink = 3
+    /// Special files: the inode (its mode, owner, times and, for devices, its device number) is
+    /// kept like any other; what opening one does is the kernel's (a pipe, a socket, a device
+    /// driver), never this filesystem's.
+    case fifo = 4, socket = 5, charDevice = 6, blockDevice = 7
 
     /// The S_IFMT bits of this kind.
     public var modeBits: UInt32 {
@@ -18,7 +22,17 @@ public enum FileKind: UInt8, Sendable, Codable {
         case .regular: return 0o100000
         case .directory: return 0o040000
         case .symlink: return 0o120000
+        case .fifo: return 0o010000
+        case .socket: return 0o140000
+        case .charDevice: return 0o020000
+        case .blockDevice: return 0o060000
         }
+    }
+
+    /// The kind whose S_IFMT bits `mode` carries, nil for none.
+    public init?(modeBits mode: UInt32) {
+        guard let k = FileKind.allCases.first(where: { $0.modeBits == mode & 0o170000 }) else { return nil }
+        self = k
     }
 
     /// The d_type value readdir reports.
@@ -27,8 +41,15 @@ public enum FileKind: UInt8, Sendable, Codable {
         case .regular: return 8
         case .directory: return 4
         case .symlink: return 10
+        case .fifo: return 1
+        case .socket: return 12
+        case .charDevice: return 2
+        case .blockDevice: return 6
         }
     }
+
+    /// A FIFO, socket or device node.
+    public var isSpecial: Bool { rawValue >= FileKind.fifo.rawValue }
 }
 
 /// Seconds and nanoseconds since the epoch, as the kernel sends and expects them.
@@ -78,12 +99,15 @@ public struct InodeAttributes: Hashable, Sendable {
     public var ctime: Timestamp
     /// Content version: bumped by every commit of new content; 0 for a file never written.
     public var version: UInt64
+    /// The device number of a character or block device node (the kernel's encoding of major
+    /// and minor, as `mknod` gave it); 0 for every other kind.
+    public var rdev: UInt32
 
     public init(ino: InodeNumber, kind: FileKind, mode: UInt32, uid: UInt32, gid: UInt32, nlink: UInt32,
-                size: UInt64, atime: Timestamp, mtime: Timestamp, ctime: Timestamp, version: UInt64) {
+                size: UInt64, atime: Timestamp, mtime: Timestamp, ctime: Timestamp, version: UInt64, rdev: UInt32 = 0) {
         self.ino = ino; self.kind = kind; self.mode = mode; self.uid = uid; self.gid = gid
         self.nlink = nlink; self.size = size; self.atime = atime; self.mtime = mtime; self.ctime = ctime
-        self.version = version
+        self.version = version; self.rdev = rdev
     }
 }
 

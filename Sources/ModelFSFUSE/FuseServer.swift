@@ -108,6 +108,7 @@ public final class FuseServer: @unchecked Sendable {
         st.st_nlink = nlink_t(a.nlink)
         st.st_uid = a.uid
         st.st_gid = a.gid
+        st.st_rdev = dev_t(a.rdev)
         st.st_size = off_t(a.size)
         st.st_blocks = blkcnt_t((a.size + 511) / 512)
         // Buffered I/O libraries size their buffers by st_blksize: ask for large writes.

@@ -122,10 +122,11 @@ extension FuseServer {
             } catch { fuse_reply_err(req, errnoFor(error, op: "readlink")) }
         }
 
-        ops.mknod = { req, parent, name, mode, _ in
+        ops.mknod = { req, parent, name, mode, rdev in
             let s = FuseServer.server(req)
             s.replyEntry(req, "mknod") {
-                try s.fs.mknod(parent: ino(parent), name: try FuseServer.name(name), mode: UInt32(mode), context: FuseServer.context(req))
+                try s.fs.mknod(parent: ino(parent), name: try FuseServer.name(name), mode: UInt32(mode), rdev: UInt32(truncatingIfNeeded: rdev),
+                               context: FuseServer.context(req))
             }
         }
 

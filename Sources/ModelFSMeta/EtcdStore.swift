@@ -14,7 +14,9 @@ import Synchronization
 /// mid-request) is settled by reading back a marker key the txn wrote: nothing is applied twice.
 ///
 /// Keys, under `/modelfs/NAME/` (inode numbers as 16 hex digits):
-///   i/INO          inode record (JSON; "o" names the node that wrote it)
+///   i/INO          inode record (JSON: "k" kind 1 file, 2 directory, 3 symlink, 4 FIFO, 5 socket,
+///                  6 character device, 7 block device; "r" a device's number, absent for
+///                  other kinds; "o" names the node that wrote it)
 ///   m/INO          manifest bytes (large manifests are blocks; this holds their reference)
 ///   e/PARENT/NAME  directory entry "INO,KIND[:SUB],ORIGIN"; the readdir cookie is its create
 ///                  revision × 256 + SUB, SUB numbering the entries one transaction adds (0 for the
@@ -246,7 +248,19 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
 
 /// Signed changes to the namespace's counters (`n/stats/CLIENT` holds one client's sum).
 struct StatsDelta: Codable, Equatable {
-    var f: Int64 = 0, d: Int64 = 0, s: Int64 = 0, b: Int64 = 0
+    /// Regular files, directories, symlinks, bytes, special files (FIFOs, sockets, devices).
+    var f: Int64 = 0, d: Int64 = 0, s: Int64 = 0, b: Int64 = 0, x: Int64 = 0
+
+    init() {}
+    /// Tolerant: a node's sum written before special files has no `x`.
+    init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        f = try c.decodeIfPresent(Int64.self, forKey: .f) ?? 0
+        d = try c.decodeIfPresent(Int64.self, forKey: .d) ?? 0
+        s = try c.decodeIfPresent(Int64.self, forKey: .s) ?? 0
+        b = try c.decodeIfPresent(Int64.self, forKey: .b) ?? 0
+        x = try c.decodeIfPresent(Int64.self, forKey: .x) ?? 0
+    }
 
     var isZero: Bool { self == StatsDelta() }
 
@@ -257,14 +271,16 @@ struct StatsDelta: Codable, Equatable {
         case .regular: f += sign; b += sign * Int64(clamping: r.attrs.size)
         case .directory: d += sign
         case .symlink: s += sign
+        case .fifo, .socket, .charDevice, .blockDevice: x += sign
         }
     }
 
-    static func += (a: inout StatsDelta, x: StatsDelta) { a.f += x.f; a.d += x.d; a.s += x.s; a.b += x.b }
+    static func += (a: inout StatsDelta, x: StatsDelta) { a.f += x.f; a.d += x.d; a.s += x.s; a.b += x.b; a.x += x.x }
 
     var stats: MetadataStats {
         var m = MetadataStats()
         m.files = UInt64(max(0, f)); m.directories = UInt64(max(0, d)); m.symlinks = UInt64(max(0, s))
+        m.specials = UInt64(max(0, x))
         m.logicalBytes = UInt64(max(0, b))
         return m
     }
@@ -274,6 +290,8 @@ struct StatsDelta: Codable, Equatable {
 struct EtcdInode: Codable {
     var k: UInt8; var m: UInt32; var u: UInt32; var g: UInt32; var n: UInt32; var s: UInt64
     var a: Int64; var mt: Int64; var c: Int64; var v: UInt64; var p: UInt64?; var t: String?
+    /// A device node's number (absent for every other kind).
+    var r: UInt32?
     /// The client (node) that wrote this record: watchers skip their own changes.
     var o: String?
 
@@ -282,12 +300,13 @@ struct EtcdInode: Codable {
         k = x.kind.rawValue; m = x.mode; u = x.uid; g = x.gid; n = x.nlink; s = x.size
         a = x.atime.totalNanoseconds; mt = x.mtime.totalNanoseconds; c = x.ctime.totalNanoseconds; v = x.version
         p = r.parent?.rawValue; t = r.target; o = origin
+        self.r = x.rdev == 0 ? nil : x.rdev
     }
 
     func record(_ ino: InodeNumber) -> InodeRecord {
         InodeRecord(attrs: InodeAttributes(ino: ino, kind: FileKind(rawValue: k) ?? .regular, mode: m, uid: u, gid: g, nlink: n,
                                            size: s, atime: Timestamp(totalNanoseconds: a), mtime: Timestamp(totalNanoseconds: mt),
-                                           ctime: Timestamp(totalNanoseconds: c), version: v),
+                                           ctime: Timestamp(totalNanoseconds: c), version: v, rdev: r ?? 0),
                     parent: p.map(InodeNumber.init), target: t)
     }
 }
@@ -579,11 +598,7 @@ final class EtcdTransaction: MetadataTransaction {
     func scannedStats() throws -> MetadataStats {
         var s = MetadataStats()
         for r in try allInodes() where r.attrs.nlink > 0 {
-            switch r.attrs.kind {
-            case .regular: s.files += 1; s.logicalBytes += r.attrs.size
-            case .directory: s.directories += 1
-            case .symlink: s.symlinks += 1
-            }
+            s.count(r.attrs.kind, size: r.attrs.size)
         }
         return s
     }

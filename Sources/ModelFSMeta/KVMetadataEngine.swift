@@ -59,7 +59,8 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
             let isDir = new.kind == .directory
             let attrs = InodeAttributes(ino: ino, kind: new.kind, mode: new.mode & 0o7777, uid: new.uid, gid: new.gid,
                                         nlink: isDir ? 2 : 1, size: UInt64(new.target?.utf8.count ?? 0),
-                                        atime: new.now, mtime: new.now, ctime: new.now, version: 0)
+                                        atime: new.now, mtime: new.now, ctime: new.now, version: 0,
+                                        rdev: new.kind == .charDevice || new.kind == .blockDevice ? new.rdev : 0)
             try tx.putInode(InodeRecord(attrs: attrs, parent: isDir ? parent : nil, target: new.target))
             try tx.addEntry(parent, name, EntryRecord(ino: ino, kind: new.kind))
             try touch(tx, &dir, new.now, nlinkDelta: isDir ? 1 : 0)

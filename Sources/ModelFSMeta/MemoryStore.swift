@@ -82,11 +82,7 @@ final class MemoryTransaction: MetadataTransaction {
     func stats() throws -> MetadataStats {
         var s = MetadataStats()
         for r in state.inodes.values where r.attrs.nlink > 0 {
-            switch r.attrs.kind {
-            case .regular: s.files += 1; s.logicalBytes += r.attrs.size
-            case .directory: s.directories += 1
-            case .symlink: s.symlinks += 1
-            }
+            s.count(r.attrs.kind, size: r.attrs.size)
         }
         return s
     }

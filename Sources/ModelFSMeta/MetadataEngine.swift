@@ -10,8 +10,11 @@ public struct NewInode: Sendable {
     public var now: Timestamp
     /// Symlink target, for `.symlink` only.
     public var target: String?
-    public init(kind: FileKind, mode: UInt32, uid: UInt32, gid: UInt32, now: Timestamp, target: String? = nil) {
+    /// Device number, for `.charDevice` and `.blockDevice` only.
+    public var rdev: UInt32
+    public init(kind: FileKind, mode: UInt32, uid: UInt32, gid: UInt32, now: Timestamp, target: String? = nil, rdev: UInt32 = 0) {
         self.kind = kind; self.mode = mode; self.uid = uid; self.gid = gid; self.now = now; self.target = target
+        self.rdev = rdev
     }
 }
 
@@ -28,9 +31,33 @@ public struct MetadataStats: Sendable, Equatable, Codable {
     public var files: UInt64 = 0
     public var directories: UInt64 = 0
     public var symlinks: UInt64 = 0
+    /// FIFOs, sockets and device nodes.
+    public var specials: UInt64 = 0
     /// Sum of regular files' sizes, each inode counted once however many links it has.
     public var logicalBytes: UInt64 = 0
     public init() {}
+
+    /// Counts one linked inode of `kind` (of `size` bytes) `sign` times.
+    public mutating func count(_ kind: FileKind, size: UInt64, sign: Int64 = 1) {
+        func add(_ x: inout UInt64, _ d: Int64) { x = UInt64(max(0, Int64(clamping: x) + d)) }
+        switch kind {
+        case .regular: add(&files, sign); add(&logicalBytes, sign * Int64(clamping: size))
+        case .directory: add(&directories, sign)
+        case .symlink: add(&symlinks, sign)
+        case .fifo, .socket, .charDevice, .blockDevice: add(&specials, sign)
+        }
+    }
+
+    enum CodingKeys: String, CodingKey { case files, directories, symlinks, specials, logicalBytes }
+    /// Tolerant: a status from a daemon before special files has no `specials`.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        files = try c.decodeIfPresent(UInt64.self, forKey: .files) ?? 0
+        directories = try c.decodeIfPresent(UInt64.self, forKey: .directories) ?? 0
+        symlinks = try c.decodeIfPresent(UInt64.self, forKey: .symlinks) ?? 0
+        specials = try c.decodeIfPresent(UInt64.self, forKey: .specials) ?? 0
+        logicalBytes = try c.decodeIfPresent(UInt64.self, forKey: .logicalBytes) ?? 0
+    }
 }
 
 /// The namespace and its attributes (DESIGN.md §2). Every method is one atomic transaction:

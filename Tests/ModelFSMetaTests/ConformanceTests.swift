@@ -211,6 +211,35 @@ func errno(of body: () throws -> Void) -> Int32? {
         #expect(errno { _ = try m.readlink(f.ino) } == EINVAL)
     }
 
+    @Test(arguments: EngineKind.allCases) func specialFilesKeepTheirKindAndDevice(_ kind: EngineKind) throws {
+        let (m, done) = try kind.make(); defer { done() }
+        let dev = UInt32(7 << 8 | 200)   // major 7, minor 200 (the kernel's old encoding)
+        let made: [(String, FileKind, UInt32)] = [("p", .fifo, 0), ("s", .socket, 0), ("c", .charDevice, 0x103), ("b", .blockDevice, dev)]
+        for (name, k, rdev) in made {
+            let a = try m.create(parent: .root, name: name, NewInode(kind: k, mode: 0o640, uid: 7, gid: 8, now: now, rdev: rdev))
+            #expect(a.kind == k && a.rdev == rdev && a.nlink == 1 && a.size == 0)
+        }
+        // A device number given with a kind that has none is not kept.
+        let f = try m.create(parent: .root, name: "f", NewInode(kind: .fifo, mode: 0o600, uid: 0, gid: 0, now: now, rdev: 99))
+        #expect(f.rdev == 0)
+        for (name, k, rdev) in made {
+            let a = try m.lookup(parent: .root, name: name)
+            #expect(a.kind == k && a.rdev == rdev && a.mode == 0o640 && a.uid == 7 && a.gid == 8, "\(name): \(a)")
+            #expect(try m.getattr(a.ino).rdev == rdev)
+        }
+        let listed = try m.readdir(.root, after: 0, limit: 100)
+        #expect(Dictionary(uniqueKeysWithValues: listed.map { ($0.name, $0.kind) })["b"] == .blockDevice)
+        #expect(try m.stats().specials == 5 && m.stats().files == 0)
+        // They link, rename and unlink like any inode, and the counters follow.
+        let c = try m.lookup(parent: .root, name: "c")
+        _ = try m.link(c.ino, parent: .root, name: "c2", now: now)
+        #expect(try m.lookup(parent: .root, name: "c2").nlink == 2)
+        _ = try m.unlink(parent: .root, name: "c", now: now, isOpen: { _ in false })
+        _ = try m.unlink(parent: .root, name: "c2", now: now, isOpen: { _ in false })
+        #expect(errno { _ = try m.getattr(c.ino) } == ENOENT)
+        #expect(try m.stats().specials == 4)
+    }
+
     @Test(arguments: EngineKind.allCases) func xattrs(_ kind: EngineKind) throws {
         let (m, done) = try kind.make(); defer { done() }
         let a = try m.create(parent: .root, name: "a", file())
@@ -251,6 +280,26 @@ func errno(of body: () throws -> Void) -> Int32? {
         #expect((try again.lookup(parent: .root, name: "keep")).ino == a.ino)
         let b = try again.create(parent: .root, name: "next", file())
         #expect(b.ino != a.ino)
+    }
+
+    @Test func aSQLiteDatabaseMadeBeforeDeviceNumbersGetsTheColumn() throws {
+        let dir = NSTemporaryDirectory() + "modelfs-meta-rdev-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        do {
+            let m = try MetadataURL.open("sqlite:\(dir)/m.db", rootUID: 0, rootGID: 0)
+            _ = try m.create(parent: .root, name: "old", file())
+            try m.sync()
+        }
+        do {
+            // As a database of an earlier version: no rdev column.
+            let store = try SQLiteTransactionalStore(path: "\(dir)/m.db")
+            try store.pool.write { try $0.execute(sql: "ALTER TABLE inodes DROP COLUMN rdev") }
+        }
+        let m = try MetadataURL.open("sqlite:\(dir)/m.db", rootUID: 0, rootGID: 0)
+        #expect(try m.lookup(parent: .root, name: "old").rdev == 0)
+        let d = try m.create(parent: .root, name: "dev", NewInode(kind: .blockDevice, mode: 0o600, uid: 0, gid: 0, now: now, rdev: 0x0801))
+        #expect(try m.getattr(d.ino).rdev == 0x0801)
     }
 
     @Test func sqliteRowsOfARolledBackTransactionAreNeverSeen() throws {

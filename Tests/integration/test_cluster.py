@@ -77,6 +77,39 @@ def test_write_on_one_node_read_on_the_others(make_nodes):
     assert st["pendingJobs"] == 0 and st["pendingBytes"] == 0
 
 
+def test_special_files_made_on_one_node_are_seen_on_another(make_nodes):
+    import socket
+    import stat
+    a, b = make_nodes(2, replicas=2, ack=1)
+    os.mkdir(a / "special")
+    os.mkfifo(a / "special" / "fifo", 0o620)
+    os.mknod(a / "special" / "tty", 0o600 | stat.S_IFCHR, os.makedev(5, 0))
+    os.mknod(a / "special" / "disk", 0o640 | stat.S_IFBLK, os.makedev(8, 17))
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(a / "special" / "sock"))
+    s.close()
+    want = {"fifo": (stat.S_IFIFO, 0), "tty": (stat.S_IFCHR, os.makedev(5, 0)),
+            "disk": (stat.S_IFBLK, os.makedev(8, 17)), "sock": (stat.S_IFSOCK, 0)}
+
+    def seen():
+        got = {}
+        for name in want:
+            try:
+                st = os.lstat(b / "special" / name)
+            except FileNotFoundError:
+                return None
+            got[name] = (stat.S_IFMT(st.st_mode), st.st_rdev if name in ("tty", "disk") else 0)
+        return got
+    assert wait_until(seen, 20, interval=0.2, what="the special files on the other node") == want
+    # A FIFO on the other node connects that node's processes.
+    child = subprocess.Popen(["python3", "-c", f"open({str(b / 'special' / 'fifo')!r}, 'wb').write(b'on b')"])
+    with open(b / "special" / "fifo", "rb") as f:
+        assert f.read() == b"on b"
+    assert child.wait(timeout=30) == 0
+    os.unlink(b / "special" / "disk")
+    wait_until(lambda: not os.path.lexists(a / "special" / "disk"), 20, interval=0.2, what="the unlink to show on a")
+
+
 def test_synchronous_policy_close_returns_with_every_copy(make_nodes):
     a, b, c = make_nodes(3, replicas=3, ack=3)
     for i in range(5):

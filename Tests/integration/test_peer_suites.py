@@ -99,7 +99,6 @@ CPYTHON_EXCLUDED = {
     "test.test_os.Pep383Tests.*": "non-UTF-8 file names: modelfs stores UTF-8 names only (EILSEQ, docs/SEMANTICS.md)",
     "test.test_posixpath.PosixCommonTest.test_nonascii_abspath":
         "non-UTF-8 file names: modelfs stores UTF-8 names only (EILSEQ)",
-    "test.test_tarfile.TestExtractionFilters.test_pipe": "FIFOs: mkfifo is EPERM on modelfs (docs/SEMANTICS.md)",
     "test.test_compileall.HardlinkDedupTests*.test_import":
         "fails the same way in a plain local directory on this machine (opt-1.pyc stays hard-linked after "
         "`python -O -c 'import module'`): not a filesystem matter",

@@ -5,8 +5,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import socket
 import stat
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -105,13 +108,78 @@ def test_fallocate_modes(workdir):
     assert data[:3] == b"abc" and data[3:] == bytes((1 << 20) - 3)
 
 
-def test_device_nodes_and_fifos_are_refused(workdir):
-    with pytest.raises(OSError) as e:
-        os.mkfifo(workdir / "fifo")
-    assert e.value.errno == errno.EPERM
-    # a regular file through mknod works
+def current_umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def test_special_files_are_inodes_the_kernel_opens(workdir):
+    """FIFOs, sockets and device nodes are kept (type, mode, owner, device number) and listed
+    with their type; opening one is the kernel's business: a FIFO passes bytes between two
+    processes, a bound socket accepts a connection."""
+    fifo, sock, null, blk = workdir / "fifo", workdir / "sock", workdir / "null", workdir / "blk"
+    os.mkfifo(fifo, 0o640)
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(blk, 0o600 | stat.S_IFBLK, os.makedev(7, 200))
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock))
+    server.listen(1)
+    try:
+        st = os.lstat(fifo)
+        assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640 & ~current_umask(), oct(st.st_mode)
+        st = os.lstat(null)
+        assert stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (1, 3), st
+        st = os.lstat(blk)
+        assert stat.S_ISBLK(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (7, 200), st
+        assert stat.S_ISSOCK(os.lstat(sock).st_mode)
+        kinds = {e.name: (e.is_file(), e.is_dir(), e.is_symlink()) for e in os.scandir(workdir)}
+        assert kinds["fifo"] == (False, False, False) and kinds["null"] == (False, False, False), kinds
+        types = {name: stat.S_IFMT(os.lstat(workdir / name).st_mode) for name in ("fifo", "sock", "null", "blk")}
+        assert types == {"fifo": stat.S_IFIFO, "sock": stat.S_IFSOCK, "null": stat.S_IFCHR, "blk": stat.S_IFBLK}
+
+        # The FIFO carries bytes from a writer process to this reader.
+        child = subprocess.Popen([sys.executable, "-c", f"open({str(fifo)!r}, 'wb').write(b'through the pipe')"])
+        with open(fifo, "rb") as f:
+            assert f.read() == b"through the pipe"
+        assert child.wait(timeout=30) == 0
+        # The socket accepts a connection made by path.
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(str(sock))
+        conn, _ = server.accept()
+        client.sendall(b"hello")
+        assert conn.recv(5) == b"hello"
+        conn.close()
+        client.close()
+        # A FUSE mount is nodev unless mounted with -o dev: the device node is kept, not opened.
+        with pytest.raises(PermissionError):
+            open(null, "r+b")
+
+        # They rename, link, chmod and unlink like any inode.
+        os.chmod(fifo, 0o600)
+        os.rename(fifo, workdir / "fifo2")
+        os.link(workdir / "fifo2", workdir / "fifo3")
+        assert os.lstat(workdir / "fifo3").st_nlink == 2 and stat.S_IMODE(os.lstat(workdir / "fifo3").st_mode) == 0o600
+        for name in ("fifo2", "fifo3", "null", "blk", "sock"):
+            os.unlink(workdir / name)
+        assert not {"fifo2", "fifo3", "null", "blk", "sock"} & set(os.listdir(workdir))
+    finally:
+        server.close()
+    # A regular file through mknod, as before.
     os.mknod(workdir / "plain", 0o644 | stat.S_IFREG)
     assert stat.S_ISREG(os.stat(workdir / "plain").st_mode)
+
+
+def test_device_nodes_open_on_a_mount_with_dev(mount_factory):
+    m = mount_factory(options=["dev"])
+    null = m.path("null")
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    with open(null, "r+b") as f:   # the kernel's null device: takes everything, gives nothing
+        assert f.write(b"gone") == 4 and f.read() == b""
+    zero = m.path("zero")
+    os.mknod(zero, 0o444 | stat.S_IFCHR, os.makedev(1, 5))
+    with open(zero, "rb") as f:
+        assert f.read(4096) == bytes(4096)
 
 
 def test_non_utf8_names_are_refused_clearly(workdir):
