@@ -96,8 +96,13 @@ public final class FuseServer: @unchecked Sendable {
         return RequestContext(uid: c.pointee.uid, gid: c.pointee.gid, pid: c.pointee.pid)
     }
 
+    /// A name the kernel sent. Longer than 255 bytes is ENAMETOOLONG for every operation
+    /// (lookup, unlink, rename, link … as ext4 answers), not only for the ones that create: the
+    /// kernel leaves the check to the filesystem, and a lookup would otherwise say ENOENT.
     static func name(_ p: UnsafePointer<CChar>?) throws -> String {
-        guard let p, let s = String(validatingCString: p) else { throw FSError(EILSEQ, "file names must be UTF-8") }
+        guard let p else { throw FSError.invalid("no file name") }
+        if strnlen(p, 256) > 255 { throw FSError(ENAMETOOLONG, "file name longer than 255 bytes") }
+        guard let s = String(validatingCString: p) else { throw FSError(EILSEQ, "file names must be UTF-8") }
         return s
     }
 

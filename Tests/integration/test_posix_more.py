@@ -375,3 +375,43 @@ def test_a_name_looked_up_before_it_exists_appears_however_it_is_made(workdir):
     os.mkdir(workdir / "sub")
     write_file(workdir / "sub" / "f", b"s")
     assert read_file(workdir / "sub" / "f") == b"s"
+
+
+def test_every_operation_on_a_name_longer_than_255_bytes_is_enametoolong(workdir):
+    """As on ext4: the length is checked for every operation, not only the ones that create
+    (a lookup used to answer ENOENT)."""
+    long = workdir / ("n" * 256)
+    ok = workdir / "ok"
+    write_file(ok, b"x")
+    ops = {
+        "stat": lambda: os.stat(long),
+        "lstat": lambda: os.lstat(long),
+        "open": lambda: os.open(long, os.O_RDONLY),
+        "create": lambda: os.open(long, os.O_CREAT | os.O_WRONLY, 0o644),
+        "mkdir": lambda: os.mkdir(long),
+        "mkfifo": lambda: os.mkfifo(long),
+        "symlink": lambda: os.symlink("target", long),
+        "chmod": lambda: os.chmod(long, 0o600),
+        "chown": lambda: os.chown(long, 0, 0),
+        "truncate": lambda: os.truncate(long, 0),
+        "unlink": lambda: os.unlink(long),
+        "rmdir": lambda: os.rmdir(long),
+        "link to": lambda: os.link(ok, long),
+        "rename from": lambda: os.rename(long, ok),
+        "rename to": lambda: os.rename(ok, long),
+        "utime": lambda: os.utime(long),
+        "getxattr": lambda: os.getxattr(long, "user.x"),
+    }
+    wrong = {}
+    for what, op in ops.items():
+        try:
+            op()
+            wrong[what] = "succeeded"
+        except OSError as e:
+            if e.errno != errno.ENAMETOOLONG:
+                wrong[what] = errno.errorcode.get(e.errno, e.errno)
+    assert not wrong, wrong
+    assert read_file(ok) == b"x"
+    # 255 bytes is fine.
+    write_file(workdir / ("n" * 255), b"y")
+    assert read_file(workdir / ("n" * 255)) == b"y"
