@@ -106,6 +106,15 @@ public final class FuseServer: @unchecked Sendable {
         return s
     }
 
+    /// A symlink's target: a path, not a name — any length up to PATH_MAX − 1 (4095 bytes; its
+    /// components may be longer than a name, it is not looked up when the link is made).
+    static func symlinkTarget(_ p: UnsafePointer<CChar>?) throws -> String {
+        guard let p else { throw FSError.invalid("no symlink target") }
+        if strnlen(p, 4096) > 4095 { throw FSError(ENAMETOOLONG, "symlink target longer than 4095 bytes") }
+        guard let s = String(validatingCString: p) else { throw FSError(EILSEQ, "symlink targets must be UTF-8") }
+        return s
+    }
+
     func statOf(_ a: InodeAttributes) -> Glibc.stat {
         var st = Glibc.stat()
         st.st_ino = ino_t(a.ino.rawValue)

@@ -150,7 +150,7 @@ extension FuseServer {
         ops.symlink = { req, target, parent, name in
             let s = FuseServer.server(req)
             s.replyEntry(req, "symlink") {
-                try s.fs.symlink(parent: ino(parent), name: try FuseServer.name(name), target: try FuseServer.name(target),
+                try s.fs.symlink(parent: ino(parent), name: try FuseServer.name(name), target: try FuseServer.symlinkTarget(target),
                                  context: FuseServer.context(req))
             }
         }

@@ -415,3 +415,8 @@ def test_every_operation_on_a_name_longer_than_255_bytes_is_enametoolong(workdir
     # 255 bytes is fine.
     write_file(workdir / ("n" * 255), b"y")
     assert read_file(workdir / ("n" * 255)) == b"y"
+    # A symlink's target is a path, not a name: components over 255 bytes and 4095 bytes in all.
+    for i, target in enumerate(["t" * 256, "/".join(["c" * 127] * 32)[:4095]]):
+        os.symlink(target, workdir / f"l{i}")
+        assert os.readlink(workdir / f"l{i}") == target
+        os.unlink(workdir / f"l{i}")
