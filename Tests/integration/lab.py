@@ -102,7 +102,10 @@ class LabHost(Mount):
         and one cut off from etcd answers slowly)."""
         import socket
         for rec in Path("/run/modelfs").glob("*.json"):
-            r = json.loads(rec.read_text())
+            try:
+                r = json.loads(rec.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue   # another mount's record, gone (or half written) meanwhile
             if os.path.realpath(r["mountpoint"]) == os.path.realpath(self.mp) and r["pid"] == self.pid:
                 with socket.socket(socket.AF_UNIX) as s:
                     s.settimeout(timeout)
