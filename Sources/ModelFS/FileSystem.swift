@@ -495,15 +495,38 @@ public final class FileSystem: @unchecked Sendable {
         return bytes.count
     }
 
+    /// FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE (linux/falloc.h).
+    static let punchHole: Int32 = 0x02, zeroRange: Int32 = 0x10
+
+    /// Plain fallocate grows the file (its new bytes a hole: zero chunks, nothing stored);
+    /// KEEP_SIZE alone does nothing (space is taken when written); PUNCH_HOLE (with KEEP_SIZE,
+    /// as Linux requires) and ZERO_RANGE make the range read as zeros: they are written as
+    /// zeros, which the chunker cuts into zero chunks that deduplicate to a block each (the
+    /// range costs hashing, not space). Collapse and insert range: EOPNOTSUPP.
     public func fallocate(_ fh: FileHandleID, mode: Int32, offset: UInt64, length: UInt64, keepSizeFlag: Int32) throws {
         let h = try handle(fh)
         guard h.writable, let s = session(of: h.ino) else { throw FSError.badHandle("file is not open for writing") }
-        guard mode & ~keepSizeFlag == 0 else { throw FSError(EOPNOTSUPP, "only plain fallocate and FALLOC_FL_KEEP_SIZE are supported") }
-        if mode & keepSizeFlag != 0 { return }  // space is allocated when written
+        guard mode & ~(keepSizeFlag | Self.punchHole | Self.zeroRange) == 0 else {
+            throw FSError(EOPNOTSUPP, "fallocate: collapse and insert range are not supported (plain, KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE are)")
+        }
+        let keepSize = mode & keepSizeFlag != 0
         try FileSystem.checkSize(offset + length)
         s.lock.lock(); defer { s.lock.unlock() }
+        if mode & (Self.punchHole | Self.zeroRange) != 0 {
+            let end = keepSize ? min(offset + length, s.size) : offset + length
+            var at = offset
+            while at < end {
+                let n = Int(min(end - at, UInt64(FileSystem.zeros.count)))
+                try FileSystem.zeros.withUnsafeBytes { try s.write(at: at, UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+                at += UInt64(n)
+            }
+            return
+        }
+        if keepSize { return }  // space is allocated when written
         if offset + length > s.size { try s.truncate(to: offset + length) }
     }
+
+    private static let zeros = [UInt8](repeating: 0, count: 1 << 20)
 
     /// close(): commit the new version if the file changed (DESIGN.md §3).
     /// The flush of the last open handle is noted (`writing`): a writer on another node right

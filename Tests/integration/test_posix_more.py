@@ -18,6 +18,8 @@ from mfs import in_child, read_file, wait_until, write_file
 libc = ctypes.CDLL(None, use_errno=True)
 RENAME_EXCHANGE = 2
 FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_ZERO_RANGE = 0x10
 FALLOC_FL_PUNCH_HOLE = 2
 
 
@@ -100,12 +102,38 @@ def test_fallocate_modes(workdir):
         fallocate(fd, 0, 0, 1 << 20)
         assert os.fstat(fd).st_size == 1 << 20
         with pytest.raises(OSError) as e:
-            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096)
-        assert e.value.errno == errno.EOPNOTSUPP
+            fallocate(fd, FALLOC_FL_COLLAPSE_RANGE, 0, 4096)
+        assert e.value.errno in (errno.EOPNOTSUPP, errno.EINVAL)
     finally:
         os.close(fd)
     data = read_file(p)
     assert data[:3] == b"abc" and data[3:] == bytes((1 << 20) - 3)
+
+
+def test_punch_hole_and_zero_range(workdir, mnt):
+    p = workdir / "holes"
+    data = bytearray(os.urandom(6 << 20))
+    write_file(p, bytes(data))
+    fd = os.open(p, os.O_RDWR)
+    try:
+        # A hole punched in the middle (KEEP_SIZE, as Linux requires): zeros, size kept.
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (1 << 20) + 5, 2 << 20)
+        data[(1 << 20) + 5:(3 << 20) + 5] = bytes(2 << 20)
+        # A zero range that runs past the end with KEEP_SIZE: zeros up to the end, size kept.
+        fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, (5 << 20) + 100, 4 << 20)
+        data[(5 << 20) + 100:] = bytes(len(data) - (5 << 20) - 100)
+        assert os.fstat(fd).st_size == 6 << 20
+        # Without KEEP_SIZE it extends the file.
+        fallocate(fd, FALLOC_FL_ZERO_RANGE, 6 << 20, 4096)
+        data += bytes(4096)
+        assert os.fstat(fd).st_size == len(data)
+        assert os.pread(fd, 64, (1 << 20) + 5) == bytes(64)
+    finally:
+        os.close(fd)
+    assert read_file(p) == bytes(data)
+    # After a remount, from the committed version.
+    mnt.remount()
+    assert read_file(mnt.path("w") / "holes") == bytes(data)
 
 
 def current_umask() -> int:
