@@ -18,7 +18,6 @@ public final class Workers: Sendable {
         var head = 0
         var started = false
         var stopping = false
-        var idle = 0
     }
     private let state = Mutex(State())
     private let ready = DispatchSemaphore(value: 0)

@@ -99,19 +99,17 @@ public final class FuseServer: @unchecked Sendable {
     /// A name the kernel sent. Longer than 255 bytes is ENAMETOOLONG for every operation
     /// (lookup, unlink, rename, link … as ext4 answers), not only for the ones that create: the
     /// kernel leaves the check to the filesystem, and a lookup would otherwise say ENOENT.
-    static func name(_ p: UnsafePointer<CChar>?) throws -> String {
-        guard let p else { throw FSError.invalid("no file name") }
-        if strnlen(p, 256) > 255 { throw FSError(ENAMETOOLONG, "file name longer than 255 bytes") }
-        guard let s = String(validatingCString: p) else { throw FSError(EILSEQ, "file names must be UTF-8") }
-        return s
-    }
+    static func name(_ p: UnsafePointer<CChar>?) throws -> String { try text(p, atMost: 255, "file name") }
 
     /// A symlink's target: a path, not a name — any length up to PATH_MAX − 1 (4095 bytes; its
     /// components may be longer than a name, it is not looked up when the link is made).
-    static func symlinkTarget(_ p: UnsafePointer<CChar>?) throws -> String {
-        guard let p else { throw FSError.invalid("no symlink target") }
-        if strnlen(p, 4096) > 4095 { throw FSError(ENAMETOOLONG, "symlink target longer than 4095 bytes") }
-        guard let s = String(validatingCString: p) else { throw FSError(EILSEQ, "symlink targets must be UTF-8") }
+    static func symlinkTarget(_ p: UnsafePointer<CChar>?) throws -> String { try text(p, atMost: 4095, "symlink target") }
+
+    /// A C string from the kernel of at most `limit` bytes (else ENAMETOOLONG), in UTF-8 (else EILSEQ).
+    private static func text(_ p: UnsafePointer<CChar>?, atMost limit: Int, _ what: String) throws -> String {
+        guard let p else { throw FSError.invalid("no \(what)") }
+        if strnlen(p, limit + 1) > limit { throw FSError(ENAMETOOLONG, "\(what) longer than \(limit) bytes") }
+        guard let s = String(validatingCString: p) else { throw FSError(EILSEQ, "\(what)s must be UTF-8") }
         return s
     }
 
