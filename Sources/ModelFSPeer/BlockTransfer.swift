@@ -89,14 +89,20 @@ final class BlockTransfer: Sendable {
         try exchange("GET", path, address, .none, blockLimit: limit)
     }
 
+    /// POST `body` to `path` at `address`; a 200's body up to `limit` bytes arrives whole in
+    /// `buffer` (a short binary answer, such as `has`'s one byte per id).
+    func post(_ path: String, to address: String, _ body: Body, limit: Int) throws -> Response {
+        try exchange("POST", path, address, body, blockLimit: limit)
+    }
+
     /// PUT `body` to `path` at `address`; the answer's text is kept (no block is received).
     func put(_ path: String, to address: String, _ body: Body) throws -> Response {
         try exchange("PUT", path, address, body, blockLimit: nil)
     }
 
     /// A kept-alive connection the peer closed meanwhile fails before any answer arrives: the
-    /// request is sent again once on a new connection (a GET changes nothing; a PUT stores a
-    /// block under its own hash, so storing it twice is storing it once).
+    /// request is sent again once on a new connection (a GET or a `has` changes nothing; a PUT
+    /// stores a block under its own hash, so storing it twice is storing it once).
     private func exchange(_ method: String, _ path: String, _ address: String, _ body: Body, blockLimit: Int?) throws -> Response {
         acquireSlot(address)
         defer { releaseSlot(address) }

@@ -206,8 +206,27 @@ public final class PeerClient: Sendable {
     }
 
     /// Which of `ids` the node holds as replicas.
+    ///
+    /// Sent on a block connection, not through AsyncHTTPClient: a close() with K > 1 asks this of
+    /// its targets, and a kept-alive AsyncHTTPClient connection to a peer cut off silently waited
+    /// the whole 30 s request timeout (seen in the lab: a close() that should fail after
+    /// `--ack-timeout` 10 s took 41.7 s); a block connection notices a silent peer within
+    /// seconds (`BlockTransfer.detectSilentPeer`).
     public func has(_ ids: [BlockID], at node: NodeInfo) throws -> [Bool] {
-        try batch("has", ids, at: node).map { $0 == 1 }
+        if ids.isEmpty { return [] }
+        var body = [UInt8]()
+        body.reserveCapacity(ids.count * 32)
+        for id in ids { body += id.bytes }
+        let r = try busyRetried {
+            try reach(node) {
+                try body.withUnsafeBytes { bytes in
+                    try transfer.post("/v1/has", to: node.address, .memory(bytes), limit: ids.count)
+                }
+            }
+        }
+        let status = HTTPResponseStatus(statusCode: r.status)
+        guard status == .ok, let buffer = r.buffer, buffer.count == ids.count else { throw failure(node, "has", status, r.text) }
+        return (0..<ids.count).map { buffer.pointer.load(fromByteOffset: $0, as: UInt8.self) == 1 }
     }
 
     /// Has the node re-hash its replicas of `ids` (and repair corrupt ones): per id 0 no replica,
