@@ -152,5 +152,5 @@ public func validateName(_ name: String) throws {
     if name.isEmpty || name == "." || name == ".." || name.utf8.contains(UInt8(ascii: "/")) || name.utf8.contains(0) {
         throw FSError.invalid("invalid file name \"\(name)\"")
     }
-    if name.utf8.count > 255 { throw FSError(ENAMETOOLONG, "file name longer than 255 bytes") }
+    if RawName.byteCount(name) > 255 { throw FSError(ENAMETOOLONG, "file name longer than 255 bytes") }
 }

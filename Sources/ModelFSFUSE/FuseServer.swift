@@ -105,12 +105,13 @@ public final class FuseServer: @unchecked Sendable {
     /// components may be longer than a name, it is not looked up when the link is made).
     static func symlinkTarget(_ p: UnsafePointer<CChar>?) throws -> String { try text(p, atMost: 4095, "symlink target") }
 
-    /// A C string from the kernel of at most `limit` bytes (else ENAMETOOLONG), in UTF-8 (else EILSEQ).
+    /// A C string from the kernel of at most `limit` bytes (else ENAMETOOLONG): any bytes, as
+    /// `RawName` maps them to a string.
     private static func text(_ p: UnsafePointer<CChar>?, atMost limit: Int, _ what: String) throws -> String {
         guard let p else { throw FSError.invalid("no \(what)") }
-        if strnlen(p, limit + 1) > limit { throw FSError(ENAMETOOLONG, "\(what) longer than \(limit) bytes") }
-        guard let s = String(validatingCString: p) else { throw FSError(EILSEQ, "\(what)s must be UTF-8") }
-        return s
+        let n = strnlen(p, limit + 1)
+        if n > limit { throw FSError(ENAMETOOLONG, "\(what) longer than \(limit) bytes") }
+        return RawName.string(UnsafeBufferPointer(start: UnsafeRawPointer(p).assumingMemoryBound(to: UInt8.self), count: n))
     }
 
     func statOf(_ a: InodeAttributes) -> Glibc.stat {
@@ -191,7 +192,7 @@ public final class FuseServer: @unchecked Sendable {
     /// Drops the kernel's cached entry `name` in `parent` (from a watch thread).
     public func invalidateEntry(parent: UInt64, name: String) {
         guard let session else { return }
-        _ = name.withCString { fuse_lowlevel_notify_inval_entry(session, fuse_ino_t(parent), $0, strlen($0)) }
+        _ = RawName.withCString(name) { fuse_lowlevel_notify_inval_entry(session, fuse_ino_t(parent), $0, strlen($0)) }
     }
 
     func setOpenReply(_ fi: UnsafeMutablePointer<fuse_file_info>?, _ o: FileSystem.Opened) {

@@ -118,7 +118,7 @@ extension FuseServer {
             let s = FuseServer.server(req)
             do {
                 let target = try s.fs.readlink(ino(i))
-                fuse_reply_readlink(req, target)
+                RawName.withCString(target) { _ = fuse_reply_readlink(req, $0) }
             } catch { fuse_reply_err(req, errnoFor(error, op: "readlink")) }
         }
 
@@ -265,7 +265,7 @@ extension FuseServer {
                     var st = Glibc.stat()
                     st.st_ino = ino_t(e.ino.rawValue)
                     st.st_mode = mode_t(e.kind.modeBits)
-                    let n = fuse_add_direntry(req, buffer + used, size - used, e.name, &st, off_t(e.cookie))
+                    let n = RawName.withCString(e.name) { fuse_add_direntry(req, buffer + used, size - used, $0, &st, off_t(e.cookie)) }
                     if n > size - used { break }
                     used += n
                 }
@@ -294,7 +294,7 @@ extension FuseServer {
                     } else {
                         continue   // removed since the page was read
                     }
-                    let n = fuse_add_direntry_plus(req, buffer + used, size - used, d.name, &e, off_t(d.cookie))
+                    let n = RawName.withCString(d.name) { fuse_add_direntry_plus(req, buffer + used, size - used, $0, &e, off_t(d.cookie)) }
                     if n > size - used { break }
                     used += n
                     if let attrs { s.fs.tookLookup(attrs, parent: dir) }
@@ -348,7 +348,7 @@ extension FuseServer {
             let s = FuseServer.server(req)
             do {
                 var d = Data()
-                for n in try s.fs.listxattr(ino(i)) { d.append(contentsOf: Array(n.utf8)); d.append(0) }
+                for n in try s.fs.listxattr(ino(i)) { d.append(contentsOf: RawName.bytes(n)); d.append(0) }
                 s.replyData(req, size: size, d)
             } catch { fuse_reply_err(req, errnoFor(error, op: "listxattr")) }
         }

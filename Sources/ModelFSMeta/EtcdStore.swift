@@ -32,7 +32,9 @@ import Synchronization
 ///                  made, as JSON; n/stats/_base those of a namespace made before counters were
 ///                  kept (one scan, once). statfs and status sum n/stats/: no scan of i/
 ///   nodes/ID       live nodes, under their leases (ModelFSPeer.Membership)
-/// Values and names are raw bytes; etcd limits a request to 1.5 MiB, which bounds a manifest
+/// NAME in e/ and x/ is the name's `RawName` string in UTF-8: the kernel's bytes when they are
+/// valid UTF-8, each other byte (and each character of U+10FF00…U+10FFFF) as U+10FF00 + byte.
+/// Values are raw bytes; etcd limits a request to 1.5 MiB, which bounds a manifest
 /// kept in etcd (455 chunks inline, far below) and an xattr value (64 KiB, the kernel's limit).
 public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendable {
     public let client: EtcdClient

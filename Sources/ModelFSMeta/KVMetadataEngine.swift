@@ -58,7 +58,7 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
             let ino = try tx.allocateInode()
             let isDir = new.kind == .directory
             let attrs = InodeAttributes(ino: ino, kind: new.kind, mode: new.mode & 0o7777, uid: new.uid, gid: new.gid,
-                                        nlink: isDir ? 2 : 1, size: UInt64(new.target?.utf8.count ?? 0),
+                                        nlink: isDir ? 2 : 1, size: UInt64(new.target.map(RawName.byteCount) ?? 0),
                                         atime: new.now, mtime: new.now, ctime: new.now, version: 0,
                                         rdev: new.kind == .charDevice || new.kind == .blockDevice ? new.rdev : 0)
             try tx.putInode(InodeRecord(attrs: attrs, parent: isDir ? parent : nil, target: new.target))
@@ -318,7 +318,7 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
     }
 
     public func setxattr(_ ino: InodeNumber, name: String, value: Data, mode: XattrSetMode) throws {
-        guard !name.isEmpty, name.utf8.count <= 255 else { throw FSError(ERANGE, "xattr name must be 1–255 bytes") }
+        guard !name.isEmpty, RawName.byteCount(name) <= 255 else { throw FSError(ERANGE, "xattr name must be 1–255 bytes") }
         guard value.count <= 64 << 10 else { throw FSError(E2BIG, "xattr value larger than 64 KiB") }
         try store.write { tx in
             var r = try require(tx, ino)

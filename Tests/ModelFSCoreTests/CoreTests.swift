@@ -251,3 +251,31 @@ import ModelFSTestSupport
         #expect(more.withLock { $0 }.sorted() == Array(0..<1000))
     }
 }
+
+@Suite struct RawNameTests {
+    @Test(arguments: [
+        Array("model.safetensors".utf8), Array("日本語.pt".utf8), [0x63, 0x61, 0x66, 0xE9],   // "café" in Latin-1
+        [0xFF, 0xFE], [0xC3], [0xE2, 0x82], [0xED, 0xA0, 0x80],   // a lone lead, a cut sequence, a UTF-8 surrogate
+        [0xC0, 0xAF], [0xF4, 0x90, 0x80, 0x80],                     // overlong, beyond U+10FFFF
+        Array("\u{10FF41}x".utf8), [0xF4, 0x8F, 0xBF, 0xBF],       // valid characters of the escape range
+        Array(0x01...0xFF).filter { $0 != 0x2F },
+    ] as [[UInt8]])
+    func bytesRoundTrip(_ bytes: [UInt8]) {
+        let s = RawName.string(bytes)
+        #expect(RawName.bytes(s) == bytes)
+        #expect(RawName.byteCount(s) == bytes.count)
+        RawName.withCString(s) { p in #expect(strlen(p) == bytes.count) }
+    }
+
+    @Test func validUTF8IsTheStringItSpells() {
+        #expect(RawName.string(Array("日本語.pt".utf8)) == "日本語.pt")
+        #expect(RawName.string([0x63, 0x61, 0x66, 0xE9]) == "caf\u{10FFE9}")
+    }
+
+    @Test func distinctBytesAreDistinctStrings() {
+        // A valid character of the escape range and the bytes it would stand for differ.
+        let a = RawName.string(Array("\u{10FF41}".utf8)), b = RawName.string([0x41])
+        #expect(a != b)
+        #expect(RawName.string([0xE9]) != RawName.string(Array("\u{10FFE9}".utf8)))
+    }
+}

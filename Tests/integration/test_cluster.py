@@ -77,6 +77,25 @@ def test_write_on_one_node_read_on_the_others(make_nodes):
     assert st["pendingJobs"] == 0 and st["pendingBytes"] == 0
 
 
+def test_byte_names_made_on_one_node_are_seen_on_another(make_nodes):
+    """Names that are not UTF-8 go through etcd's keys (in the escaped form RawName defines) and
+    come out as the same bytes on the other node."""
+    a, b = make_nodes(2, replicas=2, ack=1)
+    names = [b"caf\xe9", b"\xff\xfe", "\U0010ff41".encode(), b"ok"]
+    d = os.fsencode(str(a.mp)) + b"/bytes\xa0"
+    os.mkdir(d)
+    for i, n in enumerate(names):
+        write_file(d + b"/" + n, b"%d" % i)
+    other = os.fsencode(str(b.mp)) + b"/bytes\xa0"
+    wait_until(lambda: os.path.isdir(other) and sorted(os.listdir(other)) == sorted(names), 20, interval=0.2,
+               what="the byte names on the other node")
+    for i, n in enumerate(names):
+        assert read_file(other + b"/" + n) == b"%d" % i, n
+    os.rename(other + b"/\xff\xfe", other + b"/\xfe")
+    wait_until(lambda: sorted(os.listdir(d)) == sorted([b"caf\xe9", b"\xfe", "\U0010ff41".encode(), b"ok"]), 20,
+               interval=0.2, what="the rename to show on the first node")
+
+
 def test_special_files_made_on_one_node_are_seen_on_another(make_nodes):
     import socket
     import stat

@@ -96,9 +96,6 @@ CPYTHON_TESTS = ["test_os", "test_shutil", "test_tempfile", "test_zipfile", "tes
                  "test_posixpath", "test_stat", "test_dbm", "test_compileall"]
 # test ids excluded from the run (glob patterns for `python -m test --ignorefile`) -> reason
 CPYTHON_EXCLUDED = {
-    "test.test_os.Pep383Tests.*": "non-UTF-8 file names: modelfs stores UTF-8 names only (EILSEQ, docs/SEMANTICS.md)",
-    "test.test_posixpath.PosixCommonTest.test_nonascii_abspath":
-        "non-UTF-8 file names: modelfs stores UTF-8 names only (EILSEQ)",
     "test.test_compileall.HardlinkDedupTests*.test_import":
         "fails the same way in a plain local directory on this machine (opt-1.pyc stays hard-linked after "
         "`python -O -c 'import module'`): not a filesystem matter",

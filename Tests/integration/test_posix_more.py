@@ -210,11 +210,50 @@ def test_device_nodes_open_on_a_mount_with_dev(mount_factory):
         assert f.read(4096) == bytes(4096)
 
 
-def test_non_utf8_names_are_refused_clearly(workdir):
-    bad = os.fsencode(str(workdir)) + b"/\xff\xfe"
+# Names the kernel may send that are not UTF-8 (Latin-1, a cut sequence, a UTF-8 surrogate, an
+# overlong slash), and valid names made of the characters modelfs uses to escape such bytes.
+BYTE_NAMES = [b"caf\xe9", b"\xff\xfe", b"\xe2\x82", b"\xed\xa0\x80.pt", b"\xc0\xaf",
+              "\U0010ff41x".encode(), b"\xf4\x8f\xbf\xbf", bytes(range(1, 47)) + bytes(range(48, 128)),
+              bytes(range(128, 256)), b"\xff" * 255]
+
+
+def test_names_are_bytes(workdir, mnt):
+    """Any byte but "/" and NUL, up to 255 bytes, on every path: create, lookup, readdir,
+    rename, link, symlink (name and target), xattr names, unlink; kept through a remount."""
+    d = os.fsencode(str(workdir))
+    for i, name in enumerate(BYTE_NAMES):
+        write_file(d + b"/" + name, b"%d" % i)
+    assert set(os.listdir(d)) >= set(BYTE_NAMES)
+    for i, name in enumerate(BYTE_NAMES):
+        assert read_file(d + b"/" + name) == b"%d" % i, name
+        assert os.stat(d + b"/" + name).st_size == len(b"%d" % i)
+    # The escape characters and the bytes they stand for are different names.
+    assert b"A" + b"x" not in os.listdir(d)
+    os.mkdir(d + b"/dir\x80")
+    os.rename(d + b"/caf\xe9", d + b"/dir\x80/caf\xc3\xa9")   # Latin-1 to UTF-8
+    assert os.listdir(d + b"/dir\x80") == [b"caf\xc3\xa9"]
+    assert os.listdir(d + b"/dir\x80") == [b"caf\xc3\xa9"]
+    os.link(d + b"/\xff\xfe", d + b"/dir\x80/\xfe\xff")
+    assert os.stat(d + b"/dir\x80/\xfe\xff").st_nlink == 2
+    target = b"../\xff\xfe/\x80" * 10
+    os.symlink(target, d + b"/ln\x81")
+    assert os.readlink(d + b"/ln\x81") == target
+    assert os.lstat(d + b"/ln\x81").st_size == len(target)
+    os.setxattr(d + b"/\xff\xfe", b"user.\xe9t\xe9", b"\x00\xff")
+    assert b"user.\xe9t\xe9" in map(os.fsencode, os.listxattr(d + b"/\xff\xfe"))
+    assert os.getxattr(d + b"/\xff\xfe", b"user.\xe9t\xe9") == b"\x00\xff"
+    # 255 bytes is the limit in bytes, whatever they are.
     with pytest.raises(OSError) as e:
-        os.open(bad, os.O_CREAT | os.O_WRONLY, 0o644)
-    assert e.value.errno == errno.EILSEQ
+        write_file(d + b"/" + b"\xff" * 256, b"")
+    assert e.value.errno == errno.ENAMETOOLONG
+    mnt.remount()
+    assert set(os.listdir(d)) >= set(BYTE_NAMES[1:]) | {b"dir\x80", b"ln\x81"}
+    assert read_file(d + b"/dir\x80/caf\xc3\xa9") == b"0"
+    assert os.readlink(d + b"/ln\x81") == target
+    for name in BYTE_NAMES[1:]:
+        os.unlink(d + b"/" + name)
+    assert b"\xff\xfe" not in os.listdir(d)
+    assert read_file(d + b"/dir\x80/\xfe\xff") == b"1"
 
 
 def test_other_user_cannot_chown_or_chmod_foreign_file(workdir):
