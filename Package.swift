@@ -43,7 +43,9 @@ let package = Package(
             ]
         ),
         .target(name: "ModelFS", dependencies: ["ModelFSCore", "ModelFSStore", "ModelFSMeta"]),
-        .target(name: "ModelFSFUSE", dependencies: ["CFuse3", "ModelFS"]),
+        // libfuse 3.14's /dev/fuse hooks that turn FUSE passthrough on (see its header).
+        .target(name: "CModelFSPassthrough"),
+        .target(name: "ModelFSFUSE", dependencies: ["CFuse3", "CModelFSPassthrough", "ModelFS"]),
         // Peers: the HTTP server and client, placement, membership, replication (DESIGN.md §5).
         .target(
             name: "ModelFSPeer",

@@ -104,10 +104,15 @@ public final class FileSystem: @unchecked Sendable {
     /// Keeps other nodes from writing a file this node writes (a cluster node).
     public var writerLock: (any WriterLock)?
 
-    public init(meta: any MetadataEngine, store: any BlockStore, options: FileSystemOptions) throws {
+    /// Flat copies of versions read here, for FUSE passthrough (nil: none are made).
+    public let flatCopies: FlatCopies?
+
+    public init(meta: any MetadataEngine, store: any BlockStore, options: FileSystemOptions,
+                flatCopies: FlatCopies? = nil) throws {
         self.meta = meta
         self.store = store
         self.options = options
+        self.flatCopies = flatCopies
         reader = BlockReader(store: store, cache: BlockCache(budget: options.blockCacheBytes))
         // Inodes unlinked while open when we last stopped: nobody can reach them any more.
         for ino in try meta.orphans() { try meta.deleteInode(ino) }
@@ -403,7 +408,7 @@ public final class FileSystem: @unchecked Sendable {
             }
             let fresh = flags.writable && !hasSession ? try makeSession(ino, epoch: epoch) : nil
             let view = !flags.writable && !hasSession && !hasView
-                ? ReadView(manifest: try loadManifest(ino), size: attrs.size, version: attrs.version) : nil
+                ? ReadView(manifest: try loadManifest(ino), size: attrs.size, version: attrs.version, keyed: flatCopies != nil) : nil
             let installed: (UInt64, Bool, WriteSession?)? = tables.withLock { t in
                 let l = t.live[ino] ?? { let n = Live(); t.live[ino] = n; return n }()
                 if flags.writable && l.session == nil && fresh == nil { return nil }
@@ -460,6 +465,21 @@ public final class FileSystem: @unchecked Sendable {
         }
         guard let v else { throw FSError.badHandle() }
         return try v.slices(at: offset, count: count, reader: reader)
+    }
+
+    /// The flat copy of the version a read-only handle reads, pinned (`flatCopies.unpin(key)`
+    /// when done with it), if one is in place; else nil, and one is built in the background.
+    /// nil too for a handle that reads through a write session (this node is writing the file).
+    public func flatCopy(for fh: FileHandleID) -> (key: String, path: String)? {
+        guard let flatCopies else { return nil }
+        let view = tables.withLock { t -> ReadView? in
+            guard let h = t.handles[fh.rawValue], !h.writable, let l = t.live[h.ino], l.session == nil else { return nil }
+            return l.view
+        }
+        guard let view, let key = view.flatKey else { return nil }
+        let reader = self.reader
+        guard let path = flatCopies.take(key, size: view.size, build: { fd in try view.write(to: fd, reader: reader) }) else { return nil }
+        return (key, path)
     }
 
     public func read(_ fh: FileHandleID, at offset: UInt64, count: Int, into dst: UnsafeMutableRawPointer) throws -> Int {
@@ -807,10 +827,31 @@ final class ReadView: @unchecked Sendable {
     let chunks: ChunkList
     let size: UInt64
     let version: UInt64
-    init(manifest: Manifest, size: UInt64, version: UInt64) {
+    /// The content name of its flat copy (`FlatCopies.key`), when flat copies are kept.
+    let flatKey: String?
+    init(manifest: Manifest, size: UInt64, version: UInt64, keyed: Bool = false) {
         chunks = ChunkList(manifest)
         self.size = size
         self.version = version
+        flatKey = keyed ? FlatCopies.key(manifest, size: size) : nil
+    }
+
+    /// Writes the whole version to `fd` from offset 0 (a flat copy), 4 MiB at a time.
+    func write(to fd: Int32, reader: BlockReader) throws {
+        var offset: UInt64 = 0
+        while offset < size {
+            for slice in try slices(at: offset, count: 4 << 20, reader: reader) {
+                try slice.buffer.withUnsafeBytes { raw in
+                    var done = 0
+                    while done < slice.count {
+                        let n = pwrite(fd, raw.baseAddress! + slice.offset + done, slice.count - done, off_t(offset))
+                        guard n > 0 else { throw FSError(errno == 0 ? EIO : errno, "writing a flat copy") }
+                        done += n
+                        offset += UInt64(n)
+                    }
+                }
+            }
+        }
     }
 
     func slices(at offset: UInt64, count: Int, reader: BlockReader) throws -> [ReadSlice] {

@@ -1,8 +1,10 @@
 import CFuse3
+import CModelFSPassthrough
 import Foundation
 import ModelFS
 import ModelFSCore
 import ModelFSMeta
+import Synchronization
 
 /// The thin adapter between libfuse's low-level API and `FileSystem`: each callback decodes its
 /// arguments, calls the filesystem, and turns the result into a reply or an errno (Errno.swift).
@@ -29,9 +31,14 @@ public final class FuseServer: @unchecked Sendable {
     /// than the kernel's heuristic.
     let alwaysReaddirPlus: Bool
     private var session: OpaquePointer?
+    /// Read-only opens pass through to flat copies (`fs.flatCopies`), once the kernel agreed.
+    let passthroughWanted: Bool
+    private let passthrough = Mutex<PassthroughOpens?>(nil)
 
     public init(fs: FileSystem, dataDir: String, entryTimeout: Double = 60, attrTimeout: Double = 60,
-                negativeTimeout: Double = 0, writebackCache: Bool = false, alwaysReaddirPlus: Bool = false) {
+                negativeTimeout: Double = 0, writebackCache: Bool = false, alwaysReaddirPlus: Bool = false,
+                passthrough: Bool = false) {
+        passthroughWanted = passthrough && fs.flatCopies != nil && !writebackCache
         self.fs = fs
         self.dataDir = dataDir
         self.entryTimeout = entryTimeout
@@ -61,6 +68,19 @@ public final class FuseServer: @unchecked Sendable {
             throw FSError.io("cannot mount \(mountpoint) (see the libfuse message above)")
         }
         defer { fuse_session_unmount(se) }
+        if passthroughWanted, let flat = fs.flatCopies {
+            // Our read and writev for /dev/fuse: they agree to passthrough in the INIT reply and
+            // put backing ids in OPEN replies (CModelFSPassthrough).
+            var io = fuse_custom_io(writev: modelfs_pt_writev, read: modelfs_pt_read, splice_receive: nil, splice_send: nil)
+            modelfs_pt_enable(1)
+            let fd = fuse_session_fd(se)
+            if fuse_session_custom_io(se, &io, fd) == 0 {
+                passthrough.withLock { $0 = PassthroughOpens(sessionFD: fd, flat: flat) }
+            } else {
+                modelfs_pt_enable(0)
+                Log.warning("passthrough off: libfuse did not take the /dev/fuse hooks")
+            }
+        }
         // Wait for the mount to answer on another thread (this one is about to serve it).
         Thread.detachNewThread { [mountpoint] in
             var st = Glibc.stat()
@@ -195,14 +215,40 @@ public final class FuseServer: @unchecked Sendable {
         _ = RawName.withCString(name) { fuse_lowlevel_notify_inval_entry(session, fuse_ino_t(parent), $0, strlen($0)) }
     }
 
-    func setOpenReply(_ fi: UnsafeMutablePointer<fuse_file_info>?, _ o: FileSystem.Opened) {
+    func setOpenReply(_ fi: UnsafeMutablePointer<fuse_file_info>?, _ o: FileSystem.Opened, ino: UInt64? = nil) {
         guard let fi else { return }
         fi.pointee.fh = o.handle.rawValue
+        var direct = o.direct
+        if let ino, let pt = passthroughOpens {
+            let writable = (fi.pointee.flags & O_ACCMODE) != O_RDONLY
+            if let id = pt.open(ino: ino, fh: o.handle.rawValue, writable: writable, direct: &direct, fs: fs) {
+                // The kernel reads this handle from the flat copy (or, with direct_io, only maps
+                // it): the reply carries its backing id (the writev hook puts it in), and no
+                // keep_cache (with passthrough it fails the open).
+                modelfs_pt_mark(o.handle.rawValue, id)
+                modelfs_fi_set_keep_cache(fi, 0)
+                modelfs_fi_set_direct_io(fi, direct ? 1 : 0)
+                return
+            }
+        }
         // keep_cache: the kernel's cached pages are still this version, keep them.
         modelfs_fi_set_keep_cache(fi, o.keepCache ? 1 : 0)
         // direct_io only for write-only opens (FileSystem.open): mmap (MAP_SHARED too) needs the
-        // page cache, and a write-only descriptor cannot be mapped.
-        modelfs_fi_set_direct_io(fi, o.direct ? 1 : 0)
+        // page cache, and a write-only descriptor cannot be mapped. Also for an open that must
+        // not use the page cache while the inode passes through (PassthroughOpens).
+        modelfs_fi_set_direct_io(fi, direct ? 1 : 0)
+    }
+
+    /// Set once the mount runs with passthrough hooks; opens pass through once the kernel agreed.
+    var passthroughOpens: PassthroughOpens? {
+        guard modelfs_pt_negotiated() != 0 else { return nil }
+        return passthrough.withLock { $0 }
+    }
+
+    /// Whether read-only opens may pass through (the kernel agreed at INIT), and how many did.
+    public var passthroughStatus: (on: Bool, offered: Bool, opens: UInt64) {
+        let pt = passthroughOpens
+        return (pt != nil, modelfs_pt_offered() != 0, pt?.passedThrough ?? 0)
     }
 
     /// The kernel computes append offsets itself: drop O_APPEND. With the writeback cache it may

@@ -173,7 +173,7 @@ extension FuseServer {
             do {
                 let opened = try s.fs.open(ino(i), flags: s.adjustedFlags(fi))
                 if opened.staleAttributes { s.invalidateAttributes(i) }
-                s.setOpenReply(fi, opened)
+                s.setOpenReply(fi, opened, ino: UInt64(i))
                 fuse_reply_open(req, fi)
             } catch { fuse_reply_err(req, errnoFor(error, op: "open")) }
         }
@@ -183,7 +183,7 @@ extension FuseServer {
             do {
                 let (attrs, opened) = try s.fs.create(parent: ino(parent), name: try FuseServer.name(name), mode: UInt32(mode),
                                                       flags: s.adjustedFlags(fi), context: FuseServer.context(req))
-                s.setOpenReply(fi, opened)
+                s.setOpenReply(fi, opened, ino: attrs.ino.rawValue)
                 var e = s.entry(attrs)
                 fuse_reply_create(req, &e, fi)
             } catch { fuse_reply_err(req, errnoFor(error, op: "create")) }
@@ -227,6 +227,7 @@ extension FuseServer {
 
         ops.release = { req, _, fi in
             let s = FuseServer.server(req)
+            s.passthroughOpens?.release(fh: fh(fi).rawValue)
             s.replyOK(req, "release") { try s.fs.release(fh(fi)) }
         }
 

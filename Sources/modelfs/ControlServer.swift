@@ -37,6 +37,20 @@ struct MountStatus: Codable {
     /// This node's garbage collection: passes, manifests read, blocks removed (absent from an
     /// older daemon).
     var gc: GarbageCollector.Stats?
+    /// Reads through FUSE passthrough (absent when the mount was made without --passthrough).
+    var passthrough: PassthroughStatus?
+}
+
+struct PassthroughStatus: Codable, Sendable {
+    /// The kernel agreed at INIT: read-only opens may pass through to flat copies.
+    var on: Bool
+    /// The kernel offered passthrough (6.9 and later, built with it).
+    var offered: Bool
+    /// Read-only opens that passed through since the mount.
+    var opens: UInt64
+    /// The flat copies (bytes, count, hits, misses, built, evicted, failed) and their budget.
+    var flat: FlatCopies.Stats
+    var flatBudget: UInt64
 }
 
 /// Waits until the given inodes (all, if nil) are replicated, reporting progress; false on timeout.

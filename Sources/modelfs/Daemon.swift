@@ -17,10 +17,14 @@ struct Daemon {
     let fuseOptions: [String]
     let readyFD: Int32?
     let cluster: ClusterOptions?
+    /// --passthrough: the flat copies' byte budget (nil: no passthrough).
+    let flatBudget: UInt64?
 
-    init(mountpoint: String, dataDir: String, meta: String, fuseOptions: [String], readyFD: Int32?, cluster: ClusterOptions?) {
+    init(mountpoint: String, dataDir: String, meta: String, fuseOptions: [String], readyFD: Int32?, cluster: ClusterOptions?,
+         flatBudget: UInt64? = nil) {
         self.mountpoint = mountpoint; self.dataDir = dataDir; self.meta = meta
         self.fuseOptions = fuseOptions; self.readyFD = readyFD; self.cluster = cluster
+        self.flatBudget = flatBudget
     }
 
     func run() throws {
@@ -73,7 +77,8 @@ struct Daemon {
             let dbDir = (String(meta.dropFirst("sqlite:".count)) as NSString).deletingLastPathComponent
             fsOptions.metadataOnStoreFilesystem = stat(dbDir, &st) == 0 && UInt64(st.st_dev) == store.device
         }
-        let fs = try FileSystem(meta: engine, store: node?.blocks ?? store, options: fsOptions)
+        let flat = try flatBudget.map { try FlatCopies(directory: dataDir + "/flat", budget: $0) }
+        let fs = try FileSystem(meta: engine, store: node?.blocks ?? store, options: fsOptions, flatCopies: flat)
         fs.replication = node?.replicator
         fs.writerLock = node?.writerLock
         node?.attach(fs)
@@ -95,10 +100,15 @@ struct Daemon {
 
         let record = MountRecord(mountpoint: mountpoint, dataDir: dataDir, meta: meta, pid: getpid(),
                                  socket: Registry.socketPath(mountpoint))
+        let served = Shared<FuseServer?>(nil)
         let control = ControlServer(path: record.socket, status: { [dataDir, meta, mountpoint] in
             var s = try Daemon.status(fs: fs, store: store, mountpoint: mountpoint, dataDir: dataDir, meta: meta)
             s.cluster = node?.status()
             s.gc = gc.stats
+            if let flat, let server = served.get() {
+                let p = server.passthroughStatus
+                s.passthrough = PassthroughStatus(on: p.on, offered: p.offered, opens: p.opens, flat: flat.stats, flatBudget: flat.budget)
+            }
             return s
         }, sync: node.map { n -> SyncHandler in
             { @Sendable inodes, timeout, progress in
@@ -111,7 +121,8 @@ struct Daemon {
         let timeout = node == nil ? 60.0 : 1.0
         let server = FuseServer(fs: fs, dataDir: dataDir, entryTimeout: timeout, attrTimeout: timeout,
                                 negativeTimeout: node == nil ? timeout : 0, writebackCache: mountOptions.writebackCache,
-                                alwaysReaddirPlus: node != nil)
+                                alwaysReaddirPlus: node != nil, passthrough: flat != nil)
+        served.set(server)
         try node?.start()
         if let node {
             let me = node.id

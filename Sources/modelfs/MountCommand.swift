@@ -31,6 +31,12 @@ struct MountCommand: ParsableCommand {
     @Option(name: .short, help: "Extra FUSE mount options, comma-separated (e.g. -o ro). -o writeback_cache (one node only) turns on the kernel's writeback cache: faster for many small writes, slower for large sequential ones.")
     var o: [String] = []
 
+    @Flag(help: "Read-only opens pass straight through to a flat copy of the file (kernel 6.9+): reads and mmap at local-disk speed, without the daemon. Off by default.")
+    var passthrough = false
+
+    @Option(help: "Byte budget of the flat copies --passthrough reads from (under DATA/flat), least recently used evicted.")
+    var flatSize: String = "10G"
+
     @Option(help: .hidden)
     var readyFd: Int32?
 
@@ -48,7 +54,8 @@ struct MountCommand: ParsableCommand {
         if foreground {
             do {
                 try Daemon(mountpoint: mp, dataDir: dataDir, meta: metaURL, fuseOptions: o, readyFD: readyFd,
-                           cluster: metaURL.hasPrefix("etcd://") ? cluster : nil).run()
+                           cluster: metaURL.hasPrefix("etcd://") ? cluster : nil,
+                           flatBudget: passthrough ? parseSize(flatSize) : nil).run()
             } catch let e as FSError {
                 report(e.message)
                 throw fail(e.message)
@@ -88,6 +95,10 @@ struct MountCommand: ParsableCommand {
         if getuid() != 0 && !FileManager.default.isExecutableFile(atPath: "/usr/bin/fusermount3")
             && !FileManager.default.isExecutableFile(atPath: "/bin/fusermount3") {
             return "fusermount3 is missing; install it with: sudo apt-get install fuse3"
+        }
+        if parseSize(flatSize) == nil { return "--flat-size \(flatSize): expected a size such as 512M or 10G" }
+        if passthrough && MountOptions(o).writebackCache {
+            return "--passthrough and -o writeback_cache do not go together: the kernel turns passthrough off with the writeback cache; drop one"
         }
         if meta.hasPrefix("etcd://") && MountOptions(o).writebackCache {
             return "-o writeback_cache is for a single node: with it the kernel keeps its own file sizes and would miss other nodes' writes; drop it"
@@ -140,6 +151,7 @@ struct MountCommand: ParsableCommand {
         let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
         var args = [exe, "mount", mp, "--data", dataDir, "--meta", meta, "-f", "--ready-fd", String(fds[1])]
         for opt in o { args += ["-o", opt] }
+        if passthrough { args += ["--passthrough", "--flat-size", flatSize] }
         if meta.hasPrefix("etcd://") { args += cluster.arguments }
         let logPath = dataDir + "/modelfs.log"
 

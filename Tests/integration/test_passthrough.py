@@ -1,0 +1,170 @@
+"""Reads through FUSE passthrough (`modelfs mount --passthrough`): read-only opens pass straight
+to a flat copy of the version they read, which the daemon builds from verified blocks after the
+first open that finds none (docs/ARCHITECTURE.md "Reads through passthrough")."""
+from __future__ import annotations
+
+import mmap
+import os
+
+import pytest
+
+from mfs import read_file, run, wait_until, write_file
+
+MiB = 1 << 20
+
+
+def passthrough(m) -> dict:
+    p = m.status().get("passthrough")
+    assert p is not None, "status has no passthrough section on a --passthrough mount"
+    return p
+
+
+def flat_copy_of(m, path, before: int):
+    """Opens `path` read-only (a miss asks for a copy) until the copy is built. One open may not
+    ask: the kernel sends a writer's RELEASE asynchronously, so an open right after close() can
+    still find the write session, and reads through it."""
+    def built():
+        with open(path, "rb") as f:
+            f.read(1)
+        return passthrough(m)["flat"]["built"] > before
+    wait_until(built, 60, interval=0.1, what="the flat copy to be built")
+
+
+@pytest.fixture
+def pt(mount_factory):
+    m = mount_factory(extra_args=["--passthrough"])
+    p = passthrough(m)
+    if not p["offered"]:
+        pytest.skip("this kernel does not offer FUSE passthrough (6.9 and later)")
+    assert p["on"], p
+    return m
+
+
+def test_reads_and_maps_pass_through_to_a_verified_flat_copy(pt):
+    data = os.urandom(32 * MiB + 12345)
+    write_file(pt.path("model.bin"), data)
+    flat_copy_of(pt, pt.path("model.bin"), 0)
+    p0 = passthrough(pt)
+    assert p0["flat"]["copies"] == 1 and p0["flat"]["bytes"] == len(data), p0
+    # The copy is a plain file named by the content, holding exactly the version's bytes.
+    copies = [c for c in os.listdir(pt.data / "flat") if not c.startswith(".")]
+    assert len(copies) == 1 and (pt.data / "flat" / copies[0]).read_bytes() == data
+    assert read_file(pt.path("model.bin")) == data
+    with open(pt.path("model.bin"), "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        assert m[:] == data
+        assert m[len(data) - 7:] == data[-7:]
+        m.close()
+        f.seek(20 * MiB)
+        assert f.read(5) == data[20 * MiB:20 * MiB + 5]
+    p1 = passthrough(pt)
+    assert p1["opens"] >= p0["opens"] + 2 and p1["flat"]["hits"] >= p0["flat"]["hits"] + 2, (p0, p1)
+    # A file with the same bytes shares the copy.
+    write_file(pt.path("same.bin"), data)
+    assert read_file(pt.path("same.bin")) == data
+    assert passthrough(pt)["flat"]["copies"] == 1
+    # Through a remount the copy is still there and used.
+    pt.remount()
+    before = passthrough(pt)["opens"]
+    assert read_file(pt.path("model.bin")) == data
+    assert passthrough(pt)["opens"] == before + 1
+
+
+def test_a_new_version_written_while_a_reader_passes_through(pt):
+    """A reader holding the old version keeps it; a writer (and readers of the new version
+    meanwhile) go through the daemon; once they all close, the new version passes through."""
+    p = pt.path("ckpt.pt")
+    old = os.urandom(8 * MiB)
+    write_file(p, old)
+    flat_copy_of(pt, p, 0)
+    a = open(p, "rb")
+    try:
+        assert a.read(4096) == old[:4096]
+        new = os.urandom(5 * MiB)
+        write_file(p, new)                   # O_WRONLY|O_TRUNC on an inode that passes through
+        with open(p, "rb") as b:
+            assert b.read() == new
+        with open(p, "r+b") as rw:           # an in-place update too
+            rw.seek(100)
+            rw.write(b"patched")
+        new = new[:100] + b"patched" + new[107:]
+        assert read_file(p) == new
+        a.seek(8 * MiB - 10)
+        assert a.read() == old[-10:], "the reader opened before the writes keeps its version"
+    finally:
+        a.close()
+    built = passthrough(pt)["flat"]["built"]
+    flat_copy_of(pt, p, built)
+    opens = passthrough(pt)["opens"]
+    with open(p, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        assert m[:] == new
+        m.close()
+    assert passthrough(pt)["opens"] == opens + 1
+
+
+def test_a_page_cache_reader_keeps_new_opens_off_passthrough(pt):
+    p = pt.path("shared.bin")
+    data = os.urandom(4 * MiB)
+    write_file(p, data)
+    flat_copy_of(pt, p, 0)
+    os.unlink(pt.data / "flat" / next(c for c in os.listdir(pt.data / "flat") if not c.startswith(".")))
+    pt.remount()                              # the copy is gone: the next open is a miss
+    with open(p, "rb") as cached:            # the miss: a page-cache open, and a build
+        wait_until(lambda: passthrough(pt)["flat"]["built"] >= 1, 60, interval=0.1, what="the flat copy")
+        opens = passthrough(pt)["opens"]
+        with open(p, "rb") as second:         # the kernel forbids mixing: this one is cached too
+            assert second.read() == data
+        assert cached.read() == data
+        assert passthrough(pt)["opens"] == opens
+    assert read_file(p) == data
+    assert passthrough(pt)["opens"] == opens + 1
+
+
+def test_flat_copies_keep_to_their_budget(mount_factory):
+    m = mount_factory(extra_args=["--passthrough", "--flat-size", "5M"])
+    if not passthrough(m)["offered"]:
+        pytest.skip("this kernel does not offer FUSE passthrough")
+    files = {f"f{i}": os.urandom(2 * MiB + i) for i in range(5)}
+    for name, data in files.items():
+        write_file(m.path(name), data)
+    for built, name in enumerate(files):
+        flat_copy_of(m, m.path(name), built)
+        p = passthrough(m)
+        assert p["flat"]["bytes"] <= 5 * MiB, p
+    p = passthrough(m)
+    assert p["flat"]["evicted"] >= 3 and p["flat"]["copies"] <= 2, p
+    for name, data in files.items():
+        assert read_file(m.path(name)) == data
+    # A file over half the budget is never copied: it reads through the daemon.
+    big = os.urandom(3 * MiB)
+    write_file(m.path("big"), big)
+    for _ in range(2):
+        assert read_file(m.path("big")) == big
+    # (Reading the evicted files again above asks for their copies again; none is `big`'s.)
+    sizes = [os.path.getsize(m.data / "flat" / c) for c in os.listdir(m.data / "flat") if not c.startswith(".")]
+    assert len(big) not in sizes, sizes
+    assert passthrough(m)["flat"]["bytes"] <= 5 * MiB
+
+
+def test_a_half_built_copy_is_never_used(mount_factory):
+    m = mount_factory(extra_args=["--passthrough"])
+    data = os.urandom(MiB)
+    write_file(m.path("x"), data)
+    m.unmount()
+    flat = m.data / "flat"
+    (flat / ".tmp-deadbeef").write_bytes(b"half")
+    m.start()
+    assert not (flat / ".tmp-deadbeef").exists()
+    assert read_file(m.path("x")) == data
+
+
+def test_passthrough_flags_are_checked(mount_factory, tmp_path):
+    m = mount_factory(start=False)
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    r = run([m.bin, "mount", mp, "--data", tmp_path / "d", "--passthrough", "--flat-size", "lots"])
+    assert r.returncode != 0 and "--flat-size lots: expected a size" in r.stderr, r.stderr
+    r = run([m.bin, "mount", mp, "--data", tmp_path / "d", "--passthrough", "-o", "writeback_cache"])
+    assert r.returncode != 0 and "do not go together" in r.stderr, r.stderr
+    assert not os.path.ismount(mp)
