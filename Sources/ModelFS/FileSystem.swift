@@ -836,20 +836,35 @@ final class ReadView: @unchecked Sendable {
         flatKey = keyed ? FlatCopies.key(manifest, size: size) : nil
     }
 
-    /// Writes the whole version to `fd` from offset 0 (a flat copy), 4 MiB at a time.
+    /// Writes the whole version to `fd` from offset 0 (a flat copy), 4 MiB at a time: one
+    /// `pwritev` of the slices of each aligned 4 MiB piece. (A write per slice began at chunk
+    /// boundaries, anywhere in a page: the copy's page cache then held small folios, and touching
+    /// every page of an mmap of a 1 GiB copy took 0.022 s against ext4's 0.0057.)
     func write(to fd: Int32, reader: BlockReader) throws {
+        let step = 4 << 20
         var offset: UInt64 = 0
         while offset < size {
-            for slice in try slices(at: offset, count: 4 << 20, reader: reader) {
-                try slice.buffer.withUnsafeBytes { raw in
-                    var done = 0
-                    while done < slice.count {
-                        let n = pwrite(fd, raw.baseAddress! + slice.offset + done, slice.count - done, off_t(offset))
-                        guard n > 0 else { throw FSError(errno == 0 ? EIO : errno, "writing a flat copy") }
-                        done += n
-                        offset += UInt64(n)
+            let slices = try slices(at: offset, count: step, reader: reader)
+            var iov = slices.map { iovec(iov_base: $0.buffer.pointer + $0.offset, iov_len: $0.count) }
+            var total = slices.reduce(0) { $0 + $1.count }
+            guard total > 0 else { throw FSError.io("a flat copy's read at \(offset) returned nothing") }
+            try withExtendedLifetime(slices) {
+                var at = offset
+                var first = 0
+                while total > 0 {
+                    let n = iov[first...].withUnsafeMutableBufferPointer { pwritev(fd, $0.baseAddress, Int32($0.count), off_t(at)) }
+                    guard n > 0 else { throw FSError(errno == 0 ? EIO : errno, "writing a flat copy") }
+                    total -= n
+                    at += UInt64(n)
+                    // A short write: drop what was written from the front of the vector.
+                    var left = n
+                    while left > 0 && first < iov.count {
+                        if left >= iov[first].iov_len { left -= iov[first].iov_len; first += 1 } else {
+                            iov[first].iov_base += left; iov[first].iov_len -= left; left = 0
+                        }
                     }
                 }
+                offset = at
             }
         }
     }

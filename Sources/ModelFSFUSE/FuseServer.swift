@@ -33,6 +33,8 @@ public final class FuseServer: @unchecked Sendable {
     private var session: OpaquePointer?
     /// Read-only opens pass through to flat copies (`fs.flatCopies`), once the kernel agreed.
     let passthroughWanted: Bool
+    /// READ requests the daemon answered (reads that passed through never come here).
+    let readRequests = Atomic<UInt64>(0)
     private let passthrough = Mutex<PassthroughOpens?>(nil)
 
     public init(fs: FileSystem, dataDir: String, entryTimeout: Double = 60, attrTimeout: Double = 60,
@@ -246,9 +248,9 @@ public final class FuseServer: @unchecked Sendable {
     }
 
     /// Whether read-only opens may pass through (the kernel agreed at INIT), and how many did.
-    public var passthroughStatus: (on: Bool, offered: Bool, opens: UInt64) {
+    public var passthroughStatus: (on: Bool, offered: Bool, opens: UInt64, daemonReads: UInt64) {
         let pt = passthroughOpens
-        return (pt != nil, modelfs_pt_offered() != 0, pt?.passedThrough ?? 0)
+        return (pt != nil, modelfs_pt_offered() != 0, pt?.passedThrough ?? 0, readRequests.load(ordering: .relaxed))
     }
 
     /// The kernel computes append offsets itself: drop O_APPEND. With the writeback cache it may

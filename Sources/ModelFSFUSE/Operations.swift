@@ -191,6 +191,7 @@ extension FuseServer {
 
         ops.read = { req, _, size, off, fi in
             let s = FuseServer.server(req)
+            s.readRequests.add(1, ordering: .relaxed)
             do {
                 // Reply straight from the cached blocks: one iovec per slice, no reply buffer.
                 let slices = try s.fs.readSlices(fh(fi), at: UInt64(off), count: size)

@@ -48,6 +48,8 @@ struct PassthroughStatus: Codable, Sendable {
     var offered: Bool
     /// Read-only opens that passed through since the mount.
     var opens: UInt64
+    /// READ requests the daemon answered since the mount (passthrough reads are not among them).
+    var daemonReads: UInt64
     /// The flat copies (bytes, count, hits, misses, built, evicted, failed) and their budget.
     var flat: FlatCopies.Stats
     var flatBudget: UInt64

@@ -107,7 +107,7 @@ struct Daemon {
             s.gc = gc.stats
             if let flat, let server = served.get() {
                 let p = server.passthroughStatus
-                s.passthrough = PassthroughStatus(on: p.on, offered: p.offered, opens: p.opens, flat: flat.stats, flatBudget: flat.budget)
+                s.passthrough = PassthroughStatus(on: p.on, offered: p.offered, opens: p.opens, daemonReads: p.daemonReads, flat: flat.stats, flatBudget: flat.budget)
             }
             return s
         }, sync: node.map { n -> SyncHandler in

@@ -17,6 +17,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 MODELFS_BIN = os.environ.get("MODELFS_BIN", str(REPO / ".build" / "release" / "modelfs"))
 FSTYPE = "fuse.modelfs"
+# MODELFS_TEST_PASSTHROUGH=1: every single-node mount of the suites reads through passthrough
+# (`--passthrough`; not with -o writeback_cache, which excludes it) — a test tier.
+TEST_PASSTHROUGH = os.environ.get("MODELFS_TEST_PASSTHROUGH") == "1"
 
 MiB = 1024 * 1024
 
@@ -311,7 +314,10 @@ class Mount:
         args.append("-f")
         if self.options:
             args += ["-o", ",".join(self.options)]
-        return args + list(self.extra_args)
+        extra = list(self.extra_args)
+        if TEST_PASSTHROUGH and "--passthrough" not in extra and "writeback_cache" not in self.options:
+            extra.append("--passthrough")
+        return args + extra
 
     def start(self, timeout: float = 30.0):
         assert self.proc is None or self.proc.poll() is not None, "already running"

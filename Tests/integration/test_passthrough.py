@@ -3,12 +3,14 @@ to a flat copy of the version they read, which the daemon builds from verified b
 first open that finds none (docs/ARCHITECTURE.md "Reads through passthrough")."""
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 
 import pytest
 
 from mfs import read_file, run, wait_until, write_file
+from test_errors import _read_until_error, block_records, manifest_block_ids
 
 MiB = 1 << 20
 
@@ -59,6 +61,8 @@ def test_reads_and_maps_pass_through_to_a_verified_flat_copy(pt):
         assert f.read(5) == data[20 * MiB:20 * MiB + 5]
     p1 = passthrough(pt)
     assert p1["opens"] >= p0["opens"] + 2 and p1["flat"]["hits"] >= p0["flat"]["hits"] + 2, (p0, p1)
+    # Those reads never reached the daemon: the kernel read the copy itself.
+    assert p1["daemonReads"] == p0["daemonReads"], (p0, p1)
     # A file with the same bytes shares the copy.
     write_file(pt.path("same.bin"), data)
     assert read_file(pt.path("same.bin")) == data
@@ -168,3 +172,45 @@ def test_passthrough_flags_are_checked(mount_factory, tmp_path):
     r = run([m.bin, "mount", mp, "--data", tmp_path / "d", "--passthrough", "-o", "writeback_cache"])
     assert r.returncode != 0 and "do not go together" in r.stderr, r.stderr
     assert not os.path.ismount(mp)
+
+
+def test_a_copy_in_use_is_never_evicted(mount_factory):
+    m = mount_factory(extra_args=["--passthrough", "--flat-size", "4M"])
+    if not passthrough(m)["offered"]:
+        pytest.skip("this kernel does not offer FUSE passthrough")
+    held = os.urandom(2 * MiB)
+    write_file(m.path("held"), held)
+    flat_copy_of(m, m.path("held"), 0)
+    with open(m.path("held"), "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        key = [c for c in os.listdir(m.data / "flat") if not c.startswith(".")]
+        for i in range(3):                      # each would need the held copy's room
+            write_file(m.path(f"o{i}"), os.urandom(2 * MiB - i - 1))
+            flat_copy_of(m, m.path(f"o{i}"), passthrough(m)["flat"]["built"])
+            assert set(key) <= set(os.listdir(m.data / "flat")), "the copy an open file reads was evicted"
+        assert mapped[:] == held and f.read() == held
+        mapped.close()
+    assert passthrough(m)["flat"]["bytes"] <= 4 * MiB
+
+
+def test_a_corrupt_block_is_eio_and_never_copied(mount_factory):
+    m = mount_factory(extra_args=["--passthrough"])
+    a = os.urandom(6 * MiB + 100)
+    write_file(m.path("a"), a)
+    m.unmount()
+    blocks = block_records(m.data)
+    ids = manifest_block_ids(m.data, "a")
+    pack, offset, length = blocks[ids[len(ids) // 2]]
+    with open(pack, "r+b") as f:
+        f.seek(offset + length // 2)
+        byte = f.read(1)
+        f.seek(offset + length // 2)
+        f.write(bytes([byte[0] ^ 0x5A]))
+    m.start()
+    for _ in range(3):                            # opens that ask for a copy, and read
+        got, err = _read_until_error(m.path("a"))
+        assert err is not None and err.errno == errno.EIO, err
+        assert got == a[:len(got)]
+    wait_until(lambda: passthrough(m)["flat"]["failed"] >= 1, 30, interval=0.1, what="the copy's build to fail")
+    assert [c for c in os.listdir(m.data / "flat") if not c.startswith(".tmp")] == []
+    assert passthrough(m)["opens"] == 0
