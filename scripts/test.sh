@@ -5,7 +5,8 @@
 #   2. real-mount tests: POSIX, durability (kill -9), random I/O, errors, frameworks, and
 #      loopback clusters of several nodes (pytest); with them the framework matrix (torch,
 #      safetensors, TensorFlow, Keras, Orbax, transformers, h5py, joblib, Spark) on one node and
-#      across nodes, stress-ng and CPython's file tests on the mount (issue #5)
+#      across nodes, stress-ng and CPython's file tests on the mount (issue #5); then the core
+#      suites (POSIX, random I/O, durability) again with --no-passthrough
 # Needs root (FUSE mounts with allow_other, tmpfs for the disk-full test).
 # Usage: scripts/test.sh [unit|mount|frameworks|all]   (default: all; `frameworks` runs only the
 # framework matrix and peer suites of tier 2)
@@ -32,6 +33,11 @@ fi
 if [ "$tier" = mount ] || [ "$tier" = all ]; then
     echo "== real-mount tests"
     MODELFS_BIN="$PWD/.build/release/modelfs" scripts/test-mount.sh
+    # Passthrough is on by default: the core suites once more with it off (today's read path).
+    echo "== core real-mount tests with --no-passthrough"
+    MODELFS_TEST_PASSTHROUGH=0 MODELFS_BIN="$PWD/.build/release/modelfs" scripts/test-mount.sh \
+        Tests/integration/test_posix.py Tests/integration/test_posix_more.py \
+        Tests/integration/test_random_io.py Tests/integration/test_durability.py
 fi
 if [ "$tier" = frameworks ]; then
     echo "== framework matrix and peer suites"

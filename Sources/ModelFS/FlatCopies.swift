@@ -31,6 +31,7 @@ public final class FlatCopies: Sendable {
         public var built: UInt64 = 0
         public var evicted: UInt64 = 0
         public var failed: UInt64 = 0
+        public init() {}
     }
 
     private struct Entry { var size: UInt64; var lastUse: UInt64; var pins: Int }

@@ -248,9 +248,10 @@ public final class FuseServer: @unchecked Sendable {
     }
 
     /// Whether read-only opens may pass through (the kernel agreed at INIT), and how many did.
-    public var passthroughStatus: (on: Bool, offered: Bool, opens: UInt64, daemonReads: UInt64) {
+    public var passthroughStatus: (on: Bool, offered: Bool, off: String?, opens: UInt64, daemonReads: UInt64) {
         let pt = passthroughOpens
-        return (pt != nil, modelfs_pt_offered() != 0, pt?.passedThrough ?? 0, readRequests.load(ordering: .relaxed))
+        let off = pt?.refused.map { "the kernel refused a backing file (\($0)); opens use the page cache" }
+        return (pt != nil && off == nil, modelfs_pt_offered() != 0, off, pt?.passedThrough ?? 0, readRequests.load(ordering: .relaxed))
     }
 
     /// The kernel computes append offsets itself: drop O_APPEND. With the writeback cache it may

@@ -28,8 +28,9 @@ final class PassthroughOpens: Sendable {
         var inodes: [UInt64: Inode] = [:]
         var handles: [UInt64: (ino: UInt64, mode: Mode)] = [:]
         var passedThrough: UInt64 = 0
-        /// Set when the kernel refused to register a backing file: no more attempts.
-        var broken = false
+        /// Why the kernel refused to register a backing file (no CAP_SYS_ADMIN: EPERM): no more
+        /// attempts.
+        var refused: String?
     }
     private let state = Mutex(State())
     let sessionFD: Int32
@@ -41,11 +42,12 @@ final class PassthroughOpens: Sendable {
     }
 
     var passedThrough: UInt64 { state.withLock { $0.passedThrough } }
+    var refused: String? { state.withLock { $0.refused } }
 
     /// Decides how handle `fh` of `ino` is opened: the backing id to put in the OPEN reply
     /// (with `direct` set on return when only an mmap may use it), or nil for the page cache.
     func open(ino: UInt64, fh: UInt64, writable: Bool, direct: inout Bool, fs: FileSystem) -> Int32? {
-        let copy = !writable && !direct ? fs.flatCopy(for: FileHandleID(fh)) : nil
+        let copy = !writable && !direct && refused == nil ? fs.flatCopy(for: FileHandleID(fh)) : nil
         var unused = copy?.key
         defer { if let unused { flat.unpin(unused) } }
         let (id, uncached) = state.withLock { s -> (Int32?, Bool) in
@@ -63,13 +65,14 @@ final class PassthroughOpens: Sendable {
                 }
                 return (node.backingID, true)
             }
-            if let copy, !s.broken, node.cached == 0 {
+            if let copy, s.refused == nil, node.cached == 0 {
                 let fd = Glibc.open(copy.path, O_RDONLY | O_CLOEXEC)
                 let id = fd >= 0 ? modelfs_pt_backing_open(sessionFD, fd) : -errno
                 guard id > 0 else {
                     if fd >= 0 { close(fd) }
-                    Log.warning("passthrough off: the kernel did not take flat copy \(copy.key) as a backing file (\(String(cString: strerror(-id))))")
-                    s.broken = true
+                    let why = String(cString: strerror(-id))
+                    Log.warning("passthrough off: the kernel did not take flat copy \(copy.key) as a backing file (\(why)); opens use the page cache")
+                    s.refused = why
                     node.cached += 1
                     s.handles[fh] = (ino, .cached)
                     return (nil, false)

@@ -37,7 +37,7 @@ struct MountStatus: Codable {
     /// This node's garbage collection: passes, manifests read, blocks removed (absent from an
     /// older daemon).
     var gc: GarbageCollector.Stats?
-    /// Reads through FUSE passthrough (absent when the mount was made without --passthrough).
+    /// Reads through FUSE passthrough: on, or why not (absent from an older daemon).
     var passthrough: PassthroughStatus?
 }
 
@@ -46,6 +46,8 @@ struct PassthroughStatus: Codable, Sendable {
     var on: Bool
     /// The kernel offered passthrough (6.9 and later, built with it).
     var offered: Bool
+    /// Why it is off (nil when on).
+    var off: String?
     /// Read-only opens that passed through since the mount.
     var opens: UInt64
     /// READ requests the daemon answered since the mount (passthrough reads are not among them).

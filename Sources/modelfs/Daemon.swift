@@ -17,13 +17,17 @@ struct Daemon {
     let fuseOptions: [String]
     let readyFD: Int32?
     let cluster: ClusterOptions?
-    /// --passthrough: the flat copies' byte budget (nil: no passthrough).
-    let flatBudget: UInt64?
+    enum Passthrough { case on, off(String) }
+    /// Read-only opens through flat copies (FUSE passthrough), or why not.
+    let passthrough: Passthrough
+    /// The flat copies' byte budget.
+    let flatBudget: UInt64
 
     init(mountpoint: String, dataDir: String, meta: String, fuseOptions: [String], readyFD: Int32?, cluster: ClusterOptions?,
-         flatBudget: UInt64? = nil) {
+         passthrough: Passthrough = .off("not asked for"), flatBudget: UInt64 = 10 << 30) {
         self.mountpoint = mountpoint; self.dataDir = dataDir; self.meta = meta
         self.fuseOptions = fuseOptions; self.readyFD = readyFD; self.cluster = cluster
+        self.passthrough = passthrough
         self.flatBudget = flatBudget
     }
 
@@ -77,7 +81,11 @@ struct Daemon {
             let dbDir = (String(meta.dropFirst("sqlite:".count)) as NSString).deletingLastPathComponent
             fsOptions.metadataOnStoreFilesystem = stat(dbDir, &st) == 0 && UInt64(st.st_dev) == store.device
         }
-        let flat = try flatBudget.map { try FlatCopies(directory: dataDir + "/flat", budget: $0) }
+        let flat: FlatCopies?
+        switch passthrough {
+        case .on: flat = try FlatCopies(directory: dataDir + "/flat", budget: flatBudget)
+        case .off(let why): flat = nil; Log.info("passthrough off: \(why)")
+        }
         let fs = try FileSystem(meta: engine, store: node?.blocks ?? store, options: fsOptions, flatCopies: flat)
         fs.replication = node?.replicator
         fs.writerLock = node?.writerLock
@@ -105,9 +113,12 @@ struct Daemon {
             var s = try Daemon.status(fs: fs, store: store, mountpoint: mountpoint, dataDir: dataDir, meta: meta)
             s.cluster = node?.status()
             s.gc = gc.stats
-            if let flat, let server = served.get() {
+            if let server = served.get() {
                 let p = server.passthroughStatus
-                s.passthrough = PassthroughStatus(on: p.on, offered: p.offered, opens: p.opens, daemonReads: p.daemonReads, flat: flat.stats, flatBudget: flat.budget)
+                var why: String?
+                if case .off(let w) = passthrough { why = w } else if !p.offered { why = "the kernel does not offer it (Linux 6.9+ built with FUSE passthrough)" } else { why = p.off }
+                s.passthrough = PassthroughStatus(on: p.on, offered: p.offered, off: p.on ? nil : why, opens: p.opens, daemonReads: p.daemonReads,
+                                                  flat: flat?.stats ?? FlatCopies.Stats(), flatBudget: flat?.budget ?? 0)
             }
             return s
         }, sync: node.map { n -> SyncHandler in
@@ -151,6 +162,12 @@ struct Daemon {
             } catch { Log.error("cannot announce the mount: \(error)") }
             gc.start()
             Log.info("mounted \(mp)")
+            if let flat {
+                // The mount answered, so the kernel's INIT (and whether it agreed) is behind us.
+                let p = server.passthroughStatus
+                Log.info(p.on ? "passthrough on: read-only opens pass through to flat copies under \(flat.directory) (budget \(humanBytes(flat.budget)))"
+                              : "passthrough off: the kernel does not offer it (Linux 6.9+ built with FUSE passthrough); reads go through the page cache")
+            }
             if let fd = readyFD {
                 _ = "ok \(getpid())\n".withCString { write(fd, $0, strlen($0)) }
                 close(fd)

@@ -31,11 +31,11 @@ struct MountCommand: ParsableCommand {
     @Option(name: .short, help: "Extra FUSE mount options, comma-separated (e.g. -o ro). -o writeback_cache (one node only) turns on the kernel's writeback cache: faster for many small writes, slower for large sequential ones.")
     var o: [String] = []
 
-    @Flag(help: "Read-only opens pass straight through to a flat copy of the file (kernel 6.9+): reads and mmap at local-disk speed, without the daemon. Off by default.")
-    var passthrough = false
+    @Flag(inversion: .prefixedNo, help: "Read-only opens pass straight through to a flat copy of the file (Linux 6.9+, as root): warm reads and mmap at local-disk speed, without the daemon. On by default; off by itself with -o writeback_cache, without CAP_SYS_ADMIN or on an older kernel (status says why).")
+    var passthrough: Bool?
 
-    @Option(help: "Byte budget of the flat copies --passthrough reads from (under DATA/flat), least recently used evicted.")
-    var flatSize: String = "10G"
+    @Option(help: "Byte budget of the flat copies passthrough reads from (under DATA/flat), least recently used evicted (default: 10G or a tenth of the data dir's disk, the smaller).")
+    var flatSize: String?
 
     @Option(help: .hidden)
     var readyFd: Int32?
@@ -55,7 +55,7 @@ struct MountCommand: ParsableCommand {
             do {
                 try Daemon(mountpoint: mp, dataDir: dataDir, meta: metaURL, fuseOptions: o, readyFD: readyFd,
                            cluster: metaURL.hasPrefix("etcd://") ? cluster : nil,
-                           flatBudget: passthrough ? parseSize(flatSize) : nil).run()
+                           passthrough: passthroughChoice, flatBudget: flatBudget(dataDir)).run()
             } catch let e as FSError {
                 report(e.message)
                 throw fail(e.message)
@@ -63,6 +63,22 @@ struct MountCommand: ParsableCommand {
             return
         }
         try spawnDaemon(mountpoint: mp, dataDir: dataDir, meta: metaURL)
+    }
+
+    /// Whether to pass through, and if not why: on unless --no-passthrough or -o writeback_cache
+    /// (with which the kernel turns it off).
+    var passthroughChoice: Daemon.Passthrough {
+        if passthrough == false { return .off("--no-passthrough") }
+        if MountOptions(o).writebackCache { return .off("-o writeback_cache (the kernel turns passthrough off with it)") }
+        return .on
+    }
+
+    /// --flat-size, or 10 GiB or a tenth of the data dir's filesystem, the smaller.
+    func flatBudget(_ dataDir: String) -> UInt64 {
+        if let flatSize, let n = parseSize(flatSize) { return n }
+        var vfs = statvfs()
+        let tenth = statvfs(dataDir, &vfs) == 0 ? UInt64(vfs.f_blocks) * UInt64(vfs.f_frsize) / 10 : UInt64.max
+        return min(10 << 30, tenth)
     }
 
     /// Tells a waiting parent (if any) that the mount failed.
@@ -96,8 +112,8 @@ struct MountCommand: ParsableCommand {
             && !FileManager.default.isExecutableFile(atPath: "/bin/fusermount3") {
             return "fusermount3 is missing; install it with: sudo apt-get install fuse3"
         }
-        if parseSize(flatSize) == nil { return "--flat-size \(flatSize): expected a size such as 512M or 10G" }
-        if passthrough && MountOptions(o).writebackCache {
+        if let flatSize, parseSize(flatSize) == nil { return "--flat-size \(flatSize): expected a size such as 512M or 10G" }
+        if passthrough == true && MountOptions(o).writebackCache {
             return "--passthrough and -o writeback_cache do not go together: the kernel turns passthrough off with the writeback cache; drop one"
         }
         if meta.hasPrefix("etcd://") && MountOptions(o).writebackCache {
@@ -151,7 +167,8 @@ struct MountCommand: ParsableCommand {
         let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
         var args = [exe, "mount", mp, "--data", dataDir, "--meta", meta, "-f", "--ready-fd", String(fds[1])]
         for opt in o { args += ["-o", opt] }
-        if passthrough { args += ["--passthrough", "--flat-size", flatSize] }
+        if let passthrough { args.append(passthrough ? "--passthrough" : "--no-passthrough") }
+        if let flatSize { args += ["--flat-size", flatSize] }
         if meta.hasPrefix("etcd://") { args += cluster.arguments }
         let logPath = dataDir + "/modelfs.log"
 

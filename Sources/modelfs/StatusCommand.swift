@@ -99,9 +99,10 @@ struct StatusCommand: ParsableCommand {
             ]
             for (k, v) in rows { print("  " + k.padding(toLength: 16, withPad: " ", startingAt: 0) + v) }
             if let p = s.passthrough {
-                let state = p.on ? "on, \(p.opens) opens passed through" : (p.offered ? "off" : "off (the kernel does not offer it)")
-                print("  passthrough     \(state)")
-                print("  flat copies     \(p.flat.copies), \(humanBytes(p.flat.bytes)) of \(humanBytes(p.flatBudget)), \(p.flat.hits) hits, \(p.flat.misses) misses")
+                print("  passthrough     " + (p.on ? "on, \(p.opens) opens passed through" : "off: \(p.off ?? "unknown")"))
+                if p.on || p.flat.copies > 0 {
+                    print("  flat copies     \(p.flat.copies), \(humanBytes(p.flat.bytes)) of \(humanBytes(p.flatBudget)), \(p.flat.hits) hits, \(p.flat.misses) misses")
+                }
             }
             if let e = s.metadataError { print("  metadata        unreachable, counts as last read: \(e)") }
             if let c = s.cluster { printCluster(c) }

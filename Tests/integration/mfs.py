@@ -17,9 +17,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 MODELFS_BIN = os.environ.get("MODELFS_BIN", str(REPO / ".build" / "release" / "modelfs"))
 FSTYPE = "fuse.modelfs"
-# MODELFS_TEST_PASSTHROUGH=1: every single-node mount of the suites reads through passthrough
-# (`--passthrough`; not with -o writeback_cache, which excludes it) — a test tier.
-TEST_PASSTHROUGH = os.environ.get("MODELFS_TEST_PASSTHROUGH") == "1"
+# Passthrough is on by default; MODELFS_TEST_PASSTHROUGH=0 mounts every single node of the suites
+# with --no-passthrough (scripts/test.sh runs the core suites so too).
+TEST_PASSTHROUGH = os.environ.get("MODELFS_TEST_PASSTHROUGH", "1") != "0"
 
 MiB = 1024 * 1024
 
@@ -315,8 +315,8 @@ class Mount:
         if self.options:
             args += ["-o", ",".join(self.options)]
         extra = list(self.extra_args)
-        if TEST_PASSTHROUGH and "--passthrough" not in extra and "writeback_cache" not in self.options:
-            extra.append("--passthrough")
+        if not TEST_PASSTHROUGH and "--passthrough" not in extra:
+            extra.append("--no-passthrough")
         return args + extra
 
     def start(self, timeout: float = 30.0):

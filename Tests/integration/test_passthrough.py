@@ -1,6 +1,6 @@
-"""Reads through FUSE passthrough (`modelfs mount --passthrough`): read-only opens pass straight
-to a flat copy of the version they read, which the daemon builds from verified blocks after the
-first open that finds none (docs/ARCHITECTURE.md "Reads through passthrough")."""
+"""Reads through FUSE passthrough (on by default; `--no-passthrough` turns it off): read-only opens
+pass straight to a flat copy of the version they read, which the daemon builds from verified
+blocks after the first open that finds none (docs/ARCHITECTURE.md "Reads through passthrough")."""
 from __future__ import annotations
 
 import errno
@@ -214,3 +214,31 @@ def test_a_corrupt_block_is_eio_and_never_copied(mount_factory):
     wait_until(lambda: passthrough(m)["flat"]["failed"] >= 1, 30, interval=0.1, what="the copy's build to fail")
     assert [c for c in os.listdir(m.data / "flat") if not c.startswith(".tmp")] == []
     assert passthrough(m)["opens"] == 0
+
+
+def test_passthrough_is_on_by_default_and_falls_back_with_a_reason(mount_factory):
+    on = mount_factory(extra_args=[])
+    p = passthrough(on)
+    if not p["offered"]:
+        assert not p["on"] and "kernel" in p.get("off", ""), p
+        pytest.skip("this kernel does not offer FUSE passthrough")
+    if "--no-passthrough" in on.mount_args():
+        pytest.skip("MODELFS_TEST_PASSTHROUGH=0")
+    assert p["on"] and p.get("off") is None, p
+    assert "passthrough on" in on.log_tail()
+    for args, options, why in ((["--no-passthrough"], [], "--no-passthrough"),
+                               ([], ["writeback_cache"], "writeback_cache")):
+        m = mount_factory(extra_args=args, options=options)
+        p = passthrough(m)
+        assert not p["on"] and why in p.get("off", ""), p
+        data = os.urandom(MiB)
+        write_file(m.path("f"), data)
+        for _ in range(3):
+            assert read_file(m.path("f")) == data
+        p = passthrough(m)
+        assert p["opens"] == 0 and p["flat"]["copies"] == 0, p
+        # (The writeback cache keeps what was written in the page cache: no READ reaches the daemon.)
+        assert p["daemonReads"] > 0 or options, p
+        assert not (m.data / "flat").exists()
+        r = run([m.bin, "status", m.mp])
+        assert f"passthrough     off: " in r.stdout, r.stdout
