@@ -477,8 +477,17 @@ public final class FileSystem: @unchecked Sendable {
             return l.view
         }
         guard let view, let key = view.flatKey else { return nil }
-        let reader = self.reader
-        guard let path = flatCopies.take(key, size: view.size, build: { fd in try view.write(to: fd, reader: reader) }) else { return nil }
+        let reader = self.reader, store = self.store
+        // Only from blocks this node has (its store, a cluster node's read cache): on a cluster
+        // node the first reader of a remote file is fetching them meanwhile, and a build that
+        // fetched too would take the file from the peers a second time. A later open asks
+        // again, once they are here.
+        let check: @Sendable () throws -> Void = {
+            if let missing = view.chunks.chunks.first(where: { !store.contains($0.id) }) {
+                throw FlatCopies.NotHere(block: missing.id)
+            }
+        }
+        guard let path = flatCopies.take(key, size: view.size, check: check, build: { fd in try view.write(to: fd, reader: reader) }) else { return nil }
         return (key, path)
     }
 

@@ -31,8 +31,13 @@ public final class FlatCopies: Sendable {
         public var built: UInt64 = 0
         public var evicted: UInt64 = 0
         public var failed: UInt64 = 0
+        /// Builds not made because some of the version's blocks were not on this node.
+        public var notHere: UInt64 = 0
         public init() {}
     }
+
+    /// A build finds a block of the version missing from this node: no copy now (not a failure).
+    public struct NotHere: Error { public var block: BlockID }
 
     private struct Entry { var size: UInt64; var lastUse: UInt64; var pins: Int }
     private struct State {
@@ -89,7 +94,10 @@ public final class FlatCopies: Sendable {
 
     /// The copy `key` if it is in place, pinned (the caller unpins it when its handle closes); a
     /// miss asks `build` to make it in the background, unless it is being made or too large.
-    func take(_ key: String, size: UInt64, build: @escaping @Sendable (_ into: Int32) throws -> Void) -> String? {
+    /// `check` runs first in the background (it throws `NotHere` when the copy cannot be made
+    /// now), then room is made and `build` writes the copy.
+    func take(_ key: String, size: UInt64, check: @escaping @Sendable () throws -> Void = {},
+              build: @escaping @Sendable (_ into: Int32) throws -> Void) -> String? {
         enum Outcome { case hit, build, none }
         let outcome = state.withLock { s -> Outcome in
             s.clock += 1
@@ -110,7 +118,7 @@ public final class FlatCopies: Sendable {
         case .hit: return path(key)
         case .none: return nil
         case .build:
-            builder.async { [self] in make(key, size: size, build) }
+            builder.async { [self] in make(key, size: size, check, build) }
             return nil
         }
     }
@@ -124,9 +132,10 @@ public final class FlatCopies: Sendable {
 
     public var stats: Stats { state.withLock { $0.stats } }
 
-    private func make(_ key: String, size: UInt64, _ build: (Int32) throws -> Void) {
+    private func make(_ key: String, size: UInt64, _ check: () throws -> Void, _ build: (Int32) throws -> Void) {
         let tmp = "\(directory)/.tmp-\(key)"
         var ok = false
+        var notHere = false
         defer {
             if !ok { unlink(tmp) }
             state.withLock { s in
@@ -136,6 +145,8 @@ public final class FlatCopies: Sendable {
                     s.entries[key] = Entry(size: size, lastUse: s.clock, pins: 0)
                     s.stats.bytes += size
                     s.stats.built += 1
+                } else if notHere {
+                    s.stats.notHere += 1
                 } else {
                     s.stats.failed += 1
                 }
@@ -143,6 +154,7 @@ public final class FlatCopies: Sendable {
             }
             if ok { evict() }
         }
+        do { try check() } catch { notHere = error is NotHere; if !notHere { Log.warning("flat copy \(key): \(error)") }; return }
         // Room first: the build may push the copies over the budget only by what no one can drop.
         evict(reserving: size)
         let fd = Glibc.open(tmp, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0o600)
@@ -156,6 +168,8 @@ public final class FlatCopies: Sendable {
             guard fdatasync(fd) == 0 else { throw FSError.io("fdatasync: \(String(cString: strerror(errno)))") }
             guard rename(tmp, path(key)) == 0 else { throw FSError.io("rename: \(String(cString: strerror(errno)))") }
             ok = true
+        } catch is NotHere {
+            notHere = true
         } catch {
             Log.warning("flat copy \(key) (\(size) bytes) not made: \(error)")
         }

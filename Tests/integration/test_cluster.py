@@ -465,3 +465,31 @@ def test_staging_limit_slows_writers_until_replication_catches_up(make_nodes):
     t.join()
     assert not errors, errors
     assert_bytes_equal(read_file(b / "held.bin"), data, "written under backpressure")
+
+
+def test_a_node_passes_through_a_remote_file_once_its_blocks_are_here(make_nodes):
+    """Passthrough on a node that does not hold the file: the first read fetches the blocks from
+    the peer (and keeps them in its read cache); no flat copy is built from the peer meanwhile
+    (that would fetch the file twice); a later open builds it from the cache, and then reads
+    pass through."""
+    a, b = make_nodes(2, replicas=1, ack=1)
+    p0 = b.status().get("passthrough") or {}
+    if not p0.get("on"):
+        pytest.skip(f"passthrough off on this node: {p0.get('off')}")
+    data = payload(12 * MiB, 77)
+    write_file(a / "remote.bin", data)
+    before = b.cluster_status()["cacheStats"]["peerBytes"]
+
+    def copied():
+        assert_bytes_equal(read_file(b / "remote.bin"), data, "read on B")
+        return b.status()["passthrough"]["flat"]["built"] >= 1
+    wait_until(copied, 60, interval=0.2, what="B's flat copy of the remote file")
+    fetched = b.cluster_status()["cacheStats"]["peerBytes"] - before
+    assert fetched < len(data) + MiB, f"{fetched} bytes fetched for a {len(data)}-byte file"
+    opens = b.status()["passthrough"]["opens"]
+    assert_bytes_equal(read_file(b / "remote.bin"), data, "read on B through passthrough")
+    assert b.status()["passthrough"]["opens"] == opens + 1
+    # A new version written on A: B's next open reads it (not the old copy).
+    new = payload(3 * MiB, 78)
+    write_file(a / "remote.bin", new)
+    wait_until(lambda: read_file(b / "remote.bin") == new, 20, interval=0.2, what="the new version on B")
