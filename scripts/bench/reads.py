@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Reads on one node (issue #27): modelfs with and without --passthrough against the plain
+"""Reads on one node (issue #27): modelfs with passthrough (modelfs_pt, the default) and without
+(modelfs, --no-passthrough) against the plain
 directory (ext4), libfuse's passthrough_ll (-o cache=always: the FUSE page-cache ceiling) and
 JuiceFS 1.4.2 (SQLite metadata, a local `file` bucket, its strongest cache settings for warm
 reads), all in one run on the same disk.
@@ -100,8 +101,7 @@ class Target:
                     "--open-cache", "3600", "--attr-cache", "3600", "--entry-cache", "3600", "--no-usage-report"]
         else:
             argv = [self.modelfs, "mount", str(self.mp), "--data", str(self.work / "data"), "-f"]
-            if self.name == "modelfs_pt":
-                argv.append("--passthrough")
+            argv.append("--passthrough" if self.name == "modelfs_pt" else "--no-passthrough")
         self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         wait_for(lambda: mounted(self.mp) or self.proc.poll() is not None, 60, f"{self.name} to mount")
