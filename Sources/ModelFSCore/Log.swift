@@ -20,3 +20,8 @@ public enum Log {
         line.withCString { p in _ = Glibc.write(2, p, strlen(p)) }
     }
 }
+
+/// This build's version (`modelfs --version`, the log's first line, `status`).
+public enum ModelFSVersion {
+    public static let string = "0.9.0"
+}

@@ -153,7 +153,7 @@ struct Daemon {
         }
         let readyFD = self.readyFD
         let mp = mountpoint
-        Log.info("mounting \(mountpoint) (data \(dataDir), meta \(meta), options \(options.joined(separator: ",")))")
+        Log.info("mounting \(mountpoint) (modelfs \(ModelFSVersion.string), data \(dataDir), meta \(meta), options \(options.joined(separator: ",")))")
         try server.run(mountpoint: mountpoint, options: options) {
             do {
                 try FileManager.default.createDirectory(atPath: Registry.directory, withIntermediateDirectories: true)

@@ -73,6 +73,12 @@ def _ensure_unmounted(mp: Path, data: Path | None = None):
 # CLI errors
 # ---------------------------------------------------------------------------
 
+def test_version(modelfs_bin, mnt):
+    r = run([modelfs_bin, "--version"])
+    assert r.returncode == 0 and re.fullmatch(r"modelfs \d+\.\d+\.\d+\n", r.stdout), (r.stdout, r.stderr)
+    assert r.stdout.strip() in mnt.log_tail(), "the daemon's log names its version"
+
+
 def test_mount_missing_mountpoint(modelfs_bin, scratch):
     data = scratch / "data"
     data.mkdir()
