@@ -854,27 +854,13 @@ final class ReadView: @unchecked Sendable {
         var offset: UInt64 = 0
         while offset < size {
             let slices = try slices(at: offset, count: step, reader: reader)
-            var iov = slices.map { iovec(iov_base: $0.buffer.pointer + $0.offset, iov_len: $0.count) }
-            var total = slices.reduce(0) { $0 + $1.count }
+            let total = slices.reduce(0) { $0 + $1.count }
             guard total > 0 else { throw FSError.io("a flat copy's read at \(offset) returned nothing") }
-            try withExtendedLifetime(slices) {
-                var at = offset
-                var first = 0
-                while total > 0 {
-                    let n = iov[first...].withUnsafeMutableBufferPointer { pwritev(fd, $0.baseAddress, Int32($0.count), off_t(at)) }
-                    guard n > 0 else { throw FSError(errno == 0 ? EIO : errno, "writing a flat copy") }
-                    total -= n
-                    at += UInt64(n)
-                    // A short write: drop what was written from the front of the vector.
-                    var left = n
-                    while left > 0 && first < iov.count {
-                        if left >= iov[first].iov_len { left -= iov[first].iov_len; first += 1 } else {
-                            iov[first].iov_base += left; iov[first].iov_len -= left; left = 0
-                        }
-                    }
-                }
-                offset = at
+            let e = withExtendedLifetime(slices) {
+                FileIO.pwritevAll(fd, slices.map { iovec(iov_base: $0.buffer.pointer + $0.offset, iov_len: $0.count) }, at: offset)
             }
+            if e != 0 { throw FSError(e, "writing a flat copy") }
+            offset += UInt64(total)
         }
     }
 

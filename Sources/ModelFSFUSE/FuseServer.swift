@@ -31,16 +31,12 @@ public final class FuseServer: @unchecked Sendable {
     /// than the kernel's heuristic.
     let alwaysReaddirPlus: Bool
     private var session: OpaquePointer?
-    /// Read-only opens pass through to flat copies (`fs.flatCopies`), once the kernel agreed.
-    let passthroughWanted: Bool
     /// READ requests the daemon answered (reads that passed through never come here).
     let readRequests = Atomic<UInt64>(0)
     private let passthrough = Mutex<PassthroughOpens?>(nil)
 
     public init(fs: FileSystem, dataDir: String, entryTimeout: Double = 60, attrTimeout: Double = 60,
-                negativeTimeout: Double = 0, writebackCache: Bool = false, alwaysReaddirPlus: Bool = false,
-                passthrough: Bool = false) {
-        passthroughWanted = passthrough && fs.flatCopies != nil && !writebackCache
+                negativeTimeout: Double = 0, writebackCache: Bool = false, alwaysReaddirPlus: Bool = false) {
         self.fs = fs
         self.dataDir = dataDir
         self.entryTimeout = entryTimeout
@@ -70,9 +66,11 @@ public final class FuseServer: @unchecked Sendable {
             throw FSError.io("cannot mount \(mountpoint) (see the libfuse message above)")
         }
         defer { fuse_session_unmount(se) }
-        if passthroughWanted, let flat = fs.flatCopies {
-            // Our read and writev for /dev/fuse: they agree to passthrough in the INIT reply and
-            // put backing ids in OPEN replies (CModelFSPassthrough).
+        if !writebackCache, let flat = fs.flatCopies {
+            // Read-only opens pass through to flat copies when the filesystem keeps them (never
+            // with the writeback cache, which the kernel does not combine with it). Our read and
+            // writev for /dev/fuse agree to it in the INIT reply and put backing ids in OPEN
+            // replies (CModelFSPassthrough).
             var io = fuse_custom_io(writev: modelfs_pt_writev, read: modelfs_pt_read, splice_receive: nil, splice_send: nil)
             modelfs_pt_enable(1)
             let fd = fuse_session_fd(se)

@@ -56,35 +56,34 @@ final class PassthroughOpens: Sendable {
             if node.through > 0 {
                 // The inode passes through: this open must name the same backing file.
                 node.through += 1
-                s.handles[fh] = (ino, .through)
-                if let copy, copy.key == node.key {
-                    s.passedThrough += 1
-                    unused = nil
-                    s.handles[fh] = (ino, .pinned(copy.key))
-                    return (node.backingID, false)
+                guard let copy, copy.key == node.key else {
+                    s.handles[fh] = (ino, .through)
+                    return (node.backingID, true)
                 }
-                return (node.backingID, true)
+                s.passedThrough += 1
+                unused = nil
+                s.handles[fh] = (ino, .pinned(copy.key))
+                return (node.backingID, false)
             }
             if let copy, s.refused == nil, node.cached == 0 {
                 let fd = Glibc.open(copy.path, O_RDONLY | O_CLOEXEC)
                 let id = fd >= 0 ? modelfs_pt_backing_open(sessionFD, fd) : -errno
-                guard id > 0 else {
-                    if fd >= 0 { close(fd) }
-                    let why = String(cString: strerror(-id))
-                    Log.warning("passthrough off: the kernel did not take flat copy \(copy.key) as a backing file (\(why)); opens use the page cache")
-                    s.refused = why
-                    node.cached += 1
-                    s.handles[fh] = (ino, .cached)
-                    return (nil, false)
+                if id > 0 {
+                    node.fd = fd
+                    node.backingID = id
+                    node.key = copy.key
+                    node.through = 1
+                    s.handles[fh] = (ino, .pinned(copy.key))
+                    s.passedThrough += 1
+                    unused = nil
+                    return (id, false)
                 }
-                node.fd = fd
-                node.backingID = id
-                node.key = copy.key
-                node.through = 1
-                s.handles[fh] = (ino, .pinned(copy.key))
-                s.passedThrough += 1
-                unused = nil
-                return (id, false)
+                // Refused (no CAP_SYS_ADMIN: EPERM; a stacked data dir: ELOOP): this open and
+                // every later one use the page cache.
+                if fd >= 0 { close(fd) }
+                let why = String(cString: strerror(-id))
+                Log.warning("passthrough off: the kernel did not take flat copy \(copy.key) as a backing file (\(why)); opens use the page cache")
+                s.refused = why
             }
             if direct {
                 s.handles[fh] = (ino, .direct)

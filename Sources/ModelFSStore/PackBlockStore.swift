@@ -302,25 +302,10 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
 
     /// Writes page-aligned pieces one after another at `offset` with the direct descriptor.
     private func writeDirect(_ pack: Pack, _ fd: Int32, _ pieces: [(UnsafeRawPointer, Int)], at offset: UInt64) throws {
-        let iov = pieces.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.0), iov_len: $0.1) }
-        let total = pieces.reduce(0) { $0 + $1.1 }
-        var done = 0
-        while done < total {
-            // Skip what is written already (a short direct write ends on a block boundary).
-            var skip = done
-            var first = 0
-            while skip >= iov[first].iov_len { skip -= iov[first].iov_len; first += 1 }
-            var rest = Array(iov[first...])
-            rest[0].iov_base += skip
-            rest[0].iov_len -= skip
-            let r = rest.withUnsafeBufferPointer { pwritev(fd, $0.baseAddress, Int32($0.count), off_t(offset) + off_t(done)) }
-            if r < 0 {
-                if errno == EINTR { continue }
-                let e = errno
-                throw e == ENOSPC ? FSError.noSpace("block store \(root): disk full") : posixError("write pack", pack.path, errno: e)
-            }
-            if r == 0 { throw posixError("write pack", pack.path, errno: EIO) }
-            done += r
+        // (A short direct write ends on a block boundary: the rest goes on from there.)
+        let e = FileIO.pwritevAll(fd, pieces.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.0), iov_len: $0.1) }, at: offset)
+        if e != 0 {
+            throw e == ENOSPC ? FSError.noSpace("block store \(root): disk full") : posixError("write pack", pack.path, errno: e)
         }
     }
 

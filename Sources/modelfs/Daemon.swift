@@ -108,32 +108,28 @@ struct Daemon {
 
         let record = MountRecord(mountpoint: mountpoint, dataDir: dataDir, meta: meta, pid: getpid(),
                                  socket: Registry.socketPath(mountpoint))
-        let served = Shared<FuseServer?>(nil)
-        let control = ControlServer(path: record.socket, status: { [dataDir, meta, mountpoint] in
-            var s = try Daemon.status(fs: fs, store: store, mountpoint: mountpoint, dataDir: dataDir, meta: meta)
-            s.cluster = node?.status()
-            s.gc = gc.stats
-            if let server = served.get() {
-                let p = server.passthroughStatus
-                var why: String?
-                if case .off(let w) = passthrough { why = w } else if !p.offered { why = "the kernel does not offer it (Linux 6.9+ built with FUSE passthrough)" } else { why = p.off }
-                s.passthrough = PassthroughStatus(on: p.on, offered: p.offered, off: p.on ? nil : why, opens: p.opens, daemonReads: p.daemonReads,
-                                                  flat: flat?.stats ?? FlatCopies.Stats(), flatBudget: flat?.budget ?? 0)
-            }
-            return s
-        }, sync: node.map { n -> SyncHandler in
-            { @Sendable inodes, timeout, progress in
-                n.replicator.waitUntilReplicated(inodes: inodes, timeout: timeout, progress: progress)
-            }
-        }, handlers: Operate.handlers(fs: fs, node: node))
         // On a cluster, other nodes change the namespace: short kernel timeouts (the watch
         // invalidates sooner), and no cached "no such name" (a name another node creates must
         // show at once). Alone, nobody else does: long ones make warm stat free.
         let timeout = node == nil ? 60.0 : 1.0
         let server = FuseServer(fs: fs, dataDir: dataDir, entryTimeout: timeout, attrTimeout: timeout,
                                 negativeTimeout: node == nil ? timeout : 0, writebackCache: mountOptions.writebackCache,
-                                alwaysReaddirPlus: node != nil, passthrough: flat != nil)
-        served.set(server)
+                                alwaysReaddirPlus: node != nil)
+        let control = ControlServer(path: record.socket, status: { [dataDir, meta, mountpoint] in
+            var s = try Daemon.status(fs: fs, store: store, mountpoint: mountpoint, dataDir: dataDir, meta: meta)
+            s.cluster = node?.status()
+            s.gc = gc.stats
+            let p = server.passthroughStatus
+            var why: String?
+            if case .off(let w) = passthrough { why = w } else if !p.offered { why = "the kernel does not offer it (Linux 6.9+ built with FUSE passthrough)" } else { why = p.off }
+            s.passthrough = PassthroughStatus(on: p.on, offered: p.offered, off: p.on ? nil : why, opens: p.opens, daemonReads: p.daemonReads,
+                                              flat: flat?.stats ?? FlatCopies.Stats(), flatBudget: flat?.budget ?? 0)
+            return s
+        }, sync: node.map { n -> SyncHandler in
+            { @Sendable inodes, timeout, progress in
+                n.replicator.waitUntilReplicated(inodes: inodes, timeout: timeout, progress: progress)
+            }
+        }, handlers: Operate.handlers(fs: fs, node: node))
         try node?.start()
         if let node {
             let me = node.id

@@ -340,6 +340,17 @@ def block_records(data_dir: Path) -> dict[str, tuple[Path, int, int]]:
     return out
 
 
+def flip_byte_in_record(record: tuple[Path, int, int]):
+    """Flips one byte in the middle of a block's record (pack, offset, length), inside its pack."""
+    pack, offset, length = record
+    assert length > 0
+    with open(pack, "r+b") as f:
+        f.seek(offset + length // 2)
+        byte = f.read(1)
+        f.seek(offset + length // 2)
+        f.write(bytes([byte[0] ^ 0x5A]))
+
+
 def manifest_block_ids(data_dir: Path, name: str) -> list[str]:
     """The block ids (hex) of a root-level file's committed manifest, read from the SQLite
     metadata (inline manifests: tag 0, b"MFM1", count u32 LE, then 32-byte id + u32 length)."""
@@ -402,13 +413,7 @@ def test_corrupt_block_gives_eio_never_wrong_bytes(mnt):
     # flip one byte in the middle of a block in the middle of a, inside its pack
     ids_a = manifest_block_ids(mnt.data, "a")
     assert len(ids_a) >= 3, f"a 6 MiB file should have several blocks, has {len(ids_a)}"
-    pack, offset, length = blocks_a[ids_a[len(ids_a) // 2]]
-    assert length > 0
-    with open(pack, "r+b") as f:
-        f.seek(offset + length // 2)
-        byte = f.read(1)
-        f.seek(offset + length // 2)
-        f.write(bytes([byte[0] ^ 0x5A]))
+    flip_byte_in_record(blocks_a[ids_a[len(ids_a) // 2]])
     mnt.start()
 
     got, err = _read_until_error(mnt.path("a"))

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from mfs import read_file, run, wait_until, write_file
-from test_errors import _read_until_error, block_records, manifest_block_ids
+from test_errors import _read_until_error, block_records, flip_byte_in_record, manifest_block_ids
 
 MiB = 1 << 20
 
@@ -200,12 +200,7 @@ def test_a_corrupt_block_is_eio_and_never_copied(mount_factory):
     m.unmount()
     blocks = block_records(m.data)
     ids = manifest_block_ids(m.data, "a")
-    pack, offset, length = blocks[ids[len(ids) // 2]]
-    with open(pack, "r+b") as f:
-        f.seek(offset + length // 2)
-        byte = f.read(1)
-        f.seek(offset + length // 2)
-        f.write(bytes([byte[0] ^ 0x5A]))
+    flip_byte_in_record(blocks[ids[len(ids) // 2]])
     m.start()
     for _ in range(3):                            # opens that ask for a copy, and read
         got, err = _read_until_error(m.path("a"))
