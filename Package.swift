@@ -17,6 +17,10 @@ let package = Package(
         // the peer server is SwiftNIO's HTTP/1.1 pipeline (DESIGN.md §5).
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.3"),
         .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
+        // The log goes through swift-log (AsyncHTTPClient's logging API, so already in the graph).
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        // The config file (`--config`, `modelfs config check`): YAML, with each key's line.
+        .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
     ],
     targets: [
         .systemLibrary(
@@ -27,7 +31,10 @@ let package = Package(
         ),
         .target(
             name: "ModelFSCore",
-            dependencies: [.product(name: "Crypto", package: "swift-crypto")]
+            dependencies: [
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         // glibc functions Swift's Glibc module leaves out (syncfs, fallocate, mallopt).
         .systemLibrary(name: "CModelFSSys", path: "Sources/CModelFSSys"),
@@ -62,6 +69,7 @@ let package = Package(
             dependencies: [
                 "ModelFSFUSE", "ModelFS", "ModelFSPeer", "CModelFSSys",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Yams", package: "Yams"),
             ]
         ),
         .target(name: "ModelFSTestSupport", path: "Sources/ModelFSTestSupport"),

@@ -55,7 +55,7 @@ done
 ETCDCTL_API=3 etcdctl --endpoints "$endpoints" endpoint health >/dev/null 2>&1 \
     || { echo "modelfs: etcd did not come up; see $dir/etcd*.log" >&2; exit 1; }
 
-[ -s "$dir/secret" ] || head -c 32 /dev/urandom | base64 > "$dir/secret"
+[ -s "$dir/secret" ] || (umask 077; head -c 32 /dev/urandom | base64 > "$dir/secret")
 chmod 600 "$dir/secret"
 meta="etcd://$endpoints/loopback"
 for i in $(seq 1 "$n"); do

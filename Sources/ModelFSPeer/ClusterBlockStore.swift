@@ -228,7 +228,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         }
         state.withLock { $0.stats.failedFetches += 1 }
         let detail = errors.isEmpty ? "" : " (\(errors.joined(separator: "; ")))"
-        Log.error("block \(id.hex) is not on this node and no live peer of \(peers.count) has a good copy\(detail)")
+        Log.every("no good copy", 60, .error, "block \(id.hex) is not on this node and no live peer of \(peers.count) has a good copy\(detail)")
         throw FSError.io("block \(id.hex) is unavailable: no live node holds a good copy")
     }
 

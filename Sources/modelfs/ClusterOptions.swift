@@ -95,8 +95,9 @@ struct ClusterOptions: ParsableArguments {
         guard let secretFile else {
             return "a cluster node needs --secret-file FILE holding the cluster secret (the same on every node)"
         }
+        if let why = unsafeSecretFile(secretFile) { return why }
         guard let secret = try? String(contentsOfFile: secretFile, encoding: .utf8) else {
-            return "cannot read the secret file \(secretFile); create it (e.g. head -c 32 /dev/urandom | base64 > \(secretFile))"
+            return "cannot read the secret file \(secretFile); create it (e.g. (umask 077; head -c 32 /dev/urandom | base64 > \(secretFile)))"
         }
         if secret.trimmingCharacters(in: .whitespacesAndNewlines).count < 8 {
             return "the secret in \(secretFile) is shorter than 8 characters; use a long random one"
@@ -132,6 +133,19 @@ struct ClusterOptions: ParsableArguments {
         ((try? String(contentsOfFile: secretFile ?? "", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
     }
     var policy: ReplicationPolicy { ReplicationPolicy(replicas: replicas, ack: ack, spread: spread) }
+}
+
+/// Why a file holding a secret or a key must not be used, if it must not: other users can read
+/// or change it (like ssh, any group or other permission bit refuses it), or it is not a
+/// regular file. The secret itself is never put in a message or a log.
+func unsafeSecretFile(_ path: String, flag: String = "--secret-file") -> String? {
+    var st = stat()
+    guard stat(path, &st) == 0 else { return nil }  // "cannot read" is reported by the caller
+    if st.st_mode & S_IFMT != S_IFREG { return "\(flag) \(path) is not a regular file" }
+    if st.st_mode & 0o077 != 0 {
+        return "\(flag) \(path) is open to other users (mode \(String(st.st_mode & 0o777, radix: 8))); make it private with: chmod 600 \(path)"
+    }
+    return nil
 }
 
 func parseHostPort(_ s: String) -> (host: String, port: Int)? {

@@ -164,6 +164,7 @@ struct Daemon {
                 Log.info(p.on ? "passthrough on: read-only opens pass through to flat copies under \(flat.directory) (budget \(humanBytes(flat.budget)))"
                               : "passthrough off: the kernel does not offer it (Linux 6.9+ built with FUSE passthrough); reads go through the page cache")
             }
+            SystemdNotify.send("READY=1\nMAINPID=\(getpid())\nSTATUS=mounted \(mp)")
             if let fd = readyFD {
                 _ = "ok \(getpid())\n".withCString { write(fd, $0, strlen($0)) }
                 close(fd)
@@ -172,6 +173,7 @@ struct Daemon {
                 _ = line.withCString { write(1, $0, strlen($0)) }
             }
         }
+        SystemdNotify.send("STOPPING=1\nSTATUS=unmounted \(mountpoint); finishing")
         gc.stop(idle: node == nil)
         node?.stop()
         try? engine.sync()

@@ -21,14 +21,39 @@ struct ModelFSCommand: ParsableCommand {
             """,
         version: "modelfs \(ModelFSVersion.string)",
         subcommands: [MountCommand.self, UmountCommand.self, StatusCommand.self, SyncCommand.self, WarmCommand.self,
-                      VerifyCommand.self, PolicyCommand.self, NodeCommand.self, DebugCommand.self]
+                      VerifyCommand.self, PolicyCommand.self, NodeCommand.self, ConfigCommand.self, DebugCommand.self]
     )
+
+    /// ArgumentParser's main, after the rewrites of `expandedArguments` (mount helper, --config).
+    static func main() {
+        let args: [String]
+        do {
+            args = try expandedArguments(CommandLine.arguments)
+        } catch {
+            FileHandle.standardError.write(Data("modelfs: \(error)\n".utf8))
+            Foundation.exit(1)
+        }
+        do {
+            var command = try parseAsRoot(args)
+            try command.run()
+        } catch {
+            exit(withError: error)
+        }
+    }
 }
 
 /// Prints one line to stderr and exits non-zero: how every user-facing failure ends.
 func fail(_ message: String, code: Int32 = 1) -> ExitCode {
     FileHandle.standardError.write(Data("modelfs: \(message)\n".utf8))
     return ExitCode(code)
+}
+
+/// How every `--json` prints: sorted keys, slashes as they are ("/ckpt", not "\\/ckpt"), any
+/// path quoted and escaped by the encoder; `compact` gives one line (`status --watch --json`).
+func printJSON<T: Encodable>(_ value: T, compact: Bool = false) throws {
+    let enc = JSONEncoder()
+    enc.outputFormatting = compact ? [.sortedKeys, .withoutEscapingSlashes] : [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+    print(String(decoding: try enc.encode(value), as: UTF8.self))
 }
 
 func humanBytes(_ n: UInt64) -> String {

@@ -37,6 +37,18 @@ struct MountCommand: ParsableCommand {
     @Option(help: "Byte budget of the flat copies passthrough reads from (under DATA/flat), least recently used evicted (default: 10G or a tenth of the data dir's disk, the smaller).")
     var flatSize: String?
 
+    @Option(help: "Least severe events the log keeps: debug, info, warning or error.")
+    var logLevel: String = "info"
+
+    @Option(help: "Size at which DATA/modelfs.log is moved to modelfs.log.1 and a new one begun (0: never; in the foreground the log is stderr, never rotated).")
+    var logMaxSize: String = "64M"
+
+    @Option(help: "Rotated logs kept: modelfs.log.1 ... modelfs.log.N, the oldest dropped.")
+    var logKeep: Int = 3
+
+    @Option(help: "A YAML file of mount flags (the long names, without dashes: `replicas: 3`, `secret-file: /etc/modelfs/secret`, `options: [allow_other]`); flags on the command line override it. Check one with `modelfs config check FILE`.")
+    var config: String?
+
     @Option(help: .hidden)
     var readyFd: Int32?
 
@@ -44,6 +56,7 @@ struct MountCommand: ParsableCommand {
     var cluster: ClusterOptions
 
     func run() throws {
+        Log.configure(level: Log.level(named: logLevel) ?? .info, maxBytes: parseSize(logMaxSize) ?? 64 << 20, keep: logKeep)
         let mp = canonicalPath(mountpoint)
         let dataDir = canonicalPath(data ?? defaultDataDir())
         let metaURL = meta ?? "sqlite:\(dataDir)/meta.db"
@@ -81,6 +94,15 @@ struct MountCommand: ParsableCommand {
         return min(10 << 30, tenth)
     }
 
+    /// The log flags' problem, if any.
+    func logProblem() -> String? {
+        if Log.level(named: logLevel) == nil { return "--log-level \(logLevel): use debug, info, warning or error" }
+        if parseSize(logMaxSize) == nil { return "--log-max-size \(logMaxSize): expected a size such as 64M (0: never rotate)" }
+        if logKeep < 1 || logKeep > 100 { return "--log-keep \(logKeep): keep 1 to 100 rotated logs" }
+        if config != nil { return "--config is read before the flags are parsed; it cannot be used here" }
+        return nil
+    }
+
     /// Tells a waiting parent (if any) that the mount failed.
     func report(_ problem: String) {
         guard let fd = readyFd else { return }
@@ -112,26 +134,36 @@ struct MountCommand: ParsableCommand {
             && !FileManager.default.isExecutableFile(atPath: "/bin/fusermount3") {
             return "fusermount3 is missing; install it with: sudo apt-get install fuse3"
         }
-        if let flatSize, parseSize(flatSize) == nil { return "--flat-size \(flatSize): expected a size such as 512M or 10G" }
-        if passthrough == true && MountOptions(o).writebackCache {
-            return "--passthrough and -o writeback_cache do not go together: the kernel turns passthrough off with the writeback cache; drop one"
-        }
-        if meta.hasPrefix("etcd://") && MountOptions(o).writebackCache {
-            return "-o writeback_cache is for a single node: with it the kernel keeps its own file sizes and would miss other nodes' writes; drop it"
-        }
-        if meta.hasPrefix("etcd://") {
-            do { _ = try MetadataURL.parseEtcd(meta) } catch let e as FSError { return e.message } catch { return "\(error)" }
-            if let problem = cluster.problem() { return problem }
-        } else if !(meta == "memory:" || meta == "memory" || meta.hasPrefix("sqlite:")) {
-            let scheme = meta.split(separator: ":", maxSplits: 1).first.map(String.init) ?? meta
-            return "unknown --meta scheme \"\(scheme)\": use sqlite:PATH, etcd://HOST:PORT,... or memory:"
-        }
+        if let problem = settingsProblems(meta: meta).first { return problem }
         if let problem = checkDataDir(dataDir) { return problem }
         if access("/dev/fuse", R_OK | W_OK) != 0 {
             return "/dev/fuse is missing or not accessible; install FUSE with: sudo apt-get install fuse3 (and load the module: modprobe fuse)"
         }
         if dataDir == mp || dataDir.hasPrefix(mp + "/") { return "the data dir \(dataDir) cannot be inside the mountpoint" }
         return nil
+    }
+
+    /// What is wrong with the flags themselves, whatever the machine (also `modelfs config
+    /// check`): each problem names its flag.
+    func settingsProblems(meta: String? = nil) -> [String] {
+        let meta = meta ?? self.meta ?? "sqlite:"
+        var out: [String] = []
+        if let p = logProblem() { out.append(p) }
+        if let flatSize, parseSize(flatSize) == nil { out.append("--flat-size \(flatSize): expected a size such as 512M or 10G") }
+        if passthrough == true && MountOptions(o).writebackCache {
+            out.append("--passthrough and -o writeback_cache do not go together: the kernel turns passthrough off with the writeback cache; drop one")
+        }
+        if meta.hasPrefix("etcd://") && MountOptions(o).writebackCache {
+            out.append("-o writeback_cache is for a single node: with it the kernel keeps its own file sizes and would miss other nodes' writes; drop it")
+        }
+        if meta.hasPrefix("etcd://") {
+            do { _ = try MetadataURL.parseEtcd(meta) } catch let e as FSError { out.append(e.message) } catch { out.append("--meta \(meta): \(error)") }
+            if let problem = cluster.problem() { out.append(problem) }
+        } else if !(meta == "memory:" || meta == "memory" || meta.hasPrefix("sqlite:")) {
+            let scheme = meta.split(separator: ":", maxSplits: 1).first.map(String.init) ?? meta
+            out.append("unknown --meta scheme \"\(scheme)\": use sqlite:PATH, etcd://HOST:PORT,... or memory:")
+        }
+        return out
     }
 
     func checkDataDir(_ dir: String) -> String? {
@@ -169,6 +201,7 @@ struct MountCommand: ParsableCommand {
         for opt in o { args += ["-o", opt] }
         if let passthrough { args.append(passthrough ? "--passthrough" : "--no-passthrough") }
         if let flatSize { args += ["--flat-size", flatSize] }
+        args += ["--log-level", logLevel, "--log-max-size", logMaxSize, "--log-keep", String(logKeep)]
         if meta.hasPrefix("etcd://") { args += cluster.arguments }
         let logPath = dataDir + "/modelfs.log"
 

@@ -86,9 +86,7 @@ struct VerifyCommand: ParsableCommand {
         if !json && isatty(1) == 1 { print("") }
         guard let r = report else { throw fail("no report from the daemon") }
         if json {
-            let enc = JSONEncoder()
-            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try enc.encode(r), as: UTF8.self))
+            try printJSON(r)
         } else {
             print("\(r.files) files, \(r.blocks) blocks; \(r.replicasChecked) replicas re-hashed: \(r.good) good, \(r.repaired) repaired, "
                   + "\(r.corruptUnrepaired) corrupt with no good copy; \(r.copiesMade) missing copies made")
@@ -131,9 +129,7 @@ struct NodeCommand: ParsableCommand {
         func run() throws {
             let c = try NodeCommand.cluster(try at.record())
             if json {
-                let enc = JSONEncoder()
-                enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-                print(String(decoding: try enc.encode(c.nodes), as: UTF8.self))
+                try printJSON(c.nodes)
             } else {
                 printNodes(c.nodes)
             }

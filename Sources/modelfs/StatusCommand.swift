@@ -74,13 +74,11 @@ struct StatusCommand: ParsableCommand {
             report = try JSONDecoder().decode(PathReport.self, from: data)
         }
         if json {
-            let enc = JSONEncoder()
-            enc.outputFormatting = watch ? [.sortedKeys] : [.prettyPrinted, .sortedKeys]
             if let report {
                 struct PathStatus: Encodable { var mount: MountStatus; var path: PathReport }
-                print(String(decoding: try enc.encode(PathStatus(mount: statuses[0], path: report)), as: UTF8.self))
+                try printJSON(PathStatus(mount: statuses[0], path: report), compact: watch)
             } else {
-                print(String(decoding: try enc.encode(statuses), as: UTF8.self))
+                try printJSON(statuses, compact: watch)
             }
             return
         }

@@ -104,7 +104,8 @@ struct PolicyCommand: ParsableCommand {
             }
             let (p, origin) = found!
             if json {
-                print(#"{"replicas":\#(p.replicas),"ack":\#(p.ack),"spread":\#(p.spread.map { "\"\($0)\"" } ?? "null"),"from":"\#(origin)"}"#)
+                struct Shown: Encodable { var replicas: Int; var ack: Int; var spread: String?; var from: String }
+                try printJSON(Shown(replicas: p.replicas, ack: p.ack, spread: p.spread, from: origin), compact: true)
             } else {
                 print("\(p.description.replacingOccurrences(of: ",", with: " "))  (from \(origin))")
             }

@@ -279,3 +279,29 @@ import ModelFSTestSupport
         #expect(RawName.string([0xE9]) != RawName.string(Array("\u{10FFE9}".utf8)))
     }
 }
+
+@Suite struct LogTests {
+    @Test func aRepeatedFailureIsLoggedOncePerInterval() {
+        let key = "test \(UUID())"
+        #expect(Log.every(key, 3600, .error, "first"))
+        for _ in 0..<100 { #expect(!Log.every(key, 3600, .error, "again")) }
+        // Another key is its own.
+        #expect(Log.every(key + " other", 3600, .error, "other"))
+        // A short interval: the next line after it passes is written (with the count of the rest).
+        let quick = "quick \(UUID())"
+        #expect(Log.every(quick, 0.01, .error, "one"))
+        let start = Date()
+        var again = false
+        while !again && Date().timeIntervalSince(start) < 5 { again = Log.every(quick, 0.01, .error, "two") }
+        #expect(again)
+    }
+
+    @Test func levelsFilter() {
+        #expect(Log.level(named: "DEBUG") == .debug)
+        #expect(Log.level(named: "warn") == .warning)
+        #expect(Log.level(named: "chatty") == nil)
+        #expect(!Log.enabled(.debug))  // the default level is info
+        #expect(Log.enabled(.info) && Log.enabled(.error))
+        #expect(!Log.every("below \(UUID())", 60, .debug, "not written"))
+    }
+}

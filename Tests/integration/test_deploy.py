@@ -1,0 +1,344 @@
+"""Deployability (issue #29): a config file and `modelfs config check`, mount(8) and /etc/fstab,
+the systemd unit and its readiness protocol, log levels and rotation, secret-file permissions,
+JSON output, completions, the manual and scripts/install.sh."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from mfs import (MODELFS_BIN, REPO, MiB, assert_bytes_equal, fusermount_lazy, is_mounted, mountinfo, pid_alive,
+                 read_file, run, wait_pid_exit, wait_until, write_file)
+from test_errors import expect_cli_error
+
+GiB = 1 << 30
+
+
+@pytest.fixture
+def scratch():
+    """A temp dir (0755); anything left mounted under it is unmounted, any daemon stopped."""
+    root = Path(tempfile.mkdtemp(prefix="modelfs-deploy-"))
+    os.chmod(root, 0o755)
+    yield root
+    for point, fs, _ in mountinfo():
+        if point.startswith(str(root) + "/") and fs.startswith("fuse"):
+            fusermount_lazy(point)
+    for pidfile in root.glob("**/modelfs.pid"):
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            wait_pid_exit(pid, 10)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def umount_and_wait(mp: Path, data: Path):
+    pid = int((data / "modelfs.pid").read_text().strip())
+    r = run([MODELFS_BIN, "umount", str(mp)], timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert wait_pid_exit(pid, 30), f"daemon {pid} still alive after umount"
+    assert not is_mounted(mp, None)
+
+
+def private(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# the config file
+# ---------------------------------------------------------------------------
+
+def test_a_config_file_sets_the_flags_and_the_command_line_wins(mount_factory, tmp_path):
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text("# a single node\nflat-size: 1G\nlog_level: warning\noptions: [allow_other]\n")
+    m = mount_factory(extra_args=["--config", str(cfg), "--flat-size", "2G"])
+    payload = os.urandom(3 * MiB)
+    write_file(m / "a.bin", payload)
+    assert_bytes_equal(read_file(m / "a.bin"), payload)
+    # --flat-size on the command line beat the file's; the file's log level held.
+    assert m.status()["passthrough"]["flatBudget"] == 2 * GiB
+    m.unmount()
+    log = m.log_path.read_text()
+    assert " info mounted " not in log, "log-level: warning from the config file was not applied"
+
+
+def test_config_check_explains_each_problem_with_its_line(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("0123456789abcdef\n")
+    secret.chmod(0o644)
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("meta: etcd://127.0.0.1:2379/x\n"
+                   "replicaz: 2\n"
+                   f"secret-file: {secret}\n"
+                   "ack: many\n")
+    r = run([MODELFS_BIN, "config", "check", str(cfg)])
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert any(re.search(rf"{cfg}:2: unknown key replicaz \(did you mean replicas\?\)", ln) for ln in lines), lines
+    assert any(re.search(rf"{cfg}:4: ack: .*many", ln) for ln in lines), lines
+    # With the keys fixed, the checks of `modelfs mount` itself, pinned to their lines.
+    cfg.write_text("meta: etcd://127.0.0.1:2379/x\n"
+                   "replicas: 2\n"
+                   f"secret-file: {secret}\n"
+                   "ack: 3\n"
+                   "advertise: 127.0.0.1:7420\n")
+    r = run([MODELFS_BIN, "config", "check", str(cfg)])
+    assert r.returncode == 1
+    assert re.search(rf"{cfg}:3: --secret-file {secret} is open to other users \(mode 644\); make it private with: chmod 600",
+                     r.stderr), r.stderr
+    secret.chmod(0o600)
+    r = run([MODELFS_BIN, "config", "check", str(cfg)])
+    assert r.returncode == 1 and re.search(rf"{cfg}:2: --replicas 2 --ack 3: need 1 <= ack <= replicas", r.stderr), r.stderr
+    cfg.write_text(cfg.read_text().replace("ack: 3", "ack: 2"))
+    r = run([MODELFS_BIN, "config", "check", str(cfg)])
+    assert r.returncode == 0, r.stderr
+    assert "--replicas 2" in r.stdout and f"--secret-file {secret}" in r.stdout and "--ack 2" in r.stdout
+
+
+@pytest.mark.parametrize("text,phrase", [
+    ("a: [1\n", r":2: not valid YAML"),
+    ("- data\n", r":1: expected `key: value` lines"),
+    ("foreground: true\n", r":1: foreground: .*pass -f"),
+    ("data: {a: 1}\n", r":1: data: expected a value or a list"),
+    ("replicas: 2\nreplicas: 3\n", r"set twice"),
+])
+def test_config_check_refuses_malformed_files(tmp_path, text, phrase):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    expect_cli_error([MODELFS_BIN, "config", "check", str(cfg)], phrase)
+
+
+def test_a_mount_with_a_bad_config_fails_with_one_line_and_mounts_nothing(scratch):
+    mp, data = scratch / "mnt", scratch / "data"
+    mp.mkdir()
+    cfg = scratch / "c.yaml"
+    cfg.write_text(f"data: {data}\nflat-sise: 1G\n")
+    expect_cli_error([MODELFS_BIN, "mount", str(mp), "--config", str(cfg)], r"c\.yaml:2: unknown key flat-sise \(did you mean flat-size\?\)")
+    expect_cli_error([MODELFS_BIN, "mount", str(mp), "--config", str(scratch / "none.yaml")], r"none\.yaml: no such file")
+    assert not is_mounted(mp, None)
+    assert not data.exists()
+
+
+def test_a_group_readable_secret_file_is_refused(scratch):
+    mp = scratch / "mnt"
+    mp.mkdir()
+    secret = scratch / "secret"
+    secret.write_text("0123456789abcdef\n")
+    secret.chmod(0o640)
+    line = expect_cli_error([MODELFS_BIN, "mount", str(mp), "--data", str(scratch / "d"), "--meta", "etcd://127.0.0.1:1/x",
+                             "--secret-file", str(secret), "--advertise", "127.0.0.1:7420"], r"open to other users \(mode 640\)")
+    assert "0123456789abcdef" not in line, "the secret itself was printed"
+
+
+# ---------------------------------------------------------------------------
+# mount(8), /etc/fstab
+# ---------------------------------------------------------------------------
+
+HELPER = Path("/usr/sbin/mount.fuse.modelfs")
+
+
+@pytest.fixture
+def mount_helper():
+    """/usr/sbin/mount.fuse.modelfs pointing at the binary under test (as scripts/install.sh makes
+    it), put back as it was afterwards."""
+    before = os.readlink(HELPER) if HELPER.is_symlink() else None
+    if HELPER.exists() and before is None:
+        pytest.fail(f"{HELPER} is a file, not install.sh's link; not touching it")
+    if before != MODELFS_BIN:
+        if before is not None:
+            HELPER.unlink()
+        HELPER.symlink_to(MODELFS_BIN)
+    try:
+        yield HELPER
+    finally:
+        if before != MODELFS_BIN:
+            HELPER.unlink()
+            if before is not None:
+                HELPER.symlink_to(before)
+
+
+def test_fstab_mount_and_umount(scratch, mount_helper):
+    mp, data = scratch / "ckpt", scratch / "data"
+    mp.mkdir()
+    fstab = scratch / "fstab"
+    fstab.write_text(f"# modelfs\n{data} {mp} fuse.modelfs defaults,_netdev,nofail,x-systemd.after=network-online.target,"
+                     f"log_level=debug,flat_size=1G,allow_other 0 0\n")
+    r = run(["mount", "-T", str(fstab), str(mp)], timeout=60)
+    assert r.returncode == 0, f"mount -T failed: {r.stdout} {r.stderr}"
+    assert is_mounted(mp)
+    payload = os.urandom(5 * MiB + 17)
+    write_file(mp / "model.bin", payload, fsync=True)
+    st = json.loads(run([MODELFS_BIN, "status", str(mp), "--json"]).stdout)
+    mount = st["mount"] if "mount" in st else st[0]
+    assert mount["dataDir"] == str(data) and mount["passthrough"]["flatBudget"] == GiB
+    pid = int((data / "modelfs.pid").read_text().strip())
+    r = run(["umount", str(mp)], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert wait_pid_exit(pid, 30), "the daemon did not exit after umount(8)"
+    assert not is_mounted(mp, None)
+    # From fstab again: the file is there.
+    r = run(["mount", "-T", str(fstab), str(mp)], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert_bytes_equal(read_file(mp / "model.bin"), payload)
+    umount_and_wait(mp, data)
+
+
+def test_mount_t_fuse_modelfs_takes_cluster_flags_as_options(scratch, mount_helper):
+    """A cluster node's line: the etcd URL as the source, the flags as options. The secret file
+    here is group-readable, so the mount must refuse it, naming the flag: the option reached
+    `modelfs mount` as --secret-file."""
+    mp = scratch / "ckpt"
+    mp.mkdir()
+    secret = scratch / "secret"
+    secret.write_text("0123456789abcdef\n")
+    secret.chmod(0o644)
+    r = run(["mount", "-t", "fuse.modelfs", "etcd://127.0.0.1:1/lab", str(mp), "-o",
+             f"_netdev,secret_file={secret},advertise=127.0.0.1:7420,replicas=3,ack=2,data={scratch / 'd'}"], timeout=60)
+    assert r.returncode != 0 and "--secret-file" in r.stderr and "chmod 600" in r.stderr, r.stderr
+    assert not is_mounted(mp, None)
+
+
+def test_the_mount_fuse3_form_mounts_a_data_dir(scratch):
+    """Without the link, /sbin/mount.fuse runs `modelfs SOURCE DIR -o OPTIONS`: the same call."""
+    mp, data = scratch / "m", scratch / "data"
+    mp.mkdir()
+    r = run([MODELFS_BIN, str(data), str(mp), "-o", "rw,dev,suid,_netdev,nofail,log_level=info"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert is_mounted(mp)
+    write_file(mp / "x", b"hello")
+    umount_and_wait(mp, data)
+    expect_cli_error([MODELFS_BIN, str(data), str(mp), "-o", "data=/elsewhere"], r"the source .* is the data dir")
+
+
+# ---------------------------------------------------------------------------
+# systemd
+# ---------------------------------------------------------------------------
+
+def test_the_systemd_unit_verifies(tmp_path):
+    unit = (REPO / "contrib" / "systemd" / "modelfs@.service").read_text()
+    assert "/usr/local/bin/modelfs" in unit
+    (tmp_path / "modelfs@ckpt.service").write_text(unit.replace("/usr/local/bin/modelfs", MODELFS_BIN))
+    r = run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "modelfs@ckpt.service")], timeout=60)
+    problems = [ln for ln in (r.stdout + r.stderr).splitlines() if "modelfs@ckpt.service" in ln]
+    assert r.returncode == 0 and not problems, r.stdout + r.stderr
+    # The unit's ExecStart is a command line this binary accepts.
+    example = REPO / "contrib" / "modelfs.example.yaml"
+    r = run([MODELFS_BIN, "config", "check", str(example)])
+    assert "unknown key" not in r.stderr and "not valid YAML" not in r.stderr, r.stderr
+
+
+def test_the_daemon_tells_systemd_when_it_is_mounted_and_stops_on_sigterm(scratch):
+    """Type=notify: READY=1 once the directory is mounted; SIGTERM (systemctl stop) unmounts,
+    says STOPPING=1 and exits 0."""
+    mp, data = scratch / "m", scratch / "data"
+    mp.mkdir()
+    sock_path = scratch / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(60)
+    env = dict(os.environ, NOTIFY_SOCKET=str(sock_path))
+    with open(scratch / "out.log", "wb") as out:
+        proc = subprocess.Popen([MODELFS_BIN, "mount", "-f", str(mp), "--data", str(data)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        msg = sock.recv(4096).decode()
+        assert "READY=1" in msg and f"MAINPID={proc.pid}" in msg, msg
+        assert is_mounted(mp), "READY=1 came before the directory was mounted"
+        write_file(mp / "f", b"x" * 100_000)
+        proc.send_signal(signal.SIGTERM)
+        msg = sock.recv(4096).decode()
+        assert "STOPPING=1" in msg, msg
+        assert proc.wait(timeout=60) == 0, (scratch / "out.log").read_text()
+        assert not is_mounted(mp, None)
+    finally:
+        sock.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# ---------------------------------------------------------------------------
+# the log
+# ---------------------------------------------------------------------------
+
+def test_the_log_rotates_within_its_bound_and_keeps_its_level(scratch):
+    mp, data = scratch / "m", scratch / "data"
+    mp.mkdir()
+    r = run([MODELFS_BIN, "mount", str(mp), "--data", str(data), "--log-level", "debug",
+             "--log-max-size", "16K", "--log-keep", "2"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    try:
+        write_file(mp / "f", b"x")
+        # Each getxattr of a missing attribute is an ENODATA answer: one debug line.
+        for i in range(2000):
+            try:
+                os.getxattr(mp / "f", f"user.missing{i}")
+            except OSError:
+                pass
+        logs = sorted(p.name for p in data.glob("modelfs.log*"))
+        assert logs == ["modelfs.log", "modelfs.log.1", "modelfs.log.2"], logs
+        for name in logs:
+            assert (data / name).stat().st_size < 16 * 1024 + 1024, (name, (data / name).stat().st_size)
+        assert "debug getxattr" in (data / "modelfs.log.1").read_text()
+    finally:
+        umount_and_wait(mp, data)
+    # At the default level the same traffic writes nothing.
+    before = (data / "modelfs.log").stat().st_size
+    r = run([MODELFS_BIN, "mount", str(mp), "--data", str(data)], timeout=60)
+    assert r.returncode == 0, r.stderr
+    for i in range(200):
+        try:
+            os.getxattr(mp / "f", f"user.missing{i}")
+        except OSError:
+            pass
+    umount_and_wait(mp, data)
+    text = (data / "modelfs.log").read_bytes()[before:].decode()
+    assert "debug" not in text and "mounted" in text, text
+    expect_cli_error([MODELFS_BIN, "mount", str(mp), "--data", str(data), "--log-level", "chatty"],
+                     r"--log-level chatty: use debug, info, warning or error")
+
+
+# ---------------------------------------------------------------------------
+# JSON, completions, manual, install.sh
+# ---------------------------------------------------------------------------
+
+def test_json_output_keeps_slashes_and_quotes_any_path(mount_factory):
+    m = mount_factory()
+    odd = m / 'a "quoted"\\dir'
+    odd.mkdir()
+    write_file(odd / "f", b"x" * 1000)
+    r = run([MODELFS_BIN, "status", str(odd / "f"), "--json"])
+    assert r.returncode == 0, r.stderr
+    assert "\\/" not in r.stdout, "slashes escaped in --json"
+    doc = json.loads(r.stdout)
+    assert doc["mount"]["mountpoint"] == str(m.mp)
+
+
+def test_completions_and_the_manual_are_generated_and_installed(tmp_path):
+    for shell, word in (("bash", "--replicas"), ("zsh", "--replicas"), ("fish", "replicas")):
+        r = run([MODELFS_BIN, "--generate-completion-script", shell])
+        assert r.returncode == 0 and word in r.stdout and "mount" in r.stdout, (shell, r.stderr)
+    root = tmp_path / "root"
+    env = dict(os.environ, PATH=os.environ.get("PATH", "") + ":/opt/swift/usr/bin")
+    r = run([str(REPO / "scripts" / "install.sh"), "--destdir", str(root)], timeout=900, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert os.access(root / "usr/local/bin/modelfs", os.X_OK)
+    assert os.readlink(root / "usr/sbin/mount.fuse.modelfs") == "/usr/local/bin/modelfs"
+    assert "ExecStart=/usr/local/bin/modelfs mount -f" in (root / "etc/systemd/system/modelfs@.service").read_text()
+    man = (root / "usr/local/share/man/man1/modelfs.1").read_text()
+    assert ".Nm modelfs" in man or "modelfs" in man.split("\n", 5)[0] + man
+    assert "mount" in man and "umount" in man
+    assert "--replicas" in (root / "usr/share/bash-completion/completions/modelfs").read_text()
+    assert (root / "etc/modelfs/modelfs.example.yaml").exists()
