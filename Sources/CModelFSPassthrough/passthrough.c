@@ -6,6 +6,7 @@
 #include <stdatomic.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <time.h>
 #include <unistd.h>
 
 // From include/uapi/linux/fuse.h.
@@ -54,13 +55,66 @@ static uint32_t get32(const void *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static uint64_t get64(const void *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 static void put32(void *p, uint32_t v) { memcpy(p, &v, 4); }
 
+// Operation metrics: each request's opcode and arrival time wait in a slot picked by its unique
+// (the kernel steps uniques by 2; far fewer than FLIGHT requests are ever in flight, so a slot
+// is long answered before it is used again), and its reply adds the latency to the opcode's
+// histogram and the error to its errno's count. Relaxed atomics only: no lock on the hot path.
+#define FLIGHT 4096
+static struct { _Atomic uint64_t unique; _Atomic uint64_t start; _Atomic uint32_t opcode; } flight[FLIGHT];
+static _Atomic uint64_t op_counts[MODELFS_OPS][MODELFS_OP_BUCKETS + 1];
+static _Atomic uint64_t op_nanos[MODELFS_OPS];
+static _Atomic uint64_t errno_counts[MODELFS_ERRNOS];
+static const uint64_t bucket_ns[MODELFS_OP_BUCKETS] = {
+    10000, 25000, 50000, 100000, 250000, 500000, 1000000, 2500000, 5000000, 10000000, 25000000,
+    50000000, 100000000, 250000000, 500000000, 1000000000, 2500000000ull, 5000000000ull,
+};
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void op_arrived(uint32_t opcode, uint64_t unique) {
+    if (opcode >= MODELFS_OPS) return;
+    size_t i = (size_t)(unique >> 1) % FLIGHT;
+    atomic_store_explicit(&flight[i].opcode, opcode, memory_order_relaxed);
+    atomic_store_explicit(&flight[i].start, now_ns(), memory_order_relaxed);
+    atomic_store_explicit(&flight[i].unique, unique, memory_order_release);
+}
+
+static void op_answered(uint64_t unique, int32_t error) {
+    if (error < 0 && -error < MODELFS_ERRNOS) atomic_fetch_add_explicit(&errno_counts[-error], 1, memory_order_relaxed);
+    size_t i = (size_t)(unique >> 1) % FLIGHT;
+    if (atomic_load_explicit(&flight[i].unique, memory_order_acquire) != unique) return;
+    uint32_t opcode = atomic_load_explicit(&flight[i].opcode, memory_order_relaxed);
+    uint64_t took = now_ns() - atomic_load_explicit(&flight[i].start, memory_order_relaxed);
+    int b = 0;
+    while (b < MODELFS_OP_BUCKETS && took > bucket_ns[b]) b++;
+    atomic_fetch_add_explicit(&op_counts[opcode][b], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&op_nanos[opcode], took, memory_order_relaxed);
+}
+
+void modelfs_ops_snapshot(uint64_t *counts, uint64_t *nanos, uint64_t *errnos) {
+    for (int o = 0; o < MODELFS_OPS; o++) {
+        for (int b = 0; b <= MODELFS_OP_BUCKETS; b++)
+            counts[o * (MODELFS_OP_BUCKETS + 1) + b] = atomic_load_explicit(&op_counts[o][b], memory_order_relaxed);
+        nanos[o] = atomic_load_explicit(&op_nanos[o], memory_order_relaxed);
+    }
+    for (int e = 0; e < MODELFS_ERRNOS; e++) errnos[e] = atomic_load_explicit(&errno_counts[e], memory_order_relaxed);
+}
+
+uint64_t modelfs_ops_bucket_ns(int b) { return b < MODELFS_OP_BUCKETS ? bucket_ns[b] : 0; }
+
 ssize_t modelfs_pt_read(int fd, void *buf, size_t len, void *userdata) {
     (void)userdata;
     ssize_t n = read(fd, buf, len);
-    if (n < IN_HEADER || !atomic_load(&enabled)) return n;
+    if (n < IN_HEADER) return n;
     const unsigned char *b = buf;
     uint32_t opcode = get32(b + 4);
     uint64_t unique = get64(b + 8);
+    op_arrived(opcode, unique);
+    if (!atomic_load(&enabled)) return n;
     if (opcode == OP_INIT && n >= IN_HEADER + INIT_IN_FLAGS2 + 4) {
         uint32_t flags = get32(b + IN_HEADER + INIT_IN_FLAGS);
         uint32_t flags2 = (flags & INIT_EXT) ? get32(b + IN_HEADER + INIT_IN_FLAGS2) : 0;
@@ -105,6 +159,11 @@ void modelfs_pt_unmark(uint64_t fh) { (void)take_mark(fh); }
 
 ssize_t modelfs_pt_writev(int fd, struct iovec *iov, int count, void *userdata) {
     (void)userdata;
+    if (count >= 1 && iov[0].iov_len >= OUT_HEADER) {
+        int32_t error; memcpy(&error, (char *)iov[0].iov_base + 4, 4);
+        uint64_t unique = get64((char *)iov[0].iov_base + 8);
+        if (unique != 0) op_answered(unique, error);
+    }
     if (atomic_load(&enabled) && count >= 2 && iov[0].iov_len >= OUT_HEADER) {
         int32_t error; memcpy(&error, (char *)iov[0].iov_base + 4, 4);
         uint64_t unique = get64((char *)iov[0].iov_base + 8);

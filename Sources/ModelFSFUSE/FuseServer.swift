@@ -66,20 +66,21 @@ public final class FuseServer: @unchecked Sendable {
             throw FSError.io("cannot mount \(mountpoint) (see the libfuse message above)")
         }
         defer { fuse_session_unmount(se) }
-        if !writebackCache, let flat = fs.flatCopies {
-            // Read-only opens pass through to flat copies when the filesystem keeps them (never
-            // with the writeback cache, which the kernel does not combine with it). Our read and
-            // writev for /dev/fuse agree to it in the INIT reply and put backing ids in OPEN
-            // replies (CModelFSPassthrough).
-            var io = fuse_custom_io(writev: modelfs_pt_writev, read: modelfs_pt_read, splice_receive: nil, splice_send: nil)
-            modelfs_pt_enable(1)
-            let fd = fuse_session_fd(se)
-            if fuse_session_custom_io(se, &io, fd) == 0 {
+        // Our read and writev for /dev/fuse (CModelFSPassthrough) time every operation and count
+        // every errno (opMetrics), on every mount. With flat copies and without the writeback
+        // cache (which the kernel does not combine with passthrough) they also agree to
+        // passthrough in the INIT reply and put backing ids in OPEN replies.
+        var io = fuse_custom_io(writev: modelfs_pt_writev, read: modelfs_pt_read, splice_receive: nil, splice_send: nil)
+        let passthroughWanted = !writebackCache && fs.flatCopies != nil
+        modelfs_pt_enable(passthroughWanted ? 1 : 0)
+        let fd = fuse_session_fd(se)
+        if fuse_session_custom_io(se, &io, fd) == 0 {
+            if passthroughWanted, let flat = fs.flatCopies {
                 passthrough.withLock { $0 = PassthroughOpens(sessionFD: fd, flat: flat) }
-            } else {
-                modelfs_pt_enable(0)
-                Log.warning("passthrough off: libfuse did not take the /dev/fuse hooks")
             }
+        } else {
+            modelfs_pt_enable(0)
+            Log.warning("libfuse did not take the /dev/fuse hooks: no passthrough, no operation metrics")
         }
         // Wait for the mount to answer on another thread (this one is about to serve it).
         Thread.detachNewThread { [mountpoint] in

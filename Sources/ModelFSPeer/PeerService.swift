@@ -40,10 +40,12 @@ import Synchronization
 ///   GET  /metrics               Prometheus text
 ///
 /// Every request must carry `Authorization: Bearer SECRET` (the cluster secret): otherwise 401
-/// and nothing else. Ids are exactly 64 lowercase hex digits (no path is ever built from them);
+/// and nothing else. The metrics token (`--metrics-token-file`), when set, reads GET /metrics
+/// and GET /v1/status and nothing more (403): a scraper can never delete a replica. Ids are exactly 64 lowercase hex digits (no path is ever built from them);
 /// a body is at most one maximum-size block.
 public final class PeerService: PeerRoutes, @unchecked Sendable {
     let secret: [UInt8]
+    let readToken: [UInt8]?
     let local: PackBlockStore
     let cache: PackBlockStore?
     public let metrics: PeerMetrics
@@ -63,8 +65,9 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
     public static let maxBody = (4 << 20) + (64 << 10)
 
     public init(secret: String, local: PackBlockStore, cache: PackBlockStore?, metrics: PeerMetrics,
-                yield: ForegroundYield? = nil, status: @escaping @Sendable () -> Data) {
+                yield: ForegroundYield? = nil, readToken: String? = nil, status: @escaping @Sendable () -> Data) {
         self.secret = Array(secret.utf8)
+        self.readToken = readToken.map { Array($0.utf8) }
         self.yield = yield
         self.local = local
         self.cache = cache
@@ -72,12 +75,22 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
         self.status = status
     }
 
-    /// Compares in time independent of where the first difference is.
-    func authorized(_ headers: HTTPHeaders) -> Bool {
-        guard let value = headers.first(name: "authorization"), value.hasPrefix("Bearer ") else { return false }
+    enum Access { case none, read, all }
+
+    /// What the request's bearer may do: everything with the cluster secret, read metrics and
+    /// status with the metrics token.
+    func access(_ headers: HTTPHeaders) -> Access {
+        guard let value = headers.first(name: "authorization"), value.hasPrefix("Bearer ") else { return .none }
         let given = Array(value.utf8.dropFirst(7))
-        var diff = UInt8(given.count == secret.count ? 0 : 1)
-        for i in 0..<secret.count { diff |= secret[i] ^ (i < given.count ? given[i] : 0) }
+        if Self.same(given, secret) { return .all }
+        if let readToken, Self.same(given, readToken) { return .read }
+        return .none
+    }
+
+    /// Compares in time independent of where the first difference is.
+    static func same(_ given: [UInt8], _ expected: [UInt8]) -> Bool {
+        var diff = UInt8(given.count == expected.count ? 0 : 1)
+        for i in 0..<expected.count { diff |= expected[i] ^ (i < given.count ? given[i] : 0) }
         return diff == 0
     }
 
@@ -91,8 +104,13 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
     }
 
     func route(_ r: PeerRequest) -> (String, PeerResponse) {
-        guard authorized(r.headers) else {
-            return ("unauthorized", .text(.unauthorized, "missing or wrong cluster secret"))
+        switch access(r.headers) {
+        case .none: return ("unauthorized", .text(.unauthorized, "missing or wrong cluster secret"))
+        case .read:
+            guard r.method == .GET, r.path == "/metrics" || r.path == "/v1/status" else {
+                return ("forbidden", .text(.forbidden, "the metrics token reads GET /metrics and /v1/status only"))
+            }
+        case .all: break
         }
         if r.path.hasPrefix("/v1/blocks/") {
             let hex = r.path.dropFirst("/v1/blocks/".count)
@@ -278,6 +296,10 @@ public final class PeerMetrics: Sendable {
     private let state = Mutex(State())
     /// Gauges computed when scraped: name → value.
     let gauges: Mutex<(@Sendable () -> [(String, Double)])?> = Mutex(nil)
+    /// More metrics text, rendered by its owner (the FUSE operations, the mount's own gauges).
+    let extra: Mutex<(@Sendable () -> String)?> = Mutex(nil)
+
+    public func setExtra(_ f: @escaping @Sendable () -> String) { extra.withLock { $0 = f } }
 
     public init() {}
 
@@ -325,6 +347,7 @@ public final class PeerMetrics: Sendable {
         if let g = gauges.withLock({ $0 }) {
             for (k, v) in g() { out += "# TYPE \(k) gauge\n\(k) \(v)\n" }
         }
+        if let e = extra.withLock({ $0 }) { out += e() }
         return out
     }
 }

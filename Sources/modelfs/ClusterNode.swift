@@ -87,7 +87,8 @@ final class ClusterNode: @unchecked Sendable {
     /// Every node seen since start: those no longer live are shown as down.
     private let seen = Mutex<[String: NodeInfo]>([:])
 
-    init(id: String, options: ClusterOptions, meta: String, engine: any MetadataEngine, local: PackBlockStore, dataDir: String) throws {
+    init(id: String, options: ClusterOptions, meta: String, engine: any MetadataEngine, local: PackBlockStore, dataDir: String,
+         metricsToken: String? = nil) throws {
         self.id = id
         self.local = local
         let (endpoints, name) = try MetadataURL.parseEtcd(meta)
@@ -105,7 +106,7 @@ final class ClusterNode: @unchecked Sendable {
         let yield = ForegroundYield(busyRate: parseSize(options.healRateBusy)!)
         self.yield = yield
         service = PeerService(secret: options.secret, local: local, cache: cache, metrics: metrics, yield: yield,
-                                  status: { statusBox.get()?() ?? Data("{}".utf8) })
+                              readToken: metricsToken, status: { statusBox.get()?() ?? Data("{}".utf8) })
         do {
             server = try PeerServer(host: listen.host, port: listen.port, routes: service, maxBody: PeerService.maxBody)
         } catch {

@@ -22,9 +22,16 @@ struct Daemon {
     let passthrough: Passthrough
     /// The flat copies' byte budget.
     let flatBudget: UInt64
+    /// Where /metrics is served besides a cluster node's peer port (--metrics-listen), and the
+    /// read-only token it asks for.
+    let metricsListen: String?
+    let metricsToken: String?
 
     init(mountpoint: String, dataDir: String, meta: String, fuseOptions: [String], readyFD: Int32?, cluster: ClusterOptions?,
-         passthrough: Passthrough = .off("not asked for"), flatBudget: UInt64 = 10 << 30) {
+         passthrough: Passthrough = .off("not asked for"), flatBudget: UInt64 = 10 << 30,
+         metricsListen: String? = nil, metricsToken: String? = nil) {
+        self.metricsListen = metricsListen
+        self.metricsToken = metricsToken
         self.mountpoint = mountpoint; self.dataDir = dataDir; self.meta = meta
         self.fuseOptions = fuseOptions; self.readyFD = readyFD; self.cluster = cluster
         self.passthrough = passthrough
@@ -63,7 +70,8 @@ struct Daemon {
         if let cluster {
             let id = try cluster.nodeId ?? Daemon.nodeID(dataDir)
             engine = try MetadataURL.open(meta, rootUID: getuid(), rootGID: getgid(), clientID: id)
-            node = try ClusterNode(id: id, options: cluster, meta: meta, engine: engine, local: store, dataDir: dataDir)
+            node = try ClusterNode(id: id, options: cluster, meta: meta, engine: engine, local: store, dataDir: dataDir,
+                                   metricsToken: metricsToken)
         } else {
             if let recorded = try? String(contentsOfFile: dataDir + "/cluster", encoding: .utf8) {
                 throw FSError.invalid("data dir \(dataDir) belongs to cluster \"\(recorded.trimmingCharacters(in: .whitespacesAndNewlines))\"; mount it with --meta etcd://... or choose another --data")
@@ -130,6 +138,14 @@ struct Daemon {
                 n.replicator.waitUntilReplicated(inodes: inodes, timeout: timeout, progress: progress)
             }
         }, handlers: Operate.handlers(fs: fs, node: node))
+        // /metrics: the FUSE operations and this mount's gauges, after a cluster node's own.
+        let mountMetrics: @Sendable () -> String = { [dataDir] in
+            OpMetrics.render() + Daemon.gauges(fs: fs, store: store, flat: flat, server: server, dataDir: dataDir)
+        }
+        node?.metrics.setExtra(mountMetrics)
+        let metricsServer = try metricsListen.map { address in
+            try MetricsServer(address: address, token: metricsToken) { [node] in node.map { $0.metrics.render() } ?? mountMetrics() }
+        }
         try node?.start()
         if let node {
             let me = node.id
@@ -157,6 +173,7 @@ struct Daemon {
                 try Registry.save(record)
             } catch { Log.error("cannot announce the mount: \(error)") }
             gc.start()
+            metricsServer?.start()
             Log.info("mounted \(mp)")
             if let flat {
                 // The mount answered, so the kernel's INIT (and whether it agreed) is behind us.
@@ -174,6 +191,7 @@ struct Daemon {
             }
         }
         SystemdNotify.send("STOPPING=1\nSTATUS=unmounted \(mountpoint); finishing")
+        metricsServer?.stop()
         gc.stop(idle: node == nil)
         node?.stop()
         try? engine.sync()
@@ -209,6 +227,28 @@ struct Daemon {
             cacheBytes: cache.bytes, cacheHits: cache.hits, cacheMisses: cache.misses,
             blockBytesWritten: u.bytesWritten,
             streamedBytes: w.streamed, stagedBytes: w.staged, stagedAbsorbedBytes: w.absorbed, metadataError: metadataError)
+    }
+
+    /// The mount's gauges in the Prometheus text format (a cluster node adds its own).
+    static func gauges(fs: FileSystem, store: PackBlockStore, flat: FlatCopies?, server: FuseServer, dataDir: String) -> String {
+        let u = store.usage()
+        let cache = fs.reader.cache.statistics
+        let w = fs.writeCounters.snapshot
+        let p = server.passthroughStatus
+        let f = flat?.stats ?? FlatCopies.Stats()
+        let rows: [(String, String, UInt64)] = [
+            ("modelfs_stored_bytes", "gauge", u.bytes), ("modelfs_blocks", "gauge", u.blocks),
+            ("modelfs_block_bytes_written_total", "counter", u.bytesWritten),
+            ("modelfs_open_handles", "gauge", UInt64(fs.openHandleCount)),
+            ("modelfs_memory_cache_bytes", "gauge", UInt64(cache.bytes)), ("modelfs_memory_cache_hits_total", "counter", UInt64(cache.hits)),
+            ("modelfs_memory_cache_misses_total", "counter", UInt64(cache.misses)),
+            ("modelfs_streamed_bytes_total", "counter", w.streamed), ("modelfs_staged_bytes_total", "counter", w.staged),
+            ("modelfs_passthrough_opens_total", "counter", p.opens), ("modelfs_daemon_reads_total", "counter", p.daemonReads),
+            ("modelfs_flat_copy_bytes", "gauge", UInt64(f.bytes)), ("modelfs_flat_copies", "gauge", UInt64(f.copies)),
+            ("modelfs_flat_copy_hits_total", "counter", UInt64(f.hits)), ("modelfs_flat_copy_misses_total", "counter", UInt64(f.misses)),
+            ("modelfs_flat_copies_built_total", "counter", UInt64(f.built)), ("modelfs_flat_copies_evicted_total", "counter", UInt64(f.evicted)),
+        ]
+        return rows.map { "# TYPE \($0.0) \($0.1)\n\($0.0) \($0.2)\n" }.joined()
     }
 
     /// This node's id: made once, kept in DATA/node-id.

@@ -46,6 +46,12 @@ struct MountCommand: ParsableCommand {
     @Option(help: "Rotated logs kept: modelfs.log.1 ... modelfs.log.N, the oldest dropped.")
     var logKeep: Int = 3
 
+    @Option(help: "Serve Prometheus /metrics at HOST:PORT (e.g. 127.0.0.1:9567; off by default): FUSE operation latencies and errors, cache, passthrough, replication and healing. A cluster node's peer port serves them too.")
+    var metricsListen: String?
+
+    @Option(help: "File (mode 600) holding a read-only token for /metrics: required with --metrics-listen off loopback; on a cluster node it also reads the peer port's /metrics and /v1/status, and nothing else.")
+    var metricsTokenFile: String?
+
     @Option(help: "A YAML file of mount flags (the long names, without dashes: `replicas: 3`, `secret-file: /etc/modelfs/secret`, `options: [allow_other]`); flags on the command line override it. Check one with `modelfs config check FILE`.")
     var config: String?
 
@@ -68,7 +74,8 @@ struct MountCommand: ParsableCommand {
             do {
                 try Daemon(mountpoint: mp, dataDir: dataDir, meta: metaURL, fuseOptions: o, readyFD: readyFd,
                            cluster: metaURL.hasPrefix("etcd://") ? cluster : nil,
-                           passthrough: passthroughChoice, flatBudget: flatBudget(dataDir)).run()
+                           passthrough: passthroughChoice, flatBudget: flatBudget(dataDir),
+                           metricsListen: metricsListen, metricsToken: metricsToken).run()
             } catch let e as FSError {
                 report(e.message)
                 throw fail(e.message)
@@ -92,6 +99,30 @@ struct MountCommand: ParsableCommand {
         var vfs = statvfs()
         let tenth = statvfs(dataDir, &vfs) == 0 ? UInt64(vfs.f_blocks) * UInt64(vfs.f_frsize) / 10 : UInt64.max
         return min(10 << 30, tenth)
+    }
+
+    /// The metrics token, read from its file.
+    var metricsToken: String? {
+        metricsTokenFile.flatMap { try? String(contentsOfFile: $0, encoding: .utf8) }?.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    /// The metrics flags' problem, if any.
+    func metricsProblem() -> String? {
+        if let metricsTokenFile {
+            if let why = unsafeSecretFile(metricsTokenFile, flag: "--metrics-token-file") { return why }
+            guard let token = metricsToken else { return "cannot read the metrics token file \(metricsTokenFile)" }
+            if token.count < 8 { return "the token in --metrics-token-file \(metricsTokenFile) is shorter than 8 characters; use a long random one" }
+            if token == cluster.secret { return "--metrics-token-file holds the cluster secret: the metrics token must be another, read-only one" }
+        }
+        if let metricsListen {
+            guard let (host, _) = parseHostPort(metricsListen), host.split(separator: ".").count == 4 else {
+                return "--metrics-listen \(metricsListen): expected IPv4:PORT, e.g. 127.0.0.1:9567"
+            }
+            if !host.hasPrefix("127.") && metricsTokenFile == nil {
+                return "--metrics-listen \(metricsListen) is reachable from other machines: give it a token with --metrics-token-file FILE (or listen on 127.0.0.1)"
+            }
+        }
+        return nil
     }
 
     /// The log flags' problem, if any.
@@ -149,6 +180,7 @@ struct MountCommand: ParsableCommand {
         let meta = meta ?? self.meta ?? "sqlite:"
         var out: [String] = []
         if let p = logProblem() { out.append(p) }
+        if let p = metricsProblem() { out.append(p) }
         if let flatSize, parseSize(flatSize) == nil { out.append("--flat-size \(flatSize): expected a size such as 512M or 10G") }
         if passthrough == true && MountOptions(o).writebackCache {
             out.append("--passthrough and -o writeback_cache do not go together: the kernel turns passthrough off with the writeback cache; drop one")
@@ -202,6 +234,8 @@ struct MountCommand: ParsableCommand {
         if let passthrough { args.append(passthrough ? "--passthrough" : "--no-passthrough") }
         if let flatSize { args += ["--flat-size", flatSize] }
         args += ["--log-level", logLevel, "--log-max-size", logMaxSize, "--log-keep", String(logKeep)]
+        if let metricsListen { args += ["--metrics-listen", metricsListen] }
+        if let metricsTokenFile { args += ["--metrics-token-file", metricsTokenFile] }
         if meta.hasPrefix("etcd://") { args += cluster.arguments }
         let logPath = dataDir + "/modelfs.log"
 

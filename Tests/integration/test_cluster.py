@@ -236,6 +236,27 @@ def test_peer_server_needs_the_secret_and_rejects_tampered_blocks(make_nodes):
     assert status == 200 and b"modelfs_peer_requests_total" in body and b"modelfs_under_replicated_bytes" in body
 
 
+def test_the_metrics_token_reads_metrics_and_status_and_nothing_else(make_nodes, tmp_path):
+    token_file = tmp_path / "metrics-token"
+    token_file.write_text("read-only-metrics-token\n")
+    token_file.chmod(0o600)
+    a, = make_nodes(1, replicas=1, extra=["--metrics-token-file", str(token_file)])
+    write_file(a / "f.bin", payload(2 * MiB, 6))
+    read_file(a / "f.bin")
+    addr = a.peer_address
+    block = sorted(a.blocks())[0]
+    status, body = peer_request(addr, "GET", "/metrics", "read-only-metrics-token")
+    assert status == 200 and b"modelfs_peer_requests_total" in body
+    # The FUSE operations and the mount's own gauges are on the peer port too.
+    assert b'modelfs_fuse_op_seconds_count{op="write"}' in body and b"modelfs_stored_bytes" in body
+    status, _ = peer_request(addr, "GET", "/v1/status", "read-only-metrics-token")
+    assert status == 200
+    for method, path in [("DELETE", f"/v1/blocks/{block}"), ("GET", f"/v1/blocks/{block}"), ("POST", "/v1/verify")]:
+        status, _ = peer_request(addr, method, path, "read-only-metrics-token", b"" if method == "POST" else None)
+        assert status == 403, (method, path, status)
+    assert block in a.blocks(), "the metrics token deleted a replica"
+
+
 def test_losing_one_etcd_member_the_filesystem_carries_on(make_nodes):
     own = EtcdCluster(3)
     try:

@@ -311,6 +311,78 @@ def test_the_log_rotates_within_its_bound_and_keeps_its_level(scratch):
 
 
 # ---------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int, token: str | None = None) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_single_node_serves_metrics_of_its_fuse_operations(mount_factory, tmp_path):
+    port = free_port()
+    token = private(tmp_path / "token", "scrape-token-1234\n")
+    m = mount_factory(extra_args=["--metrics-listen", f"127.0.0.1:{port}", "--metrics-token-file", str(token)])
+    status, _ = scrape(port)
+    assert status == 401
+    status, _ = scrape(port, "wrong-token-0000")
+    assert status == 401
+    status, before = scrape(port, "scrape-token-1234")
+    assert status == 200
+    write_file(m / "f", os.urandom(4 * MiB))
+    for i in range(37):
+        try:
+            os.getxattr(m / "f", f"user.none{i}")
+        except OSError:
+            pass
+    status, after = scrape(port, "scrape-token-1234")
+    assert status == 200
+    enodata = 'modelfs_fuse_errors_total{errno="ENODATA"}'
+    assert metric(after, enodata) - metric(before, enodata) == 37
+    getx = 'modelfs_fuse_op_seconds_count{op="getxattr"}'
+    assert metric(after, getx) - metric(before, getx) == 37
+    writes = 'modelfs_fuse_op_seconds_count{op="write"}'
+    assert metric(after, writes) >= 4, after[:2000]
+    assert metric(after, 'modelfs_fuse_op_seconds_bucket{op="write",le="+Inf"}') == metric(after, writes)
+    assert metric(after, "modelfs_stored_bytes") >= 4 * MiB
+
+
+def test_metrics_flags_are_checked(scratch):
+    mp = scratch / "m"
+    mp.mkdir()
+    base = [MODELFS_BIN, "mount", str(mp), "--data", str(scratch / "d")]
+    expect_cli_error(base + ["--metrics-listen", "0.0.0.0:9567"], r"reachable from other machines: give it a token")
+    loose = scratch / "token"
+    loose.write_text("scrape-token-1234\n")
+    loose.chmod(0o604)
+    expect_cli_error(base + ["--metrics-listen", "127.0.0.1:9567", "--metrics-token-file", str(loose)],
+                     r"--metrics-token-file .* is open to other users")
+    expect_cli_error(base + ["--metrics-listen", "nowhere"], r"--metrics-listen nowhere: expected IPv4:PORT")
+    assert not is_mounted(mp, None)
+
+
+# ---------------------------------------------------------------------------
 # JSON, completions, manual, install.sh
 # ---------------------------------------------------------------------------
 

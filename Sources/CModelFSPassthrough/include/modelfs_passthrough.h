@@ -31,4 +31,15 @@ void modelfs_pt_mark(uint64_t fh, int backing_id);
 // Forgets a mark whose reply was never sent (the open failed after marking).
 void modelfs_pt_unmark(uint64_t fh);
 
+// Per-operation metrics, kept by the same hooks on every mount (with or without passthrough):
+// a latency histogram per FUSE opcode (request read to reply written) and a count per errno
+// answered. Snapshot into counts[MODELFS_OPS * (MODELFS_OP_BUCKETS + 1)] (the last bucket is
+// +Inf), nanos[MODELFS_OPS] (sums) and errnos[MODELFS_ERRNOS].
+#define MODELFS_OPS 64
+#define MODELFS_OP_BUCKETS 18
+#define MODELFS_ERRNOS 134
+void modelfs_ops_snapshot(uint64_t *counts, uint64_t *nanos, uint64_t *errnos);
+// The upper bound of histogram bucket `bucket`, in nanoseconds.
+uint64_t modelfs_ops_bucket_ns(int bucket);
+
 #endif
