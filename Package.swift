@@ -17,6 +17,8 @@ let package = Package(
         // the peer server is SwiftNIO's HTTP/1.1 pipeline (DESIGN.md §5).
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.3"),
         .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
+        // TLS to etcd (AsyncHTTPClient's TLS, so already in the graph).
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
         // The log goes through swift-log (AsyncHTTPClient's logging API, so already in the graph).
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         // The config file (`--config`, `modelfs config check`): YAML, with each key's line.
@@ -47,6 +49,7 @@ let package = Package(
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
         .target(name: "ModelFS", dependencies: ["ModelFSCore", "ModelFSStore", "ModelFSMeta"]),

@@ -3,7 +3,43 @@ import Foundation
 import ModelFSCore
 import NIOCore
 import NIOHTTP1
+import NIOSSL
 import Synchronization
+
+/// How a node talks to etcd beyond plain HTTP: TLS (the members' CA, and a client certificate
+/// when etcd asks for one: `--client-cert-auth`) and etcd's own users (`etcdctl auth enable`).
+public struct EtcdSecurity: Sendable, Equatable {
+    /// PEM file of the CA that signed the members' certificates: with it, https.
+    public var caFile: String?
+    /// PEM files of this node's client certificate and key.
+    public var certFile: String?
+    public var keyFile: String?
+    /// An etcd user and its password (read from a file by the caller).
+    public var user: String?
+    public var password: String?
+
+    public init(caFile: String? = nil, certFile: String? = nil, keyFile: String? = nil, user: String? = nil, password: String? = nil) {
+        self.caFile = caFile; self.certFile = certFile; self.keyFile = keyFile; self.user = user; self.password = password
+    }
+
+    public static let none = EtcdSecurity()
+    var tls: Bool { caFile != nil || certFile != nil }
+
+    /// The TLS configuration of the HTTP client.
+    func tlsConfiguration() throws -> TLSConfiguration {
+        var c = TLSConfiguration.makeClientConfiguration()
+        if let caFile { c.trustRoots = .file(caFile) }
+        if let certFile, let keyFile {
+            do {
+                c.certificateChain = try NIOSSLCertificate.fromPEMFile(certFile).map { .certificate($0) }
+                c.privateKey = .privateKey(try NIOSSLPrivateKey(file: keyFile, format: .pem))
+            } catch {
+                throw FSError.invalid("cannot load the etcd client certificate \(certFile) or key \(keyFile): \(error)")
+            }
+        }
+        return c
+    }
+}
 
 /// A key-value pair as etcd returns it.
 public struct EtcdKV: Sendable, Equatable {
@@ -82,15 +118,37 @@ public final class EtcdClient: Sendable {
     let http: HTTPClient
     private let preferred = Mutex(0)
     let timeout: TimeAmount
+    let security: EtcdSecurity
+    /// The etcd auth token (with a user): fetched on first use, fetched again when etcd says it
+    /// is no longer valid (simple tokens expire after --auth-token-ttl of disuse).
+    private let token = Mutex<String?>(nil)
 
-    /// `endpoints` are `host:port` or `http://host:port`.
-    public init(endpoints: [String], timeout: TimeAmount = .seconds(20)) {
-        self.endpoints = endpoints.map { $0.hasPrefix("http://") || $0.hasPrefix("https://") ? $0 : "http://\($0)" }
+    /// `endpoints` are `host:port` or `http(s)://host:port`; with TLS in `security` they are https.
+    public init(endpoints: [String], security: EtcdSecurity = .none, timeout: TimeAmount = .seconds(20)) throws {
+        let scheme = security.tls ? "https://" : "http://"
+        self.endpoints = endpoints.map { $0.hasPrefix("http://") || $0.hasPrefix("https://") ? $0 : scheme + $0 }
         var config = HTTPClient.Configuration()
         config.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 32)
         config.timeout = .init(connect: .seconds(2))
+        if security.tls { config.tlsConfiguration = try security.tlsConfiguration() }
         http = HTTPClient(eventLoopGroupProvider: .singleton, configuration: config)
         self.timeout = timeout
+        self.security = security
+    }
+
+    /// Adds the auth token to a request (when etcd has users), fetching it first if needed.
+    func authorize(_ headers: inout HTTPHeaders) throws {
+        guard let user = security.user else { return }
+        let current = token.withLock { $0 }
+        if let current { headers.replaceOrAdd(name: "Authorization", value: current); return }
+        struct Req: Encodable { var name: String; var password: String }
+        struct Resp: Decodable { var token: String? }
+        let r: Resp = try call("/v3/auth/authenticate", Req(name: user, password: security.password ?? ""), idempotent: true, authenticated: false)
+        guard let t = r.token, !t.isEmpty else {
+            throw EtcdError.rejected(code: 16, message: "etcd gave user \(user) no token (is auth enabled?)")
+        }
+        token.withLock { $0 = t }
+        headers.replaceOrAdd(name: "Authorization", value: t)
     }
 
     public func shutdown() {
@@ -254,8 +312,25 @@ public final class EtcdClient: Sendable {
     /// Posts `body` to `path` on the preferred endpoint, moving to the next one when an endpoint
     /// cannot be reached. A request that reached a server but got no definite answer is retried
     /// elsewhere only when `idempotent`; otherwise it is reported as `.ambiguous`.
-    func call<Req: Encodable, Resp: Decodable>(_ path: String, _ body: Req, idempotent: Bool) throws -> Resp {
+    func call<Req: Encodable, Resp: Decodable>(_ path: String, _ body: Req, idempotent: Bool, authenticated: Bool = true) throws -> Resp {
+        do {
+            return try send(path, body, idempotent: idempotent, authenticated: authenticated)
+        } catch EtcdError.rejected(let code, let message) where authenticated && security.user != nil && Self.staleToken(code, message) {
+            // The token expired or etcd restarted: log in again, once.
+            token.withLock { $0 = nil }
+            return try send(path, body, idempotent: idempotent, authenticated: true)
+        }
+    }
+
+    /// etcd's answers to a request whose token it no longer takes.
+    static func staleToken(_ code: Int, _ message: String) -> Bool {
+        message.contains("invalid auth token") || message.contains("user name is empty")
+    }
+
+    private func send<Req: Encodable, Resp: Decodable>(_ path: String, _ body: Req, idempotent: Bool, authenticated: Bool) throws -> Resp {
         let json = try JSONEncoder().encode(body)
+        var auth = HTTPHeaders()
+        if authenticated { try authorize(&auth) }
         let first = preferred.withLock { $0 }
         var failures: [String] = []
         for attempt in 0..<endpoints.count {
@@ -268,6 +343,7 @@ public final class EtcdClient: Sendable {
                 throw EtcdError.unreachable("bad endpoint \(endpoints[index]): \(error)")
             }
             request.headers.add(name: "Content-Type", value: "application/json")
+            request.headers.add(contentsOf: auth)
             let response: HTTPClient.Response
             do {
                 response = try http.execute(request: request, deadline: .now() + timeout).wait()
@@ -285,7 +361,8 @@ public final class EtcdClient: Sendable {
                 }
             }
             let err = try? JSONDecoder().decode(WireError.self, from: bytes)
-            let message = err?.message ?? err?.error ?? String(decoding: bytes.prefix(200), as: UTF8.self)
+            let message = (err?.message ?? err?.error ?? String(decoding: bytes.prefix(200), as: UTF8.self))
+                .trimmingCharacters(in: .whitespacesAndNewlines)
             // A snapshot read whose revision is gone (compacted) or not yet applied on this member.
             if message.contains("required revision has been compacted") || message.contains("future revision") {
                 throw EtcdError.compacted
@@ -298,9 +375,39 @@ public final class EtcdClient: Sendable {
                 if idempotent { continue }
                 throw EtcdError.ambiguous("\(endpoints[index])\(path): \(message)")
             }
+            if err?.code == 16 || err?.code == 7 || response.status == .unauthorized || response.status == .forbidden {
+                // Unauthenticated or permission denied: a wrong user, password, or role.
+                throw EtcdError.rejected(code: err?.code ?? Int(response.status.code), message: "etcd refused access: \(message)")
+            }
             throw EtcdError.rejected(code: err?.code ?? Int(response.status.code), message: message)
         }
         throw EtcdError.unreachable(failures.joined(separator: "; "))
+    }
+
+    /// What to do about a first request that failed, for the one-line error.
+    public static func hint(for error: any Error, _ security: EtcdSecurity) -> String {
+        let text = "\(error)"
+        if text.contains("CommonName of client") {
+            return "etcd's JSON gateway refuses a client certificate with a CommonName while auth is on: give this node one whose subject has no CN (e.g. openssl req -subj /O=modelfs)"
+        }
+        if !security.tls && text.contains("remoteConnectionClosed") {
+            return "etcd closed the connection unanswered: if it speaks TLS, give its CA with --etcd-ca (and --etcd-cert/--etcd-key if it asks for client certificates)"
+        }
+        if security.tls && text.contains("remoteConnectionClosed") {
+            return security.certFile == nil
+                ? "etcd closed the TLS connection unanswered: it asks for a client certificate, give one with --etcd-cert and --etcd-key"
+                : "etcd closed the TLS connection unanswered: check --etcd-ca, --etcd-cert and --etcd-key against the members' CA"
+        }
+        if text.contains("HTTP request to an HTTPS server") { return "etcd speaks TLS: give its CA with --etcd-ca (and --etcd-cert/--etcd-key if it asks for client certificates)" }
+        if text.lowercased().contains("handshake") || text.contains("SSL") || text.contains("certificate") {
+            return security.tls ? "the TLS handshake failed: check --etcd-ca, --etcd-cert and --etcd-key against the members' certificates"
+                                : "etcd speaks TLS: give its CA with --etcd-ca"
+        }
+        if text.contains("refused access") || text.contains("authentication failed") || text.contains("user name is empty") || text.contains("permission denied") {
+            return security.user == nil ? "etcd has users: give one with --etcd-user and --etcd-password-file"
+                                        : "check --etcd-user, --etcd-password-file and the user's role"
+        }
+        return "start the etcd cluster or fix --meta"
     }
 
     /// Whether a transport error means the request never reached the server (safe to resend).

@@ -50,8 +50,8 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
     private var flushTimer: (any DispatchSourceTimer)?
 
     /// `name` selects the cluster's key prefix (`/modelfs/NAME/`), so one etcd can hold several.
-    public init(endpoints: [String], name: String, clientID: String = UUID().uuidString) throws {
-        client = EtcdClient(endpoints: endpoints)
+    public init(endpoints: [String], name: String, clientID: String = UUID().uuidString, security: EtcdSecurity = .none) throws {
+        client = try EtcdClient(endpoints: endpoints, security: security)
         prefix = Data("/modelfs/\(name)/".utf8)
         self.clientID = clientID
         do {
@@ -59,7 +59,7 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
             try seedCounters()
         } catch {
             client.shutdown()
-            throw FSError.io("cannot reach etcd at \(endpoints.joined(separator: ",")): \(error); start the etcd cluster or fix --meta")
+            throw FSError.io("cannot reach etcd at \(endpoints.joined(separator: ",")): \(error); \(EtcdClient.hint(for: error, security))")
         }
         let t = DispatchSource.makeTimerSource(queue: flusher)
         t.schedule(deadline: .now() + 1, repeating: 1)

@@ -67,6 +67,7 @@ public final class EtcdWatcher: @unchecked Sendable {
         do {
             var request = try HTTPClient.Request(url: endpoint + "/v3/watch", method: .POST, body: .data(try JSONEncoder().encode(body)))
             request.headers.add(name: "Content-Type", value: "application/json")
+            try client.authorize(&request.headers)
             let delegate = LineDelegate { [weak self] line in self?.received(line) }
             let task = client.http.execute(request: request, delegate: delegate)
             state.withLock { $0.task = task }

@@ -147,7 +147,7 @@ public struct CommitFence: Sendable, Equatable {
 /// `etcd://HOST:PORT[,HOST:PORT...][/NAME]` (NAME: the cluster's key prefix, default "default").
 public enum MetadataURL {
     public static func open(_ url: String, rootUID: UInt32, rootGID: UInt32,
-                            clientID: String = UUID().uuidString) throws -> any MetadataEngine {
+                            clientID: String = UUID().uuidString, etcd security: EtcdSecurity = .none) throws -> any MetadataEngine {
         if url == "memory:" || url == "memory" {
             return try KVMetadataEngine(store: MemoryTransactionalStore(), rootUID: rootUID, rootGID: rootGID)
         }
@@ -159,7 +159,7 @@ public enum MetadataURL {
         }
         if url.hasPrefix("etcd://") {
             let (endpoints, name) = try parseEtcd(url)
-            let store = try EtcdTransactionalStore(endpoints: endpoints, name: name, clientID: clientID)
+            let store = try EtcdTransactionalStore(endpoints: endpoints, name: name, clientID: clientID, security: security)
             return try KVMetadataEngine(store: store, rootUID: rootUID, rootGID: rootGID)
         }
         let scheme = url.split(separator: ":", maxSplits: 1).first.map(String.init) ?? url

@@ -92,7 +92,7 @@ final class ClusterNode: @unchecked Sendable {
         self.id = id
         self.local = local
         let (endpoints, name) = try MetadataURL.parseEtcd(meta)
-        let etcd = EtcdClient(endpoints: endpoints)
+        let etcd = try EtcdClient(endpoints: endpoints, security: options.etcdSecurity)
         self.etcd = etcd
         clusterName = name
         self.options = options

@@ -15,6 +15,21 @@ struct ClusterOptions: ParsableArguments {
     @Option(help: "File holding the cluster secret; every node must use the same secret.")
     var secretFile: String?
 
+    @Option(help: "PEM file of the CA that signed the etcd members' certificates: talk to etcd over TLS (https).")
+    var etcdCa: String?
+
+    @Option(help: "PEM file of this node's client certificate for etcd (with --etcd-key), when etcd asks for one (--client-cert-auth).")
+    var etcdCert: String?
+
+    @Option(help: "PEM file (mode 600) of the key of --etcd-cert.")
+    var etcdKey: String?
+
+    @Option(help: "etcd user this node logs in as, when etcd has auth enabled (with --etcd-password-file).")
+    var etcdUser: String?
+
+    @Option(help: "File (mode 600) holding the password of --etcd-user.")
+    var etcdPasswordFile: String?
+
     @Option(help: "Default copies of every block, for directories without a policy.")
     var replicas: Int = 2
 
@@ -87,6 +102,10 @@ struct ClusterOptions: ParsableArguments {
         if let spread { a += ["--spread", spread] }
         if let labels { a += ["--labels", labels] }
         if let nodeId { a += ["--node-id", nodeId] }
+        for (flag, value) in [("--etcd-ca", etcdCa), ("--etcd-cert", etcdCert), ("--etcd-key", etcdKey),
+                              ("--etcd-user", etcdUser), ("--etcd-password-file", etcdPasswordFile)] {
+            if let value { a += [flag, value] }
+        }
         return a
     }
 
@@ -102,6 +121,7 @@ struct ClusterOptions: ParsableArguments {
         if secret.trimmingCharacters(in: .whitespacesAndNewlines).count < 8 {
             return "the secret in \(secretFile) is shorter than 8 characters; use a long random one"
         }
+        if let problem = etcdProblem() { return problem }
         if replicas < 1 || replicas > 16 || ack < 1 || ack > replicas {
             return "--replicas \(replicas) --ack \(ack): need 1 <= ack <= replicas <= 16"
         }
@@ -127,6 +147,26 @@ struct ClusterOptions: ParsableArguments {
         if healScanRate < 0 { return "--heal-scan-rate must be 0 (no limit) or more files a second" }
         if gcScanRate < 0 { return "--gc-scan-rate must be 0 (no limit) or more manifests a second" }
         return nil
+    }
+
+    /// The etcd TLS and auth flags' problem, if any.
+    func etcdProblem() -> String? {
+        for (flag, path) in [("--etcd-ca", etcdCa), ("--etcd-cert", etcdCert), ("--etcd-key", etcdKey), ("--etcd-password-file", etcdPasswordFile)] {
+            guard let path else { continue }
+            if access(path, R_OK) != 0 { return "\(flag) \(path): cannot read it (\(String(cString: strerror(errno))))" }
+        }
+        if (etcdCert == nil) != (etcdKey == nil) { return "--etcd-cert and --etcd-key go together: give both or neither" }
+        if let etcdKey, let why = unsafeSecretFile(etcdKey, flag: "--etcd-key") { return why }
+        if (etcdUser == nil) != (etcdPasswordFile == nil) { return "--etcd-user and --etcd-password-file go together: give both or neither" }
+        if let etcdPasswordFile, let why = unsafeSecretFile(etcdPasswordFile, flag: "--etcd-password-file") { return why }
+        return nil
+    }
+
+    /// How to reach etcd: TLS files and the user, its password read from its file.
+    var etcdSecurity: EtcdSecurity {
+        EtcdSecurity(caFile: etcdCa, certFile: etcdCert, keyFile: etcdKey, user: etcdUser,
+                     password: etcdPasswordFile.flatMap { try? String(contentsOfFile: $0, encoding: .utf8) }?
+                         .trimmingCharacters(in: .newlines))
     }
 
     var secret: String {

@@ -69,7 +69,7 @@ struct Daemon {
         let engine: any MetadataEngine
         if let cluster {
             let id = try cluster.nodeId ?? Daemon.nodeID(dataDir)
-            engine = try MetadataURL.open(meta, rootUID: getuid(), rootGID: getgid(), clientID: id)
+            engine = try MetadataURL.open(meta, rootUID: getuid(), rootGID: getgid(), clientID: id, etcd: cluster.etcdSecurity)
             node = try ClusterNode(id: id, options: cluster, meta: meta, engine: engine, local: store, dataDir: dataDir,
                                    metricsToken: metricsToken)
         } else {

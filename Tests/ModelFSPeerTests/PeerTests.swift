@@ -46,7 +46,7 @@ final class TestNode: @unchecked Sendable {
         self.metrics = metrics
         let service = PeerService(secret: secret, local: local, cache: cache, metrics: metrics, status: { Data("{}".utf8) })
         server = try PeerServer(host: "127.0.0.1", port: 0, routes: service, maxBody: PeerService.maxBody)
-        membership = Membership(client: EtcdClient(endpoints: etcd.endpoints), cluster: cluster,
+        membership = Membership(client: try EtcdClient(endpoints: etcd.endpoints), cluster: cluster,
                                 me: NodeInfo(id: id, address: "127.0.0.1:\(server.port)", labels: labels), ttl: 5, refresh: 0.2)
         try membership.start()
         client = PeerClient(secret: secret, timeout: .seconds(5))
@@ -420,7 +420,7 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
         let b = try TestNode(id: "b", cluster: cluster)
         let junk = try PeerServer(host: "127.0.0.1", port: 0, routes: Junk(), maxBody: 1 << 20)
         let etcd = try EtcdTestCluster.shared.get()
-        let jm = Membership(client: EtcdClient(endpoints: etcd.endpoints), cluster: cluster,
+        let jm = Membership(client: try EtcdClient(endpoints: etcd.endpoints), cluster: cluster,
                             me: NodeInfo(id: "junk", address: "127.0.0.1:\(junk.port)"), ttl: 5, refresh: 0.2)
         try jm.start()
         defer { jm.stop(); junk.shutdown(); a.stop(); b.stop() }
@@ -754,7 +754,7 @@ final class ScriptedPeer: @unchecked Sendable {
     @Test func aReleaseThatFailsIsRetriedButNeverDropsALockTakenAgain() throws {
         let etcd = try EtcdTestCluster(members: 1)
         defer { etcd.stop() }
-        let client = EtcdClient(endpoints: etcd.endpoints, timeout: .seconds(2))
+        let client = try EtcdClient(endpoints: etcd.endpoints, timeout: .seconds(2))
         let cluster = "wlock-\(UInt64.random(in: 0...UInt64.max))"
         let membership = Membership(client: client, cluster: cluster, me: NodeInfo(id: "holder", address: "127.0.0.1:1"), ttl: 60, refresh: 0.2)
         try membership.start()
