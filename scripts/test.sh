@@ -27,6 +27,8 @@ fi
 if [ "$tier" = mount ] || [ "$tier" = all ] || [ "$tier" = frameworks ]; then
     echo "== release build"
     swift build -c release --product modelfs
+    # The manual's generator (scripts/install.sh, tested by test_deploy.py).
+    swift build -c release --product generate-manual
     scripts/install-python-deps.sh
     scripts/install-framework-deps.sh
 fi

@@ -416,6 +416,11 @@ public final class PeerServer: @unchecked Sendable {
         var expectContinue = false
     }
 
+    /// RFC 9110's tchar: the bytes of a header field name.
+    static func isTokenByte(_ b: UInt8) -> Bool {
+        (0x30...0x39).contains(b) || (0x41...0x5A).contains(b) || (0x61...0x7A).contains(b) || "!#$%&'*+-.^_`|~".utf8.contains(b)
+    }
+
     /// The request line and headers (HTTP/1.0 or 1.1), or nil if malformed.
     static func parseRequestHead(_ bytes: ArraySlice<UInt8>) -> RequestHead? {
         let lines = String(decoding: bytes, as: UTF8.self).split(separator: "\r\n", omittingEmptySubsequences: true)
@@ -428,6 +433,10 @@ public final class PeerServer: @unchecked Sendable {
         for line in lines.dropFirst() {
             guard let colon = line.firstIndex(of: ":"), colon != line.startIndex else { return nil }
             let name = String(line[..<colon])
+            // A field name is an HTTP token (RFC 9110 tchar): anything else is a bad request, and
+            // must never reach HTTPHeaders, which traps on a name that is not ASCII (found by
+            // PeerFuzzTests: one such header from anyone who could connect stopped the node).
+            guard name.utf8.allSatisfy(Self.isTokenByte) else { return nil }
             let value = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
             h.headers.add(name: name, value: value)
             switch name.lowercased() {

@@ -60,6 +60,10 @@ struct ClusterStatus: Codable {
     var scrub: ScrubStatus?
     /// How this node's healing copies yield to its foreground (absent from an older daemon).
     var healYield: ForegroundYield.Status?
+    /// How peer traffic and etcd traffic are protected: "unencrypted" or "TLS" (absent from an
+    /// older daemon).
+    var peerTraffic: String?
+    var etcdTraffic: String?
 }
 
 /// The parts a cluster node adds to a mount (DESIGN.md §5): its peer server, its membership,
@@ -261,6 +265,8 @@ final class ClusterNode: @unchecked Sendable {
         return ClusterStatus(nodeID: id, address: membership.me.address, nodes: nodes, replication: replicator.status(),
                              cacheBytes: blocks.cache.usage().bytes, cacheBudget: blocks.cacheBudget, cacheStats: blocks.stats,
                              membershipError: membership.lastError, heal: healer?.clusterStatus(), scrub: scrubber.status,
-                             healYield: yield.status)
+                             healYield: yield.status, peerTraffic: "unencrypted (HTTP and raw block streams; the cluster secret authenticates)",
+                             etcdTraffic: (options.etcdCa != nil || options.etcdCert != nil ? "TLS" : "unencrypted")
+                                 + (options.etcdUser.map { ", etcd user \($0)" } ?? ", no etcd user"))
     }
 }

@@ -147,6 +147,12 @@ struct Daemon {
             try MetricsServer(address: address, token: metricsToken) { [node] in node.map { $0.metrics.render() } ?? mountMetrics() }
         }
         try node?.start()
+        if let cluster {
+            Log.warning("peer traffic is unencrypted: block bodies and the cluster secret cross the network in the clear; run the nodes on a trusted network")
+            if cluster.etcdCa == nil && cluster.etcdCert == nil {
+                Log.warning("etcd traffic is unencrypted (no --etcd-ca): the namespace crosses the network in the clear")
+            }
+        }
         if let node {
             let me = node.id
             try node.watchNamespace { [server] change in

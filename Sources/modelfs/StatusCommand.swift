@@ -140,6 +140,8 @@ struct StatusCommand: ParsableCommand {
             ("healer", healLine(c.heal)),
             ("scrubber", scrubLine(c.scrub)),
             ("healing yields", yieldLine(c.healYield)),
+            ("peer traffic", c.peerTraffic ?? "?"),
+            ("etcd traffic", c.etcdTraffic ?? "?"),
         ]
         for (k, v) in rows { print("  " + k.padding(toLength: 16, withPad: " ", startingAt: 0) + v) }
         if let e = c.membershipError { print("  etcd            \(e)") }

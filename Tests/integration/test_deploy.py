@@ -383,6 +383,50 @@ def test_metrics_flags_are_checked(scratch):
 
 
 # ---------------------------------------------------------------------------
+# the control socket under garbage
+# ---------------------------------------------------------------------------
+
+def test_the_control_socket_survives_garbage(mount_factory):
+    """Seeded garbage on the daemon's control socket (the CLI's way in): every request is answered
+    or closed, the daemon stays up and its status still answers. MODELFS_FUZZ_SEED replays."""
+    import random
+    m = mount_factory()
+    write_file(m / "f", b"x" * 10000)
+    records = [json.loads(p.read_text()) for p in Path("/run/modelfs").glob("*.json")]
+    sock_path = next(r["socket"] for r in records if r["mountpoint"] == str(m.mp))
+    seed = int(os.environ.get("MODELFS_FUZZ_SEED", "20261206"))
+    rng = random.Random(seed)
+    corpus = [b"status", b"files /", b"files " + str(m.mp).encode() + b"/f", b"warm /", b"sync 1", b"verify /",
+              b"drain x", b"files", b"sync", b"sync -1 1,2,3", b"status extra words"]
+    for i in range(400):
+        line = bytearray(rng.choice(corpus))
+        for _ in range(rng.randrange(0, 4)):
+            at = rng.randrange(0, len(line) + 1)
+            op = rng.randrange(4)
+            if op == 0 and line:
+                line[min(at, len(line) - 1)] ^= rng.randrange(1, 256)
+            elif op == 1:
+                line[at:at] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40)))
+            elif op == 2:
+                del line[at:at + rng.randrange(1, 10)]
+            else:
+                line[at:at] = rng.choice([b" ", b"../" * 50, b"\x00", b"%s%n", b"9" * 40, "\u00e9\u10ff00".encode()])
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.settimeout(30)
+            c.connect(sock_path)
+            c.sendall(bytes(line) + b"\n")
+            c.shutdown(socket.SHUT_WR)
+            try:
+                while c.recv(65536):
+                    pass
+            except socket.timeout:
+                raise AssertionError(f"seed {seed}, case {i}: no answer to {bytes(line)!r}")
+        assert m.proc.poll() is None, f"seed {seed}, case {i}: the daemon died on {bytes(line)!r}\n{m.log_tail()}"
+    assert m.status()["files"] >= 1
+    assert read_file(m / "f") == b"x" * 10000
+
+
+# ---------------------------------------------------------------------------
 # JSON, completions, manual, install.sh
 # ---------------------------------------------------------------------------
 
