@@ -56,11 +56,14 @@ let package = Package(
         // libfuse 3.14's /dev/fuse hooks that turn FUSE passthrough on (see its header).
         .target(name: "CModelFSPassthrough"),
         .target(name: "ModelFSFUSE", dependencies: ["CFuse3", "CModelFSPassthrough", "ModelFS"]),
+        // Mutual TLS between peers, through the system's OpenSSL (libssl-dev; see its header).
+        .target(name: "CModelFSTLS", linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]),
         // Peers: the HTTP server and client, placement, membership, replication (DESIGN.md §5).
         .target(
             name: "ModelFSPeer",
             dependencies: [
-                "ModelFS", "ModelFSMeta", "ModelFSStore", "ModelFSCore",
+                "ModelFS", "ModelFSMeta", "ModelFSStore", "ModelFSCore", "CModelFSTLS",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),

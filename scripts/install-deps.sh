@@ -7,6 +7,8 @@ set -euo pipefail
 need=()
 dpkg -s libfuse3-dev >/dev/null 2>&1 || need+=(libfuse3-dev)
 dpkg -s fuse3 >/dev/null 2>&1 || need+=(fuse3)
+# OpenSSL for mutual TLS between peers (CModelFSTLS links libssl).
+dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 
 . "$(dirname "${BASH_SOURCE[0]}")/lib-apt.sh"

@@ -62,8 +62,12 @@ final class BlockTransfer: Sendable {
     /// A received piece is hashed while it is still in the CPU's cache.
     static let piece = 256 << 10
 
-    init(authorization: String, timeout: Double, connectTimeout: Double = 2, maxIdleSeconds: Double = 60) {
+    /// Mutual TLS on every connection, when set (PeerTLS).
+    let tls: PeerTLS?
+
+    init(authorization: String, timeout: Double, connectTimeout: Double = 2, maxIdleSeconds: Double = 60, tls: PeerTLS? = nil) {
         _ = Self.ignoreSIGPIPE
+        self.tls = tls
         self.authorization = authorization
         self.timeout = timeout
         self.connectTimeout = connectTimeout
@@ -80,7 +84,7 @@ final class BlockTransfer: Sendable {
 
     func shutdown() {
         let fds = idle.withLock { i -> [Int32] in let all = i.byAddress.values.flatMap { $0.map(\.fd) }; i.byAddress = [:]; return all }
-        for fd in fds { close(fd) }
+        for fd in fds { SocketIO.close(fd) }
     }
 
     /// GET `path` from `address` ("host:port"): a 200's body up to `limit` bytes arrives in block
@@ -110,7 +114,7 @@ final class BlockTransfer: Sendable {
             do { return try exchange(fd, method, path, address, body, blockLimit) } catch is Stale {
                 // The peer closed it: it restarted or timed us out, and the others it closed too.
                 let rest = idle.withLock { i in i.byAddress.removeValue(forKey: address) ?? [] }
-                for c in rest { close(c.fd) }
+                for c in rest { SocketIO.close(c.fd) }
             }
         }
         do {
@@ -136,7 +140,7 @@ final class BlockTransfer: Sendable {
     private func exchange(_ fd: Int32, _ method: String, _ path: String, _ address: String, _ body: Body,
                           _ blockLimit: Int?) throws -> Response {
         var keep = false
-        defer { if keep { release(fd, address) } else { close(fd) } }
+        defer { if keep { release(fd, address) } else { SocketIO.close(fd) } }
         let length = method == "GET" ? "" : "Content-Length: \(body.count)\r\n"
         let request = Array("\(method) \(path) HTTP/1.1\r\nHost: \(address)\r\nAuthorization: \(authorization)\r\n\(length)\r\n".utf8)
         try request.withUnsafeBytes { try sendAll(fd, $0, address) }
@@ -250,14 +254,14 @@ final class BlockTransfer: Sendable {
                 i.byAddress[address] = live.isEmpty ? nil : live
                 return (fd, expired)
             }
-            for c in expired { close(c) }
+            for c in expired { SocketIO.close(c) }
             guard let fd else { return nil }
             var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
             if poll(&p, 1, 0) == 0 { return fd }
-            close(fd)
+            SocketIO.close(fd)
             if p.revents & Int16(POLLERR) != 0 {
                 let rest = idle.withLock { i in i.byAddress.removeValue(forKey: address) ?? [] }
-                for c in rest { close(c.fd) }
+                for c in rest { SocketIO.close(c.fd) }
             }
         }
     }
@@ -284,8 +288,8 @@ final class BlockTransfer: Sendable {
             i.byAddress[address, default: []].append((fd, now))
             return (true, expired)
         }
-        for c in expired { close(c) }
-        if !kept { close(fd) }
+        for c in expired { SocketIO.close(c) }
+        if !kept { SocketIO.close(fd) }
     }
 
     /// The offset just past "\r\n\r\n" if it ends in [from, to).
@@ -351,7 +355,7 @@ final class BlockTransfer: Sendable {
             let fd = socket(a.pointee.ai_family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
             guard fd >= 0 else { failure = String(cString: strerror(errno)); continue }
             if Glibc.connect(fd, a.pointee.ai_addr, a.pointee.ai_addrlen) != 0 && errno != EINPROGRESS {
-                failure = String(cString: strerror(errno)); close(fd); continue
+                failure = String(cString: strerror(errno)); SocketIO.close(fd); continue
             }
             var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
             let ready = poll(&p, 1, Int32(connectTimeout * 1000))
@@ -360,7 +364,7 @@ final class BlockTransfer: Sendable {
             getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len)
             guard ready == 1, err == 0 else {
                 failure = ready == 0 ? "no answer within \(connectTimeout) s" : String(cString: strerror(err != 0 ? err : errno))
-                close(fd); continue
+                SocketIO.close(fd); continue
             }
             _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
             var one: Int32 = 1
@@ -369,6 +373,15 @@ final class BlockTransfer: Sendable {
             setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
             setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
             Self.detectSilentPeer(fd)
+            if let tls {
+                do {
+                    try tls.secure(fd, server: false)
+                } catch {
+                    SocketIO.close(fd)
+                    Log.every("peer tls to \(address)", 60, .warning, "cannot reach peer \(address) over TLS: \(error)")
+                    throw TransportError(description: "TLS with \(address): \(error)")
+                }
+            }
             return fd
         }
         throw TransportError(description: "cannot connect to \(address): \(failure)")

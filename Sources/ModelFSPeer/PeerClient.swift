@@ -17,14 +17,19 @@ public final class PeerClient: Sendable {
     /// Block GETs and PUTs, on plain sockets (see BlockTransfer).
     let transfer: BlockTransfer
 
-    public init(secret: String, timeout: TimeAmount = .seconds(30)) {
+    /// "https" with peer TLS, else "http".
+    let scheme: String
+
+    public init(secret: String, timeout: TimeAmount = .seconds(30), tls: PeerTLS? = nil) {
         var config = HTTPClient.Configuration()
         config.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: 16)
         config.timeout = .init(connect: .seconds(2))
+        if let tls { config.tlsConfiguration = tls.clientConfiguration }
+        scheme = tls == nil ? "http" : "https"
         http = HTTPClient(eventLoopGroupProvider: .singleton, configuration: config)
         authorization = "Bearer \(secret)"
         self.timeout = timeout
-        transfer = BlockTransfer(authorization: authorization, timeout: Double(timeout.nanoseconds) / 1e9)
+        transfer = BlockTransfer(authorization: authorization, timeout: Double(timeout.nanoseconds) / 1e9, tls: tls)
     }
 
     public func shutdown() {
@@ -39,7 +44,7 @@ public final class PeerClient: Sendable {
     func request(_ node: NodeInfo, _ method: HTTPMethod, _ path: String, body: ByteBuffer? = nil) throws -> HTTPClient.Request {
         var request: HTTPClient.Request
         do {
-            request = try HTTPClient.Request(url: "http://\(node.address)\(path)", method: method, body: body.map { .byteBuffer($0) })
+            request = try HTTPClient.Request(url: "\(scheme)://\(node.address)\(path)", method: method, body: body.map { .byteBuffer($0) })
         } catch {
             throw FSError.io("peer \(node.id) has an unusable address \(node.address)")
         }

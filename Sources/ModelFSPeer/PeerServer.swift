@@ -1,3 +1,4 @@
+import CModelFSTLS
 import Foundation
 import Glibc
 import ModelFSCore
@@ -122,8 +123,13 @@ public final class PeerServer: @unchecked Sendable {
     /// PUT bodies above this go to block memory (`PeerRequest.block`).
     static let blockBodyMin = 64 << 10
 
-    public init(host: String, port: Int, routes: any PeerRoutes, maxBody: Int, threads: Int = 8, maxConnections: Int = 1024) throws {
+    /// Mutual TLS on every connection, when set.
+    let tls: PeerTLS?
+
+    public init(host: String, port: Int, routes: any PeerRoutes, maxBody: Int, threads: Int = 8, maxConnections: Int = 1024,
+                tls: PeerTLS? = nil) throws {
         _ = BlockTransfer.ignoreSIGPIPE
+        self.tls = tls
         self.maxConnections = maxConnections
         self.routes = routes
         self.maxBody = maxBody
@@ -218,10 +224,20 @@ public final class PeerServer: @unchecked Sendable {
                 refusedCount.withLock { $0 += 1 }
                 let busy = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 0\r\n"
                     + "Retry-After: 1\r\nConnection: close\r\n\r\n"
-                _ = Self.send(fd, Array(busy.utf8))
-                // Closed after the client's request is drained (off this thread: the accept loop
-                // must not wait), so the answer is not overtaken by a reset.
-                DispatchQueue.global().async { Self.lingeringClose(fd); close(fd) }
+                // Answered and closed after the client's request is drained (off this thread: the
+                // accept loop must not wait; with TLS, the handshake comes first), so the answer
+                // is not overtaken by a reset.
+                DispatchQueue.global().async { [tls] in
+                    if let tls {
+                        var tv = timeval(tv_sec: 5, tv_usec: 0)
+                        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+                        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+                        guard (try? tls.secure(fd, server: true)) != nil else { SocketIO.close(fd); return }
+                    }
+                    _ = Self.send(fd, Array(busy.utf8))
+                    Self.lingeringClose(fd)
+                    SocketIO.close(fd)
+                }
                 continue
             }
             running.enter()
@@ -231,7 +247,7 @@ public final class PeerServer: @unchecked Sendable {
                 connections.withLock { c in
                     c.open.remove(fd)
                     c.idle[fd] = nil
-                    close(fd)
+                    SocketIO.close(fd)
                 }
                 running.leave()
             }.start()
@@ -246,6 +262,14 @@ public final class PeerServer: @unchecked Sendable {
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         BlockTransfer.detectSilentPeer(fd)   // a client cut off mid-answer frees its thread within seconds
+        if let tls {
+            do {
+                try tls.secure(fd, server: true)
+            } catch {
+                Log.every("peer tls refused \(error)", 60, .warning, "peer server: refused a connection from \(Self.peerAddress(fd)): \(error)")
+                return
+            }
+        }
         // Bytes received and not yet used: a head, the start of a body, a pipelined request.
         var buf = [UInt8](repeating: 0, count: Self.maxHead)
         var have = 0
@@ -333,6 +357,21 @@ public final class PeerServer: @unchecked Sendable {
             guard Self.respond(fd, response, head: request.method == .HEAD, keepAlive: h.keepAlive), h.keepAlive else { return }
             served = true
         }
+    }
+
+    /// "host:port" of the other end of a connection, for the log.
+    static func peerAddress(_ fd: Int32) -> String {
+        var addr = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let ok = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &len) } } == 0
+        guard ok else { return "?" }
+        var host = [CChar](repeating: 0, count: Int(NI_MAXHOST)), port = [CChar](repeating: 0, count: Int(NI_MAXSERV))
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                getnameinfo($0, len, &host, socklen_t(host.count), &port, socklen_t(port.count), NI_NUMERICHOST | NI_NUMERICSERV)
+            }
+        }
+        return rc == 0 ? "\(String(cString: host)):\(String(cString: port))" : "?"
     }
 
     /// Before the descriptor is closed: the sending side is shut and whatever the client still
@@ -462,9 +501,39 @@ public final class PeerServer: @unchecked Sendable {
 /// Blocking socket I/O shared by the peer server and BlockTransfer. The sends return 0, or the
 /// errno that stopped them (0 from sendfile's file ending early is reported as EIO).
 enum SocketIO {
+    /// The TLS sessions of connections, by descriptor (PeerTLS.secure); looked up only once a
+    /// PeerTLS exists.
+    static let sessions = Mutex<[Int32: UInt]>([:])   // the session pointers' bit patterns
+    static let tlsOn = Atomic<Bool>(false)
+
+    static func session(_ fd: Int32) -> UnsafeMutableRawPointer? {
+        guard tlsOn.load(ordering: .acquiring) else { return nil }
+        return sessions.withLock { $0[fd] }.flatMap { UnsafeMutableRawPointer(bitPattern: $0) }
+    }
+
+    /// Closes a connection, and frees its TLS session first.
+    static func close(_ fd: Int32) {
+        if tlsOn.load(ordering: .acquiring), let s = sessions.withLock({ $0.removeValue(forKey: fd) }) {
+            modelfs_tls_free(UnsafeMutableRawPointer(bitPattern: s))
+        }
+        _ = Glibc.close(fd)
+    }
+
     /// recv(2), retried when a signal interrupts it: the bytes received, 0 at the end of the
-    /// stream, -1 with errno set.
+    /// stream, -1 with errno set. Through the connection's TLS session if it has one
+    /// (MSG_WAITALL: until `count` or the end).
     static func receive(_ fd: Int32, _ p: UnsafeMutableRawPointer, _ count: Int, flags: Int32 = 0) -> Int {
+        if let s = session(fd) {
+            var got = 0
+            repeat {
+                let n = modelfs_tls_read(s, p + got, count - got)
+                if n < 0 && errno == EINTR { continue }
+                if n < 0 { return got > 0 ? got : -1 }
+                if n == 0 { return got }
+                got += n
+            } while flags & Int32(MSG_WAITALL) != 0 && got < count
+            return got
+        }
         while true {
             let n = recv(fd, p, count, flags)
             if n >= 0 || errno != EINTR { return n }
@@ -472,6 +541,16 @@ enum SocketIO {
     }
 
     static func sendAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Int32 {
+        if let s = session(fd) {
+            var sent = 0
+            while sent < bytes.count {
+                let n = modelfs_tls_write(s, bytes.baseAddress! + sent, bytes.count - sent)
+                if n < 0 && errno == EINTR { continue }
+                guard n > 0 else { return n == 0 ? EPIPE : errno }
+                sent += n
+            }
+            return 0
+        }
         var sent = 0
         while sent < bytes.count {
             let n = Glibc.send(fd, bytes.baseAddress! + sent, bytes.count - sent, Int32(MSG_NOSIGNAL))
@@ -483,6 +562,23 @@ enum SocketIO {
     }
 
     static func sendFile(_ fd: Int32, _ file: Int32, _ offset: Int, _ count: Int) -> Int32 {
+        if session(fd) != nil {
+            // TLS: read and encrypt (sendfile would send the file's bytes in the clear).
+            let chunk = 256 << 10
+            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: min(chunk, max(count, 1)), alignment: 4096)
+            defer { buf.deallocate() }
+            var done = 0
+            while done < count {
+                let n = pread(file, buf.baseAddress!, min(buf.count, count - done), off_t(offset + done))
+                if n < 0 && errno == EINTR { continue }
+                if n == 0 { return EIO }
+                guard n > 0 else { return errno }
+                let e = sendAll(fd, UnsafeRawBufferPointer(rebasing: buf[0..<n]))
+                if e != 0 { return e }
+                done += n
+            }
+            return 0
+        }
         var at = off_t(offset)
         let end = off_t(offset + count)
         while at < end {

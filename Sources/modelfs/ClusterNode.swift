@@ -82,6 +82,8 @@ final class ClusterNode: @unchecked Sendable {
     let scrubber: Scrubber
     let etcd: EtcdClient
     let clusterName: String
+    /// Mutual TLS with the other nodes, when configured.
+    let tls: PeerTLS?
     let options: ClusterOptions
     let metrics: PeerMetrics
     let yield: ForegroundYield
@@ -105,14 +107,18 @@ final class ClusterNode: @unchecked Sendable {
         let cache = try PackBlockStore(root: dataDir + "/cache") { Log.error($0) }
         let metrics = PeerMetrics()
         self.metrics = metrics
-        client = PeerClient(secret: options.secret)
+        let tls = try options.tlsCert.map { cert in
+            try PeerTLS(ca: options.tlsCa!, cert: cert, key: options.tlsKey!, cluster: name)
+        }
+        self.tls = tls
+        client = PeerClient(secret: options.secret, tls: tls)
         let statusBox = Shared<(@Sendable () -> Data)?>(nil)
         let yield = ForegroundYield(busyRate: parseSize(options.healRateBusy)!)
         self.yield = yield
         service = PeerService(secret: options.secret, local: local, cache: cache, metrics: metrics, yield: yield,
                               readToken: metricsToken, status: { statusBox.get()?() ?? Data("{}".utf8) })
         do {
-            server = try PeerServer(host: listen.host, port: listen.port, routes: service, maxBody: PeerService.maxBody)
+            server = try PeerServer(host: listen.host, port: listen.port, routes: service, maxBody: PeerService.maxBody, tls: tls)
         } catch {
             throw FSError(EADDRINUSE, "cannot listen on \(options.listen) for peers: \(error); choose another --listen")
         }
@@ -265,7 +271,9 @@ final class ClusterNode: @unchecked Sendable {
         return ClusterStatus(nodeID: id, address: membership.me.address, nodes: nodes, replication: replicator.status(),
                              cacheBytes: blocks.cache.usage().bytes, cacheBudget: blocks.cacheBudget, cacheStats: blocks.stats,
                              membershipError: membership.lastError, heal: healer?.clusterStatus(), scrub: scrubber.status,
-                             healYield: yield.status, peerTraffic: "unencrypted (HTTP and raw block streams; the cluster secret authenticates)",
+                             healYield: yield.status,
+                             peerTraffic: tls.map { "mutual TLS 1.3 (cluster \($0.cluster), this node's certificate CN=\($0.node), expires in \(Int($0.expiresIn / 86400)) days)" }
+                                 ?? "unencrypted (HTTP and raw block streams; the cluster secret authenticates)",
                              etcdTraffic: (options.etcdCa != nil || options.etcdCert != nil ? "TLS" : "unencrypted")
                                  + (options.etcdUser.map { ", etcd user \($0)" } ?? ", no etcd user"))
     }

@@ -15,6 +15,15 @@ struct ClusterOptions: ParsableArguments {
     @Option(help: "File holding the cluster secret; every node must use the same secret.")
     var secretFile: String?
 
+    @Option(help: "PEM file of this node's peer certificate, signed by --tls-ca, its subject naming the cluster (O=NAME of --meta) and the node (CN=): mutual TLS on every peer connection (with --tls-key and --tls-ca).")
+    var tlsCert: String?
+
+    @Option(help: "PEM file (mode 600) of the key of --tls-cert.")
+    var tlsKey: String?
+
+    @Option(help: "PEM file of the cluster's CA: peers whose certificates it did not sign are refused.")
+    var tlsCa: String?
+
     @Option(help: "PEM file of the CA that signed the etcd members' certificates: talk to etcd over TLS (https).")
     var etcdCa: String?
 
@@ -102,7 +111,7 @@ struct ClusterOptions: ParsableArguments {
         if let spread { a += ["--spread", spread] }
         if let labels { a += ["--labels", labels] }
         if let nodeId { a += ["--node-id", nodeId] }
-        for (flag, value) in [("--etcd-ca", etcdCa), ("--etcd-cert", etcdCert), ("--etcd-key", etcdKey),
+        for (flag, value) in [("--tls-cert", tlsCert), ("--tls-key", tlsKey), ("--tls-ca", tlsCa), ("--etcd-ca", etcdCa), ("--etcd-cert", etcdCert), ("--etcd-key", etcdKey),
                               ("--etcd-user", etcdUser), ("--etcd-password-file", etcdPasswordFile)] {
             if let value { a += [flag, value] }
         }
@@ -149,8 +158,15 @@ struct ClusterOptions: ParsableArguments {
         return nil
     }
 
-    /// The etcd TLS and auth flags' problem, if any.
+    /// The etcd TLS and auth flags' problem, if any (and the peer TLS flags').
     func etcdProblem() -> String? {
+        let peer = [tlsCert, tlsKey, tlsCa].compactMap { $0 }.count
+        if peer != 0 && peer != 3 { return "--tls-cert, --tls-key and --tls-ca go together: give all three or none" }
+        for (flag, path) in [("--tls-cert", tlsCert), ("--tls-key", tlsKey), ("--tls-ca", tlsCa)] {
+            guard let path else { continue }
+            if access(path, R_OK) != 0 { return "\(flag) \(path): cannot read it (\(String(cString: strerror(errno))))" }
+        }
+        if let tlsKey, let why = unsafeSecretFile(tlsKey, flag: "--tls-key") { return why }
         for (flag, path) in [("--etcd-ca", etcdCa), ("--etcd-cert", etcdCert), ("--etcd-key", etcdKey), ("--etcd-password-file", etcdPasswordFile)] {
             guard let path else { continue }
             if access(path, R_OK) != 0 { return "\(flag) \(path): cannot read it (\(String(cString: strerror(errno))))" }

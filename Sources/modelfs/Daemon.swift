@@ -147,7 +147,12 @@ struct Daemon {
             try MetricsServer(address: address, token: metricsToken) { [node] in node.map { $0.metrics.render() } ?? mountMetrics() }
         }
         try node?.start()
-        if let cluster {
+        if let cluster, let tls = node?.tls {
+            Log.info("peer traffic: mutual TLS (cluster \(tls.cluster), this node CN=\(tls.node), certificate valid \(Int(tls.expiresIn / 86400)) more days)")
+            if cluster.etcdCa == nil && cluster.etcdCert == nil {
+                Log.warning("etcd traffic is unencrypted (no --etcd-ca): the namespace crosses the network in the clear")
+            }
+        } else if let cluster {
             Log.warning("peer traffic is unencrypted: block bodies and the cluster secret cross the network in the clear; run the nodes on a trusted network")
             if cluster.etcdCa == nil && cluster.etcdCert == nil {
                 Log.warning("etcd traffic is unencrypted (no --etcd-ca): the namespace crosses the network in the clear")

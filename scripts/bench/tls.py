@@ -1,0 +1,120 @@
+"""Peer TLS against plain peers, in one run (issue #29): two nodes on loopback, the same work
+with and without mutual TLS. Each phase moves every byte between the nodes:
+  write   A writes a file with R=2, K=2: close() returns once B holds every block (PUTs to B)
+  read    B reads a file A wrote with R=1, its cache cold: every block a GET from A
+Reported as MiB/s and TLS/plain ratios. Run: scripts/bench/run-py.sh tls [--size-mib N]."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "Tests" / "integration"))
+from cluster import EtcdCluster, Node, make_secret  # noqa: E402
+from mfs import wait_until  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchio import drop_caches, read_timed, write_timed  # noqa: E402
+
+MiB = 1 << 20
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def pki(d: Path, cluster: str):
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key",
+            "-out", "ca.pem", "-days", "2", "-subj", "/CN=bench-ca", cwd=d)
+    for n in ("a", "b"):
+        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{n}.key",
+                "-out", f"{n}.csr", "-subj", f"/O={cluster}/CN={n}", cwd=d)
+        openssl("x509", "-req", "-in", f"{n}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{n}.pem", "-days", "2", cwd=d)
+        (d / f"{n}.key").chmod(0o600)
+
+
+def cpu_seconds(pid: int) -> float:
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def phase(etcd, root: Path, src: Path, tls: bool, rounds: int) -> dict:
+    name = ("tls" if tls else "plain") + uuid.uuid4().hex[:6]
+    d = root / name
+    d.mkdir()
+    secret = make_secret(d)
+    flags = {}
+    if tls:
+        pki(d, name)
+        flags = {n: ["--tls-cert", str(d / f"{n}.pem"), "--tls-key", str(d / f"{n}.key"), "--tls-ca", str(d / "ca.pem")]
+                 for n in ("a", "b")}
+    nodes = [Node(etcd, name, f"{name}-{n}", secret, replicas=2, ack=2, root=d / n,
+                  extra=flags.get(n, []) + ["--ack-timeout", "120", "--cache-size", "4G"]) for n in ("a", "b")]
+    try:
+        for n in nodes:
+            n.start()
+        a, b = nodes
+        wait_until(lambda: len(b.cluster_status()["nodes"]) == 2, 30, interval=0.1, what="the nodes to see each other")
+        size = src.stat().st_size
+        (a / "r1").mkdir()
+        subprocess.run([a.bin, "policy", "set", str(a / "r1"), "--replicas", "1", "--ack", "1"], check=True, capture_output=True)
+        out = {"write": [], "read": [], "write_cpu": [], "read_cpu": []}
+        for r in range(rounds):
+            dst = a / f"f{r}.bin"
+            c0 = cpu_seconds(a.pid) + cpu_seconds(b.pid)
+            out["write"].append(size / MiB / write_timed(src, dst, salt=100 + r))
+            c1 = cpu_seconds(a.pid) + cpu_seconds(b.pid)
+            write_timed(src, a / "r1" / f"g{r}.bin", salt=200 + r)
+            wait_until(lambda: (b / "r1" / f"g{r}.bin").exists(), 30, what="the file on b")
+            drop_caches()
+            c2 = cpu_seconds(a.pid) + cpu_seconds(b.pid)
+            out["read"].append(size / MiB / read_timed(b / "r1" / f"g{r}.bin"))
+            c3 = cpu_seconds(a.pid) + cpu_seconds(b.pid)
+            out["write_cpu"].append((c1 - c0) / (size / (1 << 30)))
+            out["read_cpu"].append((c3 - c2) / (size / (1 << 30)))
+        return {"write": max(out["write"]), "read": max(out["read"]),
+                "write_cpu": min(out["write_cpu"]), "read_cpu": min(out["read_cpu"])}
+    finally:
+        for n in nodes:
+            n.destroy()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=str(REPO / "bench-results" / "tls.md"))
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="modelfs-bench-tls-", dir="/var/tmp"))
+    src = root / "src.bin"
+    with open(src, "wb") as f:
+        for _ in range(args.size_mib):
+            f.write(os.urandom(MiB))
+    etcd = EtcdCluster(1)
+    try:
+        # Alternate so neither kind always runs on a warmer machine.
+        plain = phase(etcd, root, src, False, args.rounds)
+        tls = phase(etcd, root, src, True, args.rounds)
+    finally:
+        etcd.stop()
+        subprocess.run(["rm", "-rf", str(root)])
+    lines = [f"# Peer TLS vs plain ({args.size_mib} MiB, best of {args.rounds}, two nodes on loopback, {time.strftime('%Y-%m-%d')})", "",
+             "| phase | plain MiB/s | TLS MiB/s | TLS / plain | CPU s per GiB, both daemons: plain | TLS |",
+             "|---|---|---|---|---|---|"]
+    for k, what in (("write", "write, R=2 K=2 (PUTs to the other node)"), ("read", "cold read on the other node (GETs)")):
+        lines.append(f"| {what} | {plain[k]:.0f} | {tls[k]:.0f} | {tls[k] / plain[k]:.2f}× | {plain[k + '_cpu']:.2f} | {tls[k + '_cpu']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
