@@ -70,10 +70,13 @@ let package = Package(
                 .product(name: "NIOHTTP1", package: "swift-nio"),
             ]
         ),
+        // The version and the commit being built (`modelfs --version`).
+        .plugin(name: "BuildInfoPlugin", capability: .buildTool()),
+        .target(name: "ModelFSBuildInfo", plugins: ["BuildInfoPlugin"]),
         .executableTarget(
             name: "modelfs",
             dependencies: [
-                "ModelFSFUSE", "ModelFS", "ModelFSPeer", "CModelFSSys",
+                "ModelFSFUSE", "ModelFS", "ModelFSPeer", "CModelFSSys", "ModelFSBuildInfo",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Yams", package: "Yams"),
             ]

@@ -98,8 +98,9 @@ struct LineLogHandler: LogHandler {
     struct Sink { var checked = false; var path: String?; var size: UInt64 = 0 }
     static let sink = Mutex(Sink())
 
-    func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?,
-             source: String, file: String, function: String, line: UInt) {
+    func log(event: LogEvent) { write(event.level, event.message) }
+
+    func write(_ level: Logger.Level, _ message: Logger.Message) {
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
         var tm = tm()
@@ -159,7 +160,3 @@ extension Logger.Level {
     }
 }
 
-/// This build's version (`modelfs --version`, the log's first line, `status`).
-public enum ModelFSVersion {
-    public static let string = "0.9.0"
-}

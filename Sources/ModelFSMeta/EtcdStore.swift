@@ -103,7 +103,7 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
                     return result
                 }
             } catch EtcdError.ambiguous(let why) {
-                Log.warning("metadata commit outcome unknown (\(why)); reading back its marker")
+                Log.every("etcd commit outcome unknown", 60, .warning, "metadata commit outcome unknown (\(why)); reading back its marker")
                 do {
                     let r = try client.range(markerKey)
                     if r.kvs.first?.value == marker {

@@ -371,7 +371,7 @@ public final class PeerServer: @unchecked Sendable {
                 getnameinfo($0, len, &host, socklen_t(host.count), &port, socklen_t(port.count), NI_NUMERICHOST | NI_NUMERICSERV)
             }
         }
-        return rc == 0 ? "\(String(cString: host)):\(String(cString: port))" : "?"
+        return rc == 0 ? "\(cText(host)):\(cText(port))" : "?"
     }
 
     /// Before the descriptor is closed: the sending side is shut and whatever the client still

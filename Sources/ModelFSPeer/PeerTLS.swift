@@ -30,12 +30,12 @@ public final class PeerTLS: @unchecked Sendable {
     public init(ca: String, cert: String, key: String, cluster: String) throws {
         var err = [CChar](repeating: 0, count: 512)
         guard let ctx = modelfs_tls_ctx_new(ca, cert, key, &err, err.count) else {
-            throw FSError.invalid("peer TLS: \(String(cString: err))")
+            throw FSError.invalid("peer TLS: \(cText(err))")
         }
         var org = [CChar](repeating: 0, count: 256), cn = [CChar](repeating: 0, count: 256)
         var expires = 0
         _ = modelfs_tls_ctx_identity(ctx, &org, org.count, &cn, cn.count, &expires)
-        let o = String(cString: org)
+        let o = cText(org)
         guard o == cluster else {
             modelfs_tls_ctx_free(ctx)
             throw FSError.invalid("peer TLS: --tls-cert \(cert) is for cluster \"\(o)\" (its subject's O), this node joins \"\(cluster)\"")
@@ -58,7 +58,7 @@ public final class PeerTLS: @unchecked Sendable {
         }
         self.ctx = ctx
         self.cluster = cluster
-        node = String(cString: cn)
+        node = cText(cn)
         caFile = ca; certFile = cert; keyFile = key
         expiresIn = Double(expires)
         SocketIO.tlsOn.store(true, ordering: .releasing)
@@ -75,15 +75,20 @@ public final class PeerTLS: @unchecked Sendable {
     func secure(_ fd: Int32, server: Bool) throws -> String {
         var org = [CChar](repeating: 0, count: 256), cn = [CChar](repeating: 0, count: 256), err = [CChar](repeating: 0, count: 512)
         guard let session = modelfs_tls_handshake(ctx, fd, server ? 1 : 0, &org, org.count, &cn, cn.count, &err, err.count) else {
-            throw Refused(description: String(cString: err))
+            throw Refused(description: cText(err))
         }
-        let o = String(cString: org)
+        let o = cText(org)
         guard o == cluster else {
             modelfs_tls_free(session)
             throw Refused(description: "the peer's certificate is for cluster \"\(o)\", not \"\(cluster)\"")
         }
         let bits = UInt(bitPattern: session)
         SocketIO.sessions.withLock { $0[fd] = bits }
-        return String(cString: cn)
+        return cText(cn)
     }
+}
+
+/// The NUL-terminated text in a C buffer.
+func cText(_ buffer: [CChar]) -> String {
+    String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }

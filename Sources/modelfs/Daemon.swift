@@ -1,6 +1,7 @@
 import CModelFSSys
 import Foundation
 import ModelFS
+import ModelFSBuildInfo
 import ModelFSCore
 import ModelFSFUSE
 import ModelFSMeta
@@ -176,7 +177,7 @@ struct Daemon {
         }
         let readyFD = self.readyFD
         let mp = mountpoint
-        Log.info("mounting \(mountpoint) (modelfs \(ModelFSVersion.string), data \(dataDir), meta \(meta), options \(options.joined(separator: ",")))")
+        Log.info("mounting \(mountpoint) (modelfs \(BuildInfo.description), data \(dataDir), meta \(meta), options \(options.joined(separator: ",")))")
         try server.run(mountpoint: mountpoint, options: options) {
             do {
                 try FileManager.default.createDirectory(atPath: Registry.directory, withIntermediateDirectories: true)

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import ModelFSBuildInfo
 import ModelFSCore
 
 @main
@@ -19,7 +20,7 @@ struct ModelFSCommand: ParsableCommand {
             A cluster node: modelfs mount ~/ckpt --meta etcd://h1:2379,h2:2379,h3:2379 \\
                 --secret-file /etc/modelfs/secret --advertise THIS_HOST:7420 --replicas 3 --ack 1
             """,
-        version: "modelfs \(ModelFSVersion.string)",
+        version: "modelfs \(BuildInfo.description)",
         subcommands: [MountCommand.self, UmountCommand.self, StatusCommand.self, SyncCommand.self, WarmCommand.self,
                       VerifyCommand.self, PolicyCommand.self, NodeCommand.self, ConfigCommand.self, DebugCommand.self]
     )

@@ -48,6 +48,7 @@ struct WarmCommand: ParsableCommand {
         discussion: "Exits 0 when every block is local or cached, 1 if some could not be fetched. The cache budget (--cache-size) still applies.")
 
     @Argument(help: "A file or directory inside a modelfs cluster mount.") var path: String
+    @Flag(help: "Print the outcome as JSON (no progress).") var json = false
 
     func run() throws {
         let (record, words) = try controlTarget(path)
@@ -55,9 +56,14 @@ struct WarmCommand: ParsableCommand {
         try controlStream(record, "warm " + words) { data in
             let p = try JSONDecoder().decode(Operate.WarmProgress.self, from: data)
             last = p
-            showProgress(p.done, p.total, "\(p.done)/\(p.total) blocks fetched" + (p.failed > 0 ? ", \(p.failed) failed" : ""))
+            if !json { showProgress(p.done, p.total, "\(p.done)/\(p.total) blocks fetched" + (p.failed > 0 ? ", \(p.failed) failed" : "")) }
         }
         guard let last else { throw fail("no progress from the daemon") }
+        if json {
+            try printJSON(last)
+            if last.failed > 0 { throw ExitCode(1) }
+            return
+        }
         if last.failed > 0 { throw fail("\(last.failed) blocks could not be fetched from any live node; `modelfs status \(canonicalPath(path))` shows which files") }
         print("modelfs: every block under \(canonicalPath(path)) is on this node (\(last.total) fetched)")
     }

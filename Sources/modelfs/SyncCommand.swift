@@ -25,6 +25,17 @@ struct SyncCommand: ParsableCommand {
     @Option(help: "Give up after this many seconds.")
     var timeout: Double = 3600
 
+    @Flag(help: "Print the outcome as JSON (no progress): {\"path\", \"replicated\", \"pendingFiles\", \"pendingBytes\", \"error\"}.")
+    var json = false
+
+    struct Outcome: Encodable {
+        var path: String
+        var replicated: Bool
+        var pendingFiles: Int
+        var pendingBytes: UInt64
+        var error: String?
+    }
+
     func run() throws {
         let record = try mountRecord(containing: path)
         let p = canonicalPath(path)
@@ -44,17 +55,23 @@ struct SyncCommand: ParsableCommand {
                 list.append(UInt64(st.st_ino))
             }
             inodes = list
-            if list.isEmpty { print("modelfs: nothing to sync under \(p)"); return }
+            if list.isEmpty {
+                if json { try printJSON(Outcome(path: p, replicated: true, pendingFiles: 0, pendingBytes: 0)) } else { print("modelfs: nothing to sync under \(p)") }
+                return
+            }
         }
         let line = "sync \(timeout)" + (inodes.map { " " + $0.map(String.init).joined(separator: ",") } ?? "")
-        let tty = isatty(1) == 1
+        let tty = isatty(1) == 1 && !json
         var done: Bool?
         var errorText: String?
         var total: UInt64 = 0
+        var lastStatus: ReplicationStatus?
         try ControlServer.stream(record.socket, line) { data in
             if let d = try? JSONDecoder().decode([String: Bool].self, from: data), let v = d["done"] { done = v; return }
             if let e = try? JSONDecoder().decode([String: String].self, from: data), let m = e["error"] { errorText = m; return }
             guard let st = try? JSONDecoder().decode(ReplicationStatus.self, from: data) else { return }
+            lastStatus = st
+            if json { return }
             total = max(total, st.pendingBytes)
             let text = "\(st.pendingFiles) files, \(humanBytes(st.pendingBytes)) pending" + (st.lastError.map { " (\($0))" } ?? "")
             if tty {
@@ -67,6 +84,14 @@ struct SyncCommand: ParsableCommand {
             }
         }
         if tty { print("") }
+        if json {
+            let replicated = done == true && errorText == nil
+            try printJSON(Outcome(path: p, replicated: replicated, pendingFiles: replicated ? 0 : lastStatus?.pendingFiles ?? 0,
+                                  pendingBytes: replicated ? 0 : lastStatus?.pendingBytes ?? 0,
+                                  error: errorText ?? (done == nil ? "the daemon stopped answering" : done == false ? "timed out after \(Int(timeout)) s" : nil)))
+            if !replicated { throw ExitCode(1) }
+            return
+        }
         if let errorText { throw fail(errorText) }
         guard let done else { throw fail("the daemon of \(record.mountpoint) stopped answering") }
         if !done { throw fail("not fully replicated after \(Int(timeout)) s; `modelfs status` shows what is pending and why") }

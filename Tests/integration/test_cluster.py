@@ -257,6 +257,25 @@ def test_the_metrics_token_reads_metrics_and_status_and_nothing_else(make_nodes,
     assert block in a.blocks(), "the metrics token deleted a replica"
 
 
+def test_sync_and_warm_print_json(make_nodes):
+    a, b = make_nodes(2, replicas=2, ack=1)
+    (a / "run").mkdir()
+    (a / "one").mkdir()
+    assert run([MODELFS_BIN, "policy", "set", a / "one", "--replicas", "1", "--ack", "1"]).returncode == 0
+    write_file(a / "run" / "model.bin", payload(3 * MiB, 9))
+    write_file(a / "one" / "model.bin", payload(3 * MiB, 10))
+    r = run([MODELFS_BIN, "sync", a / "run", "--timeout", "60", "--json"], timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["replicated"] is True and got["pendingBytes"] == 0 and got["path"] == str(a / "run")
+    # One copy, on a: b's warm fetches every block.
+    wait_until(lambda: (b / "one" / "model.bin").exists(), 10, what="the file on b")
+    r = run([MODELFS_BIN, "warm", b / "one", "--json"], timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["failed"] == 0 and got["done"] == got["total"] >= 1, got
+
+
 def test_losing_one_etcd_member_the_filesystem_carries_on(make_nodes):
     own = EtcdCluster(3)
     try:

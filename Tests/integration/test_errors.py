@@ -75,8 +75,15 @@ def _ensure_unmounted(mp: Path, data: Path | None = None):
 
 def test_version(modelfs_bin, mnt):
     r = run([modelfs_bin, "--version"])
-    assert r.returncode == 0 and re.fullmatch(r"modelfs \d+\.\d+\.\d+\n", r.stdout), (r.stdout, r.stderr)
-    assert r.stdout.strip() in mnt.log_tail(), "the daemon's log names its version"
+    m = re.fullmatch(r"modelfs \d+\.\d+\.\d+ \(commit ([0-9a-f]{12}(\+changes)?|unknown)\)\n", r.stdout)
+    assert r.returncode == 0 and m, (r.stdout, r.stderr)
+    assert r.stdout.strip()[len("modelfs "):] in mnt.log_tail(), "the daemon's log names its version"
+    # Built from this checkout: the commit is HEAD's (binaries built elsewhere are not checked).
+    from mfs import REPO
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    # (A binary built from uncommitted changes names the commit they were made on.)
+    if head.returncode == 0 and Path(modelfs_bin).resolve().is_relative_to(REPO) and not m.group(2):
+        assert m.group(1) == head.stdout.strip(), f"the binary was built from {m.group(1)}, HEAD is {head.stdout.strip()}"
 
 
 def test_mount_missing_mountpoint(modelfs_bin, scratch):
