@@ -328,6 +328,9 @@ public final class EtcdClient: Sendable {
     }
 
     private func send<Req: Encodable, Resp: Decodable>(_ path: String, _ body: Req, idempotent: Bool, authenticated: Bool) throws -> Resp {
+        let start = DispatchTime.now().uptimeNanoseconds
+        var outcome = "error"
+        defer { EtcdMetrics.shared.record(path, outcome, seconds: Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9) }
         let json = try JSONEncoder().encode(body)
         var auth = HTTPHeaders()
         if authenticated { try authorize(&auth) }
@@ -355,6 +358,7 @@ public final class EtcdClient: Sendable {
             }
             let bytes = response.body.map { Data($0.readableBytesView) } ?? Data()
             if response.status == .ok {
+                outcome = "ok"
                 if index != first { preferred.withLock { $0 = index } }
                 do { return try JSONDecoder().decode(Resp.self, from: bytes) } catch {
                     throw EtcdError.rejected(code: 0, message: "unreadable answer from \(url): \(String(decoding: bytes.prefix(200), as: UTF8.self))")
@@ -383,6 +387,9 @@ public final class EtcdClient: Sendable {
         }
         throw EtcdError.unreachable(failures.joined(separator: "; "))
     }
+
+    /// The etcd requests of this process, for `/metrics`.
+    public static func metricsText() -> String { EtcdMetrics.shared.render() }
 
     /// What to do about a first request that failed, for the one-line error.
     public static func hint(for error: any Error, _ security: EtcdSecurity) -> String {
@@ -416,5 +423,44 @@ public final class EtcdClient: Sendable {
         let text = String(describing: error)
         return text.contains("connectTimeout") || text.contains("Connection refused") || text.contains("connectionRefused")
             || text.contains("ECONNREFUSED")
+    }
+}
+
+/// Latency of every etcd request by gateway path and outcome (ok or error), in the Prometheus
+/// text format. One lock per request: a request is a network round trip.
+final class EtcdMetrics: Sendable {
+    static let shared = EtcdMetrics()
+    static let bounds: [Double] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20]
+    struct Histogram { var counts = [UInt64](repeating: 0, count: EtcdMetrics.bounds.count + 1); var sum = 0.0; var n: UInt64 = 0 }
+    private let state = Mutex([String: Histogram]())
+
+    func record(_ path: String, _ outcome: String, seconds: Double) {
+        state.withLock { s in
+            let key = path + "," + outcome
+            var h = s[key] ?? Histogram()
+            h.counts[Self.bounds.firstIndex { seconds <= $0 } ?? Self.bounds.count] += 1
+            h.sum += seconds
+            h.n += 1
+            s[key] = h
+        }
+    }
+
+    func render() -> String {
+        let s = state.withLock { $0 }
+        guard !s.isEmpty else { return "" }
+        var out = "# HELP modelfs_etcd_request_seconds etcd requests by gateway path and outcome.\n# TYPE modelfs_etcd_request_seconds histogram\n"
+        for (key, h) in s.sorted(by: { $0.key < $1.key }) {
+            let p = key.split(separator: ",")
+            let labels = "path=\"\(p[0])\",outcome=\"\(p[1])\""
+            var cumulative: UInt64 = 0
+            for (i, b) in Self.bounds.enumerated() {
+                cumulative += h.counts[i]
+                out += "modelfs_etcd_request_seconds_bucket{\(labels),le=\"\(b)\"} \(cumulative)\n"
+            }
+            out += "modelfs_etcd_request_seconds_bucket{\(labels),le=\"+Inf\"} \(h.n)\n"
+            out += "modelfs_etcd_request_seconds_sum{\(labels)} \(h.sum)\n"
+            out += "modelfs_etcd_request_seconds_count{\(labels)} \(h.n)\n"
+        }
+        return out
     }
 }

@@ -142,6 +142,7 @@ struct Daemon {
         // /metrics: the FUSE operations and this mount's gauges, after a cluster node's own.
         let mountMetrics: @Sendable () -> String = { [dataDir] in
             OpMetrics.render() + Daemon.gauges(fs: fs, store: store, flat: flat, server: server, dataDir: dataDir)
+                + EtcdClient.metricsText()
         }
         node?.metrics.setExtra(mountMetrics)
         let metricsServer = try metricsListen.map { address in

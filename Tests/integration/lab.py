@@ -99,7 +99,19 @@ class LabHost(Mount):
 
     def status(self, timeout: float = 60) -> dict:
         """This daemon's own status, from its control socket (`modelfs status` asks every mount,
-        and one cut off from etcd answers slowly)."""
+        and one cut off from etcd answers slowly). The record is written just after the mount
+        goes live: a status asked at once waits for it, a few seconds at most."""
+        import socket
+        deadline = time.monotonic() + 10
+        while True:
+            found = self._status_once(timeout)
+            if found is not None:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no control socket recorded for {self.mp} (pid {self.pid})")
+            time.sleep(0.05)
+
+    def _status_once(self, timeout: float) -> dict | None:
         import socket
         for rec in Path("/run/modelfs").glob("*.json"):
             try:
@@ -118,7 +130,7 @@ class LabHost(Mount):
                             break
                         data += chunk
                 return json.loads(data)
-        raise AssertionError(f"no control socket recorded for {self.mp} (pid {self.pid})")
+        return None
 
     def cluster_status(self) -> dict:
         s = self.status()

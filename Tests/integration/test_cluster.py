@@ -249,6 +249,7 @@ def test_the_metrics_token_reads_metrics_and_status_and_nothing_else(make_nodes,
     assert status == 200 and b"modelfs_peer_requests_total" in body
     # The FUSE operations and the mount's own gauges are on the peer port too.
     assert b'modelfs_fuse_op_seconds_count{op="write"}' in body and b"modelfs_stored_bytes" in body
+    assert b'modelfs_etcd_request_seconds_count{path="/v3/kv/txn",outcome="ok"}' in body
     status, _ = peer_request(addr, "GET", "/v1/status", "read-only-metrics-token")
     assert status == 200
     for method, path in [("DELETE", f"/v1/blocks/{block}"), ("GET", f"/v1/blocks/{block}"), ("POST", "/v1/verify")]:
