@@ -1,23 +1,28 @@
 import Foundation
 import PackagePlugin
 
-/// Names the commit a binary was built from (`modelfs --version`, the daemon's log): before each
-/// build, `git rev-parse` into BuildInfo+Commit.swift, rewritten only when it changes (so an
-/// unchanged tree recompiles nothing). Outside a git checkout the commit is "unknown".
+/// Names the commit a binary was built from (`modelfs --version`, the daemon's log): a build
+/// command that runs `git rev-parse` into BuildInfo+Commit.swift whenever the checkout's HEAD
+/// log or index changes (a commit, a checkout, an edit staged or not: `+changes`), and never
+/// otherwise, so an unchanged tree recompiles nothing. Outside a git checkout the commit is
+/// "unknown". (A prebuild command would run on every build, but SwiftPM skips plugins when it
+/// reuses its build plan, which left a stale commit.)
 @main
 struct BuildInfoPlugin: BuildToolPlugin {
     func createBuildCommands(context: PluginContext, target: Target) throws -> [Command] {
-        let out = context.pluginWorkDirectoryURL
+        let root = context.package.directoryURL
+        let output = context.pluginWorkDirectoryURL.appendingPathComponent("BuildInfo+Commit.swift")
+        let git = root.appendingPathComponent(".git")
+        let inputs = ["logs/HEAD", "HEAD", "index"].map { git.appendingPathComponent($0) }
+            .filter { FileManager.default.fileExists(atPath: $0.path) }
         let script = """
             c=$(git -C "$0" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
-            git -C "$0" diff --quiet HEAD -- 2>/dev/null || [ "$c" = unknown ] || c="$c+changes"
-            f="$1/BuildInfo+Commit.swift"
-            t="let buildCommit = \\"$c\\""
-            [ "$(cat "$f" 2>/dev/null)" = "$t" ] || printf '%s\\n' "$t" > "$f"
+            [ "$c" = unknown ] || git -C "$0" diff --quiet HEAD -- 2>/dev/null || c="$c+changes"
+            printf 'let buildCommit = "%s"\\n' "$c" > "$1"
             """
-        return [.prebuildCommand(displayName: "modelfs: the commit being built",
-                                 executable: URL(fileURLWithPath: "/bin/sh"),
-                                 arguments: ["-c", script, context.package.directoryURL.path, out.path],
-                                 outputFilesDirectory: out)]
+        return [.buildCommand(displayName: "modelfs: the commit being built",
+                              executable: URL(fileURLWithPath: "/bin/sh"),
+                              arguments: ["-c", script, root.path, output.path],
+                              inputFiles: inputs, outputFiles: [output])]
     }
 }
