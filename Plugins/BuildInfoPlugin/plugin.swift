@@ -3,8 +3,9 @@ import PackagePlugin
 
 /// Names the commit a binary was built from (`modelfs --version`, the daemon's log): a build
 /// command that runs `git rev-parse` into BuildInfo+Commit.swift whenever the checkout's HEAD
-/// log or index changes (a commit, a checkout, an edit staged or not: `+changes`), and never
-/// otherwise, so an unchanged tree recompiles nothing. Outside a git checkout the commit is
+/// log or index changes (a commit, a checkout, `git add`; `+changes` when the tree then differs
+/// from HEAD: an edit git has not looked at yet is not noticed), and never otherwise, so an
+/// unchanged tree recompiles nothing. Outside a git checkout the commit is
 /// "unknown". (A prebuild command would run on every build, but SwiftPM skips plugins when it
 /// reuses its build plan, which left a stale commit.)
 @main
