@@ -18,7 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "Tests" / "integration"))
-from cluster import EtcdCluster, Node, make_secret  # noqa: E402
+from cluster import EtcdCluster, Node, make_ca, make_cert, make_secret  # noqa: E402
 from mfs import wait_until  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,19 +27,11 @@ from benchio import drop_caches, read_timed, write_timed  # noqa: E402
 MiB = 1 << 20
 
 
-def openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 def pki(d: Path, cluster: str):
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key",
-            "-out", "ca.pem", "-days", "2", "-subj", "/CN=bench-ca", cwd=d)
+    """A CA and the certificates of nodes a and b of `cluster` in d."""
+    make_ca(d, "ca")
     for n in ("a", "b"):
-        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{n}.key",
-                "-out", f"{n}.csr", "-subj", f"/O={cluster}/CN={n}", cwd=d)
-        openssl("x509", "-req", "-in", f"{n}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{n}.pem", "-days", "2", cwd=d)
-        (d / f"{n}.key").chmod(0o600)
+        make_cert(d, "ca", n, f"/O={cluster}/CN={n}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -102,25 +94,7 @@ def phase(etcd, root: Path, src: Path, tls: bool, rounds: int) -> dict:
             n.start()
         a, b = nodes
         wait_until(lambda: len(b.cluster_status()["nodes"]) == 2, 30, interval=0.1, what="the nodes to see each other")
-        size = src.stat().st_size
-        (a / "r1").mkdir()
-        subprocess.run([a.bin, "policy", "set", str(a / "r1"), "--replicas", "1", "--ack", "1"], check=True, capture_output=True)
-        out = {"write": [], "read": [], "write_cpu": [], "read_cpu": []}
-        for r in range(rounds):
-            dst = a / f"f{r}.bin"
-            c0 = cpu_seconds(a.pid) + cpu_seconds(b.pid)
-            out["write"].append(size / MiB / write_timed(src, dst, salt=100 + r))
-            c1 = cpu_seconds(a.pid) + cpu_seconds(b.pid)
-            write_timed(src, a / "r1" / f"g{r}.bin", salt=200 + r)
-            wait_until(lambda: (b / "r1" / f"g{r}.bin").exists(), 30, what="the file on b")
-            drop_caches()
-            c2 = cpu_seconds(a.pid) + cpu_seconds(b.pid)
-            out["read"].append(size / MiB / read_timed(b / "r1" / f"g{r}.bin"))
-            c3 = cpu_seconds(a.pid) + cpu_seconds(b.pid)
-            out["write_cpu"].append((c1 - c0) / (size / (1 << 30)))
-            out["read_cpu"].append((c3 - c2) / (size / (1 << 30)))
-        return {"write": max(out["write"]), "read": max(out["read"]),
-                "write_cpu": min(out["write_cpu"]), "read_cpu": min(out["read_cpu"])}
+        return measure(a, b, src, rounds)
     finally:
         for n in nodes:
             n.destroy()
