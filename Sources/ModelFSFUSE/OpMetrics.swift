@@ -1,5 +1,6 @@
 import CModelFSPassthrough
 import Foundation
+import ModelFSCore
 
 /// The FUSE operations as the kernel sends them, timed from request to reply, and the errnos
 /// answered, by the /dev/fuse hooks of CModelFSPassthrough (lock-free counters): rendered in the
@@ -59,14 +60,7 @@ public enum OpMetrics {
         let bounds = (0..<Int(MODELFS_OP_BUCKETS)).map { Double(modelfs_ops_bucket_ns(Int32($0))) / 1e9 }
         var out = "# HELP modelfs_fuse_op_seconds FUSE requests from the kernel, request to reply.\n# TYPE modelfs_fuse_op_seconds histogram\n"
         for (op, row) in s.buckets.sorted(by: { $0.key < $1.key }) {
-            var cumulative: UInt64 = 0
-            for (i, b) in bounds.enumerated() {
-                cumulative += row[i]
-                out += "modelfs_fuse_op_seconds_bucket{op=\"\(op)\",le=\"\(b)\"} \(cumulative)\n"
-            }
-            out += "modelfs_fuse_op_seconds_bucket{op=\"\(op)\",le=\"+Inf\"} \(s.ops[op]!.count)\n"
-            out += "modelfs_fuse_op_seconds_sum{op=\"\(op)\"} \(s.ops[op]!.seconds)\n"
-            out += "modelfs_fuse_op_seconds_count{op=\"\(op)\"} \(s.ops[op]!.count)\n"
+            out += Histogram(bounds: bounds, counts: row, sum: s.ops[op]!.seconds).render("modelfs_fuse_op_seconds", labels: "op=\"\(op)\"")
         }
         out += "# HELP modelfs_fuse_errors_total FUSE replies with an error, by errno.\n# TYPE modelfs_fuse_errors_total counter\n"
         for (e, n) in s.errors.sorted(by: { $0.key < $1.key }) { out += "modelfs_fuse_errors_total{errno=\"\(e)\"} \(n)\n" }

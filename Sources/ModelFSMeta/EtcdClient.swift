@@ -431,17 +431,12 @@ public final class EtcdClient: Sendable {
 final class EtcdMetrics: Sendable {
     static let shared = EtcdMetrics()
     static let bounds: [Double] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20]
-    struct Histogram { var counts = [UInt64](repeating: 0, count: EtcdMetrics.bounds.count + 1); var sum = 0.0; var n: UInt64 = 0 }
     private let state = Mutex([String: Histogram]())
 
     func record(_ path: String, _ outcome: String, seconds: Double) {
         state.withLock { s in
             let key = path + "," + outcome
-            var h = s[key] ?? Histogram()
-            h.counts[Self.bounds.firstIndex { seconds <= $0 } ?? Self.bounds.count] += 1
-            h.sum += seconds
-            h.n += 1
-            s[key] = h
+            s[key, default: Histogram(bounds: Self.bounds)].record(seconds)
         }
     }
 
@@ -451,15 +446,7 @@ final class EtcdMetrics: Sendable {
         var out = "# HELP modelfs_etcd_request_seconds etcd requests by gateway path and outcome.\n# TYPE modelfs_etcd_request_seconds histogram\n"
         for (key, h) in s.sorted(by: { $0.key < $1.key }) {
             let p = key.split(separator: ",")
-            let labels = "path=\"\(p[0])\",outcome=\"\(p[1])\""
-            var cumulative: UInt64 = 0
-            for (i, b) in Self.bounds.enumerated() {
-                cumulative += h.counts[i]
-                out += "modelfs_etcd_request_seconds_bucket{\(labels),le=\"\(b)\"} \(cumulative)\n"
-            }
-            out += "modelfs_etcd_request_seconds_bucket{\(labels),le=\"+Inf\"} \(h.n)\n"
-            out += "modelfs_etcd_request_seconds_sum{\(labels)} \(h.sum)\n"
-            out += "modelfs_etcd_request_seconds_count{\(labels)} \(h.n)\n"
+            out += h.render("modelfs_etcd_request_seconds", labels: "path=\"\(p[0])\",outcome=\"\(p[1])\"")
         }
         return out
     }

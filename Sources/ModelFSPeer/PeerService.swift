@@ -87,8 +87,8 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
         return .none
     }
 
-    /// Compares in time independent of where the first difference is.
-    static func same(_ given: [UInt8], _ expected: [UInt8]) -> Bool {
+    /// Compares in time independent of where the first difference is (also the metrics token's check).
+    public static func same(_ given: [UInt8], _ expected: [UInt8]) -> Bool {
         var diff = UInt8(given.count == expected.count ? 0 : 1)
         for i in 0..<expected.count { diff |= expected[i] ^ (i < given.count ? given[i] : 0) }
         return diff == 0
@@ -287,7 +287,6 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
 /// Prometheus text format.
 public final class PeerMetrics: Sendable {
     static let buckets: [Double] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
-    struct Histogram { var counts = [UInt64](repeating: 0, count: PeerMetrics.buckets.count + 1); var sum = 0.0; var n: UInt64 = 0 }
     struct State {
         var requests: [String: UInt64] = [:]        // "route,status"
         var latency: [String: Histogram] = [:]
@@ -315,11 +314,7 @@ public final class PeerMetrics: Sendable {
     func request(route: String, status: Int, bytesIn: Int, bytesOut: Int, seconds: Double) {
         state.withLock { s in
             s.requests["\(route),\(status)", default: 0] += 1
-            var h = s.latency[route] ?? Histogram()
-            h.counts[Self.buckets.firstIndex { seconds <= $0 } ?? Self.buckets.count] += 1
-            h.sum += seconds
-            h.n += 1
-            s.latency[route] = h
+            s.latency[route, default: Histogram(bounds: Self.buckets)].record(seconds)
             s.counters["modelfs_peer_bytes_in_total", default: 0] += UInt64(bytesIn)
             s.counters["modelfs_peer_bytes_out_total", default: 0] += UInt64(bytesOut)
         }
@@ -334,14 +329,7 @@ public final class PeerMetrics: Sendable {
         }
         out += "# TYPE modelfs_peer_request_seconds histogram\n"
         for (route, h) in s.latency.sorted(by: { $0.key < $1.key }) {
-            var cumulative: UInt64 = 0
-            for (i, b) in Self.buckets.enumerated() {
-                cumulative += h.counts[i]
-                out += "modelfs_peer_request_seconds_bucket{route=\"\(route)\",le=\"\(b)\"} \(cumulative)\n"
-            }
-            out += "modelfs_peer_request_seconds_bucket{route=\"\(route)\",le=\"+Inf\"} \(h.n)\n"
-            out += "modelfs_peer_request_seconds_sum{route=\"\(route)\"} \(h.sum)\n"
-            out += "modelfs_peer_request_seconds_count{route=\"\(route)\"} \(h.n)\n"
+            out += h.render("modelfs_peer_request_seconds", labels: "route=\"\(route)\"")
         }
         for (k, v) in s.counters.sorted(by: { $0.key < $1.key }) { out += "# TYPE \(k) counter\n\(k) \(v)\n" }
         if let g = gauges.withLock({ $0 }) {

@@ -124,13 +124,13 @@ struct ClusterOptions: ParsableArguments {
             return "a cluster node needs --secret-file FILE holding the cluster secret (the same on every node)"
         }
         if let why = unsafeSecretFile(secretFile) { return why }
-        guard let secret = try? String(contentsOfFile: secretFile, encoding: .utf8) else {
+        guard let secret = readSecret(secretFile) else {
             return "cannot read the secret file \(secretFile); create it (e.g. (umask 077; head -c 32 /dev/urandom | base64 > \(secretFile)))"
         }
-        if secret.trimmingCharacters(in: .whitespacesAndNewlines).count < 8 {
+        if secret.count < 8 {
             return "the secret in \(secretFile) is shorter than 8 characters; use a long random one"
         }
-        if let problem = etcdProblem() { return problem }
+        if let problem = credentialProblem() { return problem }
         if replicas < 1 || replicas > 16 || ack < 1 || ack > replicas {
             return "--replicas \(replicas) --ack \(ack): need 1 <= ack <= replicas <= 16"
         }
@@ -158,23 +158,22 @@ struct ClusterOptions: ParsableArguments {
         return nil
     }
 
-    /// The etcd TLS and auth flags' problem, if any (and the peer TLS flags').
-    func etcdProblem() -> String? {
+    /// The peer TLS and etcd TLS/auth flags' problem, if any: files that go together, that must
+    /// be readable, and keys and passwords that must be private.
+    func credentialProblem() -> String? {
         let peer = [tlsCert, tlsKey, tlsCa].compactMap { $0 }.count
         if peer != 0 && peer != 3 { return "--tls-cert, --tls-key and --tls-ca go together: give all three or none" }
-        for (flag, path) in [("--tls-cert", tlsCert), ("--tls-key", tlsKey), ("--tls-ca", tlsCa)] {
-            guard let path else { continue }
-            if access(path, R_OK) != 0 { return "\(flag) \(path): cannot read it (\(String(cString: strerror(errno))))" }
-        }
-        if let tlsKey, let why = unsafeSecretFile(tlsKey, flag: "--tls-key") { return why }
-        for (flag, path) in [("--etcd-ca", etcdCa), ("--etcd-cert", etcdCert), ("--etcd-key", etcdKey), ("--etcd-password-file", etcdPasswordFile)] {
-            guard let path else { continue }
-            if access(path, R_OK) != 0 { return "\(flag) \(path): cannot read it (\(String(cString: strerror(errno))))" }
-        }
         if (etcdCert == nil) != (etcdKey == nil) { return "--etcd-cert and --etcd-key go together: give both or neither" }
-        if let etcdKey, let why = unsafeSecretFile(etcdKey, flag: "--etcd-key") { return why }
         if (etcdUser == nil) != (etcdPasswordFile == nil) { return "--etcd-user and --etcd-password-file go together: give both or neither" }
-        if let etcdPasswordFile, let why = unsafeSecretFile(etcdPasswordFile, flag: "--etcd-password-file") { return why }
+        let files = [("--tls-cert", tlsCert), ("--tls-key", tlsKey), ("--tls-ca", tlsCa), ("--etcd-ca", etcdCa),
+                     ("--etcd-cert", etcdCert), ("--etcd-key", etcdKey), ("--etcd-password-file", etcdPasswordFile)]
+        for (flag, path) in files {
+            guard let path else { continue }
+            if access(path, R_OK) != 0 { return "\(flag) \(path): cannot read it (\(String(cString: strerror(errno))))" }
+        }
+        for (flag, path) in [("--tls-key", tlsKey), ("--etcd-key", etcdKey), ("--etcd-password-file", etcdPasswordFile)] {
+            if let path, let why = unsafeSecretFile(path, flag: flag) { return why }
+        }
         return nil
     }
 
@@ -185,9 +184,7 @@ struct ClusterOptions: ParsableArguments {
                          .trimmingCharacters(in: .newlines))
     }
 
-    var secret: String {
-        ((try? String(contentsOfFile: secretFile ?? "", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
-    }
+    var secret: String { secretFile.flatMap(readSecret) ?? "" }
     var policy: ReplicationPolicy { ReplicationPolicy(replicas: replicas, ack: ack, spread: spread) }
 }
 
@@ -202,6 +199,11 @@ func unsafeSecretFile(_ path: String, flag: String = "--secret-file") -> String?
         return "\(flag) \(path) is open to other users (mode \(String(st.st_mode & 0o777, radix: 8))); make it private with: chmod 600 \(path)"
     }
     return nil
+}
+
+/// A secret or token file's text without surrounding whitespace, nil if it cannot be read.
+func readSecret(_ path: String) -> String? {
+    (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
 }
 
 func parseHostPort(_ s: String) -> (host: String, port: Int)? {

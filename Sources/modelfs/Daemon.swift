@@ -146,7 +146,7 @@ struct Daemon {
         }
         node?.metrics.setExtra(mountMetrics)
         let metricsServer = try metricsListen.map { address in
-            try MetricsServer(address: address, token: metricsToken) { [node] in node.map { $0.metrics.render() } ?? mountMetrics() }
+            try MetricsRoutes.serve(address: address, token: metricsToken) { [node] in node.map { $0.metrics.render() } ?? mountMetrics() }
         }
         try node?.start()
         if let cluster, let tls = node?.tls {
@@ -186,7 +186,6 @@ struct Daemon {
                 try Registry.save(record)
             } catch { Log.error("cannot announce the mount: \(error)") }
             gc.start()
-            metricsServer?.start()
             Log.info("mounted \(mp)")
             if let flat {
                 // The mount answered, so the kernel's INIT (and whether it agreed) is behind us.
@@ -204,7 +203,7 @@ struct Daemon {
             }
         }
         SystemdNotify.send("STOPPING=1\nSTATUS=unmounted \(mountpoint); finishing")
-        metricsServer?.stop()
+        metricsServer?.shutdown()
         gc.stop(idle: node == nil)
         node?.stop()
         try? engine.sync()

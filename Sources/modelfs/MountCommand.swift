@@ -102,9 +102,7 @@ struct MountCommand: ParsableCommand {
     }
 
     /// The metrics token, read from its file.
-    var metricsToken: String? {
-        metricsTokenFile.flatMap { try? String(contentsOfFile: $0, encoding: .utf8) }?.trimmingCharacters(in: .whitespacesAndNewlines)
-    }
+    var metricsToken: String? { metricsTokenFile.flatMap(readSecret) }
 
     /// The metrics flags' problem, if any.
     func metricsProblem() -> String? {
