@@ -142,6 +142,30 @@ def make_secret(root: Path, text: str = "loopback-cluster-secret") -> Path:
     return p
 
 
+def openssl(*args, cwd: Path):
+    r = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"openssl {' '.join(args)}: {r.stderr}"
+
+
+def make_ca(d: Path, name: str):
+    """d/NAME.pem and d/NAME.key: a self-signed CA, good for two days."""
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem",
+            "-days", "2", "-subj", f"/CN={name}", cwd=d)
+
+
+def make_cert(d: Path, ca: str, name: str, subject: str, san: str | None = None, days: int = 2):
+    """d/NAME.pem and d/NAME.key (mode 600): a certificate for `subject` signed by CA d/CA.pem,
+    for servers and clients both; `days` < 0 makes it already expired."""
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", subject, cwd=d)
+    ext = d / f"{name}.ext"
+    ext.write_text("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                   "extendedKeyUsage=serverAuth,clientAuth\n" + (f"subjectAltName={san}\n" if san else ""))
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", str(days), "-extfile", ext.name, cwd=d)
+    (d / f"{name}.key").chmod(0o600)
+
+
 def peer_request(address: str, method: str, path: str, secret: str | None, body: bytes | None = None):
     """(status, body) of a raw request to a node's peer server."""
     req = urllib.request.Request(f"http://{address}{path}", data=body, method=method)

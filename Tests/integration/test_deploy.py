@@ -6,40 +6,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from mfs import (MODELFS_BIN, REPO, MiB, assert_bytes_equal, fusermount_lazy, is_mounted, mountinfo, pid_alive,
-                 read_file, run, wait_pid_exit, wait_until, write_file)
-from test_errors import expect_cli_error
+from mfs import MODELFS_BIN, REPO, MiB, assert_bytes_equal, is_mounted, read_file, run, wait_pid_exit, write_file
+from test_errors import expect_cli_error, scratch  # noqa: F401 (a fixture)
 
 GiB = 1 << 30
-
-
-@pytest.fixture
-def scratch():
-    """A temp dir (0755); anything left mounted under it is unmounted, any daemon stopped."""
-    root = Path(tempfile.mkdtemp(prefix="modelfs-deploy-"))
-    os.chmod(root, 0o755)
-    yield root
-    for point, fs, _ in mountinfo():
-        if point.startswith(str(root) + "/") and fs.startswith("fuse"):
-            fusermount_lazy(point)
-    for pidfile in root.glob("**/modelfs.pid"):
-        try:
-            pid = int(pidfile.read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-            wait_pid_exit(pid, 10)
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def umount_and_wait(mp: Path, data: Path):

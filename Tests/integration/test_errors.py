@@ -24,13 +24,16 @@ from mfs import (MODELFS_BIN, MiB, Mount, assert_bytes_equal, fusermount_lazy, i
 
 @pytest.fixture
 def scratch():
-    """A temp dir (0755) for error cases; anything left mounted under it is unmounted."""
+    """A temp dir (0755) for error cases; anything left mounted under it is unmounted, and a
+    daemon whose data dir is under it is stopped."""
     root = Path(tempfile.mkdtemp(prefix="modelfs-err-"))
     os.chmod(root, 0o755)
     yield root
     for point, fs, _ in mountinfo():
         if point.startswith(str(root) + "/") and fs.startswith("fuse"):
             run(["fusermount3", "-u", "-z", point], timeout=30)
+    for pidfile in root.glob("**/modelfs.pid"):
+        _kill_stray_daemon(pidfile.parent)
     for point, fs, _ in reversed(mountinfo()):
         if point.startswith(str(root) + "/"):
             run(["umount", "-l", point], timeout=30)

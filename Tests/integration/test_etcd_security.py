@@ -13,32 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster import ETCD, Node, free_port, make_secret
+from cluster import ETCD, Node, free_port, make_ca, make_cert, make_secret
 from mfs import MODELFS_BIN, MiB, assert_bytes_equal, read_file, run, wait_until, write_file
 from test_errors import expect_cli_error
-
-
-def openssl(*args, cwd: Path):
-    r = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, f"openssl {' '.join(args)}: {r.stderr}"
-
-
-def make_ca(d: Path, name: str):
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem",
-            "-days", "2", "-subj", f"/CN={name}", cwd=d)
-
-
-def make_cert(d: Path, ca: str, name: str, san: str | None = None, cn: bool = True):
-    # etcd's JSON gateway refuses a client certificate with a CommonName while auth is on: the
-    # nodes' have none (their subject is an organisation).
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={name}" if cn else f"/O=modelfs/OU={name}", cwd=d)
-    ext = d / f"{name}.ext"
-    ext.write_text("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-                   "extendedKeyUsage=serverAuth,clientAuth\n" + (f"subjectAltName={san}\n" if san else ""))
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "2", "-extfile", ext.name, cwd=d)
-    (d / f"{name}.key").chmod(0o600)
 
 
 class SecureEtcd:
@@ -51,10 +28,12 @@ class SecureEtcd:
         self.pki.mkdir()
         make_ca(self.pki, "ca")
         make_ca(self.pki, "rogue")
-        make_cert(self.pki, "ca", "server", san="IP:127.0.0.1,DNS:localhost")
-        make_cert(self.pki, "ca", "node", cn=False)
-        make_cert(self.pki, "ca", "named")
-        make_cert(self.pki, "rogue", "stranger", cn=False)
+        make_cert(self.pki, "ca", "server", "/CN=server", san="IP:127.0.0.1,DNS:localhost")
+        # etcd's JSON gateway refuses a client certificate with a CommonName while auth is on:
+        # the nodes' have none (their subject is an organisation).
+        make_cert(self.pki, "ca", "node", "/O=modelfs/OU=node")
+        make_cert(self.pki, "ca", "named", "/CN=named")
+        make_cert(self.pki, "rogue", "stranger", "/O=modelfs/OU=stranger")
         self.port, peer = free_port(), free_port()
         args = [ETCD, "--name", "s0", "--data-dir", str(self.root / "s0"),
                 "--listen-client-urls", f"https://127.0.0.1:{self.port}",

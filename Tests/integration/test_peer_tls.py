@@ -7,21 +7,15 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-import subprocess
 import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
-from cluster import EtcdCluster, Node, make_secret
+from cluster import EtcdCluster, Node, make_ca, make_cert, make_secret
 from mfs import MODELFS_BIN, MiB, assert_bytes_equal, read_file, wait_until, write_file
 from test_errors import expect_cli_error
-
-
-def openssl(*args, cwd: Path):
-    r = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, f"openssl {' '.join(args)}: {r.stderr}"
 
 
 class PKI:
@@ -32,15 +26,10 @@ class PKI:
         self.d.mkdir()
         self.cluster = cluster
         for ca in ("ca", "rogue"):
-            openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.pem",
-                    "-days", "2", "-subj", f"/CN={ca}", cwd=self.d)
+            make_ca(self.d, ca)
 
     def cert(self, name: str, ca: str = "ca", org: str | None = None, days: int = 2) -> tuple[Path, Path]:
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/O={org or self.cluster}/CN={name}", cwd=self.d)
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-                "-out", f"{name}.pem", "-days", str(days), cwd=self.d)
-        (self.d / f"{name}.key").chmod(0o600)
+        make_cert(self.d, ca, name, f"/O={org or self.cluster}/CN={name}", days=days)
         return self.d / f"{name}.pem", self.d / f"{name}.key"
 
     def flags(self, name: str, ca: str = "ca", **kw) -> list[str]:
