@@ -48,6 +48,12 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
     private let unflushed = Mutex(StatsDelta())
     private let flusher = DispatchQueue(label: "modelfs.etcd.stats")
     private var flushTimer: (any DispatchSourceTimer)?
+    /// Every client's counters key as last read, and when: statfs reads them at most once per
+    /// `countersMaxAge` (a workload that calls statfs per file made one etcd range per call).
+    /// This client's own entry is kept current by its flushes.
+    private let countersSeen = Mutex<(at: ContinuousClock.Instant?, sums: [Data: StatsDelta])>((nil, [:]))
+    /// How old the other clients' counters in statfs may be (tests set zero).
+    public var countersMaxAge: Duration = .seconds(1)
 
     /// `name` selects the cluster's key prefix (`/modelfs/NAME/`), so one etcd can hold several.
     public init(endpoints: [String], name: String, clientID: String = UUID().uuidString, security: EtcdSecurity = .none) throws {
@@ -205,10 +211,16 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
             total += d
             let value = try JSONEncoder().encode(total)
             do {
-                if try client.txn(compare: [.modRevision(statsKey, "EQUAL", old?.modRevision ?? 0)], success: [.put(statsKey, value)]).succeeded { return }
+                if try client.txn(compare: [.modRevision(statsKey, "EQUAL", old?.modRevision ?? 0)], success: [.put(statsKey, value)]).succeeded {
+                    countersSeen.withLock { $0.sums[statsKey] = total }
+                    return
+                }
             } catch EtcdError.ambiguous {
                 // Only this client writes the key: a new mod revision means the put landed.
-                if let now = try? client.range(statsKey), (now.kvs.first?.modRevision ?? 0) != (old?.modRevision ?? 0) { return }
+                if let now = try? client.range(statsKey), (now.kvs.first?.modRevision ?? 0) != (old?.modRevision ?? 0) {
+                    countersSeen.withLock { $0.sums[statsKey] = total }
+                    return
+                }
             }
             unflushed.withLock { $0 += d }
         } catch {
@@ -216,12 +228,27 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
         }
     }
 
-    /// The namespace's counters: every client's key plus what this one has not flushed yet.
+    /// The namespace's counters: every client's key (read at most once per `countersMaxAge`)
+    /// plus what this one has not flushed yet.
     func countedStats() throws -> MetadataStats {
-        var total = unflushed.withLock { $0 }
-        for kv in try client.rangeAll(prefix: key("n/stats/")).kvs {
-            if let d = try? JSONDecoder().decode(StatsDelta.self, from: kv.value) { total += d }
+        let now = ContinuousClock.now
+        var sums = countersSeen.withLock { c -> [Data: StatsDelta]? in
+            guard let at = c.at, now - at < countersMaxAge else { return nil }
+            return c.sums
         }
+        if sums == nil {
+            var read: [Data: StatsDelta] = [:]
+            for kv in try client.rangeAll(prefix: key("n/stats/")).kvs {
+                if let d = try? JSONDecoder().decode(StatsDelta.self, from: kv.value) { read[kv.key] = d }
+            }
+            countersSeen.withLock { $0 = (now, read) }
+            sums = read
+        }
+        // A flush under way may briefly have its changes in neither (taken from `unflushed`, not
+        // yet in the sums), and a read racing a flush may keep this client's older sum until
+        // the next read: statfs is a little behind for at most countersMaxAge, never wrong after.
+        var total = unflushed.withLock { $0 }
+        for d in sums!.values { total += d }
         return total.stats
     }
 
@@ -245,46 +272,6 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
         _ = try client.txn(compare: [.modRevision(prefix, rangeEnd: EtcdClient.prefixEnd(prefix), "LESS", r.revision + 1)],
                            success: [.put(baseKey, try JSONEncoder().encode(base))], idempotent: true)
         if !r.kvs.isEmpty { Log.info("metadata (etcd): counted \(r.kvs.count) inodes once, for statfs and status") }
-    }
-}
-
-/// Signed changes to the namespace's counters (`n/stats/CLIENT` holds one client's sum).
-struct StatsDelta: Codable, Equatable {
-    /// Regular files, directories, symlinks, bytes, special files (FIFOs, sockets, devices).
-    var f: Int64 = 0, d: Int64 = 0, s: Int64 = 0, b: Int64 = 0, x: Int64 = 0
-
-    init() {}
-    /// Tolerant: a node's sum written before special files has no `x`.
-    init(from decoder: any Decoder) throws {
-        let c = try decoder.container(keyedBy: CodingKeys.self)
-        f = try c.decodeIfPresent(Int64.self, forKey: .f) ?? 0
-        d = try c.decodeIfPresent(Int64.self, forKey: .d) ?? 0
-        s = try c.decodeIfPresent(Int64.self, forKey: .s) ?? 0
-        b = try c.decodeIfPresent(Int64.self, forKey: .b) ?? 0
-        x = try c.decodeIfPresent(Int64.self, forKey: .x) ?? 0
-    }
-
-    var isZero: Bool { self == StatsDelta() }
-
-    /// Counts a record (as `MetadataStats` does: linked inodes only) `sign` times.
-    mutating func add(_ r: InodeRecord?, _ sign: Int64) {
-        guard let r, r.attrs.nlink > 0 else { return }
-        switch r.attrs.kind {
-        case .regular: f += sign; b += sign * Int64(clamping: r.attrs.size)
-        case .directory: d += sign
-        case .symlink: s += sign
-        case .fifo, .socket, .charDevice, .blockDevice: x += sign
-        }
-    }
-
-    static func += (a: inout StatsDelta, x: StatsDelta) { a.f += x.f; a.d += x.d; a.s += x.s; a.b += x.b; a.x += x.x }
-
-    var stats: MetadataStats {
-        var m = MetadataStats()
-        m.files = UInt64(max(0, f)); m.directories = UInt64(max(0, d)); m.symlinks = UInt64(max(0, s))
-        m.specials = UInt64(max(0, x))
-        m.logicalBytes = UInt64(max(0, b))
-        return m
     }
 }
 

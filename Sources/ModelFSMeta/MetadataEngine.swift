@@ -197,3 +197,44 @@ extension MetadataEngine {
                    isOpen: { _ in true })
     }
 }
+
+/// Signed changes to the namespace's counters: etcd keeps each client's sum in `n/stats/CLIENT`,
+/// SQLite its running total in memory (`InodeRows.counted`).
+struct StatsDelta: Codable, Equatable {
+    /// Regular files, directories, symlinks, bytes, special files (FIFOs, sockets, devices).
+    var f: Int64 = 0, d: Int64 = 0, s: Int64 = 0, b: Int64 = 0, x: Int64 = 0
+
+    init() {}
+    /// Tolerant: a node's sum written before special files has no `x`.
+    init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        f = try c.decodeIfPresent(Int64.self, forKey: .f) ?? 0
+        d = try c.decodeIfPresent(Int64.self, forKey: .d) ?? 0
+        s = try c.decodeIfPresent(Int64.self, forKey: .s) ?? 0
+        b = try c.decodeIfPresent(Int64.self, forKey: .b) ?? 0
+        x = try c.decodeIfPresent(Int64.self, forKey: .x) ?? 0
+    }
+
+    var isZero: Bool { self == StatsDelta() }
+
+    /// Counts a record (as `MetadataStats` does: linked inodes only) `sign` times.
+    mutating func add(_ r: InodeRecord?, _ sign: Int64) {
+        guard let r, r.attrs.nlink > 0 else { return }
+        switch r.attrs.kind {
+        case .regular: f += sign; b += sign * Int64(clamping: r.attrs.size)
+        case .directory: d += sign
+        case .symlink: s += sign
+        case .fifo, .socket, .charDevice, .blockDevice: x += sign
+        }
+    }
+
+    static func += (a: inout StatsDelta, x: StatsDelta) { a.f += x.f; a.d += x.d; a.s += x.s; a.b += x.b; a.x += x.x }
+
+    var stats: MetadataStats {
+        var m = MetadataStats()
+        m.files = UInt64(max(0, f)); m.directories = UInt64(max(0, d)); m.symlinks = UInt64(max(0, s))
+        m.specials = UInt64(max(0, x))
+        m.logicalBytes = UInt64(max(0, b))
+        return m
+    }
+}

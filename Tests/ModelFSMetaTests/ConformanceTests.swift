@@ -345,6 +345,45 @@ func errno(of body: () throws -> Void) -> Int32? {
         #expect(try reopened.write { try $0.allocateInode() }.rawValue > b.rawValue)
     }
 
+    @Test func sqliteCountersFollowEveryChangeWithoutAScan() throws {
+        // statfs and status read counters kept by the committed transactions (InodeRows.counted),
+        // counted by one scan the first time: after every kind of change they equal a new scan.
+        let tmp = NSTemporaryDirectory() + "modelfs-meta-counters-\(getpid())"
+        try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: tmp) }
+        let store = try SQLiteTransactionalStore(path: tmp + "/m.db")
+        let m = try KVMetadataEngine(store: store, rootUID: 0, rootGID: 0)
+        func scanned() throws -> MetadataStats { try store.read { try ($0 as! SQLiteTransaction).scannedStats() } }
+        let before = try m.create(parent: .root, name: "before", file())
+        _ = try m.commit(before.ino, size: 77, manifest: .inline(Manifest(chunks: [])), mtime: now)
+        #expect(try m.stats() == scanned())   // the first call counts by a scan
+        let d = try m.create(parent: .root, name: "d", dir())
+        var files: [InodeNumber] = []
+        for i in 0..<30 {
+            let f = try m.create(parent: d.ino, name: "f\(i)", file())
+            _ = try m.commit(f.ino, size: UInt64(1000 * i + 1), manifest: .inline(Manifest(chunks: [])), mtime: now)
+            files.append(f.ino)
+        }
+        _ = try m.create(parent: .root, name: "l", NewInode(kind: .symlink, mode: 0o777, uid: 0, gid: 0, now: now, target: "d/f1"))
+        _ = try m.create(parent: .root, name: "p", NewInode(kind: .fifo, mode: 0o644, uid: 0, gid: 0, now: now))
+        _ = try m.link(files[2], parent: .root, name: "hard", now: now)
+        _ = try m.setattr(files[3], AttributeChanges(size: 5), now: now)
+        _ = try m.rename(parent: d.ino, name: "f4", newParent: d.ino, newName: "f5", flags: [], now: now, isOpen: { _ in false })
+        _ = try m.unlink(parent: d.ino, name: "f2", now: now, isOpen: { _ in false })   // still linked as /hard
+        _ = try m.unlink(parent: d.ino, name: "f6", now: now, isOpen: { _ in true })    // an orphan until deleted
+        #expect(try m.stats() == scanned())
+        try m.deleteInode(files[6])
+        let sub = try m.create(parent: d.ino, name: "sub", dir())
+        _ = try m.rmdir(parent: d.ino, name: "sub", now: now)
+        try m.deleteInode(sub.ino)
+        // A transaction that rolls back changes nothing.
+        struct Boom: Error {}
+        _ = try? store.write { tx -> Void in try tx.deleteInode(files[7]); throw Boom() }
+        let want = try scanned()
+        #expect(want.files == 1 + 30 - 2 && want.directories == 2 && want.symlinks == 1 && want.specials == 1)
+        #expect(try m.stats() == want)
+    }
+
     @Test func sqliteInodeNumbersAreNeverGivenTwiceAcrossRestartsAndRollbacks() throws {
         // The store keeps `next_inode` as a bound reserved InodeRows.reservation at a time.
         let dir = NSTemporaryDirectory() + "modelfs-meta-bound-\(getpid())"

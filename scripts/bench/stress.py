@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""stress-ng's metadata stressors on one node (issue #28): modelfs against libfuse's passthrough_ll
+over the same disk, in one run, as ratios of stress-ng's bogo-ops/s.
+
+Rows (the ones the issue names): xattr, copy-file, dir, dentry, fcntl, filename, chmod, chown.
+Each row runs stress-ng with WORKERS workers for SECONDS seconds, `--verify`, its temp path on the
+mount, once per target and round, the targets interleaved; the figure is the median of the rounds.
+passthrough_ll runs with its defaults (cache=auto) plus `-o xattr` (without it every xattr call is
+ENOTSUP and the row measures nothing). modelfs runs with its defaults (passthrough on).
+
+Besides bogo-ops/s, each row counts the FUSE requests the stressor made per second on modelfs
+(from its /metrics, modelfs_fuse_op_seconds_count), so a slow row can be told apart as "more requests" or
+"slower requests".
+
+Usage: scripts/bench/run-py.sh stress [--seconds 10] [--rounds 3] [--rows xattr,dir] [--out FILE]
+Every process is started and stopped by PID; every mount it makes it unmounts; the work dir is
+removed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import reads  # noqa: E402  (Target, passthrough_ll, log, sh)
+
+ROOT = Path(__file__).resolve().parents[2]
+ROWS = {
+    "xattr": [],
+    "copy-file": ["--copy-file-bytes", "128M"],
+    "dir": [],
+    "dentry": [],
+    "fcntl": [],
+    "filename": [],
+    "chmod": [],
+    "chown": [],
+}
+TARGET = 1.0
+
+
+class Target(reads.Target):
+    def start(self):
+        if self.name == "passthrough_ll":
+            import subprocess
+            (self.work / "src").mkdir(exist_ok=True)
+            logf = open(self.work / "daemon.log", "a")
+            argv = [self.ptll, "-f", "-o", f"source={self.work / 'src'},xattr", str(self.mp)]
+            self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+            reads.wait_for(lambda: reads.mounted(self.mp) or self.proc.poll() is not None, 60, "passthrough_ll")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"passthrough_ll exited: {(self.work / 'daemon.log').read_text()[-2000:]}")
+        else:
+            import subprocess
+            import socket
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.metrics_port = s.getsockname()[1]
+            logf = open(self.work / "daemon.log", "a")
+            argv = [self.modelfs, "mount", str(self.mp), "--data", str(self.work / "data"), "-f",
+                    "--metrics-listen", f"127.0.0.1:{self.metrics_port}"]
+            self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+            reads.wait_for(lambda: reads.mounted(self.mp) or self.proc.poll() is not None, 60, "modelfs")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"modelfs exited: {(self.work / 'daemon.log').read_text()[-2000:]}")
+
+    def fuse_ops(self) -> dict[str, int]:
+        """FUSE requests answered so far, by operation (modelfs's /metrics)."""
+        if not self.name.startswith("modelfs"):
+            return {}
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        return {m[1]: int(float(m[2])) for m in re.finditer(r'modelfs_fuse_op_seconds_count\{op="([a-z_0-9]+)"\} ([0-9.e+]+)', text)}
+
+
+def bogo_ops_per_s(out: str, stressor: str) -> float:
+    # --metrics-brief: "stress-ng: metrc: [pid] stressor bogo-ops real-time usr-time sys-time bogo-ops/s ..."
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) >= 9 and "metrc:" in f and f[f.index("metrc:") + 2] == stressor:
+            i = f.index("metrc:") + 2
+            return float(f[i + 5])
+    raise RuntimeError(f"no metrics line for {stressor} in:\n{out[-3000:]}")
+
+
+def run_row(t: Target, row: str, seconds: int, workers: int) -> tuple[float, dict[str, float]]:
+    d = t.dir / f"stress-{row}"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    before = t.fuse_ops()
+    r = reads.sh("stress-ng", f"--{row}", str(workers), *ROWS[row], "--timeout", f"{seconds}s", "--verify",
+                 "--temp-path", d, "--metrics-brief", "--no-rand-seed", check=False, timeout=seconds * 20 + 120)
+    if r.returncode != 0:
+        raise RuntimeError(f"stress-ng --{row} on {t.name} failed (rc={r.returncode}):\n{r.stdout[-3000:]}"
+                           f"{r.stderr[-2000:]}")
+    ops = bogo_ops_per_s(r.stdout + r.stderr, row)
+    wall = [float(m) for m in re.findall(r"successful run completed in ([0-9.]+)", r.stdout + r.stderr)]
+    after = t.fuse_ops()
+    fuse = {op: (n - before.get(op, 0)) / (wall[0] if wall else seconds) for op, n in after.items()
+            if n > before.get(op, 0)}
+    shutil.rmtree(d, ignore_errors=True)
+    return ops, fuse
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--modelfs", default=str(ROOT / ".build/release/modelfs"))
+    a = ap.parse_args()
+    rows = a.rows.split(",")
+    for r in rows:
+        if r not in ROWS:
+            sys.exit(f"stress.py: unknown row {r!r} (rows: {', '.join(ROWS)})")
+    if not shutil.which("stress-ng"):
+        sys.exit("stress.py: stress-ng is missing (scripts/install-framework-deps.sh installs it)")
+    work = Path(tempfile.mkdtemp(prefix="modelfs-stress-", dir="/var/tmp"))
+    targets: list[Target] = []
+    try:
+        ptll = reads.passthrough_ll(work / "build")
+        names = (["passthrough_ll"] if ptll else []) + ["modelfs"]
+        targets = [Target(n, work, a.modelfs, None, ptll) for n in names]
+        # Target("modelfs") runs --no-passthrough in reads.py; here the default (passthrough on) is wanted.
+        for t in targets:
+            if t.name == "modelfs":
+                t.name = "modelfs_pt"
+            t.start()
+        res: dict[str, dict[str, list]] = {r: {t.name: [] for t in targets} for r in rows}
+        fuse: dict[str, list[dict]] = {r: [] for r in rows}
+        for rnd in range(a.rounds):
+            for row in rows:
+                for t in targets:
+                    ops, f = run_row(t, row, a.seconds, a.workers)
+                    res[row][t.name].append(ops)
+                    if t.name.startswith("modelfs"):
+                        fuse[row].append(f)
+                    top = ", ".join(f"{op} {n:,.0f}/s" for op, n in sorted(f.items(), key=lambda x: -x[1])[:6])
+                    reads.log(f"round {rnd + 1} {row:10s} {t.name:15s} {ops:12.2f} bogo-ops/s  {top}")
+        lines = [f"stress-ng 0.15 metadata rows, {a.workers} workers, {a.seconds} s, `--verify`, median of "
+                 f"{a.rounds} rounds (bogo-ops/s; passthrough_ll `-o xattr`, cache=auto):", "",
+                 "| stressor | passthrough_ll | modelfs | ratio | modelfs FUSE requests/s | target ≥ 1.0× |",
+                 "|---|---|---|---|---|---|"]
+        ok = True
+        for row in rows:
+            m = statistics.median(res[row]["modelfs_pt"])
+            p = statistics.median(res[row]["passthrough_ll"]) if "passthrough_ll" in res[row] else None
+            ratio = m / p if p else None
+            met = ratio is not None and ratio >= TARGET
+            ok &= met
+            reqs = statistics.median(sum(f.values()) for f in fuse[row])
+            lines.append(f"| {row} | {p:.2f} | {m:.2f} | {ratio:.2f}× | {reqs:,.0f} | "
+                         f"{'met' if met else 'NOT met'} |" if p else f"| {row} | — | {m:.2f} | — | — | — |")
+        text = "\n".join(lines)
+        print(text)
+        if a.out:
+            a.out.write_text(text + "\n")
+    finally:
+        for t in targets:
+            t.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
