@@ -21,24 +21,48 @@ public enum RawName {
     public static func string(_ bytes: UnsafeBufferPointer<UInt8>) -> String {
         // U+10FF00 and above start with 0xF4; without it, valid UTF-8 is the string as it is.
         if !bytes.contains(0xF4), let s = String(validating: bytes, as: UTF8.self) { return s }
-        var scalars = String.UnicodeScalarView()
+        // The string's UTF-8 built directly (a scalar view appended scalar by scalar, with a
+        // String(validating:) per sequence, was a tenth of the daemon's CPU under stress-ng's
+        // filename stressor, whose names are random bytes).
+        var out = [UInt8]()
+        out.reserveCapacity(bytes.count * 2)
         var i = 0
         while i < bytes.count {
-            let n = sequenceLength(bytes[i])
-            if n > 1, i + n <= bytes.count,
-               let s = String(validating: UnsafeBufferPointer(rebasing: bytes[i..<(i + n)]), as: UTF8.self),
-               let scalar = s.unicodeScalars.first, scalar.value < base {
-                scalars.append(scalar)
+            let n = validSequence(bytes, at: i)
+            if n > 0 {
+                out.append(contentsOf: UnsafeBufferPointer(rebasing: bytes[i..<(i + n)]))
                 i += n
-            } else if n == 1 {
-                scalars.append(Unicode.Scalar(bytes[i]))
-                i += 1
             } else {
-                scalars.append(Unicode.Scalar(base + UInt32(bytes[i]))!)
+                // U+10FF00 + byte in UTF-8: F4 8F, then BC…BF and 80…BF by the byte's bits.
+                let b = bytes[i]
+                out.append(contentsOf: [0xF4, 0x8F, 0xBC | (b >> 6), 0x80 | (b & 0x3F)])
                 i += 1
             }
         }
-        return String(scalars)
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// The length of the valid UTF-8 sequence at `i` that spells a scalar below `base`, or 0
+    /// (a byte to escape): RFC 3629's table (no overlong forms, no surrogates, nothing above
+    /// U+10FFFF), and U+10FF00…U+10FFFF (F4 8F BC…BF) escaped too.
+    static func validSequence(_ b: UnsafeBufferPointer<UInt8>, at i: Int) -> Int {
+        let lead = b[i]
+        let n = sequenceLength(lead)
+        guard n > 0, i + n <= b.count else { return 0 }
+        if n == 1 { return 1 }
+        // The second byte's range depends on the lead; the rest are 80…BF.
+        let second = b[i + 1]
+        let (lo, hi): (UInt8, UInt8) = switch lead {
+        case 0xE0: (0xA0, 0xBF)
+        case 0xED: (0x80, 0x9F)
+        case 0xF0: (0x90, 0xBF)
+        case 0xF4: (0x80, 0x8F)
+        default: (0x80, 0xBF)
+        }
+        guard second >= lo && second <= hi else { return 0 }
+        for k in 2..<n where b[i + k] & 0xC0 != 0x80 { return 0 }
+        if lead == 0xF4 && second == 0x8F && b[i + 2] >= 0xBC { return 0 }
+        return n
     }
 
     public static func string(_ bytes: [UInt8]) -> String {
@@ -48,13 +72,19 @@ public enum RawName {
     /// The name's bytes (without a terminating NUL).
     public static func bytes(_ s: String) -> [UInt8] {
         if !s.utf8.contains(0xF4) { return Array(s.utf8) }
+        // The string is valid UTF-8: an escaped byte is F4 8F BC…BF 80…BF, everything else
+        // is copied as it is.
+        let u = Array(s.utf8)
         var out: [UInt8] = []
-        out.reserveCapacity(s.utf8.count)
-        for scalar in s.unicodeScalars {
-            if scalar.value >= base {
-                out.append(UInt8(scalar.value - base))
+        out.reserveCapacity(u.count)
+        var i = 0
+        while i < u.count {
+            if u[i] == 0xF4, i + 3 < u.count, u[i + 1] == 0x8F, u[i + 2] >= 0xBC {
+                out.append(((u[i + 2] & 0x03) << 6) | (u[i + 3] & 0x3F))
+                i += 4
             } else {
-                out += String(scalar).utf8
+                out.append(u[i])
+                i += 1
             }
         }
         return out

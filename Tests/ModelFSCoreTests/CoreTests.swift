@@ -267,6 +267,41 @@ import ModelFSTestSupport
         RawName.withCString(s) { p in #expect(strlen(p) == bytes.count) }
     }
 
+    /// The mapping as first written, scalar by scalar with the standard library's validation:
+    /// the fast one must give the same string for any bytes.
+    static func reference(_ bytes: [UInt8]) -> String {
+        if !bytes.contains(0xF4), let s = String(validating: bytes, as: UTF8.self) { return s }
+        var scalars = String.UnicodeScalarView()
+        var i = 0
+        while i < bytes.count {
+            let n = RawName.sequenceLength(bytes[i])
+            if n > 1, i + n <= bytes.count, let s = String(validating: bytes[i..<(i + n)], as: UTF8.self),
+               let scalar = s.unicodeScalars.first, scalar.value < 0x10FF00 {
+                scalars.append(scalar)
+                i += n
+            } else if n == 1 {
+                scalars.append(Unicode.Scalar(bytes[i]))
+                i += 1
+            } else {
+                scalars.append(Unicode.Scalar(0x10FF00 + UInt32(bytes[i]))!)
+                i += 1
+            }
+        }
+        return String(scalars)
+    }
+
+    @Test func randomBytesMapAsTheStandardLibraryValidates() {
+        var rng = SystemRandomNumberGenerator()
+        // Weighted towards lead and continuation bytes, so that valid and cut sequences both occur.
+        let pool: [UInt8] = Array(0x01...0xFF) + Array(0x80...0xBF) + [0xC2, 0xDF, 0xE0, 0xED, 0xEF, 0xF0, 0xF4, 0x8F, 0xBC, 0xBF]
+        for _ in 0..<20_000 {
+            let bytes = (0..<Int.random(in: 1...12, using: &rng)).map { _ in pool.randomElement(using: &rng)! }
+            let s = RawName.string(bytes)
+            #expect(s == Self.reference(bytes), "\(bytes)")
+            #expect(RawName.bytes(s) == bytes)
+        }
+    }
+
     @Test func validUTF8IsTheStringItSpells() {
         #expect(RawName.string(Array("日本語.pt".utf8)) == "日本語.pt")
         #expect(RawName.string([0x63, 0x61, 0x66, 0xE9]) == "caf\u{10FFE9}")
