@@ -95,13 +95,14 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
             let tx = EtcdTransaction(store: self, writable: true)
             let result: T
             do { result = try body(tx) } catch EtcdError.compacted { continue } catch let e as EtcdError { throw Self.fsError(e) }
-            if tx.writes.isEmpty { return result }
+            if tx.writes.isEmpty && tx.deletedPrefixes.isEmpty { return result }
 
             let slot = takeSlot()
             defer { releaseSlot(slot) }
             let markerKey = key("t/\(clientID)/\(slot)")
             let marker = Data(UUID().uuidString.utf8)
             var ops: [EtcdOp] = tx.writes.map { k, v in v.map { .put(k, $0) } ?? .delete(k) }
+            ops += tx.deletedPrefixes.map { .delete($0, rangeEnd: EtcdClient.prefixEnd($0)) }
             ops.append(.put(markerKey, marker))
             do {
                 if try client.txn(compare: tx.compares(), success: ops).succeeded {
@@ -313,6 +314,10 @@ final class EtcdTransaction: MetadataTransaction {
     var listed: [(Data, Data)] = []
     /// Buffered writes: a value, or nil for a delete.
     var writes: [Data: Data?] = [:]
+    /// Prefixes deleted whole (one range delete each at commit: a file's xattrs, which may be
+    /// thousands of keys, more than etcd's 128 operations in a transaction). Keys under them
+    /// read as absent; no write under them may follow in the same transaction.
+    var deletedPrefixes: [Data] = []
     /// Values read (nil: absent), for the counters (`EtcdTransactionalStore.count`).
     var readValues: [Data: Data?] = [:]
     /// Entries added so far (their SUB: see the key schema).
@@ -342,6 +347,7 @@ final class EtcdTransaction: MetadataTransaction {
 
     func get(_ key: Data) throws -> Data? {
         if let w = writes[key] { return w }
+        if deletedPrefixes.contains(where: { key.starts(with: $0) }) { return nil }
         return try getKV(key)?.value
     }
 
@@ -382,7 +388,10 @@ final class EtcdTransaction: MetadataTransaction {
         return r.kvs
     }
 
-    func put(_ key: Data, _ value: Data) { writes[key] = .some(value) }
+    func put(_ key: Data, _ value: Data) {
+        precondition(!deletedPrefixes.contains { key.starts(with: $0) }, "a put under a prefix deleted in the same transaction")
+        writes[key] = .some(value)
+    }
     func delete(_ key: Data) { writes[key] = .some(nil) }
 
     private func inodeKey(_ ino: InodeNumber) -> Data { store.key("i/\(EtcdTransactionalStore.hex(ino))") }
@@ -501,6 +510,7 @@ final class EtcdTransaction: MetadataTransaction {
         let prefix = xattrPrefix(ino)
         var o = EtcdClient.RangeOptions()
         o.keysOnly = true
+        if deletedPrefixes.contains(prefix) { return [] }
         var names = Set(try list(prefix, o).map(\.key))
         for (k, v) in writes where k.starts(with: prefix) {
             if v == nil { names.remove(k) } else { names.insert(k) }
@@ -508,8 +518,20 @@ final class EtcdTransaction: MetadataTransaction {
         return names.map { String(decoding: $0.dropFirst(prefix.count), as: UTF8.self) }.sorted()
     }
 
+    func xattrBytes(_ ino: InodeNumber) throws -> Int {
+        let prefix = xattrPrefix(ino)
+        if deletedPrefixes.contains(prefix) { return 0 }
+        var sizes: [Data: Int] = [:]
+        for kv in try list(prefix, EtcdClient.RangeOptions()) { sizes[kv.key] = kv.value.count }
+        for (k, v) in writes where k.starts(with: prefix) { sizes[k] = v?.count }
+        return sizes.reduce(0) { $0 + $1.key.count - prefix.count + $1.value }
+    }
+
+    /// One range delete, however many xattrs the file has.
     func removeAllXattrs(_ ino: InodeNumber) throws {
-        for name in try xattrNames(ino) { try removeXattr(ino, name) }
+        let prefix = xattrPrefix(ino)
+        for k in writes.keys where k.starts(with: prefix) { writes[k] = nil }
+        if !deletedPrefixes.contains(prefix) { deletedPrefixes.append(prefix) }
     }
 
     /// Every inode record at one revision: a full scan, for tests that check the counters.

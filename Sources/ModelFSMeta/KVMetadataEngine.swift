@@ -5,6 +5,10 @@ import ModelFSCore
 /// and later etcd): every public method is one transaction of the store.
 public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, @unchecked Sendable {
     public let store: Store
+    /// What one file's xattrs may take, names and values together: 64 KiB, as CephFS allows
+    /// (ext4: what fits its one 4 KiB block; the kernel's own limits are 64 KiB for one value
+    /// and for the list of names), so a listxattr always fits its buffer. ENOSPC beyond, as ext4.
+    public static var xattrSpace: Int { 64 << 10 }
 
     public init(store: Store, rootUID: UInt32, rootGID: UInt32) throws {
         self.store = store
@@ -322,9 +326,15 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
         guard value.count <= 64 << 10 else { throw FSError(E2BIG, "xattr value larger than 64 KiB") }
         try store.write { tx in
             var r = try require(tx, ino)
-            let exists = try tx.xattr(ino, name) != nil
+            let old = try tx.xattr(ino, name)
+            let exists = old != nil
             if mode == .create && exists { throw FSError.exists("attribute exists") }
             if mode == .replace && !exists { throw FSError.noData() }
+            // Only a change that grows the file's xattrs is checked against their space.
+            let before = old.map { name.utf8.count + $0.count } ?? 0, after = name.utf8.count + value.count
+            if after > before, try tx.xattrBytes(ino) - before + after > Self.xattrSpace {
+                throw FSError(ENOSPC, "a file's xattrs take at most \(Self.xattrSpace >> 10) KiB, names and values together")
+            }
             try tx.putXattr(ino, name, value)
             r.attrs.ctime = Timestamp.now()
             try tx.putInode(r)

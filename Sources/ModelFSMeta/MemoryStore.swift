@@ -73,6 +73,7 @@ final class MemoryTransaction: MetadataTransaction {
     func removeXattr(_ ino: InodeNumber, _ name: String) throws { state.xattrs[ino]?[name] = nil }
     func xattrNames(_ ino: InodeNumber) throws -> [String] { (state.xattrs[ino] ?? [:]).keys.sorted() }
     func removeAllXattrs(_ ino: InodeNumber) throws { state.xattrs[ino] = nil }
+    func xattrBytes(_ ino: InodeNumber) throws -> Int { (state.xattrs[ino] ?? [:]).reduce(0) { $0 + $1.key.utf8.count + $1.value.count } }
 
     func orphans() throws -> [InodeNumber] { state.inodes.values.filter { $0.attrs.nlink == 0 }.map(\.attrs.ino).sorted() }
     func manifests(after: InodeNumber, limit: Int) throws -> [(InodeNumber, Data)] {

@@ -304,6 +304,11 @@ struct SQLiteTransaction: MetadataTransaction {
         try String.fetchAll(db.cachedStatement(sql: "SELECT name FROM xattrs WHERE ino = ? ORDER BY name"), arguments: [i(ino)])
     }
 
+    func xattrBytes(_ ino: InodeNumber) throws -> Int {
+        try Int.fetchOne(db.cachedStatement(sql: "SELECT COALESCE(SUM(length(CAST(name AS BLOB)) + length(value)), 0) FROM xattrs WHERE ino = ?"),
+                         arguments: [i(ino)]) ?? 0
+    }
+
     func removeAllXattrs(_ ino: InodeNumber) throws {
         try db.cachedStatement(sql: "DELETE FROM xattrs WHERE ino = ?").execute(arguments: [i(ino)])
     }

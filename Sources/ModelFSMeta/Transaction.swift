@@ -40,6 +40,8 @@ public protocol MetadataTransaction {
     func putXattr(_ ino: InodeNumber, _ name: String, _ value: Data) throws
     func removeXattr(_ ino: InodeNumber, _ name: String) throws
     func xattrNames(_ ino: InodeNumber) throws -> [String]
+    /// The bytes of all of `ino`'s xattrs, names (as stored) and values together.
+    func xattrBytes(_ ino: InodeNumber) throws -> Int
     func removeAllXattrs(_ ino: InodeNumber) throws
 
     /// Throws (EIO, "fenced") unless `fence` still entitles this client to commit `ino`, whose

@@ -256,6 +256,38 @@ func errno(of body: () throws -> Void) -> Int32? {
         #expect(try m.listxattr(a.ino) == ["user.a"])
     }
 
+    /// A file's xattrs take at most 64 KiB, names and values together (ENOSPC beyond); a file
+    /// with hundreds of them is removed whole (etcd: one range delete, not a delete per key in a
+    /// transaction etcd caps at 128 operations).
+    @Test(arguments: EngineKind.allCases) func xattrSpaceIsBoundedAndManyGoWithTheFile(_ kind: EngineKind) throws {
+        let (m, done) = try kind.make(); defer { done() }
+        let a = try m.create(parent: .root, name: "a", file())
+        var used = 0, n = 0
+        while true {
+            let name = "user.var_\(n)", value = Data(String(repeating: "v", count: 100).utf8)
+            if let e = errno(of: { try m.setxattr(a.ino, name: name, value: value, mode: .create) }) {
+                #expect(e == ENOSPC)
+                #expect(used + name.utf8.count + value.count > 64 << 10)
+                break
+            }
+            used += name.utf8.count + value.count
+            n += 1
+        }
+        #expect(n > 500 && used <= 64 << 10)
+        // Growing a value past the space is refused; shrinking one, and then growing it back, is not.
+        #expect(errno { try m.setxattr(a.ino, name: "user.var_0", value: Data(count: 4096), mode: .replace) } == ENOSPC)
+        try m.setxattr(a.ino, name: "user.var_0", value: Data("s".utf8), mode: .replace)
+        try m.setxattr(a.ino, name: "user.var_0", value: Data(count: 100), mode: .replace)
+        #expect(try m.listxattr(a.ino).count == n)
+        // Another file has its own space.
+        let b = try m.create(parent: .root, name: "b", file())
+        try m.setxattr(b.ino, name: "user.k", value: Data(count: 60 << 10), mode: .create)
+        // The last link goes: the inode and every xattr with it.
+        _ = try m.unlink(parent: .root, name: "a", now: now, isOpen: { _ in false })
+        #expect(errno { _ = try m.getattr(a.ino) } == ENOENT)
+        #expect(errno { _ = try m.getxattr(a.ino, name: "user.var_1") } != nil)
+    }
+
     @Test(arguments: EngineKind.allCases) func failedTransactionChangesNothing(_ kind: EngineKind) throws {
         let (m, done) = try kind.make(); defer { done() }
         let d = try m.create(parent: .root, name: "d", dir())

@@ -96,6 +96,40 @@ def test_byte_names_made_on_one_node_are_seen_on_another(make_nodes):
                interval=0.2, what="the rename to show on the first node")
 
 
+def test_many_xattrs_up_to_the_limit_across_nodes(make_nodes):
+    """A file's xattrs (names and values) take at most 64 KiB together, as CephFS allows (ext4:
+    one 4 KiB block): beyond it ENOSPC, as ext4 says. Up to it they are seen on the other node,
+    listed whole, and go with the file when it is removed (etcd refuses a transaction of more
+    than 128 operations: they are removed by one range delete)."""
+    a, b = make_nodes(2, replicas=2, ack=1)
+    f = a / "tagged"
+    f.write_bytes(b"x")
+    made = []
+
+    def value(i: int) -> bytes:
+        return f"{i:05d}".encode() + b"v" * 120
+    try:
+        for i in range(10_000):
+            os.setxattr(f, f"user.var_{i}", value(i), os.XATTR_CREATE)
+            made.append(i)
+        pytest.fail("10,000 xattrs were taken: no limit")
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    total = sum(len(f"user.var_{i}") + len(value(i)) for i in made)
+    assert (64 << 10) - 150 <= total <= 64 << 10, total
+    # Replacing a value by a longer one past the limit is refused too; a shorter one is taken.
+    with pytest.raises(OSError) as e:
+        os.setxattr(f, "user.var_0", b"v" * 8192)
+    assert e.value.errno == errno.ENOSPC
+    os.setxattr(f, "user.var_0", b"s")
+    got = wait_until(lambda: len(os.listxattr(b / "tagged")) == len(made) and os.listxattr(b / "tagged"), 20,
+                     interval=0.2, what="the xattrs on the other node")
+    assert sorted(got) == sorted(f"user.var_{i}" for i in made)
+    assert os.getxattr(b / "tagged", f"user.var_{made[-1]}") == value(made[-1])
+    os.unlink(f)
+    assert wait_until(lambda: not (b / "tagged").exists(), 20, interval=0.2, what="the removal on the other node")
+
+
 def test_special_files_made_on_one_node_are_seen_on_another(make_nodes):
     import socket
     import stat
