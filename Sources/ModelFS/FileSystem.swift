@@ -524,6 +524,48 @@ public final class FileSystem: @unchecked Sendable {
         return bytes.count
     }
 
+    /// copy_file_range(2) between two files of the mount (or within one): the bytes of `fhIn`
+    /// from `offsetIn` (up to its end) written to `fhOut` at `offsetOut`, in the daemon, in one
+    /// request (without it the kernel copies through both files' page caches, a READ and a
+    /// WRITE request per 128 KiB). Where the copy lands at the end of what the destination has
+    /// streamed so far and starts at a chunk boundary of the source's committed version (`cp`
+    /// of a whole file), whole chunks are shared, not copied: the destination's manifest names
+    /// the same blocks (stored on this node), no byte is read or written. Returns the bytes
+    /// copied (0 at the source's end).
+    public func copyFileRange(_ fhIn: FileHandleID, offsetIn: UInt64, _ fhOut: FileHandleID, offsetOut: UInt64,
+                              length: Int) throws -> Int {
+        let hIn = try handle(fhIn), hOut = try handle(fhOut)
+        guard hOut.writable, let s = session(of: hOut.ino) else { throw FSError.badHandle("file is not open for writing") }
+        var done = 0
+        let (sourceSession, view) = tables.withLock { t in (t.live[hIn.ino]?.session, t.live[hIn.ino]?.view) }
+        if sourceSession == nil, let view, hIn.ino != hOut.ino {
+            let chunks = view.wholeChunks(from: offsetIn, upTo: offsetIn + UInt64(length))
+            if !chunks.isEmpty, chunks.allSatisfy({ store.contains($0.id) }) {
+                s.lock.lock()
+                let shared: UInt64?
+                do { shared = try s.share(chunks, at: offsetOut) } catch { s.lock.unlock(); throw error }
+                s.lock.unlock()
+                if let shared {
+                    done = Int(shared)
+                    writeCounters.add(cloned: shared)
+                }
+            }
+        }
+        // The rest (or all of it) as bytes, a piece at a time.
+        let piece = 4 << 20
+        while done < length {
+            let slices = try readSlices(fhIn, at: offsetIn + UInt64(done), count: min(piece, length - done))
+            if slices.isEmpty { break }
+            for slice in slices {
+                try slice.buffer.withUnsafeBytes { b in
+                    _ = try write(fhOut, at: offsetOut + UInt64(done), UnsafeRawBufferPointer(rebasing: b[slice.offset..<slice.offset + slice.count]))
+                }
+                done += slice.count
+            }
+        }
+        return done
+    }
+
     /// FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE (linux/falloc.h).
     static let punchHole: Int32 = 0x02, zeroRange: Int32 = 0x10
 
@@ -843,6 +885,18 @@ final class ReadView: @unchecked Sendable {
         self.size = size
         self.version = version
         flatKey = keyed ? FlatCopies.key(manifest, size: size) : nil
+    }
+
+    /// The chunks that lie wholly in [from, upTo) (clipped to the size), when `from` is where
+    /// one starts; empty otherwise.
+    func wholeChunks(from: UInt64, upTo: UInt64) -> ArraySlice<ChunkRef> {
+        let end = min(upTo, size, chunks.end)
+        guard from < end else { return [] }
+        let first = chunks.index(of: from)
+        guard chunks.offsets[first] == from else { return [] }
+        var last = first
+        while last < chunks.chunks.count && chunks.offsets[last + 1] <= end { last += 1 }
+        return chunks.chunks[first..<last]
     }
 
     /// Writes the whole version to `fd` from offset 0 (a flat copy), 4 MiB at a time: one

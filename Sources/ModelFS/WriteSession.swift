@@ -222,6 +222,25 @@ final class WriteSession: @unchecked Sendable {
         counters.add(staged: UInt64(bytes.count))
     }
 
+    /// Appends `chunks` (stored blocks of another version) to the stream without their bytes
+    /// passing through, when the stream stands exactly at `offset` with no unfinished chunk
+    /// (copy_file_range sharing blocks). Returns the bytes added, or nil (nothing done) when
+    /// the session is not in that state.
+    func share(_ chunks: ArraySlice<ChunkRef>, at offset: UInt64) throws -> UInt64? {
+        if failure == nil, let e = pipeline.failure { failure = WriteSession.storeFailure(e) }
+        if let failure { throw failure }
+        guard streaming, !chunks.isEmpty, reorder.isEmpty, writer.length == 0, offset == streamPosition else { return nil }
+        try drainOrFail()
+        let bytes = chunks.reduce(UInt64(0)) { $0 + UInt64($1.length) }
+        for c in chunks { base.append(c) }
+        // Staged bytes at these offsets are older than the copy.
+        overlay.remove(offset..<offset + bytes)
+        size = max(size, offset + bytes)
+        dirty = true
+        try catchUp()
+        return bytes
+    }
+
     func truncate(to newSize: UInt64) throws {
         if let failure { throw failure }
         try drainOrFail()
@@ -432,11 +451,15 @@ struct ReorderedWrite {
 /// How written bytes travelled, summed over all sessions: streamed straight into blocks, staged
 /// (written out of order to the staging file), and staged bytes later absorbed by the stream.
 public final class WriteCounters: @unchecked Sendable {
-    public struct Values: Sendable, Codable { public var streamed: UInt64 = 0; public var staged: UInt64 = 0; public var absorbed: UInt64 = 0 }
+    /// Bytes streamed into blocks, staged out of order, staged and later streamed, and copied
+    /// by copy_file_range as shared blocks (`cloned`: no byte read or written).
+    public struct Values: Sendable, Codable {
+        public var streamed: UInt64 = 0, staged: UInt64 = 0, absorbed: UInt64 = 0, cloned: UInt64 = 0
+    }
     private let values = Mutex(Values())
     public init() {}
-    func add(streamed: UInt64 = 0, staged: UInt64 = 0, absorbed: UInt64 = 0) {
-        values.withLock { $0.streamed += streamed; $0.staged += staged; $0.absorbed += absorbed }
+    func add(streamed: UInt64 = 0, staged: UInt64 = 0, absorbed: UInt64 = 0, cloned: UInt64 = 0) {
+        values.withLock { $0.streamed += streamed; $0.staged += staged; $0.absorbed += absorbed; $0.cloned += cloned }
     }
     public var snapshot: Values { values.withLock { $0 } }
 }

@@ -237,6 +237,16 @@ extension FuseServer {
             s.replyOK(req, "fsync") { try s.fs.fsync(fh(fi)) }
         }
 
+        ops.copy_file_range = { req, _, offIn, fiIn, _, offOut, fiOut, length, flags in
+            let s = FuseServer.server(req)
+            do {
+                guard flags == 0 else { throw FSError.invalid("copy_file_range: flags must be 0") }
+                let n = try s.fs.copyFileRange(fh(fiIn), offsetIn: UInt64(offIn), fh(fiOut), offsetOut: UInt64(offOut),
+                                               length: Int(length))
+                fuse_reply_write(req, n)
+            } catch { fuse_reply_err(req, errnoFor(error, op: "copy_file_range")) }
+        }
+
         ops.fallocate = { req, _, mode, off, length, fi in
             let s = FuseServer.server(req)
             s.replyOK(req, "fallocate") {

@@ -30,6 +30,8 @@ struct MountStatus: Codable {
     var streamedBytes: UInt64
     var stagedBytes: UInt64
     var stagedAbsorbedBytes: UInt64
+    /// Bytes copy_file_range copied by sharing blocks (absent from an older daemon).
+    var clonedBytes: UInt64?
     /// A cluster node's view: nodes, replication, cache (absent on a single node).
     var cluster: ClusterStatus?
     /// Why the file counts could not be read now (etcd unreachable): they are the last ones read.

@@ -238,7 +238,8 @@ struct Daemon {
             openHandles: fs.openHandleCount,
             cacheBytes: cache.bytes, cacheHits: cache.hits, cacheMisses: cache.misses,
             blockBytesWritten: u.bytesWritten,
-            streamedBytes: w.streamed, stagedBytes: w.staged, stagedAbsorbedBytes: w.absorbed, metadataError: metadataError)
+            streamedBytes: w.streamed, stagedBytes: w.staged, stagedAbsorbedBytes: w.absorbed,
+            clonedBytes: w.cloned, metadataError: metadataError)
     }
 
     /// The mount's gauges in the Prometheus text format (a cluster node adds its own).
@@ -255,6 +256,7 @@ struct Daemon {
             ("modelfs_memory_cache_bytes", "gauge", UInt64(cache.bytes)), ("modelfs_memory_cache_hits_total", "counter", UInt64(cache.hits)),
             ("modelfs_memory_cache_misses_total", "counter", UInt64(cache.misses)),
             ("modelfs_streamed_bytes_total", "counter", w.streamed), ("modelfs_staged_bytes_total", "counter", w.staged),
+            ("modelfs_cloned_bytes_total", "counter", w.cloned),
             ("modelfs_passthrough_opens_total", "counter", p.opens), ("modelfs_daemon_reads_total", "counter", p.daemonReads),
             ("modelfs_flat_copy_bytes", "gauge", UInt64(f.bytes)), ("modelfs_flat_copies", "gauge", UInt64(f.copies)),
             ("modelfs_flat_copy_hits_total", "counter", UInt64(f.hits)), ("modelfs_flat_copy_misses_total", "counter", UInt64(f.misses)),

@@ -77,6 +77,23 @@ def test_write_on_one_node_read_on_the_others(make_nodes):
     assert st["pendingJobs"] == 0 and st["pendingBytes"] == 0
 
 
+def test_copies_share_blocks_on_every_node(make_nodes):
+    """`cp` on a cluster node of a file another node wrote: copy_file_range shares the blocks this
+    node holds (R=2 of 2: all of them once synced) and copies the rest; the copy reads the same on
+    the other node, is replicated like any file, and stays when the source is removed."""
+    a, b = make_nodes(2, replicas=2, ack=1)
+    big = payload(16 * MiB, 7)
+    write_file(a / "src.bin", big)
+    assert a.sync(a / "src.bin").returncode == 0
+    before = b.status()["clonedBytes"]
+    subprocess.run(["cp", b / "src.bin", b / "copy.bin"], check=True)
+    assert b.status()["clonedBytes"] - before == len(big)
+    os.unlink(a / "src.bin")
+    assert_bytes_equal(read_file(a / "copy.bin"), big, "the copy read on the other node")
+    assert b.sync(b / "copy.bin").returncode == 0
+    assert a.blocks() == b.blocks()
+
+
 def test_byte_names_made_on_one_node_are_seen_on_another(make_nodes):
     """Names that are not UTF-8 go through etcd's keys (in the escaped form RawName defines) and
     come out as the same bytes on the other node."""

@@ -136,6 +136,73 @@ def test_punch_hole_and_zero_range(workdir, mnt):
     assert read_file(mnt.path("w") / "holes") == bytes(data)
 
 
+def copy_all(src, dst, **kw) -> int:
+    """copy_file_range until the source's end (or `count` bytes); returns the bytes copied."""
+    count = kw.pop("count", 1 << 62)
+    n = 0
+    while n < count:
+        r = os.copy_file_range(src, dst, min(count - n, 1 << 30), **kw)
+        if r == 0:
+            break
+        n += r
+        if "offset_src" in kw:
+            kw["offset_src"] += r
+        if "offset_dst" in kw:
+            kw["offset_dst"] += r
+    return n
+
+
+def test_copy_file_range_shares_blocks_and_copies_any_range(workdir, mnt):
+    """copy_file_range (what `cp` uses) is answered by the daemon in one request; a whole-file
+    copy into a new file shares the source's blocks (status: clonedBytes, no new stored bytes),
+    and the copy is an independent file afterwards. Any other range is copied as bytes."""
+    src = workdir / "src.bin"
+    data = os.urandom(24 << 20) + b"tail"
+    write_file(src, data)
+    before = mnt.status()
+    # `cp` itself: FICLONE is refused (EOPNOTSUPP), then copy_file_range.
+    subprocess.run(["cp", src, workdir / "cp.bin"], check=True)
+    after = mnt.status()
+    assert after["clonedBytes"] - before["clonedBytes"] == len(data)
+    assert after["storedBytes"] - before["storedBytes"] < 1 << 20
+    assert read_file(workdir / "cp.bin") == data
+    # The copy is its own file: writing it leaves the source as it was, and the reverse.
+    with open(workdir / "cp.bin", "r+b") as f:
+        f.seek(1000)
+        f.write(b"changed")
+    with open(src, "r+b") as f:
+        f.seek(5 << 20)
+        f.write(b"SOURCE")
+    assert read_file(workdir / "cp.bin") == data[:1000] + b"changed" + data[1007:]
+    assert read_file(src) == data[:5 << 20] + b"SOURCE" + data[(5 << 20) + 6:]
+    data2 = read_file(src)
+    # Ranges anywhere: from an odd offset, to an odd offset past a header, within one file.
+    fi = os.open(src, os.O_RDONLY)
+    fo = os.open(workdir / "ranges.bin", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fo, b"header")
+        assert copy_all(fi, fo, count=3_000_001, offset_src=12_345, offset_dst=6) == 3_000_001
+        # Past the source's end: only what is there.
+        assert copy_all(fi, fo, offset_src=len(data2) - 10, offset_dst=3_000_007) == 10
+        assert os.copy_file_range(fi, fo, 100, offset_src=len(data2) + 5, offset_dst=0) == 0
+    finally:
+        os.close(fi)
+        os.close(fo)
+    assert read_file(workdir / "ranges.bin") == b"header" + data2[12_345:12_345 + 3_000_001] + data2[-10:]
+    fd = os.open(src, os.O_RDWR)
+    try:
+        assert copy_all(fd, fd, count=1 << 20, offset_src=0, offset_dst=len(data2)) == 1 << 20
+    finally:
+        os.close(fd)
+    assert read_file(src) == data2 + data2[:1 << 20]
+    # After a remount every copy reads the same.
+    mnt.remount()
+    w = mnt.path("w")
+    assert read_file(w / "cp.bin") == data[:1000] + b"changed" + data[1007:]
+    assert read_file(w / "ranges.bin") == b"header" + data2[12_345:12_345 + 3_000_001] + data2[-10:]
+    assert read_file(w / "src.bin") == data2 + data2[:1 << 20]
+
+
 def current_umask() -> int:
     m = os.umask(0)
     os.umask(m)
