@@ -201,8 +201,8 @@ public final class FileSystem: @unchecked Sendable {
         for t in [changes.atime, changes.mtime].compactMap({ $0 }) where !t.representable {
             throw FSError(EOVERFLOW, "times before 1678 or after 2262 cannot be stored")
         }
-        var attrs = try meta.getattr(ino)
         if let newSize = changes.size {
+            let attrs = try meta.getattr(ino)
             try FileSystem.checkSize(newSize)
             guard attrs.kind == .regular else { throw attrs.kind == .directory ? FSError.isDirectory() : FSError.invalid("cannot truncate a symlink") }
             if let s = session(of: ino) {
@@ -218,9 +218,8 @@ public final class FileSystem: @unchecked Sendable {
         }
         var rest = changes
         rest.size = nil
-        if rest != AttributeChanges() || changes.size != nil {
-            attrs = try meta.setattr(ino, rest, now: .now())
-        }
+        // One metadata transaction for a chmod, chown or utimes (it reads the inode itself).
+        let attrs = rest != AttributeChanges() || changes.size != nil ? try meta.setattr(ino, rest, now: .now()) : try meta.getattr(ino)
         if changes.mode != nil {
             let setID = FileSystem.writeClearsSetID(attrs.mode)
             tables.withLock { $0.live[ino]?.setID = setID }
