@@ -11,7 +11,9 @@ ENOTSUP and the row measures nothing). modelfs runs with its defaults (passthrou
 
 Besides bogo-ops/s, each row counts the FUSE requests the stressor made per second on modelfs
 (from its /metrics, modelfs_fuse_op_seconds_count), so a slow row can be told apart as "more requests" or
-"slower requests".
+"slower requests"; and each daemon's CPU time per op (user + system of its process, from
+/proc), which says what the daemon itself spends, apart from the two vCPUs it shares with
+stress-ng's workers.
 
 Usage: scripts/bench/run-py.sh stress [--seconds 10] [--rounds 3] [--rows xattr,dir] [--out FILE]
 Every process is started and stopped by PID; every mount it makes it unmounts; the work dir is
@@ -20,6 +22,7 @@ removed at the end.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import statistics
@@ -100,6 +103,11 @@ class Target(reads.Target):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"modelfs exited: {(self.work / 'daemon.log').read_text()[-2000:]}")
 
+    def cpu_seconds(self) -> float:
+        """The daemon's CPU time so far (user + system, all its threads)."""
+        f = open(f"/proc/{self.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
     def fuse_ops(self) -> dict[str, int]:
         """FUSE requests answered so far, by operation (modelfs's /metrics)."""
         if not self.name.startswith("modelfs"):
@@ -120,7 +128,14 @@ def bogo_ops_per_s(out: str, stressor: str) -> float:
     raise RuntimeError(f"no metrics line for {stressor} in:\n{out[-3000:]}")
 
 
-def run_row(t: Target, row: str, seconds: int, workers: int) -> tuple[float, dict[str, float]]:
+def run_row(t: Target, row: str, seconds: int, workers: int) -> tuple[float, dict[str, float], float]:
+    """bogo-ops/s, modelfs's FUSE requests/s by operation, and the daemon's CPU µs per op."""
+    cpu0 = t.cpu_seconds()
+    ops, fuse, elapsed = _run_row(t, row, seconds, workers)
+    return ops, fuse, (t.cpu_seconds() - cpu0) * 1e6 / max(ops * elapsed, 1e-9)
+
+
+def _run_row(t: Target, row: str, seconds: int, workers: int) -> tuple[float, dict[str, float], float]:
     d = t.dir / f"stress-{row}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir()
@@ -131,7 +146,8 @@ def run_row(t: Target, row: str, seconds: int, workers: int) -> tuple[float, dic
         ops = xattr_calls(d, seconds)
         after = t.fuse_ops()
         shutil.rmtree(d, ignore_errors=True)
-        return ops, {op: (n - before.get(op, 0)) / (time.monotonic() - t0) for op, n in after.items() if n > before.get(op, 0)}
+        elapsed = time.monotonic() - t0
+        return ops, {op: (n - before.get(op, 0)) / elapsed for op, n in after.items() if n > before.get(op, 0)}, elapsed
     r = reads.sh("stress-ng", f"--{row}", str(workers), *ROWS[row], "--timeout", f"{seconds}s", "--verify",
                  "--temp-path", d, "--metrics-brief", "--no-rand-seed", check=False, timeout=seconds * 20 + 120)
     if r.returncode != 0:
@@ -143,7 +159,7 @@ def run_row(t: Target, row: str, seconds: int, workers: int) -> tuple[float, dic
     fuse = {op: (n - before.get(op, 0)) / (wall[0] if wall else seconds) for op, n in after.items()
             if n > before.get(op, 0)}
     shutil.rmtree(d, ignore_errors=True)
-    return ops, fuse
+    return ops, fuse, wall[0] if wall else seconds
 
 
 def main():
@@ -174,19 +190,21 @@ def main():
             t.start()
         res: dict[str, dict[str, list]] = {r: {t.name: [] for t in targets} for r in rows}
         fuse: dict[str, list[dict]] = {r: [] for r in rows}
+        cpu: dict[str, dict[str, list]] = {r: {t.name: [] for t in targets} for r in rows}
         for rnd in range(a.rounds):
             for row in rows:
                 for t in targets:
-                    ops, f = run_row(t, row, a.seconds, a.workers)
+                    ops, f, c = run_row(t, row, a.seconds, a.workers)
                     res[row][t.name].append(ops)
+                    cpu[row][t.name].append(c)
                     if t.name.startswith("modelfs"):
                         fuse[row].append(f)
                     top = ", ".join(f"{op} {n:,.0f}/s" for op, n in sorted(f.items(), key=lambda x: -x[1])[:6])
-                    reads.log(f"round {rnd + 1} {row:10s} {t.name:15s} {ops:12.2f} bogo-ops/s  {top}")
+                    reads.log(f"round {rnd + 1} {row:10s} {t.name:15s} {ops:12.2f} bogo-ops/s {c:9.0f} µs CPU/op  {top}")
         lines = [f"stress-ng 0.15 metadata rows, {a.workers} workers, {a.seconds} s, `--verify`, median of "
                  f"{a.rounds} rounds (bogo-ops/s; passthrough_ll `-o xattr`, cache=auto):", "",
-                 "| stressor | passthrough_ll | modelfs | ratio | modelfs FUSE requests/s | target ≥ 1.0× |",
-                 "|---|---|---|---|---|---|"]
+                 "| stressor | passthrough_ll | modelfs | ratio | modelfs FUSE requests/s | daemon CPU µs per op: passthrough_ll / modelfs | target ≥ 1.0× |",
+                 "|---|---|---|---|---|---|---|"]
         ok = True
         for row in rows:
             m = statistics.median(res[row]["modelfs_pt"])
@@ -195,8 +213,10 @@ def main():
             met = ratio is not None and ratio >= TARGET
             ok &= met
             reqs = statistics.median(sum(f.values()) for f in fuse[row])
-            lines.append(f"| {row} | {p:.2f} | {m:.2f} | {ratio:.2f}× | {reqs:,.0f} | "
-                         f"{'met' if met else 'NOT met'} |" if p else f"| {row} | — | {m:.2f} | — | — | — |")
+            cm = statistics.median(cpu[row]["modelfs_pt"])
+            cp = statistics.median(cpu[row]["passthrough_ll"]) if p else None
+            lines.append(f"| {row} | {p:.2f} | {m:.2f} | {ratio:.2f}× | {reqs:,.0f} | {cp:,.0f} / {cm:,.0f} | "
+                         f"{'met' if met else 'NOT met'} |" if p else f"| {row} | — | {m:.2f} | — | — | — / {cm:,.0f} | — |")
         text = "\n".join(lines)
         print(text)
         if a.out:
