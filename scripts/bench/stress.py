@@ -169,7 +169,7 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rows", default=",".join(list(ROWS) + [XATTR_CALLS]))
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--modelfs", default=str(ROOT / ".build/release/modelfs"))
+    ap.add_argument("--modelfs", default=os.environ.get("MODELFS_BIN", str(ROOT / ".build/release/modelfs")))
     a = ap.parse_args()
     rows = a.rows.split(",")
     for r in rows:
