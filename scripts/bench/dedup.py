@@ -4,7 +4,8 @@ a single-node modelfs store, against its size and against the bytes of the tenso
 
 Model: GPT-2 built from a config by transformers (no hub): 6 layers, width 512, vocabulary 8,192
 (about 23 M parameters, 92 MB in fp32). Between two saves it trains one step on random tokens.
-Series, STEPS checkpoints each, every checkpoint a new file (or directory) named by its step:
+Series, STEPS checkpoints each, every checkpoint a new file (or directory) named by its step, each
+series in a store of its own (a fresh single-node mount):
   frozen-torch   backbone frozen, the last block and the final norm train (AdamW); torch.save
   frozen-st      the same run saved with safetensors' save_file
   frozen-dcp     the same run saved with torch.distributed.checkpoint (one process)
@@ -18,7 +19,8 @@ checkpoint of a series: its size). The table gives, per series, the first checkp
 mean of the later ones as a share of the checkpoint size, and the later ones against the floor.
 
 Usage: scripts/bench/run-py.sh dedup [--steps 5] [--out FILE]
-The mount is made under a temporary directory and unmounted at the end, even on failure.
+The mounts are made under a temporary directory and each is unmounted when its series ends,
+even on failure.
 """
 from __future__ import annotations
 
@@ -152,41 +154,39 @@ def size_of(p: Path) -> int:
     return p.stat().st_size
 
 
-SERIES = [("frozen-torch", "frozen", ["torch"]), ("frozen-st", "frozen", ["st"]), ("frozen-dcp", "frozen", ["dcp"]),
-          ("adapter-torch", "adapter", ["torch"]), ("full-torch", "full", ["torch"]), ("full-st", "full", ["st"])]
+SERIES = [("frozen-torch", "frozen", "torch"), ("frozen-st", "frozen", "st"), ("frozen-dcp", "frozen", "dcp"),
+          ("adapter-torch", "adapter", "torch"), ("full-torch", "full", "torch"), ("full-st", "full", "st")]
 
 
-def run(mount: Mount, steps: int) -> list[dict]:
+def run(binary: str, work: Path, steps: int) -> list[dict]:
+    """Each series in a store of its own (a fresh mount): otherwise a checkpoint would also
+    deduplicate against the other formats' files of the same tensors."""
     import torch
     rows = []
-    # One training run per kind; each of its checkpoints saved in every format the kind's series use.
-    kinds: dict[str, list[str]] = {}
-    for name, kind, fmts in SERIES:
-        kinds.setdefault(kind, []).extend(fmts)
-    for kind, fmts in kinds.items():
-        m = model(kind == "adapter")
-        params = trainable(m, kind)
-        opt = torch.optim.AdamW(params, lr=1e-3)
-        prev = None
-        dirs = {}
-        for fmt in fmts:
-            dirs[fmt] = mount.mp / f"{kind}-{fmt}"
-            dirs[fmt].mkdir()
-        for step in range(steps):
-            if step > 0:
-                train_step(m, params, opt)
-            sd = state(m)
-            changed = changed_bytes(prev, sd)
-            for fmt in fmts:
+    for name, kind, fmt in SERIES:
+        d = work / name
+        d.mkdir()
+        mount = Mount(binary, d)
+        try:
+            m = model(kind == "adapter")
+            params = trainable(m, kind)
+            opt = torch.optim.AdamW(params, lr=1e-3)
+            prev = None
+            for step in range(steps):
+                if step > 0:
+                    train_step(m, params, opt)
+                sd = state(m)
+                changed = changed_bytes(prev, sd)
                 before = mount.stored()
-                p = save(fmt, sd, dirs[fmt], step)
-                os.sync()
+                p = save(fmt, sd, mount.mp, step)
                 added = mount.stored() - before
                 size = size_of(p)
-                rows.append({"series": f"{kind}-{fmt}", "step": step, "size": size, "added": added, "changed": changed})
-                log(f"{kind}-{fmt} step {step}: {size / MB:.1f} MB, stored +{added / MB:.1f} MB, "
+                rows.append({"series": name, "step": step, "size": size, "added": added, "changed": changed})
+                log(f"{name} step {step}: {size / MB:.1f} MB, stored +{added / MB:.1f} MB, "
                     f"tensors changed {changed / MB:.1f} MB")
-            prev = sd
+                prev = sd
+        finally:
+            mount.stop()
     return rows
 
 
@@ -218,17 +218,13 @@ def main():
     if a.steps < 2:
         sys.exit("dedup.py: --steps must be at least 2")
     work = Path(tempfile.mkdtemp(prefix="modelfs-dedup-", dir="/var/tmp"))
-    mount = None
     try:
-        mount = Mount(a.modelfs, work)
-        rows = run(mount, a.steps)
+        rows = run(a.modelfs, work, a.steps)
         text = table(rows, a.steps)
         print(text)
         if a.out:
             a.out.write_text(text + "\n\n```json\n" + json.dumps(rows, indent=1) + "\n```\n")
     finally:
-        if mount:
-            mount.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
