@@ -52,7 +52,7 @@ let package = Package(
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
-        .target(name: "ModelFS", dependencies: ["ModelFSCore", "ModelFSStore", "ModelFSMeta"]),
+        .target(name: "ModelFS", dependencies: ["ModelFSCore", "ModelFSStore", "ModelFSMeta", "CModelFSSys"]),
         // libfuse 3.14's /dev/fuse hooks that turn FUSE passthrough on (see its header).
         .target(name: "CModelFSPassthrough"),
         .target(name: "ModelFSFUSE", dependencies: ["CFuse3", "CModelFSPassthrough", "ModelFS"]),

@@ -11,6 +11,7 @@
 int syncfs(int fd);                                          // PackBlockStore.syncFilesystem
 int fallocate(int fd, int mode, off_t offset, off_t len);    // PackBlockStore.reclaim (punch holes)
 int mallopt(int param, int value);                           // Daemon.run (allocator settings)
+void *memmem(const void *haystack, size_t haystacklen, const void *needle, size_t needlelen);  // ZipCuts.offsets
 
 static inline int modelfs_syncfs(int fd) { return syncfs(fd); }
 static inline int modelfs_punch_hole(int fd, off_t offset, off_t len) {

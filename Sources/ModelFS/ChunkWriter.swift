@@ -1,6 +1,7 @@
 import Foundation
 import ModelFSCore
 import ModelFSStore
+import CModelFSSys
 
 /// Turns a stream of bytes into chunks: the chunker finds content-defined boundaries in the bytes
 /// as they arrive and each byte is copied once, into its chunk's buffer. Each finished chunk's
@@ -31,16 +32,27 @@ struct ChunkWriter {
     /// a boundary at a time: the bytes after a boundary go straight into the next chunk's buffer
     /// (copying all of a write first and moving what followed a boundary afterwards copied half
     /// of the bytes twice).
+    ///
+    /// Zip entries (torch.save, .npz, .keras) are also cut at their own edges: before a stored
+    /// entry's local header and where its data starts (`ZipCuts`), so the header is a small
+    /// chunk of its own and the data is chunked the same whatever the header says. A torch
+    /// checkpoint names every entry after the file (`step3/data/17`): cut by content alone, each
+    /// step's new names changed the ~1 MiB chunk around every header, and a step stored 3× the
+    /// bytes of the tensors that changed (docs/PERFORMANCE.md).
     mutating func append(_ bytes: UnsafeRawBufferPointer, sink: Sink) throws {
-        var src = bytes
-        while !src.isEmpty {
-            // The chunker cuts at maxSize, so it never takes more than the buffer has room for.
-            let window = UnsafeRawBufferPointer(rebasing: src[..<min(src.count, maxSize - length)])
-            let (n, boundary) = chunker.consume(window)
-            (buffer.pointer + length).copyMemory(from: src.baseAddress!, byteCount: n)
-            length += n
-            src = UnsafeRawBufferPointer(rebasing: src[n...])
-            if boundary { try cut(sink: sink) }
+        var consumed = 0
+        for (target, forced) in ZipCuts.offsets(in: bytes).map({ ($0, true) }) + [(bytes.count, false)] {
+            while consumed < target {
+                // The chunker cuts at maxSize, so it never takes more than the buffer has room for.
+                let end = min(target, consumed + (maxSize - length))
+                let window = UnsafeRawBufferPointer(rebasing: bytes[consumed..<end])
+                let (n, boundary) = chunker.consume(window)
+                (buffer.pointer + length).copyMemory(from: window.baseAddress!, byteCount: n)
+                length += n
+                consumed += n
+                if boundary { try cut(sink: sink) }
+            }
+            if forced && length > 0 { try cut(sink: sink) }
         }
     }
 
@@ -74,6 +86,42 @@ struct ChunkWriter {
             return ChunkRef(id: id, length: UInt32(length))
         }
     }
+}
+
+/// Where a write's bytes hold a zip archive's stored entry (local file header signature
+/// `PK\u{03}\u{04}`, compression method 0): the offset of the header and the offset where its
+/// data starts (0…count, ascending), for every header whose fixed part lies in the bytes (the
+/// data start only when it does too). A header split between two writes is not seen: its chunk
+/// is cut by content alone, which costs dedup, never bytes. A false match in other data is only
+/// an extra cut.
+enum ZipCuts {
+    static let headerSize = 30
+
+    static func offsets(in bytes: UnsafeRawBufferPointer) -> [Int] {
+        guard bytes.count >= headerSize, let base = bytes.baseAddress else { return [] }
+        var out: [Int] = []
+        var at = 0
+        while at + headerSize <= bytes.count,
+              let hit = memmem(base + at, bytes.count - at, ZipCuts.signature, 4) {
+            let p = base.distance(to: UnsafeRawPointer(hit))
+            at = p + 1
+            guard p + headerSize <= bytes.count else { break }
+            func u16(_ o: Int) -> Int { Int(bytes[p + o]) | Int(bytes[p + o + 1]) << 8 }
+            guard u16(8) == 0 else { continue }   // compressed: its bytes change with everything
+            if out.last != p { out.append(p) }
+            let dataStart = p + headerSize + u16(26) + u16(28)
+            guard dataStart <= bytes.count else { break }
+            out.append(dataStart)
+            at = dataStart
+        }
+        return out
+    }
+
+    nonisolated(unsafe) static let signature: UnsafeRawPointer = {
+        let p = UnsafeMutableRawPointer.allocate(byteCount: 4, alignment: 1)
+        p.copyMemory(from: [UInt8]([0x50, 0x4B, 0x03, 0x04]), byteCount: 4)
+        return UnsafeRawPointer(p)
+    }()
 }
 
 /// Hashes and stores a session's streamed chunks off the FUSE thread, so that thread only copies
