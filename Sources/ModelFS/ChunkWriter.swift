@@ -16,6 +16,9 @@ struct ChunkWriter {
     private let maxSize: Int
     /// Bytes in `buffer` (the unfinished chunk).
     private(set) var length = 0
+    /// Whether the stream is a zip archive, from its first bytes (nil until they come): only
+    /// then are its bytes searched for entry headers (`ZipCuts`), so other files pay nothing.
+    private var zip: Bool?
 
     init(parameters: ChunkerParameters) {
         chunker = Chunker(parameters)
@@ -38,10 +41,13 @@ struct ChunkWriter {
     /// chunk of its own and the data is chunked the same whatever the header says. A torch
     /// checkpoint names every entry after the file (`step3/data/17`): cut by content alone, each
     /// step's new names changed the ~1 MiB chunk around every header, and a step stored 3× the
-    /// bytes of the tensors that changed (docs/PERFORMANCE.md).
+    /// bytes of the tensors that changed (docs/PERFORMANCE.md). A stream is taken for a zip
+    /// archive when its first bytes are a local header's signature (torch.save, .npz, .keras).
     mutating func append(_ bytes: UnsafeRawBufferPointer, sink: Sink) throws {
+        if zip == nil { zip = ZipCuts.isSignature(bytes) }
         var consumed = 0
-        for (target, forced) in ZipCuts.offsets(in: bytes).map({ ($0, true) }) + [(bytes.count, false)] {
+        let cuts = zip == true ? ZipCuts.offsets(in: bytes) : []
+        for (target, forced) in cuts.map({ ($0, true) }) + [(bytes.count, false)] {
             while consumed < target {
                 // The chunker cuts at maxSize, so it never takes more than the buffer has room for.
                 let end = min(target, consumed + (maxSize - length))
@@ -65,6 +71,7 @@ struct ChunkWriter {
     /// Drops pending bytes (the file was truncated below them).
     mutating func discard() {
         length = 0
+        zip = nil
         chunker.reset()
     }
 
@@ -96,6 +103,11 @@ struct ChunkWriter {
 /// an extra cut.
 enum ZipCuts {
     static let headerSize = 30
+
+    /// Whether `bytes` begin with a local file header's signature.
+    static func isSignature(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        bytes.count >= 4 && memcmp(bytes.baseAddress!, signature, 4) == 0
+    }
 
     static func offsets(in bytes: UnsafeRawBufferPointer) -> [Int] {
         guard bytes.count >= headerSize, let base = bytes.baseAddress else { return [] }

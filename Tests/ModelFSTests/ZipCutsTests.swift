@@ -61,6 +61,15 @@ import Testing
         }
     }
 
+    @Test func onlyAStreamThatBeginsAsAZipIsCut() throws {
+        // A file that is not a zip (its first bytes say so) holding a zip's bytes later: chunked
+        // by content alone, its bytes never searched.
+        let zipBytes = Self.entry("a/data/0", randomBytes(600_000, seed: 5)) + Self.entry("a/data/1", randomBytes(600_000, seed: 6))
+        let other = randomBytes(1000, seed: 7) + zipBytes
+        #expect(try Self.chunks(other, pieces: other.count).allSatisfy { $0.length >= 200 })
+        #expect(try Self.chunks(zipBytes, pieces: zipBytes.count).filter { $0.length < 200 }.count == 2)
+    }
+
     @Test func offsetsOfHeadersAndTheirData() {
         let z = Self.entry("ab", [1, 2, 3]) + Self.entry("c", [9]) + [0x50, 0x4B, 0x03]
         let offsets = z.withUnsafeBytes { ZipCuts.offsets(in: $0) }
