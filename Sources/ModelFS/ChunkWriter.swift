@@ -19,6 +19,11 @@ struct ChunkWriter {
     /// Whether the stream is a zip archive, from its first bytes (nil until they come): only
     /// then are its bytes searched for entry headers (`ZipCuts`), so other files pay nothing.
     private var zip: Bool?
+    /// Bytes appended since the stream began, and where in it the next zip header may start
+    /// (after the data of the last entry found, whose size its header gave): the bytes before
+    /// are not searched.
+    private var position: UInt64 = 0
+    private var nextHeader: UInt64 = 0
 
     init(parameters: ChunkerParameters) {
         chunker = Chunker(parameters)
@@ -46,7 +51,14 @@ struct ChunkWriter {
     mutating func append(_ bytes: UnsafeRawBufferPointer, sink: Sink) throws {
         if zip == nil { zip = ZipCuts.isSignature(bytes) }
         var consumed = 0
-        let cuts = zip == true ? ZipCuts.offsets(in: bytes) : []
+        var cuts: [Int] = []
+        if zip == true && nextHeader < position + UInt64(bytes.count) {
+            let from = Int(nextHeader > position ? nextHeader - position : 0)
+            let found = ZipCuts.offsets(in: bytes, from: from)
+            cuts = found.cuts
+            if let next = found.next { nextHeader = position + UInt64(next) }
+        }
+        position += UInt64(bytes.count)
         for (target, forced) in cuts.map({ ($0, true) }) + [(bytes.count, false)] {
             while consumed < target {
                 // The chunker cuts at maxSize, so it never takes more than the buffer has room for.
@@ -72,6 +84,8 @@ struct ChunkWriter {
     mutating func discard() {
         length = 0
         zip = nil
+        position = 0
+        nextHeader = 0
         chunker.reset()
     }
 
@@ -109,10 +123,15 @@ enum ZipCuts {
         bytes.count >= 4 && memcmp(bytes.baseAddress!, signature, 4) == 0
     }
 
-    static func offsets(in bytes: UnsafeRawBufferPointer) -> [Int] {
-        guard bytes.count >= headerSize, let base = bytes.baseAddress else { return [] }
+    static func offsets(in bytes: UnsafeRawBufferPointer) -> [Int] { offsets(in: bytes, from: 0).cuts }
+
+    /// The cuts from `from` on, and where the next header may start (relative to `bytes`, past
+    /// the last entry found whose size its header gives), if an entry was found.
+    static func offsets(in bytes: UnsafeRawBufferPointer, from: Int) -> (cuts: [Int], next: Int?) {
+        guard from >= 0, bytes.count - from >= headerSize, let base = bytes.baseAddress else { return ([], nil) }
         var out: [Int] = []
-        var at = 0
+        var next: Int?
+        var at = from
         while at + headerSize <= bytes.count,
               let hit = memmem(base + at, bytes.count - at, ZipCuts.signature, 4) {
             let p = base.distance(to: UnsafeRawPointer(hit))
@@ -122,11 +141,21 @@ enum ZipCuts {
             guard u16(8) == 0 else { continue }   // compressed: its bytes change with everything
             if out.last != p { out.append(p) }
             let dataStart = p + headerSize + u16(26) + u16(28)
+            // The entry's size, when the header has it (not in a data descriptor after the data,
+            // flag bit 3, nor in a zip64 field): the next header comes after that many bytes.
+            let size = u16(18) | u16(20) << 16
+            let known = u16(6) & 0x08 == 0 && size != 0xFFFF_FFFF
+            if known { next = dataStart + size }
             guard dataStart <= bytes.count else { break }
             out.append(dataStart)
-            at = dataStart
+            if known {
+                if dataStart + size >= bytes.count { break }
+                at = dataStart + size
+            } else {
+                at = dataStart
+            }
         }
-        return out
+        return (out, next)
     }
 
     nonisolated(unsafe) static let signature: UnsafeRawPointer = {
