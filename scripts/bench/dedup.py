@@ -28,55 +28,20 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import reads  # noqa: E402  (Target: a modelfs mount started and stopped by PID; log, sh)
 MB = 1e6
 
 
-def log(msg: str):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def mounted(mp: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(mp) for line in f)
-
-
-class Mount:
-    def __init__(self, binary: str, work: Path):
-        self.binary, self.mp, self.data = binary, work / "mnt", work / "data"
-        self.mp.mkdir()
-        self.proc = subprocess.Popen([binary, "mount", str(self.mp), "--data", str(self.data), "-f"],
-                                     stdout=open(work / "daemon.log", "w"), stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while not mounted(self.mp):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"modelfs did not mount: {(work / 'daemon.log').read_text()[-2000:]}")
-            time.sleep(0.05)
-
-    def stored(self) -> int:
-        r = subprocess.run([self.binary, "status", str(self.mp), "--json"], capture_output=True, text=True,
-                           check=True, timeout=60)
-        return int(json.loads(r.stdout)["mount"]["storedBytes"])
-
-    def stop(self):
-        if mounted(self.mp):
-            subprocess.run([self.binary, "umount", str(self.mp)], capture_output=True, timeout=120)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        if mounted(self.mp):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mp)], capture_output=True)
+def stored(t: reads.Target) -> int:
+    r = reads.sh(t.modelfs, "status", t.mp, "--json", timeout=60)
+    return int(json.loads(r.stdout)["mount"]["storedBytes"])
 
 
 def model(adapters: bool):
@@ -164,9 +129,8 @@ def run(binary: str, work: Path, steps: int) -> list[dict]:
     import torch
     rows = []
     for name, kind, fmt in SERIES:
-        d = work / name
-        d.mkdir()
-        mount = Mount(binary, d)
+        mount = reads.Target("modelfs_pt", work / name, binary, None, None)
+        mount.start()
         try:
             m = model(kind == "adapter")
             params = trainable(m, kind)
@@ -177,12 +141,12 @@ def run(binary: str, work: Path, steps: int) -> list[dict]:
                     train_step(m, params, opt)
                 sd = state(m)
                 changed = changed_bytes(prev, sd)
-                before = mount.stored()
+                before = stored(mount)
                 p = save(fmt, sd, mount.mp, step)
-                added = mount.stored() - before
+                added = stored(mount) - before
                 size = size_of(p)
                 rows.append({"series": name, "step": step, "size": size, "added": added, "changed": changed})
-                log(f"{name} step {step}: {size / MB:.1f} MB, stored +{added / MB:.1f} MB, "
+                reads.log(f"{name} step {step}: {size / MB:.1f} MB, stored +{added / MB:.1f} MB, "
                     f"tensors changed {changed / MB:.1f} MB")
                 prev = sd
         finally:

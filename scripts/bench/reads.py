@@ -89,19 +89,25 @@ class Target:
     def dir(self) -> Path:
         return self.mp
 
+    # passthrough_ll's options besides its source, and flags added to modelfs's mount (other
+    # benchmarks that reuse this class set them).
+    ptll_options = "cache=always"
+    modelfs_flags: list[str] = []
+
     def start(self):
         if self.name == "ext4":
             return
         logf = open(self.work / "daemon.log", "a")
         if self.name == "passthrough_ll":
             (self.work / "src").mkdir(exist_ok=True)
-            argv = [self.ptll, "-f", "-o", f"source={self.work / 'src'},cache=always", str(self.mp)]
+            argv = [self.ptll, "-f", "-o", f"source={self.work / 'src'},{self.ptll_options}", str(self.mp)]
         elif self.name == "juicefs":
             argv = [self.juicefs, "mount", self.meta, str(self.mp), "--cache-dir", str(self.work / "cache"),
                     "--open-cache", "3600", "--attr-cache", "3600", "--entry-cache", "3600", "--no-usage-report"]
         else:
             argv = [self.modelfs, "mount", str(self.mp), "--data", str(self.work / "data"), "-f"]
             argv.append("--passthrough" if self.name == "modelfs_pt" else "--no-passthrough")
+            argv += self.modelfs_flags
         self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         wait_for(lambda: mounted(self.mp) or self.proc.poll() is not None, 60, f"{self.name} to mount")

@@ -77,31 +77,16 @@ def xattr_calls(d: Path, seconds: float) -> float:
 
 
 class Target(reads.Target):
+    ptll_options = "xattr"
+
     def start(self):
-        if self.name == "passthrough_ll":
-            import subprocess
-            (self.work / "src").mkdir(exist_ok=True)
-            logf = open(self.work / "daemon.log", "a")
-            argv = [self.ptll, "-f", "-o", f"source={self.work / 'src'},xattr", str(self.mp)]
-            self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
-            reads.wait_for(lambda: reads.mounted(self.mp) or self.proc.poll() is not None, 60, "passthrough_ll")
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"passthrough_ll exited: {(self.work / 'daemon.log').read_text()[-2000:]}")
-        else:
-            import subprocess
+        if self.name.startswith("modelfs"):
             import socket
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 self.metrics_port = s.getsockname()[1]
-            logf = open(self.work / "daemon.log", "a")
-            argv = [self.modelfs, "mount", str(self.mp), "--data", str(self.work / "data"), "-f",
-                    "--metrics-listen", f"127.0.0.1:{self.metrics_port}"]
-            self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
-            reads.wait_for(lambda: reads.mounted(self.mp) or self.proc.poll() is not None, 60, "modelfs")
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"modelfs exited: {(self.work / 'daemon.log').read_text()[-2000:]}")
+            self.modelfs_flags = ["--metrics-listen", f"127.0.0.1:{self.metrics_port}"]
+        super().start()
 
     def cpu_seconds(self) -> float:
         """The daemon's CPU time so far (user + system, all its threads)."""
@@ -181,12 +166,10 @@ def main():
     targets: list[Target] = []
     try:
         ptll = reads.passthrough_ll(work / "build")
-        names = (["passthrough_ll"] if ptll else []) + ["modelfs"]
+        # modelfs_pt: passthrough on, the default ("modelfs" in reads.py is --no-passthrough).
+        names = (["passthrough_ll"] if ptll else []) + ["modelfs_pt"]
         targets = [Target(n, work, a.modelfs, None, ptll) for n in names]
-        # Target("modelfs") runs --no-passthrough in reads.py; here the default (passthrough on) is wanted.
         for t in targets:
-            if t.name == "modelfs":
-                t.name = "modelfs_pt"
             t.start()
         res: dict[str, dict[str, list]] = {r: {t.name: [] for t in targets} for r in rows}
         fuse: dict[str, list[dict]] = {r: [] for r in rows}
