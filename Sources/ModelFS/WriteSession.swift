@@ -85,6 +85,12 @@ final class WriteSession: @unchecked Sendable {
         }
     }
 
+    /// Throws the session's failure, taking the pipeline's as it if there is none yet.
+    private func throwIfFailed() throws {
+        if failure == nil, let e = pipeline.failure { failure = WriteSession.storeFailure(e) }
+        if let failure { throw failure }
+    }
+
     static func storeFailure(_ e: any Error) -> FSError { (e as? FSError) ?? FSError.io("storing a block failed", cause: e) }
 
     /// Moves every chunk the pipeline finished into `base` (waiting for the rest): needed before
@@ -109,8 +115,7 @@ final class WriteSession: @unchecked Sendable {
     /// be refused; for the next bytes of the stream that is before they are chunked (see below).
     /// Callers hold the session's lock, so whatever the acknowledgement lets in waits for this.
     func write(at offset: UInt64, _ bytes: UnsafeRawBufferPointer, acknowledge: (() -> Void)? = nil) throws {
-        if failure == nil, let e = pipeline.failure { failure = WriteSession.storeFailure(e) }
-        if let failure { throw failure }
+        try throwIfFailed()
         guard !bytes.isEmpty else { acknowledge?(); return }
         let end = offset + UInt64(bytes.count)
         var acknowledged = false
@@ -227,8 +232,7 @@ final class WriteSession: @unchecked Sendable {
     /// (copy_file_range sharing blocks). Returns the bytes added, or nil (nothing done) when
     /// the session is not in that state.
     func share(_ chunks: ArraySlice<ChunkRef>, at offset: UInt64) throws -> UInt64? {
-        if failure == nil, let e = pipeline.failure { failure = WriteSession.storeFailure(e) }
-        if let failure { throw failure }
+        try throwIfFailed()
         guard streaming, !chunks.isEmpty, reorder.isEmpty, writer.length == 0, offset == streamPosition else { return nil }
         try drainOrFail()
         let bytes = chunks.reduce(UInt64(0)) { $0 + UInt64($1.length) }
