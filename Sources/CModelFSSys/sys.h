@@ -4,7 +4,7 @@
 #ifndef MODELFS_SYS_H
 #define MODELFS_SYS_H
 #include <sys/types.h>
-#include <sys/xattr.h>                                       // getxattr/setxattr: modelfs policy
+#include <sys/xattr.h>                                       // getxattr/setxattr: modelfs policy, modelfs ckpt tag
 #include <stdio.h>
 #include <fcntl.h>
 

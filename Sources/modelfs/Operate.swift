@@ -57,6 +57,11 @@ enum Operate {
     static func pathReport(fs: FileSystem, node: ClusterNode?, _ t: Target) throws -> PathReport {
         var files: [FileBlocks] = []
         try fs.walkFiles(from: t.ino, parent: t.parent) { files.append($0) }
+        return pathReport(fs: fs, node: node, t, files)
+    }
+
+    /// The report on `files`, found by a walk from `t`.
+    static func pathReport(fs: FileSystem, node: ClusterNode?, _ t: Target, _ files: [FileBlocks]) -> PathReport {
         var report = PathReport(path: t.path)
         var holders: [BlockID: Int] = [:]
         var pending: [UInt64: Double] = [:]
@@ -217,6 +222,7 @@ enum Operate {
     static func handlers(fs: FileSystem, node: ClusterNode?) -> [String: ControlHandler] {
         var h: [String: ControlHandler] = [
             "files": { words, send in send(try pathReport(fs: fs, node: node, Target(words))) },
+            "ckpt": { words, send in send(try catalogue(fs: fs, node: node, Target(words))) },
             "warm": { words, send in try warm(fs: fs, node: node, Target(words), send: send) },
             "verify": { words, send in
                 send(try verify(fs: fs, node: node, Target(words)) { send($0) })
@@ -238,5 +244,74 @@ enum Operate {
             send(["ok": true])
         }
         return h
+    }
+}
+
+/// `modelfs ckpt list|show|find`: the checkpoints under a path (docs/STATUS.md has the schema).
+struct CatalogueReport: Codable {
+    struct Checkpoint: Codable {
+        var path: String
+        var framework: String
+        /// Its name with each number as `#`, under its directory: the run it is a step of.
+        var series: String
+        var step: Int?
+        var files: [String]
+        var bytes: UInt64
+        /// What it added to the previous checkpoint of its series (all its distinct blocks for the first).
+        var newBytes: UInt64
+        /// The worst of its files' states ("replicated", "pending", "under-replicated", "unreadable").
+        var state: String
+        /// Copies of its least-copied block on live nodes, and the policy's R.
+        var replicas: Int
+        var wanted: Int
+        /// Its newest file's mtime (seconds since the epoch) and the seconds since.
+        var mtime: Double
+        var ageSeconds: Double
+        /// `modelfs ckpt tag`'s key=value pairs (xattrs `user.modelfs.meta.*` on `anchor`).
+        var metadata: [String: String]
+        /// The file or directory that holds the metadata (a TensorFlow checkpoint's `.index`).
+        var anchor: String
+    }
+    var path: String
+    var checkpoints: [Checkpoint] = []
+    var unansweredNodes: [String] = []
+}
+
+extension Operate {
+    static func catalogue(fs: FileSystem, node: ClusterNode?, _ t: Target) throws -> CatalogueReport {
+        var files: [FileBlocks] = []
+        try fs.walkFiles(from: t.ino, parent: t.parent) { files.append($0) }
+        let states = pathReport(fs: fs, node: node, t, files)
+        let byIno = Dictionary(states.list.map { ($0.ino, $0) }, uniquingKeysWith: { a, _ in a })
+        let rootName = (t.path as NSString).lastPathComponent
+        let found = Catalogue.recognise(files.map { Catalogue.File(path: $0.path, size: $0.size, mtime: $0.mtime, blocks: $0.blocks) },
+                                        rootName: rootName)
+        let now = Date().timeIntervalSince1970
+        let rank = ["replicated": 0, "pending": 1, "under-replicated": 2, "unreadable": 3]
+        var report = CatalogueReport(path: t.path, unansweredNodes: states.unansweredNodes)
+        for c in found {
+            let own = c.files.compactMap { byIno[files[$0].ino.rawValue] }
+            let state = own.map(\.state).max { rank[$0, default: 0] < rank[$1, default: 0] } ?? "replicated"
+            let mtime = Double(c.mtime.seconds) + Double(c.mtime.nanoseconds) / 1e9
+            func full(_ p: String) -> String { p.isEmpty ? t.path : t.path + "/" + p }
+            report.checkpoints.append(.init(
+                path: full(c.path), framework: c.framework, series: full(c.series), step: c.step,
+                files: c.files.map { full(files[$0].path) }, bytes: c.bytes, newBytes: c.newBytes, state: state,
+                replicas: own.map(\.replicas).min() ?? 0, wanted: own.map(\.wanted).max() ?? 0,
+                mtime: mtime, ageSeconds: max(0, now - mtime),
+                metadata: (try? metadata(fs: fs, from: t.ino, c.anchor)) ?? [:], anchor: full(c.anchor)))
+        }
+        return report
+    }
+
+    /// The `user.modelfs.meta.*` xattrs of `path` below `start`, by key.
+    static func metadata(fs: FileSystem, from start: InodeNumber, _ path: String) throws -> [String: String] {
+        var ino = start
+        for part in path.split(separator: "/") { ino = try fs.meta.lookup(parent: ino, name: String(part)).ino }
+        var out: [String: String] = [:]
+        for name in try fs.meta.listxattr(ino) where name.hasPrefix(Catalogue.metaPrefix) {
+            out[String(name.dropFirst(Catalogue.metaPrefix.count))] = String(decoding: try fs.meta.getxattr(ino, name: name), as: UTF8.self)
+        }
+        return out
     }
 }

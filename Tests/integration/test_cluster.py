@@ -94,6 +94,31 @@ def test_copies_share_blocks_on_every_node(make_nodes):
     assert a.blocks() == b.blocks()
 
 
+def test_checkpoint_metadata_is_seen_on_every_node(make_nodes):
+    """`modelfs ckpt tag` on one node, `ckpt find` and `ckpt list` on another: metadata lives in
+    the shared metadata (xattrs), survives a rename made elsewhere, and the catalogue counts the
+    copies on live nodes."""
+    a, b = make_nodes(2, replicas=2, ack=1)
+    os.makedirs(a / "run")
+    for step in (1, 2):
+        write_file(a / "run" / f"step-{step}.safetensors", payload(2 * MiB, step))
+
+    def ckpt(*args):
+        r = subprocess.run([MODELFS_BIN, "ckpt", *map(str, args)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    ckpt("tag", a / "run" / "step-2.safetensors", "eval.loss=1.25")
+    assert ckpt("find", b / "run", "--where", "eval.loss<2").split() == [str(b / "run" / "step-2.safetensors")]
+    os.rename(b / "run" / "step-2.safetensors", b / "run" / "best.safetensors")
+    wait_until(lambda: os.path.exists(a / "run" / "best.safetensors"), 20, interval=0.2, what="the rename on the first node")
+    assert ckpt("find", a / "run", "--where", "eval.loss").split() == [str(a / "run" / "best.safetensors")]
+    assert a.sync(a / "run").returncode == 0
+    listed = json.loads(ckpt("list", b / "run", "--json"))["checkpoints"]
+    assert sorted(os.path.basename(c["path"]) for c in listed) == ["best.safetensors", "step-1.safetensors"]
+    assert all(c["state"] == "replicated" and c["replicas"] == 2 and c["wanted"] == 2 for c in listed), listed
+
+
 def test_byte_names_made_on_one_node_are_seen_on_another(make_nodes):
     """Names that are not UTF-8 go through etcd's keys (in the escaped form RawName defines) and
     come out as the same bytes on the other node."""
