@@ -204,6 +204,7 @@ public final class FileSystem: @unchecked Sendable {
         if let newSize = changes.size {
             let attrs = try meta.getattr(ino)
             try FileSystem.checkSize(newSize)
+            if attrs.immutable { throw FSError(EPERM, "\(ino) is immutable: part of a snapshot") }
             guard attrs.kind == .regular else { throw attrs.kind == .directory ? FSError.isDirectory() : FSError.invalid("cannot truncate a symlink") }
             if let s = session(of: ino) {
                 s.lock.lock(); defer { s.lock.unlock() }
@@ -383,6 +384,11 @@ public final class FileSystem: @unchecked Sendable {
             // The kernel opens special files itself; a request that reaches here is a bug.
             default: throw FSError(ENXIO, "\(attrs.ino) is a special file: the kernel opens it, not modelfs")
             }
+        }
+        // A snapshot's file is refused for writing at open (as ext4 refuses a `chattr +i` one),
+        // not at the first flush, when the writer's bytes would have been taken.
+        if attrs.immutable && (flags.writable || flags.truncate) {
+            throw FSError(EPERM, "\(attrs.ino) is immutable: part of a snapshot")
         }
         // Write-only opens write past the kernel's page cache: torch.save, safetensors, np.save
         // and Java's FileOutputStream all open so, and nothing can mmap or read a write-only
@@ -817,7 +823,7 @@ public final class FileSystem: @unchecked Sendable {
     /// collection runs a pass only after one (or after its full interval).
     public var contentChanges: UInt64 { changes.load(ordering: .relaxed) }
     private let changes = Atomic<UInt64>(0)
-    private func changed() { changes.add(1, ordering: .relaxed) }
+    func changed() { changes.add(1, ordering: .relaxed) }
 
     /// Called when blocks may have become garbage (a failed or abandoned write).
     public var onGarbage: (@Sendable () -> Void)?

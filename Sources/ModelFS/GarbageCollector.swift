@@ -202,6 +202,13 @@ public final class GarbageCollector: @unchecked Sendable {
         }
     }
 
+    /// One full pass now, on the collector's queue (after any pass under way): `modelfs debug gc`.
+    /// `noGrace` takes blocks stored up to now as candidates (safe only with no write under way).
+    public func collectNow(noGrace: Bool = false) throws -> (blocks: UInt64, bytes: UInt64) {
+        passes.withLock { $0.fullOwed = true }
+        return try queue.sync { try collect(cutoff: noGrace ? .now() : nil) }
+    }
+
     /// Whether a pass was asked for and has not run; it counts as run from here on.
     private func takePending() -> Bool { pending.withLock { p in defer { p = false }; return p } }
 

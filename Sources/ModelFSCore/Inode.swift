@@ -102,12 +102,22 @@ public struct InodeAttributes: Hashable, Sendable {
     /// The device number of a character or block device node (the kernel's encoding of major
     /// and minor, as `mknod` gave it); 0 for every other kind.
     public var rdev: UInt32
+    /// Inode flags, as `chattr` names them; only `immutableFlag` is kept (see `immutable`).
+    public var flags: UInt32
+
+    /// FS_IMMUTABLE_FL: the inode is part of a snapshot (`modelfs snapshot`).
+    public static let immutableFlag: UInt32 = 0x10
+
+    /// Nothing about it changes: not its content, attributes, xattrs or (for a directory) its
+    /// entries, and it is not renamed, linked or removed (EPERM, as `chattr +i` on ext4).
+    public var immutable: Bool { flags & Self.immutableFlag != 0 }
 
     public init(ino: InodeNumber, kind: FileKind, mode: UInt32, uid: UInt32, gid: UInt32, nlink: UInt32,
-                size: UInt64, atime: Timestamp, mtime: Timestamp, ctime: Timestamp, version: UInt64, rdev: UInt32 = 0) {
+                size: UInt64, atime: Timestamp, mtime: Timestamp, ctime: Timestamp, version: UInt64, rdev: UInt32 = 0,
+                flags: UInt32 = 0) {
         self.ino = ino; self.kind = kind; self.mode = mode; self.uid = uid; self.gid = gid
         self.nlink = nlink; self.size = size; self.atime = atime; self.mtime = mtime; self.ctime = ctime
-        self.version = version; self.rdev = rdev
+        self.version = version; self.rdev = rdev; self.flags = flags
     }
 }
 
@@ -131,9 +141,12 @@ public struct AttributeChanges: Sendable, Equatable {
     public var size: UInt64?
     public var atime: Timestamp?
     public var mtime: Timestamp?
+    /// New inode flags (`modelfs snapshot` freezing and thawing a tree; never from the kernel).
+    public var flags: UInt32?
     public init(mode: UInt32? = nil, uid: UInt32? = nil, gid: UInt32? = nil, size: UInt64? = nil,
-                atime: Timestamp? = nil, mtime: Timestamp? = nil) {
+                atime: Timestamp? = nil, mtime: Timestamp? = nil, flags: UInt32? = nil) {
         self.mode = mode; self.uid = uid; self.gid = gid; self.size = size; self.atime = atime; self.mtime = mtime
+        self.flags = flags
     }
 }
 

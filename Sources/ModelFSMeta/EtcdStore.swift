@@ -282,6 +282,8 @@ struct EtcdInode: Codable {
     var a: Int64; var mt: Int64; var c: Int64; var v: UInt64; var p: UInt64?; var t: String?
     /// A device node's number (absent for every other kind).
     var r: UInt32?
+    /// Inode flags (`InodeAttributes.flags`), absent when 0.
+    var f: UInt32?
     /// The client (node) that wrote this record: watchers skip their own changes.
     var o: String?
 
@@ -291,12 +293,13 @@ struct EtcdInode: Codable {
         a = x.atime.totalNanoseconds; mt = x.mtime.totalNanoseconds; c = x.ctime.totalNanoseconds; v = x.version
         p = r.parent?.rawValue; t = r.target; o = origin
         self.r = x.rdev == 0 ? nil : x.rdev
+        f = x.flags == 0 ? nil : x.flags
     }
 
     func record(_ ino: InodeNumber) -> InodeRecord {
         InodeRecord(attrs: InodeAttributes(ino: ino, kind: FileKind(rawValue: k) ?? .regular, mode: m, uid: u, gid: g, nlink: n,
                                            size: s, atime: Timestamp(totalNanoseconds: a), mtime: Timestamp(totalNanoseconds: mt),
-                                           ctime: Timestamp(totalNanoseconds: c), version: v, rdev: r ?? 0),
+                                           ctime: Timestamp(totalNanoseconds: c), version: v, rdev: r ?? 0, flags: f ?? 0),
                     parent: p.map(InodeNumber.init), target: t)
     }
 }

@@ -27,6 +27,13 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
         return r
     }
 
+    /// EPERM for an immutable inode (`InodeAttributes.immutable`): one of a snapshot.
+    private func mutable(_ r: InodeRecord) throws {
+        if r.attrs.immutable {
+            throw FSError(EPERM, "\(r.attrs.ino) is immutable: part of a snapshot (`modelfs snapshot --delete` removes one)")
+        }
+    }
+
     private func requireDirectory(_ tx: any MetadataTransaction, _ ino: InodeNumber) throws -> InodeRecord {
         let r = try require(tx, ino)
         guard r.attrs.kind == .directory else { throw FSError.notDirectory() }
@@ -58,6 +65,7 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
         try validateName(name)
         return try store.write { tx in
             var dir = try requireDirectory(tx, parent)
+            try mutable(dir)
             if try tx.entry(parent, name) != nil { throw FSError.exists() }
             let ino = try tx.allocateInode()
             let isDir = new.kind == .directory
@@ -80,6 +88,7 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
         for f in files { try validateName(f.name) }
         return try store.write { tx in
             var dir = try requireDirectory(tx, parent)
+            try mutable(dir)
             var out: [InodeAttributes] = []
             var now = dir.attrs.mtime
             if let taken = try tx.existingNames(parent, among: files.map(\.name)).first { throw FSError.exists("\(taken) exists") }
@@ -104,6 +113,8 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
         return try store.write { tx in
             var dir = try requireDirectory(tx, parent)
             var target = try require(tx, ino)
+            try mutable(dir)
+            try mutable(target)
             guard target.attrs.kind != .directory else { throw FSError(EPERM, "hard links to directories are not allowed") }
             guard target.attrs.nlink > 0 else { throw FSError.noEntry("file was removed") }
             if try tx.entry(parent, name) != nil { throw FSError.exists() }
@@ -122,6 +133,7 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
     private func dropLink(_ tx: any MetadataTransaction, _ ino: InodeNumber, now: Timestamp,
                           isOpen: (InodeNumber) -> Bool = { _ in true }) throws -> RemovedLink {
         var r = try require(tx, ino)
+        try mutable(r)
         if r.attrs.kind == .directory {
             r.attrs.nlink = 0
         } else {
@@ -140,6 +152,7 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
     public func unlink(parent: InodeNumber, name: String, now: Timestamp, isOpen: (InodeNumber) -> Bool) throws -> RemovedLink {
         try store.write { tx in
             var dir = try requireDirectory(tx, parent)
+            try mutable(dir)
             guard let e = try tx.entry(parent, name) else { throw FSError.noEntry() }
             guard e.kind != .directory else { throw FSError.isDirectory() }
             try tx.removeEntry(parent, name)
@@ -151,8 +164,10 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
     public func rmdir(parent: InodeNumber, name: String, now: Timestamp) throws -> RemovedLink {
         try store.write { tx in
             var dir = try requireDirectory(tx, parent)
+            try mutable(dir)
             guard let e = try tx.entry(parent, name) else { throw FSError.noEntry() }
             guard e.kind == .directory else { throw FSError.notDirectory() }
+            try mutable(try require(tx, e.ino))   // EPERM before ENOTEMPTY, as the kernel checks
             if try tx.hasEntries(e.ino) { throw FSError.notEmpty() }
             try tx.removeEntry(parent, name)
             try touch(tx, &dir, now, nlinkDelta: -1)
@@ -179,8 +194,8 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
         try validateName(newName)
         if flags.contains(.noReplace) && flags.contains(.exchange) { throw FSError.invalid("RENAME_NOREPLACE with RENAME_EXCHANGE") }
         return try store.write { tx in
-            _ = try requireDirectory(tx, parent)
-            _ = try requireDirectory(tx, newParent)
+            try mutable(try requireDirectory(tx, parent))
+            try mutable(try requireDirectory(tx, newParent))
             guard let src = try tx.entry(parent, name) else { throw FSError.noEntry() }
             let dst = try tx.entry(newParent, newName)
             if parent == newParent && name == newName {
@@ -235,6 +250,7 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
     /// Moves a directory's ".." and the parents' link counts; touches a moved inode's ctime.
     private func reparent(_ tx: any MetadataTransaction, _ e: EntryRecord, from: InodeNumber, to: InodeNumber, now: Timestamp) throws {
         var r = try require(tx, e.ino)
+        try mutable(r)
         r.attrs.ctime = now
         if e.kind == .directory && from != to {
             r.parent = to
@@ -252,6 +268,9 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
     public func setattr(_ ino: InodeNumber, _ changes: AttributeChanges, now: Timestamp) throws -> InodeAttributes {
         try store.write { tx in
             var r = try require(tx, ino)
+            // Flags alone may change on an immutable inode (that is how a snapshot is thawed).
+            if changes != AttributeChanges(flags: changes.flags) { try mutable(r) }
+            if let f = changes.flags { r.attrs.flags = f }
             if let m = changes.mode { r.attrs.mode = m & 0o7777 }
             if let u = changes.uid { r.attrs.uid = u }
             if let g = changes.gid { r.attrs.gid = g }
@@ -301,6 +320,7 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
     public func commit(_ ino: InodeNumber, size: UInt64, manifest: ManifestRef, mtime: Timestamp, fence: CommitFence?) throws -> InodeAttributes {
         try store.write { tx in
             var r = try require(tx, ino)
+            try mutable(r)
             guard r.attrs.kind == .regular else { throw FSError.isDirectory() }
             if let fence { try tx.checkFence(ino, fence, version: r.attrs.version) }
             r.attrs.size = size
@@ -326,6 +346,7 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
         guard value.count <= 64 << 10 else { throw FSError(E2BIG, "xattr value larger than 64 KiB") }
         try store.write { tx in
             var r = try require(tx, ino)
+            try mutable(r)
             let old = try tx.xattr(ino, name)
             let exists = old != nil
             if mode == .create && exists { throw FSError.exists("attribute exists") }
@@ -350,7 +371,7 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
 
     public func removexattr(_ ino: InodeNumber, name: String) throws {
         try store.write { tx in
-            _ = try require(tx, ino)
+            try mutable(try require(tx, ino))
             guard try tx.xattr(ino, name) != nil else { throw FSError.noData() }
             try tx.removeXattr(ino, name)
         }

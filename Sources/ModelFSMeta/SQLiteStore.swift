@@ -17,7 +17,7 @@ import ModelFSCore
 ///
 /// Schema (all keys):
 ///   inodes(ino PK, kind, mode, uid, gid, nlink, size, atime, mtime, ctime [ns], version, parent, target, manifest,
-///          rdev [a device node's number; added by ALTER TABLE to a database made before])
+///          rdev [a device node's number], flags [InodeAttributes.flags]; both added by ALTER TABLE to a database made before)
 ///   dentries(cookie PK, parent, name, ino, kind; UNIQUE(parent, name))
 ///   xattrs(ino, name, value; PK(ino, name))
 ///   settings(key PK, value)  — "next_inode" (every number below it may be in use), "sync_counter"
@@ -63,6 +63,10 @@ public final class SQLiteTransactionalStore: TransactionalStore, @unchecked Send
             // Device numbers came with special files: a database made before gets the column.
             if try !Row.fetchAll(db, sql: "PRAGMA table_info(inodes)").contains(where: { ($0["name"] as String?) == "rdev" }) {
                 try db.execute(sql: "ALTER TABLE inodes ADD COLUMN rdev INTEGER NOT NULL DEFAULT 0")
+            }
+            // Inode flags came with snapshots.
+            if try !Row.fetchAll(db, sql: "PRAGMA table_info(inodes)").contains(where: { ($0["name"] as String?) == "flags" }) {
+                try db.execute(sql: "ALTER TABLE inodes ADD COLUMN flags INTEGER NOT NULL DEFAULT 0")
             }
         }
     }
@@ -179,7 +183,8 @@ struct SQLiteTransaction: MetadataTransaction {
             mode: UInt32(row[2] as Int64), uid: UInt32(row[3] as Int64), gid: UInt32(row[4] as Int64),
             nlink: UInt32(row[5] as Int64), size: UInt64(row[6] as Int64),
             atime: Timestamp(totalNanoseconds: row[7]), mtime: Timestamp(totalNanoseconds: row[8]),
-            ctime: Timestamp(totalNanoseconds: row[9]), version: UInt64(row[10] as Int64), rdev: UInt32(truncatingIfNeeded: row[13] as Int64))
+            ctime: Timestamp(totalNanoseconds: row[9]), version: UInt64(row[10] as Int64), rdev: UInt32(truncatingIfNeeded: row[13] as Int64),
+            flags: UInt32(truncatingIfNeeded: row[14] as Int64))
         let parent: Int64? = row[11]
         return InodeRecord(attrs: attrs, parent: parent.map { InodeNumber(UInt64($0)) }, target: row[12])
     }
@@ -190,7 +195,7 @@ struct SQLiteTransaction: MetadataTransaction {
         if let w = written?.rows[ino] { return w }
         if let r = rows[ino] { return r }
         let r = try Row.fetchOne(db.cachedStatement(sql: """
-            SELECT ino, kind, mode, uid, gid, nlink, size, atime, mtime, ctime, version, parent, target, rdev
+            SELECT ino, kind, mode, uid, gid, nlink, size, atime, mtime, ctime, version, parent, target, rdev, flags
             FROM inodes WHERE ino = ?
             """), arguments: [i(ino)]).map(record)
         // Not written by this transaction (that would be in `written`): the committed row.
@@ -210,14 +215,15 @@ struct SQLiteTransaction: MetadataTransaction {
         let a = r.attrs
         try count(a.ino, r)
         try db.cachedStatement(sql: """
-            INSERT INTO inodes(ino, kind, mode, uid, gid, nlink, size, atime, mtime, ctime, version, parent, target, rdev)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            INSERT INTO inodes(ino, kind, mode, uid, gid, nlink, size, atime, mtime, ctime, version, parent, target, rdev, flags)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT(ino) DO UPDATE SET kind=excluded.kind, mode=excluded.mode, uid=excluded.uid, gid=excluded.gid,
               nlink=excluded.nlink, size=excluded.size, atime=excluded.atime, mtime=excluded.mtime, ctime=excluded.ctime,
-              version=excluded.version, parent=excluded.parent, target=excluded.target, rdev=excluded.rdev
+              version=excluded.version, parent=excluded.parent, target=excluded.target, rdev=excluded.rdev,
+              flags=excluded.flags
             """).execute(arguments: [i(a.ino), Int64(a.kind.rawValue), Int64(a.mode), Int64(a.uid), Int64(a.gid),
                                      Int64(a.nlink), Int64(a.size), a.atime.totalNanoseconds, a.mtime.totalNanoseconds,
-                                     a.ctime.totalNanoseconds, Int64(a.version), r.parent.map(i), r.target, Int64(a.rdev)])
+                                     a.ctime.totalNanoseconds, Int64(a.version), r.parent.map(i), r.target, Int64(a.rdev), Int64(a.flags)])
         written?.rows[a.ino] = .some(r)
     }
 

@@ -138,7 +138,13 @@ struct Daemon {
             { @Sendable inodes, timeout, progress in
                 n.replicator.waitUntilReplicated(inodes: inodes, timeout: timeout, progress: progress)
             }
-        }, handlers: Operate.handlers(fs: fs, node: node))
+        }, handlers: Operate.handlers(fs: fs, node: node) { [server] parent, name in
+            server.invalidateEntry(parent: parent.rawValue, name: name)
+            server.invalidateInode(parent.rawValue, pages: false)
+        }.merging(["gc": { words, send in
+            let r = try gc.collectNow(noGrace: words.dropFirst().first == "no-grace")
+            send(["blocks": r.blocks, "bytes": r.bytes])
+        }], uniquingKeysWith: { a, _ in a }))
         // /metrics: the FUSE operations and this mount's gauges, after a cluster node's own.
         let mountMetrics: @Sendable () -> String = { [dataDir] in
             OpMetrics.render() + Daemon.gauges(fs: fs, store: store, flat: flat, server: server, dataDir: dataDir)

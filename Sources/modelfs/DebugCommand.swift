@@ -14,7 +14,19 @@ final class LoadProgress: Sendable {
 struct DebugCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "debug", abstract: "Tools for benchmarks and tests.", shouldDisplay: false,
-        subcommands: [Load.self, Simulate.self])
+        subcommands: [Load.self, Simulate.self, GC.self])
+
+    /// One garbage-collection pass now on the mount holding PATH (tests: not waiting for the
+    /// next timed pass).
+    struct GC: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "gc", abstract: "Run a garbage-collection pass now.")
+        @Argument(help: "A path inside a modelfs mount.") var path: String
+        @Flag(help: "Blocks stored up to now are candidates too (only while nothing writes).") var noGrace = false
+        func run() throws {
+            let record = try mountRecord(containing: path)
+            try controlStream(record, noGrace ? "gc no-grace" : "gc") { print(String(decoding: $0, as: UTF8.self)) }
+        }
+    }
 
     /// Builds a large namespace straight through the metadata engine (not through FUSE): the
     /// scale benchmark's million files. The layout is a `torch.distributed.checkpoint` run's:

@@ -219,10 +219,34 @@ enum Operate {
     }
 
     /// The control socket's handlers for the operations above and `modelfs node`.
-    static func handlers(fs: FileSystem, node: ClusterNode?) -> [String: ControlHandler] {
+    /// `invalidate(parent, name)` drops the kernel's cached entry (and the parent's attributes)
+    /// after a snapshot is made or deleted behind its back.
+    static func handlers(fs: FileSystem, node: ClusterNode?, invalidate: @escaping @Sendable (InodeNumber, String) -> Void = { _, _ in })
+        -> [String: ControlHandler] {
         var h: [String: ControlHandler] = [
             "files": { words, send in send(try pathReport(fs: fs, node: node, Target(words))) },
             "ckpt": { words, send in send(try catalogue(fs: fs, node: node, Target(words))) },
+            // "snapshot DSTPARENT NAMEHEX INO PARENT PATH"
+            "snapshot": { words, send in
+                guard words.count >= 6, let dst = UInt64(words[1]), let name = hexName(words[2]) else {
+                    throw FSError.invalid("malformed request: expected snapshot DSTPARENT NAMEHEX INO PARENT PATH")
+                }
+                let t = try Target(Array(words[2...]))
+                let started = Date()
+                let out = try fs.snapshot(t.ino, into: InodeNumber(dst), name: name)
+                invalidate(InodeNumber(dst), name)
+                send(SnapshotReply(outcome: out, seconds: Date().timeIntervalSince(started)))
+            },
+            // "unsnapshot PARENT NAMEHEX"
+            "unsnapshot": { words, send in
+                guard words.count == 3, let parent = UInt64(words[1]), let name = hexName(words[2]) else {
+                    throw FSError.invalid("malformed request: expected unsnapshot PARENT NAMEHEX")
+                }
+                let started = Date()
+                let out = try fs.deleteSnapshot(parent: InodeNumber(parent), name: name)
+                invalidate(InodeNumber(parent), name)
+                send(SnapshotReply(outcome: out, seconds: Date().timeIntervalSince(started)))
+            },
             "warm": { words, send in try warm(fs: fs, node: node, Target(words), send: send) },
             "verify": { words, send in
                 send(try verify(fs: fs, node: node, Target(words)) { send($0) })
@@ -314,4 +338,23 @@ extension Operate {
         }
         return out
     }
+}
+
+struct SnapshotReply: Codable {
+    var outcome: FileSystem.SnapshotOutcome
+    var seconds: Double
+}
+
+/// A name sent as hex (names may hold spaces and any byte but "/" and NUL).
+func hexName(_ hex: Substring) -> String? {
+    guard hex.count % 2 == 0, !hex.isEmpty else { return nil }
+    var bytes: [UInt8] = []
+    var i = hex.startIndex
+    while i < hex.endIndex {
+        let j = hex.index(i, offsetBy: 2)
+        guard let b = UInt8(hex[i..<j], radix: 16) else { return nil }
+        bytes.append(b)
+        i = j
+    }
+    return RawName.string(bytes)
 }

@@ -288,6 +288,41 @@ func errno(of body: () throws -> Void) -> Int32? {
         #expect(errno { _ = try m.getxattr(a.ino, name: "user.var_1") } != nil)
     }
 
+    /// An immutable inode (a snapshot's) refuses every change with EPERM, as `chattr +i` does:
+    /// content, attributes, xattrs, links, and the entries of an immutable directory. Its flags
+    /// alone may change (thawing it), and the flag is stored like any attribute.
+    @Test(arguments: EngineKind.allCases) func immutableInodesRefuseEveryChange(_ kind: EngineKind) throws {
+        let (m, done) = try kind.make(); defer { done() }
+        let d = try m.create(parent: .root, name: "d", NewInode(kind: .directory, mode: 0o755, uid: 0, gid: 0, now: now))
+        let f = try m.create(parent: d.ino, name: "f", file())
+        try m.setxattr(f.ino, name: "user.k", value: Data("v".utf8), mode: .create)
+        let free = try m.create(parent: .root, name: "free", file())
+        for ino in [f.ino, d.ino] {
+            let a = try m.setattr(ino, AttributeChanges(flags: InodeAttributes.immutableFlag), now: now)
+            #expect(a.immutable)
+        }
+        #expect(try m.getattr(f.ino).immutable && m.lookup(parent: d.ino, name: "f").flags == InodeAttributes.immutableFlag)
+        let refused: [() throws -> Void] = [
+            { _ = try m.setattr(f.ino, AttributeChanges(mode: 0o600), now: now) },
+            { _ = try m.commit(f.ino, size: 1, manifest: .empty, mtime: now) },
+            { try m.setxattr(f.ino, name: "user.k2", value: Data(), mode: .any) },
+            { try m.removexattr(f.ino, name: "user.k") },
+            { _ = try m.create(parent: d.ino, name: "g", file()) },
+            { _ = try m.link(f.ino, parent: .root, name: "l", now: now) },
+            { _ = try m.unlink(parent: d.ino, name: "f", now: now) },
+            { _ = try m.rename(parent: d.ino, name: "f", newParent: .root, newName: "f2", flags: [], now: now) },
+            { _ = try m.rename(parent: .root, name: "free", newParent: d.ino, newName: "x", flags: [], now: now) },
+            { _ = try m.rename(parent: .root, name: "d", newParent: .root, newName: "d2", flags: [], now: now) },
+            { _ = try m.rmdir(parent: .root, name: "d", now: now) },
+        ]
+        for (i, change) in refused.enumerated() { #expect(errno(of: change) == EPERM, "change \(i)") }
+        #expect(try m.getattr(f.ino).mode == 0o644 && m.listxattr(f.ino) == ["user.k"] && m.getattr(free.ino).nlink == 1)
+        // Thawed, it changes again.
+        for ino in [d.ino, f.ino] { _ = try m.setattr(ino, AttributeChanges(flags: 0), now: now) }
+        _ = try m.unlink(parent: d.ino, name: "f", now: now)
+        _ = try m.rmdir(parent: .root, name: "d", now: now)
+    }
+
     @Test(arguments: EngineKind.allCases) func failedTransactionChangesNothing(_ kind: EngineKind) throws {
         let (m, done) = try kind.make(); defer { done() }
         let d = try m.create(parent: .root, name: "d", dir())

@@ -119,6 +119,39 @@ def test_checkpoint_metadata_is_seen_on_every_node(make_nodes):
     assert all(c["state"] == "replicated" and c["replicas"] == 2 and c["wanted"] == 2 for c in listed), listed
 
 
+def test_snapshot_is_read_only_on_every_node_and_outlives_its_source(make_nodes):
+    """`modelfs snapshot` on one node: the copy is seen whole on another, refused for writing
+    there too (the immutable flag is in the shared inode), adds no block on any node, and keeps
+    its blocks through a collection pass on both after the source is deleted."""
+    a, b = make_nodes(2, replicas=2, ack=1)
+    os.makedirs(a / "run")
+    files = {f"step-{i}.pt": payload(3 * MiB, 40 + i) for i in range(3)}
+    for name, body in files.items():
+        write_file(a / "run" / name, body)
+    assert a.sync(a / "run").returncode == 0
+    held = (a.blocks(), b.blocks())
+    r = subprocess.run([MODELFS_BIN, "snapshot", a / "run", a / "run@1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: os.path.isdir(b / "run@1") and sorted(os.listdir(b / "run@1")) == sorted(files), 20, interval=0.2,
+               what="the snapshot on the other node")
+    for name, body in files.items():
+        assert_bytes_equal(read_file(b / "run@1" / name), body, f"{name} of the snapshot read on the other node")
+    for change in (lambda: open(b / "run@1" / "step-0.pt", "r+b"), lambda: os.unlink(b / "run@1" / "step-1.pt"),
+                   lambda: write_file(b / "run@1" / "new.pt", b"x")):
+        try:
+            change()
+            raise AssertionError("a change to the snapshot was allowed on the other node")
+        except PermissionError as e:
+            assert e.errno == errno.EPERM
+    subprocess.run(["rm", "-rf", b / "run"], check=True)
+    for node in (a, b):
+        r = subprocess.run([MODELFS_BIN, "debug", "gc", "--no-grace", node.mp], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    assert (a.blocks(), b.blocks()) == held
+    for name, body in files.items():
+        assert_bytes_equal(read_file(a / "run@1" / name), body, f"{name} of the snapshot after the source went")
+
+
 def test_byte_names_made_on_one_node_are_seen_on_another(make_nodes):
     """Names that are not UTF-8 go through etcd's keys (in the escaped form RawName defines) and
     come out as the same bytes on the other node."""
