@@ -78,6 +78,8 @@ let package = Package(
             dependencies: [
                 "ModelFSFUSE", "ModelFS", "ModelFSPeer", "CModelFSSys", "ModelFSBuildInfo",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                // SHA-256 of whole files: `modelfs export` and `import` manifests.
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Yams", package: "Yams"),

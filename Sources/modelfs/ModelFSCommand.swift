@@ -22,7 +22,7 @@ struct ModelFSCommand: ParsableCommand {
             """,
         version: "modelfs \(BuildInfo.description)",
         subcommands: [MountCommand.self, UmountCommand.self, StatusCommand.self, SyncCommand.self, WarmCommand.self,
-                      VerifyCommand.self, PolicyCommand.self, CkptCommand.self, SnapshotCommand.self, NodeCommand.self, ConfigCommand.self, DebugCommand.self]
+                      VerifyCommand.self, PolicyCommand.self, CkptCommand.self, SnapshotCommand.self, ExportCommand.self, ImportCommand.self, NodeCommand.self, ConfigCommand.self, DebugCommand.self]
     )
 
     /// ArgumentParser's main, after the rewrites of `expandedArguments` (mount helper, --config).

@@ -118,3 +118,56 @@ def test_snapshot_refuses_bad_requests_with_one_line(mnt):
         r = cli("snapshot", *args, check=False)
         assert r.returncode != 0 and says in r.stderr, (args, r.stderr)
     assert sorted(os.listdir(mnt / "run")) == ["a.pt", "inner"]
+
+
+def test_export_and_import_are_bit_exact_and_verified(mnt, tmp_path):
+    """`modelfs export` writes a checkpoint out with a manifest of SHA-256s, modes, mtimes and
+    metadata; `modelfs import` brings it back bit-exact with its metadata; a damaged export is
+    refused and leaves nothing behind."""
+    ck = mnt / "run" / "checkpoint-500"
+    os.makedirs(ck / "sub")
+    files = {"model.safetensors": os.urandom(5 * MiB + 7), "config.json": b'{"n": 1}', "sub/opt.pt": os.urandom(300_000)}
+    for name, body in files.items():
+        write_file(ck / name, body)
+    os.symlink("model.safetensors", ck / "weights")
+    os.chmod(ck / "config.json", 0o600)
+    os.utime(ck / "config.json", (1_650_000_000, 1_650_000_000))
+    cli("ckpt", "tag", ck, "eval.accuracy=0.88")
+    cli("ckpt", "tag", ck / "model.safetensors", "dtype=bf16")
+    out = tmp_path / "export"
+    manifest = json.loads(cli("export", ck, out, "--json").stdout)
+    import hashlib
+    byname = {e["path"]: e for e in manifest["entries"]}
+    for name, body in files.items():
+        assert (out / name).read_bytes() == body
+        assert byname[name]["sha256"] == hashlib.sha256(body).hexdigest() and byname[name]["size"] == len(body)
+    assert byname["weights"]["kind"] == "symlink" and os.readlink(out / "weights") == "model.safetensors"
+    assert manifest["metadata"] == {"eval.accuracy": "0.88"} and byname["model.safetensors"]["metadata"] == {"dtype": "bf16"}
+    assert json.loads((out / "modelfs-manifest.json").read_text()) == manifest
+    assert os.stat(out / "config.json").st_mtime == 1_650_000_000 and stat.S_IMODE(os.stat(out / "config.json").st_mode) == 0o600
+    # Back in, somewhere else in the mount: the same bytes, metadata, mode and mtime.
+    back = mnt / "restored"
+    cli("import", out, back)
+    for name, body in files.items():
+        assert read_file(back / name) == body
+    assert os.getxattr(back, "user.modelfs.meta.eval.accuracy") == b"0.88"
+    assert os.getxattr(back / "model.safetensors", "user.modelfs.meta.dtype") == b"bf16"
+    assert os.stat(back / "config.json").st_mtime == 1_650_000_000 and os.readlink(back / "weights") == "model.safetensors"
+    # A TensorFlow prefix exports its own files.
+    os.makedirs(mnt / "tf")
+    for n in ("checkpoint", "ckpt-3.index", "ckpt-3.data-00000-of-00001", "ckpt-4.index"):
+        write_file(mnt / "tf" / n, n.encode())
+    m = json.loads(cli("export", mnt / "tf" / "ckpt-3", tmp_path / "tf3", "--json").stdout)
+    assert sorted(e["path"] for e in m["entries"]) == ["ckpt-3.data-00000-of-00001", "ckpt-3.index"]
+    # A damaged export: refused, nothing left in the mount; an existing target: refused.
+    with open(out / "sub" / "opt.pt", "r+b") as f:
+        f.seek(1000)
+        f.write(b"X")
+    r = cli("import", out, mnt / "damaged", check=False)
+    assert r.returncode == 1 and "differs from the manifest" in r.stderr, r.stderr
+    assert not any(n.startswith(".damaged") or n == "damaged" for n in os.listdir(mnt.mp))
+    for args, says in [(("export", ck, out), "exists"), (("import", out, back), "exists"),
+                       (("export", mnt / "nope", tmp_path / "x"), "No such file"),
+                       (("import", tmp_path / "nope", mnt / "x"), "No such file")]:
+        r = cli(*args, check=False)
+        assert r.returncode != 0 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
