@@ -62,8 +62,8 @@ enum TreeCopy {
 
     static func hex(_ d: SHA256.Digest) -> String { d.map { String(format: "%02x", $0) }.joined() }
 
-    /// Copies `from` to a new file `to` (fsynced), returning its size and the SHA-256 of the
-    /// bytes read.
+    /// Copies `from` to a new file `to` (fsynced, its pages then dropped from the page cache),
+    /// returning its size and the SHA-256 of the bytes read.
     static func copy(_ from: String, _ to: String) throws -> (size: UInt64, sha256: String) {
         let i = open(from, O_RDONLY | O_CLOEXEC)
         guard i >= 0 else { throw fail("\(from): \(String(cString: strerror(errno)))") }
@@ -91,6 +91,8 @@ enum TreeCopy {
             total += UInt64(n)
         }
         guard fsync(o) == 0 else { throw fail("\(to): \(String(cString: strerror(errno)))") }
+        // Synced pages can be dropped: the read-back that follows then reads the disk, not memory.
+        _ = posix_fadvise(o, 0, 0, POSIX_FADV_DONTNEED)
         return (total, hex(h.finalize()))
     }
 
