@@ -35,9 +35,37 @@ import Synchronization
 /// deletes sealed packs with nothing live. Every block carries the time it was last stored or
 /// found already stored by a writer; `removeIfStale` never removes a block touched at or after
 /// its cutoff.
+///
+/// Tiers (`tiers`, issue #31): the store may keep packs on several filesystems, fastest first
+/// (`--data` the first, each `--tier CLASS:DIR` another). Blocks are appended to the first tier
+/// whose filesystem has room (a full fast tier spills to the next; writers are not failed while
+/// any tier has room), and `move` rewrites blocks into another tier's active pack: the new
+/// records are fdatasynced before the index points at them and the old ones are dropped (so a
+/// block never has fewer copies than before), and a read that raced the move and found the old
+/// record punched reads the new one. Pack numbers are unique across tiers; the index is one.
 public final class PackBlockStore: BlockStore, @unchecked Sendable {
+    /// One filesystem of the store: `name` its media class, `root` its directory.
+    public struct Tier: Sendable, Equatable, Codable {
+        public var name: String
+        public var root: String
+        public init(name: String, root: String) { self.name = name; self.root = root }
+    }
+
+    /// What a tier holds (`modelfs status`).
+    public struct TierUsage: Sendable, Codable, Equatable {
+        public var name: String
+        public var root: String
+        public var blocks: Int
+        public var bytes: UInt64
+        /// Bytes free for blocks on its filesystem (what statvfs gives non-root users).
+        public var free: UInt64
+    }
+
     public let root: String
     let packsDir: String
+    /// Fastest first; `tiers[0]` is `root`.
+    public let tiers: [Tier]
+    let tierPacksDirs: [String]
     /// A new pack is started when the active one reaches this size.
     public let packLimit: UInt64
     private let logger: @Sendable (String) -> Void
@@ -61,6 +89,8 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     final class Pack: @unchecked Sendable {
         let number: UInt32
         let path: String
+        /// The tier whose directory holds it.
+        var tier = 0
         let fd: Int32
         var size: UInt64
         var liveBytes: UInt64 = 0
@@ -89,7 +119,10 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     private struct State {
         var index: [BlockID: Location] = [:]
         var packs: [UInt32: Pack] = [:]
-        var active: UInt32 = 0
+        /// The pack each tier appends to.
+        var actives: [UInt32] = []
+        /// The largest pack number in use, on any tier.
+        var lastNumber: UInt32 = 0
         var unsynced = Set<UInt32>()
         /// Packs whose directory entry may not be durable yet: created by this process, or found
         /// at start (a crash may have come before their entry was synced). `sync` fsyncs the
@@ -105,43 +138,67 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     /// Serialises appends to the active pack.
     private let appendLock = NSLock()
 
-    /// The packs directory, open for `syncfs` (opening it for each fsync cost two syscalls).
-    private let packsDirFD: Int32
+    /// Each tier's packs directory, open for `syncfs` (opening it for each fsync cost two syscalls).
+    private let packsDirFDs: [Int32]
 
     deinit {
         alignedHeaderPage.deallocate()
-        close(packsDirFD)
+        for fd in packsDirFDs { close(fd) }
     }
 
-    public init(root: String, packLimit: UInt64 = 256 << 20, logger: @escaping @Sendable (String) -> Void = { _ in }) throws {
+    /// `slower`: more tiers after `root`'s, fastest first (their directories are made if missing).
+    public init(root: String, slower: [Tier] = [], packLimit: UInt64 = 256 << 20, logger: @escaping @Sendable (String) -> Void = { _ in }) throws {
         self.root = root
         self.packLimit = packLimit
         self.logger = logger
-        packsDir = root + "/packs"
-        for dir in [root, packsDir] {
-            if mkdir(dir, 0o700) != 0 && errno != EEXIST { throw posixError("mkdir", dir) }
+        tiers = [Tier(name: "fast", root: root)] + slower
+        tierPacksDirs = tiers.map { $0.root + "/packs" }
+        packsDir = tierPacksDirs[0]
+        var fds: [Int32] = []
+        for (t, tier) in tiers.enumerated() {
+            for dir in [tier.root, tierPacksDirs[t]] {
+                if mkdir(dir, 0o700) != 0 && errno != EEXIST { throw posixError("mkdir", dir) }
+            }
+            let fd = open(tierPacksDirs[t], O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+            guard fd >= 0 else { throw posixError("open", tierPacksDirs[t]) }
+            fds.append(fd)
         }
-        packsDirFD = open(packsDir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard packsDirFD >= 0 else { throw posixError("open", packsDir) }
+        packsDirFDs = fds
         var s = State()
-        let names = ((try? FileManager.default.contentsOfDirectory(atPath: packsDir)) ?? [])
-            .filter { $0.hasSuffix(".pack") }.sorted()
-        for name in names {
-            guard let n = UInt32(name.dropLast(5)) else { continue }
-            let pack = try PackBlockStore.openPack(packsDir + "/" + name, number: n)
-            try scan(pack, isLast: name == names.last, into: &s)
-            s.packs[n] = pack
-            s.active = max(s.active, n)
+        var lasts: [UInt32?] = []
+        for t in tiers.indices {
+            let dir = tierPacksDirs[t]
+            let names = ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [])
+                .filter { $0.hasSuffix(".pack") }.sorted()
+            var last: UInt32?
+            for name in names {
+                guard let n = UInt32(name.dropLast(5)) else { continue }
+                if let other = s.packs[n] { throw FSError.io("pack \(name) is in two tiers: \(other.path) and \(dir)") }
+                let pack = try PackBlockStore.openPack(dir + "/" + name, number: n)
+                pack.tier = t
+                try scan(pack, isLast: name == names.last, into: &s)
+                s.packs[n] = pack
+                s.lastNumber = max(s.lastNumber, n)
+                last = max(last ?? 0, n)
+            }
+            lasts.append(last)
         }
-        if s.packs.isEmpty || s.packs[s.active]!.size >= packLimit {
-            s.active += 1
-            s.packs[s.active] = try PackBlockStore.openPack(packPath(s.active), number: s.active)
+        for t in tiers.indices {
+            if let n = lasts[t], s.packs[n]!.size < packLimit {
+                s.actives.append(n)
+            } else {
+                s.lastNumber += 1
+                let pack = try PackBlockStore.openPack(tierPacksDirs[t] + "/" + PackBlockStore.packName(s.lastNumber), number: s.lastNumber)
+                pack.tier = t
+                s.packs[s.lastNumber] = pack
+                s.actives.append(s.lastNumber)
+            }
         }
         s.newEntries = Set(s.packs.keys)
         state.withLock { $0 = s }
     }
 
-    func packPath(_ n: UInt32) -> String { packsDir + "/" + String(format: "%08u", n) + ".pack" }
+    static func packName(_ n: UInt32) -> String { String(format: "%08u", n) + ".pack" }
 
     static func openPack(_ path: String, number: UInt32) throws -> Pack {
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
@@ -238,9 +295,9 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         if touchIfStored(id) { return false }
         appendLock.lock(); defer { appendLock.unlock() }
         if contains(id) { return false }  // stored by another writer meanwhile
-        try checkHeadroom(for: bytes.count)
-        let end = try appendLocked(id, bytes)
-        if end >= packLimit { try rollActivePack() }
+        let tier = try tierWithRoom(for: bytes.count)
+        let end = try appendLocked(id, bytes, tier: tier)
+        if end >= packLimit { try rollActivePack(tier) }
         return true
     }
 
@@ -274,9 +331,9 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         if touchIfStored(id) { return false }
         appendLock.lock(); defer { appendLock.unlock() }
         if contains(id) { return false }
-        let pack = state.withLock { s in s.packs[s.active]! }
+        let tier = try tierWithRoom(for: padded + PackBlockStore.page)
+        let pack = state.withLock { s in s.packs[s.actives[tier]]! }
         guard let direct = pack.direct else { return nil }
-        try checkHeadroom(for: padded + PackBlockStore.page)
         // The padding after the block goes to disk: zeros, not whatever the buffer held.
         if padded > length { memset(buffer.pointer + length, 0, padded - length) }
         let offset = PackBlockStore.pageUp(pack.size)
@@ -293,7 +350,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         let end = offset + UInt64(PackBlockStore.page + padded)
         appended(id, to: pack, at: Location(pack: pack.number, offset: offset + UInt64(PackBlockStore.page),
                                            length: UInt32(length), touched: .now(), aligned: true), end: end)
-        if end >= packLimit { try rollActivePack() }
+        if end >= packLimit { try rollActivePack(tier) }
         return true
     }
 
@@ -311,16 +368,20 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
 
     /// Blocks leave some space free on the data dir's filesystem, so that the metadata database can
     /// still commit deletes and truncates when writers have filled the disk: 2% of the
-    /// filesystem, between 4 and 64 MiB.
-    private func checkHeadroom(for count: Int) throws {
-        let fd = state.withLock { $0.packs[$0.active]!.fd }
-        var v = statvfs()
-        guard fstatvfs(fd, &v) == 0 else { return }
-        let unit = UInt64(v.f_frsize)
-        let reserve = min(64 << 20, max(4 << 20, UInt64(v.f_blocks) * unit / 50))
-        if UInt64(v.f_bavail) * unit < UInt64(count + PackBlockStore.headerSize) + reserve {
-            throw FSError.noSpace("block store \(root): disk full (keeping \(reserve >> 20) MiB free for metadata)")
+    /// filesystem, between 4 and 64 MiB. The first tier (fastest first) with that much room
+    /// past `count` bytes takes the block; ENOSPC when none has.
+    private func tierWithRoom(for count: Int) throws -> Int {
+        let fds = state.withLock { s in s.actives.map { s.packs[$0]!.fd } }
+        var reserve: UInt64 = 0
+        for (t, fd) in fds.enumerated() {
+            var v = statvfs()
+            guard fstatvfs(fd, &v) == 0 else { return t }
+            let unit = UInt64(v.f_frsize)
+            reserve = min(64 << 20, max(4 << 20, UInt64(v.f_blocks) * unit / 50))
+            if UInt64(v.f_bavail) * unit >= UInt64(count + PackBlockStore.headerSize) + reserve { return t }
         }
+        throw FSError.noSpace("block store \(root): disk full (keeping \(reserve >> 20) MiB free for metadata)"
+                              + (tiers.count > 1 ? " on every tier" : ""))
     }
 
     private func writeAll(_ pack: Pack, _ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws {
@@ -336,11 +397,12 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         }
     }
 
-    /// Starts a new active pack (called with the append lock held).
-    private func rollActivePack() throws {
-        let next = state.withLock { $0.active + 1 }
-        let pack = try PackBlockStore.openPack(packPath(next), number: next)
-        state.withLock { s in s.packs[next] = pack; s.active = next; s.newEntries.insert(next) }
+    /// Starts a new active pack on `tier` (called with the append lock held).
+    private func rollActivePack(_ tier: Int) throws {
+        let next = state.withLock { $0.lastNumber + 1 }
+        let pack = try PackBlockStore.openPack(tierPacksDirs[tier] + "/" + PackBlockStore.packName(next), number: next)
+        pack.tier = tier
+        state.withLock { s in s.packs[next] = pack; s.lastNumber = next; s.actives[tier] = next; s.newEntries.insert(next) }
     }
 
     public func read(_ id: BlockID) throws -> BlockBuffer { try read(id, verify: true) }
@@ -390,7 +452,15 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             logger("missing block \(id.hex): not in any pack under \(packsDir)")
             throw FSError.io("block \(id.hex) is missing from \(root)")
         }
-        return try load(id, loc, pack, verify: verify)
+        do {
+            return try load(id, loc, pack, verify: verify, quiet: true)
+        } catch {
+            // Moved to another tier meanwhile (its old record may be punched already): read it there.
+            if let (now, p) = locate(id, touching: false), now.pack != loc.pack || now.offset != loc.offset {
+                return try load(id, now, p, verify: verify)
+            }
+            return try load(id, loc, pack, verify: verify)
+        }
     }
 
     /// Whether the record at `loc` is read with O_DIRECT: aligned, on a filesystem that has it,
@@ -400,7 +470,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     }
 
     /// Reads the block recorded at `loc` in `pack` into a new buffer (verified if asked).
-    private func load(_ id: BlockID, _ loc: Location, _ pack: Pack, verify: Bool) throws -> BlockBuffer {
+    private func load(_ id: BlockID, _ loc: Location, _ pack: Pack, verify: Bool, quiet: Bool = false) throws -> BlockBuffer {
         let buffer = BlockBuffer(count: Int(loc.length))
         var done = 0
         // An aligned record is read directly into the block's buffer, padding included (no copy
@@ -422,6 +492,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             done += r
         }
         guard done == buffer.count, !verify || buffer.withUnsafeBytes({ BlockID.hash($0) }) == id else {
+            if quiet { throw FSError.io("block \(id.hex) is corrupt") }
             logger("corrupt block \(id.hex) in \(pack.path) at offset \(loc.offset): its content does not match its name")
             throw FSError.io("block \(id.hex) is corrupt")
         }
@@ -438,16 +509,17 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     }
 
     public func sync(_ ids: [BlockID]) throws {
-        let (packs, entries) = state.withLock { s -> ([Pack], Set<UInt32>) in
+        let (packs, entries, dirs) = state.withLock { s -> ([Pack], Set<UInt32>, Set<Int>) in
             let wanted = Set(ids.compactMap { s.index[$0]?.pack })
-            return (s.unsynced.intersection(wanted).compactMap { s.packs[$0] }, s.newEntries.intersection(wanted))
+            let entries = s.newEntries.intersection(wanted)
+            return (s.unsynced.intersection(wanted).compactMap { s.packs[$0] }, entries, Set(entries.compactMap { s.packs[$0]?.tier }))
         }
         for p in packs {
             guard fdatasync(p.fd) == 0 else { throw posixError("fdatasync", p.path) }
         }
         // A new pack's directory entry must be durable too (once: an fsync of the directory per
         // fsync of a small file was a third flush of the disk for nothing).
-        if !entries.isEmpty { try fsyncDirectory(packsDir) }
+        for t in dirs.sorted() { try fsyncDirectory(tierPacksDirs[t]) }
         state.withLock { s in
             for p in packs { s.unsynced.remove(p.number) }
             s.newEntries.subtract(entries)
@@ -455,7 +527,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     }
 
     public func syncFilesystem() throws {
-        guard modelfs_syncfs(packsDirFD) == 0 else { throw posixError("syncfs", packsDir) }
+        for (t, fd) in packsDirFDs.enumerated() where modelfs_syncfs(fd) != 0 { throw posixError("syncfs", tierPacksDirs[t]) }
         state.withLock { $0.unsynced.removeAll(); $0.newEntries.removeAll() }
     }
 
@@ -580,7 +652,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     public func reclaim() throws -> UInt64 {
         let (dead, packs, empty) = state.withLock { s -> ([Location], [UInt32: Pack], [Pack]) in
             defer { s.dead.removeAll() }
-            let e = s.packs.values.filter { $0.number != s.active && $0.liveBytes == 0 }
+            let e = s.packs.values.filter { !s.actives.contains($0.number) && $0.liveBytes == 0 }
             for p in e { s.packs[p.number] = nil; s.unsynced.remove(p.number); s.newEntries.remove(p.number) }
             return (s.dead, s.packs, e)
         }
@@ -620,8 +692,8 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     /// append truncates the pack back, so a pack is always a sequence of whole records.
     /// Returns the pack's new size.
     @discardableResult
-    private func appendLocked(_ id: BlockID, _ bytes: UnsafeRawBufferPointer) throws -> UInt64 {
-        let pack = state.withLock { s in s.packs[s.active]! }
+    private func appendLocked(_ id: BlockID, _ bytes: UnsafeRawBufferPointer, tier: Int) throws -> UInt64 {
+        let pack = state.withLock { s in s.packs[s.actives[tier]]! }
         let offset = pack.size
         do {
             try PackBlockStore.recordHeader(PackBlockStore.magic, length: bytes.count, id: id)
@@ -649,6 +721,104 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             s.usage.bytes += UInt64(loc.length)
             s.usage.bytesWritten += UInt64(loc.length)
         }
+    }
+
+    // MARK: tiers
+
+    /// The tier holding block `id`, nil if it is not here.
+    public func tier(of id: BlockID) -> Int? {
+        state.withLock { s in s.index[id].flatMap { s.packs[$0.pack]?.tier } }
+    }
+
+    /// Blocks, bytes and free space per tier, fastest first.
+    public func tierUsage() -> [TierUsage] {
+        var out = tiers.map { TierUsage(name: $0.name, root: $0.root, blocks: 0, bytes: 0, free: 0) }
+        state.withLock { s in
+            for l in s.index.values {
+                guard let t = s.packs[l.pack]?.tier else { continue }
+                out[t].blocks += 1
+                out[t].bytes += UInt64(l.length)
+            }
+        }
+        for t in out.indices {
+            var v = statvfs()
+            if statvfs(tierPacksDirs[t], &v) == 0 { out[t].free = UInt64(v.f_bavail) * UInt64(v.f_frsize) }
+        }
+        return out
+    }
+
+    /// Rewrites blocks into `tier` (those already there, or gone, are skipped): each is read and
+    /// verified, appended to the tier's active pack; the packs written are fdatasynced; then the
+    /// index points at the new records and the old ones are dropped and punched (`reclaim`).
+    /// A block that garbage collection removed meanwhile has its new record dropped instead.
+    /// Stops at the first failure to read or to write (a full tier: ENOSPC) with what moved
+    /// so far kept. Returns the blocks and bytes moved.
+    @discardableResult
+    public func move(_ ids: [BlockID], to tier: Int) throws -> (blocks: Int, bytes: UInt64) {
+        precondition(tiers.indices.contains(tier))
+        var moved: [(id: BlockID, old: Location, new: Location)] = []
+        var failure: (any Error)?
+        for id in ids {
+            guard let (old, oldPack) = locate(id, touching: false), oldPack.tier != tier else { continue }
+            do {
+                let buffer = try load(id, old, oldPack, verify: true)
+                appendLock.lock()
+                defer { appendLock.unlock() }
+                // Room on the target itself: a move never spills elsewhere.
+                var v = statvfs()
+                let fd = state.withLock { s in s.packs[s.actives[tier]]!.fd }
+                if fstatvfs(fd, &v) == 0 {
+                    let unit = UInt64(v.f_frsize), reserve = min(64 << 20, max(4 << 20, UInt64(v.f_blocks) * unit / 50))
+                    if UInt64(v.f_bavail) * unit < UInt64(old.length) + UInt64(PackBlockStore.headerSize) + reserve {
+                        throw FSError.noSpace("tier \(tiers[tier].name) (\(tiers[tier].root)) is full")
+                    }
+                }
+                let pack = state.withLock { s in s.packs[s.actives[tier]]! }
+                let offset = pack.size
+                let header = PackBlockStore.recordHeader(PackBlockStore.magic, length: Int(old.length), id: id)
+                do {
+                    try header.withUnsafeBytes { try writeAll(pack, $0, at: offset) }
+                    try buffer.withUnsafeBytes { try writeAll(pack, UnsafeRawBufferPointer(rebasing: $0[0..<Int(old.length)]), at: offset + UInt64(PackBlockStore.headerSize)) }
+                } catch {
+                    _ = ftruncate(pack.fd, off_t(offset))
+                    throw error
+                }
+                let end = offset + UInt64(PackBlockStore.headerSize) + UInt64(old.length)
+                let new = Location(pack: pack.number, offset: offset + UInt64(PackBlockStore.headerSize), length: old.length, touched: old.touched)
+                state.withLock { s in pack.size = end; s.unsynced.insert(pack.number) }
+                moved.append((id, old, new))
+                if end >= packLimit { try rollActivePack(tier) }
+            } catch {
+                failure = error
+                break
+            }
+        }
+        // The new copies are durable before the old ones go.
+        let written = state.withLock { s in Set(moved.map(\.new.pack)).compactMap { s.packs[$0] } }
+        for p in written where fdatasync(p.fd) != 0 { throw posixError("fdatasync", p.path) }
+        let dirs = Set(written.map(\.tier))
+        for t in dirs.sorted() { try fsyncDirectory(tierPacksDirs[t]) }
+        var bytes: UInt64 = 0
+        state.withLock { s in
+            for m in moved {
+                let newPack = s.packs[m.new.pack]
+                if let cur = s.index[m.id], cur.pack == m.old.pack, cur.offset == m.old.offset {
+                    var l = m.new
+                    l.touched = cur.touched
+                    s.index[m.id] = l
+                    newPack?.liveBytes += UInt64(l.length)
+                    if let op = s.packs[m.old.pack] { op.liveBytes -= min(op.liveBytes, UInt64(l.length)); op.deadBytes += UInt64(l.length) }
+                    s.dead.append(m.old)
+                    bytes += UInt64(l.length)
+                } else {
+                    newPack?.deadBytes += UInt64(m.new.length)
+                    s.dead.append(m.new)
+                }
+            }
+        }
+        try reclaim()
+        if let failure, moved.isEmpty { throw failure }
+        return (moved.count, bytes)
     }
 
     /// Where a block's bytes are (for tests that corrupt them on purpose).

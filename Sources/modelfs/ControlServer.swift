@@ -2,6 +2,7 @@ import Foundation
 import ModelFS
 import ModelFSCore
 import ModelFSPeer
+import ModelFSStore
 
 /// What `modelfs status` shows for one mount (single node). `--json` prints this structure.
 struct MountStatus: Codable {
@@ -41,6 +42,9 @@ struct MountStatus: Codable {
     var gc: GarbageCollector.Stats?
     /// Reads through FUSE passthrough: on, or why not (absent from an older daemon).
     var passthrough: PassthroughStatus?
+    /// Storage tiers, fastest first (absent with one): blocks, bytes and free space on each.
+    var tiers: [PackBlockStore.TierUsage]?
+    var tiering: Tiering.Stats?
 }
 
 struct PassthroughStatus: Codable, Sendable {

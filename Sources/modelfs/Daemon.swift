@@ -23,6 +23,9 @@ struct Daemon {
     let passthrough: Passthrough
     /// The flat copies' byte budget.
     let flatBudget: UInt64
+    /// Slower tiers for blocks after the data dir, and the age at which blocks move down.
+    let tiers: [PackBlockStore.Tier]
+    let tierAge: Double
     /// Where /metrics is served besides a cluster node's peer port (--metrics-listen), and the
     /// read-only token it asks for.
     let metricsListen: String?
@@ -30,7 +33,9 @@ struct Daemon {
 
     init(mountpoint: String, dataDir: String, meta: String, fuseOptions: [String], readyFD: Int32?, cluster: ClusterOptions?,
          passthrough: Passthrough = .off("not asked for"), flatBudget: UInt64 = 10 << 30,
-         metricsListen: String? = nil, metricsToken: String? = nil) {
+         metricsListen: String? = nil, metricsToken: String? = nil, tiers: [PackBlockStore.Tier] = [], tierAge: Double = 86400) {
+        self.tiers = tiers
+        self.tierAge = tierAge
         self.metricsListen = metricsListen
         self.metricsToken = metricsToken
         self.mountpoint = mountpoint; self.dataDir = dataDir; self.meta = meta
@@ -65,7 +70,7 @@ struct Daemon {
 
         let staging = dataDir + "/staging"
         if mkdir(staging, 0o700) != 0 && errno != EEXIST { throw posixError("mkdir", staging) }
-        let store = try PackBlockStore(root: dataDir) { Log.error($0) }
+        let store = try PackBlockStore(root: dataDir, slower: tiers) { Log.error($0) }
         let node: ClusterNode?
         let engine: any MetadataEngine
         if let cluster {
@@ -124,10 +129,17 @@ struct Daemon {
         let server = FuseServer(fs: fs, dataDir: dataDir, entryTimeout: timeout, attrTimeout: timeout,
                                 negativeTimeout: node == nil ? timeout : 0, writebackCache: mountOptions.writebackCache,
                                 alwaysReaddirPlus: node != nil)
+        // Tiers: blocks move between them by rule and age (Tiering), a pass every tenth of the age
+        // (between 1 s and 10 min).
+        let tiering = tiers.isEmpty ? nil : Tiering(fs: fs, store: store, age: tierAge, interval: min(600, max(1, tierAge / 10)))
         let control = ControlServer(path: record.socket, status: { [dataDir, meta, mountpoint] in
             var s = try Daemon.status(fs: fs, store: store, mountpoint: mountpoint, dataDir: dataDir, meta: meta)
             s.cluster = node?.status()
             s.gc = gc.stats
+            if let tiering {
+                s.tiers = store.tierUsage()
+                s.tiering = tiering.stats
+            }
             let p = server.passthroughStatus
             var why: String?
             if case .off(let w) = passthrough { why = w } else if !p.offered { why = "the kernel does not offer it (Linux 6.9+ built with FUSE passthrough)" } else { why = p.off }
@@ -144,6 +156,9 @@ struct Daemon {
         }.merging(["gc": { words, send in
             let r = try gc.collectNow(noGrace: words.dropFirst().first == "no-grace")
             send(["blocks": r.blocks, "bytes": r.bytes])
+        }, "tier": { _, send in
+            guard let tiering else { throw FSError.invalid("this mount has one tier (no --tier)") }
+            send(try tiering.passNow())
         }], uniquingKeysWith: { a, _ in a }))
         // /metrics: the FUSE operations and this mount's gauges, after a cluster node's own.
         let mountMetrics: @Sendable () -> String = { [dataDir] in
@@ -192,7 +207,12 @@ struct Daemon {
                 try Registry.save(record)
             } catch { Log.error("cannot announce the mount: \(error)") }
             gc.start()
+            tiering?.start()
             Log.info("mounted \(mp)")
+            if let tiering {
+                Log.info("tiers: " + store.tiers.map { "\($0.name) \($0.root)" }.joined(separator: ", ")
+                         + "; blocks of files unwritten for \(Int(tiering.age)) s move to \(store.tiers.last!.name)")
+            }
             if let flat {
                 // The mount answered, so the kernel's INIT (and whether it agreed) is behind us.
                 let p = server.passthroughStatus
@@ -210,6 +230,7 @@ struct Daemon {
         }
         SystemdNotify.send("STOPPING=1\nSTATUS=unmounted \(mountpoint); finishing")
         metricsServer?.shutdown()
+        tiering?.stop()
         gc.stop(idle: node == nil)
         node?.stop()
         try? engine.sync()

@@ -14,7 +14,17 @@ final class LoadProgress: Sendable {
 struct DebugCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "debug", abstract: "Tools for benchmarks and tests.", shouldDisplay: false,
-        subcommands: [Load.self, Simulate.self, GC.self])
+        subcommands: [Load.self, Simulate.self, GC.self, Tier.self])
+
+    /// One tiering pass now on the mount holding PATH (tests: not waiting for the next one).
+    struct Tier: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "tier", abstract: "Run a tiering pass now.")
+        @Argument(help: "A path inside a modelfs mount.") var path: String
+        func run() throws {
+            let record = try mountRecord(containing: path)
+            try controlStream(record, "tier") { print(String(decoding: $0, as: UTF8.self)) }
+        }
+    }
 
     /// One garbage-collection pass now on the mount holding PATH (tests: not waiting for the
     /// next timed pass).

@@ -22,6 +22,12 @@ struct MountCommand: ParsableCommand {
     @Option(help: "Data directory: blocks, metadata and log (default: ~/.local/share/modelfs).")
     var data: String?
 
+    @Option(help: "A slower storage tier for blocks, CLASS:DIR (e.g. hdd:/big); repeat for more, fastest first. The data dir is the fast tier: new blocks land there while it has room (then on the next tier), and older checkpoints' blocks move down (--tier-age, `modelfs policy tier`).")
+    var tier: [String] = []
+
+    @Option(help: "With --tier: seconds after a file's last write before its blocks move to the slowest tier (directories with rule auto).")
+    var tierAge: Double = 86400
+
     @Option(help: "Metadata engine: sqlite:PATH (default sqlite:DATA/meta.db), memory:, or etcd://HOST:PORT,...[/NAME] for a cluster node.")
     var meta: String?
 
@@ -75,7 +81,8 @@ struct MountCommand: ParsableCommand {
                 try Daemon(mountpoint: mp, dataDir: dataDir, meta: metaURL, fuseOptions: o, readyFD: readyFd,
                            cluster: metaURL.hasPrefix("etcd://") ? cluster : nil,
                            passthrough: passthroughChoice, flatBudget: flatBudget(dataDir),
-                           metricsListen: metricsListen, metricsToken: metricsToken).run()
+                           metricsListen: metricsListen, metricsToken: metricsToken,
+                           tiers: try parsedTiers(), tierAge: tierAge).run()
             } catch let e as FSError {
                 report(e.message)
                 throw fail(e.message)
@@ -83,6 +90,20 @@ struct MountCommand: ParsableCommand {
             return
         }
         try spawnDaemon(mountpoint: mp, dataDir: dataDir, meta: metaURL)
+    }
+
+    /// `--tier CLASS:DIR` as tiers, directories made canonical.
+    func parsedTiers() throws -> [PackBlockStore.Tier] {
+        try tier.map { spec in
+            guard let colon = spec.firstIndex(of: ":"), colon != spec.startIndex, spec.index(after: colon) != spec.endIndex else {
+                throw fail("--tier \(spec): expected CLASS:DIR (e.g. hdd:/big)")
+            }
+            let name = String(spec[..<colon])
+            guard name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "_") }) else {
+                throw fail("--tier \(spec): a class is letters, digits, - and _")
+            }
+            return PackBlockStore.Tier(name: name, root: canonicalPath(String(spec[spec.index(after: colon)...])))
+        }
     }
 
     /// Whether to pass through, and if not why: on unless --no-passthrough or -o writeback_cache
@@ -169,6 +190,26 @@ struct MountCommand: ParsableCommand {
             return "/dev/fuse is missing or not accessible; install FUSE with: sudo apt-get install fuse3 (and load the module: modprobe fuse)"
         }
         if dataDir == mp || dataDir.hasPrefix(mp + "/") { return "the data dir \(dataDir) cannot be inside the mountpoint" }
+        var seen: [String: String] = ["fast": dataDir]
+        for spec in tier {
+            guard let colon = spec.firstIndex(of: ":"), colon != spec.startIndex, spec.index(after: colon) != spec.endIndex else {
+                return "--tier \(spec): expected CLASS:DIR (e.g. hdd:/big)"
+            }
+            let name = String(spec[..<colon]), dir = canonicalPath(String(spec[spec.index(after: colon)...]))
+            if !name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "_") }) {
+                return "--tier \(spec): a class is letters, digits, - and _"
+            }
+            if let other = seen[name] { return "--tier \(spec): class \(name) is already \(other)" }
+            if seen.values.contains(where: { $0 == dir || dir.hasPrefix($0 + "/") || $0.hasPrefix(dir + "/") }) {
+                return "--tier \(spec): \(dir) overlaps another tier or the data dir"
+            }
+            if dir == mp || dir.hasPrefix(mp + "/") { return "--tier \(spec): \(dir) cannot be inside the mountpoint" }
+            var d = stat()
+            if stat(dir, &d) != 0 || d.st_mode & S_IFMT != S_IFDIR { return "--tier \(spec): \(dir) is not a directory; create it (on the slower disk) first" }
+            if access(dir, W_OK) != 0 { return "--tier \(spec): \(dir) is not writable" }
+            seen[name] = dir
+        }
+        if tierAge < 0 { return "--tier-age must be 0 or more seconds" }
         return nil
     }
 
@@ -233,6 +274,8 @@ struct MountCommand: ParsableCommand {
         if let flatSize { args += ["--flat-size", flatSize] }
         args += ["--log-level", logLevel, "--log-max-size", logMaxSize, "--log-keep", String(logKeep)]
         if let metricsListen { args += ["--metrics-listen", metricsListen] }
+        for t in try parsedTiers() { args += ["--tier", "\(t.name):\(t.root)"] }
+        if !tier.isEmpty { args += ["--tier-age", String(tierAge)] }
         if let metricsTokenFile { args += ["--metrics-token-file", metricsTokenFile] }
         if meta.hasPrefix("etcd://") { args += cluster.arguments }
         let logPath = dataDir + "/modelfs.log"

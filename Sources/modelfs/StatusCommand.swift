@@ -96,6 +96,10 @@ struct StatusCommand: ParsableCommand {
                 ("block cache", "\(humanBytes(UInt64(s.cacheBytes))), \(s.cacheHits) hits, \(s.cacheMisses) misses"),
             ]
             for (k, v) in rows { print("  " + k.padding(toLength: 16, withPad: " ", startingAt: 0) + v) }
+            for t in s.tiers ?? [] {
+                print("  tier \(t.name)".padding(toLength: 18, withPad: " ", startingAt: 0)
+                      + "\(humanBytes(t.bytes)) in \(t.blocks) blocks, \(humanBytes(t.free)) free (\(t.root))")
+            }
             if let p = s.passthrough {
                 print("  passthrough     " + (p.on ? "on, \(p.opens) opens passed through" : "off: \(p.off ?? "unknown")"))
                 if p.on || p.flat.copies > 0 {

@@ -1,6 +1,7 @@
 import ArgumentParser
 import CModelFSSys
 import Foundation
+import ModelFS
 import ModelFSCore
 import ModelFSPeer
 
@@ -102,8 +103,41 @@ struct SyncCommand: ParsableCommand {
 struct PolicyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "policy",
-        abstract: "Show or set a directory's replication policy (inherited by everything below it).",
-        subcommands: [Get.self, Set.self])
+        abstract: "Show or set a directory's replication policy or storage tier rule (inherited by everything below it).",
+        subcommands: [Get.self, Set.self, TierRule.self])
+
+    struct TierRule: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "tier",
+            abstract: "Set (or show) a directory's storage tier rule: fast, slow or auto (mounts with --tier).",
+            discussion: "fast keeps its files' blocks on the data dir's disk; slow moves them to the slowest --tier at the next pass; auto (the default) moves them once a file has not been written for --tier-age. Stored as the xattr user.modelfs.tier.")
+        @Argument(help: "A directory inside a modelfs mount.") var path: String
+        @Argument(help: "fast, slow or auto; none to show the rule that applies.") var rule: String?
+
+        func run() throws {
+            let record = try mountRecord(containing: path)
+            let p = canonicalPath(path)
+            var st = stat()
+            guard stat(p, &st) == 0 else { throw fail("\(p): \(String(cString: strerror(errno)))") }
+            guard st.st_mode & S_IFMT == S_IFDIR else { throw fail("\(p) is not a directory: tier rules are set on directories") }
+            guard let rule else {
+                var dir = p
+                while true {
+                    var buf = [UInt8](repeating: 0, count: 64)
+                    let n = getxattr(dir, Tiering.xattr, &buf, buf.count)
+                    if n > 0 { print("\(String(decoding: buf[0..<n], as: UTF8.self))  (from \(dir))"); return }
+                    if dir == record.mountpoint || dir == "/" { break }
+                    dir = (dir as NSString).deletingLastPathComponent
+                }
+                print("auto  (the default)")
+                return
+            }
+            guard Tiering.Rule(rawValue: rule) != nil else { throw fail("tier rule \(rule): use fast, slow or auto") }
+            let r = rule.withCString { setxattr(p, Tiering.xattr, $0, strlen($0), 0) }
+            if r != 0 { throw fail("cannot set the tier rule on \(p): \(String(cString: strerror(errno)))") }
+            print("modelfs: \(p) and everything below it: tier \(rule)")
+        }
+    }
 
     struct Get: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "The policy that applies to PATH, and where it comes from.")
