@@ -255,7 +255,9 @@ struct MountCommand: ParsableCommand {
         var vfs = statvfs()
         if statvfs(dir, &vfs) == 0 {
             let free = UInt64(vfs.f_bavail) * UInt64(vfs.f_frsize)
-            if free < 16 << 20 {
+            // With slower tiers a full fast tier is normal: blocks stop at the space they keep
+            // free for the metadata (PackBlockStore.tierWithRoom), and the next ones go on.
+            if free < (tier.isEmpty ? 16 << 20 : 1 << 20) {
                 return "data dir \(dir) is on a full disk (\(humanBytes(free)) free); free some space or choose another with --data"
             }
         }
