@@ -64,6 +64,23 @@ SAVES = {
                 mgr.save(step, args=ocp.args.StandardSave({"w": np.full((128,), step, np.float32)}))
             mgr.wait_until_finished()
     """,
+    "joblib": """
+        import joblib, numpy as np
+        joblib.dump({"w": np.ones(1000)}, d / "obj.joblib")
+    """,
+    "spark": """
+        from pyspark.sql import SparkSession
+        from pyspark.ml.classification import LogisticRegression
+        from pyspark.ml.linalg import Vectors
+        spark = (SparkSession.builder.master("local[1]").appName("modelfs-catalogue")
+                 .config("spark.ui.enabled", "false").config("spark.driver.host", "127.0.0.1")
+                 .config("spark.driver.bindAddress", "127.0.0.1").getOrCreate())
+        try:
+            df = spark.createDataFrame([(float(i % 2), Vectors.dense([float(i), 1.0])) for i in range(20)], ["label", "features"])
+            LogisticRegression(maxIter=5).fit(df).save(str(d / "spark" / "lr"))
+        finally:
+            spark.stop()
+    """,
     "h5py": """
         import h5py, numpy as np
         with h5py.File(d / "data.h5", "w") as f:
@@ -80,6 +97,8 @@ EXPECTED = {   # path below the mount -> (framework, step)
     "keras/model.keras": ("keras", None), "keras/final.weights.h5": ("keras-weights", None),
     "orbax/1": ("orbax", 1), "orbax/2": ("orbax", 2),
     "data.h5": ("hdf5", None),
+    "obj.joblib": ("joblib", None),
+    "spark/lr": ("spark", None),
 }
 
 

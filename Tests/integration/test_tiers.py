@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mfs import MODELFS_BIN, MiB, read_file, write_file
+from mfs import MODELFS_BIN, MiB, read_file, wait_until, write_file
 
 
 @pytest.fixture
@@ -81,6 +81,22 @@ def test_placement_demotion_promotion_and_spill(tier_disks, mount_factory):
     os.utime(m / "old" / "copy.safetensors", (time.time() - 2 * 86400,) * 2)
     cli("debug", "tier", m.mp)
     assert tiers(m)["fast"]["bytes"] == len(new)
+    # Reads bring a slow file's bytes up: a flat copy on the data dir (the fast tier) serves the
+    # next opens (passthrough; files within the flat-copy budget).
+    if m.status()["passthrough"]["on"]:
+        small = os.urandom(6 * MiB)
+        os.makedirs(m / "cold")
+        write_file(m / "cold" / "s.bin", small)
+        cli("policy", "tier", m / "cold", "slow")
+        cli("debug", "tier", m.mp)
+        before = m.status()["passthrough"]["flat"]
+        assert read_file(m / "cold" / "s.bin") == small
+
+        def built():
+            return m.status()["passthrough"]["flat"]["built"] > before["built"]
+        wait_until(built, 30, interval=0.1, what="a flat copy of the slow file")
+        assert read_file(m / "cold" / "s.bin") == small
+        assert m.status()["passthrough"]["flat"]["hits"] > before["hits"]
     # A full fast tier: the writer is not failed, the rest lands on the slow tier.
     big = os.urandom(150 * MiB)
     write_file(m / "new" / "big.bin", big)
