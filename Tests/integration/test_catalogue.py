@@ -173,6 +173,10 @@ def test_tag_find_show_and_metadata_that_moves_with_the_file(mnt):
     assert find("--where", "dataset=wiki", "--min", "eval.accuracy") == (0, ["run/step-1.pt"])
     assert find("--where", "step>=2", "--latest") == (0, ["run/step-3.pt"])
     assert find("--where", "eval.accuracy>0.99")[0] == 1
+    # `cp -a` copies it (as xattrs), with the blocks shared.
+    subprocess.run(["cp", "-a", d / "run" / "step-3.pt", d / "run" / "step-3-copy.pt"], check=True)
+    assert os.getxattr(d / "run" / "step-3-copy.pt", "user.modelfs.meta.dataset") == b"books"
+    os.unlink(d / "run" / "step-3-copy.pt")
     # Metadata stays with the file through a rename; --delete removes a key.
     os.rename(d / "run" / "step-2.pt", d / "run" / "step-20.pt")
     assert find("--where", "eval.accuracy>=0.93") == (0, ["run/step-20.pt"])

@@ -152,6 +152,29 @@ def test_snapshot_is_read_only_on_every_node_and_outlives_its_source(make_nodes)
         assert_bytes_equal(read_file(a / "run@1" / name), body, f"{name} of the snapshot after the source went")
 
 
+def test_tiers_on_a_cluster_node(make_nodes, tmp_path):
+    """A cluster node with a slow tier: its replicas move there by the directory's rule, read
+    back bit-exact, and `modelfs verify` re-hashes them there like any replica."""
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (a,) = make_nodes(1, replicas=2, ack=1, extra=["--tier", f"hdd:{slow}", "--tier-age", "3600"])
+    (b,) = make_nodes(1, replicas=2, ack=1)
+    os.makedirs(a / "archive")
+    body = payload(12 * MiB, 77)
+    write_file(a / "archive" / "old.safetensors", body)
+    assert a.sync(a / "archive").returncode == 0
+    r = subprocess.run([MODELFS_BIN, "policy", "tier", a / "archive", "slow"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(subprocess.run([MODELFS_BIN, "debug", "tier", a.mp], capture_output=True, text=True, timeout=120,
+                                    check=True).stdout)
+    assert out["demotedBytes"] >= len(body), out
+    tiers = {t["name"]: t for t in a.status()["tiers"]}
+    assert tiers["hdd"]["bytes"] >= len(body) and pack_blocks(slow / "packs") >= b.blocks() - a.blocks()
+    assert_bytes_equal(read_file(a / "archive" / "old.safetensors"), body, "the file read on the node whose copy went down a tier")
+    r = subprocess.run([MODELFS_BIN, "verify", a / "archive"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_byte_names_made_on_one_node_are_seen_on_another(make_nodes):
     """Names that are not UTF-8 go through etcd's keys (in the escaped form RawName defines) and
     come out as the same bytes on the other node."""
