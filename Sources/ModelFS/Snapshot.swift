@@ -18,7 +18,7 @@ extension FileSystem {
     }
 
     /// Files per metadata transaction (`createFiles`: on etcd, four operations each of the 128 a
-    /// transaction may hold).
+    /// transaction may hold); twice as many inodes per `setattrs` (one write each).
     static let snapshotBatch = 25
 
     /// Copies the tree at `src` to a new entry `name` of `parent`, then makes every inode of the
@@ -98,9 +98,13 @@ extension FileSystem {
                 }
             }
         }
-        // Children before their directories: a directory's times are set after its last entry.
-        for (ino, a) in made.reversed() {
-            _ = try meta.setattr(ino, AttributeChanges(atime: a.atime, mtime: a.mtime, flags: a.flags | InodeAttributes.immutableFlag), now: .now())
+        // Children before their directories (a directory's times are set after its last entry),
+        // `snapshotBatch * 2` inodes a transaction.
+        let frozen = made.reversed().map { m in
+            (ino: m.ino, changes: AttributeChanges(atime: m.from.atime, mtime: m.from.mtime, flags: m.from.flags | InodeAttributes.immutableFlag))
+        }
+        for start in stride(from: 0, to: frozen.count, by: Self.snapshotBatch * 2) {
+            try meta.setattrs(Array(frozen[start..<min(start + Self.snapshotBatch * 2, frozen.count)]), now: .now())
         }
         changed()
         return out

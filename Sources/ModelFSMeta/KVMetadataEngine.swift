@@ -266,20 +266,28 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
     }
 
     public func setattr(_ ino: InodeNumber, _ changes: AttributeChanges, now: Timestamp) throws -> InodeAttributes {
+        try store.write { tx in try apply(tx, ino, changes, now: now) }
+    }
+
+    public func setattrs(_ changes: [(ino: InodeNumber, changes: AttributeChanges)], now: Timestamp) throws {
         try store.write { tx in
-            var r = try require(tx, ino)
-            // Flags alone may change on an immutable inode (that is how a snapshot is thawed).
-            if changes != AttributeChanges(flags: changes.flags) { try mutable(r) }
-            if let f = changes.flags { r.attrs.flags = f }
-            if let m = changes.mode { r.attrs.mode = m & 0o7777 }
-            if let u = changes.uid { r.attrs.uid = u }
-            if let g = changes.gid { r.attrs.gid = g }
-            if let a = changes.atime { r.attrs.atime = a }
-            if let m = changes.mtime { r.attrs.mtime = m }
-            r.attrs.ctime = now
-            try tx.putInode(r)
-            return r.attrs
+            for c in changes { _ = try apply(tx, c.ino, c.changes, now: now) }
         }
+    }
+
+    private func apply(_ tx: any MetadataTransaction, _ ino: InodeNumber, _ changes: AttributeChanges, now: Timestamp) throws -> InodeAttributes {
+        var r = try require(tx, ino)
+        // Flags alone may change on an immutable inode (that is how a snapshot is thawed).
+        if changes != AttributeChanges(flags: changes.flags) { try mutable(r) }
+        if let f = changes.flags { r.attrs.flags = f }
+        if let m = changes.mode { r.attrs.mode = m & 0o7777 }
+        if let u = changes.uid { r.attrs.uid = u }
+        if let g = changes.gid { r.attrs.gid = g }
+        if let a = changes.atime { r.attrs.atime = a }
+        if let m = changes.mtime { r.attrs.mtime = m }
+        r.attrs.ctime = now
+        try tx.putInode(r)
+        return r.attrs
     }
 
     public func readdir(_ dir: InodeNumber, after cookie: UInt64, limit: Int) throws -> [DirectoryEntry] {

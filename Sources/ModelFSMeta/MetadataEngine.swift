@@ -85,6 +85,9 @@ public protocol MetadataEngine: AnyObject, Sendable {
     func rename(parent: InodeNumber, name: String, newParent: InodeNumber, newName: String,
                 flags: RenameFlags, now: Timestamp, isOpen: (InodeNumber) -> Bool) throws -> RemovedLink?
     func setattr(_ ino: InodeNumber, _ changes: AttributeChanges, now: Timestamp) throws -> InodeAttributes
+    /// `setattr` of several inodes in one transaction, all or none (`modelfs snapshot` setting
+    /// the times and flag of a new tree: on etcd one round trip per batch, not per inode).
+    func setattrs(_ changes: [(ino: InodeNumber, changes: AttributeChanges)], now: Timestamp) throws
     /// Entries with a cookie greater than `after`, in cookie order ("." and ".." not included).
     func readdir(_ dir: InodeNumber, after cookie: UInt64, limit: Int) throws -> [DirectoryEntry]
     /// `readdir` with each entry's attributes (nil for one removed meanwhile), read in batches:

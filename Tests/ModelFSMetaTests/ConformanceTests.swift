@@ -317,6 +317,11 @@ func errno(of body: () throws -> Void) -> Int32? {
         ]
         for (i, change) in refused.enumerated() { #expect(errno(of: change) == EPERM, "change \(i)") }
         #expect(try m.getattr(f.ino).mode == 0o644 && m.listxattr(f.ino) == ["user.k"] && m.getattr(free.ino).nlink == 1)
+        // setattrs is all or none: the change refused on f undoes the one on free.
+        #expect(errno { try m.setattrs([(free.ino, AttributeChanges(mode: 0o600)), (f.ino, AttributeChanges(mode: 0o600))], now: now) } == EPERM)
+        #expect(try m.getattr(free.ino).mode == 0o644)
+        try m.setattrs([(free.ino, AttributeChanges(mode: 0o600)), (f.ino, AttributeChanges(flags: InodeAttributes.immutableFlag))], now: now)
+        #expect(try m.getattr(free.ino).mode == 0o600)
         // Thawed, it changes again.
         for ino in [d.ino, f.ino] { _ = try m.setattr(ino, AttributeChanges(flags: 0), now: now) }
         _ = try m.unlink(parent: d.ino, name: "f", now: now)

@@ -117,7 +117,10 @@ def test_a_host_cut_off_from_its_peers_keeps_writing_then_replicates(lab, work):
     assert r.returncode == 0, f"sync after the peers came back: {r.stdout}{r.stderr}"
     for name, data in files.items():
         assert_bytes_equal(read_file(lab.host(3) / work / name), data, f"{name} on h3")
-        assert least_copies(h1 / work / name) >= 3, name
+        # sync returned: every job confirmed its R copies. The census behind the xattr counts
+        # only nodes that answer it, and one asked just after the cut heals may not (CI saw 2
+        # once): it must show all three within a few seconds.
+        wait_until(lambda: least_copies(h1 / work / name) >= 3, 15, interval=0.5, what=f"a census to count 3 copies of {name}")
 
 
 def test_k2_close_fails_after_the_ack_timeout_and_keeps_the_data(lab, work):
