@@ -195,6 +195,9 @@ def test_a_drain_yields_to_a_busy_node_then_finishes(make_nodes):
     assert victim.blocks() & held
     assert yielded(nodes) == 0
     with BusyWriter(victim) as w:
+        # The drain starts once the node counts as busy: started before, it can finish at full
+        # speed while the writer's thread is still getting going (a CI run under load did).
+        wait_until(lambda: victim.cluster_status()["healYield"]["busy"], 30, interval=0.1, what="the writer to make the node busy")
         drain = subprocess.Popen([MODELFS_BIN, "node", "drain", victim.node_id, "--mount", str(a.mp), "--timeout", "120"],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
