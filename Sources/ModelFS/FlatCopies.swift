@@ -1,5 +1,6 @@
 import Foundation
 import ModelFSCore
+import ModelFSStore
 import Synchronization
 
 /// Plain files holding exactly one version's bytes [0, size), for FUSE passthrough: the kernel
@@ -158,12 +159,11 @@ public final class FlatCopies: Sendable {
         // Room first: the build may push the copies over the budget only by what no one can drop.
         evict(reserving: size)
         // And room on the disk: a copy never takes the space the block store keeps free for the
-        // metadata (2% of the filesystem, 4 to 64 MiB; a full fast tier is normal with --tier).
+        // metadata (a full fast tier is normal with --tier).
         var v = statvfs()
         if statvfs(directory, &v) == 0 {
-            let unit = UInt64(v.f_frsize), reserve = min(64 << 20, max(4 << 20, UInt64(v.f_blocks) * unit / 50))
-            if UInt64(v.f_bavail) * unit < size + reserve {
-                _ = Log.every("flat-no-room", 300, .info, "flat copies: not made while the data dir's disk has \(UInt64(v.f_bavail) * unit >> 20) MiB free (reads go through the daemon)")
+            if PackBlockStore.freeBytes(v) < size + PackBlockStore.metadataReserve(v) {
+                _ = Log.every("flat-no-room", 300, .info, "flat copies: not made while the data dir's disk has \(PackBlockStore.freeBytes(v) >> 20) MiB free (reads go through the daemon)")
                 return
             }
         }

@@ -376,13 +376,21 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         for (t, fd) in fds.enumerated() {
             var v = statvfs()
             guard fstatvfs(fd, &v) == 0 else { return t }
-            let unit = UInt64(v.f_frsize)
-            reserve = min(64 << 20, max(4 << 20, UInt64(v.f_blocks) * unit / 50))
-            if UInt64(v.f_bavail) * unit >= UInt64(count + PackBlockStore.headerSize) + reserve { return t }
+            reserve = Self.metadataReserve(v)
+            if Self.freeBytes(v) >= UInt64(count + PackBlockStore.headerSize) + reserve { return t }
         }
         throw FSError.noSpace("block store \(root): disk full (keeping \(reserve >> 20) MiB free for metadata)"
                               + (tiers.count > 1 ? " on every tier" : ""))
     }
+
+    /// The space blocks (and flat copies) leave free on a filesystem for the metadata: 2 % of
+    /// it, between 4 and 64 MiB.
+    public static func metadataReserve(_ v: statvfs) -> UInt64 {
+        min(64 << 20, max(4 << 20, UInt64(v.f_blocks) * UInt64(v.f_frsize) / 50))
+    }
+
+    /// Bytes an unprivileged writer may still use on the filesystem.
+    public static func freeBytes(_ v: statvfs) -> UInt64 { UInt64(v.f_bavail) * UInt64(v.f_frsize) }
 
     private func writeAll(_ pack: Pack, _ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws {
         var done = 0
@@ -742,7 +750,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         }
         for t in out.indices {
             var v = statvfs()
-            if statvfs(tierPacksDirs[t], &v) == 0 { out[t].free = UInt64(v.f_bavail) * UInt64(v.f_frsize) }
+            if statvfs(tierPacksDirs[t], &v) == 0 { out[t].free = Self.freeBytes(v) }
         }
         return out
     }
@@ -768,8 +776,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
                 var v = statvfs()
                 let fd = state.withLock { s in s.packs[s.actives[tier]]!.fd }
                 if fstatvfs(fd, &v) == 0 {
-                    let unit = UInt64(v.f_frsize), reserve = min(64 << 20, max(4 << 20, UInt64(v.f_blocks) * unit / 50))
-                    if UInt64(v.f_bavail) * unit < UInt64(old.length) + UInt64(PackBlockStore.headerSize) + reserve {
+                    if Self.freeBytes(v) < UInt64(old.length) + UInt64(PackBlockStore.headerSize) + Self.metadataReserve(v) {
                         throw FSError.noSpace("tier \(tiers[tier].name) (\(tiers[tier].root)) is full")
                     }
                 }

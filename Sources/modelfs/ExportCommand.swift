@@ -62,42 +62,9 @@ enum TreeCopy {
 
     static func hex(_ d: SHA256.Digest) -> String { d.map { String(format: "%02x", $0) }.joined() }
 
-    /// Copies `from` to a new file `to` (fsynced, its pages then dropped from the page cache),
-    /// returning its size and the SHA-256 of the bytes read.
-    static func copy(_ from: String, _ to: String) throws -> (size: UInt64, sha256: String) {
-        let i = open(from, O_RDONLY | O_CLOEXEC)
-        guard i >= 0 else { throw fail("\(from): \(String(cString: strerror(errno)))") }
-        defer { close(i) }
-        let o = open(to, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
-        guard o >= 0 else { throw fail("\(to): \(String(cString: strerror(errno)))") }
-        defer { close(o) }
-        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
-        defer { buf.deallocate() }
-        var h = SHA256()
-        var total: UInt64 = 0
-        while true {
-            let n = read(i, buf.baseAddress, bufferSize)
-            if n < 0 && errno == EINTR { continue }
-            guard n >= 0 else { throw fail("\(from): \(String(cString: strerror(errno)))") }
-            if n == 0 { break }
-            h.update(bufferPointer: UnsafeRawBufferPointer(rebasing: buf[0..<n]))
-            var at = 0
-            while at < n {
-                let w = write(o, buf.baseAddress! + at, n - at)
-                if w < 0 && errno == EINTR { continue }
-                guard w > 0 else { throw fail("\(to): \(String(cString: strerror(errno)))") }
-                at += w
-            }
-            total += UInt64(n)
-        }
-        guard fsync(o) == 0 else { throw fail("\(to): \(String(cString: strerror(errno)))") }
-        // Synced pages can be dropped: the read-back that follows then reads the disk, not memory.
-        _ = posix_fadvise(o, 0, 0, POSIX_FADV_DONTNEED)
-        return (total, hex(h.finalize()))
-    }
-
-    /// The SHA-256 of a file as read now.
-    static func hash(_ path: String) throws -> (size: UInt64, sha256: String) {
+    /// Reads `path` to its end in `bufferSize` pieces, handing each to `each`; returns the size
+    /// and the SHA-256 of the bytes read.
+    static func stream(_ path: String, _ each: (UnsafeRawBufferPointer) throws -> Void = { _ in }) throws -> (size: UInt64, sha256: String) {
         let i = open(path, O_RDONLY | O_CLOEXEC)
         guard i >= 0 else { throw fail("\(path): \(String(cString: strerror(errno)))") }
         defer { close(i) }
@@ -110,11 +77,37 @@ enum TreeCopy {
             if n < 0 && errno == EINTR { continue }
             guard n >= 0 else { throw fail("\(path): \(String(cString: strerror(errno)))") }
             if n == 0 { break }
-            h.update(bufferPointer: UnsafeRawBufferPointer(rebasing: buf[0..<n]))
+            let piece = UnsafeRawBufferPointer(rebasing: buf[0..<n])
+            h.update(bufferPointer: piece)
+            try each(piece)
             total += UInt64(n)
         }
         return (total, hex(h.finalize()))
     }
+
+    /// Copies `from` to a new file `to` (fsynced, its pages then dropped from the page cache),
+    /// returning its size and the SHA-256 of the bytes read.
+    static func copy(_ from: String, _ to: String) throws -> (size: UInt64, sha256: String) {
+        let o = open(to, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard o >= 0 else { throw fail("\(to): \(String(cString: strerror(errno)))") }
+        defer { close(o) }
+        let result = try stream(from) { piece in
+            var at = 0
+            while at < piece.count {
+                let w = write(o, piece.baseAddress! + at, piece.count - at)
+                if w < 0 && errno == EINTR { continue }
+                guard w > 0 else { throw fail("\(to): \(String(cString: strerror(errno)))") }
+                at += w
+            }
+        }
+        guard fsync(o) == 0 else { throw fail("\(to): \(String(cString: strerror(errno)))") }
+        // Synced pages can be dropped: the read-back that follows then reads the disk, not memory.
+        _ = posix_fadvise(o, 0, 0, POSIX_FADV_DONTNEED)
+        return result
+    }
+
+    /// The SHA-256 of a file as read now.
+    static func hash(_ path: String) throws -> (size: UInt64, sha256: String) { try stream(path) }
 
     static func setTimes(_ path: String, mtime: Double) {
         let ts = timespec(tv_sec: Int(mtime.rounded(.down)), tv_nsec: Int((mtime - mtime.rounded(.down)) * 1e9))
