@@ -39,6 +39,8 @@ import Synchronization
 public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendable {
     public let client: EtcdClient
     let prefix: Data
+    /// Every key this store reads or writes (`EtcdKeys`).
+    public let keys: EtcdKeys
     let clientID: String
     private let inodeRange = Mutex<(next: UInt64, end: UInt64)>((0, 0))
     private let slots = Mutex<(free: [Int], count: Int)>(([], 0))
@@ -58,10 +60,11 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
     /// `name` selects the cluster's key prefix (`/modelfs/NAME/`), so one etcd can hold several.
     public init(endpoints: [String], name: String, clientID: String = UUID().uuidString, security: EtcdSecurity = .none) throws {
         client = try EtcdClient(endpoints: endpoints, security: security)
-        prefix = Data("/modelfs/\(name)/".utf8)
+        keys = EtcdKeys(cluster: name)
+        prefix = keys.root
         self.clientID = clientID
         do {
-            _ = try client.range(key("n/next_ino"))
+            _ = try client.range(keys.nextInode)
             try seedCounters()
         } catch {
             client.shutdown()
@@ -76,11 +79,7 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
 
     deinit { flushTimer?.cancel(); client.shutdown() }
 
-    func key(_ s: String) -> Data { prefix + Data(s.utf8) }
-    public static func hex(_ ino: InodeNumber) -> String {
-        let s = String(ino.rawValue, radix: 16)
-        return String(repeating: "0", count: 16 - s.count) + s
-    }
+    public static func hex(_ ino: InodeNumber) -> String { EtcdKeys.hex(ino) }
 
     public func read<T>(_ body: (any MetadataTransaction) throws -> T) throws -> T {
         for _ in 0..<Self.maxAttempts {
@@ -99,7 +98,7 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
 
             let slot = takeSlot()
             defer { releaseSlot(slot) }
-            let markerKey = key("t/\(clientID)/\(slot)")
+            let markerKey = keys.marker(of: clientID, slot: slot)
             let marker = Data(UUID().uuidString.utf8)
             var ops: [EtcdOp] = tx.writes.map { k, v in v.map { .put(k, $0) } ?? .delete(k) }
             ops += tx.deletedPrefixes.map { .delete($0, rangeEnd: EtcdClient.prefixEnd($0)) }
@@ -148,7 +147,7 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
                 defer { range.next += 1 }
                 return InodeNumber(range.next)
             }
-            let counter = key("n/next_ino")
+            let counter = keys.nextInode
             for _ in 0..<Self.maxAttempts {
                 let r = try client.range(counter)
                 let current = r.kvs.first.flatMap { UInt64(String(decoding: $0.value, as: UTF8.self)) } ?? 2
@@ -179,7 +178,7 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
     public func close() {
         flushTimer?.cancel()
         flusher.sync { flushCounters() }
-        try? client.delete(key("t/\(clientID)/"), rangeEnd: EtcdClient.prefixEnd(key("t/\(clientID)/")))
+        try? client.delete(keys.markers(of: clientID), rangeEnd: EtcdClient.prefixEnd(keys.markers(of: clientID)))
     }
 
     // MARK: Counters (statfs and status without a scan)
@@ -187,7 +186,7 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
     /// What a committed transaction changed in the counters: the inode records it wrote or
     /// deleted, each against the record it read (a record it did not read is a new inode).
     private func count(_ tx: EtcdTransaction) {
-        let prefix = key("i/")
+        let prefix = keys.inodes
         var d = StatsDelta()
         for (k, v) in tx.writes where k.starts(with: prefix) {
             let ino = InodeNumber(UInt64(String(decoding: k.dropFirst(prefix.count), as: UTF8.self), radix: 16) ?? 0)
@@ -199,7 +198,7 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
         if !d.isZero { unflushed.withLock { $0 += d } }
     }
 
-    var statsKey: Data { key("n/stats/\(clientID)") }
+    var statsKey: Data { keys.stats(of: clientID) }
 
     /// Adds the unflushed changes to this client's counters key (only this client writes it).
     func flushCounters() {
@@ -239,7 +238,7 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
         }
         if sums == nil {
             var read: [Data: StatsDelta] = [:]
-            for kv in try client.rangeAll(prefix: key("n/stats/")).kvs {
+            for kv in try client.rangeAll(prefix: keys.stats).kvs {
                 if let d = try? JSONDecoder().decode(StatsDelta.self, from: kv.value) { read[kv.key] = d }
             }
             countersSeen.withLock { $0 = (now, read) }
@@ -257,19 +256,19 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
     /// first client that starts (`n/stats/_base`, created only if no counters key exists yet).
     /// A new namespace has nothing to count.
     private func seedCounters() throws {
-        let prefix = key("n/stats/")
+        let prefix = keys.stats
         var o = EtcdClient.RangeOptions()
         o.limit = 1
         o.keysOnly = true
         guard try client.range(prefix, rangeEnd: EtcdClient.prefixEnd(prefix), o).kvs.isEmpty else { return }
         var base = StatsDelta()
-        let inodes = key("i/")
+        let inodes = keys.inodes
         let r = try client.rangeAll(prefix: inodes)
         for kv in r.kvs {
             let ino = InodeNumber(UInt64(String(decoding: kv.key.dropFirst(inodes.count), as: UTF8.self), radix: 16) ?? 0)
             base.add(try? EtcdTransaction.decodeInode(kv.value, ino), 1)
         }
-        let baseKey = key("n/stats/_base")
+        let baseKey = keys.statsBase
         _ = try client.txn(compare: [.modRevision(prefix, rangeEnd: EtcdClient.prefixEnd(prefix), "LESS", r.revision + 1)],
                            success: [.put(baseKey, try JSONEncoder().encode(base))], idempotent: true)
         if !r.kvs.isEmpty { Log.info("metadata (etcd): counted \(r.kvs.count) inodes once, for statfs and status") }
@@ -371,7 +370,7 @@ final class EtcdTransaction: MetadataTransaction {
     /// among the keys read, so a node taking it before this commit lands makes the commit
     /// conflict, run again, and be refused here.
     func checkFence(_ ino: InodeNumber, _ fence: CommitFence, version: UInt64) throws {
-        let lock = try getKV(store.key("w/\(EtcdTransactionalStore.hex(ino))"))
+        let lock = try getKV(store.keys.writer(ino))
         if let lock, lock.createRevision == fence.epoch { return }
         if lock == nil && version == fence.baseVersion { return }
         let why = lock == nil
@@ -397,11 +396,11 @@ final class EtcdTransaction: MetadataTransaction {
     }
     func delete(_ key: Data) { writes[key] = .some(nil) }
 
-    private func inodeKey(_ ino: InodeNumber) -> Data { store.key("i/\(EtcdTransactionalStore.hex(ino))") }
-    private func manifestKey(_ ino: InodeNumber) -> Data { store.key("m/\(EtcdTransactionalStore.hex(ino))") }
-    private func orphanKey(_ ino: InodeNumber) -> Data { store.key("o/\(EtcdTransactionalStore.hex(ino))") }
-    private func entryPrefix(_ dir: InodeNumber) -> Data { store.key("e/\(EtcdTransactionalStore.hex(dir))/") }
-    private func xattrPrefix(_ ino: InodeNumber) -> Data { store.key("x/\(EtcdTransactionalStore.hex(ino))/") }
+    private func inodeKey(_ ino: InodeNumber) -> Data { store.keys.inode(ino) }
+    private func manifestKey(_ ino: InodeNumber) -> Data { store.keys.manifest(ino) }
+    private func orphanKey(_ ino: InodeNumber) -> Data { store.keys.orphan(ino) }
+    private func entryPrefix(_ dir: InodeNumber) -> Data { store.keys.entries(of: dir) }
+    private func xattrPrefix(_ ino: InodeNumber) -> Data { store.keys.xattrs(of: ino) }
 
     static func decodeInode(_ data: Data, _ ino: InodeNumber) throws -> InodeRecord {
         do { return try JSONDecoder().decode(EtcdInode.self, from: data).record(ino) } catch {
@@ -539,7 +538,7 @@ final class EtcdTransaction: MetadataTransaction {
 
     /// Every inode record at one revision: a full scan, for tests that check the counters.
     func allInodes() throws -> [InodeRecord] {
-        let prefix = store.key("i/")
+        let prefix = store.keys.inodes
         let r = try client.rangeAll(prefix: prefix, revision: revision)
         note(r)
         return try r.kvs.map { kv in
@@ -550,7 +549,7 @@ final class EtcdTransaction: MetadataTransaction {
 
     /// This client's orphans, from the orphan index (`o/`): another node's are still open there.
     func orphans() throws -> [InodeNumber] {
-        let prefix = store.key("o/")
+        let prefix = store.keys.orphans
         let r = try client.rangeAll(prefix: prefix, revision: revision)
         note(r)
         return r.kvs.filter { $0.value == Data(store.clientID.utf8) }
@@ -593,7 +592,7 @@ final class EtcdTransaction: MetadataTransaction {
     }
 
     func manifests(after: InodeNumber, limit: Int) throws -> [(InodeNumber, Data)] {
-        let prefix = store.key("m/")
+        let prefix = store.keys.manifests
         var o = EtcdClient.RangeOptions()
         o.limit = Int64(limit)
         o.revision = revision

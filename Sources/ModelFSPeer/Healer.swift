@@ -58,6 +58,10 @@ public struct HealStatus: Codable, Sendable, Equatable {
     /// Down nodes within --dead-after: repairs wait for them to come back or be declared dead.
     public var waitingFor: [String] = []
     public var lastError: String?
+    /// Why the last pass ran ("the cluster changed", "periodic", …).
+    public var lastReason: String?
+    /// When (seconds since 1970) the healer passes again if the cluster does not change.
+    public var nextPassAt: Double = 0
 
     public init() {}
 
@@ -88,6 +92,8 @@ public struct HealStatus: Codable, Sendable, Equatable {
         draining = try v(.draining, [:])
         waitingFor = try v(.waitingFor, [])
         lastError = try c.decodeIfPresent(String.self, forKey: .lastError)
+        lastReason = try c.decodeIfPresent(String.self, forKey: .lastReason)
+        nextPassAt = try v(.nextPassAt, 0)
     }
 }
 
@@ -142,12 +148,18 @@ public final class Healer: @unchecked Sendable {
     /// Files a second the walk reads at most (0: no limit).
     let scanRate: UInt64
     /// What the cluster looked like at the last pass; whether that pass left work to check.
-    private let lastPass = Mutex<(situation: Situation?, leftWork: Bool, at: Date)>((nil, true, .distantPast))
+    private let lastPass = Mutex(LastPass())
     private let asked = Mutex(false)
-    private let stopped = Mutex(false)
-    private let wake = DispatchSemaphore(value: 0)
-    private let done = DispatchSemaphore(value: 0)
-    private var started = false
+    private let loop = BackgroundLoop("modelfs-healer")
+
+    /// What the next pass depends on: the situation the last one saw, whether it made copies or
+    /// drops (the next one checks them), how many passes in a row ended with errors only.
+    struct LastPass {
+        var situation: Situation?
+        var leftWork = true
+        var failures = 0
+        var at = Date.distantPast
+    }
 
     public init(fs: FileSystem, replicator: Replicator, membership: Membership, client: PeerClient, local: PackBlockStore,
                 etcd: EtcdClient, cluster: String, interval: Double, deadAfter: Double, rate: UInt64 = 0, width: Int = 8,
@@ -160,8 +172,9 @@ public final class Healer: @unchecked Sendable {
         self.client = client
         self.local = local
         self.etcd = etcd
-        leaderKey = Data("/modelfs/\(cluster)/n/healer".utf8)
-        statusKey = Data("/modelfs/\(cluster)/n/heal".utf8)
+        let keys = EtcdKeys(cluster: cluster)
+        leaderKey = keys.healer
+        statusKey = keys.healStatus
         self.interval = interval
         self.deadAfter = deadAfter
         self.width = width
@@ -179,22 +192,19 @@ public final class Healer: @unchecked Sendable {
     }
 
     public func start() {
-        started = true
-        let t = Thread { [weak self] in self?.run() }
-        t.name = "modelfs-healer"
-        t.start()
+        loop.start { [weak self] in
+            guard let self else { return 0 }
+            self.round()
+            return self.interval
+        }
     }
 
-    public func stop() {
-        stopped.withLock { $0 = true }
-        wake.signal()
-        if started { _ = done.wait(timeout: .now() + 15) }
-    }
+    public func stop() { loop.stop(timeout: 15) }
 
     /// Starts a pass now (if this node is the healer).
     public func poke() {
         asked.withLock { $0 = true }
-        wake.signal()
+        loop.poke()
     }
 
     /// What a pass depends on besides the namespace: which nodes are live, down and waited for,
@@ -212,40 +222,60 @@ public final class Healer: @unchecked Sendable {
     }
 
     /// Why a pass should run now, or nil: nothing changed since the last one, which was clean.
-    func reasonForPass() -> String? {
-        let now = situation()
+    func reasonForPass(at now: Date = Date()) -> String? {
+        let current = situation()
         let wasAsked = asked.withLock { a in defer { a = false }; return a }
         return lastPass.withLock { last in
             if wasAsked { return "asked" }
             guard let seen = last.situation else { return "first pass" }
-            if seen != now { return "the cluster changed" }
-            if last.leftWork { return "checking the last pass" }
-            if Date().timeIntervalSince(last.at) >= fullEvery { return "periodic" }
-            return nil
+            if seen != current { return "the cluster changed" }
+            return now >= Self.nextPass(after: last, interval: interval, fullEvery: fullEvery) ? Self.why(last) : nil
         }
     }
 
-    private func run() {
-        defer { done.signal() }
-        while !stopped.withLock({ $0 }) {
-            if !isLeader() {
-                lastPass.withLock { $0.situation = nil }   // should this node become the healer, it starts with a pass
-            } else if let reason = reasonForPass() {
-                let seen = situation()
-                do {
-                    let plan = try pass()
-                    let leftWork = plan.copiedBytes > 0 || plan.dropped > 0 || plan.moves > 0 || !plan.errors.isEmpty
-                    lastPass.withLock { $0 = (seen, leftWork, Date()) }
-                    let s = localStatus
-                    Log.info("healer: a pass (\(reason)) read \(s.files) files in \(String(format: "%.1f", s.lastPassSeconds)) s: \(plan.short) blocks short, \(plan.copiedBytes) bytes copied, \(plan.dropped) copies dropped\(plan.errors.first.map { "; \($0)" } ?? "")")
-                } catch {
-                    lastPass.withLock { $0 = (seen, true, Date()) }
-                    state.withLock { $0.lastError = "\(error)"; $0.running = false }
-                    publish()
-                }
-            }
-            if wake.wait(timeout: .now() + interval) == .success, stopped.withLock({ $0 }) { break }
+    /// When a pass runs with the situation unchanged: an interval after one that copied or
+    /// dropped (to check its work); after one that only failed, an interval doubled per failure
+    /// in a row, up to 10 minutes (a block no holder can send, a node that does not answer `has`:
+    /// each retry walks the whole namespace, so a lasting error must not cost an idle cluster a
+    /// walk every interval); otherwise `fullEvery` after the last.
+    static func nextPass(after last: LastPass, interval: Double, fullEvery: Double) -> Date {
+        if last.leftWork { return last.at.addingTimeInterval(interval) }
+        if last.failures > 0 {
+            let backoff = interval * pow(2, Double(min(last.failures - 1, 20)))
+            return last.at.addingTimeInterval(min(backoff, max(interval, min(600, fullEvery))))
         }
+        return last.at.addingTimeInterval(fullEvery)
+    }
+
+    static func why(_ last: LastPass) -> String {
+        last.leftWork ? "checking the last pass" : last.failures > 0 ? "retrying after \(last.failures) failed passes" : "periodic"
+    }
+
+    /// One turn of the loop: keep (or take) the healer key; pass if there is a reason.
+    private func round() {
+        guard isLeader() else {
+            lastPass.withLock { $0.situation = nil }   // should this node become the healer, it starts with a pass
+            return
+        }
+        guard let reason = reasonForPass() else { return }
+        let seen = situation()
+        var next = LastPass(situation: seen, leftWork: false, failures: 0, at: Date())
+        do {
+            let plan = try pass(reason: reason)
+            next.leftWork = plan.copiedBytes > 0 || plan.dropped > 0 || plan.moves > 0
+            next.failures = plan.errors.isEmpty ? 0 : lastPass.withLock { $0.failures } + 1
+            next.at = Date()
+            let s = localStatus
+            Log.info("healer: a pass (\(reason)) read \(s.files) files in \(String(format: "%.1f", s.lastPassSeconds)) s: \(plan.short) blocks short, \(plan.copiedBytes) bytes copied, \(plan.dropped) copies dropped\(plan.errors.first.map { "; \($0)" } ?? "")")
+        } catch {
+            next.failures = lastPass.withLock { $0.failures } + 1
+            next.at = Date()
+            state.withLock { $0.lastError = "\(error)"; $0.running = false }
+            Log.warning("healer: a pass (\(reason)) failed: \(error)")
+        }
+        lastPass.withLock { $0 = next }
+        state.withLock { $0.nextPassAt = Self.nextPass(after: next, interval: interval, fullEvery: fullEvery).timeIntervalSince1970 }
+        publish()
     }
 
     /// Takes or keeps the healer key (under this node's lease).
@@ -273,9 +303,9 @@ public final class Healer: @unchecked Sendable {
 
     /// One pass over the whole namespace (the walk paced at `scanRate` files a second).
     @discardableResult
-    public func pass() throws -> Plan {
+    public func pass(reason: String = "asked") throws -> Plan {
         let began = Date()
-        state.withLock { $0.running = true; $0.healer = membership.me.id }
+        state.withLock { $0.running = true; $0.healer = membership.me.id; $0.lastReason = reason }
         publish()
         var want: [BlockID: Want] = [:]
         var files = 0

@@ -29,21 +29,23 @@ public final class Membership: @unchecked Sendable {
         var lastError: String?
     }
     private let state: Mutex<State>
-    private let stopSignal = DispatchSemaphore(value: 0)
-    private let stopped = Mutex(false)
-    private var thread: Thread?
+    private let loop = BackgroundLoop("modelfs-membership")
+    /// Seconds since the lease was last renewed (the loop's own).
+    private var sinceRenew = 0.0
     /// Fills in the node's usage before each renewal.
     public var usage: (@Sendable () -> (used: UInt64, blocks: UInt64, capacity: UInt64, bytesIn: UInt64, bytesOut: UInt64))?
     private var lastTraffic: (at: Date, bytesIn: UInt64, bytesOut: UInt64)?
 
     let membersPrefix: Data
     let drainPrefix: Data
+    let keys: EtcdKeys
 
     public init(client: EtcdClient, cluster: String, me: NodeInfo, ttl: Int = 10, refresh: Double = 1) {
         self.client = client
-        prefix = Data("/modelfs/\(cluster)/nodes/".utf8)
-        membersPrefix = Data("/modelfs/\(cluster)/members/".utf8)
-        drainPrefix = Data("/modelfs/\(cluster)/drain/".utf8)
+        keys = EtcdKeys(cluster: cluster)
+        prefix = keys.nodes
+        membersPrefix = keys.members
+        drainPrefix = keys.drain
         self.ttl = ttl
         self.refresh = refresh
         state = Mutex(State(me: me))
@@ -77,13 +79,14 @@ public final class Membership: @unchecked Sendable {
 
     /// Registers this node and starts renewing; returns once the node list has been read.
     public func start() throws {
-        try client.put(membersPrefix + Data(me.id.utf8), try JSONEncoder().encode(me))
+        try client.put(keys.member(me.id), try JSONEncoder().encode(me))
         try register()
         try reload()
-        let t = Thread { [weak self] in self?.run() }
-        t.name = "modelfs-membership"
-        thread = t
-        t.start()
+        loop.start(after: refresh) { [weak self] in
+            guard let self else { return 0 }
+            self.round()
+            return self.refresh
+        }
     }
 
     /// Registers under a new lease.
@@ -143,7 +146,7 @@ public final class Membership: @unchecked Sendable {
     /// Marks a node as draining (or not): placement stops giving it copies, healing moves its
     /// copies elsewhere.
     public func setDraining(_ id: String, _ on: Bool) throws {
-        if on { try client.put(drainPrefix + Data(id.utf8), Data("1".utf8)) } else { try client.delete(drainPrefix + Data(id.utf8)) }
+        if on { try client.put(keys.drain(id), Data("1".utf8)) } else { try client.delete(keys.drain(id)) }
         try reload()
     }
 
@@ -154,30 +157,27 @@ public final class Membership: @unchecked Sendable {
             throw FSError(EBUSY, "node \(id) is up; drain it (modelfs node drain \(id)), stop it, then remove it")
         }
         guard known.contains(where: { $0.id == id }) else { throw FSError.noEntry("no node \(id) in this cluster") }
-        _ = try client.txn(compare: [], success: [.delete(membersPrefix + Data(id.utf8)), .delete(drainPrefix + Data(id.utf8))])
+        _ = try client.txn(compare: [], success: [.delete(keys.member(id)), .delete(keys.drain(id))])
         try reload()
     }
 
-    private func run() {
-        var sinceRenew = 0.0
-        while !stopped.withLock({ $0 }) {
-            if stopSignal.wait(timeout: .now() + refresh) == .success { break }
-            sinceRenew += refresh
-            do {
-                if sinceRenew >= Double(ttl) / 3 {
-                    sinceRenew = 0
-                    let lease = state.withLock { $0.lease }
-                    if try client.keepAlive(lease: lease) <= 0 {
-                        _ = try renewLease(lost: lease)
-                    } else if usage != nil {
-                        try register(reusing: lease)
-                    }
+    /// Every `refresh` seconds: renew the lease (every third of its TTL), read the node list.
+    private func round() {
+        sinceRenew += refresh
+        do {
+            if sinceRenew >= Double(ttl) / 3 {
+                sinceRenew = 0
+                let lease = state.withLock { $0.lease }
+                if try client.keepAlive(lease: lease) <= 0 {
+                    _ = try renewLease(lost: lease)
+                } else if usage != nil {
+                    try register(reusing: lease)
                 }
-                try reload()
-                state.withLock { $0.lastError = nil }
-            } catch {
-                state.withLock { $0.lastError = "\(error)" }
             }
+            try reload()
+            state.withLock { $0.lastError = nil }
+        } catch {
+            state.withLock { $0.lastError = "\(error)" }
         }
     }
 
@@ -194,15 +194,14 @@ public final class Membership: @unchecked Sendable {
             }
             lastTraffic = (now, u.bytesIn, u.bytesOut)
         }
-        try client.put(prefix + Data(me.id.utf8), try JSONEncoder().encode(me), lease: lease)
+        try client.put(keys.node(me.id), try JSONEncoder().encode(me), lease: lease)
         state.withLock { $0.me = me }
     }
 
     /// Stops renewing and leaves the cluster at once (revokes the lease).
     public func stop() {
-        let was = stopped.withLock { s -> Bool in defer { s = true }; return s }
-        if was { return }
-        stopSignal.signal()
+        if loop.isStopped { return }
+        loop.stop(timeout: 0)   // not waiting: a round blocked on an unreachable etcd would hold the exit
         let lease = state.withLock { $0.lease }
         if lease != 0 { try? client.revokeLease(lease) }
     }

@@ -64,10 +64,8 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         var pendingBytes: UInt64 { jobs.values.reduce(0) { $0 + $1.bytes } }
     }
     private let state = Mutex(State())
-    private let wake = DispatchSemaphore(value: 0)
     private let changed = NSCondition()
-    private let stopped = Mutex(false)
-    private let done = DispatchSemaphore(value: 0)
+    private let loop = BackgroundLoop("modelfs-replicator")
 
     public init(dataDir: String, local: PackBlockStore, membership: Membership, client: PeerClient,
                 meta: any MetadataEngine, defaultPolicy: ReplicationPolicy, timeout: Double = 60, width: Int = 8,
@@ -112,20 +110,15 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         state.withLock { $0.jobs = jobs }
     }
 
-    private let started = Mutex(false)
-
+    /// Starts the job loop: a round every half second while jobs wait, every 2 s when none
+    /// does or the last round failed (a retry after a pause, not a tight loop); `poke` wakes it.
     public func start() {
-        started.withLock { $0 = true }
-        let t = Thread { [weak self] in self?.run() }
-        t.name = "modelfs-replicator"
-        t.start()
+        loop.start(after: 0.5) { [weak self] in self?.round() ?? 0 }
     }
 
     /// Stops the background thread (waits for the pass under way); jobs stay in the journal.
     public func stop() {
-        stopped.withLock { $0 = true }
-        wake.signal()
-        if started.withLock({ $0 }) { _ = done.wait(timeout: .now() + 10) }
+        loop.stop()
         eagerWorkers.stop()
         writeBackWorkers.stop()
     }
@@ -205,7 +198,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
                 return true
             }
             if admitted { break }
-            if policy.ack <= 1 || stopped.withLock({ $0 }) { return }
+            if policy.ack <= 1 || loop.isStopped { return }
             changed.lock(); _ = changed.wait(until: Date().addingTimeInterval(0.05)); changed.unlock()
         }
         // Write-back (K = 1) copies go on `writeBackWidth` threads, leaving the CPU to the
@@ -260,7 +253,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
             throw FSError.io("cannot journal replication of inode \(ino)", cause: error)
         }
         state.withLock { $0.jobs[id] = Job(id: id, ino: ino, created: created, policy: policy, bytes: bytes, blocks: blocks) }
-        wake.signal()
+        loop.poke()
         return ReplicationTicket(job: id, ino: ino, blocks: blocks, ack: policy.ack)
     }
 
@@ -282,7 +275,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
     /// for the background to catch up (writers are slowed, never failed).
     func throttle() {
         var warned = false
-        while !stopped.withLock({ $0 }) {
+        while !loop.isStopped {
             let pending = state.withLock { $0.pendingBytes }
             if pending <= stagingLimit { return }
             if !warned {
@@ -303,7 +296,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         while true {
             let shortfall = ensure(blocks, copies: copies, policy: policy, durable: durable)
             if shortfall == nil { return }
-            if Date() >= deadline || stopped.withLock({ $0 }) {
+            if Date() >= deadline || loop.isStopped {
                 throw FSError.io("\(what): \(copies) durable copies not reached within \(Int(timeout)) s: \(shortfall!); the replication job stays queued")
             }
             usleep(200_000)
@@ -434,38 +427,34 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
 
     // MARK: Background
 
-    private func run() {
-        defer { done.signal() }
-        var idle = false
-        while !stopped.withLock({ $0 }) {
-            _ = wake.wait(timeout: .now() + (idle ? 2 : 0.5))
-            if stopped.withLock({ $0 }) { break }
-            let jobs = state.withLock { $0.jobs.values.sorted { $0.id < $1.id } }
-            idle = jobs.isEmpty
-            var progress = false
-            for job in jobs {
-                if stopped.withLock({ $0 }) { break }
-                waitForEager(job.blocks, until: Date().addingTimeInterval(timeout))
-                if let short = ensure(job.blocks, copies: job.policy.replicas, policy: job.policy, durable: false) {
-                    state.withLock { s in s.jobs[job.id]?.attempts += 1; s.lastError = short }
-                    idle = true   // retry after a pause, not in a tight loop
-                    continue
-                }
-                do {
-                    try db.write { db in try db.execute(sql: "DELETE FROM jobs WHERE id = ?", arguments: [job.id]) }
-                    state.withLock { _ = $0.jobs.removeValue(forKey: job.id) }
-                    progress = true
-                } catch {
-                    state.withLock { $0.lastError = "cannot update the replication journal: \(error)" }
-                }
+    /// One round of the job loop: every job, oldest first; returns the seconds until the next.
+    private func round() -> Double {
+        let jobs = state.withLock { $0.jobs.values.sorted { $0.id < $1.id } }
+        var idle = jobs.isEmpty
+        var progress = false
+        for job in jobs {
+            if loop.isStopped { break }
+            waitForEager(job.blocks, until: Date().addingTimeInterval(timeout))
+            if let short = ensure(job.blocks, copies: job.policy.replicas, policy: job.policy, durable: false) {
+                state.withLock { s in s.jobs[job.id]?.attempts += 1; s.lastError = short }
+                idle = true   // retry after a pause, not in a tight loop
+                continue
             }
-            if progress { state.withLock { $0.lastError = nil } }
-            changed.lock(); changed.broadcast(); changed.unlock()
+            do {
+                try db.write { db in try db.execute(sql: "DELETE FROM jobs WHERE id = ?", arguments: [job.id]) }
+                state.withLock { _ = $0.jobs.removeValue(forKey: job.id) }
+                progress = true
+            } catch {
+                state.withLock { $0.lastError = "cannot update the replication journal: \(error)" }
+            }
         }
+        if progress { state.withLock { $0.lastError = nil } }
+        changed.lock(); changed.broadcast(); changed.unlock()
+        return idle ? 2 : 0.5
     }
 
     /// Kicks the background thread (after a node joined, or `modelfs sync`).
-    public func poke() { wake.signal() }
+    public func poke() { loop.poke() }
 
     /// Waits until no pending job is for one of `inodes` (every job, if nil). Returns the
     /// status at the end; `progress` is called at least once a second.
@@ -502,15 +491,6 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
             return r
         }
     }
-}
-
-/// A value behind a lock that closures on several threads can share.
-public final class Shared<T: Sendable>: Sendable {
-    private let m: Mutex<T>
-    public init(_ v: T) { m = Mutex(v) }
-    public func withLock<R>(_ body: (inout T) throws -> R) rethrows -> R { try m.withLock { try body(&$0) } }
-    public func get() -> T { m.withLock { $0 } }
-    public func set(_ v: T) { m.withLock { $0 = v } }
 }
 
 /// A write session's view of the store: every block it newly stores is handed to `onNew`.

@@ -30,12 +30,9 @@ public final class Scrubber: @unchecked Sendable {
     let rate: UInt64
     let every: Double
     private let state: Mutex<ScrubStatus>
-    private let stopped = Mutex(false)
-    private let wake = DispatchSemaphore(value: 0)
-    private let done = DispatchSemaphore(value: 0)
+    private let loop = BackgroundLoop("modelfs-scrubber")
     private let repairQueue = DispatchQueue(label: "modelfs.repair")
     private let repairing = Mutex<Set<BlockID>>([])
-    private var started = false
 
     /// `rate` bytes per second at most (0 turns the background pass off; repairs still run);
     /// a new pass starts `every` seconds after the previous one began.
@@ -54,27 +51,15 @@ public final class Scrubber: @unchecked Sendable {
 
     public func start() {
         guard rate > 0 else { return }
-        started = true
-        let t = Thread { [weak self] in self?.run() }
-        t.name = "modelfs-scrubber"
-        t.start()
-    }
-
-    public func stop() {
-        stopped.withLock { $0 = true }
-        wake.signal()
-        if started { _ = done.wait(timeout: .now() + 10) }
-    }
-
-    private func run() {
-        defer { done.signal() }
-        while !stopped.withLock({ $0 }) {
+        loop.start { [weak self] in
+            guard let self else { return 0 }
             let began = Date()
-            pass()
-            let next = began.addingTimeInterval(every)
-            if wake.wait(timeout: .now() + max(0.05, next.timeIntervalSinceNow)) == .success, stopped.withLock({ $0 }) { break }
+            self.pass()
+            return max(0.05, began.addingTimeInterval(self.every).timeIntervalSinceNow)
         }
     }
+
+    public func stop() { loop.stop() }
 
     /// One pass over every replica, sleeping as needed to stay under `rate`.
     func pass() {
@@ -82,7 +67,7 @@ public final class Scrubber: @unchecked Sendable {
         let start = Date()
         var bytes: UInt64 = 0
         for (i, id) in blocks.enumerated() {
-            if stopped.withLock({ $0 }) { return }
+            if loop.isStopped { return }
             guard let length = local.location(of: id)?.length else { continue }
             if local.verify(id) == false {
                 state.withLock { $0.corruptFound += 1; $0.lastCorrupt = id.hex }
@@ -96,7 +81,7 @@ public final class Scrubber: @unchecked Sendable {
             }
             // Bounded rate: ahead of schedule, wait (woken early only to stop).
             let due = Double(bytes) / Double(rate) - Date().timeIntervalSince(start)
-            if due > 0.005, wake.wait(timeout: .now() + due) == .success { return }
+            if due > 0.005, loop.sleep(due) { return }
         }
         state.withLock { s in s.passes += 1; s.progress = 1; s.lastPassAt = Date().timeIntervalSince1970 }
     }

@@ -23,7 +23,7 @@ import ModelFSMeta
 /// node's open for writing would wait `closingWait` and fail with EBUSY.
 public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
     let client: EtcdClient
-    let prefix: Data
+    let keys: EtcdKeys
     let membership: Membership
     let peers: PeerClient
     let closingWait: Duration
@@ -38,13 +38,13 @@ public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
                 retryPause: Duration = .milliseconds(500)) {
         self.client = client
         self.retryPause = retryPause
-        prefix = Data("/modelfs/\(cluster)/w/".utf8)
+        keys = EtcdKeys(cluster: cluster)
         self.membership = membership
         self.peers = peers
         self.closingWait = closingWait
     }
 
-    func key(_ ino: InodeNumber) -> Data { prefix + Data(EtcdTransactionalStore.hex(ino).utf8) }
+    func key(_ ino: InodeNumber) -> Data { keys.writer(ino) }
 
     public func acquire(_ ino: InodeNumber) throws -> Int64 {
         let me = Data(membership.me.id.utf8), k = key(ino)

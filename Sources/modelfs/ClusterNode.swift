@@ -186,7 +186,7 @@ final class ClusterNode: @unchecked Sendable {
     /// another. The cluster's id (made once, in etcd) is written to DATA/cluster on first join;
     /// a data dir of another cluster, or of a single-node filesystem, is refused.
     static func claim(dataDir: String, cluster: String, client: EtcdClient) throws {
-        let key = Data("/modelfs/\(cluster)/n/cluster_id".utf8)
+        let key = EtcdKeys(cluster: cluster).clusterID
         let fresh = Data(UUID().uuidString.lowercased().utf8)
         let id: String
         do {
@@ -233,7 +233,7 @@ final class ClusterNode: @unchecked Sendable {
     /// this (the kernel's caches are invalidated within milliseconds), not left to timeouts.
     func watchNamespace(_ onChange: @escaping @Sendable (NamespaceChange) -> Void) throws {
         guard let namespace else { return }
-        let start = try namespace.client.range(namespace.namespacePrefix + Data("n/next_ino".utf8)).revision
+        let start = try namespace.client.range(namespace.keys.nextInode).revision
         let w = EtcdWatcher(client: namespace.client, prefix: namespace.namespacePrefix) { events in
             for e in events { if let c = namespace.change(e) { onChange(c) } }
         }

@@ -252,6 +252,50 @@ import ModelFSTestSupport
     }
 }
 
+@Suite struct BackgroundLoopTests {
+    /// Rounds follow the delay each returns; a poke ends a long sleep at once; stop waits for
+    /// the round under way and no round starts after it.
+    @Test func roundsSleepAsToldPokeWakesStopWaits() {
+        let loop = BackgroundLoop("test-loop")
+        let rounds = Mutex(0)
+        let inRound = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        loop.start {
+            let n = rounds.withLock { r in r += 1; return r }
+            if n == 3 { inRound.signal(); release.wait() }   // the third round blocks until told
+            return n == 1 ? 0 : 3600                         // the second would sleep an hour
+        }
+        // Round 1 returns 0: round 2 follows at once, then sleeps an hour.
+        #expect(waitFor { rounds.withLock { $0 } == 2 })
+        #expect(!loop.sleep(0))
+        loop.poke()
+        #expect(inRound.wait(timeout: .now() + 10) == .success, "the poke did not end the hour's sleep")
+        let stopper = Thread { loop.stop(timeout: 10) }
+        stopper.start()
+        #expect(waitFor { loop.isStopped })
+        release.signal()
+        #expect(waitFor { rounds.withLock { $0 } == 3 })
+        Thread.sleep(forTimeInterval: 0.2)   // a round after the stop would show in this time
+        #expect(rounds.withLock { $0 } == 3)
+        #expect(loop.sleep(3600), "a stopped loop's sleep returns at once, saying it stops")
+    }
+
+    @Test func aLoopStoppedBeforeItStartsRunsNoRound() {
+        let loop = BackgroundLoop("test-loop")
+        loop.stop()
+        let ran = Mutex(false)
+        loop.start { ran.withLock { $0 = true }; return 0 }
+        Thread.sleep(forTimeInterval: 0.1)   // a round would have run by now
+        #expect(!ran.withLock { $0 })
+    }
+
+    private func waitFor(_ cond: () -> Bool) -> Bool {
+        let deadline = Date().addingTimeInterval(10)
+        while Date() < deadline { if cond() { return true }; Thread.sleep(forTimeInterval: 0.005) }
+        return false
+    }
+}
+
 @Suite struct RawNameTests {
     @Test(arguments: [
         Array("model.safetensors".utf8), Array("日本語.pt".utf8), [0x63, 0x61, 0x66, 0xE9],   // "café" in Latin-1

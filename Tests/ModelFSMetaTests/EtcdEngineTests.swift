@@ -202,3 +202,37 @@ import Testing
         }
     }
 }
+
+@Suite struct EtcdKeysTests {
+    /// A range over one prefix must never return another component's keys: no key of the
+    /// layout starts with a prefix of the layout unless it is declared nested in it, and no two
+    /// keys are the same.
+    @Test func noPrefixShadowsAnotherKey() {
+        let layout = EtcdKeys.layout
+        #expect(Set(layout.map(\.key)).count == layout.count)
+        for p in layout where p.prefix {
+            #expect(p.key.hasSuffix("/"), "\(p.key) is ranged over, so it ends with a slash")
+            for k in layout where k.key != p.key && k.key.hasPrefix(p.key) {
+                #expect(k.within == p.key, "\(k.key) falls under the prefix \(p.key)")
+            }
+        }
+        for k in layout where !k.prefix { #expect(!k.key.hasSuffix("/"), "\(k.key) is one key") }
+    }
+
+    /// The accessors are the layout's keys, below the cluster's root; per-item keys sit under
+    /// their prefix and sort by inode number.
+    @Test func accessorsSpellTheLayout() {
+        let k = EtcdKeys(cluster: "c1")
+        func rel(_ d: Data) -> String { String(decoding: d.dropFirst(k.root.count), as: UTF8.self) }
+        #expect(String(decoding: k.root, as: UTF8.self) == "/modelfs/c1/")
+        let named = [k.inodes, k.entries, k.manifests, k.xattrs, k.orphans, k.markers, k.writers, k.nextInode, k.stats,
+                     k.statsBase, k.healer, k.healStatus, k.clusterID, k.nodes, k.members, k.drain].map(rel)
+        #expect(named.sorted() == EtcdKeys.layout.map(\.key).sorted())
+        #expect(rel(k.inode(InodeNumber(0x2a))) == "i/000000000000002a")
+        #expect(rel(k.entries(of: InodeNumber(1))) == "e/0000000000000001/")
+        #expect(rel(k.marker(of: "n1", slot: 3)) == "t/n1/3")
+        #expect(rel(k.node("h1")) == "nodes/h1" && rel(k.member("h1")) == "members/h1" && rel(k.drain("h1")) == "drain/h1")
+        #expect(k.inode(InodeNumber(9)).lexicographicallyPrecedes(k.inode(InodeNumber(10))))
+        #expect(!k.root.starts(with: EtcdKeys(cluster: "c").root), "cluster c's keys do not take in cluster c1's")
+    }
+}

@@ -530,6 +530,28 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
     }
 }
 
+@Suite struct HealScheduleTests {
+    /// With the cluster unchanged: a pass that copied is checked an interval later; one that
+    /// only failed is retried after an interval doubled per failure in a row, at most 10
+    /// minutes (a lasting error once cost a 50,000-file cluster a walk every 5 s); a clean one
+    /// waits for `fullEvery`.
+    @Test func errorsBackOffProgressIsCheckedCleanWaits() {
+        let t0 = Date(timeIntervalSince1970: 1_000_000)
+        func next(_ leftWork: Bool, _ failures: Int, fullEvery: Double = 3600) -> Double {
+            let last = Healer.LastPass(situation: nil, leftWork: leftWork, failures: failures, at: t0)
+            return Healer.nextPass(after: last, interval: 5, fullEvery: fullEvery).timeIntervalSince(t0)
+        }
+        #expect(next(true, 0) == 5)
+        #expect(next(true, 4) == 5, "a pass that made progress is checked at once, errors or not")
+        #expect((1...5).map { next(false, $0) } == [5, 10, 20, 40, 80])
+        #expect(next(false, 12) == 600)
+        #expect(next(false, 10_000) == 600)
+        #expect(next(false, 12, fullEvery: 60) == 60, "never later than the periodic pass")
+        #expect(next(false, 0) == 3600)
+        #expect(Healer.why(.init(situation: nil, leftWork: false, failures: 3, at: t0)) == "retrying after 3 failed passes")
+    }
+}
+
 /// A listening TCP socket on 127.0.0.1 at a port the kernel picks: its descriptor and port.
 func loopbackListener(backlog: Int32) throws -> (Int32, UInt16) {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)

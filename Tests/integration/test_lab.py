@@ -260,11 +260,13 @@ def test_the_etcd_leader_killed_under_a_write_load(lab, work):
 # Scale, CI-sized (scripts/bench/scale.sh has the full sizes)
 # ---------------------------------------------------------------------------
 
-def quiet(lab) -> tuple[int, dict]:
+def quiet(lab, free_for: float = 0) -> tuple[int, dict]:
     """Waits until no host runs a garbage collection pass and the healer is at rest (not
     mid-pass, and its last pass copied, dropped and rebalanced nothing: the earlier tests leave
     hosts unevenly filled, and rebalancing toward the light ones runs pass after pass until it is
-    done); then (the healer's passes so far, each host's manifests read by GC so far)."""
+    done; and its next pass, unless the cluster changes, is more than `free_for` seconds away: a
+    pass that ended with errors is retried, later each time); then (the healer's passes so far,
+    each host's manifests read by GC so far)."""
     last = {}
 
     def settled():
@@ -273,7 +275,8 @@ def quiet(lab) -> tuple[int, dict]:
             return None
         heal = st[1]["cluster"].get("heal") or {}
         moved = (heal.get("copiedBlocks", 0), heal.get("removedCopies", 0), heal.get("healer"))
-        busy = heal.get("running") or heal.get("rebalanceCopies", 0) or last.get("moved") != moved
+        busy = heal.get("running") or heal.get("rebalanceCopies", 0) or last.get("moved") != moved \
+            or heal.get("nextPassAt", 0) < time.time() + free_for
         last["moved"] = moved
         if busy:
             return None
@@ -286,7 +289,7 @@ def idle_rate(lab, seconds: float = 10) -> float:
     no healer pass and no garbage collection manifest read happened meanwhile (retried once if
     a late one did)."""
     for _ in range(2):
-        passes, reads = quiet(lab)
+        passes, reads = quiet(lab, free_for=seconds + 3)
         r0 = lab.etcd_served()[0]
         t0 = time.monotonic()
         time.sleep(seconds)   # the measurement window itself: nothing to wait for
@@ -295,7 +298,10 @@ def idle_rate(lab, seconds: float = 10) -> float:
         after_passes, after_reads = quiet(lab)
         if after_passes == passes and after_reads == reads:
             return (r1 - r0) / took / len(lab.hosts)
-    raise AssertionError(f"the idle cluster kept passing: healer {passes} -> {after_passes}, gc reads {reads} -> {after_reads}")
+    healer = (lab.host(1).cluster_status().get("heal") or {}).get("healer")
+    lines = [l for h in lab.hosts.values() if h.node_id == healer for l in h.log_tail(20000).splitlines() if "healer:" in l]
+    raise AssertionError(f"the idle cluster kept passing: healer {passes} -> {after_passes}, gc reads {reads} -> {after_reads}; "
+                         f"the healer ({healer}) logged: " + " | ".join(lines[-4:]))
 
 
 def test_fifty_thousand_files_cost_an_idle_cluster_nothing_more(lab, work):

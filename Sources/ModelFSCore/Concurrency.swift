@@ -1,6 +1,11 @@
 import Foundation
 import Synchronization
 
+// The project's concurrency kit: threads of its own for blocking work (`Workers`,
+// `parallelFor`), the lifecycle of a background loop (`BackgroundLoop`), and a value shared
+// by closures on several threads (`Shared`). Threads, not Dispatch or Swift tasks: see
+// `Workers` for why; ARCHITECTURE.md "Threads and locks" lists every thread.
+
 /// Threads of our own for work that blocks (a PUT waiting on a peer's link, a pread of a pack):
 /// `count` of them, started on first use, each taking closures in the order they were given.
 ///
@@ -94,4 +99,65 @@ public func parallelFor(_ count: Int, width: Int, _ body: @escaping @Sendable (I
     }
     each()
     for _ in 1..<threads { done.wait() }
+}
+
+/// A value behind a lock that closures on several threads can share.
+public final class Shared<T: Sendable>: Sendable {
+    private let m: Mutex<T>
+    public init(_ v: T) { m = Mutex(v) }
+    public func withLock<R>(_ body: (inout T) throws -> R) rethrows -> R { try m.withLock { try body(&$0) } }
+    public func get() -> T { m.withLock { $0 } }
+    public func set(_ v: T) { m.withLock { $0 = v } }
+}
+
+/// One named background thread and its lifecycle: `start` runs `round` again and again, each
+/// round returning how many seconds to sleep before the next; `poke` ends a sleep early; `stop`
+/// ends the loop and waits (up to `timeout`) for the round under way to return. Long rounds
+/// check `isStopped`, and pause with `sleep` (which a stop ends at once).
+///
+/// The replicator, healer, scrubber and membership loops run on it (they had four hand-written
+/// lifecycles that had drifted apart: a `started` flag in a Mutex in one, a plain var in two).
+public final class BackgroundLoop: Sendable {
+    public let name: String
+    private let stopped = Mutex(false)
+    private let started = Mutex(false)
+    private let wake = DispatchSemaphore(value: 0)
+    private let done = DispatchSemaphore(value: 0)
+
+    public init(_ name: String) { self.name = name }
+
+    /// Starts the thread; its first round runs after `after` seconds. A second call does nothing.
+    public func start(after: Double = 0, _ round: @escaping @Sendable () -> Double) {
+        guard started.withLock({ s in defer { s = true }; return !s }) else { return }
+        let t = Thread { [self] in
+            defer { done.signal() }
+            if after > 0, self.sleep(after) { return }
+            while !isStopped {
+                if self.sleep(round()) { return }
+            }
+        }
+        t.name = name
+        t.start()
+    }
+
+    public var isStopped: Bool { stopped.withLock { $0 } }
+
+    /// Ends the loop's current sleep (or the next one) early.
+    public func poke() { wake.signal() }
+
+    /// Sleeps up to `seconds`, less if poked or stopped; true when the loop is stopping.
+    @discardableResult
+    public func sleep(_ seconds: Double) -> Bool {
+        if isStopped { return true }
+        if seconds > 0 { _ = wake.wait(timeout: .now() + seconds) }
+        return isStopped
+    }
+
+    /// Stops the loop and waits up to `timeout` seconds (0: not at all) for its round to end.
+    /// Later calls do nothing.
+    public func stop(timeout: Double = 10) {
+        guard !stopped.withLock({ s in defer { s = true }; return s }) else { return }
+        wake.signal()
+        if timeout > 0, started.withLock({ $0 }) { _ = done.wait(timeout: .now() + timeout) }
+    }
 }

@@ -1,0 +1,84 @@
+import Foundation
+import ModelFSCore
+
+/// Every key modelfs keeps in etcd, in one place. A cluster's keys all live under
+/// `/modelfs/NAME/` (one etcd can hold several clusters); below that:
+///
+/// | key | kind | what | written by |
+/// |---|---|---|---|
+/// | `i/INO` | per inode | attributes (JSON) | the metadata engine |
+/// | `e/DIR/NAME` | per entry | a directory entry → inode | the metadata engine |
+/// | `m/INO` | per file | the committed manifest | the metadata engine |
+/// | `x/INO/NAME` | per xattr | an extended attribute | the metadata engine |
+/// | `o/INO` | per orphan | an unlinked inode still open somewhere | the metadata engine |
+/// | `t/CLIENT/SLOT` | per transaction | a commit marker ("maybe committed" resolution) | the metadata engine |
+/// | `w/INO` | per file being written | the writer's lock, under its lease | WriterLock |
+/// | `n/next_ino` | one | the inode number allocator | the metadata engine |
+/// | `n/stats/CLIENT`, `n/stats/_base` | per client | file and byte counters (statfs) | the metadata engine |
+/// | `n/healer` | one | which node heals, under its lease | Healer |
+/// | `n/heal` | one | the healer's last status | Healer |
+/// | `n/cluster_id` | one | the cluster's identity (nodes refuse another's data dir) | ClusterNode |
+/// | `nodes/ID` | per live node | address, labels, usage; under its lease | Membership |
+/// | `members/ID` | per node ever joined | the roster (no lease) | Membership |
+/// | `drain/ID` | per draining node | a drain mark | Membership |
+///
+/// `EtcdKeys.layout` lists them for the test that no prefix shadows another key (a range
+/// over one must never return another's keys).
+public struct EtcdKeys: Sendable {
+    /// `/modelfs/NAME/`.
+    public let root: Data
+
+    public init(cluster: String) { root = Data("/modelfs/\(cluster)/".utf8) }
+
+    /// `root` + a key below it.
+    public func key(_ relative: String) -> Data { root + Data(relative.utf8) }
+
+    public var inodes: Data { key("i/") }
+    public var entries: Data { key("e/") }
+    public var manifests: Data { key("m/") }
+    public var xattrs: Data { key("x/") }
+    public var orphans: Data { key("o/") }
+    public var markers: Data { key("t/") }
+    public var writers: Data { key("w/") }
+    public var nextInode: Data { key("n/next_ino") }
+    public var stats: Data { key("n/stats/") }
+    public var statsBase: Data { key("n/stats/_base") }
+    public var healer: Data { key("n/healer") }
+    public var healStatus: Data { key("n/heal") }
+    public var clusterID: Data { key("n/cluster_id") }
+    public var nodes: Data { key("nodes/") }
+    public var members: Data { key("members/") }
+    public var drain: Data { key("drain/") }
+
+    /// An inode number as keys spell it: 16 hex digits, so keys sort by number.
+    public static func hex(_ ino: InodeNumber) -> String {
+        let s = String(ino.rawValue, radix: 16)
+        return String(repeating: "0", count: 16 - s.count) + s
+    }
+
+    public func inode(_ ino: InodeNumber) -> Data { inodes + Data(Self.hex(ino).utf8) }
+    public func manifest(_ ino: InodeNumber) -> Data { manifests + Data(Self.hex(ino).utf8) }
+    public func orphan(_ ino: InodeNumber) -> Data { orphans + Data(Self.hex(ino).utf8) }
+    public func writer(_ ino: InodeNumber) -> Data { writers + Data(Self.hex(ino).utf8) }
+    /// The prefix of a directory's entries.
+    public func entries(of dir: InodeNumber) -> Data { entries + Data("\(Self.hex(dir))/".utf8) }
+    /// The prefix of an inode's extended attributes.
+    public func xattrs(of ino: InodeNumber) -> Data { xattrs + Data("\(Self.hex(ino))/".utf8) }
+    /// The prefix of a client's commit markers, and one of them.
+    public func markers(of client: String) -> Data { markers + Data("\(client)/".utf8) }
+    public func marker(of client: String, slot: Int) -> Data { markers(of: client) + Data("\(slot)".utf8) }
+    public func stats(of client: String) -> Data { stats + Data(client.utf8) }
+    public func node(_ id: String) -> Data { nodes + Data(id.utf8) }
+    public func member(_ id: String) -> Data { members + Data(id.utf8) }
+    public func drain(_ id: String) -> Data { drain + Data(id.utf8) }
+
+    /// Each key below `root`: its text, and whether it is a prefix (ranged over) or one key.
+    /// A prefix's own nested keys name it as `within`.
+    public static let layout: [(key: String, prefix: Bool, within: String?)] = [
+        ("i/", true, nil), ("e/", true, nil), ("m/", true, nil), ("x/", true, nil), ("o/", true, nil),
+        ("t/", true, nil), ("w/", true, nil),
+        ("n/next_ino", false, nil), ("n/stats/", true, nil), ("n/stats/_base", false, "n/stats/"),
+        ("n/healer", false, nil), ("n/heal", false, nil), ("n/cluster_id", false, nil),
+        ("nodes/", true, nil), ("members/", true, nil), ("drain/", true, nil),
+    ]
+}
