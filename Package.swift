@@ -1,8 +1,9 @@
 // swift-tools-version:6.0
 import PackageDescription
 
-// The layers of modelfs, one target each (DESIGN.md §7):
-// CFuse3 → ModelFSCore → ModelFSStore / ModelFSMeta → ModelFS → ModelFSFUSE → modelfs (CLI).
+// The layers of modelfs, one target each (DESIGN.md §7), each using only those to its left:
+// ModelFSCore → ModelFSStore, ModelFSMeta → ModelFS → ModelFSFUSE (+ CFuse3, CModelFSPassthrough),
+// ModelFSPeer (+ CModelFSTLS) → modelfs (the CLI and the daemon, which composes the others).
 let package = Package(
     name: "modelfs",
     platforms: [.macOS(.v14)],
@@ -13,8 +14,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
         .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
-        // The cluster: the etcd engine and the peer client speak HTTP through AsyncHTTPClient;
-        // the peer server is SwiftNIO's HTTP/1.1 pipeline (DESIGN.md §5).
+        // The cluster: the etcd engine speaks HTTP through AsyncHTTPClient; the peer server and
+        // client are blocking sockets of their own, using SwiftNIO's HTTP types (DESIGN.md §5).
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.3"),
         .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
         // TLS to etcd (AsyncHTTPClient's TLS, so already in the graph).

@@ -100,15 +100,18 @@ public final class FileSystem: @unchecked Sendable {
     /// Serialises commits and GC's view of sessions with metadata.
     let commitLock = NSLock()
     /// Replication of each committed version (a cluster node); nil on a single node.
-    public var replication: (any ReplicationHook)?
+    public let replication: (any ReplicationHook)?
     /// Keeps other nodes from writing a file this node writes (a cluster node).
-    public var writerLock: (any WriterLock)?
+    public let writerLock: (any WriterLock)?
 
     /// Flat copies of versions read here, for FUSE passthrough (nil: none are made).
     public let flatCopies: FlatCopies?
 
+    /// A cluster node passes its replicator and writer lock; a single node neither.
     public init(meta: any MetadataEngine, store: any BlockStore, options: FileSystemOptions,
-                flatCopies: FlatCopies? = nil) throws {
+                flatCopies: FlatCopies? = nil, replication: (any ReplicationHook)? = nil, writerLock: (any WriterLock)? = nil) throws {
+        self.replication = replication
+        self.writerLock = writerLock
         self.meta = meta
         self.store = store
         self.options = options
@@ -139,6 +142,9 @@ public final class FileSystem: @unchecked Sendable {
     public func forget(_ ino: InodeNumber, count: UInt64) {
         let drop = tables.withLock { t -> Bool in
             guard let l = t.live[ino] else { return false }
+            // The kernel forgets no more than it was given: more means a reply that gave an entry
+            // without counting its lookup (a trap in debug builds; clamped in release).
+            assert(count <= l.lookups, "FORGET of \(count) lookups of \(ino), which has \(l.lookups)")
             l.lookups -= min(l.lookups, count)
             if l.lookups == 0 && l.opens == 0 { t.live[ino] = nil; return true }
             return false
@@ -825,8 +831,13 @@ public final class FileSystem: @unchecked Sendable {
     private let changes = Atomic<UInt64>(0)
     func changed() { changes.add(1, ordering: .relaxed) }
 
-    /// Called when blocks may have become garbage (a failed or abandoned write).
-    public var onGarbage: (@Sendable () -> Void)?
+    /// Called when blocks may have become garbage (a failed or abandoned write). Set by the
+    /// garbage collector when it starts (it is made from this filesystem), read by any thread.
+    public var onGarbage: (@Sendable () -> Void)? {
+        get { garbageHook.withLock { $0 } }
+        set { garbageHook.withLock { $0 = newValue } }
+    }
+    private let garbageHook = Mutex<(@Sendable () -> Void)?>(nil)
     private func garbageHint() { onGarbage?() }
 
     // MARK: xattrs

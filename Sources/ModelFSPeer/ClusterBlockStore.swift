@@ -78,7 +78,9 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
     let yield: ForegroundYield?
 
     public init(local: PackBlockStore, cache: PackBlockStore, cacheBudget: UInt64, membership: Membership,
-                client: PeerClient, parallel: Int = 8, yield: ForegroundYield? = nil) {
+                client: PeerClient, parallel: Int = 8, yield: ForegroundYield? = nil,
+                onCorrupt: @escaping @Sendable (BlockID) -> Void = { _ in }) {
+        self.onCorrupt = onCorrupt
         self.local = local
         self.yield = yield
         self.cache = cache
@@ -93,7 +95,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
     /// Readahead fetches under way.
     var prefetchesUnderWay: Int { state.withLock { $0.prefetching } }
     /// Called when a local replica fails verification on read (the scrubber repairs it).
-    public let onCorrupt = Shared<(@Sendable (BlockID) -> Void)?>(nil)
+    let onCorrupt: @Sendable (BlockID) -> Void
 
     /// Fetches into the cache every block of `ids` that this node has neither as a replica nor
     /// cached, `parallel` at a time from the peers that hold them (`modelfs warm`). Calls
@@ -148,7 +150,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
             }
             // A replica that fails its hash: the reader gets a good copy from a peer below, and
             // the replica is replaced in the background.
-            if local.contains(id) { onCorrupt.get()?(id) }
+            if local.contains(id) { onCorrupt(id) }
         }
         if let b = cacheCopy(id) {
             state.withLock { $0.stats.cacheHits += 1 }

@@ -116,7 +116,7 @@ public struct HealStatus: Codable, Sendable, Equatable {
 /// copies elsewhere, drop the draining node's copy. Copies are checked by `has` before anything
 /// is dropped, so a block never has fewer copies than before. Files changed within
 /// `settle` seconds are left to their writer's own replication.
-public final class Healer: @unchecked Sendable {
+public final class Healer: Sendable {
     let fs: FileSystem
     let replicator: Replicator
     let membership: Membership

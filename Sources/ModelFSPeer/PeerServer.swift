@@ -100,11 +100,10 @@ public protocol PeerRoutes: Sendable {
 /// again or another holder, and keep at most `BlockTransfer.maxPerPeer` connections to one
 /// server, so 256 readers of one host are served), and a connection that sends nothing for
 /// `idleSeconds` is closed.
-public final class PeerServer: @unchecked Sendable {
+public final class PeerServer: Sendable {
     /// The port bound (useful when asked for port 0).
     public let port: Int
     let listener: Int32
-    let routes: any PeerRoutes
     let maxBody: Int
     let bodySlots: DispatchSemaphore
     /// Open connections, and since when (uptime seconds) each one waiting for its next request
@@ -126,18 +125,33 @@ public final class PeerServer: @unchecked Sendable {
     /// Mutual TLS on every connection, when set.
     let tls: PeerTLS?
 
-    public init(host: String, port: Int, routes: any PeerRoutes, maxBody: Int, threads: Int = 8, maxConnections: Int = 1024,
-                tls: PeerTLS? = nil) throws {
+    /// Binds host:port and serves `routes` at once.
+    public convenience init(host: String, port: Int, routes: any PeerRoutes, maxBody: Int, threads: Int = 8, maxConnections: Int = 1024,
+                            tls: PeerTLS? = nil) throws {
+        try self.init(host: host, port: port, maxBody: maxBody, threads: threads, maxConnections: maxConnections, tls: tls)
+        serve(routes)
+    }
+
+    /// Binds host:port (so the port is known, and connections wait in the backlog) without
+    /// serving yet: a node is composed around its port (it advertises it), and its routes need
+    /// parts made after that (`serve`).
+    public init(host: String, port: Int, maxBody: Int, threads: Int = 8, maxConnections: Int = 1024, tls: PeerTLS? = nil) throws {
         _ = BlockTransfer.ignoreSIGPIPE
         self.tls = tls
         self.maxConnections = maxConnections
-        self.routes = routes
         self.maxBody = maxBody
         bodySlots = DispatchSemaphore(value: threads)
         (listener, self.port) = try Self.listen(host: host, port: port)
+    }
+
+    private let serving = Mutex(false)
+
+    /// Starts accepting connections and answering them with `routes` (once; later calls do nothing).
+    public func serve(_ routes: any PeerRoutes) {
+        guard serving.withLock({ s in defer { s = true }; return !s }) else { return }
         running.enter()
         Thread { [self] in
-            acceptLoop()
+            acceptLoop(routes)
             running.leave()
         }.start()
     }
@@ -195,7 +209,7 @@ public final class PeerServer: @unchecked Sendable {
         return Double(t.tv_sec) + Double(t.tv_nsec) / 1e9
     }
 
-    private func acceptLoop() {
+    private func acceptLoop(_ routes: any PeerRoutes) {
         while true {
             let fd = accept(listener, nil, nil)
             if fd >= 0 { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
@@ -242,7 +256,7 @@ public final class PeerServer: @unchecked Sendable {
             }
             running.enter()
             Thread { [self] in
-                serve(fd)
+                serve(fd, routes)
                 Self.lingeringClose(fd)
                 connections.withLock { c in
                     c.open.remove(fd)
@@ -255,7 +269,7 @@ public final class PeerServer: @unchecked Sendable {
     }
 
     /// Serves requests on one connection until it closes, fails, idles out or asks to close.
-    private func serve(_ fd: Int32) {
+    private func serve(_ fd: Int32, _ routes: any PeerRoutes) {
         var one: Int32 = 1
         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
         var tv = timeval(tv_sec: Self.idleSeconds, tv_usec: 0)

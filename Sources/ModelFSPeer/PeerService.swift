@@ -43,7 +43,29 @@ import Synchronization
 /// and nothing else. The metrics token (`--metrics-token-file`), when set, reads GET /metrics
 /// and GET /v1/status and nothing more (403): a scraper can never delete a replica. Ids are exactly 64 lowercase hex digits (no path is ever built from them);
 /// a body is at most one maximum-size block.
-public final class PeerService: PeerRoutes, @unchecked Sendable {
+/// What the peer routes ask of the rest of the node, given when the service is made (the node
+/// makes its service last, once every part these reach exists). A missing one answers as a
+/// node without that part: a copy order or a `writing` query gets 503, a chain stops here, a
+/// verify finds no repair.
+public struct PeerActions: Sendable {
+    /// Replaces a corrupt replica from a good copy elsewhere (the scrubber's repair).
+    public var repair: (@Sendable (BlockID) -> Bool)?
+    /// Carries out a copy order (Healer.perform).
+    public var copy: (@Sendable (CopyOrder) -> CopyResult)?
+    /// Forwards a stored block down a chain (PUT ...&chain=): returns the ids of the chain's
+    /// nodes that stored it (PeerClient.forward over the live members).
+    public var forward: (@Sendable (OutgoingBlock, [String], Bool) -> [String])?
+    /// Whether the filesystem writes an inode, and whether it is closing it (FileSystem.writing).
+    public var writing: (@Sendable (InodeNumber) -> (open: Bool, closing: Bool))?
+
+    public init(repair: (@Sendable (BlockID) -> Bool)? = nil, copy: (@Sendable (CopyOrder) -> CopyResult)? = nil,
+                forward: (@Sendable (OutgoingBlock, [String], Bool) -> [String])? = nil,
+                writing: (@Sendable (InodeNumber) -> (open: Bool, closing: Bool))? = nil) {
+        self.repair = repair; self.copy = copy; self.forward = forward; self.writing = writing
+    }
+}
+
+public final class PeerService: PeerRoutes, Sendable {
     let secret: [UInt8]
     let readToken: [UInt8]?
     let local: PackBlockStore
@@ -53,19 +75,14 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
     /// Notes the blocks served to other nodes' readers and writers as foreground work, and holds
     /// healing copies back meanwhile.
     let yield: ForegroundYield?
-    /// Replaces a corrupt replica from a good copy elsewhere (the scrubber's repair).
-    public let repair = Shared<(@Sendable (BlockID) -> Bool)?>(nil)
-    /// Carries out a copy order (Healer.perform).
-    public let copy = Shared<(@Sendable (CopyOrder) -> CopyResult)?>(nil)
-    /// Forwards a stored block down a chain (PUT ...&chain=): returns the ids of the chain's
-    /// nodes that stored it (ClusterNode: PeerClient.putChained over live members).
-    public let forward = Shared<(@Sendable (OutgoingBlock, [String], Bool) -> [String])?>(nil)
-    /// Whether the filesystem writes an inode, and whether it is closing it (FileSystem.writing).
-    public let writing = Shared<(@Sendable (InodeNumber) -> (open: Bool, closing: Bool))?>(nil)
+    /// What the routes ask of the rest of the node.
+    let actions: PeerActions
     public static let maxBody = (4 << 20) + (64 << 10)
 
     public init(secret: String, local: PackBlockStore, cache: PackBlockStore?, metrics: PeerMetrics,
-                yield: ForegroundYield? = nil, readToken: String? = nil, status: @escaping @Sendable () -> Data) {
+                yield: ForegroundYield? = nil, readToken: String? = nil, actions: PeerActions = PeerActions(),
+                status: @escaping @Sendable () -> Data) {
+        self.actions = actions
         self.secret = Array(secret.utf8)
         self.readToken = readToken.map { Array($0.utf8) }
         self.yield = yield
@@ -131,7 +148,7 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
             guard (1...20).contains(digits.count), digits.utf8.allSatisfy({ (48...57).contains($0) }), let n = UInt64(digits) else {
                 return ("writing", .text(.badRequest, "an inode number is decimal digits"))
             }
-            guard let query = writing.get() else { return ("writing", .text(.serviceUnavailable, "this node is not mounted yet")) }
+            guard let query = actions.writing else { return ("writing", .text(.serviceUnavailable, "this node is not mounted yet")) }
             let w = query(InodeNumber(n))
             return ("writing", .text(.ok, w.closing ? "closing" : w.open ? "open" : "no"))
         }
@@ -142,7 +159,7 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
             guard let order = try? JSONDecoder().decode(CopyOrder.self, from: Data(r.body.readableBytesView)) else {
                 return ("copy", .text(.badRequest, "the body must be a JSON copy order"))
             }
-            guard let perform = copy.get() else { return ("copy", .text(.serviceUnavailable, "this node does not copy yet")) }
+            guard let perform = actions.copy else { return ("copy", .text(.serviceUnavailable, "this node does not copy yet")) }
             let result = perform(order)
             return ("copy", PeerResponse(.ok, body: ByteBuffer(bytes: (try? JSONEncoder().encode(result)) ?? Data()),
                                          contentType: "application/json"))
@@ -202,7 +219,7 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
         // chain's time per hop is the transfer, not the transfer and then the store (on these
         // machines a 1 MiB direct write waited 5-20 ms for the pack's append lock and the disk).
         var onward: (done: DispatchSemaphore, stored: Shared<[String]>)?
-        if !chain.isEmpty, let block = r.block, let forward = forward.get() {
+        if !chain.isEmpty, let block = r.block, let forward = actions.forward {
             let out = OutgoingBlock(id, in: block, length: block.count, store: local)
             let o = (done: DispatchSemaphore(value: 0), stored: Shared<[String]>([]))
             Thread { o.stored.set(forward(out, chain, durable)); o.done.signal() }.start()
@@ -229,7 +246,7 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
         case .success(let created):
             if below == nil && !chain.isEmpty {
                 // A small body: sent on from the store.
-                below = forward.get()?(OutgoingBlock(id, from: local), chain, durable) ?? []
+                below = actions.forward?(OutgoingBlock(id, from: local), chain, durable) ?? []
             }
             if let below { return .text(created ? .created : .ok, below.joined(separator: " ")) }
             return created ? PeerResponse(.created) : PeerResponse(.ok)
@@ -265,7 +282,7 @@ public final class PeerService: PeerRoutes, @unchecked Sendable {
             case true?: out.writeInteger(UInt8(1))
             case false?:
                 metrics.count("modelfs_corrupt_replicas_found_total")
-                let fixed = repair.get()?(id) ?? false
+                let fixed = actions.repair?(id) ?? false
                 out.writeInteger(UInt8(fixed ? 2 : 3))
             }
         }

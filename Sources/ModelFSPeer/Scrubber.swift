@@ -23,7 +23,7 @@ public struct ScrubStatus: Codable, Sendable, Equatable {
 /// §1: a mismatch is a missing replica, repaired). A corrupt replica is dropped and replaced by a
 /// verified copy from a peer; readers never see its bytes, because every read from disk is
 /// verified and falls back to the peers (ClusterBlockStore), which also reports it here.
-public final class Scrubber: @unchecked Sendable {
+public final class Scrubber: Sendable {
     let local: PackBlockStore
     let membership: Membership
     let client: PeerClient

@@ -71,7 +71,11 @@ struct ClusterStatus: Codable {
 final class ClusterNode: @unchecked Sendable {
     let id: String
     let server: PeerServer
-    let service: PeerService
+    /// The peer routes, made once the filesystem exists (`attach`): they answer for it.
+    private(set) var service: PeerService?
+    let metricsToken: String?
+    /// This node's read cache (the peer routes serve from it too).
+    let cache: PackBlockStore
     let membership: Membership
     let client: PeerClient
     let blocks: ClusterBlockStore
@@ -112,13 +116,13 @@ final class ClusterNode: @unchecked Sendable {
         }
         self.tls = tls
         client = PeerClient(secret: options.secret, tls: tls)
-        let statusBox = Shared<(@Sendable () -> Data)?>(nil)
         let yield = ForegroundYield(busyRate: parseSize(options.healRateBusy)!)
         self.yield = yield
-        service = PeerService(secret: options.secret, local: local, cache: cache, metrics: metrics, yield: yield,
-                              readToken: metricsToken, status: { statusBox.get()?() ?? Data("{}".utf8) })
+        self.metricsToken = metricsToken
+        self.cache = cache
+        // Bound now (the port is advertised), served from `start`.
         do {
-            server = try PeerServer(host: listen.host, port: listen.port, routes: service, maxBody: PeerService.maxBody, tls: tls)
+            server = try PeerServer(host: listen.host, port: listen.port, maxBody: PeerService.maxBody, tls: tls)
         } catch {
             throw FSError(EADDRINUSE, "cannot listen on \(options.listen) for peers: \(error); choose another --listen")
         }
@@ -128,8 +132,12 @@ final class ClusterNode: @unchecked Sendable {
                                 ttl: options.leaseTtl)
         writerLock = EtcdWriterLock(client: etcd, cluster: name, membership: membership, peers: client)
         namespace = (engine as? KVMetadataEngine<EtcdTransactionalStore>)?.store
+        let scrubber = Scrubber(local: local, membership: membership, client: client, rate: parseSize(options.scrubRate)!,
+                                every: options.scrubEvery)
+        self.scrubber = scrubber
         blocks = ClusterBlockStore(local: local, cache: cache, cacheBudget: parseSize(options.cacheSize)!,
-                                   membership: membership, client: client, yield: yield)
+                                   membership: membership, client: client, yield: yield,
+                                   onCorrupt: { id in scrubber.repairSoon(id) })
         replicator = try Replicator(dataDir: dataDir, local: local, membership: membership, client: client, meta: engine,
                                     defaultPolicy: options.policy, timeout: options.ackTimeout,
                                     stagingLimit: parseSize(options.stagingSize)!, chain: options.replication == "chain")
@@ -137,22 +145,11 @@ final class ClusterNode: @unchecked Sendable {
             var vfs = statvfs()
             return statvfs(dataDir, &vfs) == 0 ? UInt64(vfs.f_blocks) * UInt64(vfs.f_frsize) : 0
         }()
-        scrubber = Scrubber(local: local, membership: membership, client: client, rate: parseSize(options.scrubRate)!,
-                            every: options.scrubEvery)
-        service.repair.set { [scrubber] id in scrubber.repair(id) }
-        service.copy.set { [client] order in Healer.perform(order, local: local, client: client, me: id, yield: yield) }
-        // A chained PUT goes on to the next node of its chain, by id among the live members
-        // (never to an address a request names).
-        service.forward.set { [client, membership] block, chain, durable in
-            client.forward(block, chain: chain, live: membership.nodes, durable: durable)
-        }
-        blocks.onCorrupt.set { [scrubber] id in scrubber.repairSoon(id) }
         membership.usage = {
             let u = local.usage()
             let traffic = metrics.traffic
             return (u.bytes, u.blocks, capacity, traffic.bytesIn, traffic.bytesOut)
         }
-        statusBox.set { [weak self] in (try? JSONEncoder().encode(self?.status())) ?? Data("{}".utf8) }
         metrics.setGauges { [weak self] in
             guard let self else { return [] }
             let r = replicator.status()
@@ -210,9 +207,20 @@ final class ClusterNode: @unchecked Sendable {
         try (mine + "\n").write(toFile: path, atomically: true, encoding: .utf8)
     }
 
-    /// The parts that need the filesystem: the healer walks its namespace.
+    /// The parts that need the filesystem: the peer routes (`GET /v1/writing` asks it) and the
+    /// healer (it walks the namespace).
     func attach(_ fs: FileSystem) {
-        service.writing.set { [fs] ino in fs.writing(ino) }
+        let (client, membership, local, scrubber, yield, id) = (client, membership, local, scrubber, yield, id)
+        let actions = PeerActions(
+            repair: { id in scrubber.repair(id) },
+            copy: { order in Healer.perform(order, local: local, client: client, me: id, yield: yield) },
+            // A chained PUT goes on to the next node of its chain, by id among the live members
+            // (never to an address a request names).
+            forward: { block, chain, durable in client.forward(block, chain: chain, live: membership.nodes, durable: durable) },
+            writing: { ino in fs.writing(ino) })
+        service = PeerService(secret: options.secret, local: local, cache: cache, metrics: metrics, yield: yield,
+                              readToken: metricsToken, actions: actions,
+                              status: { [weak self] in (try? JSONEncoder().encode(self?.status())) ?? Data("{}".utf8) })
         healer = Healer(fs: fs, replicator: replicator, membership: membership, client: client, local: local, etcd: etcd,
                         cluster: clusterName, interval: options.healInterval, deadAfter: options.deadAfter,
                         rate: parseSize(options.healRate)!, yield: yield, fullEvery: options.healFullEvery,
@@ -220,6 +228,8 @@ final class ClusterNode: @unchecked Sendable {
     }
 
     func start() throws {
+        // Serving before joining: once the others see this node, they may send it blocks.
+        if let service { server.serve(service) }
         do { try membership.start() } catch {
             throw FSError.io("cannot join the cluster through etcd: \(error); check --meta and that etcd is up")
         }

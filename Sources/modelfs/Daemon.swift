@@ -100,9 +100,8 @@ struct Daemon {
         case .on: flat = try FlatCopies(directory: dataDir + "/flat", budget: flatBudget)
         case .off(let why): flat = nil; Log.info("passthrough off: \(why)")
         }
-        let fs = try FileSystem(meta: engine, store: node?.blocks ?? store, options: fsOptions, flatCopies: flat)
-        fs.replication = node?.replicator
-        fs.writerLock = node?.writerLock
+        let fs = try FileSystem(meta: engine, store: node?.blocks ?? store, options: fsOptions, flatCopies: flat,
+                                replication: node?.replicator, writerLock: node?.writerLock)
         node?.attach(fs)
         // A cluster node's blocks are referenced by other nodes' commits too: they are kept
         // --gc-delay seconds (GarbageCollector.grace), and its read cache is swept as well.

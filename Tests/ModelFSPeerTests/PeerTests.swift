@@ -44,16 +44,16 @@ final class TestNode: @unchecked Sendable {
         let etcd = try EtcdTestCluster.shared.get()
         let metrics = PeerMetrics()
         self.metrics = metrics
-        let service = PeerService(secret: secret, local: local, cache: cache, metrics: metrics, status: { Data("{}".utf8) })
-        server = try PeerServer(host: "127.0.0.1", port: 0, routes: service, maxBody: PeerService.maxBody)
+        server = try PeerServer(host: "127.0.0.1", port: 0, maxBody: PeerService.maxBody)
         membership = Membership(client: try EtcdClient(endpoints: etcd.endpoints), cluster: cluster,
                                 me: NodeInfo(id: id, address: "127.0.0.1:\(server.port)", labels: labels), ttl: 5, refresh: 0.2)
-        try membership.start()
         client = PeerClient(secret: secret, timeout: .seconds(5))
         // As ClusterNode wires it: a chained PUT goes on to the next live node.
-        service.forward.set { [client, membership] block, chain, durable in
+        let actions = PeerActions(forward: { [client, membership] block, chain, durable in
             client.forward(block, chain: chain, live: membership.nodes, durable: durable)
-        }
+        })
+        server.serve(PeerService(secret: secret, local: local, cache: cache, metrics: metrics, actions: actions, status: { Data("{}".utf8) }))
+        try membership.start()
         store = ClusterBlockStore(local: local, cache: cache, cacheBudget: cacheBudget, membership: membership, client: client)
         meta = try MetadataURL.open(etcd.metaURL(cluster), rootUID: 0, rootGID: 0)
         replicator = try Replicator(dataDir: dir, local: local, membership: membership, client: client, meta: meta,
@@ -338,15 +338,19 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
     @Test func writingSaysWhetherTheNodeWritesOrClosesAnInode() throws {
         let dir = try scratch("writing")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let service = PeerService(secret: "s3cret", local: try PackBlockStore(root: dir), cache: nil, metrics: PeerMetrics(),
-                                  status: { Data("{}".utf8) })
+        let local = try PackBlockStore(root: dir)
+        let client = PeerClient(secret: "s3cret")
+        defer { client.shutdown() }
+        // A service without the filesystem's answer: 503.
+        let bare = try PeerServer(host: "127.0.0.1", port: 0, routes: PeerService(secret: "s3cret", local: local, cache: nil, metrics: PeerMetrics(),
+                                                                               status: { Data("{}".utf8) }), maxBody: PeerService.maxBody)
+        #expect(throws: FSError.self) { _ = try client.writing(InodeNumber(7), at: NodeInfo(id: "bare", address: "127.0.0.1:\(bare.port)")) }
+        bare.shutdown()
+        let service = PeerService(secret: "s3cret", local: local, cache: nil, metrics: PeerMetrics(),
+                                  actions: PeerActions(writing: { ino in (ino.rawValue >= 7, ino.rawValue == 8) }), status: { Data("{}".utf8) })
         let server = try PeerServer(host: "127.0.0.1", port: 0, routes: service, maxBody: PeerService.maxBody)
         defer { server.shutdown() }
         let node = NodeInfo(id: "holder", address: "127.0.0.1:\(server.port)")
-        let client = PeerClient(secret: "s3cret")
-        defer { client.shutdown() }
-        #expect(throws: FSError.self) { _ = try client.writing(InodeNumber(7), at: node) }   // not mounted yet: 503
-        service.writing.set { ino in (ino.rawValue >= 7, ino.rawValue == 8) }
         #expect(try client.writing(InodeNumber(6), at: node) == (false, false))
         #expect(try client.writing(InodeNumber(7), at: node) == (true, false))
         #expect(try client.writing(InodeNumber(8), at: node) == (true, true))

@@ -13,7 +13,7 @@ final class TestFS: @unchecked Sendable {
     static let smallChunks = ChunkerParameters(minSize: 2 << 10, averageSize: 8 << 10, maxSize: 32 << 10)
 
     init(chunker: ChunkerParameters = TestFS.smallChunks, meta: String = "memory:", dir: String? = nil,
-         directWrites: Bool = false) throws {
+         directWrites: Bool = false, writerLock: (any WriterLock)? = nil) throws {
         self.dir = dir ?? NSTemporaryDirectory() + "modelfs-fs-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
         try FileManager.default.createDirectory(atPath: self.dir + "/staging", withIntermediateDirectories: true)
         store = try PackBlockStore(root: self.dir)
@@ -22,7 +22,7 @@ final class TestFS: @unchecked Sendable {
         options.blockCacheBytes = 8 << 20
         options.directWrites = directWrites
         let url = meta == "sqlite" ? "sqlite:\(self.dir)/meta.db" : meta
-        fs = try FileSystem(meta: try MetadataURL.open(url, rootUID: 0, rootGID: 0), store: store, options: options)
+        fs = try FileSystem(meta: try MetadataURL.open(url, rootUID: 0, rootGID: 0), store: store, options: options, writerLock: writerLock)
     }
 
     func remove() { try? FileManager.default.removeItem(atPath: dir) }

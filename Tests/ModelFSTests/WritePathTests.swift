@@ -585,9 +585,8 @@ final class FillingStore: ForwardingBlockStore, @unchecked Sendable {
     /// lock back waits for it: taken in between, the lock would be found held by this node and
     /// kept, and the release would delete it under the new writer.
     @Test func aWritableOpenWaitsForTheLockReleaseUnderWay() throws {
-        let t = try TestFS(); defer { t.remove() }
         let lock = SlowReleaseLock()
-        t.fs.writerLock = lock
+        let t = try TestFS(writerLock: lock); defer { t.remove() }
         let (ino, fh) = try t.create("f")
         try t.write(fh, at: 0, Array("first".utf8))
         try t.fs.flush(fh)
