@@ -3,7 +3,8 @@ import PackageDescription
 
 // The layers of modelfs, one target each (DESIGN.md §7), each using only those to its left:
 // ModelFSCore → ModelFSStore, ModelFSMeta → ModelFS → ModelFSFUSE (+ CFuse3, CModelFSPassthrough),
-// ModelFSPeer (+ CModelFSTLS) → modelfs (the CLI and the daemon, which composes the others).
+// ModelFSWire (+ CModelFSTLS) → ModelFSPeer → modelfs (the CLI and the daemon, which composes
+// the others).
 let package = Package(
     name: "modelfs",
     platforms: [.macOS(.v14)],
@@ -59,11 +60,23 @@ let package = Package(
         .target(name: "ModelFSFUSE", dependencies: ["CFuse3", "CModelFSPassthrough", "ModelFS"]),
         // Mutual TLS between peers, through the system's OpenSSL (libssl-dev; see its header).
         .target(name: "CModelFSTLS", linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]),
-        // Peers: the HTTP server and client, placement, membership, replication (DESIGN.md §5).
+        // The wire between nodes: the peer server and its routes, the client, block transfers,
+        // TLS (DESIGN.md §5). Knows blocks and nodes, not the filesystem or the cluster's logic.
+        .target(
+            name: "ModelFSWire",
+            dependencies: [
+                "ModelFSStore", "ModelFSCore", "CModelFSTLS",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ]
+        ),
+        // The cluster's logic over the wire: placement, membership, replication, the writer
+        // lock, healing, scrubbing, the block store that reaches peers (DESIGN.md §5).
         .target(
             name: "ModelFSPeer",
             dependencies: [
-                "ModelFS", "ModelFSMeta", "ModelFSStore", "ModelFSCore", "CModelFSTLS",
+                "ModelFSWire", "ModelFS", "ModelFSMeta", "ModelFSStore", "ModelFSCore",
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
@@ -77,7 +90,7 @@ let package = Package(
         .executableTarget(
             name: "modelfs",
             dependencies: [
-                "ModelFSFUSE", "ModelFS", "ModelFSPeer", "CModelFSSys", "ModelFSBuildInfo",
+                "ModelFSFUSE", "ModelFS", "ModelFSPeer", "ModelFSWire", "CModelFSSys", "ModelFSBuildInfo",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 // SHA-256 of whole files: `modelfs export` and `import` manifests.
                 .product(name: "Crypto", package: "swift-crypto"),
@@ -90,6 +103,6 @@ let package = Package(
         .testTarget(name: "ModelFSCoreTests", dependencies: ["ModelFSCore", "ModelFSStore", "ModelFSTestSupport"]),
         .testTarget(name: "ModelFSMetaTests", dependencies: ["ModelFSMeta", "ModelFSTestSupport"]),
         .testTarget(name: "ModelFSTests", dependencies: ["ModelFS", "ModelFSTestSupport"]),
-        .testTarget(name: "ModelFSPeerTests", dependencies: ["ModelFSPeer", "ModelFSTestSupport"]),
+        .testTarget(name: "ModelFSPeerTests", dependencies: ["ModelFSPeer", "ModelFSWire", "ModelFSTestSupport"]),
     ]
 )

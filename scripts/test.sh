@@ -8,11 +8,16 @@
 #      across nodes, stress-ng and CPython's file tests on the mount (issue #5); then the core
 #      suites (POSIX, random I/O, durability) again with --no-passthrough
 # Needs root (FUSE mounts with allow_other, tmpfs for the disk-full test).
-# Usage: scripts/test.sh [unit|mount|frameworks|all]   (default: all; `frameworks` runs only the
-# framework matrix and peer suites of tier 2)
+# Usage: scripts/test.sh [unit|mount|cluster|frameworks|all]   (default: all; `cluster` runs only
+# the cluster suites of tier 2 (loopback clusters, healing, the network lab, peer and etcd TLS,
+# frameworks across nodes); `frameworks` only the framework matrix and peer suites)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 tier="${1:-all}"
+case "$tier" in unit|mount|cluster|frameworks|all) ;; *)
+    echo "scripts/test.sh: no tier \"$tier\" (unit, mount, cluster, frameworks or all)" >&2; exit 2 ;;
+esac
+
 
 scripts/install-deps.sh
 scripts/install-cluster-deps.sh
@@ -24,7 +29,7 @@ if [ "$tier" = unit ] || [ "$tier" = all ]; then
     SWIFT_BACKTRACE="enable=yes,threads=crashed,registers=none,images=none" swift test --skip-build
 fi
 
-if [ "$tier" = mount ] || [ "$tier" = all ] || [ "$tier" = frameworks ]; then
+if [ "$tier" = mount ] || [ "$tier" = all ] || [ "$tier" = frameworks ] || [ "$tier" = cluster ]; then
     echo "== release build"
     swift build -c release --product modelfs
     # The manual's generator (scripts/install.sh, tested by test_deploy.py).
@@ -40,6 +45,12 @@ if [ "$tier" = mount ] || [ "$tier" = all ]; then
     MODELFS_TEST_PASSTHROUGH=0 MODELFS_BIN="$PWD/.build/release/modelfs" scripts/test-mount.sh \
         Tests/integration/test_posix.py Tests/integration/test_posix_more.py \
         Tests/integration/test_random_io.py Tests/integration/test_durability.py
+fi
+if [ "$tier" = cluster ]; then
+    echo "== cluster suites"
+    MODELFS_BIN="$PWD/.build/release/modelfs" scripts/test-mount.sh \
+        Tests/integration/test_cluster.py Tests/integration/test_heal.py Tests/integration/test_lab.py \
+        Tests/integration/test_peer_tls.py Tests/integration/test_etcd_security.py Tests/integration/test_frameworks_cluster.py
 fi
 if [ "$tier" = frameworks ]; then
     echo "== framework matrix and peer suites"

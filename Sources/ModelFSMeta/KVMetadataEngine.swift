@@ -2,7 +2,7 @@ import Foundation
 import ModelFSCore
 
 /// The namespace rules of modelfs, written once over any `TransactionalStore` (memory, SQLite,
-/// and later etcd): every public method is one transaction of the store.
+/// etcd): every public method is one transaction of the store.
 public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, @unchecked Sendable {
     public let store: Store
     /// What one file's xattrs may take, names and values together: 64 KiB, as CephFS allows

@@ -1,27 +1,10 @@
 import Foundation
 import ModelFS
 import ModelFSCore
+import ModelFSWire
 import ModelFSMeta
 import ModelFSStore
 import Synchronization
-
-/// Blocks one node is to send to others (`POST /v1/copy`).
-public struct CopyOrder: Codable, Sendable {
-    public struct Item: Codable, Sendable {
-        public var id: String
-        public var to: [NodeInfo]
-        /// The block is down to its last live copy: its copies do not yield to the foreground
-        /// (absent from an older node's order: false).
-        public var urgent: Bool? = nil
-    }
-    public var items: [Item]
-}
-
-public struct CopyResult: Codable, Sendable {
-    public var copies = 0
-    public var bytes: UInt64 = 0
-    public var errors: [String] = []
-}
 
 /// What the cluster's healer last found and did (`modelfs status`, kept in etcd at
 /// `/modelfs/NAME/n/heal` so every node shows it).

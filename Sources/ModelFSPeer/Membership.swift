@@ -1,5 +1,6 @@
 import Foundation
 import ModelFSCore
+import ModelFSWire
 import ModelFSMeta
 import Synchronization
 

@@ -1,25 +1,6 @@
 import Foundation
 import ModelFSCore
-
-/// A node as the cluster knows it: registered in etcd under the node's lease (so it disappears
-/// when the node dies), refreshed with its usage.
-public struct NodeInfo: Codable, Sendable, Equatable, Hashable {
-    public var id: String
-    /// host:port of its peer server.
-    public var address: String
-    public var labels: [String: String]
-    public var capacityBytes: UInt64
-    public var usedBytes: UInt64
-    public var blocks: UInt64
-    /// Bytes per second its peer server received and sent, over its last renewal period.
-    public var inRate: Double?
-    public var outRate: Double?
-    public init(id: String, address: String, labels: [String: String] = [:], capacityBytes: UInt64 = 0,
-                usedBytes: UInt64 = 0, blocks: UInt64 = 0) {
-        self.id = id; self.address = address; self.labels = labels
-        self.capacityBytes = capacityBytes; self.usedBytes = usedBytes; self.blocks = blocks
-    }
-}
+import ModelFSWire
 
 /// Where a block's copies live: rendezvous (highest-random-weight) hashing of the block id over
 /// the live nodes (DESIGN.md §5). Every node computes the same order from the same membership,

@@ -2,6 +2,7 @@ import Foundation
 import GRDB
 import ModelFS
 import ModelFSCore
+import ModelFSWire
 import ModelFSMeta
 import ModelFSStore
 import Synchronization

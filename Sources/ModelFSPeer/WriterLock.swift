@@ -2,6 +2,7 @@ import Foundation
 import Synchronization
 import ModelFS
 import ModelFSCore
+import ModelFSWire
 import ModelFSMeta
 
 /// One writer node per file (DESIGN.md §3), through etcd: `/modelfs/NAME/w/INO` holds the id of

@@ -3,6 +3,7 @@ import ModelFS
 import ModelFSCore
 import ModelFSMeta
 import ModelFSPeer
+import ModelFSWire
 import ModelFSStore
 import Synchronization
 

@@ -3,6 +3,7 @@ import Foundation
 import ModelFSCore
 import ModelFSMeta
 import ModelFSPeer
+import ModelFSWire
 
 /// The flags of a cluster node (with `--meta etcd://...`).
 struct ClusterOptions: ParsableArguments {

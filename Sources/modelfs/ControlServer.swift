@@ -2,6 +2,7 @@ import Foundation
 import ModelFS
 import ModelFSCore
 import ModelFSPeer
+import ModelFSWire
 import ModelFSStore
 
 /// What `modelfs status` shows for one mount (single node). `--json` prints this structure.

@@ -6,6 +6,7 @@ import ModelFSCore
 import ModelFSFUSE
 import ModelFSMeta
 import ModelFSPeer
+import ModelFSWire
 import ModelFSStore
 import Synchronization
 

@@ -46,7 +46,7 @@ enum TreeCopy {
     static func walk(_ root: String) throws -> [Source] {
         var out: [Source] = []
         func visit(_ dir: String, _ rel: String) throws {
-            let names = try FileManager.default.contentsOfDirectory(atPath: dir).sorted()
+            let names = try directoryNames(dir).sorted()
             for n in names {
                 let p = dir + "/" + n
                 var st = stat()
@@ -118,7 +118,7 @@ enum TreeCopy {
     static func mtime(_ st: stat) -> Double { Double(st.st_mtim.tv_sec) + Double(st.st_mtim.tv_nsec) / 1e9 }
 
     /// Removes a partial copy, quietly: the failure that led here is what gets reported.
-    static func discard(_ path: String) { try? FileManager.default.removeItem(atPath: path) }
+    static func discard(_ path: String) { removeTree(path) }
 
     static func fsyncDirectory(_ path: String) {
         let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
@@ -192,7 +192,7 @@ struct ExportCommand: ParsableCommand {
                     guard mkdir(to, 0o755) == 0 else { throw fail("\(to): \(String(cString: strerror(errno)))") }
                 case S_IFLNK:
                     e.kind = "symlink"
-                    let target = try FileManager.default.destinationOfSymbolicLink(atPath: s.path)
+                    let target = try linkTarget(s.path)
                     e.target = target
                     guard symlink(target, to) == 0 else { throw fail("\(to): \(String(cString: strerror(errno)))") }
                 case S_IFREG:
@@ -219,8 +219,7 @@ struct ExportCommand: ParsableCommand {
             enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
             let data = try enc.encode(manifest)
             let mpath = work + "/" + ExportManifest.fileName
-            guard FileManager.default.createFile(atPath: mpath, contents: data) else { throw fail("\(mpath): cannot write") }
-            let fd = open(mpath, O_RDONLY); if fd >= 0 { fsync(fd); close(fd) }
+            try writeNew(mpath, data)
             TreeCopy.fsyncDirectory(work)
             guard rename(work, dest) == 0 else { throw fail("\(dest): \(String(cString: strerror(errno)))") }
             TreeCopy.fsyncDirectory(parent)
@@ -273,8 +272,9 @@ struct ImportCommand: ParsableCommand {
 
         let mpath = src + "/" + ExportManifest.fileName
         var manifest: ExportManifest?
-        if FileManager.default.fileExists(atPath: mpath) {
-            guard let data = FileManager.default.contents(atPath: mpath) else { throw fail("\(mpath): cannot read") }
+        var mst = stat()
+        if lstat(mpath, &mst) == 0 {
+            guard let data = readWhole(mpath) else { throw fail("\(mpath): cannot read") }
             do { manifest = try JSONDecoder().decode(ExportManifest.self, from: data) } catch {
                 throw fail("\(mpath): not a modelfs export manifest (\(error))")
             }
@@ -290,7 +290,7 @@ struct ImportCommand: ParsableCommand {
             var e = ExportManifest.Entry(path: s.rel, kind: "file", mode: UInt32(s.st.st_mode & 0o7777), mtime: TreeCopy.mtime(s.st))
             switch s.st.st_mode & S_IFMT {
             case S_IFDIR: e.kind = "directory"
-            case S_IFLNK: e.kind = "symlink"; e.target = try FileManager.default.destinationOfSymbolicLink(atPath: s.path)
+            case S_IFLNK: e.kind = "symlink"; e.target = try linkTarget(s.path)
             case S_IFREG: break
             default: return nil
             }

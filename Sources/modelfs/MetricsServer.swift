@@ -1,6 +1,7 @@
 import Foundation
 import ModelFSCore
 import ModelFSPeer
+import ModelFSWire
 import NIOCore
 import NIOHTTP1
 

@@ -29,7 +29,7 @@ struct ModelFSCommand: ParsableCommand {
     static func main() {
         let args: [String]
         do {
-            args = try expandedArguments(CommandLine.arguments)
+            args = try expandedArguments(rawArguments())
         } catch {
             FileHandle.standardError.write(Data("modelfs: \(error)\n".utf8))
             Foundation.exit(1)
@@ -68,7 +68,7 @@ func humanBytes(_ n: UInt64) -> String {
 /// Absolute, symlink-free form of a path (the mount table uses these).
 func canonicalPath(_ path: String) -> String {
     let expanded = (path as NSString).expandingTildeInPath
-    let absolute = expanded.hasPrefix("/") ? expanded : FileManager.default.currentDirectoryPath + "/" + expanded
-    if let r = realpath(absolute, nil) { defer { free(r) }; return String(cString: r) }
+    let absolute = expanded.hasPrefix("/") ? expanded : currentDirectory() + "/" + expanded
+    if let r = realPath(absolute) { return r }
     return (absolute as NSString).standardizingPath
 }

@@ -2,6 +2,7 @@ import Foundation
 import ModelFS
 import ModelFSCore
 import ModelFSPeer
+import ModelFSWire
 import ModelFSStore
 
 /// `modelfs status PATH`: every file at or below PATH by replication state. The schema is

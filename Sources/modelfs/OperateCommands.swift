@@ -2,6 +2,7 @@ import ArgumentParser
 import CModelFSSys
 import Foundation
 import ModelFSPeer
+import ModelFSWire
 
 /// A path inside a mount as the daemon's requests name it: "INO PARENT PATH".
 func controlTarget(_ path: String) throws -> (record: MountRecord, words: String) {

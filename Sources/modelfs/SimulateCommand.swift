@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import ModelFSCore
 import ModelFSPeer
+import ModelFSWire
 
 extension DebugCommand {
     /// A cluster far larger than this machine, simulated with the real `Placement` and the real

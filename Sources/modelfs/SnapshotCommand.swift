@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import ModelFS
+import ModelFSCore
 
 /// `modelfs snapshot SRC DST`, `modelfs snapshot --delete DST` (FileSystem.snapshot).
 struct SnapshotCommand: ParsableCommand {
@@ -32,7 +33,7 @@ struct SnapshotCommand: ParsableCommand {
     }
 
     static func hex(_ name: String) -> String {
-        name.utf8.map { String(format: "%02x", $0) }.joined()
+        RawName.bytes(name).map { String(format: "%02x", $0) }.joined()
     }
 
     /// A path that need not exist yet: its directory made canonical, its last name kept.

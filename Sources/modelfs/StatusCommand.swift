@@ -2,6 +2,7 @@ import ArgumentParser
 import CModelFSSys
 import Foundation
 import ModelFSPeer
+import ModelFSWire
 
 struct StatusCommand: ParsableCommand {
     static let configuration = CommandConfiguration(

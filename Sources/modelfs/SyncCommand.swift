@@ -4,6 +4,7 @@ import Foundation
 import ModelFS
 import ModelFSCore
 import ModelFSPeer
+import ModelFSWire
 
 /// The mount that holds `path`: the registered mountpoint that is its longest prefix.
 func mountRecord(containing path: String) throws -> MountRecord {
@@ -47,11 +48,7 @@ struct SyncCommand: ParsableCommand {
             guard stat(p, &st) == 0 else { throw fail("\(p): \(String(cString: strerror(errno)))") }
             var list: [UInt64] = []
             if st.st_mode & S_IFMT == S_IFDIR {
-                let e = FileManager.default.enumerator(atPath: p)
-                while let rel = e?.nextObject() as? String {
-                    var s = stat()
-                    if lstat(p + "/" + rel, &s) == 0 && s.st_mode & S_IFMT == S_IFREG { list.append(UInt64(s.st_ino)) }
-                }
+                for s in try TreeCopy.walk(p) where s.st.st_mode & S_IFMT == S_IFREG { list.append(UInt64(s.st.st_ino)) }
             } else {
                 list.append(UInt64(st.st_ino))
             }

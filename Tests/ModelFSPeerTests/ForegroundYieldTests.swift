@@ -3,6 +3,7 @@ import ModelFSTestSupport
 import Testing
 @testable import ModelFSCore
 @testable import ModelFSPeer
+@testable import ModelFSWire
 @testable import ModelFSStore
 
 /// Healing yields to the foreground (ForegroundYield): its arithmetic on a given clock, then

@@ -5,6 +5,7 @@ import Synchronization
 import Testing
 @testable import ModelFSCore
 @testable import ModelFSPeer
+@testable import ModelFSWire
 @testable import ModelFSStore
 
 /// The peer protocol under seeded garbage: requests made from valid ones by mutation (bytes

@@ -3,6 +3,7 @@ import Synchronization
 import Testing
 @testable import ModelFSCore
 @testable import ModelFSPeer
+@testable import ModelFSWire
 @testable import ModelFSStore
 
 /// The peer server's HTTP/1.1 handling, spoken to over raw loopback sockets: what a client

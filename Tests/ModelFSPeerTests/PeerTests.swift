@@ -9,6 +9,7 @@ import Testing
 @testable import ModelFSCore
 @testable import ModelFSMeta
 @testable import ModelFSPeer
+@testable import ModelFSWire
 @testable import ModelFSStore
 
 func blockOf(_ n: Int, seed: UInt64) -> (BlockID, [UInt8]) {

@@ -171,3 +171,40 @@ def test_export_and_import_are_bit_exact_and_verified(mnt, tmp_path):
                        (("import", tmp_path / "nope", mnt / "x"), "No such file")]:
         r = cli(*args, check=False)
         assert r.returncode != 0 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+
+
+def _bytes_of(name: str) -> bytes:
+    """A name as modelfs's JSON spells it back to its bytes: a byte that is not UTF-8 is the
+    scalar U+10FF00 + byte (RawName)."""
+    return b"".join(bytes([ord(c) - 0x10FF00]) if ord(c) >= 0x10FF00 else c.encode() for c in name)
+
+
+def test_paths_that_are_not_utf8_work_on_the_command_line(mnt, tmp_path):
+    """Linux paths are bytes (issue #28): a checkpoint directory named in Latin-1 holding a file
+    whose name is not UTF-8 either is found by `status` and `ckpt list`, snapshotted, exported
+    and imported, every name byte for byte (the CLI used to read its arguments as UTF-8,
+    replacing such bytes, and then found no such path)."""
+    def cli_b(*args):
+        r = subprocess.run([os.fsencode(MODELFS_BIN), *[a if isinstance(a, bytes) else os.fsencode(str(a)) for a in args]],
+                           capture_output=True, timeout=300)
+        assert r.returncode == 0, f"{args}: {r.stderr.decode(errors='replace')}"
+        return r
+    root = os.fsencode(str(mnt.mp))
+    run = root + b"/caf\xe9-run"
+    os.mkdir(run)
+    body = os.urandom(MiB + 5)
+    with open(run + b"/model-\xff.safetensors", "wb") as f:
+        f.write(body)
+    assert cli_b("status", run, "--json").returncode == 0
+    listed = json.loads(cli_b("ckpt", "list", run, "--json").stdout)
+    paths = [_bytes_of(c["path"]) for c in listed["checkpoints"]]
+    assert any(p.endswith(b"model-\xff.safetensors") for p in paths), (listed, paths)
+    cli_b("snapshot", run, root + b"/snap-\xe9")
+    assert open(root + b"/snap-\xe9/model-\xff.safetensors", "rb").read() == body
+    out = os.fsencode(str(tmp_path)) + b"/out-\xe9"
+    cli_b("export", run, out)
+    assert sorted(os.listdir(out)) == [b"model-\xff.safetensors", b"modelfs-manifest.json"]
+    assert open(out + b"/model-\xff.safetensors", "rb").read() == body
+    cli_b("import", out, root + b"/back-\xe9")
+    assert os.listdir(root + b"/back-\xe9") == [b"model-\xff.safetensors"]
+    assert open(root + b"/back-\xe9/model-\xff.safetensors", "rb").read() == body

@@ -318,7 +318,7 @@ public struct OutgoingBlock: Sendable {
     let store: PackBlockStore
     let memory: BlockBuffer?
     /// The block's bytes are memory[0..<length] (a pipeline buffer may be larger).
-    let length: Int
+    public let length: Int
 
     public init(_ id: BlockID, from store: PackBlockStore) {
         self.id = id
