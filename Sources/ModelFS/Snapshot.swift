@@ -121,14 +121,19 @@ extension FileSystem {
             if a.immutable { _ = try meta.setattr(a.ino, AttributeChanges(flags: a.flags & ~InodeAttributes.immutableFlag), now: .now()) }
         }
         try thaw(top)
-        // Depth first: a directory is removed once its entries are.
+        // Depth first: a directory is removed once its entries are. Each page's entries are
+        // thawed together (`setattrs`, as `snapshot` freezes them), then removed one by one.
         func remove(_ dir: InodeNumber) throws {
             while true {
                 let page = try meta.readdirPlus(dir, after: 0, limit: 256)
                 if page.isEmpty { return }
+                let frozen = page.compactMap { $0.1 }.filter(\.immutable)
+                    .map { (ino: $0.ino, changes: AttributeChanges(flags: $0.flags & ~InodeAttributes.immutableFlag)) }
+                for start in stride(from: 0, to: frozen.count, by: Self.snapshotBatch * 2) {
+                    try meta.setattrs(Array(frozen[start..<min(start + Self.snapshotBatch * 2, frozen.count)]), now: .now())
+                }
                 for (e, found) in page {
                     guard let a = found else { continue }
-                    try thaw(a)
                     if a.kind == .directory {
                         try remove(a.ino)
                         try rmdir(parent: dir, name: e.name)
