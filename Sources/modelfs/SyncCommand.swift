@@ -118,15 +118,11 @@ struct PolicyCommand: ParsableCommand {
             guard stat(p, &st) == 0 else { throw fail("\(p): \(String(cString: strerror(errno)))") }
             guard st.st_mode & S_IFMT == S_IFDIR else { throw fail("\(p) is not a directory: tier rules are set on directories") }
             guard let rule else {
-                var dir = p
-                while true {
-                    var buf = [UInt8](repeating: 0, count: 64)
-                    let n = getxattr(dir, Tiering.xattr, &buf, buf.count)
-                    if n > 0 { print("\(String(decoding: buf[0..<n], as: UTF8.self))  (from \(dir))"); return }
-                    if dir == record.mountpoint || dir == "/" { break }
-                    dir = (dir as NSString).deletingLastPathComponent
+                if let (v, dir) = inheritedXattr(Tiering.xattr, from: p, mountpoint: record.mountpoint, { Tiering.Rule(rawValue: $0) }) {
+                    print("\(v.rawValue)  (from \(dir))")
+                } else {
+                    print("auto  (the default)")
                 }
-                print("auto  (the default)")
                 return
             }
             guard Tiering.Rule(rawValue: rule) != nil else { throw fail("tier rule \(rule): use fast, slow or auto") }
@@ -146,12 +142,7 @@ struct PolicyCommand: ParsableCommand {
             var dir = canonicalPath(path)
             var st = stat()
             if stat(dir, &st) == 0, st.st_mode & S_IFMT != S_IFDIR { dir = (dir as NSString).deletingLastPathComponent }
-            var found: (ReplicationPolicy, String)?
-            while true {
-                if let v = getPolicyXattr(dir), let p = try? ReplicationPolicy(parsing: v) { found = (p, dir); break }
-                if dir == record.mountpoint || dir == "/" { break }
-                dir = (dir as NSString).deletingLastPathComponent
-            }
+            var found = inheritedXattr(ReplicationPolicy.xattr, from: dir, mountpoint: record.mountpoint) { try? ReplicationPolicy(parsing: $0) }
             if found == nil {
                 let data = try ControlServer.request(record.socket, "status")
                 let s = try JSONDecoder().decode(MountStatus.self, from: data)
@@ -192,8 +183,16 @@ struct PolicyCommand: ParsableCommand {
     }
 }
 
-func getPolicyXattr(_ path: String) -> String? {
-    var buf = [UInt8](repeating: 0, count: 256)
-    let n = getxattr(path, ReplicationPolicy.xattr, &buf, buf.count)
-    return n > 0 ? String(decoding: buf[0..<n], as: UTF8.self) : nil
+/// A setting kept in an xattr and inherited (a replication policy, a tier rule): the value of
+/// the nearest directory at or above `dir`, up to the mountpoint, that has one `parse` takes,
+/// and that directory.
+func inheritedXattr<T>(_ name: String, from dir: String, mountpoint: String, _ parse: (String) -> T?) -> (T, String)? {
+    var dir = dir
+    while true {
+        var buf = [UInt8](repeating: 0, count: 256)
+        let n = getxattr(dir, name, &buf, buf.count)
+        if n > 0, let v = parse(String(decoding: buf[0..<n], as: UTF8.self)) { return (v, dir) }
+        if dir == mountpoint || dir == "/" { return nil }
+        dir = (dir as NSString).deletingLastPathComponent
+    }
 }
