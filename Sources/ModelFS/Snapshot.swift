@@ -21,6 +21,13 @@ extension FileSystem {
     /// transaction may hold); twice as many inodes per `setattrs` (one write each).
     static let snapshotBatch = 25
 
+    /// `setattrs` of `changes`, `snapshotBatch * 2` inodes a transaction.
+    private func setattrsInBatches(_ changes: [(ino: InodeNumber, changes: AttributeChanges)]) throws {
+        for start in stride(from: 0, to: changes.count, by: Self.snapshotBatch * 2) {
+            try meta.setattrs(Array(changes[start..<min(start + Self.snapshotBatch * 2, changes.count)]), now: .now())
+        }
+    }
+
     /// Copies the tree at `src` to a new entry `name` of `parent`, then makes every inode of the
     /// copy immutable. A file open for writing is copied as last committed. Hard links inside the
     /// tree become separate files (sharing blocks). EEXIST if `name` exists; EINVAL if `parent`
@@ -103,9 +110,7 @@ extension FileSystem {
         let frozen = made.reversed().map { m in
             (ino: m.ino, changes: AttributeChanges(atime: m.from.atime, mtime: m.from.mtime, flags: m.from.flags | InodeAttributes.immutableFlag))
         }
-        for start in stride(from: 0, to: frozen.count, by: Self.snapshotBatch * 2) {
-            try meta.setattrs(Array(frozen[start..<min(start + Self.snapshotBatch * 2, frozen.count)]), now: .now())
-        }
+        try setattrsInBatches(frozen)
         changed()
         return out
     }
@@ -129,9 +134,7 @@ extension FileSystem {
                 if page.isEmpty { return }
                 let frozen = page.compactMap { $0.1 }.filter(\.immutable)
                     .map { (ino: $0.ino, changes: AttributeChanges(flags: $0.flags & ~InodeAttributes.immutableFlag)) }
-                for start in stride(from: 0, to: frozen.count, by: Self.snapshotBatch * 2) {
-                    try meta.setattrs(Array(frozen[start..<min(start + Self.snapshotBatch * 2, frozen.count)]), now: .now())
-                }
+                try setattrsInBatches(frozen)
                 for (e, found) in page {
                     guard let a = found else { continue }
                     if a.kind == .directory {

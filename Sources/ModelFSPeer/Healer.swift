@@ -205,8 +205,8 @@ public final class Healer: Sendable {
     }
 
     /// Why a pass should run now, or nil: nothing changed since the last one, which was clean.
-    func reasonForPass(at now: Date = Date()) -> String? {
-        let current = situation()
+    func reasonForPass() -> String? {
+        let now = Date(), current = situation()
         let wasAsked = asked.withLock { a in defer { a = false }; return a }
         return lastPass.withLock { last in
             if wasAsked { return "asked" }
@@ -242,21 +242,21 @@ public final class Healer: Sendable {
         }
         guard let reason = reasonForPass() else { return }
         let seen = situation()
-        var next = LastPass(situation: seen, leftWork: false, failures: 0, at: Date())
+        var leftWork = false, failed = true
         do {
             let plan = try pass(reason: reason)
-            next.leftWork = plan.copiedBytes > 0 || plan.dropped > 0 || plan.moves > 0
-            next.failures = plan.errors.isEmpty ? 0 : lastPass.withLock { $0.failures } + 1
-            next.at = Date()
+            leftWork = plan.copiedBytes > 0 || plan.dropped > 0 || plan.moves > 0
+            failed = !plan.errors.isEmpty
             let s = localStatus
             Log.info("healer: a pass (\(reason)) read \(s.files) files in \(String(format: "%.1f", s.lastPassSeconds)) s: \(plan.short) blocks short, \(plan.copiedBytes) bytes copied, \(plan.dropped) copies dropped\(plan.errors.first.map { "; \($0)" } ?? "")")
         } catch {
-            next.failures = lastPass.withLock { $0.failures } + 1
-            next.at = Date()
             state.withLock { $0.lastError = "\(error)"; $0.running = false }
             Log.warning("healer: a pass (\(reason)) failed: \(error)")
         }
-        lastPass.withLock { $0 = next }
+        let next = lastPass.withLock { last -> LastPass in
+            last = LastPass(situation: seen, leftWork: leftWork, failures: failed ? last.failures + 1 : 0, at: Date())
+            return last
+        }
         state.withLock { $0.nextPassAt = Self.nextPass(after: next, interval: interval, fullEvery: fullEvery).timeIntervalSince1970 }
         publish()
     }

@@ -156,19 +156,23 @@ func readWhole(_ path: String) -> Data? {
     }
 }
 
+/// Writes all of `bytes` to `fd` (the file at `path`, named in the error), through short writes
+/// and EINTR.
+func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, _ path: String) throws {
+    var at = 0
+    while at < bytes.count {
+        let w = write(fd, bytes.baseAddress! + at, bytes.count - at)
+        if w < 0 && errno == EINTR { continue }
+        guard w > 0 else { throw fail("\(path): \(String(cString: strerror(errno)))") }
+        at += w
+    }
+}
+
 /// Writes a new file `path` (mode 0644) holding `data`, fsynced.
 func writeNew(_ path: String, _ data: Data) throws {
     let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
     guard fd >= 0 else { throw fail("\(path): \(String(cString: strerror(errno)))") }
     defer { close(fd) }
-    try data.withUnsafeBytes { raw in
-        var at = 0
-        while at < raw.count {
-            let w = write(fd, raw.baseAddress! + at, raw.count - at)
-            if w < 0 && errno == EINTR { continue }
-            guard w > 0 else { throw fail("\(path): \(String(cString: strerror(errno)))") }
-            at += w
-        }
-    }
+    try data.withUnsafeBytes { try writeAll(fd, $0, path) }
     guard fsync(fd) == 0 else { throw fail("\(path): \(String(cString: strerror(errno)))") }
 }

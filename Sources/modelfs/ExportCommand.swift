@@ -91,15 +91,7 @@ enum TreeCopy {
         let o = open(to, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard o >= 0 else { throw fail("\(to): \(String(cString: strerror(errno)))") }
         defer { close(o) }
-        let result = try stream(from) { piece in
-            var at = 0
-            while at < piece.count {
-                let w = write(o, piece.baseAddress! + at, piece.count - at)
-                if w < 0 && errno == EINTR { continue }
-                guard w > 0 else { throw fail("\(to): \(String(cString: strerror(errno)))") }
-                at += w
-            }
-        }
+        let result = try stream(from) { try writeAll(o, $0, to) }
         guard fsync(o) == 0 else { throw fail("\(to): \(String(cString: strerror(errno)))") }
         // Synced pages can be dropped: the read-back that follows then reads the disk, not memory.
         _ = posix_fadvise(o, 0, 0, POSIX_FADV_DONTNEED)
