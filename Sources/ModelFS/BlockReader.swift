@@ -34,14 +34,15 @@ public final class BlockReader: @unchecked Sendable {
         self.cache = cache
     }
 
-    public func block(_ id: BlockID) throws -> BlockBuffer {
+    /// `file`: the version being read, if any (the store may share its loading with other nodes).
+    public func block(_ id: BlockID, for file: FileVersion? = nil) throws -> BlockBuffer {
         if let b = cache.get(id) { return b }
         let (loading, mine) = inflight.withLock { m -> (Loading, Bool) in
             if let l = m[id] { return (l, false) }
             let l = Loading(); m[id] = l; return (l, true)
         }
         guard mine else { return try loading.wait() }
-        let result = Result { try store.read(id) }
+        let result = Result { try store.read(id, for: file) }
         if case .success(let b) = result { cache.insert(id, b) }
         inflight.withLock { _ = $0.removeValue(forKey: id) }
         loading.finish(result)
@@ -50,15 +51,15 @@ public final class BlockReader: @unchecked Sendable {
 
     /// A sequential reader will want these blocks next, in this order: the store is told to start
     /// reading them from disk, and the first ones are read and verified in the background.
-    public func readahead(_ ids: some Sequence<BlockID>) {
+    public func readahead(_ ids: some Sequence<BlockID>, for file: FileVersion? = nil) {
         let missing = cache.missing(ids)
         guard !missing.isEmpty else { return }
-        store.willNeed(missing)
+        store.willNeed(missing, for: file)
         for id in missing.prefix(2) {
             guard prefetchSlots.wait(timeout: .now()) == .success else { return }
             prefetchQueue.async { [self] in
                 defer { prefetchSlots.signal() }
-                _ = try? block(id)
+                _ = try? block(id, for: file)
             }
         }
     }
@@ -97,14 +98,14 @@ struct ChunkList {
     /// The blocks that hold bytes [range) (within 0..<end), as slices of verified block buffers,
     /// in order. The read that crosses the middle of a block starts readahead of the following
     /// ones (once per block: a sequential reader asks for each block in several requests).
-    func slices(_ range: Range<UInt64>, reader: BlockReader) throws -> [ReadSlice] {
+    func slices(_ range: Range<UInt64>, reader: BlockReader, file: FileVersion? = nil) throws -> [ReadSlice] {
         guard !range.isEmpty else { return [] }
         var out: [ReadSlice] = []
         var i = index(of: range.lowerBound)
         var pos = range.lowerBound
         while pos < range.upperBound {
             let c = chunks[i]
-            let block = try reader.block(c.id)
+            let block = try reader.block(c.id, for: file)
             guard block.count == Int(c.length) else { throw FSError.io("block \(c.id) has \(block.count) bytes, manifest says \(c.length)") }
             let from = Int(pos - offsets[i])
             let n = Int(min(range.upperBound, offsets[i + 1]) - pos)
@@ -112,7 +113,7 @@ struct ChunkList {
             pos += UInt64(n)
             let middle = Int(c.length) / 2
             if i + 1 < chunks.count && from <= middle && from + n > middle {
-                reader.readahead(chunks[(i + 1)..<min(chunks.count, i + 9)].lazy.map(\.id))
+                reader.readahead(chunks[(i + 1)..<min(chunks.count, i + 9)].lazy.map(\.id), for: file)
             }
             i += 1
         }

@@ -419,7 +419,7 @@ public final class FileSystem: @unchecked Sendable {
             }
             let fresh = flags.writable && !hasSession ? try makeSession(ino, epoch: epoch) : nil
             let view = !flags.writable && !hasSession && !hasView
-                ? ReadView(manifest: try loadManifest(ino), size: attrs.size, version: attrs.version, keyed: flatCopies != nil) : nil
+                ? ReadView(manifest: try loadManifest(ino), ino: ino, size: attrs.size, version: attrs.version, keyed: flatCopies != nil) : nil
             let installed: (UInt64, Bool, WriteSession?)? = tables.withLock { t in
                 let l = t.live[ino] ?? { let n = Live(); t.live[ino] = n; return n }()
                 if flags.writable && l.session == nil && fresh == nil { return nil }
@@ -894,12 +894,15 @@ final class ReadView: @unchecked Sendable {
     let chunks: ChunkList
     let size: UInt64
     let version: UInt64
+    /// The version as every node names it (reads pass it to the store: fan-out).
+    let file: FileVersion
     /// The content name of its flat copy (`FlatCopies.key`), when flat copies are kept.
     let flatKey: String?
-    init(manifest: Manifest, size: UInt64, version: UInt64, keyed: Bool = false) {
+    init(manifest: Manifest, ino: InodeNumber, size: UInt64, version: UInt64, keyed: Bool = false) {
         chunks = ChunkList(manifest)
         self.size = size
         self.version = version
+        file = FileVersion(ino: ino, version: version, size: size)
         flatKey = keyed ? FlatCopies.key(manifest, size: size) : nil
     }
 
@@ -938,7 +941,7 @@ final class ReadView: @unchecked Sendable {
         guard offset < size else { return [] }
         let end = min(size, offset + UInt64(count))
         let stored = min(end, chunks.end)
-        var out = offset < stored ? try chunks.slices(offset..<stored, reader: reader) : []
+        var out = offset < stored ? try chunks.slices(offset..<stored, reader: reader, file: file) : []
         if stored < end { out += ReadSlice.zeroFill(Int(end - max(stored, offset))) }
         return out
     }

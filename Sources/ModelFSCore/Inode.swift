@@ -167,3 +167,38 @@ public func validateName(_ name: String) throws {
     }
     if RawName.byteCount(name) > 255 { throw FSError(ENAMETOOLONG, "file name longer than 255 bytes") }
 }
+
+/// One committed version of a file, as readers on every node name it: its inode, its version
+/// (the inode's commit counter, the same on every node) and its size. Cluster nodes loading the
+/// same version cooperate (fan-out, docs/ARCHITECTURE.md); it travels as `text`, e.g.
+/// `00000000000000a3.7`.
+public struct FileVersion: Hashable, Sendable, CustomStringConvertible {
+    public let ino: InodeNumber
+    public let version: UInt64
+    public let size: UInt64
+    public init(ino: InodeNumber, version: UInt64, size: UInt64) {
+        self.ino = ino; self.version = version; self.size = size
+    }
+
+    /// `INO.VERSION`, the inode in 16 hex digits (the size is not part of it).
+    public var text: String {
+        let hex = String(ino.rawValue, radix: 16)
+        return String(repeating: "0", count: max(0, 16 - hex.count)) + hex + ".\(version)"
+    }
+
+    /// Parses `text` (size 0: the name does not carry it); nil for anything else.
+    public init?(text: some StringProtocol) {
+        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 2, parts[0].count == 16, (1...20).contains(parts[1].count),
+              parts[0].utf8.allSatisfy({ (48...57).contains($0) || (97...102).contains($0) }),
+              parts[1].utf8.allSatisfy({ (48...57).contains($0) }),
+              let ino = UInt64(parts[0], radix: 16), let version = UInt64(parts[1]) else { return nil }
+        self.init(ino: InodeNumber(ino), version: version, size: 0)
+    }
+
+    public var description: String { "\(ino) version \(version)" }
+
+    /// Equal when they name the same version (the size follows from it).
+    public static func == (a: FileVersion, b: FileVersion) -> Bool { a.ino == b.ino && a.version == b.version }
+    public func hash(into h: inout Hasher) { h.combine(ino); h.combine(version) }
+}

@@ -21,6 +21,7 @@ import ModelFSCore
 /// | `nodes/ID` | per live node | address, labels, usage; under its lease | Membership |
 /// | `members/ID` | per node ever joined | the roster (no lease) | Membership |
 /// | `drain/ID` | per draining node | a drain mark | Membership |
+/// | `f/INO.VERSION/ID` | per node loading a large file version | a fan-out loader; under the node's lease | Fanout |
 ///
 /// `EtcdKeys.layout` lists them for the test that no prefix shadows another key (a range
 /// over one must never return another's keys).
@@ -49,6 +50,7 @@ public struct EtcdKeys: Sendable {
     public var nodes: Data { key("nodes/") }
     public var members: Data { key("members/") }
     public var drain: Data { key("drain/") }
+    public var loaders: Data { key("f/") }
 
     /// An inode number as keys spell it: 16 hex digits, so keys sort by number.
     public static func hex(_ ino: InodeNumber) -> String {
@@ -71,6 +73,9 @@ public struct EtcdKeys: Sendable {
     public func node(_ id: String) -> Data { nodes + Data(id.utf8) }
     public func member(_ id: String) -> Data { members + Data(id.utf8) }
     public func drain(_ id: String) -> Data { drain + Data(id.utf8) }
+    /// The prefix of a file version's fan-out loaders, and one of them.
+    public func loaders(of file: FileVersion) -> Data { loaders + Data("\(file.text)/".utf8) }
+    public func loader(of file: FileVersion, node: String) -> Data { loaders(of: file) + Data(node.utf8) }
 
     /// Each key below `root`: its text, and whether it is a prefix (ranged over) or one key.
     /// A prefix's own nested keys name it as `within`.
@@ -79,6 +84,6 @@ public struct EtcdKeys: Sendable {
         ("t/", true, nil), ("w/", true, nil),
         ("n/next_ino", false, nil), ("n/stats/", true, nil), ("n/stats/_base", false, "n/stats/"),
         ("n/healer", false, nil), ("n/heal", false, nil), ("n/cluster_id", false, nil),
-        ("nodes/", true, nil), ("members/", true, nil), ("drain/", true, nil),
+        ("nodes/", true, nil), ("members/", true, nil), ("drain/", true, nil), ("f/", true, nil),
     ]
 }

@@ -31,6 +31,22 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         /// Fetched blocks not kept in the cache, its writer being `cacheWriteLimit` behind (the
         /// disk slower than the network): a later read fetches them again and may keep them.
         public var cacheWritesDropped: UInt64 = 0
+        /// Copies from peers whose bytes did not hash to their id: rejected, fetched elsewhere.
+        public var rejectedCopies: UInt64 = 0
+
+        public init() {}
+        /// Fields added later default when absent, so a CLI reads an older daemon's status.
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            localHits = try c.decode(UInt64.self, forKey: .localHits)
+            cacheHits = try c.decode(UInt64.self, forKey: .cacheHits)
+            peerFetches = try c.decode(UInt64.self, forKey: .peerFetches)
+            peerBytes = try c.decode(UInt64.self, forKey: .peerBytes)
+            failedFetches = try c.decode(UInt64.self, forKey: .failedFetches)
+            evictedBytes = try c.decode(UInt64.self, forKey: .evictedBytes)
+            cacheWritesDropped = try c.decodeIfPresent(UInt64.self, forKey: .cacheWritesDropped) ?? 0
+            rejectedCopies = try c.decodeIfPresent(UInt64.self, forKey: .rejectedCopies) ?? 0
+        }
     }
     private struct State {
         var stats = Stats()
@@ -77,11 +93,14 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
 
     /// Notes this filesystem's block reads and writes as foreground work (healing yields to it).
     let yield: ForegroundYield?
+    /// Shares the loading of large file versions with the other nodes loading them (nil: off).
+    public let fanout: Fanout?
 
     public init(local: PackBlockStore, cache: PackBlockStore, cacheBudget: UInt64, membership: Membership,
-                client: PeerClient, parallel: Int = 8, yield: ForegroundYield? = nil,
+                client: PeerClient, parallel: Int = 8, yield: ForegroundYield? = nil, fanout: Fanout? = nil,
                 onCorrupt: @escaping @Sendable (BlockID) -> Void = { _ in }) {
         self.onCorrupt = onCorrupt
+        self.fanout = fanout
         self.local = local
         self.yield = yield
         self.cache = cache
@@ -138,7 +157,9 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         return cache.contains(id) ? try? cache.read(id) : nil
     }
 
-    public func read(_ id: BlockID) throws -> BlockBuffer {
+    public func read(_ id: BlockID) throws -> BlockBuffer { try read(id, for: nil) }
+
+    public func read(_ id: BlockID, for file: FileVersion?) throws -> BlockBuffer {
         yield?.noteForeground()
         if let b = state.withLock({ $0.take(id) }) {
             state.withLock { $0.stats.cacheHits += 1 }
@@ -157,11 +178,25 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
             state.withLock { $0.stats.cacheHits += 1 }
             return b
         }
-        return try fetch(id)
+        return try fetch(id, file: file)
+    }
+
+    /// A loader of `file` asks for block `id` (fan-out), which this node has in neither store:
+    /// what this node holds of it in memory, or else the block fetched from its holders now
+    /// (kept in the cache for the next loader and this node's own reader). nil if this node
+    /// does not load that file (any more) or cannot get the block.
+    public func relay(_ id: BlockID, for file: FileVersion) -> BlockBuffer? {
+        guard let fanout, fanout.loading(file) else { return nil }
+        let b = state.withLock { $0.fetched[id] } ?? cacheWrites.withLock { $0.pending[id] } ?? (try? fetch(id, file: file, relaying: true))
+        if let b { fanout.note(file, .served(b.count)) }
+        return b
     }
 
     /// Fetches a block from the peers into the cache (or waits for a fetch already under way).
-    func fetch(_ id: BlockID, handOff: Bool = false, writeBehind: Bool = true) throws -> BlockBuffer {
+    /// `file`: the version a reader wants it for (fan-out may ask another loader of it first,
+    /// unless `relaying`: this node fetches it for another loader, from the holders).
+    func fetch(_ id: BlockID, handOff: Bool = false, writeBehind: Bool = true, file: FileVersion? = nil,
+               relaying: Bool = false) throws -> BlockBuffer {
         let (group, mine) = state.withLock { s -> (DispatchGroup, Bool) in
             if let g = s.inflight[id] { return (g, false) }
             let g = DispatchGroup()
@@ -177,7 +212,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
             group.wait()
             if let b = leftBehind(id) { return b }
             if let b = try? local.read(id) { return b }
-            return try fetch(id, writeBehind: writeBehind)   // the other fetch failed: try ourselves
+            return try fetch(id, writeBehind: writeBehind, file: file, relaying: relaying)   // the other fetch failed: try ourselves
         }
         defer {
             state.withLock { _ = $0.inflight.removeValue(forKey: id) }
@@ -194,6 +229,25 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         } else if cached(id) || state.withLock({ $0.handedOut(id) }) {
             throw Superseded()
         }
+        // Fan-out: the block's designated loader among the nodes loading this file, if that is
+        // another node, relays it; if it cannot, the holders serve as usual.
+        let shared = file.flatMap { f in fanout.map { (f, $0) } }.flatMap { f, o in o.applies(to: f) ? (f, o) : nil }
+        if !relaying, let (f, o) = shared, let loader = o.designated(id, file: f) {
+            var refused = false
+            do {
+                switch try client.fetch(id, from: loader, relay: f) {
+                case .block(let b):
+                    o.note(f, .fromLoader(b.count))
+                    try keep(id, b, handOff: handOff, writeBehind: writeBehind)
+                    return b
+                case .missing: refused = true
+                case .corrupt:
+                    state.withLock { $0.stats.rejectedCopies += 1 }
+                    o.note(f, .rejected)
+                }
+            } catch {}
+            o.note(f, .fallback(loader: loader.id, refused: refused))
+        }
         // Live peers in placement order; then nodes whose lease lapsed (a node slow to renew
         // under load still serves its blocks; a dead one just refuses the connection).
         let peers = Placement.order(id, membership.peers) + membership.lost
@@ -204,26 +258,18 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         let skipped = peers.filter { client.backedOff($0.id) }
         for (node, force) in peers.map({ ($0, false) }) + skipped.map({ ($0, true) }) {
             do {
-                guard let b = try client.get(id, from: node, evenIfBackedOff: force) else { continue }
-                if writeBehind {
-                    cacheLater(id, b)
-                } else {
-                    trimCache(adding: b.count)
-                    try cache.put(id, owned: b, length: b.count)
-                    trimCache(adding: 0)   // several threads put at once
+                let b: BlockBuffer
+                switch try client.fetch(id, from: node, evenIfBackedOff: force) {
+                case .block(let got): b = got
+                case .missing: continue
+                case .corrupt:
+                    state.withLock { $0.stats.rejectedCopies += 1 }
+                    if let (f, o) = shared { o.note(f, .rejected) }
+                    errors.append("\(node.id) sent a corrupt copy")
+                    continue
                 }
-                state.withLock { s in
-                    s.stats.peerFetches += 1
-                    s.stats.peerBytes += UInt64(b.count)
-                    // Readahead: keep it for the reader (before waiters wake, in the defer below).
-                    if handOff {
-                        s.fetched[id] = b
-                        s.fetchedOrder.append(id)
-                        while s.fetchedOrder.count > Self.handoffBlocks { s.fetched[s.fetchedOrder.removeFirst()] = nil }
-                    } else {
-                        s.deliver(id)
-                    }
-                }
+                if let (f, o) = shared { o.note(f, .fromHolders(b.count)) }
+                try keep(id, b, handOff: handOff, writeBehind: writeBehind)
                 return b
             } catch {
                 errors.append("\(error)")
@@ -233,6 +279,30 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         let detail = errors.isEmpty ? "" : " (\(errors.joined(separator: "; ")))"
         Log.every("no good copy", 60, .error, "block \(id.hex) is not on this node and no live peer of \(peers.count) has a good copy\(detail)")
         throw FSError.io("block \(id.hex) is unavailable: no live node holds a good copy")
+    }
+
+    /// A block just fetched (verified): into the cache, and counted; a readahead's kept in memory
+    /// for its reader.
+    private func keep(_ id: BlockID, _ b: BlockBuffer, handOff: Bool, writeBehind: Bool) throws {
+        if writeBehind {
+            cacheLater(id, b)
+        } else {
+            trimCache(adding: b.count)
+            try cache.put(id, owned: b, length: b.count)
+            trimCache(adding: 0)   // several threads put at once
+        }
+        state.withLock { s in
+            s.stats.peerFetches += 1
+            s.stats.peerBytes += UInt64(b.count)
+            // Readahead: keep it for the reader (before waiters wake, in fetch's defer).
+            if handOff {
+                s.fetched[id] = b
+                s.fetchedOrder.append(id)
+                while s.fetchedOrder.count > Self.handoffBlocks { s.fetched[s.fetchedOrder.removeFirst()] = nil }
+            } else {
+                s.deliver(id)
+            }
+        }
     }
 
     /// What an earlier fetch of `id` left: its bytes handed off for a reader, or the cache copy.
@@ -291,7 +361,9 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         }
     }
 
-    public func willNeed(_ ids: [BlockID]) {
+    public func willNeed(_ ids: [BlockID]) { willNeed(ids, for: nil) }
+
+    public func willNeed(_ ids: [BlockID], for file: FileVersion?) {
         local.willNeed(ids)
         for id in ids where !contains(id) {
             let start = state.withLock { s -> Bool in
@@ -306,7 +378,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
             }
             guard start else { continue }
             prefetchQueue.async { [self] in
-                _ = try? fetch(id, handOff: true)
+                _ = try? fetch(id, handOff: true, file: file)
                 state.withLock { $0.prefetching -= 1 }
             }
         }

@@ -14,6 +14,9 @@ public protocol BlockStore: AnyObject, Sendable {
     func put(_ id: BlockID, owned buffer: BlockBuffer, length: Int) throws -> Bool
     /// Reads and verifies a block: EIO if it is missing or its bytes do not match its name.
     func read(_ id: BlockID) throws -> BlockBuffer
+    /// The same, for a reader of `file`: a cluster node's store uses it to share the loading
+    /// of one file among the nodes reading it (fan-out). Other stores ignore it.
+    func read(_ id: BlockID, for file: FileVersion?) throws -> BlockBuffer
     func contains(_ id: BlockID) -> Bool
     /// Makes the given blocks durable against power loss (fsync), if they are not yet.
     func sync(_ ids: [BlockID]) throws
@@ -21,10 +24,14 @@ public protocol BlockStore: AnyObject, Sendable {
     func syncFilesystem() throws
     /// Hints that these blocks will be read soon (the store may start reading them from disk).
     func willNeed(_ ids: [BlockID])
+    /// The same, for a reader of `file` (see `read(_:for:)`).
+    func willNeed(_ ids: [BlockID], for file: FileVersion?)
     func usage() -> BlockStoreUsage
 }
 
 extension BlockStore {
+    public func read(_ id: BlockID, for file: FileVersion?) throws -> BlockBuffer { try read(id) }
+    public func willNeed(_ ids: [BlockID], for file: FileVersion?) { willNeed(ids) }
     @discardableResult
     public func put(_ id: BlockID, owned buffer: BlockBuffer, length: Int) throws -> Bool {
         try buffer.withUnsafeBytes { try put(id, UnsafeRawBufferPointer(rebasing: $0[0..<length])) }

@@ -121,15 +121,32 @@ public final class PeerClient: Sendable {
     /// The block from `node`, verified; nil if the node has no (good) copy. The body is received
     /// straight into block memory and hashed as it arrives, on the calling thread.
     public func get(_ id: BlockID, from node: NodeInfo, evenIfBackedOff: Bool = false) throws -> BlockBuffer? {
-        let r = try busyRetried { try reach(node, evenIfBackedOff: evenIfBackedOff) { try transfer.get("/v1/blocks/\(id.hex)", from: node.address, limit: PeerLimits.maxBlock) } }
+        if case .block(let b) = try fetch(id, from: node, evenIfBackedOff: evenIfBackedOff) { return b }
+        return nil
+    }
+
+    /// What a GET of a block brought.
+    public enum Fetched: Sendable {
+        case block(BlockBuffer)
+        /// The node has no copy (404).
+        case missing
+        /// The node sent bytes that do not hash to the id: rejected, never cached or returned.
+        case corrupt
+    }
+
+    /// The block from `node`, verified. `relay`: a fan-out request (`?relay=FILE`), which the node
+    /// answers from what it has or fetches for the loaders of that file version.
+    public func fetch(_ id: BlockID, from node: NodeInfo, evenIfBackedOff: Bool = false, relay: FileVersion? = nil) throws -> Fetched {
+        let path = "/v1/blocks/\(id.hex)" + (relay.map { "?relay=\($0.text)" } ?? "")
+        let r = try busyRetried { try reach(node, evenIfBackedOff: evenIfBackedOff) { try transfer.get(path, from: node.address, limit: PeerLimits.maxBlock) } }
         let status = HTTPResponseStatus(statusCode: r.status)
-        if status == .notFound { return nil }
+        if status == .notFound { return .missing }
         guard status == .ok, let buffer = r.buffer else { throw failure(node, "GET \(id.hex)", status, r.text) }
         guard r.digest == id else {
             Log.warning("peer \(node.id) sent bytes that do not match block \(id.hex); ignoring that copy")
-            return nil
+            return .corrupt
         }
-        return buffer
+        return .block(buffer)
     }
 
     /// Stores a block this node still holds in memory on `node` (an eager copy of a block just

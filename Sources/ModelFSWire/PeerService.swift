@@ -7,7 +7,12 @@ import Synchronization
 
 /// The peer protocol (DESIGN.md §5), served by every node:
 ///
-///   GET  /v1/blocks/ID          the block's bytes (verified), 404 if this node has no copy
+///   GET  /v1/blocks/ID[?relay=INO.VERSION]
+///                               the block's bytes (from its replicas or its read cache; not
+///                               re-hashed: the asker verifies), 404 if this node has no copy;
+///                               with relay (fan-out: the asker and this node load that file
+///                               version), a block this node has in neither store is taken from
+///                               its memory or fetched from the holders for the asker
 ///   HEAD /v1/blocks/ID          200 or 404
 ///   PUT  /v1/blocks/ID[?durable=1][&heal=1|urgent][&chain=N1,N2...]
 ///                               stores a block: hashed first, 422 if the bytes are not ID's;
@@ -57,11 +62,16 @@ public struct PeerActions: Sendable {
     public var forward: (@Sendable (OutgoingBlock, [String], Bool) -> [String])?
     /// Whether the filesystem writes an inode, and whether it is closing it (FileSystem.writing).
     public var writing: (@Sendable (InodeNumber) -> (open: Bool, closing: Bool))?
+    /// A fan-out request for a block this node has in neither store (`GET ...?relay=FILE`): the
+    /// block, verified, if this node loads that file version (it has the block in memory, or
+    /// fetches it from its holders for the asking loader); nil otherwise (404).
+    public var relay: (@Sendable (BlockID, FileVersion) -> BlockBuffer?)?
 
     public init(repair: (@Sendable (BlockID) -> Bool)? = nil, copy: (@Sendable (CopyOrder) -> CopyResult)? = nil,
                 forward: (@Sendable (OutgoingBlock, [String], Bool) -> [String])? = nil,
-                writing: (@Sendable (InodeNumber) -> (open: Bool, closing: Bool))? = nil) {
-        self.repair = repair; self.copy = copy; self.forward = forward; self.writing = writing
+                writing: (@Sendable (InodeNumber) -> (open: Bool, closing: Bool))? = nil,
+                relay: (@Sendable (BlockID, FileVersion) -> BlockBuffer?)? = nil) {
+        self.repair = repair; self.copy = copy; self.forward = forward; self.writing = writing; self.relay = relay
     }
 }
 
@@ -136,7 +146,10 @@ public final class PeerService: PeerRoutes, Sendable {
                 return ("block", .text(.badRequest, "a block id is 64 lowercase hex digits"))
             }
             switch r.method {
-            case .GET: return ("get", get(id))
+            case .GET:
+                guard let text = r.query["relay"] else { return ("get", get(id)) }
+                guard let file = FileVersion(text: text) else { return ("get", .text(.badRequest, "relay names a file version as INO.VERSION (16 hex digits, a dot, decimal digits)")) }
+                return ("get", get(id, relay: file))
             case .HEAD: return ("head", head(id))
             case .PUT: return ("put", put(id, r))
             case .DELETE: return ("delete", delete(id))
@@ -181,17 +194,34 @@ public final class PeerService: PeerRoutes, Sendable {
         return nil
     }
 
-    func get(_ id: BlockID) -> PeerResponse {
+    /// `relay`: a loader of that file version asks (fan-out): a block in neither store may still
+    /// be had from `actions.relay`.
+    func get(_ id: BlockID, relay: FileVersion? = nil) -> PeerResponse {
         // Not re-hashed here: the asking node verifies every block it receives and skips a bad
         // copy (PeerClient.get). Read directly into memory where the record allows, else sent
         // straight from the pack file.
-        guard let s = store(holding: id) else { return .text(.notFound, "no copy of \(id.hex) here") }
-        yield?.noteForeground()   // another node's reader
-        if let b = s.readDirectForPeer(id) { return PeerResponse(.ok, block: b) }
-        guard let (fd, offset, length) = s.fileRangeForPeer(id) else {
+        guard let s = store(holding: id) else {
+            if let relay, let fetch = actions.relay, let b = fetch(id, relay) {
+                yield?.noteForeground()
+                metrics.count("modelfs_peer_served_relayed_bytes_total", UInt64(b.count))
+                return PeerResponse(.ok, block: b)
+            }
             return .text(.notFound, "no copy of \(id.hex) here")
         }
-        return PeerResponse(.ok, file: PeerFileBody(fd: fd, offset: offset, count: length))
+        yield?.noteForeground()   // another node's reader
+        let response: PeerResponse
+        if let b = s.readDirectForPeer(id) {
+            response = PeerResponse(.ok, block: b)
+        } else if let (fd, offset, length) = s.fileRangeForPeer(id) {
+            response = PeerResponse(.ok, file: PeerFileBody(fd: fd, offset: offset, count: length))
+        } else {
+            return .text(.notFound, "no copy of \(id.hex) here")
+        }
+        // What left this node from its replicas and what from its read cache: a fan-out serves
+        // each block from its holders about once, then from the loaders' caches.
+        metrics.count(s === local ? "modelfs_peer_served_replica_bytes_total" : "modelfs_peer_served_cache_bytes_total",
+                      UInt64(response.bodyBytes))
+        return response
     }
 
     func head(_ id: BlockID) -> PeerResponse {

@@ -65,6 +65,16 @@ struct ClusterStatus: Codable {
     /// older daemon).
     var peerTraffic: String?
     var etcdTraffic: String?
+    /// Large files loaded with the other nodes loading them at once (absent from an older daemon).
+    var fanout: FanoutStatus?
+}
+
+struct FanoutStatus: Codable {
+    /// Files at least this large are shared.
+    var minSize: UInt64
+    var totals: Fanout.Totals
+    /// Files being loaded now and the last ones finished.
+    var files: [Fanout.FileStats]
 }
 
 /// The parts a cluster node adds to a mount (DESIGN.md §5): its peer server, its membership,
@@ -92,6 +102,8 @@ final class ClusterNode: @unchecked Sendable {
     let options: ClusterOptions
     let metrics: PeerMetrics
     let yield: ForegroundYield
+    /// Shares the loading of large files among the nodes loading them at once.
+    let fanout: Fanout
     /// Made once the filesystem exists (`attach`).
     private(set) var healer: Healer?
     private var watcher: EtcdWatcher?
@@ -136,8 +148,10 @@ final class ClusterNode: @unchecked Sendable {
         let scrubber = Scrubber(local: local, membership: membership, client: client, rate: parseSize(options.scrubRate)!,
                                 every: options.scrubEvery)
         self.scrubber = scrubber
+        let fanout = Fanout(etcd: etcd, cluster: name, membership: membership, minSize: parseSize(options.fanoutMinSize)!)
+        self.fanout = fanout
         blocks = ClusterBlockStore(local: local, cache: cache, cacheBudget: parseSize(options.cacheSize)!,
-                                   membership: membership, client: client, yield: yield,
+                                   membership: membership, client: client, yield: yield, fanout: fanout,
                                    onCorrupt: { id in scrubber.repairSoon(id) })
         replicator = try Replicator(dataDir: dataDir, local: local, membership: membership, client: client, meta: engine,
                                     defaultPolicy: options.policy, timeout: options.ackTimeout,
@@ -158,7 +172,12 @@ final class ClusterNode: @unchecked Sendable {
             let sc = scrubber.status
             let h = healer?.localStatus
             let y = yield.status
-            return [("modelfs_pending_replication_bytes", Double(r.pendingBytes)),
+            let f = fanout.status.totals
+            return [("modelfs_fanout_from_holders_bytes_total", Double(f.fromHolders)),
+                    ("modelfs_fanout_from_loaders_bytes_total", Double(f.fromLoaders)),
+                    ("modelfs_fanout_served_to_loaders_bytes_total", Double(f.servedToLoaders)),
+                    ("modelfs_fanout_fallbacks_total", Double(f.fallbacks)),
+                    ("modelfs_peer_rejected_copies_total", Double(c.rejectedCopies)),("modelfs_pending_replication_bytes", Double(r.pendingBytes)),
                     ("modelfs_oldest_pending_write_seconds", r.oldestPendingSeconds),
                     ("modelfs_scrub_progress", sc.progress),
                     ("modelfs_scrubbed_bytes_total", Double(sc.scrubbedBytes)),
@@ -211,14 +230,15 @@ final class ClusterNode: @unchecked Sendable {
     /// The parts that need the filesystem: the peer routes (`GET /v1/writing` asks it) and the
     /// healer (it walks the namespace).
     func attach(_ fs: FileSystem) {
-        let (client, membership, local, scrubber, yield, id) = (client, membership, local, scrubber, yield, id)
+        let (client, membership, local, scrubber, yield, id, blocks) = (client, membership, local, scrubber, yield, id, blocks)
         let actions = PeerActions(
             repair: { id in scrubber.repair(id) },
             copy: { order in Healer.perform(order, local: local, client: client, me: id, yield: yield) },
             // A chained PUT goes on to the next node of its chain, by id among the live members
             // (never to an address a request names).
             forward: { block, chain, durable in client.forward(block, chain: chain, live: membership.nodes, durable: durable) },
-            writing: { ino in fs.writing(ino) })
+            writing: { ino in fs.writing(ino) },
+            relay: { block, file in blocks.relay(block, for: file) })
         service = PeerService(secret: options.secret, local: local, cache: cache, metrics: metrics, yield: yield,
                               readToken: metricsToken, actions: actions,
                               status: { [weak self] in (try? JSONEncoder().encode(self?.status())) ?? Data("{}".utf8) })
@@ -235,6 +255,7 @@ final class ClusterNode: @unchecked Sendable {
             throw FSError.io("cannot join the cluster through etcd: \(error); check --meta and that etcd is up")
         }
         replicator.start()
+        fanout.start()
         scrubber.start()
         healer?.start()
         Log.info("node \(id) joined the cluster at \(membership.me.address) (peer port \(server.port)); \(membership.nodes.count) nodes live")
@@ -245,8 +266,11 @@ final class ClusterNode: @unchecked Sendable {
     func watchNamespace(_ onChange: @escaping @Sendable (NamespaceChange) -> Void) throws {
         guard let namespace else { return }
         let start = try namespace.client.range(namespace.keys.nextInode).revision
+        let fanout = fanout
         let w = EtcdWatcher(client: namespace.client, prefix: namespace.namespacePrefix) { events in
-            for e in events { if let c = namespace.change(e) { onChange(c) } }
+            for e in events {
+                if let c = namespace.change(e) { onChange(c) } else { fanout.observe(e) }
+            }
         }
         w.start(after: start)
         watcher = w
@@ -255,6 +279,7 @@ final class ClusterNode: @unchecked Sendable {
     func stop() {
         watcher?.stop()
         healer?.stop()
+        fanout.stop()
         scrubber.stop()
         replicator.stop()
         membership.stop()
@@ -286,6 +311,7 @@ final class ClusterNode: @unchecked Sendable {
                              peerTraffic: tls.map { "mutual TLS 1.3 (cluster \($0.cluster), this node's certificate CN=\($0.node), expires in \(Int($0.expiresIn / 86400)) days)" }
                                  ?? "unencrypted (HTTP and raw block streams; the cluster secret authenticates)",
                              etcdTraffic: (options.etcdCa != nil || options.etcdCert != nil ? "TLS" : "unencrypted")
-                                 + (options.etcdUser.map { ", etcd user \($0)" } ?? ", no etcd user"))
+                                 + (options.etcdUser.map { ", etcd user \($0)" } ?? ", no etcd user"),
+                             fanout: { let f = fanout.status; return FanoutStatus(minSize: fanout.minSize, totals: f.totals, files: f.files) }())
     }
 }

@@ -55,6 +55,9 @@ struct ClusterOptions: ParsableArguments {
     @Option(help: "Read-cache budget for blocks fetched from peers (e.g. 512M, 8G).")
     var cacheSize: String = "8G"
 
+    @Option(help: "Files at least this large (e.g. 16M) are loaded cooperatively when several nodes read them at once: each block leaves its holders about once and the loaders pass it on to each other (fan-out); 0: never.")
+    var fanoutMinSize: String = "16M"
+
     @Option(help: "Unreplicated bytes this node may hold before writers are slowed (e.g. 16G).")
     var stagingSize: String = "16G"
 
@@ -102,7 +105,7 @@ struct ClusterOptions: ParsableArguments {
 
     /// The flags again, to hand to the daemon process.
     var arguments: [String] {
-        var a = ["--listen", listen, "--replicas", String(replicas), "--ack", String(ack), "--cache-size", cacheSize,
+        var a = ["--listen", listen, "--replicas", String(replicas), "--ack", String(ack), "--cache-size", cacheSize, "--fanout-min-size", fanoutMinSize,
                  "--staging-size", stagingSize, "--ack-timeout", String(ackTimeout), "--replication", replication, "--lease-ttl", String(leaseTtl),
                  "--dead-after", String(deadAfter), "--heal-interval", String(healInterval),
                  "--heal-full-every", String(healFullEvery), "--heal-scan-rate", String(healScanRate), "--heal-rate", healRate, "--heal-rate-busy", healRateBusy, "--scrub-rate", scrubRate,
@@ -141,6 +144,7 @@ struct ClusterOptions: ParsableArguments {
             return "--listen \(listen) binds every address: say which one other nodes should use with --advertise HOST:PORT"
         }
         if parseSize(cacheSize) == nil { return "--cache-size \(cacheSize): expected a size such as 512M or 8G" }
+        if parseSize(fanoutMinSize) == nil { return "--fanout-min-size \(fanoutMinSize): expected a size such as 16M, or 0 for never" }
         if parseSize(stagingSize) == nil { return "--staging-size \(stagingSize): expected a size such as 512M or 16G" }
         if parseLabels(labels ?? "") == nil { return "--labels \(labels ?? ""): expected KEY=VALUE[,KEY=VALUE...]" }
         if ackTimeout <= 0 { return "--ack-timeout must be positive" }

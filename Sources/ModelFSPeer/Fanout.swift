@@ -1,0 +1,256 @@
+import Foundation
+import ModelFSCore
+import ModelFSMeta
+import ModelFSWire
+import Synchronization
+
+/// Peer-to-peer fan-out: the nodes loading the same large file version at the same time share
+/// the work, so that each block leaves its holders about once however many nodes load it.
+///
+/// A node that fetches a block of a file version of at least `minSize` bytes from peers joins
+/// that version's loaders: `f/INO.VERSION/ID` in etcd, under the node's membership lease (a node
+/// that dies leaves the set with its lease). It reads the set once when it joins and follows it
+/// through the namespace watch. Each block of the file has one *designated* loader, the first
+/// of the loaders in the block's rendezvous order (`Placement.order`, the same on every node):
+/// that loader fetches the block from its holders, the others ask it (`GET ...?relay=FILE`),
+/// and it answers from memory or its read cache, or fetches the block first. So every loader
+/// pulls the file once, sends about (N-1)/N of it, and the holders send it once in all. A
+/// relayed fetch never relays again (the designated node goes to the holders), so there are no
+/// cycles; a loader that fails, is slow to connect or answers 404 is skipped and the holders
+/// serve. Every block is verified on arrival as always (a corrupt copy from a loader is
+/// counted and fetched from the holders).
+///
+/// A node stays in a version's set until it has not read from it for `linger` seconds.
+public final class Fanout: @unchecked Sendable {
+    let etcd: EtcdClient
+    let keys: EtcdKeys
+    let membership: Membership
+    /// Files smaller than this are loaded from the holders alone (a few blocks gain nothing).
+    public let minSize: UInt64
+    let linger: Double
+    private let loop = BackgroundLoop("modelfs-fanout")
+
+    /// What one file version's loading brought, as `modelfs status` shows it.
+    public struct FileStats: Codable, Sendable, Equatable {
+        public var file: String
+        /// Other nodes loading it now, as this node sees them.
+        public var loaders: Int = 0
+        /// Bytes fetched from the blocks' holders (and any peer that had them cached).
+        public var fromHolders: UInt64 = 0
+        /// Bytes fetched from other loaders (relayed).
+        public var fromLoaders: UInt64 = 0
+        /// Bytes this node relayed to other loaders of it.
+        public var servedToLoaders: UInt64 = 0
+        /// Blocks asked of a loader that did not give them (gone, slow, 404, corrupt): taken
+        /// from the holders instead.
+        public var fallbacks: UInt64 = 0
+        /// Copies from peers that did not hash to their id (rejected, fetched elsewhere).
+        public var rejected: UInt64 = 0
+    }
+
+    /// Every file's figures added up, since start.
+    public struct Totals: Codable, Sendable, Equatable {
+        public var fromHolders: UInt64 = 0
+        public var fromLoaders: UInt64 = 0
+        public var servedToLoaders: UInt64 = 0
+        public var fallbacks: UInt64 = 0
+        public var rejected: UInt64 = 0
+    }
+
+    private final class Entry {
+        /// Other loaders, by node id.
+        var loaders: Set<String> = []
+        /// Loaders that answered a relay with 404 (they stopped loading it): not asked again
+        /// unless they join again.
+        var refused: Set<String> = []
+        var joined = false
+        /// Set while joining: readers wait for it (briefly) so the first blocks are shared too.
+        var joining: DispatchGroup?
+        var lastUse = Date()
+        var stats: FileStats
+        init(_ file: FileVersion) { stats = FileStats(file: file.text) }
+    }
+    private struct State {
+        var files: [FileVersion: Entry] = [:]
+        var totals = Totals()
+        /// Recently finished files' figures, newest last (status shows them a while).
+        var finished: [FileStats] = []
+        var stopped = false
+    }
+    private let state = Mutex(State())
+
+    public init(etcd: EtcdClient, cluster: String, membership: Membership, minSize: UInt64, linger: Double = 30) {
+        self.etcd = etcd
+        keys = EtcdKeys(cluster: cluster)
+        self.membership = membership
+        self.minSize = minSize
+        self.linger = linger
+    }
+
+    public func start() {
+        loop.start(after: 5) { [weak self] in
+            self?.leaveIdle()
+            return 5
+        }
+    }
+
+    /// Leaves every set (deletes this node's keys).
+    public func stop() {
+        loop.stop(timeout: 0)
+        let files = state.withLock { s -> [FileVersion] in
+            s.stopped = true
+            let f = s.files.filter { $0.value.joined }.map(\.key)
+            s.files = [:]
+            return f
+        }
+        for f in files { try? etcd.delete(keys.loader(of: f, node: membership.me.id)) }
+    }
+
+    /// Whether blocks of `file` are fetched cooperatively at all.
+    public func applies(to file: FileVersion) -> Bool { minSize > 0 && file.size >= minSize }
+
+    /// The loader to ask for block `id` of `file`, nil when this node should fetch it from the
+    /// holders itself (it is the block's designated loader, no other loader is live, or the
+    /// file is too small). Joins the file's loaders on first use.
+    public func designated(_ id: BlockID, file: FileVersion) -> NodeInfo? {
+        guard applies(to: file) else { return nil }
+        let me = membership.me.id
+        let (wait, join) = state.withLock { s -> (DispatchGroup?, Bool) in
+            guard !s.stopped else { return (nil, false) }
+            if let e = s.files[file] {
+                e.lastUse = Date()
+                return (e.joining, false)
+            }
+            let e = Entry(file)
+            let g = DispatchGroup()
+            g.enter()
+            e.joining = g
+            s.files[file] = e
+            return (g, true)
+        }
+        if join { self.join(file, me: me) }
+        // Loaders starting together find each other within the join (a put and a read): a
+        // reader waits for it, briefly, rather than fetching its first blocks alone.
+        if let wait { _ = wait.wait(timeout: .now() + 1) }
+        let candidates = state.withLock { s -> Set<String> in
+            guard let e = s.files[file] else { return [] }
+            return e.loaders.subtracting(e.refused)
+        }
+        guard !candidates.isEmpty else { return nil }
+        let live = membership.nodes.filter { candidates.contains($0.id) || $0.id == me }
+        let mine = live.contains { $0.id == me } ? live : live + [membership.me]
+        guard let first = Placement.order(id, mine).first, first.id != me else { return nil }
+        return first
+    }
+
+    private func join(_ file: FileVersion, me: String) {
+        defer {
+            let g = state.withLock { s -> DispatchGroup? in
+                let g = s.files[file]?.joining
+                s.files[file]?.joining = nil
+                return g
+            }
+            g?.leave()
+        }
+        let lease = membership.lease
+        guard lease != 0 else { return }
+        do {
+            try etcd.put(keys.loader(of: file, node: me), Data(), lease: lease)
+            let prefix = keys.loaders(of: file)
+            let found = try etcd.rangeAll(prefix: prefix, keysOnly: true).kvs.map {
+                String(decoding: $0.key.dropFirst(prefix.count), as: UTF8.self)
+            }
+            state.withLock { s in
+                guard let e = s.files[file] else { return }
+                e.joined = true
+                e.loaders.formUnion(found.filter { $0 != me })
+            }
+        } catch {
+            Log.every("fanout join", 60, .warning, "cannot join the loaders of \(file) in etcd (its blocks come from their holders): \(error)")
+        }
+    }
+
+    /// Follows loaders joining and leaving (the namespace watch's events under `f/`).
+    public func observe(_ event: EtcdEvent) {
+        let prefix = keys.loaders
+        guard event.kv.key.starts(with: prefix) else { return }
+        let rest = String(decoding: event.kv.key.dropFirst(prefix.count), as: UTF8.self)
+        guard let slash = rest.firstIndex(of: "/"), let file = FileVersion(text: rest[..<slash]) else { return }
+        let node = String(rest[rest.index(after: slash)...])
+        let me = membership.me.id
+        state.withLock { s in
+            guard let e = s.files[file] else { return }
+            if node == me {
+                // This node's own key went (its lease was replaced): join again on next use.
+                if event.isDelete { s.files[file] = nil }
+                return
+            }
+            if event.isDelete {
+                e.loaders.remove(node)
+            } else {
+                e.loaders.insert(node)
+                e.refused.remove(node)
+            }
+        }
+    }
+
+    /// Whether this node loads `file` now (it relays that file's blocks to other loaders).
+    public func loading(_ file: FileVersion) -> Bool {
+        state.withLock { s in s.files[file].map { e in e.lastUse = Date(); return true } ?? false }
+    }
+
+    public enum Outcome {
+        case fromHolders(Int)
+        case fromLoader(Int)
+        /// A loader asked did not give the block; `refused`: it answered 404 (not loading it).
+        case fallback(loader: String, refused: Bool)
+        case rejected
+        case served(Int)
+    }
+
+    public func note(_ file: FileVersion, _ outcome: Outcome) {
+        state.withLock { s in
+            let e = s.files[file]
+            switch outcome {
+            case .fromHolders(let n): e?.stats.fromHolders += UInt64(n); s.totals.fromHolders += UInt64(n)
+            case .fromLoader(let n): e?.stats.fromLoaders += UInt64(n); s.totals.fromLoaders += UInt64(n)
+            case .fallback(let loader, let refused):
+                e?.stats.fallbacks += 1; s.totals.fallbacks += 1
+                if refused { e?.refused.insert(loader) }
+            case .rejected: e?.stats.rejected += 1; s.totals.rejected += 1
+            case .served(let n): e?.stats.servedToLoaders += UInt64(n); s.totals.servedToLoaders += UInt64(n)
+            }
+        }
+    }
+
+    /// The files being loaded now and those finished lately (newest last), and the totals.
+    public var status: (files: [FileStats], totals: Totals) {
+        state.withLock { s in
+            let now = s.files.values.map { e -> FileStats in
+                var f = e.stats
+                f.loaders = e.loaders.subtracting(e.refused).count
+                return f
+            }.sorted { $0.file < $1.file }
+            return (s.finished + now, s.totals)
+        }
+    }
+
+    /// Leaves the sets of files not read from for `linger` seconds.
+    private func leaveIdle() {
+        let cutoff = Date(timeIntervalSinceNow: -linger)
+        let idle = state.withLock { s -> [FileVersion] in
+            let idle = s.files.filter { $0.value.joining == nil && $0.value.lastUse < cutoff }
+            for (file, e) in idle {
+                s.files[file] = nil
+                s.finished.append(e.stats)
+            }
+            if s.finished.count > 16 { s.finished.removeFirst(s.finished.count - 16) }
+            return idle.filter { $0.value.joined }.map(\.key)
+        }
+        for f in idle {
+            do { try etcd.delete(keys.loader(of: f, node: membership.me.id)) } catch {
+                Log.warning("cannot leave the loaders of \(f) in etcd (its key goes with this node's lease): \(error)")
+            }
+        }
+    }
+}
