@@ -185,8 +185,8 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
     /// what this node holds of it in memory, or else the block fetched from its holders now
     /// (kept in the cache for the next loader and this node's own reader). nil if this node
     /// does not load that file (any more) or cannot get the block.
-    public func relay(_ id: BlockID, for file: FileVersion) -> BlockBuffer? {
-        guard let fanout, fanout.loading(file) else { return nil }
+    public func relay(_ id: BlockID, for asked: FileVersion) -> BlockBuffer? {
+        guard let fanout, let file = fanout.loading(asked) else { return nil }
         let b = state.withLock { $0.fetched[id] } ?? cacheWrites.withLock { $0.pending[id] } ?? (try? fetch(id, file: file, relaying: true))
         if let b { fanout.note(file, .served(b.count)) }
         return b

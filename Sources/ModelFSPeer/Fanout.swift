@@ -194,9 +194,14 @@ public final class Fanout: @unchecked Sendable {
         }
     }
 
-    /// Whether this node loads `file` now (it relays that file's blocks to other loaders).
-    public func loading(_ file: FileVersion) -> Bool {
-        state.withLock { s in s.files[file].map { e in e.lastUse = Date(); return true } ?? false }
+    /// The version as this node loads it now (with its size), nil if it does not (then it
+    /// relays none of its blocks to other loaders).
+    public func loading(_ file: FileVersion) -> FileVersion? {
+        state.withLock { s in
+            guard let i = s.files.index(forKey: file) else { return nil }
+            s.files.values[i].lastUse = Date()
+            return s.files.keys[i]
+        }
     }
 
     public enum Outcome {
