@@ -181,22 +181,28 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         return try fetch(id, file: file)
     }
 
-    /// A loader of `file` asks for block `id` (fan-out), which this node has in neither store:
-    /// what this node holds of it in memory, or else the block fetched from its holders now
-    /// (kept in the cache for the next loader and this node's own reader). nil if this node
-    /// does not load that file (any more) or cannot get the block.
-    public func relay(_ id: BlockID, for asked: FileVersion) -> BlockBuffer? {
+    /// A loader of `file` asks for block `id` (fan-out), which this node has in neither store,
+    /// through the chain `via`: what this node holds of it in memory, or else the block got now
+    /// (from this node's parent in the block's tree if that is not on the chain, else from the
+    /// holders; kept in the cache for the next loader and this node's own reader). nil if this
+    /// node does not load that file (any more); throws if it cannot get the block now.
+    public func relay(_ id: BlockID, for asked: FileVersion, via: [String]) throws -> BlockBuffer? {
         guard let fanout, let file = fanout.loading(asked) else { return nil }
-        let b = state.withLock { $0.fetched[id] } ?? cacheWrites.withLock { $0.pending[id] } ?? (try? fetch(id, file: file, relaying: true))
-        if let b { fanout.note(file, .served(b.count)) }
+        let b = try state.withLock { $0.fetched[id] } ?? cacheWrites.withLock { $0.pending[id] } ?? fetch(id, file: file, via: via)
+        fanout.note(file, .served(b.count))
         return b
     }
 
+    /// Seconds a relay waits for a fetch of the block already under way here (a fetch that
+    /// itself waits on the asker, as two loaders' differing views of the set can make, then
+    /// ends in a 503 and the asker goes to the holders).
+    static let relayWait = 5.0
+
     /// Fetches a block from the peers into the cache (or waits for a fetch already under way).
-    /// `file`: the version a reader wants it for (fan-out may ask another loader of it first,
-    /// unless `relaying`: this node fetches it for another loader, from the holders).
+    /// `file`: the version a reader wants it for (fan-out may ask another loader of it first);
+    /// `via`: the chain of loaders a relayed request came through (nil: this node's reader).
     func fetch(_ id: BlockID, handOff: Bool = false, writeBehind: Bool = true, file: FileVersion? = nil,
-               relaying: Bool = false) throws -> BlockBuffer {
+               via: [String]? = nil) throws -> BlockBuffer {
         let (group, mine) = state.withLock { s -> (DispatchGroup, Bool) in
             if let g = s.inflight[id] { return (g, false) }
             let g = DispatchGroup()
@@ -209,10 +215,16 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
             // then reading the cache copy back (and hashing it again) cost a sixth of the CPU
             // of a cold remote read.
             if handOff { throw Superseded() }
-            group.wait()
+            if via != nil {
+                guard group.wait(timeout: .now() + Self.relayWait) == .success else {
+                    throw FSError.io("block \(id.hex) is still on its way here")
+                }
+            } else {
+                group.wait()
+            }
             if let b = leftBehind(id) { return b }
             if let b = try? local.read(id) { return b }
-            return try fetch(id, writeBehind: writeBehind, file: file, relaying: relaying)   // the other fetch failed: try ourselves
+            return try fetch(id, writeBehind: writeBehind, file: file, via: via)   // the other fetch failed: try ourselves
         }
         defer {
             state.withLock { _ = $0.inflight.removeValue(forKey: id) }
@@ -229,13 +241,13 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         } else if cached(id) || state.withLock({ $0.handedOut(id) }) {
             throw Superseded()
         }
-        // Fan-out: the block's designated loader among the nodes loading this file, if that is
-        // another node, relays it; if it cannot, the holders serve as usual.
+        // Fan-out: this node's parent in the block's tree of loaders of this file relays it; if
+        // it cannot, the holders serve as usual.
         let shared = file.flatMap { f in fanout.map { (f, $0) } }.flatMap { f, o in o.applies(to: f) ? (f, o) : nil }
-        if !relaying, let (f, o) = shared, let loader = o.designated(id, file: f) {
+        if let (f, o) = shared, let loader = o.source(id, file: f, via: via ?? []) {
             var refused = false
             do {
-                switch try client.fetch(id, from: loader, relay: f) {
+                switch try client.fetch(id, from: loader, relay: f, via: (via ?? []) + [membership.me.id]) {
                 case .block(let b):
                     o.note(f, .fromLoader(b.count))
                     try keep(id, b, handOff: handOff, writeBehind: writeBehind)

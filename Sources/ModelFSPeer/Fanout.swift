@@ -10,15 +10,19 @@ import Synchronization
 /// A node that fetches a block of a file version of at least `minSize` bytes from peers joins
 /// that version's loaders: `f/INO.VERSION/ID` in etcd, under the node's membership lease (a node
 /// that dies leaves the set with its lease). It reads the set once when it joins and follows it
-/// through the namespace watch. Each block of the file has one *designated* loader, the first
-/// of the loaders in the block's rendezvous order (`Placement.order`, the same on every node):
-/// that loader fetches the block from its holders, the others ask it (`GET ...?relay=FILE`),
-/// and it answers from memory or its read cache, or fetches the block first. So every loader
-/// pulls the file once, sends about (N-1)/N of it, and the holders send it once in all. A
-/// relayed fetch never relays again (the designated node goes to the holders), so there are no
-/// cycles; a loader that fails, is slow to connect or answers 404 is skipped and the holders
-/// serve. Every block is verified on arrival as always (a corrupt copy from a loader is
-/// counted and fetched from the holders).
+/// through the namespace watch. Each block of the file is passed down a tree of the loaders:
+/// they are ranked in the block's rendezvous order (`Placement.order`, the same on every node),
+/// the first fetches the block from its holders, and the loader ranked p asks the one ranked
+/// (p-1)/`degree` (`GET ...?relay=FILE&via=CHAIN`), which answers from memory or its read
+/// cache, or first gets the block the same way. The trees differ block by block, so every
+/// loader pulls the file once and sends about as much, the holders send it once in all, and a
+/// block reaches N loaders in log_degree(N) hops (one loader serving the N-1 others would take
+/// N-1 block times per block: a reader's window of 8 blocks would then get 8/(N-1) of its
+/// link). A request carries the chain it came through and is never passed to a node on it, and
+/// a relay waits a bounded time for a fetch already under way, so differing views of the set
+/// (a loader joining) cannot deadlock. A loader that fails, times out or answers 404 is skipped
+/// and the holders serve. Every block is verified on arrival as always (a corrupt copy from a
+/// loader is counted and fetched from the holders).
 ///
 /// A node stays in a version's set until it has not read from it for `linger` seconds.
 public final class Fanout: @unchecked Sendable {
@@ -109,10 +113,24 @@ public final class Fanout: @unchecked Sendable {
     /// Whether blocks of `file` are fetched cooperatively at all.
     public func applies(to file: FileVersion) -> Bool { minSize > 0 && file.size >= minSize }
 
+    /// Children per loader in a block's tree.
+    public static let degree = 4
+    /// Longest chain a relay request may have come through (beyond it: the holders).
+    public static let maxChain = 16
+
+    /// The loader `me` asks for block `id`, given the loaders (`me` among them): its parent in
+    /// the block's tree; nil for the tree's root (it fetches from the holders).
+    public static func parent(_ id: BlockID, of me: String, among loaders: [NodeInfo]) -> NodeInfo? {
+        let ranked = Placement.order(id, loaders)
+        guard let p = ranked.firstIndex(where: { $0.id == me }), p > 0 else { return nil }
+        return ranked[(p - 1) / degree]
+    }
+
     /// The loader to ask for block `id` of `file`, nil when this node should fetch it from the
-    /// holders itself (it is the block's designated loader, no other loader is live, or the
-    /// file is too small). Joins the file's loaders on first use.
-    public func designated(_ id: BlockID, file: FileVersion) -> NodeInfo? {
+    /// holders itself (it is the root of the block's tree, no other loader is live, its parent
+    /// is on `via`, the chain this request came through, or the file is too small). Joins the
+    /// file's loaders on first use.
+    public func source(_ id: BlockID, file: FileVersion, via: [String] = []) -> NodeInfo? {
         guard applies(to: file) else { return nil }
         let me = membership.me.id
         let (wait, join) = state.withLock { s -> (DispatchGroup?, Bool) in
@@ -136,11 +154,10 @@ public final class Fanout: @unchecked Sendable {
             guard let e = s.files[file] else { return [] }
             return e.loaders.subtracting(e.refused)
         }
-        guard !candidates.isEmpty else { return nil }
-        let live = membership.nodes.filter { candidates.contains($0.id) || $0.id == me }
-        let mine = live.contains { $0.id == me } ? live : live + [membership.me]
-        guard let first = Placement.order(id, mine).first, first.id != me else { return nil }
-        return first
+        guard !candidates.isEmpty, via.count < Self.maxChain else { return nil }
+        let live = membership.nodes.filter { candidates.contains($0.id) && $0.id != me }
+        guard let parent = Self.parent(id, of: me, among: live + [membership.me]), !via.contains(parent.id) else { return nil }
+        return parent
     }
 
     private func join(_ file: FileVersion, me: String) {

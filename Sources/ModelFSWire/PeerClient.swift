@@ -134,10 +134,12 @@ public final class PeerClient: Sendable {
         case corrupt
     }
 
-    /// The block from `node`, verified. `relay`: a fan-out request (`?relay=FILE`), which the node
-    /// answers from what it has or fetches for the loaders of that file version.
-    public func fetch(_ id: BlockID, from node: NodeInfo, evenIfBackedOff: Bool = false, relay: FileVersion? = nil) throws -> Fetched {
-        let path = "/v1/blocks/\(id.hex)" + (relay.map { "?relay=\($0.text)" } ?? "")
+    /// The block from `node`, verified. `relay`: a fan-out request (`?relay=FILE&via=CHAIN`), which
+    /// the node answers from what it has or gets for the loaders of that file version; `via`: the
+    /// nodes the request came through, this one last (the node never passes it to one of them).
+    public func fetch(_ id: BlockID, from node: NodeInfo, evenIfBackedOff: Bool = false, relay: FileVersion? = nil,
+                      via: [String] = []) throws -> Fetched {
+        let path = "/v1/blocks/\(id.hex)" + (relay.map { "?relay=\($0.text)&via=\(via.joined(separator: ","))" } ?? "")
         let r = try busyRetried { try reach(node, evenIfBackedOff: evenIfBackedOff) { try transfer.get(path, from: node.address, limit: PeerLimits.maxBlock) } }
         let status = HTTPResponseStatus(statusCode: r.status)
         if status == .notFound { return .missing }

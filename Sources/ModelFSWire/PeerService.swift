@@ -7,12 +7,14 @@ import Synchronization
 
 /// The peer protocol (DESIGN.md §5), served by every node:
 ///
-///   GET  /v1/blocks/ID[?relay=INO.VERSION]
+///   GET  /v1/blocks/ID[?relay=INO.VERSION&via=N1,N2...]
 ///                               the block's bytes (from its replicas or its read cache; not
 ///                               re-hashed: the asker verifies), 404 if this node has no copy;
 ///                               with relay (fan-out: the asker and this node load that file
 ///                               version), a block this node has in neither store is taken from
-///                               its memory or fetched from the holders for the asker
+///                               its memory or got for the asker (from its parent in the block's
+///                               tree, never a node of via, or from the holders); 503 if it
+///                               cannot get it now
 ///   HEAD /v1/blocks/ID          200 or 404
 ///   PUT  /v1/blocks/ID[?durable=1][&heal=1|urgent][&chain=N1,N2...]
 ///                               stores a block: hashed first, 422 if the bytes are not ID's;
@@ -62,15 +64,16 @@ public struct PeerActions: Sendable {
     public var forward: (@Sendable (OutgoingBlock, [String], Bool) -> [String])?
     /// Whether the filesystem writes an inode, and whether it is closing it (FileSystem.writing).
     public var writing: (@Sendable (InodeNumber) -> (open: Bool, closing: Bool))?
-    /// A fan-out request for a block this node has in neither store (`GET ...?relay=FILE`): the
-    /// block, verified, if this node loads that file version (it has the block in memory, or
-    /// fetches it from its holders for the asking loader); nil otherwise (404).
-    public var relay: (@Sendable (BlockID, FileVersion) -> BlockBuffer?)?
+    /// A fan-out request for a block this node has in neither store (`GET ...?relay=FILE&via=`):
+    /// the block, verified, if this node loads that file version (it has the block in memory, or
+    /// gets it for the asking loader, never through a node of `via`); nil if it does not load
+    /// it (404); an error if it cannot get the block now (503).
+    public var relay: (@Sendable (BlockID, FileVersion, [String]) throws -> BlockBuffer?)?
 
     public init(repair: (@Sendable (BlockID) -> Bool)? = nil, copy: (@Sendable (CopyOrder) -> CopyResult)? = nil,
                 forward: (@Sendable (OutgoingBlock, [String], Bool) -> [String])? = nil,
                 writing: (@Sendable (InodeNumber) -> (open: Bool, closing: Bool))? = nil,
-                relay: (@Sendable (BlockID, FileVersion) -> BlockBuffer?)? = nil) {
+                relay: (@Sendable (BlockID, FileVersion, [String]) throws -> BlockBuffer?)? = nil) {
         self.repair = repair; self.copy = copy; self.forward = forward; self.writing = writing; self.relay = relay
     }
 }
@@ -149,7 +152,8 @@ public final class PeerService: PeerRoutes, Sendable {
             case .GET:
                 guard let text = r.query["relay"] else { return ("get", get(id)) }
                 guard let file = FileVersion(text: text) else { return ("get", .text(.badRequest, "relay names a file version as INO.VERSION (16 hex digits, a dot, decimal digits)")) }
-                return ("get", get(id, relay: file))
+                let via = (r.query["via"] ?? "").split(separator: ",").map(String.init)
+                return ("get", get(id, relay: (file, via)))
             case .HEAD: return ("head", head(id))
             case .PUT: return ("put", put(id, r))
             case .DELETE: return ("delete", delete(id))
@@ -196,15 +200,21 @@ public final class PeerService: PeerRoutes, Sendable {
 
     /// `relay`: a loader of that file version asks (fan-out): a block in neither store may still
     /// be had from `actions.relay`.
-    func get(_ id: BlockID, relay: FileVersion? = nil) -> PeerResponse {
+    func get(_ id: BlockID, relay: (file: FileVersion, via: [String])? = nil) -> PeerResponse {
         // Not re-hashed here: the asking node verifies every block it receives and skips a bad
         // copy (PeerClient.get). Read directly into memory where the record allows, else sent
         // straight from the pack file.
         guard let s = store(holding: id) else {
-            if let relay, let fetch = actions.relay, let b = fetch(id, relay) {
-                yield?.noteForeground()
-                metrics.count("modelfs_peer_served_relayed_bytes_total", UInt64(b.count))
-                return PeerResponse(.ok, block: b)
+            if let relay, let fetch = actions.relay {
+                do {
+                    if let b = try fetch(id, relay.file, relay.via) {
+                        yield?.noteForeground()
+                        metrics.count("modelfs_peer_served_relayed_bytes_total", UInt64(b.count))
+                        return PeerResponse(.ok, block: b)
+                    }
+                } catch {
+                    return .text(.serviceUnavailable, "cannot relay \(id.hex) now: \(error)")
+                }
             }
             return .text(.notFound, "no copy of \(id.hex) here")
         }

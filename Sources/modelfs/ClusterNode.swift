@@ -238,7 +238,7 @@ final class ClusterNode: @unchecked Sendable {
             // (never to an address a request names).
             forward: { block, chain, durable in client.forward(block, chain: chain, live: membership.nodes, durable: durable) },
             writing: { ino in fs.writing(ino) },
-            relay: { block, file in blocks.relay(block, for: file) })
+            relay: { block, file, via in try blocks.relay(block, for: file, via: via) })
         service = PeerService(secret: options.secret, local: local, cache: cache, metrics: metrics, yield: yield,
                               readToken: metricsToken, actions: actions,
                               status: { [weak self] in (try? JSONEncoder().encode(self?.status())) ?? Data("{}".utf8) })

@@ -1,6 +1,7 @@
 import ArgumentParser
 import CModelFSSys
 import Foundation
+import ModelFSCore
 import ModelFSPeer
 import ModelFSWire
 
@@ -142,6 +143,7 @@ struct StatusCommand: ParsableCommand {
             ("under-replicated", humanBytes(r.underReplicatedBytes) + (r.lastError.map { " (\($0))" } ?? "")),
             ("replicated", "\(humanBytes(r.replicatedBytes)) sent to peers since start"),
             ("read cache", cacheLine(c)),
+            ("fan-out", fanoutLine(c.fanout)),
             ("healer", healLine(c.heal)),
             ("scrubber", scrubLine(c.scrub)),
             ("healing yields", yieldLine(c.healYield)),
@@ -149,6 +151,11 @@ struct StatusCommand: ParsableCommand {
             ("etcd traffic", c.etcdTraffic ?? "?"),
         ]
         for (k, v) in rows { print("  " + k.padding(toLength: 16, withPad: " ", startingAt: 0) + v) }
+        for f in (c.fanout?.files ?? []).suffix(5) {
+            let name = FileVersion(text: f.file).map { "inode \($0.ino.rawValue) version \($0.version)" } ?? f.file
+            print("    \(name): \(f.loaders) other loaders; \(humanBytes(f.fromHolders)) from holders, \(humanBytes(f.fromLoaders)) from loaders, "
+                  + "\(humanBytes(f.servedToLoaders)) passed on, \(f.fallbacks) fallbacks, \(f.rejected) corrupt copies rejected")
+        }
         if let e = c.membershipError { print("  etcd            \(e)") }
         print("  nodes:")
         printNodes(c.nodes)
@@ -159,6 +166,15 @@ struct StatusCommand: ParsableCommand {
         let hits = s.cacheHits + s.localHits, total = hits + s.peerFetches
         let ratio = total == 0 ? "" : String(format: ", hit ratio %.2f", Double(hits) / Double(total))
         return "\(humanBytes(c.cacheBytes)) of \(humanBytes(c.cacheBudget)), \(s.peerFetches) blocks fetched from peers\(ratio)"
+    }
+
+    func fanoutLine(_ f: FanoutStatus?) -> String {
+        guard let f else { return "unknown (an older daemon)" }
+        guard f.minSize > 0 else { return "off (--fanout-min-size 0)" }
+        let t = f.totals
+        return "files of \(humanBytes(f.minSize)) and more are loaded with the other nodes loading them: "
+            + "\(humanBytes(t.fromHolders)) from holders, \(humanBytes(t.fromLoaders)) from other loaders, "
+            + "\(humanBytes(t.servedToLoaders)) passed on to them, \(t.fallbacks) fallbacks to the holders, \(t.rejected) corrupt copies rejected"
     }
 
     func healLine(_ h: HealStatus?) -> String {

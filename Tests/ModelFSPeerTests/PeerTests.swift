@@ -111,6 +111,36 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
     }
 }
 
+@Suite struct FanoutTreeTests {
+    /// Every block's tree reaches all N loaders from one root in log_4(N) hops, no loader has
+    /// more than 4 children in a tree, every node agrees on the trees whatever order it lists
+    /// the loaders in, and over many blocks each loader relays about one copy per block.
+    @Test func treesAreShallowNarrowAgreedAndFair() {
+        let n = 100
+        let loaders = (0..<n).map { NodeInfo(id: "loader-\($0)", address: "10.0.0.\($0):7420") }
+        var sent = [String: Int]()
+        let blocks = 400
+        for seed in 0..<UInt64(blocks) {
+            let (id, _) = blockOf(32, seed: seed)
+            var children = [String: Int]()
+            var roots = 0
+            for me in loaders {
+                guard let parent = Fanout.parent(id, of: me.id, among: loaders) else { roots += 1; continue }
+                #expect(parent == Fanout.parent(id, of: me.id, among: loaders.reversed()))
+                children[parent.id, default: 0] += 1
+                sent[parent.id, default: 0] += 1
+                var hops = 1, at = parent
+                while let up = Fanout.parent(id, of: at.id, among: loaders) { hops += 1; at = up; #expect(hops <= 4) }
+            }
+            #expect(roots == 1)
+            #expect(children.values.max()! <= Fanout.degree)
+        }
+        // Each block crosses n-1 links among the loaders; a fair share is (n-1)/n per loader.
+        let most = sent.values.max()!, mean = Double(blocks * (n - 1)) / Double(n)
+        #expect(Double(most) < mean * 2, "one loader relayed \(most) copies; the mean is \(mean)")
+    }
+}
+
 @Suite struct ProgressRelayTests {
     /// Worker threads post; only the waiting thread sends, never faster than the interval, and the
     /// last value posted is always the last one sent.

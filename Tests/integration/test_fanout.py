@@ -81,9 +81,11 @@ def setup(make_nodes, holders: int, loaders: int, size: int, seed: int):
     return held, more, hashlib.sha256(data).hexdigest()
 
 
-def test_five_loaders_take_each_block_from_its_holders_about_once(make_nodes):
+def test_seven_loaders_take_each_block_from_its_holders_about_once(make_nodes):
+    # Seven: a block's tree (4 children a loader) is two deep, so some blocks pass through a
+    # loader that got them from another loader.
     size = 48 * MiB
-    holders, loaders, want = setup(make_nodes, 2, 5, size, 301)
+    holders, loaders, want = setup(make_nodes, 2, 7, size, 301)
     everyone = holders + loaders
     before = served_from_replicas(everyone)
     done = load_at_once([n / "model.bin" for n in loaders])
@@ -92,21 +94,23 @@ def test_five_loaders_take_each_block_from_its_holders_about_once(make_nodes):
         assert t.error is None, f"loading {t.path} failed: {t.error!r}"
         assert t.digest == want, f"{t.path} loaded with other bytes"
     sent = served_from_replicas(everyone) - before
-    print(f"holders sent {sent / size:.2f}x the file to 5 loaders")
-    # Without fan-out each of the 5 loaders takes the whole file from the holders: 5x.
-    assert sent <= 2 * size, f"the holders sent {sent / size:.2f}x the file to 5 loaders (fan-out should keep it under 2x)"
+    print(f"holders sent {sent / size:.2f}x the file to 7 loaders")
+    # Without fan-out each of the 7 loaders takes the whole file from the holders (or from
+    # another's cache): 3.6x for 5 loaders, measured.
+    assert sent <= 2 * size, f"the holders sent {sent / size:.2f}x the file to 7 loaders (fan-out should keep it under 2x)"
     relayed = sum(n.cluster_status()["fanout"]["totals"]["fromLoaders"] for n in loaders)
-    assert relayed >= size, f"the loaders passed on only {relayed / size:.2f}x the file among themselves"
+    assert relayed >= 3 * size, f"the loaders passed on only {relayed / size:.2f}x the file among themselves"
     files = loaders[0].cluster_status()["fanout"]["files"]
     assert files and files[-1]["fromHolders"] + files[-1]["fromLoaders"] >= size * 0.9, files
 
 
 def test_a_loader_killed_mid_transfer_leaves_the_others_to_finish(make_nodes):
     size = 96 * MiB
-    holders, loaders, want = setup(make_nodes, 2, 4, size, 302)
+    holders, loaders, want = setup(make_nodes, 2, 6, size, 302)
     victim, rest = loaders[0], loaders[1:]
     done = load_at_once([n / "model.bin" for n in loaders])
     wait_until(lambda: done[0].progress >= 8 * MiB or done[0].digest is not None, 60, what="the victim to be loading")
+    unfinished = sum(t.digest is None for t in done[1:])
     victim.kill9()
     finish(done[1:])
     for t in done[1:]:
@@ -115,8 +119,9 @@ def test_a_loader_killed_mid_transfer_leaves_the_others_to_finish(make_nodes):
     fell_back = sum(n.cluster_status()["fanout"]["totals"]["fallbacks"] for n in rest)
     relayed = sum(n.cluster_status()["fanout"]["totals"]["fromLoaders"] for n in rest)
     assert relayed > 0, "the loaders did not share the file at all"
-    # The victim may have died between two of its blocks being asked for; usually some were.
     print(f"fallbacks after the kill: {fell_back}")
+    # The others still loading asked the dead loader for blocks until its lease lapsed.
+    assert fell_back >= 1 or unfinished == 0, "no loader fell back to the holders after one died"
 
 
 def test_a_loader_that_serves_corrupt_bytes_is_rejected_and_the_block_refetched(make_nodes):
