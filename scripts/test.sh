@@ -50,7 +50,8 @@ if [ "$tier" = cluster ]; then
     echo "== cluster suites"
     MODELFS_BIN="$PWD/.build/release/modelfs" scripts/test-mount.sh \
         Tests/integration/test_cluster.py Tests/integration/test_heal.py Tests/integration/test_lab.py \
-        Tests/integration/test_peer_tls.py Tests/integration/test_etcd_security.py Tests/integration/test_frameworks_cluster.py
+        Tests/integration/test_peer_tls.py Tests/integration/test_etcd_security.py Tests/integration/test_frameworks_cluster.py \
+        Tests/integration/test_fanout.py
 fi
 if [ "$tier" = frameworks ]; then
     echo "== framework matrix and peer suites"
