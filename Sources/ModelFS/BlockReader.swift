@@ -113,7 +113,8 @@ struct ChunkList {
             pos += UInt64(n)
             let middle = Int(c.length) / 2
             if i + 1 < chunks.count && from <= middle && from + n > middle {
-                reader.readahead(chunks[(i + 1)..<min(chunks.count, i + 9)].lazy.map(\.id), for: file)
+                let ahead = reader.store.readaheadBlocks(for: file)
+                reader.readahead(chunks[(i + 1)..<min(chunks.count, i + 1 + ahead)].lazy.map(\.id), for: file)
             }
             i += 1
         }

@@ -122,9 +122,13 @@ public final class Fanout: @unchecked Sendable {
     /// the block's tree; nil for the tree's root (it fetches from the holders).
     public static func parent(_ id: BlockID, of me: String, among loaders: [NodeInfo]) -> NodeInfo? {
         let ranked = Placement.order(id, loaders)
-        guard let p = ranked.firstIndex(where: { $0.id == me }), p > 0 else { return nil }
-        return ranked[(p - 1) / degree]
+        guard let p = ranked.firstIndex(where: { $0.id == me }), let up = parentRank(p) else { return nil }
+        return ranked[up]
     }
+
+    /// In a block's tree (its loaders in rendezvous order), the rank of the parent of the loader
+    /// ranked `rank`; nil for the root.
+    public static func parentRank(_ rank: Int) -> Int? { rank > 0 ? (rank - 1) / degree : nil }
 
     /// The loader to ask for block `id` of `file`, nil when this node should fetch it from the
     /// holders itself (it is the root of the block's tree, no other loader is live, its parent
@@ -209,6 +213,12 @@ public final class Fanout: @unchecked Sendable {
                 e.refused.remove(node)
             }
         }
+    }
+
+    /// Whether `file` is being loaded with other loaders now (its blocks come through trees).
+    public func shared(_ file: FileVersion) -> Bool {
+        guard applies(to: file) else { return false }
+        return state.withLock { s in s.files[file].map { !$0.loaders.subtracting($0.refused).isEmpty } ?? false }
     }
 
     /// The version as this node loads it now (with its size), nil if it does not (then it

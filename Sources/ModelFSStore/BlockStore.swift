@@ -26,12 +26,16 @@ public protocol BlockStore: AnyObject, Sendable {
     func willNeed(_ ids: [BlockID])
     /// The same, for a reader of `file` (see `read(_:for:)`).
     func willNeed(_ ids: [BlockID], for file: FileVersion?)
+    /// Blocks a sequential reader of `file` should ask for ahead of the one it reads (8; more
+    /// where each block takes several hops to arrive, as in a fan-out tree).
+    func readaheadBlocks(for file: FileVersion?) -> Int
     func usage() -> BlockStoreUsage
 }
 
 extension BlockStore {
     public func read(_ id: BlockID, for file: FileVersion?) throws -> BlockBuffer { try read(id) }
     public func willNeed(_ ids: [BlockID], for file: FileVersion?) { willNeed(ids) }
+    public func readaheadBlocks(for file: FileVersion?) -> Int { 8 }
     @discardableResult
     public func put(_ id: BlockID, owned buffer: BlockBuffer, length: Int) throws -> Bool {
         try buffer.withUnsafeBytes { try put(id, UnsafeRawBufferPointer(rebasing: $0[0..<length])) }

@@ -14,7 +14,7 @@ final class LoadProgress: Sendable {
 struct DebugCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "debug", abstract: "Tools for benchmarks and tests.", shouldDisplay: false,
-        subcommands: [Load.self, Simulate.self, GC.self, Tier.self])
+        subcommands: [Load.self, Simulate.self, SimulateFanout.self, GC.self, Tier.self])
 
     /// One tiering pass now on the mount holding PATH (tests: not waiting for the next one).
     struct Tier: ParsableCommand {
