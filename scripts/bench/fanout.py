@@ -1,0 +1,146 @@
+"""Fan-out in the network lab (issue #30; `scripts/bench/fanout.sh`): one file on R holders, then
+N loader hosts load it at once, every link shaped to RATE. Figures, all from one run:
+
+- the link: one TCP stream between two hosts;
+- one loader alone: a cold load of a file of the same size (its own file, so no cache helps);
+- N loaders at once: when the first and the last finished, the last against one alone (the
+  target: at most 1.5x; loading from the holders alone could do no better than N/R x);
+- what the holders sent from their replicas, against the file's size (target: at most 2x), and
+  what the loaders passed on to each other;
+- every load checked bit-exact (SHA-256) after the timing;
+- CPU idle through the N-loader phase (this machine's two vCPUs run every host: under 30 % idle,
+  the figure is marked CPU-bound).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "Tests" / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lab import PEER_PORT, Lab  # noqa: E402
+
+from benchio import Cpu, drop_caches, read_timed, write_timed  # noqa: E402
+from labbench import link_rate, make_source  # noqa: E402
+
+MiB = 1 << 20
+
+
+def metric(host, secret: str, name: str) -> float:
+    req = urllib.request.Request(f"http://{host.address}:{PEER_PORT}/metrics", headers={"Authorization": f"Bearer {secret}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        body = r.read()
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=2048)
+    ap.add_argument("--link", default="250mbit")
+    ap.add_argument("--holders", type=int, default=3)
+    ap.add_argument("--loaders", type=int, default=8)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    size = a.size_mib * MiB
+    work = Path(tempfile.mkdtemp(prefix="modelfs-fanoutbench-", dir="/dev/shm"))
+    src = work / "src"
+    make_source(src, size)
+    hosts = a.holders + a.loaders
+    args = ["--replicas", str(a.holders), "--ack", str(a.holders), "--lease-ttl", "5", "--heal-interval", "3600",
+            "--heal-full-every", "3600", "--cache-size", f"{2 * a.size_mib + 1024}M", "--scrub-rate", "0",
+            "--gc-delay", "3600", "--heal-rate-busy", "0"]
+    lab = Lab(root=tempfile.mkdtemp(prefix="modelfs-lab-", dir="/dev/shm"), prefix="mfsf", net="10.81")
+    res: dict = {"size MiB": a.size_mib, "link": a.link, "holders (R)": a.holders, "loaders (N)": a.loaders}
+    try:
+        lab.up(hosts, link=a.link, host_args=args, start_hosts=False)
+        for i in range(1, a.holders + 1):
+            lab.start_host(i)
+        lab.wait_all_up()
+        secret = lab.secret.read_text().strip()
+        h = lab.hosts
+        res["link MB/s (one TCP stream)"] = link_rate(lab, 256 * MiB) / 1e6
+        # Two files with no block in common: one for the loader alone, one for the N; written on
+        # a holder, then on all R.
+        for name, salt in (("alone", 1), ("shared", 2)):
+            write_timed(src, h[1] / name, salt=salt)
+            assert h[1].sync(h[1] / name, timeout=1800).returncode == 0
+        want = sha256(h[1] / "shared")
+        # The loaders join only now: no block is placed on them.
+        for i in range(a.holders + 1, hosts + 1):
+            lab.start_host(i)
+        lab.wait_all_up()
+        loaders = [h[i] for i in range(a.holders + 1, hosts + 1)]
+        holders = [h[i] for i in range(1, a.holders + 1)]
+        drop_caches()
+
+        alone = read_timed(loaders[0] / "alone")
+        res["one loader alone: s"] = alone
+        res["one loader alone: MB/s"] = size / alone / 1e6
+
+        before = sum(metric(x, secret, "modelfs_peer_served_replica_bytes_total") for x in holders)
+        drop_caches()
+        times: dict[str, float] = {}
+        errors: list[str] = []
+        go = threading.Barrier(len(loaders) + 1)
+
+        def load(host):
+            go.wait()
+            try:
+                times[host.node_id] = read_timed(host / "shared")
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{host.node_id}: {e!r}")
+        threads = [threading.Thread(target=load, args=(x,)) for x in loaders]
+        for t in threads:
+            t.start()
+        with Cpu() as cpu:
+            go.wait()
+            for t in threads:
+                t.join()
+        assert not errors, errors
+        sent = sum(metric(x, secret, "modelfs_peer_served_replica_bytes_total") for x in holders) - before
+        relayed = sum(x.cluster_status()["fanout"]["totals"]["fromLoaders"] for x in loaders)
+        res[f"{a.loaders} at once: first done, s"] = min(times.values())
+        res[f"{a.loaders} at once: last done, s"] = max(times.values())
+        res[f"{a.loaders} at once: last / one alone (target <= 1.5; holders alone >= {a.loaders / a.holders:.1f})"] = max(times.values()) / alone
+        res["holders sent / file size (target <= 2)"] = sent / size
+        res["loaders passed on to each other / file size"] = relayed / size
+        res["CPU idle % (N at once)"] = round(cpu.idle * 100, 1)
+        bad = [x.node_id for x in loaders if sha256(x / "shared") != want]
+        res["loads bit-exact"] = "all" if not bad else f"NOT on {bad}"
+    finally:
+        lab.down()
+        shutil.rmtree(lab.root, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    lines = [f"# Fan-out in the lab: {a.loaders} loaders, {a.holders} holders, links {a.link}, {a.size_mib} MiB", "",
+             "| figure | value |", "|---|---|"]
+    for k, v in res.items():
+        cpu_bound = " (CPU-bound: idle under 30 %)" if "at once" in k and res.get("CPU idle % (N at once)", 100) < 30 else ""
+        lines.append(f"| {k} | {v:.2f}{cpu_bound} |" if isinstance(v, float) else f"| {k} | {v} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
