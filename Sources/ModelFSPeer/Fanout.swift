@@ -128,7 +128,7 @@ public final class Fanout: @unchecked Sendable {
 
     /// In a block's tree (its loaders in rendezvous order), the rank of the parent of the loader
     /// ranked `rank`; nil for the root.
-    public static func parentRank(_ rank: Int) -> Int? { rank > 0 ? (rank - 1) / degree : nil }
+    public static func parentRank(_ rank: Int, degree: Int = degree) -> Int? { rank > 0 ? (rank - 1) / degree : nil }
 
     /// The loader to ask for block `id` of `file`, nil when this node should fetch it from the
     /// holders itself (it is the root of the block's tree, no other loader is live, its parent

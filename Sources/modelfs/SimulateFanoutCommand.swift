@@ -28,12 +28,13 @@ extension DebugCommand {
         @Option(help: "Bytes per block.") var blockSize: Double = 1_048_576
         @Option(help: "Link rate of every node, bits/s each way.") var link: Double = 10e9
         @Option(help: "Blocks a loader asks for at a time (the daemon's readahead for a shared file).") var window: Int = 32
+        @Option(help: "Children per loader in a block's tree (the daemon's: Fanout.degree).") var degree: Int = Fanout.degree
         @Flag(help: "Every loader fetches from the holders (no fan-out), for comparison.") var holdersOnly = false
 
         func validate() throws {
             let counts = loaders.split(separator: ",").compactMap { Int($0) }
-            guard !counts.isEmpty, counts.allSatisfy({ $0 >= 1 }), holders >= 1, size >= blockSize, blockSize > 0, link > 0, window >= 1 else {
-                throw ValidationError("need loaders >= 1 (comma-separated), holders >= 1, size >= block size > 0, link > 0, window >= 1")
+            guard !counts.isEmpty, counts.allSatisfy({ $0 >= 1 }), holders >= 1, size >= blockSize, blockSize > 0, link > 0, window >= 1, degree >= 1 else {
+                throw ValidationError("need loaders >= 1 (comma-separated), holders >= 1, size >= block size > 0, link > 0, window >= 1, degree >= 1")
             }
         }
 
@@ -42,8 +43,8 @@ extension DebugCommand {
             var rng = SplitMix(seed: 7)
             let ids = (0..<blocks).map { _ in BlockID(w0: rng.next(), w1: rng.next(), w2: rng.next(), w3: rng.next()) }
             let rate = link / 8
-            print(String(format: "one file of %.2f GiB in %d blocks of %.0f KiB on %d holders; links %.0f Gbit/s; window %d blocks%@",
-                         size / 1_073_741_824, blocks, blockSize / 1024, holders, link / 1e9, window, holdersOnly ? "; no fan-out" : ""))
+            print(String(format: "one file of %.2f GiB in %d blocks of %.0f KiB on %d holders; links %.0f Gbit/s; window %d blocks; trees of degree %d%@",
+                         size / 1_073_741_824, blocks, blockSize / 1024, holders, link / 1e9, window, degree, holdersOnly ? "; no fan-out" : ""))
             let alone = simulate(loaders: 1, ids: ids, rate: rate).last
             print(String(format: "one loader alone: %.2f s (the link alone: %.2f s)", alone, size / rate))
             for n in loaders.split(separator: ",").compactMap({ Int($0) }) {
@@ -97,7 +98,7 @@ extension DebugCommand {
             func acquire(_ x: Int, _ k: Int) {
                 guard !have[x * b + k], !asked[x * b + k] else { return }
                 asked[x * b + k] = true
-                if !holdersOnly, let up = Fanout.parentRank(rank[x * b + k]) {
+                if !holdersOnly, let up = Fanout.parentRank(rank[x * b + k], degree: degree) {
                     let p = ranked[k][up]
                     if have[p * b + k] { start(p, x, k) } else {
                         waiters[p * b + k, default: []].append(x)
