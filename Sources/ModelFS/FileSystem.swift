@@ -428,7 +428,10 @@ public final class FileSystem: @unchecked Sendable {
                 l.lastFlushed = false
                 l.setID = FileSystem.writeClearsSetID(attrs.mode)
                 if flags.writable && l.session == nil { l.session = fresh }
-                if let view, l.view?.version != attrs.version { l.view = view }
+                if let view, l.view?.version != attrs.version {
+                    l.view = view
+                    if store.prefetches { startPrefetch(view) }
+                }
                 let keep = l.kernelCachedVersion == attrs.version
                 l.kernelCachedVersion = attrs.version
                 let fh = t.nextHandle
@@ -477,6 +480,28 @@ public final class FileSystem: @unchecked Sendable {
         guard let v else { throw FSError.badHandle() }
         return try v.slices(at: offset, count: count, reader: reader)
     }
+
+    /// Format-aware prefetch of a version just opened for reading (FormatPrefetch): its first
+    /// bytes are read (the loader reads them first anyway) and, for a format recognised, the
+    /// store is told which chunks the loader will read, in its order. In the background: the
+    /// open does not wait.
+    private func startPrefetch(_ view: ReadView) {
+        guard view.size >= Self.prefetchMinSize else { return }
+        let reader = self.reader, store = self.store
+        DispatchQueue.global(qos: .utility).async {
+            let read: (Range<UInt64>) throws -> [UInt8] = { r in
+                let slices = try view.slices(at: r.lowerBound, count: Int(r.count), reader: reader)
+                var out = [UInt8](repeating: 0, count: slices.reduce(0) { $0 + $1.count })
+                out.withUnsafeMutableBytes { _ = slices.copy(to: $0.baseAddress!) }
+                return out
+            }
+            guard let (format, ranges) = FormatPrefetch.plan(size: view.size, read: read) else { return }
+            let order = FormatPrefetch.chunkOrder(ranges, offsets: view.chunks.offsets)
+            store.prefetch(order.map { view.chunks.chunks[$0] }, for: view.file, format: format)
+        }
+    }
+    /// Files smaller than this are not looked at for prefetch (a few blocks gain nothing).
+    static let prefetchMinSize: UInt64 = 4 << 20
 
     /// The flat copy of the version a read-only handle reads, pinned (`flatCopies.unpin(key)`
     /// when done with it), if one is in place; else nil, and one is built in the background.

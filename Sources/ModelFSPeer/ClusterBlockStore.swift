@@ -75,6 +75,10 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         }
         /// Fetched for a reader who has not taken it yet, or taken a moment ago.
         func handedOut(_ id: BlockID) -> Bool { fetched[id] != nil || delivered.contains(id) }
+        /// Blocks the format-aware prefetch brought into the cache that no reader took yet, and
+        /// the files it works for (their readers' fetches are its misses).
+        var prefetched: [BlockID: FileVersion] = [:]
+        var planned: Set<FileVersion> = []
     }
     static let deliveredBlocks = 64
     /// Readahead results kept in memory for their reader, at most.
@@ -175,11 +179,50 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
             if local.contains(id) { onCorrupt(id) }
         }
         if let b = cacheCopy(id) {
-            state.withLock { $0.stats.cacheHits += 1 }
+            let prefetched = state.withLock { s in
+                s.stats.cacheHits += 1
+                return s.prefetched.removeValue(forKey: id)
+            }
+            if let prefetched { fanout?.note(prefetched, .prefetchHit) }
             return b
         }
+        if let file, state.withLock({ $0.planned.contains(file) }) { fanout?.note(file, .prefetchMiss) }
         return try fetch(id, file: file)
     }
+
+    /// Format-aware prefetch: fetches the chunks a loader of `file` will read, in its order,
+    /// into the cache, `parallel`/2 at a time (the loader's own reads and readahead take the
+    /// rest), up to half the cache's budget; blocks this node has are skipped. One file's
+    /// prefetch at a time, on one queue.
+    public var prefetches: Bool { true }
+
+    public func prefetch(_ chunks: [ChunkRef], for file: FileVersion, format: String) {
+        var budget = cacheBudget / 2
+        let wanted = Array(chunks.filter { !contains($0.id) }.prefix { c in
+            guard UInt64(c.length) <= budget else { return false }
+            budget -= UInt64(c.length)
+            return true
+        })
+        fanout?.note(file, .planned(format: format))
+        guard !wanted.isEmpty else { return }
+        state.withLock { s in
+            s.planned.insert(file)
+            if s.planned.count > 64 { s.planned.remove(s.planned.first!) }
+        }
+        prefetchLoads.async { [self] in
+            parallelFor(wanted.count, width: max(1, parallel / 2)) { [self] i in
+                let c = wanted[i]
+                guard !contains(c.id), (try? fetch(c.id, writeBehind: false, file: file)) != nil else { return }
+                fanout?.note(file, .prefetched(Int(c.length)))
+                state.withLock { s in
+                    s.prefetched[c.id] = file
+                    if s.prefetched.count > 100_000 { s.prefetched.removeAll() }
+                }
+            }
+            state.withLock { _ = $0.planned.remove(file) }
+        }
+    }
+    private let prefetchLoads = DispatchQueue(label: "modelfs.format-prefetch")
 
     /// A loader of `file` asks for block `id` (fan-out), which this node has in neither store,
     /// through the chain `via`: what this node holds of it in memory, or else the block got now

@@ -50,6 +50,15 @@ public final class Fanout: @unchecked Sendable {
         public var fallbacks: UInt64 = 0
         /// Copies from peers that did not hash to their id (rejected, fetched elsewhere).
         public var rejected: UInt64 = 0
+        /// The format recognised for prefetch (`safetensors`), if any.
+        public var format: String?
+        /// Bytes the format-aware prefetch fetched ahead of the loader.
+        public var prefetched: UInt64 = 0
+        /// Blocks the loader found in the cache, brought there by the prefetch.
+        public var prefetchHits: UInt64 = 0
+        /// Blocks of a prefetched file the loader had to fetch itself (the prefetch was behind,
+        /// or guessed wrong).
+        public var prefetchMisses: UInt64 = 0
     }
 
     /// Every file's figures added up, since start.
@@ -59,6 +68,9 @@ public final class Fanout: @unchecked Sendable {
         public var servedToLoaders: UInt64 = 0
         public var fallbacks: UInt64 = 0
         public var rejected: UInt64 = 0
+        public var prefetched: UInt64 = 0
+        public var prefetchHits: UInt64 = 0
+        public var prefetchMisses: UInt64 = 0
     }
 
     private final class Entry {
@@ -68,6 +80,8 @@ public final class Fanout: @unchecked Sendable {
         /// unless they join again.
         var refused: Set<String> = []
         var joined = false
+        /// Whether this node tried to join (an entry made for prefetch figures has not).
+        var tried = false
         /// Set while joining: readers wait for it (briefly) so the first blocks are shared too.
         var joining: DispatchGroup?
         var lastUse = Date()
@@ -80,6 +94,13 @@ public final class Fanout: @unchecked Sendable {
         /// Recently finished files' figures, newest last (status shows them a while).
         var finished: [FileStats] = []
         var stopped = false
+
+        mutating func entry(_ file: FileVersion) -> Entry {
+            if let e = files[file] { return e }
+            let e = Entry(file)
+            files[file] = e
+            return e
+        }
     }
     private let state = Mutex(State())
 
@@ -139,15 +160,13 @@ public final class Fanout: @unchecked Sendable {
         let me = membership.me.id
         let (wait, join) = state.withLock { s -> (DispatchGroup?, Bool) in
             guard !s.stopped else { return (nil, false) }
-            if let e = s.files[file] {
-                e.lastUse = Date()
-                return (e.joining, false)
-            }
-            let e = Entry(file)
+            let e = s.entry(file)
+            e.lastUse = Date()
+            if e.tried { return (e.joining, false) }
+            e.tried = true
             let g = DispatchGroup()
             g.enter()
             e.joining = g
-            s.files[file] = e
             return (g, true)
         }
         if join { self.join(file, me: me) }
@@ -238,11 +257,17 @@ public final class Fanout: @unchecked Sendable {
         case fallback(loader: String, refused: Bool)
         case rejected
         case served(Int)
+        case planned(format: String)
+        case prefetched(Int)
+        case prefetchHit
+        case prefetchMiss
     }
 
     public func note(_ file: FileVersion, _ outcome: Outcome) {
         state.withLock { s in
-            let e = s.files[file]
+            guard !s.stopped else { return }
+            let e: Entry? = s.entry(file)
+            e?.lastUse = Date()
             switch outcome {
             case .fromHolders(let n): e?.stats.fromHolders += UInt64(n); s.totals.fromHolders += UInt64(n)
             case .fromLoader(let n): e?.stats.fromLoaders += UInt64(n); s.totals.fromLoaders += UInt64(n)
@@ -251,6 +276,10 @@ public final class Fanout: @unchecked Sendable {
                 if refused { e?.refused.insert(loader) }
             case .rejected: e?.stats.rejected += 1; s.totals.rejected += 1
             case .served(let n): e?.stats.servedToLoaders += UInt64(n); s.totals.servedToLoaders += UInt64(n)
+            case .planned(let format): e?.stats.format = format
+            case .prefetched(let n): e?.stats.prefetched += UInt64(n); s.totals.prefetched += UInt64(n)
+            case .prefetchHit: e?.stats.prefetchHits += 1; s.totals.prefetchHits += 1
+            case .prefetchMiss: e?.stats.prefetchMisses += 1; s.totals.prefetchMisses += 1
             }
         }
     }

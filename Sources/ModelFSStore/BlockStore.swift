@@ -29,6 +29,12 @@ public protocol BlockStore: AnyObject, Sendable {
     /// Blocks a sequential reader of `file` should ask for ahead of the one it reads (8; more
     /// where each block takes several hops to arrive, as in a fan-out tree).
     func readaheadBlocks(for file: FileVersion?) -> Int
+    /// Whether `prefetch` does anything (a store whose blocks are all on this machine gains
+    /// nothing from it, and a file's format is then not looked at).
+    var prefetches: Bool { get }
+    /// A loader of `file` will read these chunks, in this order (format-aware prefetch): the
+    /// store may fetch them ahead of it, within its budget.
+    func prefetch(_ chunks: [ChunkRef], for file: FileVersion, format: String)
     func usage() -> BlockStoreUsage
 }
 
@@ -36,6 +42,8 @@ extension BlockStore {
     public func read(_ id: BlockID, for file: FileVersion?) throws -> BlockBuffer { try read(id) }
     public func willNeed(_ ids: [BlockID], for file: FileVersion?) { willNeed(ids) }
     public func readaheadBlocks(for file: FileVersion?) -> Int { 8 }
+    public var prefetches: Bool { false }
+    public func prefetch(_ chunks: [ChunkRef], for file: FileVersion, format: String) {}
     @discardableResult
     public func put(_ id: BlockID, owned buffer: BlockBuffer, length: Int) throws -> Bool {
         try buffer.withUnsafeBytes { try put(id, UnsafeRawBufferPointer(rebasing: $0[0..<length])) }

@@ -154,7 +154,8 @@ struct StatusCommand: ParsableCommand {
         for f in (c.fanout?.files ?? []).suffix(5) {
             let name = FileVersion(text: f.file).map { "inode \($0.ino.rawValue) version \($0.version)" } ?? f.file
             print("    \(name): \(f.loaders) other loaders; \(humanBytes(f.fromHolders)) from holders, \(humanBytes(f.fromLoaders)) from loaders, "
-                  + "\(humanBytes(f.servedToLoaders)) passed on, \(f.fallbacks) fallbacks, \(f.rejected) corrupt copies rejected")
+                  + "\(humanBytes(f.servedToLoaders)) passed on, \(f.fallbacks) fallbacks, \(f.rejected) corrupt copies rejected"
+                  + (f.format.map { "; \($0): \(humanBytes(f.prefetched)) prefetched, \(f.prefetchHits) hits, \(f.prefetchMisses) misses" } ?? ""))
         }
         if let e = c.membershipError { print("  etcd            \(e)") }
         print("  nodes:")

@@ -122,18 +122,23 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
         let blocks = 400
         for seed in 0..<UInt64(blocks) {
             let (id, _) = blockOf(32, seed: seed)
-            var children = [String: Int]()
-            var roots = 0
-            for me in loaders {
-                guard let parent = Fanout.parent(id, of: me.id, among: loaders) else { roots += 1; continue }
-                #expect(parent == Fanout.parent(id, of: me.id, among: loaders.reversed()))
-                children[parent.id, default: 0] += 1
-                sent[parent.id, default: 0] += 1
-                var hops = 1, at = parent
-                while let up = Fanout.parent(id, of: at.id, among: loaders) { hops += 1; at = up; #expect(hops <= 4) }
+            let ranked = Placement.order(id, loaders)
+            var children = [Int: Int]()
+            for p in 0..<n {
+                guard let up = Fanout.parentRank(p) else { #expect(p == 0); continue }
+                #expect(up < p)
+                children[up, default: 0] += 1
+                sent[ranked[up].id, default: 0] += 1
+                var hops = 1, at = up
+                while let next = Fanout.parentRank(at) { hops += 1; at = next }
+                #expect(hops <= 4, "rank \(p) is \(hops) hops from the root")
             }
-            #expect(roots == 1)
             #expect(children.values.max()! <= Fanout.degree)
+            // Every node finds the same parent, whatever order it lists the loaders in.
+            for p in [1, n / 2, n - 1] {
+                #expect(Fanout.parent(id, of: ranked[p].id, among: loaders.reversed())?.id == ranked[Fanout.parentRank(p)!].id)
+            }
+            #expect(Fanout.parent(id, of: ranked[0].id, among: loaders) == nil)
         }
         // Each block crosses n-1 links among the loaders; a fair share is (n-1)/n per loader.
         let most = sent.values.max()!, mean = Double(blocks * (n - 1)) / Double(n)

@@ -4,6 +4,7 @@ nothing but a fetch from the holders. Real nodes on loopback, counted at the hol
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from pathlib import Path
 
@@ -149,3 +150,50 @@ def test_a_loader_that_serves_corrupt_bytes_is_rejected_and_the_block_refetched(
     # Rejected both when c relays (fan-out) and when the holders' loop reaches c's cache.
     assert f["rejected"] >= 1 and f["fallbacks"] >= 1, f
     assert d.cluster_status()["cacheStats"]["rejectedCopies"] >= f["rejected"]
+
+
+def safetensors_file(tensors: dict[str, bytes]) -> bytes:
+    """A safetensors file laid out in the reverse of its names' order (safe_open's keys() and
+    load_file take them sorted, so a loader jumps backwards through the file)."""
+    import json
+    import struct
+    header, data, off = {}, b"", 0
+    for name in sorted(tensors, reverse=True):
+        header[name] = {"dtype": "U8", "shape": [len(tensors[name])], "data_offsets": [off, off + len(tensors[name])]}
+        data += tensors[name]
+        off += len(tensors[name])
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h + data
+
+
+def load_figures(node, name: str) -> dict:
+    files = node.cluster_status()["fanout"]["files"]
+    inode = os.stat(node / name).st_ino
+    mine = [f for f in files if int(f["file"].split(".")[0], 16) == inode]
+    return mine[-1] if mine else {}
+
+
+def test_opening_a_safetensors_file_prefetches_its_tensors_and_garbage_falls_back(make_nodes):
+    tensors = {f"layer.{i:02d}.weight": payload(2 * MiB, 400 + i) for i in range(12)}
+    good = safetensors_file(tensors)
+    garbage = (1 << 62).to_bytes(8, "little") + payload(24 * MiB, 499)   # a header "longer than the file"
+    holders = make_nodes(2, replicas=2, ack=2, extra=QUIET)
+    write_file(holders[0] / "model.safetensors", good)
+    write_file(holders[0] / "garbage.safetensors", garbage)
+    assert holders[0].sync().returncode == 0
+    (c,) = make_nodes(1, replicas=2, ack=1, extra=QUIET)
+    # Opened, nothing read: the prefetch reads the header and brings every tensor's blocks.
+    with open(c / "model.safetensors", "rb") as f:
+        wait_until(lambda: load_figures(c, "model.safetensors").get("prefetched", 0) >= len(good) * 0.9, 60,
+                   what="the prefetch to bring the tensors of model.safetensors")
+        assert load_figures(c, "model.safetensors")["format"] == "safetensors"
+        got = f.read()
+    assert got == good, "model.safetensors read with other bytes after its prefetch"
+    figures = load_figures(c, "model.safetensors")
+    assert figures["prefetchHits"] >= 1, figures
+    # Not recognised: no prefetch, and the file reads whole.
+    with open(c / "garbage.safetensors", "rb") as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(garbage).digest()
+    figures = load_figures(c, "garbage.safetensors")
+    assert figures.get("format") is None and figures.get("prefetched", 0) == 0, figures
