@@ -102,8 +102,9 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
 
     public init(local: PackBlockStore, cache: PackBlockStore, cacheBudget: UInt64, membership: Membership,
                 client: PeerClient, parallel: Int = 8, yield: ForegroundYield? = nil, fanout: Fanout? = nil,
-                onCorrupt: @escaping @Sendable (BlockID) -> Void = { _ in }) {
+                formatPrefetch: Bool = true, onCorrupt: @escaping @Sendable (BlockID) -> Void = { _ in }) {
         self.onCorrupt = onCorrupt
+        prefetches = formatPrefetch
         self.fanout = fanout
         self.local = local
         self.yield = yield
@@ -186,7 +187,15 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
             if let prefetched { fanout?.note(prefetched, .prefetchHit) }
             return b
         }
-        if let file, state.withLock({ $0.planned.contains(file) }) { fanout?.note(file, .prefetchMiss) }
+        // A reader of a file being prefetched fetches a block itself: the prefetch was behind, or
+        // skipped it (one it is fetching already is a hit, late).
+        if let file {
+            switch state.withLock({ s in s.planned.contains(file) ? s.inflight[id] != nil : nil }) {
+            case true?: fanout?.note(file, .prefetchHit)
+            case false?: fanout?.note(file, .prefetchMiss)
+            case nil: break
+            }
+        }
         return try fetch(id, file: file)
     }
 
@@ -194,7 +203,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
     /// into the cache, `parallel`/2 at a time (the loader's own reads and readahead take the
     /// rest), up to half the cache's budget; blocks this node has are skipped. One file's
     /// prefetch at a time, on one queue.
-    public var prefetches: Bool { true }
+    public let prefetches: Bool
 
     public func prefetch(_ chunks: [ChunkRef], for file: FileVersion, format: String) {
         var budget = cacheBudget / 2

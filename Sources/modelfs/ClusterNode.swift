@@ -152,6 +152,7 @@ final class ClusterNode: @unchecked Sendable {
         self.fanout = fanout
         blocks = ClusterBlockStore(local: local, cache: cache, cacheBudget: parseSize(options.cacheSize)!,
                                    membership: membership, client: client, yield: yield, fanout: fanout,
+                                   formatPrefetch: !options.noFormatPrefetch,
                                    onCorrupt: { id in scrubber.repairSoon(id) })
         replicator = try Replicator(dataDir: dataDir, local: local, membership: membership, client: client, meta: engine,
                                     defaultPolicy: options.policy, timeout: options.ackTimeout,

@@ -58,6 +58,9 @@ struct ClusterOptions: ParsableArguments {
     @Option(help: "Files at least this large (e.g. 16M) are loaded cooperatively when several nodes read them at once: each block leaves its holders about once and the loaders pass it on to each other (fan-out); 0: never.")
     var fanoutMinSize: String = "16M"
 
+    @Flag(help: "Do not prefetch by file format (opening a safetensors file fetches its header's tensors ahead of the loader, in the loader's order).")
+    var noFormatPrefetch = false
+
     @Option(help: "Unreplicated bytes this node may hold before writers are slowed (e.g. 16G).")
     var stagingSize: String = "16G"
 
@@ -110,6 +113,7 @@ struct ClusterOptions: ParsableArguments {
                  "--dead-after", String(deadAfter), "--heal-interval", String(healInterval),
                  "--heal-full-every", String(healFullEvery), "--heal-scan-rate", String(healScanRate), "--heal-rate", healRate, "--heal-rate-busy", healRateBusy, "--scrub-rate", scrubRate,
                  "--scrub-every", String(scrubEvery), "--gc-delay", String(gcDelay), "--gc-scan-rate", String(gcScanRate)]
+        if noFormatPrefetch { a.append("--no-format-prefetch") }
         if let advertise { a += ["--advertise", advertise] }
         if let secretFile { a += ["--secret-file", secretFile] }
         if let spread { a += ["--spread", spread] }

@@ -1,5 +1,6 @@
-"""Fan-out in the network lab (issue #30; `scripts/bench/fanout.sh`): one file on R holders, then
-N loader hosts load it at once, every link shaped to RATE. Figures, all from one run:
+"""Fan-out in the network lab (issue #30; `scripts/bench/fanout.sh`). Two phases (`--only`):
+
+fanout: one file on R holders, then N loader hosts load it at once, every link shaped to RATE.
 
 - the link: one TCP stream between two hosts;
 - one loader alone: a cold load of a file of the same size (its own file, so no cache helps);
@@ -10,6 +11,13 @@ N loader hosts load it at once, every link shaped to RATE. Figures, all from one
 - every load checked bit-exact (SHA-256) after the timing;
 - CPU idle through the N-loader phase (this machine's two vCPUs run every host: under 30 % idle,
   the figure is marked CPU-bound).
+
+prefetch: a cold `safe_open(...)` + every tensor (`get_tensor`, keys in their order, numpy) of a
+safetensors file on 2 holders, on a host with format-aware prefetch and on one without
+(`--no-format-prefetch`), each its own file (no block in common), alternating which goes first,
+`--rounds` times; the medians and their ratio (target >= 1.3). The file is written by
+safetensors itself from tensors that alternate float32 and float16, so its layout (grouped by
+dtype) and the loader's order (by name) differ, as in models that mix dtypes.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import argparse
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -60,7 +69,98 @@ def main():
     ap.add_argument("--holders", type=int, default=3)
     ap.add_argument("--loaders", type=int, default=8)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default="fanout,prefetch")
+    ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
+    text = ""
+    if "fanout" in a.only.split(","):
+        text += fanout(a)
+    if "prefetch" in a.only.split(","):
+        text += prefetch(a)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text)
+
+
+def table(title: str, res: dict, cpu_idle: float | None = None) -> str:
+    lines = [title, "", "| figure | value |", "|---|---|"]
+    for k, v in res.items():
+        cpu_bound = " (CPU-bound: idle under 30 %)" if cpu_idle is not None and cpu_idle < 30 and ("at once" in k or "load" in k) else ""
+        lines.append(f"| {k} | {v:.2f}{cpu_bound} |" if isinstance(v, float) else f"| {k} | {v} |")
+    return "\n".join(lines) + "\n\n"
+
+
+LOAD = r"""
+import sys, time
+from safetensors import safe_open
+t = time.perf_counter()
+with safe_open(sys.argv[1], "np") as f:
+    for k in f.keys():
+        f.get_tensor(k)
+print(time.perf_counter() - t)
+"""
+
+
+def make_safetensors(path: Path, size: int, seed: int):
+    """About `size` bytes of 1 MiB tensors alternating float32 and float16, saved by safetensors."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for i in range(size // MiB):
+        dtype = np.float32 if i % 2 == 0 else np.float16
+        tensors[f"model.layers.{i:04d}.weight"] = rng.integers(0, 255, MiB, dtype=np.uint8).view(dtype)
+    save_file(tensors, str(path))
+
+
+def prefetch(a) -> str:
+    size = a.size_mib * MiB
+    work = Path(tempfile.mkdtemp(prefix="modelfs-prefetchbench-", dir="/dev/shm"))
+    args = ["--replicas", "2", "--ack", "2", "--lease-ttl", "5", "--heal-interval", "3600", "--heal-full-every", "3600",
+            "--cache-size", f"{4 * a.size_mib * a.rounds + 1024}M", "--scrub-rate", "0", "--gc-delay", "3600", "--heal-rate-busy", "0"]
+    lab = Lab(root=tempfile.mkdtemp(prefix="modelfs-lab-", dir="/dev/shm"), prefix="mfsp", net="10.82")
+    res: dict = {"size MiB": a.size_mib, "link": a.link, "rounds": a.rounds}
+    times: dict[str, list[float]] = {"with": [], "without": []}
+    try:
+        lab.up(4, link=a.link, host_args=args, start_hosts=False)
+        for i in (1, 2):
+            lab.start_host(i)
+        lab.wait_all_up()
+        h = lab.hosts
+        res["link MB/s (one TCP stream)"] = link_rate(lab, 256 * MiB) / 1e6
+        for r in range(a.rounds):
+            for which in ("with", "without"):
+                src = work / "src.safetensors"
+                make_safetensors(src, size, seed=2 * r + (which == "with"))
+                shutil.copyfile(src, h[1] / f"{which}-{r}.safetensors")
+                src.unlink()
+        assert h[1].sync(timeout=1800).returncode == 0
+        lab.start_host(3)
+        lab.start_host(4, extra=["--no-format-prefetch"])
+        lab.wait_all_up()
+        host = {"with": h[3], "without": h[4]}
+        for r in range(a.rounds):
+            for which in (("with", "without") if r % 2 == 0 else ("without", "with")):
+                drop_caches()
+                out = subprocess.run([sys.executable, "-c", LOAD, str(host[which] / f"{which}-{r}.safetensors")],
+                                     capture_output=True, text=True, timeout=3600)
+                assert out.returncode == 0, out.stderr
+                times[which].append(float(out.stdout.strip().splitlines()[-1]))
+        mid = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        res["cold load with prefetch: s (median)"] = mid["with"]
+        res["cold load without: s (median)"] = mid["without"]
+        res["without / with (target >= 1.3)"] = mid["without"] / mid["with"]
+        res["every round, with / without: s"] = ", ".join(f"{w:.1f}/{o:.1f}" for w, o in zip(times["with"], times["without"]))
+        totals = h[3].cluster_status()["fanout"]["totals"]
+        res["prefetched MB / hits / misses (with)"] = f"{totals['prefetched'] / 1e6:.0f} / {totals['prefetchHits']} / {totals['prefetchMisses']}"
+    finally:
+        lab.down()
+        shutil.rmtree(lab.root, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return table(f"# Format-aware prefetch in the lab: safetensors, {a.size_mib} MiB, links {a.link}", res)
+
+
+def fanout(a) -> str:
     size = a.size_mib * MiB
     work = Path(tempfile.mkdtemp(prefix="modelfs-fanoutbench-", dir="/dev/shm"))
     src = work / "src"
@@ -131,15 +231,8 @@ def main():
         lab.down()
         shutil.rmtree(lab.root, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
-    lines = [f"# Fan-out in the lab: {a.loaders} loaders, {a.holders} holders, links {a.link}, {a.size_mib} MiB", "",
-             "| figure | value |", "|---|---|"]
-    for k, v in res.items():
-        cpu_bound = " (CPU-bound: idle under 30 %)" if "at once" in k and res.get("CPU idle % (N at once)", 100) < 30 else ""
-        lines.append(f"| {k} | {v:.2f}{cpu_bound} |" if isinstance(v, float) else f"| {k} | {v} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    return table(f"# Fan-out in the lab: {a.loaders} loaders, {a.holders} holders, links {a.link}, {a.size_mib} MiB", res,
+                 res.get("CPU idle % (N at once)"))
 
 
 if __name__ == "__main__":

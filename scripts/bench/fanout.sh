@@ -3,7 +3,9 @@
 # at once over links shaped to RATE; the last loader's time against one loader alone, the bytes
 # the holders sent against the file's size, every load checked bit-exact.
 #
-#   scripts/bench/fanout.sh [--size-mib N] [--link RATE] [--holders R] [--loaders N]
+#   scripts/bench/fanout.sh [--size-mib N] [--link RATE] [--holders R] [--loaders N] [--rounds N] [--only fanout,prefetch]
+# The prefetch phase: a cold safe_open + every tensor of a safetensors file with format-aware
+# prefetch and without (--no-format-prefetch), medians of --rounds.
 #
 # Needs root (network namespaces, FUSE, drop_caches), etcd (scripts/install-cluster-deps.sh), the
 # release binary and the venv (run-py.sh installs what is missing). Writes bench-results/fanout.md.
