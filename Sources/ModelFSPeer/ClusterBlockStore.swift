@@ -125,12 +125,15 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
     /// Fetches into the cache every block of `ids` that this node has neither as a replica nor
     /// cached, `parallel` at a time from the peers that hold them (`modelfs warm`). Calls
     /// `progress(done, total, failed)` as blocks arrive (it must be quick: it runs under a lock).
-    public func warm(_ ids: [BlockID], progress: @escaping @Sendable (Int, Int, Int) -> Void) {
-        let missing = Array(Set(ids)).filter { !contains($0) }
+    /// Each block comes with the file version it belongs to: nodes warming the same large file
+    /// at once share it (fan-out).
+    public func warm(_ blocks: [(id: BlockID, file: FileVersion?)], progress: @escaping @Sendable (Int, Int, Int) -> Void) {
+        var seen = Set<BlockID>()
+        let missing = blocks.filter { seen.insert($0.id).inserted && !contains($0.id) }
         let done = Shared((0, 0))
         progress(0, missing.count, 0)
         parallelFor(missing.count, width: parallel) { [self] i in
-            let ok = (try? fetch(missing[i], writeBehind: false)) != nil
+            let ok = (try? fetch(missing[i].id, writeBehind: false, file: missing[i].file)) != nil
             // Reported under the count's lock, so the counts reported only grow.
             done.withLock { d in
                 d.0 += 1

@@ -114,8 +114,11 @@ enum Operate {
 
     static func warm(fs: FileSystem, node: ClusterNode?, _ t: Target, send: (any Encodable) -> Void) throws {
         guard let node else { throw FSError.invalid("this mount is a single node: every block is already local") }
-        var ids: [BlockID] = []
-        try fs.walkFiles(from: t.ino, parent: t.parent) { ids += $0.blocks.map(\.id) }
+        var ids: [(id: BlockID, file: FileVersion?)] = []
+        try fs.walkFiles(from: t.ino, parent: t.parent) { f in
+            let file = FileVersion(ino: f.ino, version: f.version, size: f.size)
+            ids += f.blocks.map { ($0.id, file) }
+        }
         // Progress comes from the fetching threads; this thread sends it, at most twice a second.
         let relay = ProgressRelay<WarmProgress>()
         DispatchQueue.global().async { [ids] in

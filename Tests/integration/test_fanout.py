@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cluster import peer_request
 from mfs import pack_records
-from mfs import MiB, wait_until, write_file
+from mfs import MiB, run, wait_until, write_file
 from test_cluster import etcd, make_nodes, payload  # noqa: F401  (fixtures)
 
 SECRET = "loopback-cluster-secret"
@@ -192,8 +192,29 @@ def test_opening_a_safetensors_file_prefetches_its_tensors_and_garbage_falls_bac
     assert got == good, "model.safetensors read with other bytes after its prefetch"
     figures = load_figures(c, "model.safetensors")
     assert figures["prefetchHits"] >= 1, figures
+    text = run([c.bin, "status", str(c.mp)]).stdout
+    assert "fan-out" in text and "safetensors:" in text and "prefetched" in text, text
     # Not recognised: no prefetch, and the file reads whole.
     with open(c / "garbage.safetensors", "rb") as f:
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(garbage).digest()
     figures = load_figures(c, "garbage.safetensors")
     assert figures.get("format") is None and figures.get("prefetched", 0) == 0, figures
+
+
+def test_nodes_warming_one_file_at_once_share_it(make_nodes):
+    import subprocess
+    size = 32 * MiB
+    holders, loaders, want = setup(make_nodes, 2, 4, size, 304)
+    everyone = holders + loaders
+    before = served_from_replicas(everyone)
+    procs = [subprocess.Popen([n.bin, "warm", str(n / "model.bin")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in loaders]
+    for n, p in zip(loaders, procs):
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, f"warm on {n.node_id}: {err}"
+    sent = served_from_replicas(everyone) - before
+    assert sent <= 2 * size, f"the holders sent {sent / size:.2f}x the file to 4 nodes warming it"
+    assert sum(n.cluster_status()["fanout"]["totals"]["fromLoaders"] for n in loaders) > 0
+    for n in loaders:
+        with open(n / "model.bin", "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == want
