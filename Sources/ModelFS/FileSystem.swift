@@ -430,7 +430,7 @@ public final class FileSystem: @unchecked Sendable {
                 if flags.writable && l.session == nil { l.session = fresh }
                 if let view, l.view?.version != attrs.version {
                     l.view = view
-                    if store.prefetches { startPrefetch(view) }
+                    if store.prefetches { startPrefetch(view, parent: l.parent) }
                 }
                 let keep = l.kernelCachedVersion == attrs.version
                 l.kernelCachedVersion = attrs.version
@@ -483,25 +483,75 @@ public final class FileSystem: @unchecked Sendable {
 
     /// Format-aware prefetch of a version just opened for reading (FormatPrefetch): its first
     /// bytes are read (the loader reads them first anyway) and, for a format recognised, the
-    /// store is told which chunks the loader will read, in its order. In the background: the
-    /// open does not wait.
-    private func startPrefetch(_ view: ReadView) {
-        guard view.size >= Self.prefetchMinSize else { return }
-        let reader = self.reader, store = self.store
-        DispatchQueue.global(qos: .utility).async {
-            let read: (Range<UInt64>) throws -> [UInt8] = { r in
-                let slices = try view.slices(at: r.lowerBound, count: Int(r.count), reader: reader)
-                var out = [UInt8](repeating: 0, count: slices.reduce(0) { $0 + $1.count })
-                out.withUnsafeMutableBytes { _ = slices.copy(to: $0.baseAddress!) }
-                return out
+    /// store is told which chunks the loader will read, in its order: this file's, or the files
+    /// of its directory it names (`parent`: where the kernel looked it up), each by its own
+    /// plan or whole, within the store's prefetch budget. In the background: the open does not
+    /// wait.
+    private func startPrefetch(_ view: ReadView, parent: InodeNumber?) {
+        guard view.size >= 8 else { return }
+        DispatchQueue.global(qos: .utility).async { [self] in
+            guard let plan = FormatPrefetch.plan(size: view.size, read: bytes(of: view)) else { return }
+            var budget = store.prefetchBudget
+            switch plan {
+            case .ranges(let format, let ranges):
+                prefetch(view, ranges: ranges, format: format, budget: &budget)
+            case .siblings(let format, let siblings):
+                guard let parent else { return }
+                for ino in (try? files(in: parent, matching: siblings)) ?? [] where budget > 0 {
+                    guard let a = try? meta.getattr(ino), a.kind == .regular, let manifest = try? loadManifest(ino) else { continue }
+                    let shard = ReadView(manifest: manifest, ino: ino, size: a.size, version: a.version)
+                    // A shard in a format of its own (safetensors) is taken in its loader's order.
+                    if case .ranges(let f, let ranges)? = shard.size >= FormatPrefetch.minRanged
+                        ? FormatPrefetch.plan(size: shard.size, read: bytes(of: shard)) : nil {
+                        prefetch(shard, ranges: ranges, format: "\(format) > \(f)", budget: &budget)
+                    } else {
+                        prefetch(shard, ranges: [0..<shard.size], format: format, budget: &budget)
+                    }
+                }
             }
-            guard let (format, ranges) = FormatPrefetch.plan(size: view.size, read: read) else { return }
-            let order = FormatPrefetch.chunkOrder(ranges, offsets: view.chunks.offsets)
-            store.prefetch(order.map { view.chunks.chunks[$0] }, for: view.file, format: format)
         }
     }
-    /// Files smaller than this are not looked at for prefetch (a few blocks gain nothing).
-    static let prefetchMinSize: UInt64 = 4 << 20
+
+    private func prefetch(_ view: ReadView, ranges: [Range<UInt64>], format: String, budget: inout UInt64) {
+        var chunks: [ChunkRef] = []
+        for i in FormatPrefetch.chunkOrder(ranges, offsets: view.chunks.offsets) {
+            let c = view.chunks.chunks[i]
+            guard UInt64(c.length) <= budget else { break }
+            budget -= UInt64(c.length)
+            chunks.append(c)
+        }
+        store.prefetch(chunks, for: view.file, format: format)
+    }
+
+    /// Reads a range of a version's bytes (for FormatPrefetch).
+    private func bytes(of view: ReadView) -> (Range<UInt64>) throws -> [UInt8] {
+        let reader = self.reader
+        return { r in
+            let slices = try view.slices(at: r.lowerBound, count: Int(r.count), reader: reader)
+            var out = [UInt8](repeating: 0, count: slices.reduce(0) { $0 + $1.count })
+            out.withUnsafeMutableBytes { _ = slices.copy(to: $0.baseAddress!) }
+            return out
+        }
+    }
+
+    /// The regular files of `dir` that the siblings name, in their order (each pattern's
+    /// matches in name order), each once.
+    private func files(in dir: InodeNumber, matching siblings: [FormatPrefetch.Sibling]) throws -> [InodeNumber] {
+        var entries: [DirectoryEntry] = []
+        var cookie: UInt64 = 0
+        while entries.count < 100_000 {
+            let page = try meta.readdir(dir, after: cookie, limit: 1024)
+            guard let last = page.last else { break }
+            entries += page.filter { $0.kind == .regular }
+            cookie = last.cookie
+        }
+        entries.sort { $0.name < $1.name }
+        var seen = Set<InodeNumber>(), out: [InodeNumber] = []
+        for s in siblings {
+            for e in entries where s.matches(e.name) && seen.insert(e.ino).inserted { out.append(e.ino) }
+        }
+        return out
+    }
 
     /// The flat copy of the version a read-only handle reads, pinned (`flatCopies.unpin(key)`
     /// when done with it), if one is in place; else nil, and one is built in the background.

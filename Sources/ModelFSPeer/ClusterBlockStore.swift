@@ -204,17 +204,15 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
 
     /// Format-aware prefetch: fetches the chunks a loader of `file` will read, in its order,
     /// into the cache, `parallel`/2 at a time (the loader's own reads and readahead take the
-    /// rest), up to half the cache's budget; blocks this node has are skipped. One file's
-    /// prefetch at a time, on one queue.
+    /// rest); blocks this node has are skipped. The caller keeps to `prefetchBudget` (half the
+    /// cache's budget) for one open. One file's prefetch at a time, on one queue, in the order
+    /// asked.
     public let prefetches: Bool
 
+    public var prefetchBudget: UInt64 { cacheBudget / 2 }
+
     public func prefetch(_ chunks: [ChunkRef], for file: FileVersion, format: String) {
-        var budget = cacheBudget / 2
-        let wanted = Array(chunks.filter { !contains($0.id) }.prefix { c in
-            guard UInt64(c.length) <= budget else { return false }
-            budget -= UInt64(c.length)
-            return true
-        })
+        let wanted = chunks.filter { !contains($0.id) }
         fanout?.note(file, .planned(format: format))
         guard !wanted.isEmpty else { return }
         state.withLock { s in

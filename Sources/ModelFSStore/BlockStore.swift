@@ -35,6 +35,8 @@ public protocol BlockStore: AnyObject, Sendable {
     /// A loader of `file` will read these chunks, in this order (format-aware prefetch): the
     /// store may fetch them ahead of it, within its budget.
     func prefetch(_ chunks: [ChunkRef], for file: FileVersion, format: String)
+    /// Bytes one open's prefetch may ask for in all (its files together).
+    var prefetchBudget: UInt64 { get }
     func usage() -> BlockStoreUsage
 }
 
@@ -44,6 +46,7 @@ extension BlockStore {
     public func readaheadBlocks(for file: FileVersion?) -> Int { 8 }
     public var prefetches: Bool { false }
     public func prefetch(_ chunks: [ChunkRef], for file: FileVersion, format: String) {}
+    public var prefetchBudget: UInt64 { 0 }
     @discardableResult
     public func put(_ id: BlockID, owned buffer: BlockBuffer, length: Int) throws -> Bool {
         try buffer.withUnsafeBytes { try put(id, UnsafeRawBufferPointer(rebasing: $0[0..<length])) }

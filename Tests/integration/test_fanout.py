@@ -218,3 +218,32 @@ def test_nodes_warming_one_file_at_once_share_it(make_nodes):
     for n in loaders:
         with open(n / "model.bin", "rb") as f:
             assert hashlib.sha256(f.read()).hexdigest() == want
+
+
+def test_opening_a_hugging_face_index_prefetches_its_shards(make_nodes):
+    import json
+    shards = {}
+    weight_map = {}
+    for s in (1, 2):
+        name = f"model-0000{s}-of-00002.safetensors"
+        tensors = {f"layer.{s}.{i}.weight": payload(MiB, 500 + 10 * s + i) for i in range(6)}
+        shards[name] = safetensors_file(tensors)
+        weight_map.update({k: name for k in tensors})
+    index = json.dumps({"metadata": {"total_size": sum(map(len, shards.values()))}, "weight_map": weight_map}).encode()
+    holders = make_nodes(2, replicas=2, ack=2, extra=QUIET)
+    os.makedirs(holders[0] / "hf")
+    for name, data in shards.items():
+        write_file(holders[0] / "hf" / name, data)
+    write_file(holders[0] / "hf" / "model.safetensors.index.json", index)
+    assert holders[0].sync().returncode == 0
+    (c,) = make_nodes(1, replicas=2, ack=1, extra=QUIET)
+    with open(c / "hf" / "model.safetensors.index.json", "rb") as f:
+        assert json.loads(f.read())["weight_map"] == weight_map
+    # Each shard's first block came with the look at its header; the prefetch brings the rest.
+    for name, data in shards.items():
+        wait_until(lambda: load_figures(c, f"hf/{name}").get("prefetched", 0) >= len(data) * 0.6, 60,
+                   what=f"the index's prefetch to bring {name}")
+        assert load_figures(c, f"hf/{name}")["format"] == "huggingface-index > safetensors"
+    for name, data in shards.items():
+        with open(c / "hf" / name, "rb") as f:
+            assert f.read() == data, f"{name} read with other bytes after its prefetch"
