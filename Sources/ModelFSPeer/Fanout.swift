@@ -82,8 +82,11 @@ public final class Fanout: @unchecked Sendable {
         var joined = false
         /// Whether this node tried to join (an entry made for prefetch figures has not).
         var tried = false
-        /// Set while joining: readers wait for it (briefly) so the first blocks are shared too.
+        /// Set while joining: readers wait for it until `joinWaitEnds` (a second after the
+        /// join began; an etcd slow to answer must not hold every block up) so the first blocks
+        /// are shared too.
         var joining: DispatchGroup?
+        var joinWaitEnds = DispatchTime.now()
         var lastUse = Date()
         var stats: FileStats
         init(_ file: FileVersion) { stats = FileStats(file: file.text) }
@@ -158,21 +161,22 @@ public final class Fanout: @unchecked Sendable {
     public func source(_ id: BlockID, file: FileVersion, via: [String] = []) -> NodeInfo? {
         guard applies(to: file) else { return nil }
         let me = membership.me.id
-        let (wait, join) = state.withLock { s -> (DispatchGroup?, Bool) in
-            guard !s.stopped else { return (nil, false) }
+        let (wait, until, join) = state.withLock { s -> (DispatchGroup?, DispatchTime, Bool) in
+            guard !s.stopped else { return (nil, .now(), false) }
             let e = s.entry(file)
             e.lastUse = Date()
-            if e.tried { return (e.joining, false) }
+            if e.tried { return (e.joining, e.joinWaitEnds, false) }
             e.tried = true
             let g = DispatchGroup()
             g.enter()
             e.joining = g
-            return (g, true)
+            e.joinWaitEnds = .now() + 1
+            return (g, e.joinWaitEnds, true)
         }
-        if join { self.join(file, me: me) }
+        if join { DispatchQueue.global(qos: .userInitiated).async { self.join(file, me: me) } }
         // Loaders starting together find each other within the join (a put and a read): a
         // reader waits for it, briefly, rather than fetching its first blocks alone.
-        if let wait { _ = wait.wait(timeout: .now() + 1) }
+        if let wait, until > .now() { _ = wait.wait(timeout: until) }
         let candidates = state.withLock { s -> Set<String> in
             guard let e = s.files[file] else { return [] }
             return e.loaders.subtracting(e.refused)
