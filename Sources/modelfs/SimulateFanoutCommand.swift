@@ -14,7 +14,7 @@ extension DebugCommand {
     /// sender's and its receiver's equal share (no redistribution of what a share leaves unused,
     /// so the times are pessimistic). A loader reads the file in order and asks for at most
     /// `--window` blocks it does not have at a time (the daemon's readahead for a shared file:
-    /// 32; 8 otherwise). A block is
+    /// 64; 8 otherwise). A block is
     /// forwarded whole (store and forward, each hop verifies it). The holders hold every block
     /// (R = `--holders`); a tree's root fetches from the first holder in the block's placement
     /// order.
@@ -27,7 +27,7 @@ extension DebugCommand {
         @Option(help: "File size in bytes.") var size: Double = 2 * 1_073_741_824
         @Option(help: "Bytes per block.") var blockSize: Double = 1_048_576
         @Option(help: "Link rate of every node, bits/s each way.") var link: Double = 10e9
-        @Option(help: "Blocks a loader asks for at a time (the daemon's readahead for a shared file).") var window: Int = 32
+        @Option(help: "Blocks a loader asks for at a time (the daemon's readahead for a shared file).") var window: Int = 64
         @Option(help: "Children per loader in a block's tree (the daemon's: Fanout.degree).") var degree: Int = Fanout.degree
         @Flag(help: "Every loader fetches from the holders (no fan-out), for comparison.") var holdersOnly = false
 

@@ -85,7 +85,7 @@ def main():
 def table(title: str, res: dict, cpu_idle: float | None = None) -> str:
     lines = [title, "", "| figure | value |", "|---|---|"]
     for k, v in res.items():
-        cpu_bound = " (CPU-bound: idle under 30 %)" if cpu_idle is not None and cpu_idle < 30 and ("at once" in k or "load" in k) else ""
+        cpu_bound = " (CPU-bound: idle under 30 %)" if cpu_idle is not None and cpu_idle < 30 and "at once" in k else ""
         lines.append(f"| {k} | {v:.2f}{cpu_bound} |" if isinstance(v, float) else f"| {k} | {v} |")
     return "\n".join(lines) + "\n\n"
 
