@@ -71,6 +71,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default="fanout,prefetch")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--data", choices=["tmpfs", "disk"], default="tmpfs",
+                    help="where the hosts keep their data: /dev/shm, or this machine's disk (/tmp)")
     a = ap.parse_args()
     text = ""
     if "fanout" in a.only.split(","):
@@ -115,10 +117,12 @@ def make_safetensors(path: Path, size: int, seed: int):
 
 def prefetch(a) -> str:
     size = a.size_mib * MiB
-    work = Path(tempfile.mkdtemp(prefix="modelfs-prefetchbench-", dir="/dev/shm"))
+    # Two files a round on both holders, one a round on each loader, the source.
+    where = data_parent(a, size * (6 * a.rounds + 1))
+    work = Path(tempfile.mkdtemp(prefix="modelfs-prefetchbench-", dir=where))
     args = ["--replicas", "2", "--ack", "2", "--lease-ttl", "5", "--heal-interval", "3600", "--heal-full-every", "3600",
             "--cache-size", f"{4 * a.size_mib * a.rounds + 1024}M", "--scrub-rate", "0", "--gc-delay", "3600", "--heal-rate-busy", "0"]
-    lab = Lab(root=tempfile.mkdtemp(prefix="modelfs-lab-", dir="/dev/shm"), prefix="mfsp", net="10.82")
+    lab = Lab(root=tempfile.mkdtemp(prefix="modelfs-lab-", dir=where), prefix="mfsp", net="10.82")
     res: dict = {"size MiB": a.size_mib, "link": a.link, "rounds": a.rounds}
     times: dict[str, list[float]] = {"with": [], "without": []}
     try:
@@ -160,16 +164,36 @@ def prefetch(a) -> str:
     return table(f"# Format-aware prefetch in the lab: safetensors, {a.size_mib} MiB, links {a.link}", res)
 
 
+def data_parent(a, need: int) -> str | None:
+    """Where the lab's hosts keep their data; on tmpfs, refuses a run that would not fit."""
+    if a.data == "disk":
+        return None   # tempfile's default: /tmp, on the disk
+    free = shutil.disk_usage("/dev/shm").free
+    if need > free * 0.9:
+        sys.exit(f"fanout.py: the hosts would keep about {need / 2**30:.0f} GiB in /dev/shm, which has "
+                 f"{free / 2**30:.0f} GiB free; pass --data disk or a smaller --size-mib")
+    return "/dev/shm"
+
+
 def fanout(a) -> str:
     size = a.size_mib * MiB
-    work = Path(tempfile.mkdtemp(prefix="modelfs-fanoutbench-", dir="/dev/shm"))
+    # The source, two files on every holder, the first loader's two, every other loader's one.
+    where = data_parent(a, size * (1 + 2 * a.holders + 2 + (a.loaders - 1)))
+    work = Path(tempfile.mkdtemp(prefix="modelfs-fanoutbench-", dir=where))
+    try:
+        return fanout_in(a, size, work, where)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def fanout_in(a, size: int, work: Path, where: str | None) -> str:
     src = work / "src"
     make_source(src, size)
     hosts = a.holders + a.loaders
     args = ["--replicas", str(a.holders), "--ack", str(a.holders), "--lease-ttl", "5", "--heal-interval", "3600",
             "--heal-full-every", "3600", "--cache-size", f"{2 * a.size_mib + 1024}M", "--scrub-rate", "0",
             "--gc-delay", "3600", "--heal-rate-busy", "0"]
-    lab = Lab(root=tempfile.mkdtemp(prefix="modelfs-lab-", dir="/dev/shm"), prefix="mfsf", net="10.81")
+    lab = Lab(root=tempfile.mkdtemp(prefix="modelfs-lab-", dir=where), prefix="mfsf", net="10.81")
     res: dict = {"size MiB": a.size_mib, "link": a.link, "holders (R)": a.holders, "loaders (N)": a.loaders}
     try:
         lab.up(hosts, link=a.link, host_args=args, start_hosts=False)
