@@ -512,6 +512,20 @@ public final class FileSystem: @unchecked Sendable {
         }
     }
 
+    /// A walked file's blocks in the order its loader reads them (`modelfs warm`), with the
+    /// format that says so; file order and nil for a format not recognised (FormatPrefetch;
+    /// reads the file's first bytes, and its header, for files of `minRanged` or more).
+    public func loaderOrder(_ f: FileBlocks) -> (format: String?, blocks: [ChunkRef]) {
+        guard f.size >= FormatPrefetch.minRanged else { return (nil, f.blocks) }
+        let view = ReadView(manifest: Manifest(chunks: f.blocks), ino: f.ino, size: f.size, version: f.version)
+        guard case .ranges(let format, let ranges)? = FormatPrefetch.plan(size: f.size, read: bytes(of: view)) else {
+            return (nil, f.blocks)
+        }
+        let order = FormatPrefetch.chunkOrder(ranges, offsets: view.chunks.offsets)
+        let taken = Set(order)
+        return (format, order.map { f.blocks[$0] } + f.blocks.indices.filter { !taken.contains($0) }.map { f.blocks[$0] })
+    }
+
     private func prefetch(_ view: ReadView, ranges: [Range<UInt64>], format: String, budget: inout UInt64) {
         var chunks: [ChunkRef] = []
         for i in FormatPrefetch.chunkOrder(ranges, offsets: view.chunks.offsets) {

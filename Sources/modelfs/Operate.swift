@@ -117,7 +117,11 @@ enum Operate {
         var ids: [(id: BlockID, file: FileVersion?)] = []
         try fs.walkFiles(from: t.ino, parent: t.parent) { f in
             let file = FileVersion(ino: f.ino, version: f.version, size: f.size)
-            ids += f.blocks.map { ($0.id, file) }
+            // In the order a loader reads the file (a safetensors file's tensors by name), so a
+            // loader that starts while warm runs finds what it wants first.
+            let (format, blocks) = fs.loaderOrder(f)
+            if let format { node.fanout.note(file, .planned(format: format)) }
+            ids += blocks.map { ($0.id, file) }
         }
         // Progress comes from the fetching threads; this thread sends it, at most twice a second.
         let relay = ProgressRelay<WarmProgress>()

@@ -199,6 +199,13 @@ def test_opening_a_safetensors_file_prefetches_its_tensors_and_garbage_falls_bac
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(garbage).digest()
     figures = load_figures(c, "garbage.safetensors")
     assert figures.get("format") is None and figures.get("prefetched", 0) == 0, figures
+    # `modelfs warm` takes a safetensors file in its loader's order too.
+    (w,) = make_nodes(1, replicas=2, ack=1, extra=QUIET)
+    r = run([w.bin, "warm", str(w / "model.safetensors")], timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert load_figures(w, "model.safetensors").get("format") == "safetensors"
+    with open(w / "model.safetensors", "rb") as f:
+        assert f.read() == good
 
 
 def test_nodes_warming_one_file_at_once_share_it(make_nodes):
