@@ -86,8 +86,11 @@ struct ChunkList {
     }
 
     /// Index of the chunk that holds `offset` (< end).
-    func index(of offset: UInt64) -> Int {
-        var lo = 0, hi = chunks.count - 1
+    func index(of offset: UInt64) -> Int { Self.index(of: offset, in: offsets) }
+
+    /// The same over chunk start offsets (the last element is the end; at least one chunk).
+    static func index(of offset: UInt64, in offsets: [UInt64]) -> Int {
+        var lo = 0, hi = offsets.count - 2
         while lo < hi {
             let mid = (lo + hi + 1) / 2
             if offsets[mid] <= offset { lo = mid } else { hi = mid - 1 }

@@ -501,8 +501,7 @@ public final class FileSystem: @unchecked Sendable {
                     guard let a = try? meta.getattr(ino), a.kind == .regular, let manifest = try? loadManifest(ino) else { continue }
                     let shard = ReadView(manifest: manifest, ino: ino, size: a.size, version: a.version)
                     // A shard in a format of its own (safetensors) is taken in its loader's order.
-                    if case .ranges(let f, let ranges)? = shard.size >= FormatPrefetch.minRanged
-                        ? FormatPrefetch.plan(size: shard.size, read: bytes(of: shard)) : nil {
+                    if let (f, ranges) = loaderRanges(shard) {
                         prefetch(shard, ranges: ranges, format: "\(format) > \(f)", budget: &budget)
                     } else {
                         prefetch(shard, ranges: [0..<shard.size], format: format, budget: &budget)
@@ -516,14 +515,20 @@ public final class FileSystem: @unchecked Sendable {
     /// format that says so; file order and nil for a format not recognised (FormatPrefetch;
     /// reads the file's first bytes, and its header, for files of `minRanged` or more).
     public func loaderOrder(_ f: FileBlocks) -> (format: String?, blocks: [ChunkRef]) {
-        guard f.size >= FormatPrefetch.minRanged else { return (nil, f.blocks) }
         let view = ReadView(manifest: Manifest(chunks: f.blocks), ino: f.ino, size: f.size, version: f.version)
-        guard case .ranges(let format, let ranges)? = FormatPrefetch.plan(size: f.size, read: bytes(of: view)) else {
-            return (nil, f.blocks)
-        }
+        guard let (format, ranges) = loaderRanges(view) else { return (nil, f.blocks) }
         let order = FormatPrefetch.chunkOrder(ranges, offsets: view.chunks.offsets)
         let taken = Set(order)
         return (format, order.map { f.blocks[$0] } + f.blocks.indices.filter { !taken.contains($0) }.map { f.blocks[$0] })
+    }
+
+    /// The ranges a loader of the version reads, in its order, for a file in a format read by
+    /// ranges (safetensors, `minRanged` or more); nil otherwise. Reads its first bytes when large
+    /// enough.
+    private func loaderRanges(_ view: ReadView) -> (format: String, ranges: [Range<UInt64>])? {
+        guard view.size >= FormatPrefetch.minRanged,
+              case .ranges(let format, let ranges)? = FormatPrefetch.plan(size: view.size, read: bytes(of: view)) else { return nil }
+        return (format, ranges)
     }
 
     private func prefetch(_ view: ReadView, ranges: [Range<UInt64>], format: String, budget: inout UInt64) {

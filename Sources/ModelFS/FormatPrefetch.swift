@@ -94,14 +94,7 @@ public enum FormatPrefetch {
     /// A name within the directory: no path separator, not `.` or `..`.
     static func plainName(_ name: String) -> Bool { !name.isEmpty && !name.contains("/") && name != "." && name != ".." }
 
-    static func contains(_ bytes: [UInt8], _ text: String) -> Bool {
-        let needle = Array(text.utf8)
-        guard bytes.count >= needle.count else { return false }
-        for i in 0...(bytes.count - needle.count) where bytes[i] == needle[0] {
-            if Array(bytes[i..<(i + needle.count)]) == needle { return true }
-        }
-        return false
-    }
+    static func contains(_ bytes: [UInt8], _ text: String) -> Bool { Data(bytes).range(of: Data(text.utf8)) != nil }
 
     /// safetensors: an 8-byte little-endian header length N, N bytes of JSON (name → dtype,
     /// shape, data_offsets [begin, end) relative to the end of the header; `__metadata__` is not
@@ -131,16 +124,8 @@ public enum FormatPrefetch {
         let count = offsets.count - 1
         guard count > 0 else { return [] }
         var seen = Set<Int>(), out: [Int] = []
-        func index(of offset: UInt64) -> Int {
-            var lo = 0, hi = count - 1
-            while lo < hi {
-                let mid = (lo + hi + 1) / 2
-                if offsets[mid] <= offset { lo = mid } else { hi = mid - 1 }
-            }
-            return lo
-        }
         for r in ranges where !r.isEmpty && r.lowerBound < offsets[count] {
-            var i = index(of: r.lowerBound)
+            var i = ChunkList.index(of: r.lowerBound, in: offsets)
             while i < count && offsets[i] < r.upperBound {
                 if seen.insert(i).inserted { out.append(i) }
                 i += 1
