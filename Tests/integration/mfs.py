@@ -306,6 +306,14 @@ class Mount:
         except OSError as e:
             return f"<no log: {e}>"
 
+    def _log_since(self, offset: int, needle: bytes) -> bool:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return needle in f.read()
+        except OSError:
+            return False
+
     # -- lifecycle -------------------------------------------------------
     def mount_args(self) -> list[str]:
         args = [self.bin, "mount", str(self.mp), "--data", str(self.data)]
@@ -326,11 +334,14 @@ class Mount:
         args = self.mount_args()
         self._log(f"start #{self.generation}: {' '.join(args)}")
         with open(self.log_path, "ab") as log:
+            since = log.tell()
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         self.expect_dead = False
         deadline = time.monotonic() + timeout
-        while not is_mounted(self.mp):
+        # Live means mounted *and* announced: the kernel shows the mount a moment before the
+        # daemon saves its record and opens its control socket, then prints this line.
+        while not (is_mounted(self.mp) and self._log_since(since, b"modelfs: mounted ")):
             rc = self.proc.poll()
             if rc is not None:
                 raise RuntimeError(
