@@ -440,6 +440,7 @@ public final class FileSystem: @unchecked Sendable {
                 return (fh, keep, l.session)
             }
             guard let (fh, keep, s) = installed else { continue }
+            if view != nil { viewHook.withLock { $0 }?(ino, attrs.version) }
             if flags.truncate && flags.writable, let s {
                 s.lock.lock(); defer { s.lock.unlock() }
                 try s.truncate(to: 0)
@@ -857,6 +858,23 @@ public final class FileSystem: @unchecked Sendable {
             return (true, stale)
         }
     }
+
+    /// The content version this node's open handles of `ino` read, when they read a committed
+    /// version (a view; no write session here): what a reader holds while the file is replaced.
+    public func readerVersion(_ ino: InodeNumber) -> UInt64? {
+        tables.withLock { t in
+            guard let l = t.live[ino], l.opens > 0, l.session == nil else { return nil }
+            return l.view?.version
+        }
+    }
+
+    /// Called when an open installs a view of (inode, version) for reading (a cluster node's
+    /// `VersionHolds` checks it against the versions it has heard of). Set once, read by any thread.
+    public var onReadView: (@Sendable (InodeNumber, UInt64) -> Void)? {
+        get { viewHook.withLock { $0 } }
+        set { viewHook.withLock { $0 = newValue } }
+    }
+    private let viewHook = Mutex<(@Sendable (InodeNumber, UInt64) -> Void)?>(nil)
 
     /// Handles still open (refuse an unmount while any are).
     public var openHandleCount: Int { tables.withLock { $0.handles.count } }

@@ -42,6 +42,17 @@ import Synchronization
 /// until every suspect is found referenced (or all of them, if some are garbage). The first
 /// pass after start, a failed write's and the `fullEvery` pass take every old block, as
 /// without a feed (what a crash or a lost stretch of the watch left behind).
+///
+/// Superseded versions go promptly, not after the cluster's grace: the blocks of a version
+/// replaced or deleted `supersededDelay` seconds ago (10 s) are candidates once touched more
+/// than `settle` (1 s) before the pass, as on one node, unless a reader still holds that version
+/// (`held`: the inodes some node reads an old version of, `VersionHolds`), when they wait for
+/// the hold to go. The long grace is not needed for them: it covers copies that a version not
+/// committed yet will reference, and every copy a commit counts is counted after that commit
+/// (`Replicator.ensure` asks `has`, which touches, or sends it again), so a suspect taken away
+/// under a writer that reuses its content costs a copy sent again, never a count that is wrong.
+/// The delay gives readers on other nodes time to place their holds: they hear of the new
+/// version from the same watch. The full passes keep the grace for every other block.
 public final class GarbageCollector: @unchecked Sendable {
     let fs: FileSystem
     let store: PackBlockStore
@@ -66,6 +77,16 @@ public final class GarbageCollector: @unchecked Sendable {
     let fullEvery: Double
     /// Passes set off by changes take only the suspects (see the type's comment).
     let changeFeed: Bool
+    /// Seconds after a version is replaced before its blocks are decided (a change feed), and
+    /// the inodes whose old versions readers hold (nil: none are tracked).
+    let supersededDelay: Double
+    let held: (@Sendable () throws -> Set<InodeNumber>)?
+    /// A suspect touched within this many seconds before a pass waits for the next one.
+    let settle: Double
+    /// How soon versions that a reader holds are looked at again.
+    var heldRetry: Double { max(1, supersededDelay) }
+    /// A superseded version, from the change feed: its blocks are decided from `notBefore` on.
+    struct Superseded { var ref: ManifestRef; var ino: InodeNumber?; var notBefore: Date }
     static let page = 1000
     /// Pause after each page, in multiples of the time the page took to read (a paced pass).
     static let pauseFactor = 3.0
@@ -81,14 +102,17 @@ public final class GarbageCollector: @unchecked Sendable {
         var lastPass = Date.distantPast
         /// Changes up to here are covered: the last pass's cutoff (its start minus the grace).
         var covered = Date.distantPast
-        /// Versions replaced since the last pass took them (a change feed), and the blocks of
-        /// earlier ones not decided yet: touched within the grace, they wait for a later pass.
-        var replaced: [ManifestRef] = []
+        /// Versions replaced and not taken by a pass yet (a change feed), and the blocks of
+        /// earlier ones not decided yet: touched within `settle`, they wait for a later pass.
+        var replaced: [Superseded] = []
         var suspects: Set<BlockID> = []
         /// When waiting suspects can be decided (nil: none wait).
         var retryAt: Date?
         /// A pass over every old block is owed (a failed write, with a change feed).
         var fullOwed = false
+        /// A pass set off by the feed waits until then: after a pass that read manifests, as
+        /// long as that pass took (so reading the namespace takes at most half the time).
+        var spacedUntil = Date.distantPast
         var stats = Stats()
     }
     private let passes = Mutex(Passes())
@@ -108,6 +132,10 @@ public final class GarbageCollector: @unchecked Sendable {
         public var fullPasses = 0
         /// Blocks waiting to be decided (a change feed).
         public var suspects = 0
+        /// Superseded versions waiting for their delay or for a reader's hold to go.
+        public var supersededWaiting = 0
+        /// Superseded versions found held by a reader, over all passes.
+        public var heldDeferrals: UInt64 = 0
 
         public init() {}
 
@@ -124,12 +152,15 @@ public final class GarbageCollector: @unchecked Sendable {
             lastPassSeconds = try v(.lastPassSeconds, 0)
             fullPasses = try v(.fullPasses, 0)
             suspects = try v(.suspects, 0)
+            supersededWaiting = try v(.supersededWaiting, 0)
+            heldDeferrals = try v(.heldDeferrals, 0)
         }
     }
     public var stats: Stats { passes.withLock { $0.stats } }
 
     public init(fs: FileSystem, store: PackBlockStore, others: [PackBlockStore] = [], interval: Double = 60, grace: Double = 1,
-                scanRate: UInt64 = 0, fullEvery: Double = 3600, changeFeed: Bool = false) {
+                scanRate: UInt64 = 0, fullEvery: Double = 3600, changeFeed: Bool = false, supersededDelay: Double = 10,
+                held: (@Sendable () throws -> Set<InodeNumber>)? = nil, settle: Double = 1) {
         self.fs = fs
         self.store = store
         self.others = others
@@ -138,12 +169,19 @@ public final class GarbageCollector: @unchecked Sendable {
         self.scanRate = scanRate
         self.fullEvery = fullEvery
         self.changeFeed = changeFeed
+        self.supersededDelay = supersededDelay
+        self.held = held
+        self.settle = settle
     }
+
+    /// How often the timer asks `due`: a change feed's superseded versions are due
+    /// `supersededDelay` after they come, so it looks within half that (`due` reads nothing).
+    var tick: Double { changeFeed ? min(interval, max(0.5, supersededDelay / 2)) : interval }
 
     public func start() {
         fs.onGarbage = { [weak self] in self?.requestSoon() }
         let t = DispatchSource.makeTimerSource(queue: queue)
-        t.schedule(deadline: .now() + interval, repeating: interval)
+        t.schedule(deadline: .now() + tick, repeating: tick)
         t.setEventHandler { [weak self] in
             guard let self, self.due() else { return }
             _ = try? self.collect()
@@ -152,17 +190,23 @@ public final class GarbageCollector: @unchecked Sendable {
         timer = t
     }
 
-    /// A version was replaced or deleted (by any node: the change feed): the blocks it
+    /// A version of `ino` was replaced or deleted (by any node: the change feed): the blocks it
     /// referenced may be garbage. Without a feed, any change sets off a pass over every old block.
-    public func suspect(_ replaced: ManifestRef) {
+    public func suspect(_ replaced: ManifestRef, ino: InodeNumber? = nil) {
+        let now = Date()
         passes.withLock { p in
-            if changeFeed { p.replaced.append(replaced) } else { p.remoteChange = true }
-            p.lastChange = Date()
+            if changeFeed {
+                p.replaced.append(Superseded(ref: replaced, ino: ino, notBefore: now.addingTimeInterval(supersededDelay)))
+                p.stats.supersededWaiting = p.replaced.count
+            } else {
+                p.remoteChange = true
+            }
+            p.lastChange = now
         }
     }
 
-    /// Whether a pass should run now. With a change feed: versions were replaced since the last
-    /// one, or suspects it left waiting can be decided, or a full pass is owed or due. Without:
+    /// Whether a pass should run now. With a change feed: a replaced version's delay is over, or
+    /// suspects the last pass left waiting can be decided, or a full pass is owed or due. Without:
     /// content changed since the last one started (most of what a change leaves behind is old,
     /// and goes at once); or a change the last pass did not cover (blocks touched within the
     /// grace before it are kept) can be covered now; or it is time for a full one.
@@ -172,7 +216,9 @@ public final class GarbageCollector: @unchecked Sendable {
         return passes.withLock { p in
             if p.lastPass == .distantPast || now.timeIntervalSince(p.lastPass) >= fullEvery { return true }
             if changeFeed {
-                return p.fullOwed || !p.replaced.isEmpty || p.retryAt.map { now >= $0 } == true
+                if p.fullOwed { return true }
+                if now < p.spacedUntil { return false }
+                return p.replaced.contains { $0.notBefore <= now } || p.retryAt.map { now >= $0 } == true
             }
             if p.noticed != generation { p.noticed = generation; p.lastChange = now }
             if p.generation != generation || p.remoteChange { return true }
@@ -223,39 +269,69 @@ public final class GarbageCollector: @unchecked Sendable {
         let cutoff = cutoff ?? Timestamp(totalNanoseconds: Int64((cutoffDate.timeIntervalSince1970 * 1e9).rounded(.down)))
         let started = DispatchTime.now()
         let generation = fs.contentChanges
-        let (full, replaced) = passes.withLock { p -> (Bool, [ManifestRef]) in
+        let (full, ready, later) = passes.withLock { p -> (Bool, [Superseded], [Superseded]) in
             if p.noticed != generation { p.noticed = generation; p.lastChange = begun }
             let full = !changeFeed || p.fullOwed || p.lastPass == .distantPast || begun.timeIntervalSince(p.lastPass) >= fullEvery
+            let ready = p.replaced.filter { $0.notBefore <= begun }, later = p.replaced.filter { $0.notBefore > begun }
             defer {
                 p.generation = generation; p.remoteChange = false; p.lastPass = begun; p.stats.running = true
                 p.covered = max(p.covered, cutoffDate); p.fullOwed = false; p.retryAt = nil
-                p.replaced.removeAll()
+                p.replaced = later
             }
-            return (full, p.replaced)
+            return (full, ready, later)
         }
         defer { passes.withLock { $0.stats.running = false } }
-        // The blocks of the replaced versions (a manifest stored as a block is read for its
-        // chunks; one that cannot be read any more leaves them to a full pass).
-        var suspects = passes.withLock { $0.suspects }
-        for ref in replaced {
-            if let ids = try? fs.blocks(of: ref) { suspects.formUnion(ids) } else if case .block(let id, _) = ref { suspects.insert(id) }
+        // Superseded versions a reader holds wait (all of them while the holds cannot be read).
+        var taken = ready, kept: [Superseded] = []
+        if !ready.isEmpty, let held {
+            do {
+                let inodes = try held()
+                kept = ready.filter { $0.ino.map(inodes.contains) == true }
+                if !kept.isEmpty { taken = ready.filter { !($0.ino.map(inodes.contains) == true) } }
+            } catch {
+                Log.every("gc holds", 60, .warning, "garbage collection: cannot read readers' holds (superseded versions wait): \(error)")
+                kept = ready
+                taken = []
+            }
         }
+        if !kept.isEmpty {
+            let retry = begun.addingTimeInterval(heldRetry)
+            passes.withLock { p in
+                p.replaced += kept.map { Superseded(ref: $0.ref, ino: $0.ino, notBefore: retry) }
+                p.stats.heldDeferrals += UInt64(kept.count)
+            }
+        }
+        passes.withLock { $0.stats.supersededWaiting = $0.replaced.count }
+        // The blocks of the replaced versions taken (a manifest stored as a block is read for its
+        // chunks; one that cannot be read any more leaves them to a full pass); the blocks of
+        // those still waiting are kept, whatever else referenced them.
+        var suspects = passes.withLock { $0.suspects }
+        for e in taken {
+            if let ids = try? fs.blocks(of: e.ref) { suspects.formUnion(ids) } else if case .block(let id, _) = e.ref { suspects.insert(id) }
+        }
+        var keep = Set<BlockID>()
+        for e in kept + later {
+            if let ids = try? fs.blocks(of: e.ref) { keep.formUnion(ids) } else if case .block(let id, _) = e.ref { keep.insert(id) }
+        }
+        // Suspects need only settle; other blocks the grace (see the type's comment).
+        let settled = Timestamp(totalNanoseconds: Int64((begun.addingTimeInterval(-settle).timeIntervalSince1970 * 1e9).rounded(.down)))
+        let suspectCutoff = changeFeed ? max(cutoff, settled) : cutoff
         let open = fs.sessionBlocks()
         let stores = [store] + others
         var waiting = Set<BlockID>()
         var candidates = stores.map { s in
             Set(s.listBlocks().lazy.filter { b in
                 let suspect = suspects.contains(b.id)
-                guard full || suspect, !open.contains(b.id) else { return false }
-                if b.mtime < cutoff { return true }
-                if suspect { waiting.insert(b.id) }   // touched within the grace: decided later
+                guard full || suspect, !open.contains(b.id), !keep.contains(b.id) else { return false }
+                if b.mtime < (suspect ? suspectCutoff : cutoff) { return true }
+                if suspect { waiting.insert(b.id) }   // touched within `settle`: decided later
                 return false
             }.map(\.id))
         }
         passes.withLock { p in
             p.suspects = waiting
             p.stats.suspects = waiting.count
-            if !waiting.isEmpty { p.retryAt = begun.addingTimeInterval(grace + 1) }
+            if !waiting.isEmpty { p.retryAt = begun.addingTimeInterval((changeFeed ? settle : grace) + 1) }
             if full { p.stats.fullPasses += 1 }
         }
         var left = candidates.reduce(0) { $0 + $1.count }
@@ -294,7 +370,7 @@ public final class GarbageCollector: @unchecked Sendable {
         for (s, garbage) in zip(stores, candidates) where !garbage.isEmpty {
             var removed = false
             for id in garbage {
-                let freed = s.removeIfStale(id, cutoff: cutoff)
+                let freed = s.removeIfStale(id, cutoff: suspects.contains(id) ? suspectCutoff : cutoff)
                 if freed > 0 { blocks += 1; bytes += freed; removed = true }
             }
             if removed { try s.reclaim() }
@@ -307,6 +383,7 @@ public final class GarbageCollector: @unchecked Sendable {
             p.stats.removedBlocks += blocks
             p.stats.removedBytes += bytes
             p.stats.lastPassSeconds = seconds
+            if read > 0 { p.spacedUntil = Date().addingTimeInterval(seconds) }
         }
         if blocks > 0 {
             Log.info("garbage collection removed \(blocks) blocks (\(bytes) bytes) in \(String(format: "%.2f", seconds)) s (\(read) manifests read)")

@@ -22,6 +22,7 @@ import ModelFSCore
 /// | `members/ID` | per node ever joined | the roster (no lease) | Membership |
 /// | `drain/ID` | per draining node | a drain mark | Membership |
 /// | `f/INO.VERSION/ID` | per node loading a large file version | a fan-out loader; under the node's lease | Fanout |
+/// | `h/INO/ID` | per node reading a superseded version | a reader's hold (the version it reads); under the node's lease | VersionHolds |
 ///
 /// `EtcdKeys.layout` lists them for the test that no prefix shadows another key (a range
 /// over one must never return another's keys).
@@ -51,6 +52,7 @@ public struct EtcdKeys: Sendable {
     public var members: Data { key("members/") }
     public var drain: Data { key("drain/") }
     public var loaders: Data { key("f/") }
+    public var holds: Data { key("h/") }
 
     /// An inode number as keys spell it: 16 hex digits, so keys sort by number.
     public static func hex(_ ino: InodeNumber) -> String {
@@ -76,6 +78,15 @@ public struct EtcdKeys: Sendable {
     /// The prefix of a file version's fan-out loaders, and one of them.
     public func loaders(of file: FileVersion) -> Data { loaders + Data("\(file.text)/".utf8) }
     public func loader(of file: FileVersion, node: String) -> Data { loaders(of: file) + Data(node.utf8) }
+    /// A node's hold on a superseded version of `ino` (the version is the value).
+    public func hold(_ ino: InodeNumber, node: String) -> Data { holds + Data("\(Self.hex(ino))/\(node)".utf8) }
+    /// The inode a hold key (under `holds`) is on.
+    public func heldInode(_ key: Data) -> InodeNumber? {
+        guard key.starts(with: holds) else { return nil }
+        let rest = key.dropFirst(holds.count)
+        guard let slash = rest.firstIndex(of: UInt8(ascii: "/")), let n = UInt64(String(decoding: rest[..<slash], as: UTF8.self), radix: 16) else { return nil }
+        return InodeNumber(n)
+    }
 
     /// Each key below `root`: its text, and whether it is a prefix (ranged over) or one key.
     /// A prefix's own nested keys name it as `within`.
@@ -85,5 +96,6 @@ public struct EtcdKeys: Sendable {
         ("n/next_ino", false, nil), ("n/stats/", true, nil), ("n/stats/_base", false, "n/stats/"),
         ("n/healer", false, nil), ("n/heal", false, nil), ("n/cluster_id", false, nil),
         ("nodes/", true, nil), ("members/", true, nil), ("drain/", true, nil), ("f/", true, nil),
+        ("h/", true, nil),
     ]
 }

@@ -67,6 +67,10 @@ struct ClusterStatus: Codable {
     var etcdTraffic: String?
     /// Large files loaded with the other nodes loading them at once (absent from an older daemon).
     var fanout: FanoutStatus?
+    /// Superseded versions this node's readers hold now (garbage collection leaves their blocks
+    /// on every node), and holds placed since start (absent from an older daemon).
+    var readerHolds: Int?
+    var readerHoldsPlaced: UInt64?
 }
 
 struct FanoutStatus: Codable {
@@ -104,6 +108,8 @@ final class ClusterNode: @unchecked Sendable {
     let yield: ForegroundYield
     /// Shares the loading of large files among the nodes loading them at once.
     let fanout: Fanout
+    /// Readers' holds on superseded versions (made once the filesystem exists, `attach`).
+    private(set) var holds: VersionHolds!
     /// Made once the filesystem exists (`attach`).
     private(set) var healer: Healer?
     private var watcher: EtcdWatcher?
@@ -247,6 +253,10 @@ final class ClusterNode: @unchecked Sendable {
                         cluster: clusterName, interval: options.healInterval, deadAfter: options.deadAfter,
                         rate: parseSize(options.healRate)!, yield: yield, fullEvery: options.healFullEvery,
                         scanRate: UInt64(options.healScanRate))
+        let holds = VersionHolds(etcd: etcd, keys: EtcdKeys(cluster: clusterName), membership: membership,
+                                 readerVersion: { [weak fs] ino in fs?.readerVersion(ino) })
+        fs.onReadView = { [weak holds] ino, version in holds?.opened(ino, version: version) }
+        self.holds = holds
     }
 
     func start() throws {
@@ -259,6 +269,7 @@ final class ClusterNode: @unchecked Sendable {
         fanout.start()
         scrubber.start()
         healer?.start()
+        holds?.start()
         Log.info("node \(id) joined the cluster at \(membership.me.address) (peer port \(server.port)); \(membership.nodes.count) nodes live")
     }
 
@@ -279,6 +290,7 @@ final class ClusterNode: @unchecked Sendable {
 
     func stop() {
         watcher?.stop()
+        holds?.stop()
         healer?.stop()
         fanout.stop()
         scrubber.stop()
@@ -313,6 +325,7 @@ final class ClusterNode: @unchecked Sendable {
                                  ?? "unencrypted (HTTP and raw block streams; the cluster secret authenticates)",
                              etcdTraffic: (options.etcdCa != nil || options.etcdCert != nil ? "TLS" : "unencrypted")
                                  + (options.etcdUser.map { ", etcd user \($0)" } ?? ", no etcd user"),
-                             fanout: { let f = fanout.status; return FanoutStatus(minSize: fanout.minSize, totals: f.totals, files: f.files) }())
+                             fanout: { let f = fanout.status; return FanoutStatus(minSize: fanout.minSize, totals: f.totals, files: f.files) }(),
+                             readerHolds: holds?.counts.holding, readerHoldsPlaced: holds?.counts.placed)
     }
 }

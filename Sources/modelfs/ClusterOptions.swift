@@ -100,8 +100,11 @@ struct ClusterOptions: ParsableArguments {
     @Option(help: "Seconds from the start of one scrub pass to the next.")
     var scrubEvery: Double = 86400
 
-    @Option(help: "Seconds a block nothing references is kept before garbage collection removes it.")
+    @Option(help: "Seconds a block nothing references is kept before garbage collection removes it (copies for writes still under way, leftovers of crashes).")
     var gcDelay: Double = 900
+
+    @Option(help: "Seconds the blocks of a replaced or deleted version are kept (at most --gc-delay), and after that for as long as a reader on any node still has that version open.")
+    var gcSupersededDelay: Double = 10
 
     @Option(help: "Manifests a second, at most, garbage collection reads from etcd while it pages through the namespace (a pass runs after content changed somewhere, or hourly).")
     var gcScanRate: Int = 10_000
@@ -112,7 +115,8 @@ struct ClusterOptions: ParsableArguments {
                  "--staging-size", stagingSize, "--ack-timeout", String(ackTimeout), "--replication", replication, "--lease-ttl", String(leaseTtl),
                  "--dead-after", String(deadAfter), "--heal-interval", String(healInterval),
                  "--heal-full-every", String(healFullEvery), "--heal-scan-rate", String(healScanRate), "--heal-rate", healRate, "--heal-rate-busy", healRateBusy, "--scrub-rate", scrubRate,
-                 "--scrub-every", String(scrubEvery), "--gc-delay", String(gcDelay), "--gc-scan-rate", String(gcScanRate)]
+                 "--scrub-every", String(scrubEvery), "--gc-delay", String(gcDelay),
+                 "--gc-superseded-delay", String(gcSupersededDelay), "--gc-scan-rate", String(gcScanRate)]
         if noFormatPrefetch { a.append("--no-format-prefetch") }
         if let advertise { a += ["--advertise", advertise] }
         if let secretFile { a += ["--secret-file", secretFile] }
@@ -160,6 +164,7 @@ struct ClusterOptions: ParsableArguments {
         if parseSize(scrubRate) == nil { return "--scrub-rate \(scrubRate): expected a rate in bytes per second such as 16M (0: off)" }
         if scrubEvery <= 0 { return "--scrub-every must be positive" }
         if gcDelay < 1 { return "--gc-delay must be at least 1 second" }
+        if gcSupersededDelay < 1 { return "--gc-superseded-delay must be at least 1 second (the time readers on other nodes have to hold a version)" }
         if replication != "chain" && replication != "fanout" { return "--replication must be chain or fanout" }
         if healFullEvery <= 0 { return "--heal-full-every must be more than 0 seconds" }
         if healScanRate < 0 { return "--heal-scan-rate must be 0 (no limit) or more files a second" }

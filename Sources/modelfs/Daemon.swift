@@ -110,7 +110,9 @@ struct Daemon {
         if let node, let cluster {
             gc = GarbageCollector(fs: fs, store: store, others: [node.blocks.cache],
                                   interval: min(60, max(1, cluster.gcDelay / 2)), grace: cluster.gcDelay,
-                                  scanRate: UInt64(cluster.gcScanRate), fullEvery: max(3600, cluster.gcDelay), changeFeed: true)
+                                  scanRate: UInt64(cluster.gcScanRate), fullEvery: max(3600, cluster.gcDelay), changeFeed: true,
+                                  supersededDelay: min(cluster.gcSupersededDelay, cluster.gcDelay),
+                                  held: { [holds = node.holds] in try holds.heldInodes() })
         } else {
             gc = GarbageCollector(fs: fs, store: store, grace: 1)
         }
@@ -186,14 +188,15 @@ struct Daemon {
             try node.watchNamespace { [server] change in
                 switch change {
                 case .inode(let ino, let version, let origin):
+                    node.holds.changed(ino, version: version)
                     guard origin != me else { return }
                     let (known, pages) = fs.remoteChange(ino, version: version)
                     if known { server.invalidateInode(ino.rawValue, pages: pages) }
                 case .entry(let parent, let name, let origin):
                     guard origin != me else { return }
                     server.invalidateEntry(parent: parent.rawValue, name: name)
-                case .manifest(_, let replaced):
-                    if let replaced { gc.suspect(replaced) }
+                case .manifest(let ino, let replaced):
+                    if let replaced { gc.suspect(replaced, ino: ino) }
                 }
             }
         }

@@ -226,7 +226,7 @@ import Testing
         func rel(_ d: Data) -> String { String(decoding: d.dropFirst(k.root.count), as: UTF8.self) }
         #expect(String(decoding: k.root, as: UTF8.self) == "/modelfs/c1/")
         let named = [k.inodes, k.entries, k.manifests, k.xattrs, k.orphans, k.markers, k.writers, k.nextInode, k.stats,
-                     k.statsBase, k.healer, k.healStatus, k.clusterID, k.nodes, k.members, k.drain, k.loaders].map(rel)
+                     k.statsBase, k.healer, k.healStatus, k.clusterID, k.nodes, k.members, k.drain, k.loaders, k.holds].map(rel)
         #expect(named.sorted() == EtcdKeys.layout.map(\.key).sorted())
         #expect(rel(k.inode(InodeNumber(0x2a))) == "i/000000000000002a")
         #expect(rel(k.entries(of: InodeNumber(1))) == "e/0000000000000001/")
@@ -234,6 +234,9 @@ import Testing
         #expect(rel(k.node("h1")) == "nodes/h1" && rel(k.member("h1")) == "members/h1" && rel(k.drain("h1")) == "drain/h1")
         let file = FileVersion(ino: InodeNumber(0xa3), version: 7, size: 1)
         #expect(rel(k.loader(of: file, node: "h1")) == "f/00000000000000a3.7/h1")
+        #expect(rel(k.hold(InodeNumber(0xa3), node: "h1")) == "h/00000000000000a3/h1")
+        #expect(k.heldInode(k.hold(InodeNumber(0xa3), node: "h1")) == InodeNumber(0xa3))
+        #expect(k.heldInode(k.loader(of: file, node: "h1")) == nil && k.heldInode(k.holds + Data("zz/h1".utf8)) == nil)
         #expect(FileVersion(text: file.text) == file && FileVersion(text: "a3.7") == nil && FileVersion(text: "00000000000000a3.x") == nil)
         #expect(k.inode(InodeNumber(9)).lexicographicallyPrecedes(k.inode(InodeNumber(10))))
         #expect(!k.root.starts(with: EtcdKeys(cluster: "c").root), "cluster c's keys do not take in cluster c1's")

@@ -324,7 +324,7 @@ import Testing
     /// and stops reading manifests as soon as the others are found.
     @Test func aChangeFeedPassTakesOnlyTheReplacedVersionsBlocks() throws {
         let t = try TestFS(); defer { t.remove() }
-        let gc = GarbageCollector(fs: t.fs, store: t.store, grace: 0, changeFeed: true)
+        let gc = GarbageCollector(fs: t.fs, store: t.store, grace: 0, changeFeed: true, supersededDelay: 0)
         let d = try t.fs.mkdir(parent: .root, name: "d", mode: 0o755, context: .root).ino
         for i in 0..<2500 {
             let (_, fh) = try t.create("f\(i)", in: d)
@@ -353,7 +353,8 @@ import Testing
         try t.fs.unlink(parent: d, name: "f4")
         gc.suspect(old3)
         gc.suspect(old4)
-        #expect(gc.due())
+        // Due once as long has passed as the last pass (which read manifests) took.
+        #expect(waitUntil(timeout: 60) { gc.due() })
         let (blocks, _) = try gc.collect()
         #expect(blocks == 1, "only f3's block is garbage")
         #expect(gc.stats.fullPasses == 1, "a pass of suspects only")
@@ -363,6 +364,97 @@ import Testing
         // A failed write asks for a full pass.
         gc.requestSoon()
         #expect(gc.due())
+    }
+
+    /// A cluster node keeps unreferenced blocks for its long grace (copies for versions not
+    /// committed yet), but a superseded version's blocks go once its short delay is over, unless
+    /// a reader holds that version (or the holds cannot be read), and a block that a version
+    /// still in its delay shares is kept with it.
+    @Test func supersededVersionsGoPromptlyUnlessAReaderHoldsThem() throws {
+        let t = try TestFS(); defer { t.remove() }
+        let holds = Mutex<Set<InodeNumber>>([]), unreadable = Mutex(false)
+        let gc = GarbageCollector(fs: t.fs, store: t.store, grace: 900, changeFeed: true, supersededDelay: 0.3,
+                                  held: {
+                                      if unreadable.withLock({ $0 }) { throw FSError.io("etcd is away") }
+                                      return holds.withLock { $0 }
+                                  }, settle: 0)
+        func save(_ name: String, seed: UInt64) throws -> (InodeNumber, ManifestRef?) {
+            let ino = (try? t.fs.lookup(parent: .root, name: name).ino)
+            let old = try ino.map { try t.fs.meta.manifest(of: $0) }
+            let (i, fh) = try t.create(name, flags: O_RDWR | O_TRUNC)
+            try t.write(fh, at: 0, randomBytes(3000, seed: seed))
+            try t.close(fh)
+            return (i, old)
+        }
+        func blocks(_ ref: ManifestRef?) throws -> [BlockID] { try ref.map { try t.fs.blocks(of: $0) } ?? [] }
+        for (name, seed) in [("a", 1), ("b", 2), ("c", 7), ("d", 7)] { _ = try save(name, seed: UInt64(seed)) }
+        try gc.collect()   // the first pass, a full one: every block is within the grace
+        #expect(gc.stats.removedBlocks == 0)
+
+        // a is rewritten: its old block goes once the delay is over, long before the grace.
+        let (a, oldA) = try save("a", seed: 11)
+        gc.suspect(oldA!, ino: a)
+        #expect(!gc.due(), "within the superseded delay")
+        #expect(waitUntil(timeout: 10) { gc.due() })
+        try gc.collect()
+        #expect(try blocks(oldA).allSatisfy { !t.store.contains($0) })
+        #expect(try t.contents(a) == randomBytes(3000, seed: 11))
+
+        // b is rewritten while a reader holds its old version: kept, then taken once the hold goes.
+        let (b, oldB) = try save("b", seed: 12)
+        holds.withLock { $0 = [b] }
+        gc.suspect(oldB!, ino: b)
+        #expect(waitUntil(timeout: 10) { gc.due() })
+        try gc.collect()
+        #expect(try blocks(oldB).allSatisfy { t.store.contains($0) })
+        #expect(gc.stats.heldDeferrals == 1 && gc.stats.supersededWaiting == 1)
+        // ... and while the holds cannot be read, nothing superseded is taken.
+        holds.withLock { $0 = [] }
+        unreadable.withLock { $0 = true }
+        #expect(waitUntil(timeout: 20) { gc.due() })
+        try gc.collect()
+        #expect(try blocks(oldB).allSatisfy { t.store.contains($0) })
+        unreadable.withLock { $0 = false }
+        #expect(waitUntil(timeout: 20) { gc.due() })
+        try gc.collect()
+        #expect(try blocks(oldB).allSatisfy { !t.store.contains($0) })
+        #expect(gc.stats.supersededWaiting == 0)
+
+        // c and d had the same bytes: c's old version is decided while d's, which shares its
+        // block, is still within its delay, so the block stays until d's is decided too.
+        let (c, oldC) = try save("c", seed: 13)
+        gc.suspect(oldC!, ino: c)
+        #expect(waitUntil(timeout: 10) { gc.due() })
+        let (d, oldD) = try save("d", seed: 14)
+        gc.suspect(oldD!, ino: d)
+        try gc.collect()
+        #expect(try blocks(oldC) == blocks(oldD))
+        #expect(try blocks(oldC).allSatisfy { t.store.contains($0) })
+        #expect(waitUntil(timeout: 10) { gc.due() })
+        try gc.collect()
+        #expect(try blocks(oldD).allSatisfy { !t.store.contains($0) })
+        #expect(try t.contents(c) == randomBytes(3000, seed: 13) && t.contents(d) == randomBytes(3000, seed: 14))
+    }
+
+    /// What a cluster node's holds are made from: the version open handles read, and a call when
+    /// an open makes a new view.
+    @Test func readersVersionIsWhatTheirViewReads() throws {
+        let t = try TestFS(); defer { t.remove() }
+        let seen = Mutex<[(InodeNumber, UInt64)]>([])
+        t.fs.onReadView = { ino, v in seen.withLock { $0.append((ino, v)) } }
+        let (ino, fh) = try t.create("f")
+        try t.write(fh, at: 0, [1, 2, 3])
+        #expect(t.fs.readerVersion(ino) == nil, "a writer reads its session, not a version")
+        try t.close(fh)
+        let version = try t.fs.getattr(ino).version
+        let r = try t.fs.open(ino, flags: OpenFlags(O_RDONLY))
+        #expect(t.fs.readerVersion(ino) == version)
+        let r2 = try t.fs.open(ino, flags: OpenFlags(O_RDONLY))
+        #expect(seen.withLock { $0.count == 1 && $0[0].0 == ino && $0[0].1 == version }, "one view, one call")
+        try t.fs.release(r.handle)
+        #expect(t.fs.readerVersion(ino) == version)
+        try t.fs.release(r2.handle)
+        #expect(t.fs.readerVersion(ino) == nil)
     }
 }
 
