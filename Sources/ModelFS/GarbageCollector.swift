@@ -86,7 +86,17 @@ public final class GarbageCollector: @unchecked Sendable {
     /// How soon versions that a reader holds are looked at again.
     var heldRetry: Double { max(1, supersededDelay) }
     /// A superseded version, from the change feed: its blocks are decided from `notBefore` on.
-    struct Superseded { var ref: ManifestRef; var ino: InodeNumber?; var notBefore: Date }
+    /// `blocks` are read when it comes (`expand`), not when it is decided: a manifest stored as
+    /// a block may be gone by then from the nodes that held it (their own passes took it).
+    struct Superseded {
+        var id: UInt64
+        var ref: ManifestRef
+        var ino: InodeNumber?
+        var notBefore: Date
+        var blocks: [BlockID]?
+    }
+    /// Reads the blocks of manifests stored as blocks, as versions come (never behind a pass).
+    private let expander = DispatchQueue(label: "modelfs.gc.expand", qos: .utility)
     static let page = 1000
     /// Pause after each page, in multiples of the time the page took to read (a paced pass).
     static let pauseFactor = 3.0
@@ -105,6 +115,7 @@ public final class GarbageCollector: @unchecked Sendable {
         /// Versions replaced and not taken by a pass yet (a change feed), and the blocks of
         /// earlier ones not decided yet: touched within `settle`, they wait for a later pass.
         var replaced: [Superseded] = []
+        var lastSuperseded: UInt64 = 0
         var suspects: Set<BlockID> = []
         /// When waiting suspects can be decided (nil: none wait).
         var retryAt: Date?
@@ -194,15 +205,34 @@ public final class GarbageCollector: @unchecked Sendable {
     /// referenced may be garbage. Without a feed, any change sets off a pass over every old block.
     public func suspect(_ replaced: ManifestRef, ino: InodeNumber? = nil) {
         let now = Date()
-        passes.withLock { p in
-            if changeFeed {
-                p.replaced.append(Superseded(ref: replaced, ino: ino, notBefore: now.addingTimeInterval(supersededDelay)))
-                p.stats.supersededWaiting = p.replaced.count
-            } else {
-                p.remoteChange = true
-            }
+        var known: [BlockID]?
+        if case .inline(let m) = replaced { known = m.chunks.map(\.id) }
+        let id = passes.withLock { p -> UInt64? in
             p.lastChange = now
+            guard changeFeed else { p.remoteChange = true; return nil }
+            p.lastSuperseded += 1
+            p.replaced.append(Superseded(id: p.lastSuperseded, ref: replaced, ino: ino,
+                                         notBefore: now.addingTimeInterval(supersededDelay), blocks: known))
+            p.stats.supersededWaiting = p.replaced.count
+            return p.lastSuperseded
         }
+        if let id, known == nil {
+            expander.async { [weak self] in
+                guard let self else { return }
+                let ids = self.blocks(of: replaced)
+                self.passes.withLock { p in
+                    if let i = p.replaced.firstIndex(where: { $0.id == id }) { p.replaced[i].blocks = ids }
+                }
+            }
+        }
+    }
+
+    /// A version's blocks, its manifest's own included; only the manifest's when that cannot be
+    /// read (its chunks are then left to a full pass).
+    private func blocks(of ref: ManifestRef) -> [BlockID] {
+        if let ids = try? fs.blocks(of: ref) { return ids }
+        if case .block(let id, _) = ref { return [id] }
+        return []
     }
 
     /// Whether a pass should run now. With a change feed: a replaced version's delay is over, or
@@ -297,7 +327,7 @@ public final class GarbageCollector: @unchecked Sendable {
         if !kept.isEmpty {
             let retry = begun.addingTimeInterval(heldRetry)
             passes.withLock { p in
-                p.replaced += kept.map { Superseded(ref: $0.ref, ino: $0.ino, notBefore: retry) }
+                p.replaced += kept.map { var e = $0; e.notBefore = retry; return e }
                 p.stats.heldDeferrals += UInt64(kept.count)
             }
         }
@@ -306,13 +336,9 @@ public final class GarbageCollector: @unchecked Sendable {
         // chunks; one that cannot be read any more leaves them to a full pass); the blocks of
         // those still waiting are kept, whatever else referenced them.
         var suspects = passes.withLock { $0.suspects }
-        for e in taken {
-            if let ids = try? fs.blocks(of: e.ref) { suspects.formUnion(ids) } else if case .block(let id, _) = e.ref { suspects.insert(id) }
-        }
+        for e in taken { suspects.formUnion(e.blocks ?? blocks(of: e.ref)) }
         var keep = Set<BlockID>()
-        for e in kept + later {
-            if let ids = try? fs.blocks(of: e.ref) { keep.formUnion(ids) } else if case .block(let id, _) = e.ref { keep.insert(id) }
-        }
+        for e in kept + later { keep.formUnion(e.blocks ?? blocks(of: e.ref)) }
         // Suspects need only settle; other blocks the grace (see the type's comment).
         let settled = Timestamp(totalNanoseconds: Int64((begun.addingTimeInterval(-settle).timeIntervalSince1970 * 1e9).rounded(.down)))
         let suspectCutoff = changeFeed ? max(cutoff, settled) : cutoff

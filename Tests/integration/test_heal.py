@@ -318,8 +318,12 @@ def test_deleting_a_large_file_gives_the_space_back_on_every_node(make_nodes):
     grown = {n.node_id: used(n) - before[n.node_id] for n in nodes}
     assert sum(grown.values()) >= 2 * size * 0.95, grown
     os.unlink(a / "big.bin")
-    wait_until(lambda: all(used(n) - before[n.node_id] < 16 * MiB for n in nodes), 120, interval=0.5,
-               what="every node to give the deleted file's space back")
+    try:
+        wait_until(lambda: all(used(n) - before[n.node_id] < 16 * MiB for n in nodes), 120, interval=0.5,
+                   what="every node to give the deleted file's space back")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}: {[(used(n) - before[n.node_id]) // MiB for n in nodes]} MiB; "
+                             f"collectors: {[n.status().get('gc') for n in nodes]}")
 
 
 def test_status_path_and_xattrs_tell_the_truth(make_nodes):
