@@ -93,6 +93,7 @@ class Target:
     # benchmarks that reuse this class set them).
     ptll_options = "cache=always"
     modelfs_flags: list[str] = []
+    juicefs_flags: list[str] = []
 
     def start(self):
         if self.name == "ext4":
@@ -104,6 +105,7 @@ class Target:
         elif self.name == "juicefs":
             argv = [self.juicefs, "mount", self.meta, str(self.mp), "--cache-dir", str(self.work / "cache"),
                     "--open-cache", "3600", "--attr-cache", "3600", "--entry-cache", "3600", "--no-usage-report"]
+            argv += self.juicefs_flags
         else:
             argv = [self.modelfs, "mount", str(self.mp), "--data", str(self.work / "data"), "-f"]
             argv.append("--passthrough" if self.name == "modelfs_pt" else "--no-passthrough")
