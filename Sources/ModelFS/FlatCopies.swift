@@ -1,3 +1,4 @@
+import CModelFSSys
 import Foundation
 import ModelFSCore
 import ModelFSStore
@@ -11,8 +12,12 @@ import Synchronization
 ///   so two files with the same bytes share one copy and a copy never goes stale: a new version
 ///   has a new name.
 /// - It is built from verified blocks (the filesystem's block reader: local packs, the read
-///   cache, peers) into `.tmp-KEY`, fdatasynced, then renamed into place: a crash mid-build leaves
-///   only a `.tmp-` file, removed at the next start, never a copy that is used.
+///   cache, peers) into `.tmp-KEY`, then renamed into place, not synced: its bytes reach the disk
+///   when the kernel writes them back. Copies are trusted at a start only after a clean end
+///   (`close`: builds stopped, the filesystem synced, then the marker `.clean` written); after a
+///   crash every copy is dropped and rebuilt on demand, so neither a half-built `.tmp-` file nor a
+///   renamed copy whose pages never reached the disk is ever used. Synced as it was built, a
+///   2 GiB copy spent seconds in its fdatasync, and every open meanwhile read through the daemon.
 /// - Builds run one at a time in the background, asked for by a read-only open that found no copy
 ///   (that open and those before the copy is in place read through the daemon as before).
 /// - The copies are a cache with a byte budget (`--flat-size`), evicted least recently used
@@ -46,7 +51,11 @@ public final class FlatCopies: Sendable {
         var building: Set<String> = []
         var stats = Stats()
         var clock: UInt64 = 0
+        /// `close` began: no copy is put in place any more.
+        var closed = false
     }
+    /// The marker a clean end leaves (see the type's comment).
+    static let cleanMarker = ".clean"
     private let state = Mutex(State())
     private let builder = Workers("modelfs-flat", count: 1)
 
@@ -56,12 +65,22 @@ public final class FlatCopies: Sendable {
         self.minimumSize = minimumSize
         let fm = FileManager.default
         try fm.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        // Trusted only after a clean end; the marker goes now (this run has not ended cleanly yet).
+        let marker = "\(directory)/\(Self.cleanMarker)"
+        let clean = fm.fileExists(atPath: marker)
+        unlink(marker)
         var entries: [(String, Entry, Date)] = []
+        var dropped = 0
         for name in try fm.contentsOfDirectory(atPath: directory) {
             let path = "\(directory)/\(name)"
             if name.hasPrefix(".tmp-") { try? fm.removeItem(atPath: path); continue }
+            if name.hasPrefix(".") { continue }
+            if !clean { try? fm.removeItem(atPath: path); dropped += 1; continue }
             guard let a = try? fm.attributesOfItem(atPath: path), let size = a[.size] as? UInt64 else { continue }
             entries.append((name, Entry(size: size, lastUse: 0, pins: 0), (a[.modificationDate] as? Date) ?? .distantPast))
+        }
+        if dropped > 0 {
+            Log.info("flat copies: the last run did not end cleanly; its \(dropped) copies are dropped (rebuilt when read)")
         }
         // Oldest first, so the first evicted after a restart are the ones used least lately.
         entries.sort { $0.2 < $1.2 }
@@ -124,6 +143,40 @@ public final class FlatCopies: Sendable {
         }
     }
 
+    /// A clean end (the daemon unmounting): no copy is put in place from here on, the build
+    /// under way stops at its next 4 MiB (`closing`) and is waited for (at most `wait` seconds),
+    /// the copies' bytes are flushed (syncfs) and the marker is written, so the next start keeps
+    /// them. A build still running at the deadline leaves no marker: the next start drops the
+    /// copies, as after a crash.
+    public func close(wait: Double = 10) {
+        state.withLock { $0.closed = true }
+        builder.stop()
+        let deadline = Date().addingTimeInterval(wait)
+        while state.withLock({ !$0.building.isEmpty }) {
+            guard Date() < deadline else {
+                Log.warning("flat copies: a build was still running at unmount; the copies will be rebuilt at the next start")
+                return
+            }
+            usleep(10_000)
+        }
+        let dir = Glibc.open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard dir >= 0 else { return }
+        defer { Glibc.close(dir) }
+        guard modelfs_syncfs(dir) == 0 else {
+            Log.warning("flat copies: syncfs failed (\(String(cString: strerror(errno)))); they will be rebuilt at the next start")
+            return
+        }
+        let marker = "\(directory)/\(Self.cleanMarker)"
+        let fd = Glibc.open(marker, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return }
+        let synced = fsync(fd) == 0
+        Glibc.close(fd)
+        if !synced || fsync(dir) != 0 { unlink(marker) }
+    }
+
+    /// `close` began: a build under way stops at its next step.
+    public var closing: Bool { state.withLock { $0.closed } }
+
     public func unpin(_ key: String) {
         state.withLock { s in
             if var e = s.entries[key] { e.pins = max(0, e.pins - 1); s.entries[key] = e }
@@ -172,11 +225,14 @@ public final class FlatCopies: Sendable {
             Log.warning("flat copy \(key): cannot create \(tmp): \(String(cString: strerror(errno)))")
             return
         }
-        defer { close(fd) }
+        defer { Glibc.close(fd) }
         do {
             try build(fd)
-            guard fdatasync(fd) == 0 else { throw FSError.io("fdatasync: \(String(cString: strerror(errno)))") }
-            guard rename(tmp, path(key)) == 0 else { throw FSError.io("rename: \(String(cString: strerror(errno)))") }
+            // Not after `close` began: its sync may be behind this copy's bytes.
+            try state.withLock { s in
+                guard !s.closed else { throw FSError.io("the filesystem is being unmounted") }
+                guard rename(tmp, path(key)) == 0 else { throw FSError.io("rename: \(String(cString: strerror(errno)))") }
+            }
             ok = true
         } catch is NotHere {
             notHere = true

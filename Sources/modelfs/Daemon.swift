@@ -236,6 +236,7 @@ struct Daemon {
         tiering?.stop()
         gc.stop(idle: node == nil)
         node?.stop()
+        flat?.close()
         try? engine.sync()
         Registry.remove(mountpoint)
         unlink(dataDir + "/modelfs.pid")

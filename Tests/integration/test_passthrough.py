@@ -163,6 +163,28 @@ def test_a_half_built_copy_is_never_used(mount_factory):
     assert read_file(m.path("x")) == data
 
 
+def test_copies_outlive_a_clean_unmount_and_are_dropped_after_a_crash(pt):
+    """Copies are not synced as they are built: a clean unmount flushes them and leaves the
+    marker that the next start trusts them by; after kill -9 the next start drops every copy
+    (its pages may never have reached the disk) and the file reads right, rebuilt on demand."""
+    data = os.urandom(8 * MiB + 4321)
+    write_file(pt.path("w.bin"), data)
+    flat_copy_of(pt, pt.path("w.bin"), 0)
+    pt.remount()
+    assert (pt.data / "flat" / ".clean").exists() is False, "the marker goes at start"
+    assert passthrough(pt)["flat"]["copies"] == 1
+    assert read_file(pt.path("w.bin")) == data
+    assert passthrough(pt)["flat"]["hits"] >= 1
+    pt.kill9()
+    assert not (pt.data / "flat" / ".clean").exists()
+    pt.start()
+    assert passthrough(pt)["flat"]["copies"] == 0
+    assert [c for c in os.listdir(pt.data / "flat") if not c.startswith(".")] == []
+    assert read_file(pt.path("w.bin")) == data
+    flat_copy_of(pt, pt.path("w.bin"), 0)
+    assert read_file(pt.path("w.bin")) == data
+
+
 def test_passthrough_flags_are_checked(mount_factory, tmp_path):
     m = mount_factory(start=False)
     mp = tmp_path / "mp"
