@@ -51,7 +51,7 @@ if [ "$tier" = cluster ]; then
     MODELFS_BIN="$PWD/.build/release/modelfs" scripts/test-mount.sh \
         Tests/integration/test_cluster.py Tests/integration/test_heal.py Tests/integration/test_lab.py \
         Tests/integration/test_peer_tls.py Tests/integration/test_etcd_security.py Tests/integration/test_frameworks_cluster.py \
-        Tests/integration/test_fanout.py Tests/integration/test_space.py
+        Tests/integration/test_fanout.py
 fi
 if [ "$tier" = frameworks ]; then
     echo "== framework matrix and peer suites"

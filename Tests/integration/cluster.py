@@ -119,6 +119,17 @@ class Node(Mount):
         """Block ids in this node's replica packs (not its cache), read from disk."""
         return pack_blocks(self.data / "packs")
 
+    def pack_bytes(self) -> int:
+        """Bytes this node's replica and cache packs take on disk."""
+        total = 0
+        for d in ("packs", "cache/packs"):
+            for p in (self.data / d).glob("*.pack"):
+                try:
+                    total += p.stat().st_blocks * 512
+                except FileNotFoundError:   # an emptied pack deleted as we look
+                    pass
+        return total
+
     def sync(self, path=None, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([self.bin, "sync", str(path or self.mp), "--timeout", str(timeout)],
                               capture_output=True, text=True, timeout=timeout + 30)

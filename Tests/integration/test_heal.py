@@ -291,22 +291,10 @@ def test_the_background_scrubber_finds_and_repairs_corruption(make_nodes):
     assert status == 200 and b"modelfs_scrub_repaired_total 1" in body.replace(b".0\n", b"\n")
 
 
-def used(node) -> int:
-    """Bytes the node's replica and cache packs take on disk."""
-    total = 0
-    for d in ("packs", "cache/packs"):
-        for p in (node.data / d).glob("*.pack"):
-            try:
-                total += p.stat().st_blocks * 512
-            except FileNotFoundError:   # an emptied pack deleted as we look
-                pass
-    return total
-
-
 def test_deleting_a_large_file_gives_the_space_back_on_every_node(make_nodes):
     nodes = make_nodes(3, replicas=2, ack=1, extra=HEAL + ["--gc-delay", "3"])
     a = nodes[0]
-    before = {n.node_id: used(n) for n in nodes}
+    before = {n.node_id: n.pack_bytes() for n in nodes}
     size = 1024 * MiB
     with open(a / "big.bin", "wb") as f:
         for _ in range(size // (4 * MiB)):
@@ -315,14 +303,14 @@ def test_deleting_a_large_file_gives_the_space_back_on_every_node(make_nodes):
     # B reads part of it, so a cache copy exists too.
     with open(nodes[1] / "big.bin", "rb") as f:
         f.read(64 * MiB)
-    grown = {n.node_id: used(n) - before[n.node_id] for n in nodes}
+    grown = {n.node_id: n.pack_bytes() - before[n.node_id] for n in nodes}
     assert sum(grown.values()) >= 2 * size * 0.95, grown
     os.unlink(a / "big.bin")
     try:
-        wait_until(lambda: all(used(n) - before[n.node_id] < 16 * MiB for n in nodes), 120, interval=0.5,
+        wait_until(lambda: all(n.pack_bytes() - before[n.node_id] < 16 * MiB for n in nodes), 120, interval=0.5,
                    what="every node to give the deleted file's space back")
     except TimeoutError as e:
-        raise AssertionError(f"{e}: {[(used(n) - before[n.node_id]) // MiB for n in nodes]} MiB; "
+        raise AssertionError(f"{e}: {[(n.pack_bytes() - before[n.node_id]) // MiB for n in nodes]} MiB; "
                              f"collectors: {[n.status().get('gc') for n in nodes]}")
 
 

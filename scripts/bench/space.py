@@ -21,18 +21,6 @@ from mfs import wait_until  # noqa: E402
 MiB = 1 << 20
 
 
-def stored(node: Node) -> int:
-    """Bytes the node's replica and cache packs take on disk."""
-    total = 0
-    for d in ("packs", "cache/packs"):
-        for p in (node.data / d).glob("*.pack"):
-            try:
-                total += p.stat().st_blocks * 512
-            except FileNotFoundError:
-                pass
-    return total
-
-
 def rewrite_rounds(path: Path, size: int, rng: random.Random, stop: threading.Event) -> tuple[int, int]:
     """fsx-like: open r+, 8 writes of 512 B-64 KiB at random offsets, fsync, close; again until
     `stop`. Returns (rounds, bytes written)."""
@@ -97,7 +85,7 @@ def run_case(etcd: EtcdCluster, root: Path, workload: str, delay: int, size: int
         make_file(path, workload, size, rng)
         assert a.sync(timeout=300).returncode == 0
         live = path.stat().st_size
-        base = [stored(n) for n in nodes]
+        base = [n.pack_bytes() for n in nodes]
         peak = [0] * 3
         stop = threading.Event()
         out: dict = {}
@@ -110,21 +98,21 @@ def run_case(etcd: EtcdCluster, root: Path, workload: str, delay: int, size: int
         t.start()
         while time.monotonic() - t0 < seconds:
             for i, n in enumerate(nodes):
-                peak[i] = max(peak[i], stored(n) - base[i])
+                peak[i] = max(peak[i], n.pack_bytes() - base[i])
             time.sleep(0.5)
         stop.set()
         t.join()
         assert a.sync(timeout=300).returncode == 0
-        at_stop = [stored(n) - base[i] for i, n in enumerate(nodes)]
+        at_stop = [n.pack_bytes() - base[i] for i, n in enumerate(nodes)]
         t1 = time.monotonic()
         back = None
         while time.monotonic() - t1 < settle:
-            now = [stored(n) - base[i] for i, n in enumerate(nodes)]
+            now = [n.pack_bytes() - base[i] for i, n in enumerate(nodes)]
             peak = [max(p, x) for p, x in zip(peak, now)]
             if back is None and max(now) <= max(4 * MiB, live // 10):
                 back = time.monotonic() - t1
             time.sleep(0.5)
-        final = [stored(n) - base[i] for i, n in enumerate(nodes)]
+        final = [n.pack_bytes() - base[i] for i, n in enumerate(nodes)]
         removed = sum((n.status().get("gc") or {}).get("removedBytes", 0) for n in nodes)
         return {"workload": workload, "delay": delay, "live": live, "rounds": out["rounds"], "written": out["written"],
                 "seconds": seconds, "peak": max(peak), "at_stop": max(at_stop), "final": max(final), "back": back,
