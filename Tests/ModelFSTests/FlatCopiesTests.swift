@@ -49,7 +49,10 @@ import Testing
         #expect(!waitUntil(timeout: 0.3) { FileManager.default.fileExists(atPath: flat.path("big")) || FileManager.default.fileExists(atPath: flat.path("tiny")) })
     }
 
-    @Test func aFailedBuildLeavesNothingAndAHalfBuiltCopyIsRemovedAtStart() throws {
+    /// A failed build leaves nothing; a half-built `.tmp-` file never survives a start; copies
+    /// survive a clean end (`close`: synced, marked) and are dropped after an unclean one (their
+    /// pages, written without a sync, may never have reached the disk).
+    @Test func aFailedBuildLeavesNothingAndCopiesOutliveOnlyACleanEnd() throws {
         defer { try? FileManager.default.removeItem(atPath: dir) }
         var flat = try FlatCopies(directory: dir, budget: 1 << 20, minimumSize: 1)
         #expect(flat.take("k", size: 100, build: { fd in _ = write(fd, "part", 4); throw FSError.io("a corrupt block") }) == nil)
@@ -57,10 +60,17 @@ import Testing
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir).isEmpty)
         FileManager.default.createFile(atPath: dir + "/.tmp-x", contents: Data("half".utf8))
         _ = try #require(made(flat, "kept", 7, size: 100))
+        flat.close()
+        #expect(flat.take("late", size: 100, build: filler(8, 100)) == nil)
+        #expect(!waitUntil(timeout: 0.3) { FileManager.default.fileExists(atPath: flat.path("late")) }, "no copy is made after close")
         flat = try FlatCopies(directory: dir, budget: 1 << 20, minimumSize: 1)
-        #expect(try FileManager.default.contentsOfDirectory(atPath: dir) == ["kept"])
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir) == ["kept"], "the marker goes at start, .tmp- files too")
         #expect(flat.stats.copies == 1 && flat.stats.bytes == 100)
         #expect(flat.take("kept", size: 100, build: filler(0, 100)) == flat.path("kept"))
+        // No close this time (a crash): the next start drops the copy.
+        flat = try FlatCopies(directory: dir, budget: 1 << 20, minimumSize: 1)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir).isEmpty)
+        #expect(flat.stats.copies == 0)
     }
 
     @Test func theKeyNamesTheContent() {
