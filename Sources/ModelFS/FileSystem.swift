@@ -440,7 +440,7 @@ public final class FileSystem: @unchecked Sendable {
                 return (fh, keep, l.session)
             }
             guard let (fh, keep, s) = installed else { continue }
-            if view != nil { viewHook.withLock { $0 }?(ino, attrs.version) }
+            if view != nil { onReadView?(ino, attrs.version) }
             if flags.truncate && flags.writable, let s {
                 s.lock.lock(); defer { s.lock.unlock() }
                 try s.truncate(to: 0)

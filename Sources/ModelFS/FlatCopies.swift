@@ -56,6 +56,7 @@ public final class FlatCopies: Sendable {
     }
     /// The marker a clean end leaves (see the type's comment).
     static let cleanMarker = ".clean"
+    private var markerPath: String { "\(directory)/\(Self.cleanMarker)" }
     private let state = Mutex(State())
     private let builder = Workers("modelfs-flat", count: 1)
 
@@ -66,7 +67,7 @@ public final class FlatCopies: Sendable {
         let fm = FileManager.default
         try fm.createDirectory(atPath: directory, withIntermediateDirectories: true)
         // Trusted only after a clean end; the marker goes now (this run has not ended cleanly yet).
-        let marker = "\(directory)/\(Self.cleanMarker)"
+        let marker = markerPath
         let clean = fm.fileExists(atPath: marker)
         unlink(marker)
         var entries: [(String, Entry, Date)] = []
@@ -166,7 +167,7 @@ public final class FlatCopies: Sendable {
             Log.warning("flat copies: syncfs failed (\(String(cString: strerror(errno)))); they will be rebuilt at the next start")
             return
         }
-        let marker = "\(directory)/\(Self.cleanMarker)"
+        let marker = markerPath
         let fd = Glibc.open(marker, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0o600)
         guard fd >= 0 else { return }
         let synced = fsync(fd) == 0

@@ -86,7 +86,7 @@ public final class GarbageCollector: @unchecked Sendable {
     /// How soon versions that a reader holds are looked at again.
     var heldRetry: Double { max(1, supersededDelay) }
     /// A superseded version, from the change feed: its blocks are decided from `notBefore` on.
-    /// `blocks` are read when it comes (`expand`), not when it is decided: a manifest stored as
+    /// `blocks` are read when it comes (`suspect`), not when it is decided: a manifest stored as
     /// a block may be gone by then from the nodes that held it (their own passes took it).
     struct Superseded {
         var id: UInt64
@@ -167,7 +167,18 @@ public final class GarbageCollector: @unchecked Sendable {
             heldDeferrals = try v(.heldDeferrals, 0)
         }
     }
-    public var stats: Stats { passes.withLock { $0.stats } }
+    public var stats: Stats {
+        passes.withLock { p in
+            var s = p.stats
+            s.supersededWaiting = p.replaced.count
+            return s
+        }
+    }
+
+    /// `date` in whole nanoseconds since 1970, rounded down (a block's touch time's unit).
+    private static func timestamp(_ date: Date) -> Timestamp {
+        Timestamp(totalNanoseconds: Int64((date.timeIntervalSince1970 * 1e9).rounded(.down)))
+    }
 
     public init(fs: FileSystem, store: PackBlockStore, others: [PackBlockStore] = [], interval: Double = 60, grace: Double = 1,
                 scanRate: UInt64 = 0, fullEvery: Double = 3600, changeFeed: Bool = false, supersededDelay: Double = 10,
@@ -206,14 +217,13 @@ public final class GarbageCollector: @unchecked Sendable {
     public func suspect(_ replaced: ManifestRef, ino: InodeNumber? = nil) {
         let now = Date()
         var known: [BlockID]?
-        if case .inline(let m) = replaced { known = m.chunks.map(\.id) }
+        if case .inline = replaced { known = blocks(of: replaced) }   // no read: the chunks are in the ref
         let id = passes.withLock { p -> UInt64? in
             p.lastChange = now
             guard changeFeed else { p.remoteChange = true; return nil }
             p.lastSuperseded += 1
             p.replaced.append(Superseded(id: p.lastSuperseded, ref: replaced, ino: ino,
                                          notBefore: now.addingTimeInterval(supersededDelay), blocks: known))
-            p.stats.supersededWaiting = p.replaced.count
             return p.lastSuperseded
         }
         if let id, known == nil {
@@ -296,7 +306,7 @@ public final class GarbageCollector: @unchecked Sendable {
         // What this pass covers, on the clock `due` compares with (a change noticed before the
         // pass began minus the grace is covered).
         let cutoffDate = cutoff.map { Date(timeIntervalSince1970: Double($0.totalNanoseconds) / 1e9) } ?? begun.addingTimeInterval(-grace)
-        let cutoff = cutoff ?? Timestamp(totalNanoseconds: Int64((cutoffDate.timeIntervalSince1970 * 1e9).rounded(.down)))
+        let cutoff = cutoff ?? Self.timestamp(cutoffDate)
         let started = DispatchTime.now()
         let generation = fs.contentChanges
         let (full, ready, later) = passes.withLock { p -> (Bool, [Superseded], [Superseded]) in
@@ -331,7 +341,6 @@ public final class GarbageCollector: @unchecked Sendable {
                 p.stats.heldDeferrals += UInt64(kept.count)
             }
         }
-        passes.withLock { $0.stats.supersededWaiting = $0.replaced.count }
         // The blocks of the replaced versions taken (a manifest stored as a block is read for its
         // chunks; one that cannot be read any more leaves them to a full pass); the blocks of
         // those still waiting are kept, whatever else referenced them.
@@ -340,7 +349,7 @@ public final class GarbageCollector: @unchecked Sendable {
         var keep = Set<BlockID>()
         for e in kept + later { keep.formUnion(e.blocks ?? blocks(of: e.ref)) }
         // Suspects need only settle; other blocks the grace (see the type's comment).
-        let settled = Timestamp(totalNanoseconds: Int64((begun.addingTimeInterval(-settle).timeIntervalSince1970 * 1e9).rounded(.down)))
+        let settled = Self.timestamp(begun.addingTimeInterval(-settle))
         let suspectCutoff = changeFeed ? max(cutoff, settled) : cutoff
         let open = fs.sessionBlocks()
         let stores = [store] + others

@@ -36,7 +36,14 @@ public final class VersionHolds: @unchecked Sendable {
         /// The latest version heard of per inode (nil: deleted), recently.
         var latest: [InodeNumber: (version: UInt64?, at: Date)] = [:]
         var placed: UInt64 = 0
-        var lastError: String?
+
+        /// Whether readers of `v` need a hold, `latest` being the version heard of (nil: the
+        /// file is gone); marks it wanted if so and not held yet.
+        mutating func want(_ ino: InodeNumber, reading v: UInt64, latest: UInt64?) -> Bool {
+            guard latest.map({ $0 > v }) ?? true, held[ino]?.version != v else { return false }
+            held[ino] = (v, 0)
+            return true
+        }
     }
     private let state = Mutex(State())
     private let loop = BackgroundLoop("modelfs-holds")
@@ -59,9 +66,8 @@ public final class VersionHolds: @unchecked Sendable {
         let reading = readerVersion(ino)
         let want = state.withLock { s -> Bool in
             s.latest[ino] = (version, Date())
-            guard let v = reading, version.map({ $0 > v }) ?? true, s.held[ino]?.version != v else { return false }
-            s.held[ino] = (v, 0)
-            return true
+            guard let v = reading else { return false }
+            return s.want(ino, reading: v, latest: version)
         }
         if want { loop.poke() }
     }
@@ -69,9 +75,8 @@ public final class VersionHolds: @unchecked Sendable {
     /// An open of `ino` made a view of `version`.
     public func opened(_ ino: InodeNumber, version: UInt64) {
         let want = state.withLock { s -> Bool in
-            guard let l = s.latest[ino], l.version.map({ $0 > version }) ?? true, s.held[ino]?.version != version else { return false }
-            s.held[ino] = (version, 0)
-            return true
+            guard let l = s.latest[ino] else { return false }
+            return s.want(ino, reading: version, latest: l.version)
         }
         if want { loop.poke() }
     }
@@ -115,7 +120,6 @@ public final class VersionHolds: @unchecked Sendable {
         if let failed {
             Log.every("version holds", 60, .warning, "cannot place a reader's hold on a superseded version in etcd (it may be collected under the reader): \(failed)")
         }
-        state.withLock { $0.lastError = failed }
         return state.withLock { $0.held.isEmpty && $0.latest.isEmpty } ? 5 : 1
     }
 }
