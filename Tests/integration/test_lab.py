@@ -261,7 +261,7 @@ def test_the_etcd_leader_killed_under_a_write_load(lab, work):
 # ---------------------------------------------------------------------------
 
 def quiet(lab, free_for: float = 0) -> tuple[int, dict]:
-    """Waits until no host runs a garbage collection pass and the healer is at rest (not
+    """Waits until no host runs a garbage collection pass or has one owed and the healer is at rest (not
     mid-pass, and its last pass copied, dropped and rebalanced nothing: the earlier tests leave
     hosts unevenly filled, and rebalancing toward the light ones runs pass after pass until it is
     done; and its next pass, unless the cluster changes, is more than `free_for` seconds away: a
@@ -271,7 +271,9 @@ def quiet(lab, free_for: float = 0) -> tuple[int, dict]:
 
     def settled():
         st = {i: h.status() for i, h in lab.hosts.items()}
-        if any(s["gc"]["running"] for s in st.values()):
+        # Running, or holding work for a later pass: replaced versions within their
+        # --gc-superseded-delay (or held by a reader), blocks waiting to settle.
+        if any(s["gc"]["running"] or s["gc"].get("supersededWaiting", 0) or s["gc"].get("suspects", 0) for s in st.values()):
             return None
         heal = st[1]["cluster"].get("heal") or {}
         moved = (heal.get("copiedBlocks", 0), heal.get("removedCopies", 0), heal.get("healer"))
