@@ -3,8 +3,8 @@ import PackageDescription
 
 // The layers of modelfs, one target each (DESIGN.md §7), each using only those to its left:
 // ModelFSCore → ModelFSStore, ModelFSMeta → ModelFS → ModelFSFUSE (+ CFuse3, CModelFSPassthrough),
-// ModelFSWire (+ CModelFSTLS) → ModelFSPeer → modelfs (the CLI and the daemon, which composes
-// the others).
+// ModelFSWire (+ CModelFSTLS) → ModelFSPeer → ModelFSNode (one mount's parts composed: the store,
+// the engine, a cluster node, the filesystem, GC, FUSE) → modelfs (the CLI and the daemon process).
 let package = Package(
     name: "modelfs",
     platforms: [.macOS(.v14)],
@@ -84,13 +84,19 @@ let package = Package(
                 .product(name: "NIOHTTP1", package: "swift-nio"),
             ]
         ),
+        // One mount composed from the layers below: its settings as values, the cluster node's
+        // parts and their wiring, everything given at construction (the CLI only parses and calls).
+        .target(
+            name: "ModelFSNode",
+            dependencies: ["ModelFSPeer", "ModelFSWire", "ModelFSFUSE", "ModelFS", "ModelFSMeta", "ModelFSStore", "ModelFSCore"]
+        ),
         // The version and the commit being built (`modelfs --version`).
         .plugin(name: "BuildInfoPlugin", capability: .buildTool()),
         .target(name: "ModelFSBuildInfo", plugins: ["BuildInfoPlugin"]),
         .executableTarget(
             name: "modelfs",
             dependencies: [
-                "ModelFSFUSE", "ModelFS", "ModelFSPeer", "ModelFSWire", "CModelFSSys", "ModelFSBuildInfo",
+                "ModelFSNode", "ModelFSFUSE", "ModelFS", "ModelFSPeer", "ModelFSWire", "CModelFSSys", "ModelFSBuildInfo",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 // SHA-256 of whole files: `modelfs export` and `import` manifests.
                 .product(name: "Crypto", package: "swift-crypto"),
@@ -104,5 +110,6 @@ let package = Package(
         .testTarget(name: "ModelFSMetaTests", dependencies: ["ModelFSMeta", "ModelFSTestSupport"]),
         .testTarget(name: "ModelFSTests", dependencies: ["ModelFS", "ModelFSTestSupport"]),
         .testTarget(name: "ModelFSPeerTests", dependencies: ["ModelFSPeer", "ModelFSWire", "ModelFSTestSupport"]),
+        .testTarget(name: "ModelFSNodeTests", dependencies: ["ModelFSNode", "ModelFSTestSupport"]),
     ]
 )

@@ -106,10 +106,14 @@ public final class FileSystem: @unchecked Sendable {
 
     /// Flat copies of versions read here, for FUSE passthrough (nil: none are made).
     public let flatCopies: FlatCopies?
+    /// What this filesystem tells the parts beside it (garbage hints, read views).
+    public let events: FileSystemEvents
 
     /// A cluster node passes its replicator and writer lock; a single node neither.
     public init(meta: any MetadataEngine, store: any BlockStore, options: FileSystemOptions,
-                flatCopies: FlatCopies? = nil, replication: (any ReplicationHook)? = nil, writerLock: (any WriterLock)? = nil) throws {
+                flatCopies: FlatCopies? = nil, replication: (any ReplicationHook)? = nil, writerLock: (any WriterLock)? = nil,
+                events: FileSystemEvents = FileSystemEvents()) throws {
+        self.events = events
         self.replication = replication
         self.writerLock = writerLock
         self.meta = meta
@@ -440,7 +444,7 @@ public final class FileSystem: @unchecked Sendable {
                 return (fh, keep, l.session)
             }
             guard let (fh, keep, s) = installed else { continue }
-            if view != nil { onReadView?(ino, attrs.version) }
+            if view != nil { events.readViewInstalled(ino, version: attrs.version) }
             if flags.truncate && flags.writable, let s {
                 s.lock.lock(); defer { s.lock.unlock() }
                 try s.truncate(to: 0)
@@ -870,14 +874,6 @@ public final class FileSystem: @unchecked Sendable {
         }
     }
 
-    /// Called when an open installs a view of (inode, version) for reading (a cluster node's
-    /// `VersionHolds` checks it against the versions it has heard of). Set once, read by any thread.
-    public var onReadView: (@Sendable (InodeNumber, UInt64) -> Void)? {
-        get { viewHook.withLock { $0 } }
-        set { viewHook.withLock { $0 = newValue } }
-    }
-    private let viewHook = Mutex<(@Sendable (InodeNumber, UInt64) -> Void)?>(nil)
-
     /// Handles still open (refuse an unmount while any are).
     public var openHandleCount: Int { tables.withLock { $0.handles.count } }
 
@@ -945,14 +941,8 @@ public final class FileSystem: @unchecked Sendable {
     private let changes = Atomic<UInt64>(0)
     func changed() { changes.add(1, ordering: .relaxed) }
 
-    /// Called when blocks may have become garbage (a failed or abandoned write). Set by the
-    /// garbage collector when it starts (it is made from this filesystem), read by any thread.
-    public var onGarbage: (@Sendable () -> Void)? {
-        get { garbageHook.withLock { $0 } }
-        set { garbageHook.withLock { $0 = newValue } }
-    }
-    private let garbageHook = Mutex<(@Sendable () -> Void)?>(nil)
-    private func garbageHint() { onGarbage?() }
+    /// Blocks may have become garbage (a failed or abandoned write): the collector hears of it.
+    private func garbageHint() { events.garbageMayExist() }
 
     // MARK: xattrs
 

@@ -201,7 +201,7 @@ public final class GarbageCollector: @unchecked Sendable {
     var tick: Double { changeFeed ? min(interval, max(0.5, supersededDelay / 2)) : interval }
 
     public func start() {
-        fs.onGarbage = { [weak self] in self?.requestSoon() }
+        fs.events.onGarbage { [weak self] in self?.requestSoon() }
         let t = DispatchSource.makeTimerSource(queue: queue)
         t.schedule(deadline: .now() + tick, repeating: tick)
         t.setEventHandler { [weak self] in

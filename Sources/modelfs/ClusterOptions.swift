@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import ModelFSCore
 import ModelFSMeta
+import ModelFSNode
 import ModelFSPeer
 import ModelFSWire
 
@@ -200,6 +201,36 @@ struct ClusterOptions: ParsableArguments {
 
     var secret: String { secretFile.flatMap(readSecret) ?? "" }
     var policy: ReplicationPolicy { ReplicationPolicy(replicas: replicas, ack: ack, spread: spread) }
+
+    /// The flags as a node's settings (after `problem()` found none: every size parses).
+    var settings: ClusterSettings {
+        var s = ClusterSettings(secret: secret, listen: listen)
+        s.advertise = advertise
+        if let tlsCert, let tlsKey, let tlsCa { s.tls = (cert: tlsCert, key: tlsKey, ca: tlsCa) }
+        s.etcdSecurity = etcdSecurity
+        s.policy = policy
+        s.labels = parseLabels(labels ?? "") ?? [:]
+        s.cacheSize = parseSize(cacheSize)!
+        s.fanoutMinSize = parseSize(fanoutMinSize)!
+        s.formatPrefetch = !noFormatPrefetch
+        s.stagingSize = parseSize(stagingSize)!
+        s.ackTimeout = ackTimeout
+        s.chain = replication == "chain"
+        s.nodeID = nodeId
+        s.leaseTtl = leaseTtl
+        s.deadAfter = deadAfter
+        s.healInterval = healInterval
+        s.healFullEvery = healFullEvery
+        s.healScanRate = UInt64(healScanRate)
+        s.healRate = parseSize(healRate)!
+        s.healRateBusy = parseSize(healRateBusy)!
+        s.scrubRate = parseSize(scrubRate)!
+        s.scrubEvery = scrubEvery
+        s.gcDelay = gcDelay
+        s.gcSupersededDelay = gcSupersededDelay
+        s.gcScanRate = UInt64(gcScanRate)
+        return s
+    }
 }
 
 /// Why a file holding a secret or a key must not be used, if it must not: other users can read
@@ -218,31 +249,4 @@ func unsafeSecretFile(_ path: String, flag: String = "--secret-file") -> String?
 /// A secret or token file's text without surrounding whitespace, nil if it cannot be read.
 func readSecret(_ path: String) -> String? {
     (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
-}
-
-func parseHostPort(_ s: String) -> (host: String, port: Int)? {
-    guard let i = s.lastIndex(of: ":"), let port = Int(s[s.index(after: i)...]), (0...65535).contains(port) else { return nil }
-    let host = String(s[..<i])
-    return host.isEmpty ? nil : (host, port)
-}
-
-/// "512M", "8G", "1T", "4096" → bytes.
-func parseSize(_ s: String) -> UInt64? {
-    let t = s.trimmingCharacters(in: .whitespaces).uppercased()
-    let units: [(String, UInt64)] = [("TIB", 1 << 40), ("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10),
-                                     ("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)]
-    for (suffix, mult) in units where t.hasSuffix(suffix) {
-        return Double(t.dropLast(suffix.count)).flatMap { $0 >= 0 ? UInt64($0 * Double(mult)) : nil }
-    }
-    return UInt64(t)
-}
-
-func parseLabels(_ s: String) -> [String: String]? {
-    var out: [String: String] = [:]
-    for part in s.split(separator: ",") {
-        let kv = part.split(separator: "=", maxSplits: 1)
-        guard kv.count == 2, !kv[0].isEmpty else { return nil }
-        out[String(kv[0])] = String(kv[1])
-    }
-    return out
 }

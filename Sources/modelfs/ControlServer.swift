@@ -1,4 +1,5 @@
 import Foundation
+import ModelFSNode
 import ModelFS
 import ModelFSCore
 import ModelFSPeer

@@ -5,45 +5,24 @@ import ModelFSBuildInfo
 import ModelFSCore
 import ModelFSFUSE
 import ModelFSMeta
+import ModelFSNode
 import ModelFSPeer
 import ModelFSWire
 import ModelFSStore
 import Synchronization
 
-/// One mounted filesystem: opens the data dir, serves FUSE until unmounted, announces itself in
-/// the registry and answers `status` on its control socket.
+/// One mounted filesystem's process: holds the data dir, serves FUSE until unmounted (through
+/// the parts `Node` composes), announces itself in the registry and answers on its control socket.
 struct Daemon {
     let mountpoint: String
-    let dataDir: String
-    let meta: String
+    let settings: NodeSettings
     let fuseOptions: [String]
     let readyFD: Int32?
-    let cluster: ClusterOptions?
-    enum Passthrough { case on, off(String) }
-    /// Read-only opens through flat copies (FUSE passthrough), or why not.
-    let passthrough: Passthrough
-    /// The flat copies' byte budget.
-    let flatBudget: UInt64
-    /// Slower tiers for blocks after the data dir, and the age at which blocks move down.
-    let tiers: [PackBlockStore.Tier]
-    let tierAge: Double
-    /// Where /metrics is served besides a cluster node's peer port (--metrics-listen), and the
-    /// read-only token it asks for.
+    /// Where /metrics is served besides a cluster node's peer port (--metrics-listen).
     let metricsListen: String?
-    let metricsToken: String?
 
-    init(mountpoint: String, dataDir: String, meta: String, fuseOptions: [String], readyFD: Int32?, cluster: ClusterOptions?,
-         passthrough: Passthrough = .off("not asked for"), flatBudget: UInt64 = 10 << 30,
-         metricsListen: String? = nil, metricsToken: String? = nil, tiers: [PackBlockStore.Tier] = [], tierAge: Double = 86400) {
-        self.tiers = tiers
-        self.tierAge = tierAge
-        self.metricsListen = metricsListen
-        self.metricsToken = metricsToken
-        self.mountpoint = mountpoint; self.dataDir = dataDir; self.meta = meta
-        self.fuseOptions = fuseOptions; self.readyFD = readyFD; self.cluster = cluster
-        self.passthrough = passthrough
-        self.flatBudget = flatBudget
-    }
+    var dataDir: String { settings.dataDir }
+    var meta: String { settings.meta }
 
     func run() throws {
         // Blocks are 0.25–4 MiB buffers allocated and freed by many threads. glibc would keep
@@ -69,74 +48,20 @@ struct Daemon {
         }
         try "\(getpid())\n".write(toFile: dataDir + "/modelfs.pid", atomically: true, encoding: .utf8)
 
-        let staging = dataDir + "/staging"
-        if mkdir(staging, 0o700) != 0 && errno != EEXIST { throw posixError("mkdir", staging) }
-        let store = try PackBlockStore(root: dataDir, slower: tiers) { Log.error($0) }
-        let node: ClusterNode?
-        let engine: any MetadataEngine
-        if let cluster {
-            let id = try cluster.nodeId ?? Daemon.nodeID(dataDir)
-            engine = try MetadataURL.open(meta, rootUID: getuid(), rootGID: getgid(), clientID: id, etcd: cluster.etcdSecurity)
-            node = try ClusterNode(id: id, options: cluster, meta: meta, engine: engine, local: store, dataDir: dataDir,
-                                   metricsToken: metricsToken)
-        } else {
-            if let recorded = try? String(contentsOfFile: dataDir + "/cluster", encoding: .utf8) {
-                throw FSError.invalid("data dir \(dataDir) belongs to cluster \"\(recorded.trimmingCharacters(in: .whitespacesAndNewlines))\"; mount it with --meta etcd://... or choose another --data")
-            }
-            engine = try MetadataURL.open(meta, rootUID: getuid(), rootGID: getgid())
-            node = nil
-        }
-        // `writeback_cache` is ours, not libfuse's (see MountOptions); the rest goes to libfuse.
-        let mountOptions = MountOptions(fuseOptions)
-        var fsOptions = FileSystemOptions(stagingDir: staging)
-        // Write-only opens bypass the page cache, unless the writeback cache holds the writes.
-        fsOptions.directWrites = !mountOptions.writebackCache
-        if meta.hasPrefix("sqlite:") {
-            var st = stat()
-            let dbDir = (String(meta.dropFirst("sqlite:".count)) as NSString).deletingLastPathComponent
-            fsOptions.metadataOnStoreFilesystem = stat(dbDir, &st) == 0 && UInt64(st.st_dev) == store.device
-        }
-        let flat: FlatCopies?
-        switch passthrough {
-        case .on: flat = try FlatCopies(directory: dataDir + "/flat", budget: flatBudget)
-        case .off(let why): flat = nil; Log.info("passthrough off: \(why)")
-        }
-        let fs = try FileSystem(meta: engine, store: node?.blocks ?? store, options: fsOptions, flatCopies: flat,
-                                replication: node?.replicator, writerLock: node?.writerLock)
-        node?.attach(fs)
-        // A cluster node's blocks are referenced by other nodes' commits too: they are kept
-        // --gc-delay seconds (GarbageCollector.grace), and its read cache is swept as well.
-        let gc: GarbageCollector
-        if let node, let cluster {
-            gc = GarbageCollector(fs: fs, store: store, others: [node.blocks.cache],
-                                  interval: min(60, max(1, cluster.gcDelay / 2)), grace: cluster.gcDelay,
-                                  scanRate: UInt64(cluster.gcScanRate), fullEvery: max(3600, cluster.gcDelay), changeFeed: true,
-                                  supersededDelay: min(cluster.gcSupersededDelay, cluster.gcDelay),
-                                  held: { [holds = node.holds] in try holds.heldInodes() })
-        } else {
-            gc = GarbageCollector(fs: fs, store: store, grace: 1)
-        }
+        let node = try Node(settings)
+        let (fs, store, gc, tiering, flat, server, cluster) = (node.fs, node.store, node.gc, node.tiering, node.flat, node.server, node.cluster)
+        let passthrough = settings.passthrough
 
         var options = ["fsname=modelfs", "subtype=modelfs", "default_permissions"]
         // Other users may use a root-mounted filesystem; the kernel enforces permissions.
         if getuid() == 0 { options.append("allow_other") }
-        options += mountOptions.fuse
+        options += fuseOptions
 
         let record = MountRecord(mountpoint: mountpoint, dataDir: dataDir, meta: meta, pid: getpid(),
                                  socket: Registry.socketPath(mountpoint))
-        // On a cluster, other nodes change the namespace: short kernel timeouts (the watch
-        // invalidates sooner), and no cached "no such name" (a name another node creates must
-        // show at once). Alone, nobody else does: long ones make warm stat free.
-        let timeout = node == nil ? 60.0 : 1.0
-        let server = FuseServer(fs: fs, dataDir: dataDir, entryTimeout: timeout, attrTimeout: timeout,
-                                negativeTimeout: node == nil ? timeout : 0, writebackCache: mountOptions.writebackCache,
-                                alwaysReaddirPlus: node != nil)
-        // Tiers: blocks move between them by rule and age (Tiering), a pass every tenth of the age
-        // (between 1 s and 10 min).
-        let tiering = tiers.isEmpty ? nil : Tiering(fs: fs, store: store, age: tierAge, interval: min(600, max(1, tierAge / 10)))
         let control = ControlServer(path: record.socket, status: { [dataDir, meta, mountpoint] in
             var s = try Daemon.status(fs: fs, store: store, mountpoint: mountpoint, dataDir: dataDir, meta: meta)
-            s.cluster = node?.status()
+            s.cluster = cluster?.status()
             s.gc = gc.stats
             if let tiering {
                 s.tiers = store.tierUsage()
@@ -148,11 +73,11 @@ struct Daemon {
             s.passthrough = PassthroughStatus(on: p.on, offered: p.offered, off: p.on ? nil : why, opens: p.opens, daemonReads: p.daemonReads,
                                               flat: flat?.stats ?? FlatCopies.Stats(), flatBudget: flat?.budget ?? 0)
             return s
-        }, sync: node.map { n -> SyncHandler in
+        }, sync: cluster.map { n -> SyncHandler in
             { @Sendable inodes, timeout, progress in
                 n.replicator.waitUntilReplicated(inodes: inodes, timeout: timeout, progress: progress)
             }
-        }, handlers: Operate.handlers(fs: fs, node: node) { [server] parent, name in
+        }, handlers: Operate.handlers(fs: fs, node: cluster) { [server] parent, name in
             server.invalidateEntry(parent: parent.rawValue, name: name)
             server.invalidateInode(parent.rawValue, pages: false)
         }.merging(["gc": { words, send in
@@ -167,37 +92,20 @@ struct Daemon {
             OpMetrics.render() + Daemon.gauges(fs: fs, store: store, flat: flat, server: server, dataDir: dataDir)
                 + EtcdClient.metricsText()
         }
-        node?.metrics.setExtra(mountMetrics)
+        cluster?.metrics.setExtra(mountMetrics)
         let metricsServer = try metricsListen.map { address in
-            try MetricsRoutes.serve(address: address, token: metricsToken) { [node] in node.map { $0.metrics.render() } ?? mountMetrics() }
+            try MetricsRoutes.serve(address: address, token: settings.metricsToken) { [cluster] in cluster.map { $0.metrics.render() } ?? mountMetrics() }
         }
-        try node?.start()
-        if let cluster, let tls = node?.tls {
+        try node.start()
+        if let c = settings.cluster, let tls = cluster?.tls {
             Log.info("peer traffic: mutual TLS (cluster \(tls.cluster), this node CN=\(tls.node), certificate valid \(Int(tls.expiresIn / 86400)) more days)")
-            if cluster.etcdCa == nil && cluster.etcdCert == nil {
+            if !c.etcdEncrypted {
                 Log.warning("etcd traffic is unencrypted (no --etcd-ca): the namespace crosses the network in the clear")
             }
-        } else if let cluster {
+        } else if let c = settings.cluster {
             Log.warning("peer traffic is unencrypted: block bodies and the cluster secret cross the network in the clear; run the nodes on a trusted network")
-            if cluster.etcdCa == nil && cluster.etcdCert == nil {
+            if !c.etcdEncrypted {
                 Log.warning("etcd traffic is unencrypted (no --etcd-ca): the namespace crosses the network in the clear")
-            }
-        }
-        if let node {
-            let me = node.id
-            try node.watchNamespace { [server] change in
-                switch change {
-                case .inode(let ino, let version, let origin):
-                    node.holds.changed(ino, version: version)
-                    guard origin != me else { return }
-                    let (known, pages) = fs.remoteChange(ino, version: version)
-                    if known { server.invalidateInode(ino.rawValue, pages: pages) }
-                case .entry(let parent, let name, let origin):
-                    guard origin != me else { return }
-                    server.invalidateEntry(parent: parent.rawValue, name: name)
-                case .manifest(let ino, let replaced):
-                    if let replaced { gc.suspect(replaced, ino: ino) }
-                }
             }
         }
         let readyFD = self.readyFD
@@ -209,8 +117,7 @@ struct Daemon {
                 try control.start()
                 try Registry.save(record)
             } catch { Log.error("cannot announce the mount: \(error)") }
-            gc.start()
-            tiering?.start()
+            node.mounted()
             Log.info("mounted \(mp)")
             if let tiering {
                 Log.info("tiers: " + store.tiers.map { "\($0.name) \($0.root)" }.joined(separator: ", ")
@@ -233,11 +140,7 @@ struct Daemon {
         }
         SystemdNotify.send("STOPPING=1\nSTATUS=unmounted \(mountpoint); finishing")
         metricsServer?.shutdown()
-        tiering?.stop()
-        gc.stop(idle: node == nil)
-        node?.stop()
-        flat?.close()
-        try? engine.sync()
+        node.stop()
         Registry.remove(mountpoint)
         unlink(dataDir + "/modelfs.pid")
         Log.info("unmounted \(mountpoint)")
@@ -294,20 +197,6 @@ struct Daemon {
             ("modelfs_flat_copies_built_total", "counter", UInt64(f.built)), ("modelfs_flat_copies_evicted_total", "counter", UInt64(f.evicted)),
         ]
         return rows.map { "# TYPE \($0.0) \($0.1)\n\($0.0) \($0.2)\n" }.joined()
-    }
-
-    /// This node's id: made once, kept in DATA/node-id.
-    static func nodeID(_ dataDir: String) throws -> String {
-        let path = dataDir + "/node-id"
-        if let id = try? String(contentsOfFile: path, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines), !id.isEmpty {
-            return id
-        }
-        var host = [CChar](repeating: 0, count: 256)
-        gethostname(&host, host.count)
-        let name = String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        let id = "\(name)-\(UUID().uuidString.prefix(8).lowercased())"
-        try (id + "\n").write(toFile: path, atomically: true, encoding: .utf8)
-        return id
     }
 
     /// Disk usage of a directory tree (allocated blocks, like du).

@@ -1,4 +1,5 @@
 import Foundation
+import ModelFSNode
 import ModelFSCore
 import ModelFSPeer
 import ModelFSWire

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import ModelFS
 import ModelFSCore
+import ModelFSNode
 import ModelFSFUSE
 import ModelFSMeta
 import ModelFSStore
@@ -78,11 +79,17 @@ struct MountCommand: ParsableCommand {
         }
         if foreground {
             do {
-                try Daemon(mountpoint: mp, dataDir: dataDir, meta: metaURL, fuseOptions: o, readyFD: readyFd,
-                           cluster: metaURL.hasPrefix("etcd://") ? cluster : nil,
-                           passthrough: passthroughChoice, flatBudget: flatBudget(dataDir),
-                           metricsListen: metricsListen, metricsToken: metricsToken,
-                           tiers: try parsedTiers(), tierAge: tierAge).run()
+                let mountOptions = MountOptions(o)
+                var settings = NodeSettings(dataDir: dataDir, meta: metaURL,
+                                            cluster: metaURL.hasPrefix("etcd://") ? cluster.settings : nil)
+                settings.writebackCache = mountOptions.writebackCache
+                settings.passthrough = passthroughChoice
+                settings.flatBudget = flatBudget(dataDir)
+                settings.metricsToken = metricsToken
+                settings.tiers = try parsedTiers()
+                settings.tierAge = tierAge
+                try Daemon(mountpoint: mp, settings: settings, fuseOptions: mountOptions.fuse, readyFD: readyFd,
+                           metricsListen: metricsListen).run()
             } catch let e as FSError {
                 report(e.message)
                 throw fail(e.message)
@@ -108,7 +115,7 @@ struct MountCommand: ParsableCommand {
 
     /// Whether to pass through, and if not why: on unless --no-passthrough or -o writeback_cache
     /// (with which the kernel turns it off).
-    var passthroughChoice: Daemon.Passthrough {
+    var passthroughChoice: NodeSettings.Passthrough {
         if passthrough == false { return .off("--no-passthrough") }
         if MountOptions(o).writebackCache { return .off("-o writeback_cache (the kernel turns passthrough off with it)") }
         return .on

@@ -1,6 +1,7 @@
 import ArgumentParser
 import CModelFSSys
 import Foundation
+import ModelFSNode
 import ModelFSPeer
 import ModelFSWire
 

@@ -441,7 +441,7 @@ import Testing
     @Test func readersVersionIsWhatTheirViewReads() throws {
         let t = try TestFS(); defer { t.remove() }
         let seen = Mutex<[(InodeNumber, UInt64)]>([])
-        t.fs.onReadView = { ino, v in seen.withLock { $0.append((ino, v)) } }
+        t.fs.events.onReadView { ino, v in seen.withLock { $0.append((ino, v)) } }
         let (ino, fh) = try t.create("f")
         try t.write(fh, at: 0, [1, 2, 3])
         #expect(t.fs.readerVersion(ino) == nil, "a writer reads its session, not a version")

@@ -8,22 +8,22 @@ import ModelFSStore
 import Synchronization
 
 /// What `modelfs status` shows of the cluster, from one node.
-struct ClusterStatus: Codable {
-    struct Node: Codable {
-        var id: String
-        var address: String
-        var up: Bool
-        var labels: [String: String]
-        var usedBytes: UInt64
-        var blocks: UInt64
-        var capacityBytes: UInt64
-        var isThisNode: Bool
-        var draining: Bool
+public struct ClusterStatus: Codable, Sendable {
+    public struct Node: Codable, Sendable {
+        public var id: String
+        public var address: String
+        public var up: Bool
+        public var labels: [String: String]
+        public var usedBytes: UInt64
+        public var blocks: UInt64
+        public var capacityBytes: UInt64
+        public var isThisNode: Bool
+        public var draining: Bool
         /// Peer traffic in and out, bytes per second (as the node last published it).
-        var inRate: Double
-        var outRate: Double
+        public var inRate: Double
+        public var outRate: Double
 
-        init(id: String, address: String, up: Bool, labels: [String: String], usedBytes: UInt64, blocks: UInt64,
+        public init(id: String, address: String, up: Bool, labels: [String: String], usedBytes: UInt64, blocks: UInt64,
              capacityBytes: UInt64, isThisNode: Bool, draining: Bool, inRate: Double, outRate: Double) {
             self.id = id; self.address = address; self.up = up; self.labels = labels; self.usedBytes = usedBytes
             self.blocks = blocks; self.capacityBytes = capacityBytes; self.isThisNode = isThisNode
@@ -31,7 +31,7 @@ struct ClusterStatus: Codable {
         }
 
         /// Fields added later default when absent, so this CLI reads an older daemon's status.
-        init(from decoder: any Decoder) throws {
+        public init(from decoder: any Decoder) throws {
             let c = try decoder.container(keyedBy: CodingKeys.self)
             id = try c.decode(String.self, forKey: .id)
             address = try c.decode(String.self, forKey: .address)
@@ -46,96 +46,94 @@ struct ClusterStatus: Codable {
             outRate = try c.decodeIfPresent(Double.self, forKey: .outRate) ?? 0
         }
     }
-    var nodeID: String
-    var address: String
-    var nodes: [Node]
-    var replication: ReplicationStatus
-    var cacheBytes: UInt64
-    var cacheBudget: UInt64
-    var cacheStats: ClusterBlockStore.Stats
+    public var nodeID: String
+    public var address: String
+    public var nodes: [Node]
+    public var replication: ReplicationStatus
+    public var cacheBytes: UInt64
+    public var cacheBudget: UInt64
+    public var cacheStats: ClusterBlockStore.Stats
     /// The last failure talking to etcd about membership, if it has not recovered.
-    var membershipError: String?
+    public var membershipError: String?
     /// The cluster's healer: what its last pass found and what it copied.
-    var heal: HealStatus?
+    public var heal: HealStatus?
     /// This node's scrubber (absent from an older daemon).
-    var scrub: ScrubStatus?
+    public var scrub: ScrubStatus?
     /// How this node's healing copies yield to its foreground (absent from an older daemon).
-    var healYield: ForegroundYield.Status?
+    public var healYield: ForegroundYield.Status?
     /// How peer traffic and etcd traffic are protected: "unencrypted" or "TLS" (absent from an
     /// older daemon).
-    var peerTraffic: String?
-    var etcdTraffic: String?
+    public var peerTraffic: String?
+    public var etcdTraffic: String?
     /// Large files loaded with the other nodes loading them at once (absent from an older daemon).
-    var fanout: FanoutStatus?
+    public var fanout: FanoutStatus?
     /// Superseded versions this node's readers hold now (garbage collection leaves their blocks
     /// on every node), and holds placed since start (absent from an older daemon).
-    var readerHolds: Int?
-    var readerHoldsPlaced: UInt64?
+    public var readerHolds: Int?
+    public var readerHoldsPlaced: UInt64?
 }
 
-struct FanoutStatus: Codable {
+public struct FanoutStatus: Codable, Sendable {
     /// Files at least this large are shared.
-    var minSize: UInt64
-    var totals: Fanout.Totals
+    public var minSize: UInt64
+    public var totals: Fanout.Totals
     /// Files being loaded now and the last ones finished.
-    var files: [Fanout.FileStats]
+    public var files: [Fanout.FileStats]
 }
 
 /// The parts a cluster node adds to a mount (DESIGN.md §5): its peer server, its membership,
 /// the block store that reaches peers, and the replicator.
-final class ClusterNode: @unchecked Sendable {
-    let id: String
-    let server: PeerServer
+public final class ClusterNode: @unchecked Sendable {
+    public let id: String
+    public let server: PeerServer
     /// The peer routes, made once the filesystem exists (`attach`): they answer for it.
-    private(set) var service: PeerService?
-    let metricsToken: String?
+    public private(set) var service: PeerService?
+    public let metricsToken: String?
     /// This node's read cache (the peer routes serve from it too).
-    let cache: PackBlockStore
-    let membership: Membership
-    let client: PeerClient
-    let blocks: ClusterBlockStore
-    let replicator: Replicator
-    let local: PackBlockStore
-    let writerLock: EtcdWriterLock
-    let namespace: EtcdTransactionalStore?
-    let scrubber: Scrubber
-    let etcd: EtcdClient
-    let clusterName: String
+    public let cache: PackBlockStore
+    public let membership: Membership
+    public let client: PeerClient
+    public let blocks: ClusterBlockStore
+    public let replicator: Replicator
+    public let local: PackBlockStore
+    public let writerLock: EtcdWriterLock
+    public let namespace: EtcdTransactionalStore?
+    public let scrubber: Scrubber
+    public let etcd: EtcdClient
+    public let clusterName: String
     /// Mutual TLS with the other nodes, when configured.
-    let tls: PeerTLS?
-    let options: ClusterOptions
-    let metrics: PeerMetrics
-    let yield: ForegroundYield
+    public let tls: PeerTLS?
+    public let settings: ClusterSettings
+    public let metrics: PeerMetrics
+    public let yield: ForegroundYield
     /// Shares the loading of large files among the nodes loading them at once.
-    let fanout: Fanout
+    public let fanout: Fanout
     /// Readers' holds on superseded versions (made once the filesystem exists, `attach`).
-    private(set) var holds: VersionHolds!
+    public private(set) var holds: VersionHolds!
     /// Made once the filesystem exists (`attach`).
-    private(set) var healer: Healer?
+    public private(set) var healer: Healer?
     private var watcher: EtcdWatcher?
     /// Every node seen since start: those no longer live are shown as down.
     private let seen = Mutex<[String: NodeInfo]>([:])
 
-    init(id: String, options: ClusterOptions, meta: String, engine: any MetadataEngine, local: PackBlockStore, dataDir: String,
-         metricsToken: String? = nil) throws {
+    public init(id: String, settings: ClusterSettings, meta: String, engine: any MetadataEngine, local: PackBlockStore, dataDir: String,
+                metricsToken: String? = nil) throws {
         self.id = id
         self.local = local
         let (endpoints, name) = try MetadataURL.parseEtcd(meta)
-        let etcd = try EtcdClient(endpoints: endpoints, security: options.etcdSecurity)
+        let etcd = try EtcdClient(endpoints: endpoints, security: settings.etcdSecurity)
         self.etcd = etcd
         clusterName = name
-        self.options = options
+        self.settings = settings
         try ClusterNode.claim(dataDir: dataDir, cluster: name, client: etcd)
-        let listen = parseHostPort(options.listen)!
+        guard let listen = parseHostPort(settings.listen) else { throw FSError.invalid("--listen \(settings.listen): expected HOST:PORT") }
         let cache = try PackBlockStore(root: dataDir + "/cache") { Log.error($0) }
         let metrics = PeerMetrics()
         self.metrics = metrics
-        let tls = try options.tlsCert.map { cert in
-            try PeerTLS(ca: options.tlsCa!, cert: cert, key: options.tlsKey!, cluster: name)
-        }
+        let tls = try settings.tls.map { try PeerTLS(ca: $0.ca, cert: $0.cert, key: $0.key, cluster: name) }
         self.tls = tls
-        client = PeerClient(secret: options.secret, tls: tls)
-        let yield = ForegroundYield(busyRate: parseSize(options.healRateBusy)!)
+        client = PeerClient(secret: settings.secret, tls: tls)
+        let yield = ForegroundYield(busyRate: settings.healRateBusy)
         self.yield = yield
         self.metricsToken = metricsToken
         self.cache = cache
@@ -143,26 +141,26 @@ final class ClusterNode: @unchecked Sendable {
         do {
             server = try PeerServer(host: listen.host, port: listen.port, maxBody: PeerService.maxBody, tls: tls)
         } catch {
-            throw FSError(EADDRINUSE, "cannot listen on \(options.listen) for peers: \(error); choose another --listen")
+            throw FSError(EADDRINUSE, "cannot listen on \(settings.listen) for peers: \(error); choose another --listen")
         }
-        let advertise = options.advertise ?? "\(listen.host):\(server.port)"
+        let advertise = settings.advertise ?? "\(listen.host):\(server.port)"
         membership = Membership(client: etcd, cluster: name,
-                                me: NodeInfo(id: id, address: advertise, labels: parseLabels(options.labels ?? "") ?? [:]),
-                                ttl: options.leaseTtl)
+                                me: NodeInfo(id: id, address: advertise, labels: settings.labels),
+                                ttl: settings.leaseTtl)
         writerLock = EtcdWriterLock(client: etcd, cluster: name, membership: membership, peers: client)
         namespace = (engine as? KVMetadataEngine<EtcdTransactionalStore>)?.store
-        let scrubber = Scrubber(local: local, membership: membership, client: client, rate: parseSize(options.scrubRate)!,
-                                every: options.scrubEvery)
+        let scrubber = Scrubber(local: local, membership: membership, client: client, rate: settings.scrubRate,
+                                every: settings.scrubEvery)
         self.scrubber = scrubber
-        let fanout = Fanout(etcd: etcd, cluster: name, membership: membership, minSize: parseSize(options.fanoutMinSize)!)
+        let fanout = Fanout(etcd: etcd, cluster: name, membership: membership, minSize: settings.fanoutMinSize)
         self.fanout = fanout
-        blocks = ClusterBlockStore(local: local, cache: cache, cacheBudget: parseSize(options.cacheSize)!,
+        blocks = ClusterBlockStore(local: local, cache: cache, cacheBudget: settings.cacheSize,
                                    membership: membership, client: client, yield: yield, fanout: fanout,
-                                   formatPrefetch: !options.noFormatPrefetch,
+                                   formatPrefetch: settings.formatPrefetch,
                                    onCorrupt: { id in scrubber.repairSoon(id) })
         replicator = try Replicator(dataDir: dataDir, local: local, membership: membership, client: client, meta: engine,
-                                    defaultPolicy: options.policy, timeout: options.ackTimeout,
-                                    stagingLimit: parseSize(options.stagingSize)!, chain: options.replication == "chain")
+                                    defaultPolicy: settings.policy, timeout: settings.ackTimeout,
+                                    stagingLimit: settings.stagingSize, chain: settings.chain)
         let capacity: UInt64 = {
             var vfs = statvfs()
             return statvfs(dataDir, &vfs) == 0 ? UInt64(vfs.f_blocks) * UInt64(vfs.f_frsize) : 0
@@ -209,7 +207,7 @@ final class ClusterNode: @unchecked Sendable {
     /// A data dir belongs to one cluster: its blocks and replication journal mean nothing to
     /// another. The cluster's id (made once, in etcd) is written to DATA/cluster on first join;
     /// a data dir of another cluster, or of a single-node filesystem, is refused.
-    static func claim(dataDir: String, cluster: String, client: EtcdClient) throws {
+    public static func claim(dataDir: String, cluster: String, client: EtcdClient) throws {
         let key = EtcdKeys(cluster: cluster).clusterID
         let fresh = Data(UUID().uuidString.lowercased().utf8)
         let id: String
@@ -236,7 +234,7 @@ final class ClusterNode: @unchecked Sendable {
 
     /// The parts that need the filesystem: the peer routes (`GET /v1/writing` asks it) and the
     /// healer (it walks the namespace).
-    func attach(_ fs: FileSystem) {
+    public func attach(_ fs: FileSystem) {
         let (client, membership, local, scrubber, yield, id, blocks) = (client, membership, local, scrubber, yield, id, blocks)
         let actions = PeerActions(
             repair: { id in scrubber.repair(id) },
@@ -246,20 +244,20 @@ final class ClusterNode: @unchecked Sendable {
             forward: { block, chain, durable in client.forward(block, chain: chain, live: membership.nodes, durable: durable) },
             writing: { ino in fs.writing(ino) },
             relay: { block, file, via in try blocks.relay(block, for: file, via: via) })
-        service = PeerService(secret: options.secret, local: local, cache: cache, metrics: metrics, yield: yield,
+        service = PeerService(secret: settings.secret, local: local, cache: cache, metrics: metrics, yield: yield,
                               readToken: metricsToken, actions: actions,
                               status: { [weak self] in (try? JSONEncoder().encode(self?.status())) ?? Data("{}".utf8) })
         healer = Healer(fs: fs, replicator: replicator, membership: membership, client: client, local: local, etcd: etcd,
-                        cluster: clusterName, interval: options.healInterval, deadAfter: options.deadAfter,
-                        rate: parseSize(options.healRate)!, yield: yield, fullEvery: options.healFullEvery,
-                        scanRate: UInt64(options.healScanRate))
+                        cluster: clusterName, interval: settings.healInterval, deadAfter: settings.deadAfter,
+                        rate: settings.healRate, yield: yield, fullEvery: settings.healFullEvery,
+                        scanRate: settings.healScanRate)
         let holds = VersionHolds(etcd: etcd, keys: EtcdKeys(cluster: clusterName), membership: membership,
                                  readerVersion: { [weak fs] ino in fs?.readerVersion(ino) })
-        fs.onReadView = { [weak holds] ino, version in holds?.opened(ino, version: version) }
+        fs.events.onReadView { [weak holds] ino, version in holds?.opened(ino, version: version) }
         self.holds = holds
     }
 
-    func start() throws {
+    public func start() throws {
         // Serving before joining: once the others see this node, they may send it blocks.
         if let service { server.serve(service) }
         do { try membership.start() } catch {
@@ -275,7 +273,7 @@ final class ClusterNode: @unchecked Sendable {
 
     /// Watches the namespace for other nodes' changes: close-to-open across nodes is pushed by
     /// this (the kernel's caches are invalidated within milliseconds), not left to timeouts.
-    func watchNamespace(_ onChange: @escaping @Sendable (NamespaceChange) -> Void) throws {
+    public func watchNamespace(_ onChange: @escaping @Sendable (NamespaceChange) -> Void) throws {
         guard let namespace else { return }
         let start = try namespace.client.range(namespace.keys.nextInode).revision
         let fanout = fanout
@@ -288,7 +286,7 @@ final class ClusterNode: @unchecked Sendable {
         watcher = w
     }
 
-    func stop() {
+    public func stop() {
         watcher?.stop()
         holds?.stop()
         healer?.stop()
@@ -300,7 +298,7 @@ final class ClusterNode: @unchecked Sendable {
         client.shutdown()
     }
 
-    func status() -> ClusterStatus {
+    public func status() -> ClusterStatus {
         let live = membership.nodes
         let all = seen.withLock { s -> [NodeInfo] in
             // The roster (nodes that died before this one started too), minus removed nodes.
@@ -323,8 +321,8 @@ final class ClusterNode: @unchecked Sendable {
                              healYield: yield.status,
                              peerTraffic: tls.map { "mutual TLS 1.3 (cluster \($0.cluster), this node's certificate CN=\($0.node), expires in \(Int($0.expiresIn / 86400)) days)" }
                                  ?? "unencrypted (HTTP and raw block streams; the cluster secret authenticates)",
-                             etcdTraffic: (options.etcdCa != nil || options.etcdCert != nil ? "TLS" : "unencrypted")
-                                 + (options.etcdUser.map { ", etcd user \($0)" } ?? ", no etcd user"),
+                             etcdTraffic: (settings.etcdEncrypted ? "TLS" : "unencrypted")
+                                 + (settings.etcdSecurity.user.map { ", etcd user \($0)" } ?? ", no etcd user"),
                              fanout: { let f = fanout.status; return FanoutStatus(minSize: fanout.minSize, totals: f.totals, files: f.files) }(),
                              readerHolds: holds?.counts.holding, readerHoldsPlaced: holds?.counts.placed)
     }

@@ -1,0 +1,101 @@
+import Foundation
+import ModelFS
+import ModelFSCore
+import ModelFSNode
+import ModelFSTestSupport
+import Testing
+
+/// The composition of a mount (`Node`), without the kernel: the parts are made from settings,
+/// wired at construction, and work together — the filesystem over the store and the engine,
+/// garbage collection hearing of what the filesystem frees, and two cluster nodes over a real
+/// etcd, one reading what the other wrote.
+@Suite(.serialized) struct NodeTests {
+    static func scratch(_ tag: String) throws -> String {
+        let dir = NSTemporaryDirectory() + "modelfs-node-\(tag)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        return dir
+    }
+
+    static func write(_ fs: FileSystem, _ name: String, _ bytes: [UInt8]) throws -> InodeNumber {
+        let (a, o) = try fs.create(parent: .root, name: name, mode: 0o644, flags: OpenFlags(O_WRONLY | O_CREAT), context: .root)
+        _ = try bytes.withUnsafeBytes { try fs.write(o.handle, at: 0, $0) }
+        try fs.flush(o.handle)
+        try fs.release(o.handle)
+        return a.ino
+    }
+
+    static func read(_ fs: FileSystem, _ name: String) throws -> [UInt8] {
+        let a = try fs.lookup(parent: .root, name: name)
+        let o = try fs.open(a.ino, flags: OpenFlags(O_RDONLY))
+        defer { try? fs.release(o.handle) }
+        var buf = [UInt8](repeating: 0, count: Int(a.size))
+        let n = try buf.withUnsafeMutableBytes { try fs.read(o.handle, at: 0, count: Int(a.size), into: $0.baseAddress!) }
+        return Array(buf[0..<n])
+    }
+
+    @Test func aSingleNodeIsComposedAndCollectsWhatItFrees() throws {
+        let dir = try Self.scratch("one")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let node = try Node(NodeSettings(dataDir: dir, meta: "sqlite:\(dir)/meta.db"))
+        #expect(node.cluster == nil && node.flat == nil && node.tiering == nil)
+        let data = randomBytes(3 << 20, seed: 7)
+        _ = try Self.write(node.fs, "ckpt.bin", data)
+        #expect(try Self.read(node.fs, "ckpt.bin") == data)
+        #expect(node.store.usage().bytes >= UInt64(data.count))
+        try node.fs.unlink(parent: .root, name: "ckpt.bin")
+        // The collector the node made sweeps this node's store: nothing of the file is left.
+        let freed = try node.gc.collectNow(noGrace: true)
+        #expect(freed.bytes >= UInt64(data.count))
+        #expect(node.store.usage().bytes == 0)
+        node.stop()
+    }
+
+    @Test func aDataDirOfAClusterIsRefusedAlone() throws {
+        let dir = try Self.scratch("claimed")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try "c1 1234\n".write(toFile: dir + "/cluster", atomically: true, encoding: .utf8)
+        #expect {
+            _ = try Node(NodeSettings(dataDir: dir, meta: "sqlite:\(dir)/meta.db"))
+        } throws: { error in
+            "\(error)".contains("belongs to cluster \"c1 1234\"")
+        }
+    }
+
+    @Test func twoClusterNodesReadEachOthersFiles() throws {
+        let etcd = try EtcdTestCluster.shared.get()
+        let name = "node-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        var nodes: [Node] = []
+        var dirs: [String] = []
+        defer {
+            for n in nodes { n.stop() }
+            for d in dirs { try? FileManager.default.removeItem(atPath: d) }
+        }
+        for i in 0..<2 {
+            let dir = try Self.scratch("c\(i)")
+            dirs.append(dir)
+            var c = ClusterSettings(secret: "node-tests-secret", listen: "127.0.0.1:0")
+            c.nodeID = "n\(i)"
+            // Both copies before close() returns: the reader's node holds one.
+            c.policy = ReplicationPolicy(replicas: 2, ack: 2)
+            c.cacheSize = 64 << 20
+            c.scrubRate = 0
+            c.ackTimeout = 20
+            let node = try Node(NodeSettings(dataDir: dir, meta: etcd.metaURL(name), cluster: c))
+            try node.start()
+            node.mounted()
+            nodes.append(node)
+        }
+        #expect(waitUntil(timeout: 20) { nodes.allSatisfy { $0.cluster!.membership.nodes.count == 2 } })
+        let data = randomBytes(5 << 20, seed: 11)
+        let ino = try Self.write(nodes[0].fs, "model.safetensors", data)
+        #expect(try Self.read(nodes[1].fs, "model.safetensors") == data)
+        // Every block of the file is on both nodes (K = 2 copies when close() returned).
+        var ids: [BlockID] = []
+        try nodes[1].fs.walkFiles(from: ino) { f in ids += f.blocks.map(\.id) }
+        let holders = nodes[1].cluster!.replicator.census(ids).holders
+        #expect(!ids.isEmpty && ids.allSatisfy { Set(holders[$0] ?? []) == ["n0", "n1"] })
+        // The status the control socket serves is composed from the same parts.
+        let status = nodes[0].cluster!.status()
+        #expect(status.nodes.map(\.id).sorted() == ["n0", "n1"])
+    }
+}
