@@ -57,7 +57,7 @@ let package = Package(
         .target(name: "ModelFS", dependencies: ["ModelFSCore", "ModelFSStore", "ModelFSMeta", "CModelFSSys"]),
         // libfuse 3.14's /dev/fuse hooks that turn FUSE passthrough on (see its header).
         .target(name: "CModelFSPassthrough"),
-        .target(name: "ModelFSFUSE", dependencies: ["CFuse3", "CModelFSPassthrough", "ModelFS"]),
+        .target(name: "ModelFSFUSE", dependencies: ["CFuse3", "CModelFSPassthrough", "ModelFS", "ModelFSMeta", "ModelFSStore", "ModelFSCore"]),
         // Mutual TLS between peers, through the system's OpenSSL (libssl-dev; see its header).
         .target(name: "CModelFSTLS", linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]),
         // The wire between nodes: the peer server and its routes, the client, block transfers,
@@ -110,6 +110,7 @@ let package = Package(
         .testTarget(name: "ModelFSMetaTests", dependencies: ["ModelFSMeta", "ModelFSTestSupport"]),
         .testTarget(name: "ModelFSTests", dependencies: ["ModelFS", "ModelFSTestSupport"]),
         .testTarget(name: "ModelFSPeerTests", dependencies: ["ModelFSPeer", "ModelFSWire", "ModelFSTestSupport"]),
+        .testTarget(name: "ModelFSFUSETests", dependencies: ["ModelFSFUSE", "ModelFSTestSupport"]),
         .testTarget(name: "ModelFSNodeTests", dependencies: ["ModelFSNode", "ModelFSTestSupport"]),
     ]
 )

@@ -800,7 +800,7 @@ public final class FileSystem: @unchecked Sendable {
         let attrs: InodeAttributes
         do {
             attrs = try meta.commit(s.ino, size: s.size, manifest: ref, mtime: .now(), fence: s.fence)
-        } catch let e as FSError where e.message.hasPrefix("fenced") {
+        } catch let e as MetaError where e.kind == .fenced {
             Log.error("\(e.message)")
             throw e
         }

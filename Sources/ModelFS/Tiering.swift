@@ -106,7 +106,7 @@ public final class Tiering: @unchecked Sendable {
                 do {
                     let m = try store.move(part, to: tier)
                     if tier == 0 { promoted.0 += m.blocks; promoted.1 += m.bytes } else { demoted.0 += m.blocks; demoted.1 += m.bytes }
-                } catch let e as FSError where e.errno == ENOSPC {
+                } catch let e as StoreError where e.kind == .full {
                     problem = e.message
                     break
                 }

@@ -45,7 +45,7 @@ final class WriteSession: @unchecked Sendable {
     var fence: CommitFence?
     /// A write that failed (disk full): every later write and commit fails the same way until the
     /// file is closed, and the committed version stays as it was.
-    private var failure: FSError?
+    private var failure: (any Error)?
 
     static let reorderWindow: UInt64 = 64 << 20
     static let reorderLimit = 32 << 20
@@ -91,7 +91,10 @@ final class WriteSession: @unchecked Sendable {
         if let failure { throw failure }
     }
 
-    static func storeFailure(_ e: any Error) -> FSError { (e as? FSError) ?? FSError.io("storing a block failed", cause: e) }
+    /// A failure that sticks to the session: the filesystem's own answers and the store's (a full
+    /// disk stays ENOSPC at the edge); anything else is reported as a failed store.
+    static func storeFailure(_ e: any Error) -> any Error { sticky(e) ? e : FSError.io("storing a block failed", cause: e) }
+    static func sticky(_ e: any Error) -> Bool { e is FSError || e is StoreError }
 
     /// Moves every chunk the pipeline finished into `base` (waiting for the rest): needed before
     /// `base` is read or cut.
@@ -139,9 +142,9 @@ final class WriteSession: @unchecked Sendable {
                 try spillReorder()
                 try writeOverlay(at: offset, bytes)
             }
-        } catch let e as FSError {
-            failure = e
-            throw e
+        } catch where WriteSession.sticky(error) {
+            failure = error
+            throw error
         } catch {
             if acknowledged { failure = WriteSession.storeFailure(error) }
             throw error
@@ -263,7 +266,7 @@ final class WriteSession: @unchecked Sendable {
         }
         if newSize < streamPosition {
             // The stream ends here: finish its chunk; the truncated part is cut off by baseLimit.
-            do { try finishStream() } catch let e as FSError { failure = e; throw e }
+            do { try finishStream() } catch where WriteSession.sticky(error) { failure = error; throw error }
             baseLimit = min(baseLimit, newSize)
             streaming = false
         }
@@ -386,9 +389,9 @@ final class WriteSession: @unchecked Sendable {
                 }
             }
             return out.manifest
-        } catch let e as FSError {
-            failure = e
-            throw e
+        } catch where WriteSession.sticky(error) {
+            failure = error
+            throw error
         }
     }
 

@@ -1,16 +1,20 @@
 import Foundation
 
-/// The one error type of modelfs: an errno for the kernel, a message for people, and the cause.
-/// Domain errors carry the errno they map to; the FUSE adapter turns anything else into EIO.
+/// The filesystem's answers in POSIX terms: an errno for the kernel, a message for people, and
+/// the error that caused it. The namespace's contract (`MetadataEngine`, `FileSystem`) is POSIX,
+/// so its answers — no such file, exists, not empty — are these. Failures below it have their
+/// layer's own type (`StoreError`, `MetaError`, `EtcdError`, `PeerError`); ModelFSFUSE's
+/// `Errno.answer` maps every one of them to an errno, in one table.
 public struct FSError: Error, CustomStringConvertible, Sendable {
     public var errno: Int32
     public var message: String
-    public var cause: String?
+    /// The failure behind this one (a layer's own error), kept as an error.
+    public var cause: (any Error)?
 
     public init(_ errno: Int32, _ message: String, cause: (any Error)? = nil) {
         self.errno = errno
         self.message = message
-        self.cause = cause.map { String(describing: $0) }
+        self.cause = cause
     }
 
     public var description: String {

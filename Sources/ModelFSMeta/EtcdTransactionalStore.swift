@@ -68,7 +68,7 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
             try seedCounters()
         } catch {
             client.shutdown()
-            throw FSError.io("cannot reach etcd at \(endpoints.joined(separator: ",")): \(error); \(EtcdClient.hint(for: error, security))")
+            throw MetaError(.unavailable, "cannot reach etcd at \(endpoints.joined(separator: ",")): \(error); \(EtcdClient.hint(for: error, security))")
         }
         let t = DispatchSource.makeTimerSource(queue: flusher)
         t.schedule(deadline: .now() + 1, repeating: 1)
@@ -84,16 +84,16 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
     public func read<T>(_ body: (any MetadataTransaction) throws -> T) throws -> T {
         for _ in 0..<Self.maxAttempts {
             let tx = EtcdTransaction(store: self, writable: false)
-            do { return try body(tx) } catch EtcdError.compacted { continue } catch let e as EtcdError { throw Self.fsError(e) }
+            do { return try body(tx) } catch EtcdError.compacted { continue } catch let e as EtcdError { throw Self.metaError(e) }
         }
-        throw FSError.io("metadata (etcd): no consistent snapshot after \(Self.maxAttempts) attempts; retry")
+        throw MetaError(.conflict, "metadata (etcd): no consistent snapshot after \(Self.maxAttempts) attempts; retry")
     }
 
     public func write<T>(_ body: (any MetadataTransaction) throws -> T) throws -> T {
         for attempt in 0..<Self.maxAttempts {
             let tx = EtcdTransaction(store: self, writable: true)
             let result: T
-            do { result = try body(tx) } catch EtcdError.compacted { continue } catch let e as EtcdError { throw Self.fsError(e) }
+            do { result = try body(tx) } catch EtcdError.compacted { continue } catch let e as EtcdError { throw Self.metaError(e) }
             if tx.writes.isEmpty && tx.deletedPrefixes.isEmpty { return result }
 
             let slot = takeSlot()
@@ -117,25 +117,25 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
                         return result
                     }
                 } catch {
-                    throw FSError.io("metadata (etcd): commit outcome unknown and etcd unreachable: \(error); check the etcd cluster")
+                    throw MetaError(.unavailable, "metadata (etcd): commit outcome unknown and etcd unreachable: \(error); check the etcd cluster", cause: error)
                 }
             } catch let e as EtcdError {
-                throw Self.fsError(e)
+                throw Self.metaError(e)
             }
             // Lost a race with another writer: back off a little (randomised) and run again.
             usleep(UInt32.random(in: 0...UInt32(min(200 << min(attempt, 8), 50_000))))
         }
-        throw FSError.io("metadata (etcd): transaction kept conflicting after \(Self.maxAttempts) attempts; retry")
+        throw MetaError(.conflict, "metadata (etcd): transaction kept conflicting after \(Self.maxAttempts) attempts; retry")
     }
 
     /// etcd commits are durable once acknowledged: a quorum has fsynced them.
     public func sync() throws {}
 
-    static func fsError(_ e: EtcdError) -> FSError {
+    static func metaError(_ e: EtcdError) -> MetaError {
         if case .rejected(_, let message) = e, message.contains("space exceeded") {
-            return FSError.noSpace("metadata (etcd): storage quota exceeded; compact and defragment etcd or raise --quota-backend-bytes")
+            return MetaError(.full, "metadata (etcd): storage quota exceeded; compact and defragment etcd or raise --quota-backend-bytes", cause: e)
         }
-        return FSError.io("metadata (etcd): \(e)")
+        return MetaError(.unavailable, "metadata (etcd)", cause: e)
     }
 
     /// Inode numbers come from a range this client reserved with one etcd txn, 1024 at a time:
@@ -160,7 +160,7 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
                     return InodeNumber(current)
                 }
             }
-            throw FSError.io("metadata (etcd): could not reserve inode numbers; retry")
+            throw MetaError(.conflict, "metadata (etcd): could not reserve inode numbers; retry")
         }
     }
 
@@ -376,7 +376,7 @@ final class EtcdTransaction: MetadataTransaction {
         let why = lock == nil
             ? "its write lock lapsed (this node was cut off from etcd longer than its lease) and the file changed since (version \(fence.baseVersion) -> \(version))"
             : "its write lock is now node \(String(decoding: lock!.value, as: UTF8.self))'s (taken at revision \(lock!.createRevision), after this node's at \(fence.epoch))"
-        throw FSError.io("fenced: the version of inode \(ino) written here is refused: \(why); the file keeps the version committed elsewhere")
+        throw MetaError(.fenced, "fenced: the version of inode \(ino) written here is refused: \(why); the file keeps the version committed elsewhere")
     }
 
     /// Lists `[prefix, end)` at the snapshot (without this transaction's buffered writes).
@@ -404,7 +404,7 @@ final class EtcdTransaction: MetadataTransaction {
 
     static func decodeInode(_ data: Data, _ ino: InodeNumber) throws -> InodeRecord {
         do { return try JSONDecoder().decode(EtcdInode.self, from: data).record(ino) } catch {
-            throw FSError.io("metadata (etcd): inode \(ino) record is unreadable", cause: error)
+            throw MetaError(.corrupt, "metadata (etcd): inode \(ino) record is unreadable", cause: error)
         }
     }
 

@@ -185,7 +185,7 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
             guard let p = try tx.inode(cur)?.parent else { return false }
             cur = p
             hops += 1
-            if hops > 100_000 { throw FSError.io("directory tree has a cycle at \(cur)") }
+            if hops > 100_000 { throw MetaError(.corrupt, "directory tree has a cycle at \(cur)") }
         }
     }
 

@@ -42,7 +42,7 @@ public final class SQLiteTransactionalStore: TransactionalStore, @unchecked Send
         do {
             pool = try DatabaseQueue(path: path, configuration: config)
         } catch {
-            throw FSError.io("cannot open metadata database \(path)", cause: error)
+            throw MetaError(.database, "cannot open metadata database \(path)", cause: error)
         }
         try pool.write { db in
             try db.execute(sql: """
@@ -114,11 +114,11 @@ public final class SQLiteTransactionalStore: TransactionalStore, @unchecked Send
         }
     }
 
-    /// SQLite's own errors become errnos: a full disk is ENOSPC, everything else EIO.
+    /// SQLite's own errors become the engine's: a full disk, or a failure of the database.
     private func mapErrors<T>(_ body: () throws -> T) throws -> T {
         do { return try body() } catch let e as FSError { throw e } catch let e as DatabaseError {
-            if e.resultCode == .SQLITE_FULL { throw FSError.noSpace("metadata database: disk full") }
-            throw FSError.io("metadata database error", cause: e)
+            if e.resultCode == .SQLITE_FULL { throw MetaError(.full, "metadata database: disk full", cause: e) }
+            throw MetaError(.database, "metadata database error", cause: e)
         }
     }
 }

@@ -144,9 +144,18 @@ public final class ClusterNode: @unchecked Sendable {
             throw FSError(EADDRINUSE, "cannot listen on \(settings.listen) for peers: \(error); choose another --listen")
         }
         let advertise = settings.advertise ?? "\(listen.host):\(server.port)"
+        let capacity: UInt64 = {
+            var vfs = statvfs()
+            return statvfs(dataDir, &vfs) == 0 ? UInt64(vfs.f_blocks) * UInt64(vfs.f_frsize) : 0
+        }()
+        let usage: Membership.Usage = {
+            let u = local.usage()
+            let traffic = metrics.traffic
+            return (u.bytes, u.blocks, capacity, traffic.bytesIn, traffic.bytesOut)
+        }
         membership = Membership(client: etcd, cluster: name,
                                 me: NodeInfo(id: id, address: advertise, labels: settings.labels),
-                                ttl: settings.leaseTtl)
+                                ttl: settings.leaseTtl, usage: usage)
         writerLock = EtcdWriterLock(client: etcd, cluster: name, membership: membership, peers: client)
         namespace = (engine as? KVMetadataEngine<EtcdTransactionalStore>)?.store
         let scrubber = Scrubber(local: local, membership: membership, client: client, rate: settings.scrubRate,
@@ -161,15 +170,6 @@ public final class ClusterNode: @unchecked Sendable {
         replicator = try Replicator(dataDir: dataDir, local: local, membership: membership, client: client, meta: engine,
                                     defaultPolicy: settings.policy, timeout: settings.ackTimeout,
                                     stagingLimit: settings.stagingSize, chain: settings.chain)
-        let capacity: UInt64 = {
-            var vfs = statvfs()
-            return statvfs(dataDir, &vfs) == 0 ? UInt64(vfs.f_blocks) * UInt64(vfs.f_frsize) : 0
-        }()
-        membership.usage = {
-            let u = local.usage()
-            let traffic = metrics.traffic
-            return (u.bytes, u.blocks, capacity, traffic.bytesIn, traffic.bytesOut)
-        }
         metrics.setGauges { [weak self] in
             guard let self else { return [] }
             let r = replicator.status()

@@ -270,7 +270,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
             if handOff { throw Superseded() }
             if via != nil {
                 guard group.wait(timeout: .now() + Self.relayWait) == .success else {
-                    throw FSError.io("block \(id.hex) is still on its way here")
+                    throw StoreError(.missing, "block \(id.hex) is still on its way here")
                 }
             } else {
                 group.wait()
@@ -343,7 +343,7 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
         state.withLock { $0.stats.failedFetches += 1 }
         let detail = errors.isEmpty ? "" : " (\(errors.joined(separator: "; ")))"
         Log.every("no good copy", 60, .error, "block \(id.hex) is not on this node and no live peer of \(peers.count) has a good copy\(detail)")
-        throw FSError.io("block \(id.hex) is unavailable: no live node holds a good copy")
+        throw StoreError(.missing, "block \(id.hex) is unavailable: no live node holds a good copy")
     }
 
     /// A block just fetched (verified): into the cache, and counted; a readahead's kept in memory

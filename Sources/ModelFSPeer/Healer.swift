@@ -571,7 +571,7 @@ public final class Healer: Sendable {
             guard let id = BlockID(hex: items[i].id) else { return }
             let urgent = items[i].urgent ?? false
             do {
-                guard local.contains(id) else { throw FSError.io("no replica here") }
+                guard local.contains(id) else { throw StoreError(.missing, "no replica here") }
                 var outgoing: OutgoingBlock?   // read once for every remote target
                 for node in items[i].to {
                     if failed.withLock({ $0.contains(node.id) }) { continue }
@@ -581,7 +581,7 @@ public final class Healer: Sendable {
                             let b = try local.readForPeer(id)
                             yield?.admit(b.count, received: true, yielding: !urgent)
                             try b.withUnsafeBytes { raw in
-                                guard BlockID.hash(raw) == id else { throw FSError.io("local replica of \(id.hex) is corrupt") }
+                                guard BlockID.hash(raw) == id else { throw StoreError(.corrupt, "local replica of \(id.hex) is corrupt") }
                                 _ = try local.put(id, raw)
                             }
                             n = b.count

@@ -33,16 +33,18 @@ public final class Membership: @unchecked Sendable {
     private let loop = BackgroundLoop("modelfs-membership")
     /// Seconds since the lease was last renewed (the loop's own).
     private var sinceRenew = 0.0
-    /// Fills in the node's usage before each renewal.
-    public var usage: (@Sendable () -> (used: UInt64, blocks: UInt64, capacity: UInt64, bytesIn: UInt64, bytesOut: UInt64))?
+    /// What the node publishes of itself with each renewal: its store's use and its traffic.
+    public typealias Usage = @Sendable () -> (used: UInt64, blocks: UInt64, capacity: UInt64, bytesIn: UInt64, bytesOut: UInt64)
+    let usage: Usage?
     private var lastTraffic: (at: Date, bytesIn: UInt64, bytesOut: UInt64)?
 
     let membersPrefix: Data
     let drainPrefix: Data
     let keys: EtcdKeys
 
-    public init(client: EtcdClient, cluster: String, me: NodeInfo, ttl: Int = 10, refresh: Double = 1) {
+    public init(client: EtcdClient, cluster: String, me: NodeInfo, ttl: Int = 10, refresh: Double = 1, usage: Usage? = nil) {
         self.client = client
+        self.usage = usage
         keys = EtcdKeys(cluster: cluster)
         prefix = keys.nodes
         membersPrefix = keys.members

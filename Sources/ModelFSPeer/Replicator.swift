@@ -86,7 +86,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
                     """)
             }
         } catch {
-            throw FSError.io("cannot open the replication journal \(dataDir)/replication.db", cause: error)
+            throw ReplicationError(.journal, "cannot open the replication journal \(dataDir)/replication.db", cause: error)
         }
         self.local = local
         self.membership = membership
@@ -251,7 +251,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
                 return db.lastInsertedRowID
             }
         } catch {
-            throw FSError.io("cannot journal replication of inode \(ino)", cause: error)
+            throw ReplicationError(.journal, "cannot journal replication of inode \(ino)", cause: error)
         }
         state.withLock { $0.jobs[id] = Job(id: id, ino: ino, created: created, policy: policy, bytes: bytes, blocks: blocks) }
         loop.poke()
@@ -298,7 +298,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
             let shortfall = ensure(blocks, copies: copies, policy: policy, durable: durable)
             if shortfall == nil { return }
             if Date() >= deadline || loop.isStopped {
-                throw FSError.io("\(what): \(copies) durable copies not reached within \(Int(timeout)) s: \(shortfall!); the replication job stays queued")
+                throw ReplicationError(.notDurable, "\(what): \(copies) durable copies not reached within \(Int(timeout)) s: \(shortfall!); the replication job stays queued")
             }
             usleep(200_000)
             try? membership.reload()
@@ -377,7 +377,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         for node in nodes {
             do {
                 guard let n = try client.put(block, to: node, durable: durable) else {
-                    throw FSError.io("block \(id.hex) is missing from this node's store")
+                    throw StoreError(.missing, "block \(id.hex) is missing from this node's store")
                 }
                 sent += UInt64(n)
             } catch {

@@ -81,7 +81,7 @@ public final class EtcdWriterLock: WriterLock, @unchecked Sendable {
                 pauseMicros = min(pauseMicros * 2, 100_000)
             }
         } catch let e as EtcdError {
-            throw FSError.io("cannot take the write lease of inode \(ino): \(e)")
+            throw MetaError(.unavailable, "cannot take the write lease of inode \(ino)", cause: e)
         }
     }
 

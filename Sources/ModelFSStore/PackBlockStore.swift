@@ -157,10 +157,10 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         var fds: [Int32] = []
         for (t, tier) in tiers.enumerated() {
             for dir in [tier.root, tierPacksDirs[t]] {
-                if mkdir(dir, 0o700) != 0 && errno != EEXIST { throw posixError("mkdir", dir) }
+                if mkdir(dir, 0o700) != 0 && errno != EEXIST { throw StoreError.system("mkdir", dir) }
             }
             let fd = open(tierPacksDirs[t], O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-            guard fd >= 0 else { throw posixError("open", tierPacksDirs[t]) }
+            guard fd >= 0 else { throw StoreError.system("open", tierPacksDirs[t]) }
             fds.append(fd)
         }
         packsDirFDs = fds
@@ -173,7 +173,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             var last: UInt32?
             for name in names {
                 guard let n = UInt32(name.dropLast(5)) else { continue }
-                if let other = s.packs[n] { throw FSError.io("pack \(name) is in two tiers: \(other.path) and \(dir)") }
+                if let other = s.packs[n] { throw StoreError(.inconsistent, "pack \(name) is in two tiers: \(other.path) and \(dir)") }
                 let pack = try PackBlockStore.openPack(dir + "/" + name, number: n)
                 pack.tier = t
                 try scan(pack, isLast: name == names.last, into: &s)
@@ -202,7 +202,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
 
     static func openPack(_ path: String, number: UInt32) throws -> Pack {
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw posixError("open pack", path) }
+        guard fd >= 0 else { throw StoreError.system("open pack", path) }
         var st = stat()
         fstat(fd, &st)
         let direct = open(path, O_RDWR | modelfs_o_direct() | O_CLOEXEC)
@@ -362,7 +362,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         // (A short direct write ends on a block boundary: the rest goes on from there.)
         let e = FileIO.pwritevAll(fd, pieces.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.0), iov_len: $0.1) }, at: offset)
         if e != 0 {
-            throw e == ENOSPC ? FSError.noSpace("block store \(root): disk full") : posixError("write pack", pack.path, errno: e)
+            throw e == ENOSPC ? StoreError(.full, "block store \(root): disk full") : StoreError.system("write pack", pack.path, errno: e)
         }
     }
 
@@ -379,7 +379,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             reserve = Self.metadataReserve(v)
             if Self.freeBytes(v) >= UInt64(count + PackBlockStore.headerSize) + reserve { return t }
         }
-        throw FSError.noSpace("block store \(root): disk full (keeping \(reserve >> 20) MiB free for metadata)"
+        throw StoreError(.full, "block store \(root): disk full (keeping \(reserve >> 20) MiB free for metadata)"
                               + (tiers.count > 1 ? " on every tier" : ""))
     }
 
@@ -399,7 +399,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             if r < 0 {
                 if errno == EINTR { continue }
                 let e = errno
-                throw e == ENOSPC ? FSError.noSpace("block store \(root): disk full") : posixError("write pack", pack.path, errno: e)
+                throw e == ENOSPC ? StoreError(.full, "block store \(root): disk full") : StoreError.system("write pack", pack.path, errno: e)
             }
             done += r
         }
@@ -458,7 +458,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     func read(_ id: BlockID, verify: Bool, touching: Bool = true) throws -> BlockBuffer {
         guard let (loc, pack) = locate(id, touching: touching) else {
             logger("missing block \(id.hex): not in any pack under \(packsDir)")
-            throw FSError.io("block \(id.hex) is missing from \(root)")
+            throw StoreError(.missing, "block \(id.hex) is missing from \(root)")
         }
         do {
             return try load(id, loc, pack, verify: verify, quiet: true)
@@ -495,14 +495,14 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         }
         while done < buffer.count {
             let r = pread(pack.fd, buffer.pointer + done, buffer.count - done, off_t(loc.offset) + off_t(done))
-            if r < 0 { if errno == EINTR { continue }; throw posixError("read pack", pack.path) }
+            if r < 0 { if errno == EINTR { continue }; throw StoreError.system("read pack", pack.path) }
             if r == 0 { break }
             done += r
         }
         guard done == buffer.count, !verify || buffer.withUnsafeBytes({ BlockID.hash($0) }) == id else {
-            if quiet { throw FSError.io("block \(id.hex) is corrupt") }
+            if quiet { throw StoreError(.corrupt, "block \(id.hex) is corrupt") }
             logger("corrupt block \(id.hex) in \(pack.path) at offset \(loc.offset): its content does not match its name")
-            throw FSError.io("block \(id.hex) is corrupt")
+            throw StoreError(.corrupt, "block \(id.hex) is corrupt")
         }
         return buffer
     }
@@ -523,7 +523,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             return (s.unsynced.intersection(wanted).compactMap { s.packs[$0] }, entries, Set(entries.compactMap { s.packs[$0]?.tier }))
         }
         for p in packs {
-            guard fdatasync(p.fd) == 0 else { throw posixError("fdatasync", p.path) }
+            guard fdatasync(p.fd) == 0 else { throw StoreError.system("fdatasync", p.path) }
         }
         // A new pack's directory entry must be durable too (once: an fsync of the directory per
         // fsync of a small file was a third flush of the disk for nothing).
@@ -535,7 +535,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     }
 
     public func syncFilesystem() throws {
-        for (t, fd) in packsDirFDs.enumerated() where modelfs_syncfs(fd) != 0 { throw posixError("syncfs", tierPacksDirs[t]) }
+        for (t, fd) in packsDirFDs.enumerated() where modelfs_syncfs(fd) != 0 { throw StoreError.system("syncfs", tierPacksDirs[t]) }
         state.withLock { $0.unsynced.removeAll(); $0.newEntries.removeAll() }
     }
 
@@ -544,9 +544,9 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
 
     private func fsyncDirectory(_ path: String) throws {
         let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard fd >= 0 else { throw posixError("open", path) }
+        guard fd >= 0 else { throw StoreError.system("open", path) }
         defer { close(fd) }
-        guard fsync(fd) == 0 else { throw posixError("fsync", path) }
+        guard fsync(fd) == 0 else { throw StoreError.system("fsync", path) }
         state.withLock { $0.directorySyncs += 1 }
     }
 
@@ -681,7 +681,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             try magic.withUnsafeBytes { try writeAll(p, $0, at: d.headerOffset) }
             touched[d.pack] = p
         }
-        for p in touched.values where fdatasync(p.fd) != 0 { throw posixError("fdatasync", p.path) }
+        for p in touched.values where fdatasync(p.fd) != 0 { throw StoreError.system("fdatasync", p.path) }
         for d in dead {
             guard let p = packs[d.pack] else { continue }
             // Whole pages inside the data only: the neighbours' headers stay intact. (An aligned
@@ -777,7 +777,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
                 let fd = state.withLock { s in s.packs[s.actives[tier]]!.fd }
                 if fstatvfs(fd, &v) == 0 {
                     if Self.freeBytes(v) < UInt64(old.length) + UInt64(PackBlockStore.headerSize) + Self.metadataReserve(v) {
-                        throw FSError.noSpace("tier \(tiers[tier].name) (\(tiers[tier].root)) is full")
+                        throw StoreError(.full, "tier \(tiers[tier].name) (\(tiers[tier].root)) is full")
                     }
                 }
                 let pack = state.withLock { s in s.packs[s.actives[tier]]! }
@@ -802,7 +802,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         }
         // The new copies are durable before the old ones go.
         let written = state.withLock { s in Set(moved.map(\.new.pack)).compactMap { s.packs[$0] } }
-        for p in written where fdatasync(p.fd) != 0 { throw posixError("fdatasync", p.path) }
+        for p in written where fdatasync(p.fd) != 0 { throw StoreError.system("fdatasync", p.path) }
         let dirs = Set(written.map(\.tier))
         for t in dirs.sorted() { try fsyncDirectory(tierPacksDirs[t]) }
         var bytes: UInt64 = 0

@@ -46,7 +46,7 @@ public final class PeerClient: Sendable {
         do {
             request = try HTTPClient.Request(url: "\(scheme)://\(node.address)\(path)", method: method, body: body.map { .byteBuffer($0) })
         } catch {
-            throw FSError.io("peer \(node.id) has an unusable address \(node.address)")
+            throw PeerError(.unreachable, node: node.id, "peer \(node.id) has an unusable address \(node.address)", cause: error)
         }
         request.headers.add(name: "Authorization", value: authorization)
         return request
@@ -89,7 +89,7 @@ public final class PeerClient: Sendable {
 
     func reach<T>(_ node: NodeInfo, evenIfBackedOff: Bool = false, _ exchange: () throws -> T) throws -> T {
         if !evenIfBackedOff, let u = unreachable.withLock({ $0[node.id] }), u.until > Date() {
-            throw FSError.io("peer \(node.id) at \(node.address) unreachable (\(u.reason)); not retried for \(Int(Self.backoff)) s")
+            throw PeerError(.unreachable, node: node.id, "peer \(node.id) at \(node.address) unreachable (\(u.reason)); not retried for \(Int(Self.backoff)) s")
         }
         do {
             let r = try exchange()
@@ -97,7 +97,7 @@ public final class PeerClient: Sendable {
             return r
         } catch {
             unreachable.withLock { $0[node.id] = (Date().addingTimeInterval(Self.backoff), "\(error)") }
-            throw FSError.io("peer \(node.id) at \(node.address) unreachable: \(error)")
+            throw PeerError(.unreachable, node: node.id, "peer \(node.id) at \(node.address) unreachable: \(error)", cause: error)
         }
     }
 
@@ -106,16 +106,16 @@ public final class PeerClient: Sendable {
         return try answer(node) { http.execute(request: request, deadline: .now() + timeout) }
     }
 
-    private func failure(_ node: NodeInfo, _ what: String, _ r: HTTPClient.Response) -> FSError {
+    private func failure(_ node: NodeInfo, _ what: String, _ r: HTTPClient.Response) -> PeerError {
         failure(node, what, r.status, r.body.map { String(buffer: $0) }?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "")
     }
 
-    private func failure(_ node: NodeInfo, _ what: String, _ status: HTTPResponseStatus, _ text: String) -> FSError {
+    private func failure(_ node: NodeInfo, _ what: String, _ status: HTTPResponseStatus, _ text: String) -> PeerError {
         if status == .unauthorized {
-            return FSError(EACCES, "peer \(node.id) at \(node.address) refused the cluster secret; use the same --secret-file on every node")
+            return PeerError(.unauthorized, node: node.id, "peer \(node.id) at \(node.address) refused the cluster secret; use the same --secret-file on every node")
         }
-        if status == .insufficientStorage { return FSError.noSpace("peer \(node.id): \(text)") }
-        return FSError.io("\(what) on peer \(node.id) failed: \(status.code) \(text)")
+        if status == .insufficientStorage { return PeerError(.full, node: node.id, "peer \(node.id): \(text)") }
+        return PeerError(.refused(Int(status.code)), node: node.id, "\(what) on peer \(node.id) failed: \(status.code) \(text)")
     }
 
     /// The block from `node`, verified; nil if the node has no (good) copy. The body is received
@@ -220,7 +220,7 @@ public final class PeerClient: Sendable {
             }
         } else {
             guard let (fd, offset, length) = block.store.fileRangeForPeer(block.id) else {
-                throw FSError.io("block \(block.id.hex) is missing from this node's store")
+                throw StoreError(.missing, "block \(block.id.hex) is missing from this node's store")
             }
             defer { close(fd) }
             text = try put(block.id, .file(fd: fd, offset: offset, count: length), to: first, durable: durable, chain: rest)
@@ -300,7 +300,7 @@ public final class PeerClient: Sendable {
         case "closing": return (true, true)
         case "open": return (true, false)
         case "no": return (false, false)
-        case let other: throw FSError.io("peer \(node.id) answered \"\(other.prefix(40))\" to writing \(ino)")
+        case let other: throw PeerError(.refused(200), node: node.id, "peer \(node.id) answered \"\(other.prefix(40))\" to writing \(ino)")
         }
     }
 

@@ -290,7 +290,7 @@ public final class PeerService: PeerRoutes, Sendable {
             }
             if let below { return .text(created ? .created : .ok, below.joined(separator: " ")) }
             return created ? PeerResponse(.created) : PeerResponse(.ok)
-        case .failure(let e as FSError) where e.errno == ENOSPC:
+        case .failure(let e as StoreError) where e.kind == .full:
             return .text(.insufficientStorage, "no space left on this node: \(e.message)")
         case .failure(let e):
             return .text(.internalServerError, "cannot store \(id.hex): \(e)")

@@ -90,9 +90,11 @@ struct MountCommand: ParsableCommand {
                 settings.tierAge = tierAge
                 try Daemon(mountpoint: mp, settings: settings, fuseOptions: mountOptions.fuse, readyFD: readyFd,
                            metricsListen: metricsListen).run()
-            } catch let e as FSError {
-                report(e.message)
-                throw fail(e.message)
+            } catch {
+                // Every layer's error says what failed in its message (an FSError without its errno).
+                let message = (error as? FSError)?.message ?? "\(error)"
+                report(message)
+                throw fail(message)
             }
             return
         }

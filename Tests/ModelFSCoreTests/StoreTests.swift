@@ -112,8 +112,8 @@ func storeBlock(_ store: PackBlockStore, _ bytes: [UInt8]) throws -> BlockID {
         var b: UInt8 = 0
         pread(fd, &b, 1, off_t(loc.offset) + 1234); b ^= 0x10; pwrite(fd, &b, 1, off_t(loc.offset) + 1234)
         close(fd)
-        let error = #expect(throws: FSError.self) { try store.read(id) }
-        #expect(error?.errno == EIO)
+        let error = #expect(throws: StoreError.self) { try store.read(id) }
+        #expect(error?.kind == .corrupt)
         #expect(logged.lines.contains { $0.contains(id.hex) && $0.contains("corrupt") })
         #expect(Array(try store.read(other).data) == randomBytes(5000, seed: 1), "neighbours are unaffected")
     }
@@ -121,8 +121,8 @@ func storeBlock(_ store: PackBlockStore, _ bytes: [UInt8]) throws -> BlockID {
     @Test func missingBlockIsEIO() throws {
         let dir = temporaryDirectory(); defer { try? FileManager.default.removeItem(atPath: dir) }
         let store = try PackBlockStore(root: dir)
-        let error = #expect(throws: FSError.self) { try store.read(BlockID.hash(Data("absent".utf8))) }
-        #expect(error?.errno == EIO)
+        let error = #expect(throws: StoreError.self) { try store.read(BlockID.hash(Data("absent".utf8))) }
+        #expect(error?.kind == .missing)
     }
 
     @Test func tornTailIsCutOffAtStart() throws {

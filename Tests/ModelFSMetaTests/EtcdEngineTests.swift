@@ -92,8 +92,9 @@ import Testing
         #expect(try m.lookup(parent: .root, name: "before").ino == before.ino)
         #expect(try m.lookup(parent: .root, name: "after").ino == after.ino)
         cluster.kill(1)   // no quorum left: a clear error, not a hang forever
-        let e = #expect(throws: FSError.self) { _ = try m.create(parent: .root, name: "no-quorum", file()) }
-        #expect(e?.errno == EIO)
+        let e = #expect(throws: MetaError.self) { _ = try m.create(parent: .root, name: "no-quorum", file()) }
+        #expect(e?.kind == .unavailable)
+        #expect(e?.cause is EtcdError)
         #expect(e?.message.contains("etcd") == true)
     }
 
@@ -122,8 +123,8 @@ import Testing
         try client.delete(lock)
         let fenceB = CommitFence(epoch: try take("b"), baseVersion: fenceA.baseVersion)
         let v = try b.commit(f.ino, size: 1, manifest: m, mtime: now, fence: fenceB).version
-        let e = #expect(throws: FSError.self) { _ = try a.commit(f.ino, size: 2, manifest: m, mtime: now, fence: fenceA) }
-        #expect(e?.errno == EIO)
+        let e = #expect(throws: MetaError.self) { _ = try a.commit(f.ino, size: 2, manifest: m, mtime: now, fence: fenceA) }
+        #expect(e?.kind == .fenced)
         #expect(e?.message.hasPrefix("fenced") == true)
         #expect(e?.message.contains("node b's") == true)
         #expect(try a.getattr(f.ino).size == 1 && a.getattr(f.ino).version == v)
@@ -134,7 +135,8 @@ import Testing
         var fenceB2 = fenceB
         fenceB2.baseVersion = v
         #expect(try b.commit(f.ino, size: 3, manifest: m, mtime: now, fence: fenceB2).size == 3)
-        let e2 = #expect(throws: FSError.self) { _ = try a.commit(f.ino, size: 4, manifest: m, mtime: now, fence: fenceA) }
+        let e2 = #expect(throws: MetaError.self) { _ = try a.commit(f.ino, size: 4, manifest: m, mtime: now, fence: fenceA) }
+        #expect(e2?.kind == .fenced)
         #expect(e2?.message.contains("lapsed") == true)
         // Without a fence (one node, or a truncate by path) nothing is checked.
         #expect(try a.commit(f.ino, size: 5, manifest: m, mtime: now).size == 5)
@@ -190,7 +192,8 @@ import Testing
 
     @Test func unreachableClusterIsAClearError() {
         let port = freeLoopbackPort()
-        let e = #expect(throws: FSError.self) { _ = try MetadataURL.open("etcd://127.0.0.1:\(port)", rootUID: 0, rootGID: 0) }
+        let e = #expect(throws: MetaError.self) { _ = try MetadataURL.open("etcd://127.0.0.1:\(port)", rootUID: 0, rootGID: 0) }
+        #expect(e?.kind == .unavailable)
         #expect(e?.message.contains("cannot reach etcd at 127.0.0.1:\(port)") == true)
         #expect(e?.message.contains("start the etcd cluster") == true)
     }

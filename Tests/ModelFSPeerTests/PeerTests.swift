@@ -336,7 +336,8 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
         #expect(!local.contains(id2))
         let client = PeerClient(secret: "wrong")
         defer { client.shutdown() }
-        let e = #expect(throws: FSError.self) { _ = try client.get(id, from: NodeInfo(id: "n", address: "127.0.0.1:\(server.port)")) }
+        let e = #expect(throws: PeerError.self) { _ = try client.get(id, from: NodeInfo(id: "n", address: "127.0.0.1:\(server.port)")) }
+        #expect(e?.kind == .unauthorized && e?.node == "n")
         #expect(e?.message.contains("refused the cluster secret") == true)
     }
 
@@ -380,7 +381,8 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
         // A service without the filesystem's answer: 503.
         let bare = try PeerServer(host: "127.0.0.1", port: 0, routes: PeerService(secret: "s3cret", local: local, cache: nil, metrics: PeerMetrics(),
                                                                                status: { Data("{}".utf8) }), maxBody: PeerService.maxBody)
-        #expect(throws: FSError.self) { _ = try client.writing(InodeNumber(7), at: NodeInfo(id: "bare", address: "127.0.0.1:\(bare.port)")) }
+        let refused = #expect(throws: PeerError.self) { _ = try client.writing(InodeNumber(7), at: NodeInfo(id: "bare", address: "127.0.0.1:\(bare.port)")) }
+        #expect(refused?.kind == .refused(503))
         bare.shutdown()
         let service = PeerService(secret: "s3cret", local: local, cache: nil, metrics: PeerMetrics(),
                                   actions: PeerActions(writing: { ino in (ino.rawValue >= 7, ino.rawValue == 8) }), status: { Data("{}".utf8) })
@@ -445,7 +447,8 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
         #expect(b.store.contains(blocks[23].0))
         #expect(!b.local.contains(blocks[0].0))   // fetched blocks are cache, not replicas
         // A block nobody has: a clear error.
-        let e = #expect(throws: FSError.self) { _ = try b.store.read(blockOf(10, seed: 999).0) }
+        let e = #expect(throws: StoreError.self) { _ = try b.store.read(blockOf(10, seed: 999).0) }
+        #expect(e?.kind == .missing)
         #expect(e?.message.contains("no live node holds a good copy") == true)
     }
 
@@ -761,7 +764,8 @@ final class ScriptedPeer: @unchecked Sendable {
             defer { peer.stop() }
             let client = PeerClient(secret: "s3cret", timeout: .seconds(5))
             defer { client.shutdown() }
-            let e = #expect(throws: FSError.self, "\(what)") { _ = try client.get(id, from: peer.node) }
+            let e = #expect(throws: PeerError.self, "\(what)") { _ = try client.get(id, from: peer.node) }
+            #expect(e?.kind == .unreachable, "\(what)")
             #expect(e?.message.contains("peer scripted at 127.0.0.1:\(peer.port) unreachable") == true, "\(what): \(e?.message ?? "")")
         }
     }
@@ -771,7 +775,8 @@ final class ScriptedPeer: @unchecked Sendable {
         let peer = try ScriptedPeer([])   // reads the request, never answers, holds the connection
         let client = PeerClient(secret: "s3cret", timeout: .milliseconds(300))
         defer { client.shutdown() }
-        let e = #expect(throws: FSError.self) { _ = try client.get(id, from: peer.node) }
+        let e = #expect(throws: PeerError.self) { _ = try client.get(id, from: peer.node) }
+        #expect(e?.kind == .unreachable)
         #expect(e?.message.contains("sent nothing for") == true, "\(e?.message ?? "")")
         peer.stop()
     }
@@ -787,10 +792,11 @@ final class ScriptedPeer: @unchecked Sendable {
         defer { peer.stop() }
         let client = PeerClient(secret: "s3cret", timeout: .seconds(5))
         defer { client.shutdown() }
-        let e1 = #expect(throws: FSError.self) { _ = try client.get(id, from: peer.node) }
+        let e1 = #expect(throws: PeerError.self) { _ = try client.get(id, from: peer.node) }
+        #expect(e1?.kind == .refused(500))
         #expect(e1?.message.contains("500 oops!") == true, "\(e1?.message ?? "")")
-        #expect(throws: FSError.self) { _ = try client.get(id, from: peer.node) }   // same connection
-        #expect(throws: FSError.self) { _ = try client.get(id, from: peer.node) }   // a new one
+        #expect(throws: PeerError.self) { _ = try client.get(id, from: peer.node) }   // same connection
+        #expect(throws: PeerError.self) { _ = try client.get(id, from: peer.node) }   // a new one
         #expect(peer.accepted.withLock { $0 } == 2)
     }
 
