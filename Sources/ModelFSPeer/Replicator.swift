@@ -32,7 +32,8 @@ public struct ReplicationStatus: Codable, Sendable, Equatable {
 /// placement names and deletes the job. close() and fsync() push the copies their policy needs
 /// themselves, in parallel, and return when they are there.
 public final class Replicator: ReplicationHook, @unchecked Sendable {
-    let db: DatabaseQueue
+    /// The jobs on disk.
+    let onDisk: ReplicationJournal
     let local: PackBlockStore
     let membership: Membership
     let client: PeerClient
@@ -46,16 +47,8 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
     /// Copies of a block go as a chain (`PeerClient.putChained`) rather than one PUT per target.
     let chain: Bool
 
-    struct Job {
-        var id: Int64
-        var ino: InodeNumber
-        var created: Date
-        var policy: ReplicationPolicy
-        var bytes: UInt64
-        var blocks: [BlockID]
-        var attempts = 0
-    }
-    private struct State {
+    typealias Job = ReplicationJournal.Job
+    struct State {
         var jobs: [Int64: Job] = [:]
         var replicatedBytes: UInt64 = 0
         var lastError: String?
@@ -64,30 +57,22 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         var resolved: [InodeNumber: (ReplicationPolicy, Date)] = [:]
         var pendingBytes: UInt64 { jobs.values.reduce(0) { $0 + $1.bytes } }
     }
-    private let state = Mutex(State())
-    private let changed = NSCondition()
-    private let loop = BackgroundLoop("modelfs-replicator")
+    let state = Mutex(State())
+    let changed = NSCondition()
+    let loop = BackgroundLoop("modelfs-replicator")
+    /// Blocks being copied eagerly (id → pushes under way), and the work queue.
+    let eagerState = Mutex<(inflight: [BlockID: Int], queued: Int)>(([:], 0))
+    /// The threads that send eager copies: `width` for writers that wait for their copies
+    /// (K > 1), `writeBackWidth` for write-back ones (K = 1).
+    let eagerWorkers: Workers
+    let writeBackWorkers = Workers("modelfs-writeback", count: Replicator.writeBackWidth)
+    let heldBytes = Mutex(0)
 
     public init(dataDir: String, local: PackBlockStore, membership: Membership, client: PeerClient,
                 meta: any MetadataEngine, defaultPolicy: ReplicationPolicy, timeout: Double = 60, width: Int = 8,
                 stagingLimit: UInt64 = 16 << 30, chain: Bool = true) throws {
         self.chain = chain
-        var config = Configuration()
-        config.prepareDatabase { db in
-            try db.execute(sql: "PRAGMA journal_mode = WAL")
-            try db.execute(sql: "PRAGMA synchronous = NORMAL")
-        }
-        do {
-            db = try DatabaseQueue(path: dataDir + "/replication.db", configuration: config)
-            try db.write { db in
-                try db.execute(sql: """
-                    CREATE TABLE IF NOT EXISTS jobs(id INTEGER PRIMARY KEY AUTOINCREMENT, ino INTEGER NOT NULL,
-                      created REAL NOT NULL, policy TEXT NOT NULL, bytes INTEGER NOT NULL, blocks BLOB NOT NULL)
-                    """)
-            }
-        } catch {
-            throw ReplicationError(.journal, "cannot open the replication journal \(dataDir)/replication.db", cause: error)
-        }
+        onDisk = try ReplicationJournal(path: dataDir + "/replication.db")
         self.local = local
         self.membership = membership
         self.client = client
@@ -98,15 +83,8 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         self.stagingLimit = stagingLimit
         eagerWorkers = Workers("modelfs-eager", count: width)
         // Jobs a previous run left: they resume.
-        let rows = try db.read { db in try Row.fetchAll(db, sql: "SELECT id, ino, created, policy, bytes, blocks FROM jobs") }
         var jobs: [Int64: Job] = [:]
-        for row in rows {
-            let data: Data = row[5]
-            let blocks = stride(from: 0, to: data.count, by: 32).compactMap { BlockID(bytes: data[data.startIndex + $0..<data.startIndex + $0 + 32]) }
-            let policy = (try? ReplicationPolicy(parsing: row[3])) ?? defaultPolicy
-            jobs[row[0]] = Job(id: row[0], ino: InodeNumber(UInt64(row[1] as Int64)), created: Date(timeIntervalSince1970: row[2]),
-                               policy: policy, bytes: UInt64(row[4] as Int64), blocks: blocks)
-        }
+        for job in try onDisk.jobs(defaultPolicy: defaultPolicy) { jobs[job.id] = job }
         if !jobs.isEmpty { Log.info("resuming \(jobs.count) replication jobs left by the previous run") }
         state.withLock { $0.jobs = jobs }
     }
@@ -148,7 +126,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         return found
     }
 
-    private func policySet(on dir: InodeNumber) -> ReplicationPolicy? {
+    func policySet(on dir: InodeNumber) -> ReplicationPolicy? {
         if let (p, at) = state.withLock({ $0.policies[dir] }), Date().timeIntervalSince(at) < 2 { return p }
         let p = (try? meta.getxattr(dir, name: ReplicationPolicy.xattr)).flatMap {
             try? ReplicationPolicy(parsing: String(decoding: $0, as: UTF8.self))
@@ -160,99 +138,12 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         return p
     }
 
-    // MARK: Eager replication
-
-    /// Blocks being copied eagerly (id → pushes under way), and the work queue.
-    private let eagerState = Mutex<(inflight: [BlockID: Int], queued: Int)>(([:], 0))
-    /// The threads that send eager copies: `width` for writers that wait for their copies
-    /// (K > 1), `writeBackWidth` for write-back ones (K = 1).
-    private let eagerWorkers: Workers
-    private let writeBackWorkers = Workers("modelfs-writeback", count: Replicator.writeBackWidth)
-    static let writeBackWidth = 4
-    /// Blocks waiting or being sent at most: beyond, a K>1 writer waits, a K=1 writer leaves the
-    /// block to its job (write-back never slows the writer for the network).
-    static let eagerLimit = 64
-    /// Bytes of just-written blocks kept in memory for their eager copies, at most (blocks beyond
-    /// are sent from their pack, which reads them back from disk: the write pipeline stores
-    /// blocks with O_DIRECT, so they are not in the page cache).
-    static let heldLimit = 32 << 20
-    private let heldBytes = Mutex(0)
-
-    public func sessionStore(_ store: any BlockStore, ino: InodeNumber, parent: InodeNumber?) -> any BlockStore {
-        let p = policy(for: parent)
-        guard p.replicas > 1 else { return store }
-        return EagerStore(inner: store) { [weak self] id, buffer, length in self?.eager(id, policy: p, buffer: buffer, length: length) }
-    }
-
-    /// Starts copying a block this node just stored to its other holders: from `buffer` (its
-    /// bytes, [0, length)) while at most `heldLimit` bytes are held so, else from its pack.
-    func eager(_ id: BlockID, policy: ReplicationPolicy, buffer: BlockBuffer?, length: Int) {
-        let me = membership.me
-        let targets = Placement.targets(id, nodes: membership.placementNodes, replicas: policy.replicas, writer: me.id, spreadLabel: policy.spread)
-            .filter { $0.id != me.id }
-        guard !targets.isEmpty else { return }
-        while true {
-            let admitted = eagerState.withLock { s -> Bool in
-                guard s.queued < Self.eagerLimit else { return false }
-                s.queued += 1
-                s.inflight[id, default: 0] += 1
-                return true
-            }
-            if admitted { break }
-            if policy.ack <= 1 || loop.isStopped { return }
-            changed.lock(); _ = changed.wait(until: Date().addingTimeInterval(0.05)); changed.unlock()
-        }
-        // Write-back (K = 1) copies go on `writeBackWidth` threads, leaving the CPU to the
-        // writer; a writer that waits for its copies anyway (K > 1) gets them on `width`.
-        let workers = policy.ack <= 1 ? writeBackWorkers : eagerWorkers
-        let held = buffer.flatMap { b in
-            heldBytes.withLock { h -> BlockBuffer? in
-                guard h + length <= Self.heldLimit else { return nil }
-                h += length
-                return b
-            }
-        }
-        workers.async { [self] in
-            let block = held.map { OutgoingBlock(id, in: $0, length: length, store: local) } ?? OutgoingBlock(id, from: local)
-            let sent = send(block, to: targets, durable: false).sent
-            if held != nil { heldBytes.withLock { $0 -= length } }
-            eagerState.withLock { s in
-                s.queued -= 1
-                s.inflight[id]! -= 1
-                if s.inflight[id] == 0 { s.inflight[id] = nil }
-            }
-            state.withLock { $0.replicatedBytes += sent }
-            changed.lock(); changed.broadcast(); changed.unlock()
-        }
-    }
-
-    /// Waits until no eager copy of these blocks is under way (so a pass does not send them twice).
-    func waitForEager(_ blocks: [BlockID], until deadline: Date) {
-        while Date() < deadline {
-            let busy = eagerState.withLock { s in !s.inflight.isEmpty && blocks.contains { s.inflight[$0] != nil } }
-            if !busy { return }
-            changed.lock(); _ = changed.wait(until: min(deadline, Date().addingTimeInterval(0.05))); changed.unlock()
-        }
-    }
-
     // MARK: ReplicationHook
 
     public func journal(ino: InodeNumber, parent: InodeNumber?, blocks: [BlockID], bytes: UInt64) throws -> ReplicationTicket {
         let policy = policy(for: parent)
-        var blob = Data(capacity: blocks.count * 32)
-        for b in blocks { blob.append(contentsOf: b.bytes) }
         let created = Date()
-        let id: Int64
-        do {
-            id = try db.write { db in
-                try db.execute(sql: "INSERT INTO jobs(ino, created, policy, bytes, blocks) VALUES (?, ?, ?, ?, ?)",
-                               arguments: [Int64(bitPattern: ino.rawValue), created.timeIntervalSince1970, policy.description,
-                                           Int64(bytes), blob])
-                return db.lastInsertedRowID
-            }
-        } catch {
-            throw ReplicationError(.journal, "cannot journal replication of inode \(ino)", cause: error)
-        }
+        let id = try onDisk.add(ino: ino, created: created, policy: policy, bytes: bytes, blocks: blocks)
         state.withLock { $0.jobs[id] = Job(id: id, ino: ino, created: created, policy: policy, bytes: bytes, blocks: blocks) }
         loop.poke()
         return ReplicationTicket(job: id, ino: ino, blocks: blocks, ack: policy.ack)
@@ -426,91 +317,4 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         return FileReplicaState(replicas: least, pendingBytes: short, policy: policy)
     }
 
-    // MARK: Background
-
-    /// One round of the job loop: every job, oldest first; returns the seconds until the next.
-    private func round() -> Double {
-        let jobs = state.withLock { $0.jobs.values.sorted { $0.id < $1.id } }
-        var idle = jobs.isEmpty
-        var progress = false
-        for job in jobs {
-            if loop.isStopped { break }
-            waitForEager(job.blocks, until: Date().addingTimeInterval(timeout))
-            if let short = ensure(job.blocks, copies: job.policy.replicas, policy: job.policy, durable: false) {
-                state.withLock { s in s.jobs[job.id]?.attempts += 1; s.lastError = short }
-                idle = true   // retry after a pause, not in a tight loop
-                continue
-            }
-            do {
-                try db.write { db in try db.execute(sql: "DELETE FROM jobs WHERE id = ?", arguments: [job.id]) }
-                state.withLock { _ = $0.jobs.removeValue(forKey: job.id) }
-                progress = true
-            } catch {
-                state.withLock { $0.lastError = "cannot update the replication journal: \(error)" }
-            }
-        }
-        if progress { state.withLock { $0.lastError = nil } }
-        changed.lock(); changed.broadcast(); changed.unlock()
-        return idle ? 2 : 0.5
-    }
-
-    /// Kicks the background thread (after a node joined, or `modelfs sync`).
-    public func poke() { loop.poke() }
-
-    /// Waits until no pending job is for one of `inodes` (every job, if nil). Returns the
-    /// status at the end; `progress` is called at least once a second.
-    public func waitUntilReplicated(inodes: Set<InodeNumber>?, timeout: Double,
-                                    progress: (ReplicationStatus) -> Void) -> Bool {
-        let deadline = Date().addingTimeInterval(timeout)
-        poke()
-        while true {
-            let remaining = state.withLock { s in s.jobs.values.filter { inodes == nil || inodes!.contains($0.ino) }.count }
-            progress(status())
-            if remaining == 0 { return true }
-            if Date() >= deadline { return false }
-            changed.lock()
-            _ = changed.wait(until: min(deadline, Date().addingTimeInterval(1)))
-            changed.unlock()
-        }
-    }
-
-    public func status() -> ReplicationStatus {
-        state.withLock { s in
-            var r = ReplicationStatus(defaultPolicy: defaultPolicy)
-            r.pendingJobs = s.jobs.count
-            r.pendingFiles = Set(s.jobs.values.map(\.ino)).count
-            r.pendingBytes = s.pendingBytes
-            r.underReplicatedBytes = s.jobs.values.filter { $0.attempts > 0 }.reduce(0) { $0 + $1.bytes }
-            r.oldestPendingSeconds = s.jobs.values.map { -$0.created.timeIntervalSinceNow }.max() ?? 0
-            r.replicatedBytes = s.replicatedBytes
-            r.lastError = s.lastError
-            var pending: [UInt64: Double] = [:]
-            for j in s.jobs.values where pending.count < 10_000 {
-                pending[j.ino.rawValue] = max(pending[j.ino.rawValue] ?? 0, -j.created.timeIntervalSinceNow)
-            }
-            r.pendingInodes = pending
-            return r
-        }
-    }
-}
-
-/// A write session's view of the store: every block it newly stores is handed to `onNew`.
-final class EagerStore: ForwardingBlockStore, @unchecked Sendable {
-    let inner: any BlockStore
-    /// A block newly stored: its id, and its bytes when the store was handed a buffer.
-    let onNew: @Sendable (BlockID, BlockBuffer?, Int) -> Void
-    init(inner: any BlockStore, onNew: @escaping @Sendable (BlockID, BlockBuffer?, Int) -> Void) { self.inner = inner; self.onNew = onNew }
-
-    @discardableResult
-    func put(_ id: BlockID, _ bytes: UnsafeRawBufferPointer) throws -> Bool {
-        let created = try inner.put(id, bytes)
-        if created { onNew(id, nil, bytes.count) }
-        return created
-    }
-    @discardableResult
-    func put(_ id: BlockID, owned buffer: BlockBuffer, length: Int) throws -> Bool {
-        let created = try inner.put(id, owned: buffer, length: length)
-        if created { onNew(id, buffer, length) }
-        return created
-    }
 }
