@@ -105,7 +105,9 @@ let package = Package(
                 .product(name: "Yams", package: "Yams"),
             ]
         ),
-        .target(name: "ModelFSTestSupport", path: "Sources/ModelFSTestSupport"),
+        // Test support: etcd members and processes tests start, random data, and the fault injectors
+        // (FaultyBlockStore over a real store, FaultyTransport between a real client and server).
+        .target(name: "ModelFSTestSupport", dependencies: ["ModelFSStore", "ModelFSCore"], path: "Sources/ModelFSTestSupport"),
         .testTarget(name: "ModelFSCoreTests", dependencies: ["ModelFSCore", "ModelFSStore", "ModelFSTestSupport"]),
         .testTarget(name: "ModelFSMetaTests", dependencies: ["ModelFSMeta", "ModelFSTestSupport"]),
         .testTarget(name: "ModelFSTests", dependencies: ["ModelFS", "ModelFSTestSupport"]),

@@ -8,14 +8,15 @@
 #      across nodes, stress-ng and CPython's file tests on the mount (issue #5); then the core
 #      suites (POSIX, random I/O, durability) again with --no-passthrough
 # Needs root (FUSE mounts with allow_other, tmpfs for the disk-full test).
-# Usage: scripts/test.sh [unit|mount|cluster|frameworks|all]   (default: all; `cluster` runs only
-# the cluster suites of tier 2 (loopback clusters, healing, the network lab, peer and etcd TLS,
-# frameworks across nodes); `frameworks` only the framework matrix and peer suites)
+# Usage: scripts/test.sh [unit|mount|cluster|frameworks|tsan|all]   (default: all = unit + mount;
+# `cluster` runs only the cluster suites of tier 2 (loopback clusters, healing, the network lab,
+# peer and etcd TLS, frameworks across nodes); `frameworks` only the framework matrix and peer
+# suites; `tsan` the unit tests built with ThreadSanitizer, in .build-tsan)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 tier="${1:-all}"
-case "$tier" in unit|mount|cluster|frameworks|all) ;; *)
-    echo "scripts/test.sh: no tier \"$tier\" (unit, mount, cluster, frameworks or all)" >&2; exit 2 ;;
+case "$tier" in unit|mount|cluster|frameworks|tsan|all) ;; *)
+    echo "scripts/test.sh: no tier \"$tier\" (unit, mount, cluster, frameworks, tsan or all)" >&2; exit 2 ;;
 esac
 
 
@@ -27,6 +28,14 @@ if [ "$tier" = unit ] || [ "$tier" = all ]; then
     swift build --build-tests
     # A crash prints only the crashed thread's backtrace, so CI's tail of the log names it.
     SWIFT_BACKTRACE="enable=yes,threads=crashed,registers=none,images=none" swift test --skip-build
+fi
+
+if [ "$tier" = tsan ]; then
+    echo "== unit tests under ThreadSanitizer"
+    swift build --build-tests --sanitize=thread --scratch-path .build-tsan
+    # halt_on_error: the first race fails the run, with both stacks in the log.
+    TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
+        swift test --skip-build --sanitize=thread --scratch-path .build-tsan
 fi
 
 if [ "$tier" = mount ] || [ "$tier" = all ] || [ "$tier" = frameworks ] || [ "$tier" = cluster ]; then

@@ -100,7 +100,7 @@ public final class FileSystem: @unchecked Sendable {
     /// Signalled when a writer lock has been given back (`releasingLocks` shrank).
     let lockReleased = NSCondition()
     /// Serialises commits and GC's view of sessions with metadata.
-    let commitLock = NSLock()
+    let commitLock = RankedLock(.commit)
     /// Replication of each committed version (a cluster node); nil on a single node.
     public let replication: (any ReplicationHook)?
     /// Keeps other nodes from writing a file this node writes (a cluster node).

@@ -28,7 +28,7 @@ final class WriteSession: @unchecked Sendable {
     private let reader: BlockReader
     private let parameters: ChunkerParameters
     private let stagingDir: String
-    let lock = NSLock()
+    let lock = RankedLock(.session)
 
     private(set) var base: ChunkList
     private var baseLimit: UInt64 = .max

@@ -161,3 +161,102 @@ public final class BackgroundLoop: Sendable {
         if timeout > 0, started.withLock({ $0 }) { _ = done.wait(timeout: .now() + timeout) }
     }
 }
+
+/// The documented lock order (docs/ARCHITECTURE.md, "Threads and locks"), outermost first. A
+/// thread may take a lock only while every lock it holds ranks lower; debug builds check this
+/// on every ranked lock (`LockOrder`), so an inversion traps in the tests where it happens
+/// instead of deadlocking one day in production. Release builds check nothing.
+public enum LockRank: Int, Sendable, CaseIterable {
+    /// A file's `WriteSession.lock`.
+    case session
+    /// `FileSystem.commitLock`.
+    case commit
+    /// A metadata engine's transaction (SQLite's connection; the etcd and memory engines' too).
+    case metadata
+    /// `PackBlockStore.appendLock`.
+    case storeAppend
+    /// `FileSystem.tables`: innermost, nothing is called while it is held but code on the value.
+    case tables
+}
+
+public enum LockOrder {
+    #if DEBUG
+    /// Per thread: how many locks of each rank it holds.
+    private static let key: pthread_key_t = {
+        var k = pthread_key_t()
+        pthread_key_create(&k) { free($0) }
+        return k
+    }()
+    private static func held() -> UnsafeMutablePointer<UInt8> {
+        if let p = pthread_getspecific(key) { return p.assumingMemoryBound(to: UInt8.self) }
+        let p = calloc(LockRank.allCases.count, 1)!
+        pthread_setspecific(key, p)
+        return p.assumingMemoryBound(to: UInt8.self)
+    }
+    #endif
+
+    /// Called before taking a lock of rank `r`: traps (debug) if this thread holds `r` or a later rank.
+    @inline(__always) public static func taking(_ r: LockRank) {
+        #if DEBUG
+        let h = held()
+        for later in r.rawValue..<LockRank.allCases.count where h[later] > 0 {
+            preconditionFailure("lock order: taking \(r) while holding \(LockRank(rawValue: later)!) (order: \(LockRank.allCases.map { "\($0)" }.joined(separator: " → ")))")
+        }
+        h[r.rawValue] += 1
+        #endif
+    }
+
+    /// Called after a lock of rank `r` was taken without waiting (`try`): it cannot deadlock, so
+    /// the order is not checked, but it counts as held.
+    @inline(__always) public static func tookWithoutWaiting(_ r: LockRank) {
+        #if DEBUG
+        held()[r.rawValue] += 1
+        #endif
+    }
+
+    /// Called after releasing a lock of rank `r`.
+    @inline(__always) public static func released(_ r: LockRank) {
+        #if DEBUG
+        held()[r.rawValue] -= 1
+        #endif
+    }
+
+    /// Runs `body` as if holding a lock of rank `r` (for locks the caller does not own, such as
+    /// a database's transaction).
+    @inline(__always) public static func holding<T>(_ r: LockRank, _ body: () throws -> T) rethrows -> T {
+        taking(r)
+        defer { released(r) }
+        return try body()
+    }
+}
+
+/// An `NSLock` with a place in the lock order (`LockRank`), checked in debug builds.
+public final class RankedLock: @unchecked Sendable {
+    private let inner = NSLock()
+    public let rank: LockRank
+
+    public init(_ rank: LockRank) { self.rank = rank }
+
+    @inline(__always) public func lock() {
+        LockOrder.taking(rank)
+        inner.lock()
+    }
+
+    @inline(__always) public func unlock() {
+        inner.unlock()
+        LockOrder.released(rank)
+    }
+
+    /// Takes the lock if it is free (never waits, so it cannot deadlock: not checked).
+    @inline(__always) public func `try`() -> Bool {
+        guard inner.try() else { return false }
+        LockOrder.tookWithoutWaiting(rank)
+        return true
+    }
+
+    @inline(__always) public func withLock<T>(_ body: () throws -> T) rethrows -> T {
+        self.lock()
+        defer { unlock() }
+        return try body()
+    }
+}

@@ -82,50 +82,54 @@ public final class EtcdTransactionalStore: TransactionalStore, @unchecked Sendab
     public static func hex(_ ino: InodeNumber) -> String { EtcdKeys.hex(ino) }
 
     public func read<T>(_ body: (any MetadataTransaction) throws -> T) throws -> T {
-        for _ in 0..<Self.maxAttempts {
-            let tx = EtcdTransaction(store: self, writable: false)
-            do { return try body(tx) } catch EtcdError.compacted { continue } catch let e as EtcdError { throw Self.metaError(e) }
+        try LockOrder.holding(.metadata) {
+            for _ in 0..<Self.maxAttempts {
+                let tx = EtcdTransaction(store: self, writable: false)
+                do { return try body(tx) } catch EtcdError.compacted { continue } catch let e as EtcdError { throw Self.metaError(e) }
+            }
+            throw MetaError(.conflict, "metadata (etcd): no consistent snapshot after \(Self.maxAttempts) attempts; retry")
         }
-        throw MetaError(.conflict, "metadata (etcd): no consistent snapshot after \(Self.maxAttempts) attempts; retry")
     }
 
     public func write<T>(_ body: (any MetadataTransaction) throws -> T) throws -> T {
-        for attempt in 0..<Self.maxAttempts {
-            let tx = EtcdTransaction(store: self, writable: true)
-            let result: T
-            do { result = try body(tx) } catch EtcdError.compacted { continue } catch let e as EtcdError { throw Self.metaError(e) }
-            if tx.writes.isEmpty && tx.deletedPrefixes.isEmpty { return result }
+        try LockOrder.holding(.metadata) {
+            for attempt in 0..<Self.maxAttempts {
+                let tx = EtcdTransaction(store: self, writable: true)
+                let result: T
+                do { result = try body(tx) } catch EtcdError.compacted { continue } catch let e as EtcdError { throw Self.metaError(e) }
+                if tx.writes.isEmpty && tx.deletedPrefixes.isEmpty { return result }
 
-            let slot = takeSlot()
-            defer { releaseSlot(slot) }
-            let markerKey = keys.marker(of: clientID, slot: slot)
-            let marker = Data(UUID().uuidString.utf8)
-            var ops: [EtcdOp] = tx.writes.map { k, v in v.map { .put(k, $0) } ?? .delete(k) }
-            ops += tx.deletedPrefixes.map { .delete($0, rangeEnd: EtcdClient.prefixEnd($0)) }
-            ops.append(.put(markerKey, marker))
-            do {
-                if try client.txn(compare: tx.compares(), success: ops).succeeded {
-                    count(tx)
-                    return result
-                }
-            } catch EtcdError.ambiguous(let why) {
-                Log.every("etcd commit outcome unknown", 60, .warning, "metadata commit outcome unknown (\(why)); reading back its marker")
+                let slot = takeSlot()
+                defer { releaseSlot(slot) }
+                let markerKey = keys.marker(of: clientID, slot: slot)
+                let marker = Data(UUID().uuidString.utf8)
+                var ops: [EtcdOp] = tx.writes.map { k, v in v.map { .put(k, $0) } ?? .delete(k) }
+                ops += tx.deletedPrefixes.map { .delete($0, rangeEnd: EtcdClient.prefixEnd($0)) }
+                ops.append(.put(markerKey, marker))
                 do {
-                    let r = try client.range(markerKey)
-                    if r.kvs.first?.value == marker {
+                    if try client.txn(compare: tx.compares(), success: ops).succeeded {
                         count(tx)
                         return result
                     }
-                } catch {
-                    throw MetaError(.unavailable, "metadata (etcd): commit outcome unknown and etcd unreachable: \(error); check the etcd cluster", cause: error)
+                } catch EtcdError.ambiguous(let why) {
+                    Log.every("etcd commit outcome unknown", 60, .warning, "metadata commit outcome unknown (\(why)); reading back its marker")
+                    do {
+                        let r = try client.range(markerKey)
+                        if r.kvs.first?.value == marker {
+                            count(tx)
+                            return result
+                        }
+                    } catch {
+                        throw MetaError(.unavailable, "metadata (etcd): commit outcome unknown and etcd unreachable: \(error); check the etcd cluster", cause: error)
+                    }
+                } catch let e as EtcdError {
+                    throw Self.metaError(e)
                 }
-            } catch let e as EtcdError {
-                throw Self.metaError(e)
+                // Lost a race with another writer: back off a little (randomised) and run again.
+                usleep(UInt32.random(in: 0...UInt32(min(200 << min(attempt, 8), 50_000))))
             }
-            // Lost a race with another writer: back off a little (randomised) and run again.
-            usleep(UInt32.random(in: 0...UInt32(min(200 << min(attempt, 8), 50_000))))
+            throw MetaError(.conflict, "metadata (etcd): transaction kept conflicting after \(Self.maxAttempts) attempts; retry")
         }
-        throw MetaError(.conflict, "metadata (etcd): transaction kept conflicting after \(Self.maxAttempts) attempts; retry")
     }
 
     /// etcd commits are durable once acknowledged: a quorum has fsynced them.

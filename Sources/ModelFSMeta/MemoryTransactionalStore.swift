@@ -19,18 +19,22 @@ public final class MemoryTransactionalStore: TransactionalStore, @unchecked Send
     public init() {}
 
     public func read<T>(_ body: (any MetadataTransaction) throws -> T) throws -> T {
-        try state.withLock { s in
-            let tx = MemoryTransaction(state: s)
-            return try body(tx)
+        try LockOrder.holding(.metadata) {
+            try state.withLock { s in
+                let tx = MemoryTransaction(state: s)
+                return try body(tx)
+            }
         }
     }
 
     public func write<T>(_ body: (any MetadataTransaction) throws -> T) throws -> T {
-        try state.withLock { s in
-            let tx = MemoryTransaction(state: s)
-            let result = try body(tx)   // on throw, `s` is left untouched: tx worked on a copy
-            s = tx.state
-            return result
+        try LockOrder.holding(.metadata) {
+            try state.withLock { s in
+                let tx = MemoryTransaction(state: s)
+                let result = try body(tx)   // on throw, `s` is left untouched: tx worked on a copy
+                s = tx.state
+                return result
+            }
         }
     }
 

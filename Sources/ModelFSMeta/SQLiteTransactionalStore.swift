@@ -75,31 +75,35 @@ public final class SQLiteTransactionalStore: TransactionalStore, @unchecked Send
     private let rows = InodeRows()
 
     public func read<T>(_ body: (any MetadataTransaction) throws -> T) throws -> T {
-        // One serial connection: no writer can interleave, so a read needs no transaction (and
-        // GRDB's read() would add two query_only pragmas around it).
-        try mapErrors { try pool.inDatabase { db in try body(SQLiteTransaction(db: db, rows: rows, written: nil)) } }
+        try LockOrder.holding(.metadata) {
+            // One serial connection: no writer can interleave, so a read needs no transaction (and
+            // GRDB's read() would add two query_only pragmas around it).
+            try mapErrors { try pool.inDatabase { db in try body(SQLiteTransaction(db: db, rows: rows, written: nil)) } }
+        }
     }
 
     public func write<T>(_ body: (any MetadataTransaction) throws -> T) throws -> T {
-        try mapErrors {
-            try pool.writeWithoutTransaction { db in
-                let written = InodeRows.Written()
-                // BEGIN and COMMIT as cached statements: GRDB's inTransaction prepares and
-                // finalizes both on every transaction (a few percent of the daemon's CPU in a
-                // small-file loop).
-                try db.cachedStatement(sql: "BEGIN").execute()
-                let result: T
-                do {
-                    result = try body(SQLiteTransaction(db: db, rows: rows, written: written))
-                    try db.cachedStatement(sql: "COMMIT").execute()
-                } catch {
-                    if db.isInsideTransaction { try? db.execute(sql: "ROLLBACK") }
-                    throw error
+        try LockOrder.holding(.metadata) {
+            try mapErrors {
+                try pool.writeWithoutTransaction { db in
+                    let written = InodeRows.Written()
+                    // BEGIN and COMMIT as cached statements: GRDB's inTransaction prepares and
+                    // finalizes both on every transaction (a few percent of the daemon's CPU in a
+                    // small-file loop).
+                    try db.cachedStatement(sql: "BEGIN").execute()
+                    let result: T
+                    do {
+                        result = try body(SQLiteTransaction(db: db, rows: rows, written: written))
+                        try db.cachedStatement(sql: "COMMIT").execute()
+                    } catch {
+                        if db.isInsideTransaction { try? db.execute(sql: "ROLLBACK") }
+                        throw error
+                    }
+                    // Committed: the rows this transaction wrote are the current ones (a rollback
+                    // leaves the cache as it was).
+                    rows.apply(written)
+                    return result
                 }
-                // Committed: the rows this transaction wrote are the current ones (a rollback
-                // leaves the cache as it was).
-                rows.apply(written)
-                return result
             }
         }
     }

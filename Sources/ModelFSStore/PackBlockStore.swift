@@ -136,7 +136,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     }
     private let state = Mutex(State())
     /// Serialises appends to the active pack.
-    private let appendLock = NSLock()
+    private let appendLock = RankedLock(.storeAppend)
 
     /// Each tier's packs directory, open for `syncfs` (opening it for each fsync cost two syscalls).
     private let packsDirFDs: [Int32]

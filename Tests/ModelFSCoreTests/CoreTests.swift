@@ -384,3 +384,41 @@ import ModelFSTestSupport
         #expect(!Log.every("below \(UUID())", 60, .debug, "not written"))
     }
 }
+
+/// The lock order (`LockRank`) is checked in debug builds: an inversion traps where it happens.
+@Suite struct LockOrderTests {
+    @Test func theDocumentedOrderNests() {
+        let session = RankedLock(.session), commit = RankedLock(.commit), append = RankedLock(.storeAppend)
+        session.withLock {
+            commit.withLock {
+                LockOrder.holding(.metadata) {
+                    append.withLock { LockOrder.holding(.tables) {} }
+                }
+            }
+        }
+        // `try` never waits: out of order is allowed, and it counts as held until unlocked.
+        commit.withLock {
+            #expect(session.try())
+            session.unlock()
+        }
+        session.withLock {}
+    }
+
+    #if DEBUG
+    @Test func anInversionTraps() async {
+        await #expect(processExitsWith: .failure) {
+            let session = RankedLock(.session), commit = RankedLock(.commit)
+            commit.lock()
+            session.lock()   // a session lock under the commit lock: the order says the other way
+        }
+    }
+
+    @Test func aSecondLockOfTheSameRankTraps() async {
+        await #expect(processExitsWith: .failure) {
+            let a = RankedLock(.session), b = RankedLock(.session)
+            a.lock()
+            b.lock()   // two sessions at once could deadlock against two taken the other way
+        }
+    }
+    #endif
+}

@@ -80,6 +80,26 @@ import Testing
         #expect(try a.getattr(x.ino).nlink == 2 && a.getattr(y.ino).nlink == 2)
     }
 
+    /// etcd answers a commit "503, outcome unknown" (leader loss mid-write): the engine reads its
+    /// commit marker back and learns the truth. Applied before the 503: the create returns once,
+    /// not "exists" from a retry; not applied: it runs again and succeeds. Through a proxy that
+    /// forges the 503 in front of a real member.
+    @Test func aCommitWhoseOutcomeIsUnknownIsResolvedByItsMarker() throws {
+        let etcd = try EtcdTestCluster.shared.get()
+        let proxy = try FaultyTransport(to: etcd.members[0].clientPort)
+        defer { proxy.stop() }
+        let m = try MetadataURL.open("etcd://\(proxy.address)/maybe-\(UInt64.random(in: 0...UInt64.max))", rootUID: 0, rootGID: 0)
+        _ = try m.create(parent: .root, name: "first", file())   // inode numbers reserved: the next create is one commit
+        for (name, forward) in [("applied-then-503", true), ("503-not-applied", false)] {
+            let before = proxy.faked.load(ordering: .relaxed)
+            proxy.fault = .unavailable(marker: "/v3/kv/txn", forward: forward)
+            let made = try m.create(parent: .root, name: name, file())
+            #expect(proxy.faked.load(ordering: .relaxed) == before + 1, "\(name): the commit met the fault")
+            #expect(try m.lookup(parent: .root, name: name).ino == made.ino, "\(name)")
+            #expect(try m.readdir(.root, after: 0, limit: 100).filter { $0.name == name }.count == 1, "\(name)")
+        }
+    }
+
     /// One of three members killed: reads and writes carry on (leader re-election included).
     @Test func survivesLossOfOneMember() throws {
         let cluster = try EtcdTestCluster(members: 3)

@@ -319,6 +319,53 @@ func waitForNodes(_ nodes: [TestNode], count: Int) -> Bool {
         #expect(waitUntil(timeout: 5) { duplicates() == held })
     }
 
+    /// A link that breaks between a real client and a real peer server: a corrupting link's
+    /// block is rejected (never returned), a cut one and a down node are clear transport errors
+    /// naming the peer, a hanging node times out; a clean link serves the block.
+    @Test func faultsOnTheLinkNeverYieldWrongBytes() throws {
+        let (server, local, _, dir) = try serve()
+        defer { server.shutdown(); try? FileManager.default.removeItem(atPath: dir) }
+        let (id, bytes) = blockOf(300_000, seed: 81)
+        try bytes.withUnsafeBytes { _ = try local.put(id, $0) }
+        let proxy = try FaultyTransport(to: server.port)
+        defer { proxy.stop() }
+        let node = NodeInfo(id: "faulty", address: proxy.address)
+        func client() -> PeerClient { PeerClient(secret: "s3cret", timeout: .milliseconds(1500)) }
+        proxy.fault = .corruptAnswers(at: 150_000)
+        do {
+            let c = client(); defer { c.shutdown() }
+            guard case .corrupt = try c.fetch(id, from: node) else { Issue.record("a corrupted block was not rejected"); return }
+        }
+        proxy.fault = .cutAnswers(after: 1000)
+        do {
+            let c = client(); defer { c.shutdown() }
+            let e = #expect(throws: PeerError.self) { _ = try c.get(id, from: node) }
+            #expect(e?.kind == .unreachable && e?.node == "faulty")
+        }
+        proxy.fault = .refuse
+        do {
+            let c = client(); defer { c.shutdown() }
+            let e = #expect(throws: PeerError.self) { _ = try c.get(id, from: node) }
+            #expect(e?.kind == .unreachable)
+            // Backed off: the next request fails at once, without a connection.
+            let tried = proxy.accepted.load(ordering: .relaxed)
+            #expect(throws: PeerError.self) { _ = try c.get(id, from: node) }
+            #expect(proxy.accepted.load(ordering: .relaxed) == tried)
+        }
+        proxy.fault = .stall
+        do {
+            let c = client(); defer { c.shutdown() }
+            let e = #expect(throws: PeerError.self) { _ = try c.get(id, from: node) }
+            #expect(e?.kind == .unreachable)
+        }
+        proxy.fault = .none
+        do {
+            let c = client(); defer { c.shutdown() }
+            let b = try #require(try c.get(id, from: node))
+            #expect(Array(b.data) == bytes)
+        }
+    }
+
     @Test func withoutTheSecretNothingIsServed() throws {
         let (server, local, _, dir) = try serve()
         defer { server.shutdown(); try? FileManager.default.removeItem(atPath: dir) }

@@ -614,25 +614,12 @@ final class LockedCounter: @unchecked Sendable {
 
 /// A store that refuses every put after the first `allowed` (a disk filling up under a writer).
 /// Owned puts come here too, through BlockStore's default `put(_:owned:length:)`.
-final class FillingStore: ForwardingBlockStore, @unchecked Sendable {
-    let inner: any BlockStore
-    private let lock = NSLock()
-    private var allowed: Int
-    init(_ inner: any BlockStore, allowed: Int) { self.inner = inner; self.allowed = allowed }
-    private func take() throws {
-        lock.lock(); defer { lock.unlock() }
-        guard allowed > 0 else { throw FSError.noSpace("test store: full") }
-        allowed -= 1
-    }
-    func put(_ id: BlockID, _ bytes: UnsafeRawBufferPointer) throws -> Bool { try take(); return try inner.put(id, bytes) }
-}
-
 @Suite struct EarlyAcknowledgementTests {
     /// Sequential writes are answered before they are chunked and stored; a store failure after
     /// that answer must not be lost: the next writes, fsync and close() report it.
     @Test func aFailureAfterTheAnswerIsReportedByCloseAndLaterWrites() throws {
         let t = try TestFS(chunker: .standard); defer { t.remove() }
-        let store = FillingStore(t.store, allowed: 3)
+        let store = FaultyBlockStore(t.store, .init(puts: 3))
         var options = FileSystemOptions(stagingDir: t.dir + "/staging")
         options.chunker = .standard
         let fs = try FileSystem(meta: try MetadataURL.open("memory:", rootUID: 0, rootGID: 0), store: store, options: options)
@@ -644,8 +631,8 @@ final class FillingStore: ForwardingBlockStore, @unchecked Sendable {
             do {
                 _ = try data[(i << 20)..<((i + 1) << 20)].withUnsafeBytes { try fs.write(o.handle, at: UInt64(i << 20), $0) { acks += 1 } }
                 #expect(acks == 1, "a write that returned was answered once")
-            } catch let e as FSError {
-                #expect(e.errno == ENOSPC)
+            } catch let e as StoreError {
+                #expect(e.kind == .full)
                 #expect(acks <= 1)
                 refused += 1
             }
@@ -653,10 +640,67 @@ final class FillingStore: ForwardingBlockStore, @unchecked Sendable {
         }
         #expect(answered >= 3, "the writes before the disk filled were answered")
         #expect(refused > 0, "the store's failure reached a later write")
-        #expect(throws: FSError.self) { try fs.fsync(o.handle) }
-        #expect(throws: FSError.self) { try fs.flush(o.handle) }
+        // The failure sticks, as the store's own: ENOSPC at the FUSE edge.
+        #expect(throws: StoreError.self) { try fs.fsync(o.handle) }
+        #expect(throws: StoreError.self) { try fs.flush(o.handle) }
         try? fs.release(o.handle)  // may report the failure once more
         #expect(try fs.getattr(a.ino).size == 0, "nothing of the failed version was committed")
+    }
+}
+
+@Suite struct FaultyStoreTests {
+    /// A block that reads as missing or corrupt fails the read: the reader never gets bytes that
+    /// were not verified, and the other files read on.
+    @Test func unreadableBlocksFailReadsAndNothingElse() throws {
+        let t = try TestFS(chunker: .standard); defer { t.remove() }
+        let store = FaultyBlockStore(t.store)
+        var options = FileSystemOptions(stagingDir: t.dir + "/staging")
+        options.chunker = .standard
+        options.blockCacheBytes = 0
+        let fs = try FileSystem(meta: try MetadataURL.open("memory:", rootUID: 0, rootGID: 0), store: store, options: options)
+        func make(_ name: String, seed: UInt64) throws -> (InodeNumber, [UInt8]) {
+            let (a, o) = try fs.create(parent: .root, name: name, mode: 0o644, flags: OpenFlags(O_WRONLY | O_CREAT), context: .root)
+            let data = randomBytes(6 << 20, seed: seed)
+            _ = try data.withUnsafeBytes { try fs.write(o.handle, at: 0, $0) }
+            try fs.flush(o.handle); try fs.release(o.handle)
+            return (a.ino, data)
+        }
+        let (bad, _) = try make("bad.bin", seed: 1), (good, goodData) = try make("good.bin", seed: 2)
+        var blocks: [ChunkRef] = []
+        try fs.walkFiles(from: bad) { blocks = $0.blocks }
+        #expect(blocks.count >= 2)
+        store.faults.withLock { $0.missing = [blocks[0].id]; $0.corrupt = [blocks[1].id] }
+        func read(_ ino: InodeNumber, at offset: UInt64, _ count: Int) throws -> [UInt8] {
+            let o = try fs.open(ino, flags: OpenFlags(O_RDONLY))
+            defer { try? fs.release(o.handle) }
+            var buf = [UInt8](repeating: 0, count: count)
+            let n = try buf.withUnsafeMutableBytes { try fs.read(o.handle, at: offset, count: count, into: $0.baseAddress!) }
+            return Array(buf[0..<n])
+        }
+        let missing = #expect(throws: StoreError.self) { _ = try read(bad, at: 0, 4096) }
+        #expect(missing?.kind == .missing)
+        let corrupt = #expect(throws: StoreError.self) { _ = try read(bad, at: UInt64(blocks[0].length), 4096) }
+        #expect(corrupt?.kind == .corrupt)
+        #expect(try read(good, at: 0, goodData.count) == goodData)
+        #expect(store.failures.load(ordering: .relaxed) >= 2)
+    }
+
+    /// fsync reports a store whose sync fails, and the data stays readable.
+    @Test func aFailedSyncIsReportedByFsync() throws {
+        let t = try TestFS(chunker: .standard); defer { t.remove() }
+        let store = FaultyBlockStore(t.store)
+        var options = FileSystemOptions(stagingDir: t.dir + "/staging")
+        options.chunker = .standard
+        let fs = try FileSystem(meta: try MetadataURL.open("memory:", rootUID: 0, rootGID: 0), store: store, options: options)
+        let (_, o) = try fs.create(parent: .root, name: "f", mode: 0o644, flags: OpenFlags(O_RDWR | O_CREAT), context: .root)
+        let data = randomBytes(2 << 20, seed: 3)
+        _ = try data.withUnsafeBytes { try fs.write(o.handle, at: 0, $0) }
+        store.faults.withLock { $0.failSync = true }
+        let e = #expect(throws: StoreError.self) { try fs.fsync(o.handle) }
+        #expect(e?.kind == .system(EIO))
+        store.faults.withLock { $0.failSync = false }
+        try fs.fsync(o.handle)
+        try fs.release(o.handle)
     }
 }
 
