@@ -50,12 +50,16 @@ public final class BlockReader: @unchecked Sendable {
     }
 
     /// A sequential reader will want these blocks next, in this order: the store is told to start
-    /// reading them from disk, and the first ones are read and verified in the background.
+    /// reading them from disk (or fetching them, for a store that reaches peers), and the first
+    /// ones on this machine's disk are read and verified in the background. A block the store
+    /// fetches ahead itself is left to it: one prefetcher per block (a second one here only waited
+    /// on the first's fetch, a thread per block of a cold remote read).
     public func readahead(_ ids: some Sequence<BlockID>, for file: FileVersion? = nil) {
         let missing = cache.missing(ids)
         guard !missing.isEmpty else { return }
         store.willNeed(missing, for: file)
-        for id in missing.prefix(2) {
+        let fetchesAhead = store.fetchesAhead
+        for id in missing.prefix(2) where !fetchesAhead || store.contains(id) {
             guard prefetchSlots.wait(timeout: .now()) == .success else { return }
             prefetchQueue.async { [self] in
                 defer { prefetchSlots.signal() }

@@ -19,7 +19,7 @@ extension FileSystem {
         // it to the filesystem for a direct one (libfuse 3.14 does not pass on its flag saying
         // the writer lacks CAP_FSETID: root is taken to hold it). Looked up with the handle, in
         // one lock.
-        let (found, clearSetID) = tables.withLock { t -> (Handle?, Bool) in
+        let (found, clearSetID) = withTables { t -> (Handle?, Bool) in
             guard let h = t.handles[fh.rawValue] else { return (nil, false) }
             guard h.direct && caller.uid != 0, let l = t.live[h.ino], l.setID else { return (h, false) }
             l.setID = false
@@ -50,7 +50,7 @@ extension FileSystem {
         let hIn = try handle(fhIn), hOut = try handle(fhOut)
         guard hOut.writable, let s = session(of: hOut.ino) else { throw FSError.badHandle("file is not open for writing") }
         var done = 0
-        let (sourceSession, view) = tables.withLock { t in (t.live[hIn.ino]?.session, t.live[hIn.ino]?.view) }
+        let (sourceSession, view) = withTables { t in (t.live[hIn.ino]?.session, t.live[hIn.ino]?.view) }
         if sourceSession == nil, let view, hIn.ino != hOut.ino {
             let chunks = view.wholeChunks(from: offsetIn, upTo: offsetIn + UInt64(length))
             if !chunks.isEmpty, chunks.allSatisfy({ store.contains($0.id) }) {
@@ -126,7 +126,7 @@ extension FileSystem {
             s.lock.unlock()
             if let ticket, let replication { try replication.awaitAck(ticket) }
         }
-        tables.withLock { t in
+        withTables { t in
             if let l = t.live[h.ino], l.opens == 1 { l.lastFlushed = true }
         }
     }
@@ -135,7 +135,7 @@ extension FileSystem {
     /// of its last handle came and the RELEASE has not yet (the writer lock is given back then).
     /// Another node's writable open asks this (`GET /v1/writing/INO`) when it finds the lock held.
     public func writing(_ ino: InodeNumber) -> (open: Bool, closing: Bool) {
-        tables.withLock { t in
+        withTables { t in
             guard let l = t.live[ino], l.session != nil else { return (false, false) }
             return (true, l.lastFlushed)
         }
@@ -161,7 +161,7 @@ extension FileSystem {
         try replication?.awaitReplicas(ino: h.ino, parent: parentHint(h.ino), blocks: blocks)
     }
 
-    func parentHint(_ ino: InodeNumber) -> InodeNumber? { tables.withLock { $0.live[ino]?.parent } }
+    func parentHint(_ ino: InodeNumber) -> InodeNumber? { withTables { $0.live[ino]?.parent } }
 
     public func fsyncdir() throws { try syncDurably([]) }
 
@@ -208,7 +208,7 @@ extension FileSystem {
         s.fence?.baseVersion = attrs.version
         changed()
         s.committed(manifest)
-        tables.withLock { t in
+        withTables { t in
             // The kernel wrote these bytes itself, so its cache holds exactly this version.
             if let l = t.live[s.ino], l.kernelCachedVersion == attrs.version - 1 { l.kernelCachedVersion = attrs.version }
             t.live[s.ino]?.view = nil
@@ -224,7 +224,7 @@ extension FileSystem {
             do { try commit(s) } catch { failed = error }
             s.lock.unlock()
         }
-        let (drop, wasWriting) = tables.withLock { t -> (Bool, Bool) in
+        let (drop, wasWriting) = withTables { t -> (Bool, Bool) in
             t.handles[fh.rawValue] = nil
             guard let l = t.live[h.ino] else { return (false, false) }
             l.opens -= 1
@@ -237,7 +237,7 @@ extension FileSystem {
         if wasWriting, let writerLock {
             writerLock.release(h.ino)
             lockReleased.lock()
-            tables.withLock { _ = $0.releasingLocks.remove(h.ino) }
+            withTables { _ = $0.releasingLocks.remove(h.ino) }
             lockReleased.broadcast()
             lockReleased.unlock()
         }
@@ -251,13 +251,13 @@ extension FileSystem {
     func awaitLockRelease(_ ino: InodeNumber) {
         lockReleased.lock()
         defer { lockReleased.unlock() }
-        while tables.withLock({ $0.releasingLocks.contains(ino) }) { lockReleased.wait() }
+        while withTables({ $0.releasingLocks.contains(ino) }) { lockReleased.wait() }
     }
 
     /// A change another node made to `ino` (from the metadata watch): forgets what this node
     /// cached of it. Returns whether the kernel's pages are stale too (the content changed).
     public func remoteChange(_ ino: InodeNumber, version: UInt64?) -> (known: Bool, pagesStale: Bool) {
-        tables.withLock { t in
+        withTables { t in
             guard let l = t.live[ino] else { return (false, false) }
             guard l.session == nil else { return (true, false) }   // this node is the writer
             let stale = version == nil || l.kernelCachedVersion != version
@@ -269,18 +269,18 @@ extension FileSystem {
     /// The content version this node's open handles of `ino` read, when they read a committed
     /// version (a view; no write session here): what a reader holds while the file is replaced.
     public func readerVersion(_ ino: InodeNumber) -> UInt64? {
-        tables.withLock { t in
+        withTables { t in
             guard let l = t.live[ino], l.opens > 0, l.session == nil else { return nil }
             return l.view?.version
         }
     }
 
     /// Handles still open (refuse an unmount while any are).
-    public var openHandleCount: Int { tables.withLock { $0.handles.count } }
+    public var openHandleCount: Int { withTables { $0.handles.count } }
 
     /// Commits every open file: the daemon is shutting down.
     public func commitAll() {
-        let sessions = tables.withLock { t in t.live.values.compactMap(\.session) }
+        let sessions = withTables { t in t.live.values.compactMap(\.session) }
         for s in sessions {
             s.lock.lock()
             do { try commit(s) } catch { Log.error("could not commit \(s.ino) at shutdown: \(error)") }

@@ -12,7 +12,7 @@ extension FileSystem {
     /// is free; the first session whose lock is held stops the look and is returned as `busy`.
     func openSessionBlocks() -> (blocks: Set<BlockID>, busy: WriteSession?) {
         var out = Set<BlockID>()
-        for s in tables.withLock({ t in t.live.values.compactMap(\.session) }) {
+        for s in withTables({ t in t.live.values.compactMap(\.session) }) {
             guard s.lock.try() else { return (out, s) }
             out.formUnion(s.referencedBlocks)
             s.lock.unlock()

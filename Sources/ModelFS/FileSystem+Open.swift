@@ -41,9 +41,9 @@ extension FileSystem {
     }
 
     public func open(_ ino: InodeNumber, flags: OpenFlags) throws -> Opened {
-        tables.withLock { $0.opening[ino, default: 0] += 1 }
+        withTables { $0.opening[ino, default: 0] += 1 }
         defer {
-            tables.withLock { t in
+            withTables { t in
                 if let n = t.opening[ino], n > 1 { t.opening[ino] = n - 1 } else { t.opening[ino] = nil }
             }
         }
@@ -74,7 +74,7 @@ extension FileSystem {
         // it under the lock. The kernel sends RELEASE asynchronously, so the last handle may close
         // (dropping the session) between the two steps: then prepare again.
         while true {
-            let (hasSession, hasView) = tables.withLock { t in
+            let (hasSession, hasView) = withTables { t in
                 (t.live[ino]?.session != nil, t.live[ino]?.view?.version == attrs.version)
             }
             var epoch: Int64?
@@ -85,7 +85,7 @@ extension FileSystem {
             let fresh = flags.writable && !hasSession ? try makeSession(ino, epoch: epoch) : nil
             let view = !flags.writable && !hasSession && !hasView
                 ? ReadView(manifest: try loadManifest(ino), ino: ino, size: attrs.size, version: attrs.version, keyed: flatCopies != nil) : nil
-            let installed: (UInt64, Bool, WriteSession?)? = tables.withLock { t in
+            let installed: (UInt64, Bool, WriteSession?)? = withTables { t in
                 let l = t.live[ino] ?? { let n = Live(); t.live[ino] = n; return n }()
                 if flags.writable && l.session == nil && fresh == nil { return nil }
                 if !flags.writable && l.session == nil && l.view?.version != attrs.version && view == nil { return nil }
@@ -136,7 +136,7 @@ extension FileSystem {
     /// blocks for a committed version, or one copied buffer for a file open for writing.
     public func readSlices(_ fh: FileHandleID, at offset: UInt64, count: Int) throws -> [ReadSlice] {
         let h = try handle(fh)
-        let (s, v) = tables.withLock { t in (t.live[h.ino]?.session, t.live[h.ino]?.view) }
+        let (s, v) = withTables { t in (t.live[h.ino]?.session, t.live[h.ino]?.view) }
         if let s {
             let buffer = BlockBuffer(count: count)
             s.lock.lock(); defer { s.lock.unlock() }
@@ -243,7 +243,7 @@ extension FileSystem {
     /// nil too for a handle that reads through a write session (this node is writing the file).
     public func flatCopy(for fh: FileHandleID) -> (key: String, path: String)? {
         guard let flatCopies else { return nil }
-        let view = tables.withLock { t -> ReadView? in
+        let view = withTables { t -> ReadView? in
             guard let h = t.handles[fh.rawValue], !h.writable, let l = t.live[h.ino], l.session == nil else { return nil }
             return l.view
         }

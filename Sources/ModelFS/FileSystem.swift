@@ -97,6 +97,13 @@ public final class FileSystem: @unchecked Sendable {
     /// Bumped by every change that can leave blocks unreferenced (`contentChanges`).
     let changes = Atomic<UInt64>(0)
     let tables = Mutex(Tables())
+    /// `withTables` in the lock order: debug builds check that nothing ranked is taken
+    /// inside (the table is innermost).
+    @inline(__always) func withTables<R>(_ body: (inout sending Tables) throws -> sending R) rethrows -> sending R {
+        LockOrder.taking(.tables)
+        defer { LockOrder.released(.tables) }
+        return try tables.withLock { try body(&$0) }
+    }
     /// Signalled when a writer lock has been given back (`releasingLocks` shrank).
     let lockReleased = NSCondition()
     /// Serialises commits and GC's view of sessions with metadata.
@@ -130,7 +137,7 @@ public final class FileSystem: @unchecked Sendable {
     // MARK: bookkeeping
 
     func live(_ ino: InodeNumber, _ body: (Live) -> Void) {
-        tables.withLock { t in
+        withTables { t in
             let l = t.live[ino] ?? { let n = Live(); t.live[ino] = n; return n }()
             body(l)
         }
@@ -146,7 +153,7 @@ public final class FileSystem: @unchecked Sendable {
     }
 
     public func forget(_ ino: InodeNumber, count: UInt64) {
-        let drop = tables.withLock { t -> Bool in
+        let drop = withTables { t -> Bool in
             guard let l = t.live[ino] else { return false }
             // The kernel forgets no more than it was given: more means a reply that gave an entry
             // without counting its lookup (a trap in debug builds; clamped in release).
@@ -159,7 +166,7 @@ public final class FileSystem: @unchecked Sendable {
     }
 
     func isReferenced(_ ino: InodeNumber) -> Bool {
-        tables.withLock { t in t.live[ino].map { $0.lookups > 0 || $0.opens > 0 } ?? false }
+        withTables { t in t.live[ino].map { $0.lookups > 0 || $0.opens > 0 } ?? false }
     }
 
     func deleteIfUnlinked(_ ino: InodeNumber) {
@@ -174,12 +181,12 @@ public final class FileSystem: @unchecked Sendable {
     }
 
     func handle(_ fh: FileHandleID) throws -> Handle {
-        guard let h = tables.withLock({ $0.handles[fh.rawValue] }) else { throw FSError.badHandle() }
+        guard let h = withTables({ $0.handles[fh.rawValue] }) else { throw FSError.badHandle() }
         return h
     }
 
     func session(of ino: InodeNumber) -> WriteSession? {
-        tables.withLock { $0.live[ino]?.session }
+        withTables { $0.live[ino]?.session }
     }
 
     // MARK: attributes
@@ -235,7 +242,7 @@ public final class FileSystem: @unchecked Sendable {
         let attrs = rest != AttributeChanges() || changes.size != nil ? try meta.setattr(ino, rest, now: .now()) : try meta.getattr(ino)
         if changes.mode != nil {
             let setID = FileSystem.writeClearsSetID(attrs.mode)
-            tables.withLock { $0.live[ino]?.setID = setID }
+            withTables { $0.live[ino]?.setID = setID }
         }
         return withLiveSize(attrs)
     }
@@ -298,7 +305,7 @@ public final class FileSystem: @unchecked Sendable {
 
     /// Whether a handle of `ino` is open or being opened (asked inside unlink's transaction).
     func isOpen(_ ino: InodeNumber) -> Bool {
-        tables.withLock { t in (t.live[ino]?.opens ?? 0) > 0 || t.opening[ino] != nil }
+        withTables { t in (t.live[ino]?.opens ?? 0) > 0 || t.opening[ino] != nil }
     }
 
     public func rmdir(parent: InodeNumber, name: String) throws {

@@ -208,6 +208,8 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
     /// cache's budget) for one open. One file's prefetch at a time, on one queue, in the order
     /// asked.
     public let prefetches: Bool
+    /// `willNeed` fetches what neither the replicas nor the cache hold (into `fetched`, verified).
+    public var fetchesAhead: Bool { true }
 
     public var prefetchBudget: UInt64 { cacheBudget / 2 }
 

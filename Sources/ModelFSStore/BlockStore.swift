@@ -29,6 +29,10 @@ public protocol BlockStore: AnyObject, Sendable {
     /// Blocks a sequential reader of `file` should ask for ahead of the one it reads (8; more
     /// where each block takes several hops to arrive, as in a fan-out tree).
     func readaheadBlocks(for file: FileVersion?) -> Int
+    /// Whether `willNeed` itself fetches the blocks this machine does not hold, verified, into
+    /// memory for the reader (a store that reaches peers): the reader's own prefetch then reads
+    /// ahead only the blocks on this machine's disk, so one prefetcher serves each block.
+    var fetchesAhead: Bool { get }
     /// Whether `prefetch` does anything (a store whose blocks are all on this machine gains
     /// nothing from it, and a file's format is then not looked at).
     var prefetches: Bool { get }
@@ -45,6 +49,7 @@ extension BlockStore {
     public func willNeed(_ ids: [BlockID], for file: FileVersion?) { willNeed(ids) }
     public func readaheadBlocks(for file: FileVersion?) -> Int { 8 }
     public var prefetches: Bool { false }
+    public var fetchesAhead: Bool { false }
     public func prefetch(_ chunks: [ChunkRef], for file: FileVersion, format: String) {}
     public var prefetchBudget: UInt64 { 0 }
     @discardableResult
