@@ -24,28 +24,13 @@ public protocol ReplicationHook: AnyObject, Sendable {
 }
 
 /// A replication hook's failures (the filesystem reports them from close() and fsync()).
-public struct ReplicationError: Error, CustomStringConvertible {
-    public enum Kind: Sendable, Equatable {
-        /// The policy's copies were not durable within the timeout (the job stays queued).
-        case notDurable
-        /// The replication journal could not be opened or written.
-        case journal
-    }
-    public var kind: Kind
-    public var message: String
-    public var cause: (any Error)?
+public typealias ReplicationError = LayerError<ReplicationFailure>
 
-    public init(_ kind: Kind, _ message: String, cause: (any Error)? = nil) {
-        self.kind = kind
-        self.message = message
-        self.cause = cause
-    }
-
-    public var description: String {
-        var s = message
-        if let cause { s += ": \(cause)" }
-        return s
-    }
+public enum ReplicationFailure: Sendable, Equatable {
+    /// The policy's copies were not durable within the timeout (the job stays queued).
+    case notDurable
+    /// The replication journal could not be opened or written.
+    case journal
 }
 
 public struct ReplicationTicket: Sendable {

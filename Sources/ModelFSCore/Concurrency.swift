@@ -260,3 +260,20 @@ public final class RankedLock: @unchecked Sendable {
         return try body()
     }
 }
+
+/// `Synchronization.Mutex`'s interface over a pthread lock, for ThreadSanitizer builds only
+/// (`scripts/test.sh tsan` passes `-DMODELFS_TSAN`): on Linux `Mutex` waits on a futex, which
+/// ThreadSanitizer cannot see, so every value behind one would be reported as raced. In those
+/// builds each module's `Mutex` is this (its TSan.swift); release and debug builds never use it.
+public final class TrackedMutex<Value: ~Copyable>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value: Value
+
+    public init(_ initial: consuming sending Value) { value = initial }
+
+    public func withLock<Result: ~Copyable, E: Error>(_ body: (inout sending Value) throws(E) -> sending Result) throws(E) -> sending Result {
+        lock.lock()
+        defer { lock.unlock() }
+        return try body(&value)
+    }
+}

@@ -35,6 +35,27 @@ public struct FSError: Error, CustomStringConvertible, Sendable {
     public static func badHandle(_ what: String = "bad file handle") -> FSError { FSError(EBADF, what) }
 }
 
+/// A lower layer's failure: what went wrong, as that layer's `Kind` (the caller acts on it, never
+/// on the message), a message for people, and the error behind it. `StoreError`, `MetaError` and
+/// `ReplicationError` are this with their layer's kinds.
+public struct LayerError<Kind: Sendable & Equatable>: Error, CustomStringConvertible {
+    public var kind: Kind
+    public var message: String
+    public var cause: (any Error)?
+
+    public init(_ kind: Kind, _ message: String, cause: (any Error)? = nil) {
+        self.kind = kind
+        self.message = message
+        self.cause = cause
+    }
+
+    public var description: String {
+        var s = message
+        if let cause { s += ": \(cause)" }
+        return s
+    }
+}
+
 /// Wraps a failed syscall's errno into an `FSError` that names the operation and the path.
 public func posixError(_ op: String, _ path: String, errno e: Int32 = errno) -> FSError {
     FSError(e, "\(op) \(path): \(String(cString: strerror(e)))")

@@ -11,7 +11,7 @@ import ModelFSStore
 /// cluster node's peer parts, the flat copies, the filesystem, garbage collection, tiering and
 /// the FUSE server. Everything is given at construction, in dependency order; `start`,
 /// `mounted` and `stop` run the loops.
-public final class Node: @unchecked Sendable {
+public final class Node: Sendable {
     public let settings: NodeSettings
     public let store: PackBlockStore
     public let engine: any MetadataEngine

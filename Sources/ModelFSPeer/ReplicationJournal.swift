@@ -6,7 +6,7 @@ import ModelFSCore
 /// The replication jobs of a cluster node, on disk: `DATA/replication.db` (SQLite in WAL mode, so
 /// a job survives a crash of the process). A job is written before its version's metadata commit
 /// and removed once its blocks have their copies (`Replicator`).
-final class ReplicationJournal: @unchecked Sendable {
+final class ReplicationJournal: Sendable {
     struct Job: Sendable {
         var id: Int64
         var ino: InodeNumber

@@ -6,7 +6,7 @@ import Synchronization
 /// A block store that fails on purpose, over a real one (unit tests only): puts fail as a full
 /// disk once `puts` is used up, chosen blocks read as missing or corrupt, syncs fail. Everything
 /// else is the inner store's.
-public final class FaultyBlockStore: ForwardingBlockStore, @unchecked Sendable {
+public final class FaultyBlockStore: ForwardingBlockStore, Sendable {
     public let inner: any BlockStore
     public struct Faults: Sendable {
         /// Puts that still succeed; then every put fails as a full disk (nil: no limit).

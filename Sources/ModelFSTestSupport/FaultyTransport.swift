@@ -4,7 +4,7 @@ import Synchronization
 /// A TCP proxy on loopback that breaks the link on purpose, between a real client and a real
 /// server (a peer's or etcd's): the code under test talks to `address` as it would to the
 /// server. Faults apply to connections and requests from the moment they are set.
-public final class FaultyTransport: @unchecked Sendable {
+public final class FaultyTransport: Sendable {
     public enum Fault: Sendable, Equatable {
         /// Bytes pass both ways untouched.
         case none
@@ -98,7 +98,7 @@ public final class FaultyTransport: @unchecked Sendable {
     private func track(_ fd: Int32) { state.withLock { _ = $0.connections.insert(fd) } }
 
     /// One proxied connection's shared state.
-    private final class Link: @unchecked Sendable {
+    private final class Link: Sendable {
         let client: Int32, upstream: Int32
         /// The answer under way is to be dropped (the client gets the fake 503 instead).
         let swallow = Atomic<Bool>(false)
