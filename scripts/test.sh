@@ -32,10 +32,11 @@ fi
 
 if [ "$tier" = tsan ]; then
     echo "== unit tests under ThreadSanitizer"
-    swift build --build-tests --sanitize=thread --scratch-path .build-tsan
+    # -DMODELFS_TSAN: each module's Mutex is TrackedMutex, which ThreadSanitizer can see (TSan.swift).
+    swift build --build-tests --sanitize=thread --scratch-path .build-tsan -Xswiftc -DMODELFS_TSAN
     # halt_on_error: the first race fails the run, with both stacks in the log.
     TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
-        swift test --skip-build --sanitize=thread --scratch-path .build-tsan
+        swift test --skip-build --sanitize=thread --scratch-path .build-tsan -Xswiftc -DMODELFS_TSAN
 fi
 
 if [ "$tier" = mount ] || [ "$tier" = all ] || [ "$tier" = frameworks ] || [ "$tier" = cluster ]; then
