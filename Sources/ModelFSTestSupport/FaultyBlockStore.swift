@@ -18,7 +18,9 @@ public final class FaultyBlockStore: ForwardingBlockStore, Sendable {
         public var failSync = false
         public init(puts: Int? = nil) { self.puts = puts }
     }
-    public let faults: Mutex<Faults>
+    private let faults: Mutex<Faults>
+    /// Changes the faults from now on.
+    public func change(_ f: (inout Faults) -> Void) { faults.withLock { f(&$0) } }
     /// Reads and puts that failed, as counted here.
     public let failures = Atomic<Int>(0)
 

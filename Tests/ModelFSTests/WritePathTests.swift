@@ -669,7 +669,7 @@ final class LockedCounter: @unchecked Sendable {
         var blocks: [ChunkRef] = []
         try fs.walkFiles(from: bad) { blocks = $0.blocks }
         #expect(blocks.count >= 2)
-        store.faults.withLock { $0.missing = [blocks[0].id]; $0.corrupt = [blocks[1].id] }
+        store.change { $0.missing = [blocks[0].id]; $0.corrupt = [blocks[1].id] }
         func read(_ ino: InodeNumber, at offset: UInt64, _ count: Int) throws -> [UInt8] {
             let o = try fs.open(ino, flags: OpenFlags(O_RDONLY))
             defer { try? fs.release(o.handle) }
@@ -695,10 +695,10 @@ final class LockedCounter: @unchecked Sendable {
         let (_, o) = try fs.create(parent: .root, name: "f", mode: 0o644, flags: OpenFlags(O_RDWR | O_CREAT), context: .root)
         let data = randomBytes(2 << 20, seed: 3)
         _ = try data.withUnsafeBytes { try fs.write(o.handle, at: 0, $0) }
-        store.faults.withLock { $0.failSync = true }
+        store.change { $0.failSync = true }
         let e = #expect(throws: StoreError.self) { try fs.fsync(o.handle) }
         #expect(e?.kind == .system(EIO))
-        store.faults.withLock { $0.failSync = false }
+        store.change { $0.failSync = false }
         try fs.fsync(o.handle)
         try fs.release(o.handle)
     }
