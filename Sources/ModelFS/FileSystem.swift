@@ -189,6 +189,15 @@ public final class FileSystem: @unchecked Sendable {
         withTables { $0.live[ino]?.session }
     }
 
+    /// Deletes the files a removed cluster node left open after their last name was gone (its
+    /// orphans: it would have deleted them at its next start, which will not come). Returns how many.
+    public func deleteOrphans(of node: String) throws -> Int {
+        let orphans = try meta.orphans(of: node)
+        for ino in orphans { try meta.deleteInode(ino) }
+        if !orphans.isEmpty { changed() }
+        return orphans.count
+    }
+
     // MARK: attributes
 
     public func lookup(parent: InodeNumber, name: String) throws -> InodeAttributes {

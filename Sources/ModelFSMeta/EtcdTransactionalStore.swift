@@ -552,11 +552,14 @@ final class EtcdTransaction: MetadataTransaction {
     }
 
     /// This client's orphans, from the orphan index (`o/`): another node's are still open there.
-    func orphans() throws -> [InodeNumber] {
+    func orphans() throws -> [InodeNumber] { try orphans(of: store.clientID) }
+
+    /// The orphans `owner` left, from the orphan index (`o/INO` = the client that unlinked it).
+    func orphans(of owner: String) throws -> [InodeNumber] {
         let prefix = store.keys.orphans
         let r = try client.rangeAll(prefix: prefix, revision: revision)
         note(r)
-        return r.kvs.filter { $0.value == Data(store.clientID.utf8) }
+        return r.kvs.filter { $0.value == Data(owner.utf8) }
             .compactMap { UInt64(String(decoding: $0.key.dropFirst(prefix.count), as: UTF8.self), radix: 16).map(InodeNumber.init) }
             .sorted()
     }

@@ -395,6 +395,7 @@ public final class KVMetadataEngine<Store: TransactionalStore>: MetadataEngine, 
     }
 
     public func orphans() throws -> [InodeNumber] { try store.read { tx in try tx.orphans() } }
+    public func orphans(of client: String) throws -> [InodeNumber] { try store.read { tx in try tx.orphans(of: client) } }
 
     public func files(_ inos: [InodeNumber]) throws -> [(attrs: InodeAttributes, manifest: ManifestRef)?] {
         try store.read { tx in

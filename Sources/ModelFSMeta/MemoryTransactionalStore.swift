@@ -80,6 +80,7 @@ final class MemoryTransaction: MetadataTransaction {
     func xattrBytes(_ ino: InodeNumber) throws -> Int { (state.xattrs[ino] ?? [:]).reduce(0) { $0 + $1.key.utf8.count + $1.value.count } }
 
     func orphans() throws -> [InodeNumber] { state.inodes.values.filter { $0.attrs.nlink == 0 }.map(\.attrs.ino).sorted() }
+    func orphans(of client: String) throws -> [InodeNumber] { [] }
     func manifests(after: InodeNumber, limit: Int) throws -> [(InodeNumber, Data)] {
         Array(state.manifests.filter { $0.key.rawValue > after.rawValue }.sorted { $0.key.rawValue < $1.key.rawValue }.prefix(limit))
             .map { ($0.key, $0.value) }

@@ -111,6 +111,9 @@ public protocol MetadataEngine: AnyObject, Sendable {
     func deleteInode(_ ino: InodeNumber) throws
     /// Inodes with `nlink == 0` (left by a crash while they were open).
     func orphans() throws -> [InodeNumber]
+    /// The orphans another client (a cluster node, by id) left: deleted once that node is removed
+    /// for good (`modelfs node remove`), as it would have at its next start.
+    func orphans(of client: String) throws -> [InodeNumber]
     /// The attributes and manifests of many inodes at once (nil for one that is gone): the
     /// namespace walk's batch (healing, `status PATH`), a few etcd requests per 1,000 files
     /// instead of two per file.

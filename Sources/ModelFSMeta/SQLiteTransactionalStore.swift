@@ -327,6 +327,8 @@ struct SQLiteTransaction: MetadataTransaction {
         try Int64.fetchAll(db, sql: "SELECT ino FROM inodes WHERE nlink = 0 ORDER BY ino").map { InodeNumber(UInt64($0)) }
     }
 
+    func orphans(of client: String) throws -> [InodeNumber] { [] }
+
     func manifests(after: InodeNumber, limit: Int) throws -> [(InodeNumber, Data)] {
         try Row.fetchAll(db.cachedStatement(sql: "SELECT ino, manifest FROM inodes WHERE ino > ? AND manifest IS NOT NULL ORDER BY ino LIMIT ?"),
                          arguments: [i(after), limit])

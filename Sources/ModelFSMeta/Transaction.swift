@@ -50,6 +50,8 @@ public protocol MetadataTransaction {
     func checkFence(_ ino: InodeNumber, _ fence: CommitFence, version: UInt64) throws
 
     func orphans() throws -> [InodeNumber]
+    /// Another client's orphans (an engine with one client has none).
+    func orphans(of client: String) throws -> [InodeNumber]
     /// Manifests of inodes numbered above `after`, in inode order, at most `limit` (a page of a
     /// scan that may run across many transactions: garbage collection).
     func manifests(after: InodeNumber, limit: Int) throws -> [(InodeNumber, Data)]

@@ -273,8 +273,9 @@ enum Operate {
         }
         h["remove"] = { words, send in
             guard words.count == 2 else { throw FSError.invalid("malformed request: remove ID") }
-            try node.membership.remove(String(words[1]))
-            send(["ok": true])
+            let id = String(words[1])
+            try node.membership.remove(id)
+            send(["orphans": try fs.deleteOrphans(of: id)])
         }
         return h
     }

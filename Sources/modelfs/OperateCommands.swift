@@ -184,8 +184,12 @@ struct NodeCommand: ParsableCommand {
         @Argument(help: "The node's id.") var id: String
         @OptionGroup var at: Where
         func run() throws {
-            try controlStream(try at.record(), "remove \(id)") { _ in }
-            print("modelfs: node \(id) removed from the cluster")
+            var orphans = 0
+            try controlStream(try at.record(), "remove \(id)") { data in
+                orphans = (try? JSONDecoder().decode([String: Int].self, from: data))?["orphans"] ?? 0
+            }
+            print("modelfs: node \(id) removed from the cluster"
+                  + (orphans > 0 ? "; the \(orphans) deleted file(s) it still held open are gone with it" : ""))
         }
     }
 }

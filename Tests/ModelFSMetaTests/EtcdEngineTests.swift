@@ -100,6 +100,22 @@ import Testing
         }
     }
 
+    /// A node's orphans (files unlinked while it held them open) are its own: another node sees
+    /// them by owner and can delete them once that node is removed for good.
+    @Test func orphansAreFoundByTheirOwner() throws {
+        let url = try EtcdTestCluster.shared.get().metaURL("orphans-\(UInt64.random(in: 0...UInt64.max))")
+        let a = try MetadataURL.open(url, rootUID: 0, rootGID: 0, clientID: "node-a")
+        let b = try MetadataURL.open(url, rootUID: 0, rootGID: 0, clientID: "node-b")
+        let f = try a.create(parent: .root, name: "open-then-deleted", file())
+        #expect(try a.unlink(parent: .root, name: "open-then-deleted", now: now).nlink == 0)
+        #expect(try a.orphans() == [f.ino])
+        #expect(try b.orphans().isEmpty, "another node's orphan is not this node's to delete at its start")
+        #expect(try b.orphans(of: "node-a") == [f.ino])
+        #expect(try b.orphans(of: "node-c").isEmpty)
+        try b.deleteInode(f.ino)
+        #expect(try a.orphans().isEmpty && b.orphans(of: "node-a").isEmpty)
+    }
+
     /// One of three members killed: reads and writes carry on (leader re-election included).
     @Test func survivesLossOfOneMember() throws {
         let cluster = try EtcdTestCluster(members: 3)

@@ -125,7 +125,7 @@ def test_a_joining_node_receives_its_share_and_nothing_becomes_unreadable(make_n
     read_all(d, files, "after rebalancing")
 
 
-def test_drain_moves_every_copy_off_a_node_then_it_can_leave(make_nodes):
+def test_drain_moves_every_copy_off_a_node_then_it_can_leave(make_nodes, etcd):
     nodes = make_nodes(4, replicas=2, ack=1, extra=HEAL)
     a, b, c, victim = nodes
     files = write_set(a, 6, 4 * MiB, 80)
@@ -138,11 +138,28 @@ def test_drain_moves_every_copy_off_a_node_then_it_can_leave(make_nodes):
     assert all(n >= 2 for n in copies([a, b, c], held).values())
     r = run([MODELFS_BIN, "node", "remove", victim.node_id, "--mount", a.mp])
     assert r.returncode != 0 and "up" in r.stderr, "removing a live node must be refused"
-    victim.stop()
+    # A file the node still holds open after its last name is gone (an orphan) when it dies: it
+    # would delete it at its next start; removing the node for good deletes it instead.
+    orphan = victim.mp / "open-then-deleted.bin"
+    fd = os.open(orphan, os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, os.urandom(MiB))
+    os.fsync(fd)
+    os.unlink(orphan)
+    prefix = f"/modelfs/{make_nodes.name}/o/"
+    etcd_keys = lambda: subprocess.run(["etcdctl", "--endpoints", etcd.endpoints, "get", "--prefix", "--keys-only", prefix],  # noqa: E731
+                                       capture_output=True, text=True, check=True).stdout.split()
+    assert len(etcd_keys()) == 1, "the open, deleted file should be in the orphan index"
+    victim.kill9()
+    try:
+        os.close(fd)
+    except OSError:
+        pass   # its mount is gone
     wait_until(lambda: not [n for n in a.cluster_status()["nodes"] if n["id"] == victim.node_id and n["up"]], 20,
                interval=0.2, what="the drained node to show as down")
     r = run([MODELFS_BIN, "node", "remove", victim.node_id, "--mount", a.mp])
     assert r.returncode == 0, r.stderr
+    assert "the 1 deleted file(s) it still held open are gone" in r.stdout, r.stdout
+    assert etcd_keys() == [], "the removed node's orphan is still indexed"
     r = run([MODELFS_BIN, "node", "list", "--mount", a.mp, "--json"])
     assert r.returncode == 0 and victim.node_id not in [n["id"] for n in json.loads(r.stdout)]
     read_all(b, files, "after the drained node left")
