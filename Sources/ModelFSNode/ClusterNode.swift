@@ -125,8 +125,9 @@ public final class ClusterNode: @unchecked Sendable {
         self.etcd = etcd
         clusterName = name
         self.settings = settings
-        try ClusterNode.claim(dataDir: dataDir, cluster: name, client: etcd)
+        // Checked before anything is written: a wrong address claims nothing.
         guard let listen = parseHostPort(settings.listen) else { throw FSError.invalid("--listen \(settings.listen): expected HOST:PORT") }
+        try ClusterNode.claim(dataDir: dataDir, cluster: name, client: etcd)
         let cache = try PackBlockStore(root: dataDir + "/cache") { Log.error($0) }
         let metrics = PeerMetrics()
         self.metrics = metrics
