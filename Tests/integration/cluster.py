@@ -27,17 +27,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def distinct_ports(n: int) -> list[tuple[int, int]]:
+    """n pairs of free loopback ports, no port twice."""
+    seen: set[int] = set()
+    while len(seen) < 2 * n:
+        seen.add(free_port())
+    ports = list(seen)
+    return [(ports[2 * i], ports[2 * i + 1]) for i in range(n)]
+
+
 class EtcdCluster:
     """N etcd members on loopback ports; data in a temp dir; stopped by PID."""
 
     def __init__(self, members: int = 3):
         self.root = Path(tempfile.mkdtemp(prefix="modelfs-etcd-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-        self.members = [{"name": f"m{i}", "client": free_port(), "peer": free_port(), "proc": None}
-                        for i in range(members)]
-        self.token = f"t{os.getpid()}-{self.members[0]['client']}"
-        for i in range(members):
-            self.start(i, "new")
-        wait_until(self.healthy, 30, interval=0.1, what="etcd to elect a leader")
+        # A port picked free can be taken before a member binds it (or picked twice: each pick
+        # lets its port go): a member that cannot bind exits, and the others never elect a
+        # leader (a CI setup once timed out so). Such a start is stopped and made again on new
+        # ports, with the member's log line that says why.
+        for attempt in range(3):
+            self.members = [{"name": f"m{i}", "client": p[0], "peer": p[1], "proc": None}
+                            for i, p in enumerate(distinct_ports(members))]
+            self.token = f"t{os.getpid()}-{self.members[0]['client']}-{attempt}"
+            for i in range(members):
+                self.start(i, "new")
+            exited = lambda: [m for m in self.members if m["proc"] is not None and m["proc"].poll() is not None]  # noqa: E731
+            try:
+                wait_until(lambda: self.healthy() or exited(), 30, interval=0.1, what="etcd to elect a leader or a member to exit")
+            except TimeoutError:
+                pass
+            if not exited() and self.healthy():
+                return
+            why = [f"{m['name']}: {self.log_tail(m)}" for m in (exited() or self.members)]
+            self.stop(remove=False)
+            if attempt == 2:
+                raise AssertionError(f"etcd did not start three times (a member exited or no leader in 30 s); last: {why}")
+            print(f"etcd start {attempt + 1} failed ({why}); again on new ports")
 
     @property
     def endpoints(self) -> str:
@@ -79,7 +104,13 @@ class EtcdCluster:
     def healthy(self) -> bool:
         return all(m["proc"] is None or self._answers(m["client"]) for m in self.members)
 
-    def stop(self):
+    def log_tail(self, m) -> str:
+        try:
+            return (self.root / f"{m['name']}.log").read_text(errors="replace").strip().splitlines()[-1][-300:]
+        except (OSError, IndexError):
+            return "(no log)"
+
+    def stop(self, remove: bool = True):
         for m in self.members:
             p = m["proc"]
             if p and p.poll() is None:
@@ -90,7 +121,11 @@ class EtcdCluster:
                     p.kill()
                     p.wait(timeout=20)
             m["proc"] = None
-        shutil.rmtree(self.root, ignore_errors=True)
+        if remove:
+            shutil.rmtree(self.root, ignore_errors=True)
+        else:
+            for m in self.members:
+                shutil.rmtree(self.root / m["name"], ignore_errors=True)
 
 
 class Node(Mount):
