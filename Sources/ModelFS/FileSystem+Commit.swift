@@ -165,7 +165,7 @@ extension FileSystem {
 
     public func fsyncdir() throws { try syncDurably([]) }
 
-    func syncDurably(_ blocks: [BlockID]) throws {
+    private func syncDurably(_ blocks: [BlockID]) throws {
         if options.metadataOnStoreFilesystem {
             try store.syncFilesystem()
         } else {

@@ -10,7 +10,7 @@ import Synchronization
 extension FileSystem {
     /// The blocks every open session references, each read under its session's lock if that
     /// is free; the first session whose lock is held stops the look and is returned as `busy`.
-    func openSessionBlocks() -> (blocks: Set<BlockID>, busy: WriteSession?) {
+    private func openSessionBlocks() -> (blocks: Set<BlockID>, busy: WriteSession?) {
         var out = Set<BlockID>()
         for s in withTables({ t in t.live.values.compactMap(\.session) }) {
             guard s.lock.try() else { return (out, s) }

@@ -153,7 +153,7 @@ extension FileSystem {
     /// of its directory it names (`parent`: where the kernel looked it up), each by its own
     /// plan or whole, within the store's prefetch budget. In the background: the open does not
     /// wait.
-    func startPrefetch(_ view: ReadView, parent: InodeNumber?) {
+    private func startPrefetch(_ view: ReadView, parent: InodeNumber?) {
         guard view.size >= 8 else { return }
         DispatchQueue.global(qos: .utility).async { [self] in
             guard let plan = FormatPrefetch.plan(size: view.size, read: bytes(of: view)) else { return }
@@ -191,13 +191,13 @@ extension FileSystem {
     /// The ranges a loader of the version reads, in its order, for a file in a format read by
     /// ranges (safetensors, `minRanged` or more); nil otherwise. Reads its first bytes when large
     /// enough.
-    func loaderRanges(_ view: ReadView) -> (format: String, ranges: [Range<UInt64>])? {
+    private func loaderRanges(_ view: ReadView) -> (format: String, ranges: [Range<UInt64>])? {
         guard view.size >= FormatPrefetch.minRanged,
               case .ranges(let format, let ranges)? = FormatPrefetch.plan(size: view.size, read: bytes(of: view)) else { return nil }
         return (format, ranges)
     }
 
-    func prefetch(_ view: ReadView, ranges: [Range<UInt64>], format: String, budget: inout UInt64) {
+    private func prefetch(_ view: ReadView, ranges: [Range<UInt64>], format: String, budget: inout UInt64) {
         var chunks: [ChunkRef] = []
         for i in FormatPrefetch.chunkOrder(ranges, offsets: view.chunks.offsets) {
             let c = view.chunks.chunks[i]

@@ -96,7 +96,7 @@ public final class FileSystem: @unchecked Sendable {
     }
     /// Bumped by every change that can leave blocks unreferenced (`contentChanges`).
     let changes = Atomic<UInt64>(0)
-    let tables = Mutex(Tables())
+    private let tables = Mutex(Tables())
     /// `withTables` in the lock order: debug builds check that nothing ranked is taken
     /// inside (the table is innermost).
     @inline(__always) func withTables<R>(_ body: (inout sending Tables) throws -> sending R) rethrows -> sending R {
@@ -165,7 +165,7 @@ public final class FileSystem: @unchecked Sendable {
         if drop { deleteIfUnlinked(ino) }
     }
 
-    func isReferenced(_ ino: InodeNumber) -> Bool {
+    private func isReferenced(_ ino: InodeNumber) -> Bool {
         withTables { t in t.live[ino].map { $0.lookups > 0 || $0.opens > 0 } ?? false }
     }
 
@@ -175,7 +175,7 @@ public final class FileSystem: @unchecked Sendable {
         do { try meta.deleteInode(ino) } catch { Log.warning("could not delete unlinked \(ino): \(error)") }
     }
 
-    func linkRemoved(_ r: RemovedLink?) {
+    private func linkRemoved(_ r: RemovedLink?) {
         guard let r, r.nlink == 0, !r.deleted else { return }
         deleteIfUnlinked(r.ino)
     }
@@ -313,7 +313,7 @@ public final class FileSystem: @unchecked Sendable {
     }
 
     /// Whether a handle of `ino` is open or being opened (asked inside unlink's transaction).
-    func isOpen(_ ino: InodeNumber) -> Bool {
+    private func isOpen(_ ino: InodeNumber) -> Bool {
         withTables { t in (t.live[ino]?.opens ?? 0) > 0 || t.opening[ino] != nil }
     }
 
@@ -356,7 +356,7 @@ public final class FileSystem: @unchecked Sendable {
         _ = remembered(attrs, parent: parent)
     }
 
-    func dots(_ dir: InodeNumber, after cookie: UInt64) throws -> [DirectoryEntry] {
+    private func dots(_ dir: InodeNumber, after cookie: UInt64) throws -> [DirectoryEntry] {
         var out: [DirectoryEntry] = []
         if cookie < 1 { out.append(DirectoryEntry(name: ".", ino: dir, kind: .directory, cookie: 1)) }
         if cookie < 2 { out.append(DirectoryEntry(name: "..", ino: try meta.parent(of: dir), kind: .directory, cookie: 2)) }

@@ -131,9 +131,9 @@ public final class Healer: Sendable {
     /// Files a second the walk reads at most (0: no limit).
     let scanRate: UInt64
     /// What the cluster looked like at the last pass; whether that pass left work to check.
-    let lastPass = Mutex(LastPass())
-    let asked = Mutex(false)
-    let loop = BackgroundLoop("modelfs-healer")
+    private let lastPass = Mutex(LastPass())
+    private let asked = Mutex(false)
+    private let loop = BackgroundLoop("modelfs-healer")
 
     /// What the next pass depends on: the situation the last one saw, whether it made copies or
     /// drops (the next one checks them), how many passes in a row ended with errors only.
@@ -235,7 +235,7 @@ public final class Healer: Sendable {
     }
 
     /// One turn of the loop: keep (or take) the healer key; pass if there is a reason.
-    func round() {
+    private func round() {
         guard isLeader() else {
             lastPass.withLock { $0.situation = nil }   // should this node become the healer, it starts with a pass
             return
@@ -463,7 +463,7 @@ public final class Healer: Sendable {
         return holders[Int((c.id.w0 &+ UInt64(pass)) % UInt64(holders.count))]
     }
 
-    let lastPublish = Mutex(Date.distantPast)
+    private let lastPublish = Mutex(Date.distantPast)
 
     /// Publishes the running totals at most once a second while copies are made, so `status`
     /// shows healing as it runs.

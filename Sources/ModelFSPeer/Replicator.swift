@@ -126,7 +126,7 @@ public final class Replicator: ReplicationHook, @unchecked Sendable {
         return found
     }
 
-    func policySet(on dir: InodeNumber) -> ReplicationPolicy? {
+    private func policySet(on dir: InodeNumber) -> ReplicationPolicy? {
         if let (p, at) = state.withLock({ $0.policies[dir] }), Date().timeIntervalSince(at) < 2 { return p }
         let p = (try? meta.getxattr(dir, name: ReplicationPolicy.xattr)).flatMap {
             try? ReplicationPolicy(parsing: String(decoding: $0, as: UTF8.self))
