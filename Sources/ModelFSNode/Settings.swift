@@ -36,7 +36,10 @@ public struct ClusterSettings: Sendable {
     public var gcSupersededDelay: Double
     public var gcScanRate: UInt64
 
-    /// The defaults of `modelfs mount`'s cluster flags, with `secret`.
+    /// The defaults of `modelfs mount`'s cluster flags (`ClusterOptions` takes its defaults from
+    /// here: one list), with `secret`.
+    public static let defaults = ClusterSettings(secret: "")
+
     public init(secret: String, listen: String = "0.0.0.0:7420") {
         self.secret = secret
         self.listen = listen
@@ -97,6 +100,14 @@ public func parseHostPort(_ s: String) -> (host: String, port: Int)? {
     guard let i = s.lastIndex(of: ":"), let port = Int(s[s.index(after: i)...]), (0...65535).contains(port) else { return nil }
     let host = String(s[..<i])
     return host.isEmpty ? nil : (host, port)
+}
+
+/// Bytes as `parseSize` reads them, in the largest unit that divides them: 8 << 30 → "8G".
+public func sizeText(_ n: UInt64) -> String {
+    for (suffix, shift) in [("T", 40), ("G", 30), ("M", 20), ("K", 10)] where n != 0 && n % (1 << UInt64(shift)) == 0 {
+        return "\(n >> UInt64(shift))\(suffix)"
+    }
+    return String(n)
 }
 
 /// "512M", "8G", "1T", "4096" → bytes.

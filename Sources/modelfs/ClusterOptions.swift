@@ -9,7 +9,7 @@ import ModelFSWire
 /// The flags of a cluster node (with `--meta etcd://...`).
 struct ClusterOptions: ParsableArguments {
     @Option(help: "Address the peer server listens on (cluster mode).")
-    var listen: String = "0.0.0.0:7420"
+    var listen: String = ClusterSettings.defaults.listen
 
     @Option(help: "Address other nodes reach this node at (default: the --listen address; required when that is 0.0.0.0).")
     var advertise: String?
@@ -42,10 +42,10 @@ struct ClusterOptions: ParsableArguments {
     var etcdPasswordFile: String?
 
     @Option(help: "Default copies of every block, for directories without a policy.")
-    var replicas: Int = 2
+    var replicas: Int = ClusterSettings.defaults.policy.replicas
 
     @Option(help: "Default copies durable before close() returns (1: write-back; = --replicas: synchronous).")
-    var ack: Int = 1
+    var ack: Int = ClusterSettings.defaults.policy.ack
 
     @Option(help: "Spread copies over the values of this node label (e.g. zone).")
     var spread: String?
@@ -54,61 +54,61 @@ struct ClusterOptions: ParsableArguments {
     var labels: String?
 
     @Option(help: "Read-cache budget for blocks fetched from peers (e.g. 512M, 8G).")
-    var cacheSize: String = "8G"
+    var cacheSize: String = sizeText(ClusterSettings.defaults.cacheSize)
 
     @Option(help: "Files at least this large (e.g. 16M) are loaded cooperatively when several nodes read them at once: each block leaves its holders about once and the loaders pass it on to each other (fan-out); 0: never.")
-    var fanoutMinSize: String = "16M"
+    var fanoutMinSize: String = sizeText(ClusterSettings.defaults.fanoutMinSize)
 
     @Flag(help: "Do not prefetch by file format (opening a safetensors file fetches its header's tensors ahead of the loader, in the loader's order).")
-    var noFormatPrefetch = false
+    var noFormatPrefetch = !ClusterSettings.defaults.formatPrefetch
 
     @Option(help: "Unreplicated bytes this node may hold before writers are slowed (e.g. 16G).")
-    var stagingSize: String = "16G"
+    var stagingSize: String = sizeText(ClusterSettings.defaults.stagingSize)
 
     @Option(help: "Seconds close() and fsync() wait for their copies before failing with EIO.")
-    var ackTimeout: Double = 60
+    var ackTimeout: Double = ClusterSettings.defaults.ackTimeout
 
     @Option(help: "How a writer sends a block's copies: chain (to the first target, which sends it on to the next: the writer's link carries each byte once) or fanout (one PUT per target).")
-    var replication: String = "chain"
+    var replication: String = ClusterSettings.defaults.chain ? "chain" : "fanout"
 
     @Option(help: "This node's id (default: generated once and kept in DATA/node-id).")
     var nodeId: String?
 
     @Option(help: "Seconds without renewal after which etcd drops this node (it counts as down).")
-    var leaseTtl: Int = 10
+    var leaseTtl: Int = ClusterSettings.defaults.leaseTtl
 
     @Option(help: "Seconds a node may be down before its blocks are copied elsewhere (a restart within this costs no copying).")
-    var deadAfter: Double = 60
+    var deadAfter: Double = ClusterSettings.defaults.deadAfter
 
     @Option(help: "Seconds between the healer's looks at the cluster (one node runs it): it reads the namespace only when nodes joined, died, left or drain, when its last pass did something, or every --heal-full-every.")
-    var healInterval: Double = 30
+    var healInterval: Double = ClusterSettings.defaults.healInterval
 
     @Option(help: "Seconds after which the healer reads the whole namespace even when nothing changed.")
-    var healFullEvery: Double = 3600
+    var healFullEvery: Double = ClusterSettings.defaults.healFullEvery
 
     @Option(help: "Files a second, at most, the healer reads while it walks the namespace (0: no limit).")
-    var healScanRate: Int = 20_000
+    var healScanRate: Int = Int(ClusterSettings.defaults.healScanRate)
 
     @Option(help: "Bytes per second of healing copies (re-replication, drain, rebalancing) across the cluster, applied by the node that runs the healer; 0: as fast as the nodes go.")
-    var healRate: String = "0"
+    var healRate: String = sizeText(ClusterSettings.defaults.healRate)
 
     @Option(help: "Bytes per second of healing copies a node sends and receives while it serves readers or writers (its own or other nodes'); at full speed once it has been idle for a quarter second. 0: healing never yields.")
-    var healRateBusy: String = "100M"
+    var healRateBusy: String = sizeText(ClusterSettings.defaults.healRateBusy)
 
     @Option(help: "Bytes per second the scrubber re-reads and re-hashes this node's replicas at (0: off).")
-    var scrubRate: String = "16M"
+    var scrubRate: String = sizeText(ClusterSettings.defaults.scrubRate)
 
     @Option(help: "Seconds from the start of one scrub pass to the next.")
-    var scrubEvery: Double = 86400
+    var scrubEvery: Double = ClusterSettings.defaults.scrubEvery
 
     @Option(help: "Seconds a block nothing references is kept before garbage collection removes it (copies for writes still under way, leftovers of crashes).")
-    var gcDelay: Double = 900
+    var gcDelay: Double = ClusterSettings.defaults.gcDelay
 
     @Option(help: "Seconds the blocks of a replaced or deleted version are kept (at most --gc-delay), and after that for as long as a reader on any node still has that version open.")
-    var gcSupersededDelay: Double = 10
+    var gcSupersededDelay: Double = ClusterSettings.defaults.gcSupersededDelay
 
     @Option(help: "Manifests a second, at most, garbage collection reads from etcd while it pages through the namespace (a pass runs after content changed somewhere, or hourly).")
-    var gcScanRate: Int = 10_000
+    var gcScanRate: Int = Int(ClusterSettings.defaults.gcScanRate)
 
     /// The flags again, to hand to the daemon process.
     var arguments: [String] {

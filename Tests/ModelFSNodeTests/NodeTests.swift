@@ -50,6 +50,14 @@ import Testing
         node.stop()
     }
 
+    /// The CLI's size flags show the settings' defaults through `sizeText`: it must read back.
+    @Test func sizesReadBackAsTheyAreWritten() {
+        for n: UInt64 in [0, 1, 4096, 1000, 16 << 20, 100 << 20, 8 << 30, 16 << 30, 3 << 40, (1 << 20) + 1] {
+            #expect(parseSize(sizeText(n)) == n, "\(n) -> \(sizeText(n))")
+        }
+        #expect(sizeText(8 << 30) == "8G" && sizeText(100 << 20) == "100M" && sizeText(0) == "0")
+    }
+
     @Test func aDataDirOfAClusterIsRefusedAlone() throws {
         let dir = try Self.scratch("claimed")
         defer { try? FileManager.default.removeItem(atPath: dir) }
