@@ -47,6 +47,36 @@ extension FileSystem {
         }
     }
 
+    /// Which of `wanted` the committed manifests reference, read a page (`page` manifests, each
+    /// page its own read of the metadata engine) at a time, stopping once every one is found:
+    /// at most `rate` manifests a second (0: no limit), and after a page that took t a pause of
+    /// `pause` × t, so a busy metadata store slows the scan instead of the scan slowing
+    /// everyone. `stop` ends it early by throwing. Garbage collection's mark phase, on this node
+    /// or, for the whole cluster, on the node that scans for the others (`ReferenceScanner`).
+    public func scanReferences(_ wanted: Set<BlockID>, rate: UInt64, pause: Double, page: Int = 1000,
+                               stop: () -> Bool = { false }) throws -> (referenced: Set<BlockID>, manifests: Int) {
+        var left = wanted, found = Set<BlockID>(), read = 0
+        let pacer = Pacer(rate: rate)
+        var after = InodeNumber(0)
+        while !left.isEmpty {
+            if stop() { throw FSError.io("the scan of the manifests was stopped") }
+            let asked = DispatchTime.now()
+            let manifests = try meta.manifests(after: after, limit: page)
+            if pause > 0 {
+                let took = Double(DispatchTime.now().uptimeNanoseconds - asked.uptimeNanoseconds) / 1e9
+                usleep(UInt32(min(2.0, pause * took) * 1e6))
+            }
+            for (_, ref) in manifests {
+                for id in try blocks(of: ref) where left.remove(id) != nil { found.insert(id) }
+            }
+            read += manifests.count
+            guard manifests.count == page, let last = manifests.last else { break }
+            after = last.0
+            pacer.spent(UInt64(manifests.count))
+        }
+        return (found, read)
+    }
+
     /// Every block that a file references, committed or open for writing (tests; garbage
     /// collection pages through the manifests itself).
     public func referencedBlocks() throws -> Set<BlockID> {

@@ -53,6 +53,14 @@ import Synchronization
 /// under a writer that reuses its content costs a copy sent again, never a count that is wrong.
 /// The delay gives readers on other nodes time to place their holds: they hear of the new
 /// version from the same watch. The full passes keep the grace for every other block.
+///
+/// On a cluster, a pass set off by the feed asks the cluster's one scanner (`scanner`,
+/// `ReferenceScans`) which of its candidates a manifest references instead of reading the
+/// manifests itself: a delete whose blocks three nodes hold costs one read of the namespace, not
+/// three, and passes of several nodes that come together share it. The argument above holds
+/// unchanged: the scanner reads every manifest page after it has read the ask, which this node
+/// writes after step 1. Full passes, and asks with more candidates than the scanner takes, read
+/// the manifests here.
 public final class GarbageCollector: @unchecked Sendable {
     let fs: FileSystem
     let store: PackBlockStore
@@ -81,6 +89,10 @@ public final class GarbageCollector: @unchecked Sendable {
     /// the inodes whose old versions readers hold (nil: none are tracked).
     let supersededDelay: Double
     let held: (@Sendable () throws -> Set<InodeNumber>)?
+    /// The cluster's scanner, asked by the passes the change feed sets off (nil: they read the
+    /// manifests here).
+    let scanner: (any ReferenceScanner)?
+    private let stopping = Atomic<Bool>(false)
     /// A suspect touched within this many seconds before a pass waits for the next one.
     let settle: Double
     /// How soon versions that a reader holds are looked at again.
@@ -99,8 +111,7 @@ public final class GarbageCollector: @unchecked Sendable {
     private let expander = DispatchQueue(label: "modelfs.gc.expand", qos: .utility)
     static let page = 1000
     /// Pause after each page, in multiples of the time the page took to read (a paced pass).
-    static let pauseFactor = 3.0
-    static func seconds(since t: DispatchTime) -> Double { Double(DispatchTime.now().uptimeNanoseconds - t.uptimeNanoseconds) / 1e9 }
+    public static let pauseFactor = 3.0
 
     private struct Passes {
         /// `fs.contentChanges` when the last pass started (nil: no pass yet).
@@ -147,6 +158,9 @@ public final class GarbageCollector: @unchecked Sendable {
         public var supersededWaiting = 0
         /// Superseded versions found held by a reader, over all passes.
         public var heldDeferrals: UInt64 = 0
+        /// Passes whose manifests the cluster's scanner read for them (their `manifestsRead` is
+        /// 0 here: the scanner counts them).
+        public var scannedElsewhere = 0
 
         public init() {}
 
@@ -165,6 +179,7 @@ public final class GarbageCollector: @unchecked Sendable {
             suspects = try v(.suspects, 0)
             supersededWaiting = try v(.supersededWaiting, 0)
             heldDeferrals = try v(.heldDeferrals, 0)
+            scannedElsewhere = try v(.scannedElsewhere, 0)
         }
     }
     public var stats: Stats {
@@ -182,7 +197,8 @@ public final class GarbageCollector: @unchecked Sendable {
 
     public init(fs: FileSystem, store: PackBlockStore, others: [PackBlockStore] = [], interval: Double = 60, grace: Double = 1,
                 scanRate: UInt64 = 0, fullEvery: Double = 3600, changeFeed: Bool = false, supersededDelay: Double = 10,
-                held: (@Sendable () throws -> Set<InodeNumber>)? = nil, settle: Double = 1) {
+                held: (@Sendable () throws -> Set<InodeNumber>)? = nil, settle: Double = 1,
+                scanner: (any ReferenceScanner)? = nil) {
         self.fs = fs
         self.store = store
         self.others = others
@@ -194,6 +210,7 @@ public final class GarbageCollector: @unchecked Sendable {
         self.supersededDelay = supersededDelay
         self.held = held
         self.settle = settle
+        self.scanner = scanner
     }
 
     /// How often the timer asks `due`: a change feed's superseded versions are due
@@ -272,6 +289,7 @@ public final class GarbageCollector: @unchecked Sendable {
     /// way, every session committed or failed) it keeps no grace period: the failed write's
     /// blocks were stored a moment ago, and no writer is left that could still reference them.
     public func stop(idle: Bool) {
+        stopping.store(true, ordering: .relaxed)   // a pass waiting for the cluster's scanner gives up
         timer?.cancel(); timer = nil
         guard takePending() else { return }
         queue.sync { _ = try? collect(cutoff: idle ? .now() : nil) }
@@ -369,29 +387,20 @@ public final class GarbageCollector: @unchecked Sendable {
             if !waiting.isEmpty { p.retryAt = begun.addingTimeInterval((changeFeed ? settle : grace) + 1) }
             if full { p.stats.fullPasses += 1 }
         }
-        var left = candidates.reduce(0) { $0 + $1.count }
-        var read = 0
-        let pacer = Pacer(rate: scanRate)
-        var after = InodeNumber(0)
+        let wanted = candidates.reduce(into: Set<BlockID>()) { $0.formUnion($1) }
+        var read = 0, elsewhere = false
         do {
-            while left > 0 {
-                let asked = DispatchTime.now()
-                let page = try fs.meta.manifests(after: after, limit: Self.page)
-                // A paced scan also leaves the metadata store room: after a page that took t, a
-                // pause of 3t (the pass asks for at most a quarter of the time), so a busy etcd
-                // slows the pass instead of the pass slowing everyone (at 1,000,000 files in the
-                // lab, three passes at 10,000 manifests/s made etcd late with keep-alives).
-                if scanRate > 0 { usleep(UInt32(min(2.0, Self.pauseFactor * Self.seconds(since: asked)) * 1e6)) }
-                for (_, ref) in page {
-                    for id in try fs.blocks(of: ref) {
-                        for i in candidates.indices where candidates[i].remove(id) != nil { left -= 1 }
-                    }
-                }
-                read += page.count
-                guard page.count == Self.page, let last = page.last else { break }
-                after = last.0
-                pacer.spent(UInt64(page.count))
+            var referenced: Set<BlockID>?
+            if !full, !wanted.isEmpty, let scanner, wanted.count <= scanner.limit {
+                referenced = try scanner.referenced(wanted, stop: { [weak self] in self?.stopping.load(ordering: .relaxed) ?? true })
+                elsewhere = referenced != nil
             }
+            if referenced == nil {
+                let scan = try fs.scanReferences(wanted, rate: scanRate, pause: scanRate > 0 ? Self.pauseFactor : 0, page: Self.page)
+                referenced = scan.referenced
+                read = scan.manifests
+            }
+            if let referenced { for i in candidates.indices { candidates[i].subtract(referenced) } }
         } catch {
             // Undecided: the suspects wait for the next pass (a full one is owed again).
             passes.withLock { p in
@@ -418,11 +427,25 @@ public final class GarbageCollector: @unchecked Sendable {
             p.stats.removedBlocks += blocks
             p.stats.removedBytes += bytes
             p.stats.lastPassSeconds = seconds
+            if elsewhere { p.stats.scannedElsewhere += 1 }
+            // (The scanner spaces its own scans.)
             if read > 0 { p.spacedUntil = Date().addingTimeInterval(seconds) }
         }
         if blocks > 0 {
-            Log.info("garbage collection removed \(blocks) blocks (\(bytes) bytes) in \(String(format: "%.2f", seconds)) s (\(read) manifests read)")
+            Log.info("garbage collection removed \(blocks) blocks (\(bytes) bytes) in \(String(format: "%.2f", seconds)) s (\(elsewhere ? "the cluster's scanner read the manifests" : "\(read) manifests read"))")
         }
         return (blocks, bytes)
     }
+}
+
+/// Answers garbage collection's question for a cluster: which of a pass's candidates a committed
+/// manifest references, from one scan of the namespace that serves every node asking at the time
+/// (`ReferenceScans` in ModelFSPeer).
+public protocol ReferenceScanner: Sendable {
+    /// Candidates an ask may carry at most; a pass with more reads the manifests itself.
+    var limit: Int { get }
+    /// Which of `candidates` the committed manifests reference, every manifest read after this
+    /// call began; nil when no scan can answer now (the pass then reads them itself). `stop`
+    /// true: it gives up by throwing.
+    func referenced(_ candidates: Set<BlockID>, stop: @escaping @Sendable () -> Bool) throws -> Set<BlockID>?
 }

@@ -23,6 +23,9 @@ import ModelFSCore
 /// | `drain/ID` | per draining node | a drain mark | Membership |
 /// | `f/INO.VERSION/ID` | per node loading a large file version | a fan-out loader; under the node's lease | Fanout |
 /// | `h/INO/ID` | per node reading a superseded version | a reader's hold (the version it reads); under the node's lease | VersionHolds |
+/// | `g/scanner` | one | which node scans the manifests for every node's garbage collection, under its lease | ReferenceScans |
+/// | `g/ask/ID` | per node whose collection pass waits | the pass's candidate blocks; under the node's lease | ReferenceScans |
+/// | `g/answer/ID` | per node whose ask was answered | the candidates a manifest references; under the asker's lease | ReferenceScans |
 ///
 /// `EtcdKeys.layout` lists them for the test that no prefix shadows another key (a range
 /// over one must never return another's keys).
@@ -53,6 +56,11 @@ public struct EtcdKeys: Sendable {
     public var drain: Data { key("drain/") }
     public var loaders: Data { key("f/") }
     public var holds: Data { key("h/") }
+    public var gcScanner: Data { key("g/scanner") }
+    public var gcAsks: Data { key("g/ask/") }
+    public var gcAnswers: Data { key("g/answer/") }
+    public func gcAsk(_ node: String) -> Data { gcAsks + Data(node.utf8) }
+    public func gcAnswer(_ node: String) -> Data { gcAnswers + Data(node.utf8) }
 
     /// An inode number as keys spell it: 16 hex digits, so keys sort by number.
     public static func hex(_ ino: InodeNumber) -> String {
@@ -96,6 +104,6 @@ public struct EtcdKeys: Sendable {
         ("n/next_ino", false, nil), ("n/stats/", true, nil), ("n/stats/_base", false, "n/stats/"),
         ("n/healer", false, nil), ("n/heal", false, nil), ("n/cluster_id", false, nil),
         ("nodes/", true, nil), ("members/", true, nil), ("drain/", true, nil), ("f/", true, nil),
-        ("h/", true, nil),
+        ("h/", true, nil), ("g/scanner", false, nil), ("g/ask/", true, nil), ("g/answer/", true, nil),
     ]
 }

@@ -71,6 +71,9 @@ public struct ClusterStatus: Codable, Sendable {
     /// on every node), and holds placed since start (absent from an older daemon).
     public var readerHolds: Int?
     public var readerHoldsPlaced: UInt64?
+    /// The cluster's one scan of the manifests for garbage collection: whether this node is the
+    /// scanner, what it read and answered, and what this node asked (absent from an older daemon).
+    public var gcScans: ReferenceScans.Status?
 }
 
 public struct FanoutStatus: Codable, Sendable {
@@ -110,6 +113,8 @@ public final class ClusterNode: @unchecked Sendable {
     public let fanout: Fanout
     /// Readers' holds on superseded versions (made once the filesystem exists, `attach`).
     public private(set) var holds: VersionHolds!
+    /// The manifests read once for every node's garbage collection (made in `attach`).
+    public private(set) var scans: ReferenceScans!
     /// Made once the filesystem exists (`attach`).
     public private(set) var healer: Healer?
     private var watcher: EtcdWatcher?
@@ -256,6 +261,8 @@ public final class ClusterNode: @unchecked Sendable {
                                  readerVersion: { [weak fs] ino in fs?.readerVersion(ino) })
         fs.events.onReadView { [weak holds] ino, version in holds?.opened(ino, version: version) }
         self.holds = holds
+        scans = ReferenceScans(etcd: etcd, keys: EtcdKeys(cluster: clusterName), membership: membership, fs: fs,
+                               scanRate: settings.gcScanRate)
     }
 
     public func start() throws {
@@ -269,6 +276,7 @@ public final class ClusterNode: @unchecked Sendable {
         scrubber.start()
         healer?.start()
         holds?.start()
+        scans?.start()
         Log.info("node \(id) joined the cluster at \(membership.me.address) (peer port \(server.port)); \(membership.nodes.count) nodes live")
     }
 
@@ -277,10 +285,10 @@ public final class ClusterNode: @unchecked Sendable {
     public func watchNamespace(_ onChange: @escaping @Sendable (NamespaceChange) -> Void) throws {
         guard let namespace else { return }
         let start = try namespace.client.range(namespace.keys.nextInode).revision
-        let fanout = fanout
+        let (fanout, scans) = (fanout, scans)
         let w = EtcdWatcher(client: namespace.client, prefix: namespace.namespacePrefix) { events in
             for e in events {
-                if let c = namespace.change(e) { onChange(c) } else { fanout.observe(e) }
+                if let c = namespace.change(e) { onChange(c) } else { fanout.observe(e); scans?.observe(e) }
             }
         }
         w.start(after: start)
@@ -289,6 +297,7 @@ public final class ClusterNode: @unchecked Sendable {
 
     public func stop() {
         watcher?.stop()
+        scans?.stop()
         holds?.stop()
         healer?.stop()
         fanout.stop()
@@ -325,6 +334,6 @@ public final class ClusterNode: @unchecked Sendable {
                              etcdTraffic: (settings.etcdEncrypted ? "TLS" : "unencrypted")
                                  + (settings.etcdSecurity.user.map { ", etcd user \($0)" } ?? ", no etcd user"),
                              fanout: { let f = fanout.status; return FanoutStatus(minSize: fanout.minSize, totals: f.totals, files: f.files) }(),
-                             readerHolds: holds?.counts.holding, readerHoldsPlaced: holds?.counts.placed)
+                             readerHolds: holds?.counts.holding, readerHoldsPlaced: holds?.counts.placed, gcScans: scans?.status)
     }
 }

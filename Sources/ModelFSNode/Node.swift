@@ -65,7 +65,7 @@ public final class Node: Sendable {
                                   interval: min(60, max(1, c.gcDelay / 2)), grace: c.gcDelay,
                                   scanRate: c.gcScanRate, fullEvery: max(3600, c.gcDelay), changeFeed: true,
                                   supersededDelay: min(c.gcSupersededDelay, c.gcDelay),
-                                  held: { [holds = cluster.holds] in try holds.heldInodes() })
+                                  held: { [holds = cluster.holds] in try holds.heldInodes() }, scanner: cluster.scans)
         } else {
             gc = GarbageCollector(fs: fs, store: store, grace: 1)
         }

@@ -265,11 +265,13 @@ import Testing
         func rel(_ d: Data) -> String { String(decoding: d.dropFirst(k.root.count), as: UTF8.self) }
         #expect(String(decoding: k.root, as: UTF8.self) == "/modelfs/c1/")
         let named = [k.inodes, k.entries, k.manifests, k.xattrs, k.orphans, k.markers, k.writers, k.nextInode, k.stats,
-                     k.statsBase, k.healer, k.healStatus, k.clusterID, k.nodes, k.members, k.drain, k.loaders, k.holds].map(rel)
+                     k.statsBase, k.healer, k.healStatus, k.clusterID, k.nodes, k.members, k.drain, k.loaders, k.holds,
+                     k.gcScanner, k.gcAsks, k.gcAnswers].map(rel)
         #expect(named.sorted() == EtcdKeys.layout.map(\.key).sorted())
         #expect(rel(k.inode(InodeNumber(0x2a))) == "i/000000000000002a")
         #expect(rel(k.entries(of: InodeNumber(1))) == "e/0000000000000001/")
         #expect(rel(k.marker(of: "n1", slot: 3)) == "t/n1/3")
+        #expect(rel(k.gcAsk("n1")) == "g/ask/n1" && rel(k.gcAnswer("n1")) == "g/answer/n1")
         #expect(rel(k.node("h1")) == "nodes/h1" && rel(k.member("h1")) == "members/h1" && rel(k.drain("h1")) == "drain/h1")
         let file = FileVersion(ino: InodeNumber(0xa3), version: 7, size: 1)
         #expect(rel(k.loader(of: file, node: "h1")) == "f/00000000000000a3.7/h1")

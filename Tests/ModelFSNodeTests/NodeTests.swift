@@ -106,4 +106,65 @@ import Testing
         let status = nodes[0].cluster!.status()
         #expect(status.nodes.map(\.id).sorted() == ["n0", "n1"])
     }
+
+    /// A delete on a cluster: every node holding the deleted file's blocks runs a collection
+    /// pass, and one node (the scanner) reads the manifests for all of them. The blocks only the
+    /// deleted file had go from every node; those another file shares stay, and it reads back.
+    @Test func oneScanOfTheManifestsServesEveryNodesCollection() throws {
+        let etcd = try EtcdTestCluster.shared.get()
+        let name = "gcscan-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        var nodes: [Node] = []
+        var dirs: [String] = []
+        defer {
+            for n in nodes { n.stop() }
+            for d in dirs { try? FileManager.default.removeItem(atPath: d) }
+        }
+        for i in 0..<3 {
+            let dir = try Self.scratch("g\(i)")
+            dirs.append(dir)
+            var c = ClusterSettings(secret: "node-tests-secret", listen: "127.0.0.1:0")
+            c.nodeID = "g\(i)"
+            c.policy = ReplicationPolicy(replicas: 3, ack: 3)   // every node holds every block
+            c.cacheSize = 64 << 20
+            c.scrubRate = 0
+            c.ackTimeout = 20
+            c.gcSupersededDelay = 1
+            let node = try Node(NodeSettings(dataDir: dir, meta: etcd.metaURL(name), cluster: c))
+            try node.start()
+            node.mounted()
+            nodes.append(node)
+        }
+        #expect(waitUntil(timeout: 20) { nodes.allSatisfy { $0.cluster!.membership.nodes.count == 3 } })
+        // keep.bin is the first 3 MiB of drop.bin: they share the chunks before its last one.
+        let shared = randomBytes(3 << 20, seed: 21)
+        let keep = try Self.write(nodes[0].fs, "keep.bin", shared)
+        let drop = try Self.write(nodes[1].fs, "drop.bin", shared + randomBytes(3 << 20, seed: 22))
+        func blocks(_ ino: InodeNumber) throws -> Set<BlockID> {
+            var out = Set<BlockID>()
+            try nodes[2].fs.walkFiles(from: ino) { f in out.formUnion(f.blocks.map(\.id)) }
+            return out
+        }
+        let kept = try blocks(keep), dropped = try blocks(drop).subtracting(kept)
+        let sharedBlocks = try blocks(drop).intersection(kept)
+        #expect(!dropped.isEmpty && !sharedBlocks.isEmpty, "the files share blocks")
+        #expect(nodes.allSatisfy { n in (kept.union(dropped)).allSatisfy(n.store.contains) })
+        // Each node's first pass (a full one, read here) is over before the delete.
+        #expect(waitUntil(timeout: 30) { nodes.allSatisfy { $0.gc.stats.passes >= 1 && !$0.gc.stats.running } })
+        let readBefore = nodes.map { $0.gc.stats.manifestsRead }
+
+        try nodes[2].fs.unlink(parent: .root, name: "drop.bin")
+        #expect(waitUntil(timeout: 60) { nodes.allSatisfy { n in !dropped.contains(where: n.store.contains) } },
+                "every node removes the blocks only drop.bin had")
+        #expect(nodes.allSatisfy { n in kept.allSatisfy(n.store.contains) })
+        #expect(try Self.read(nodes[1].fs, "keep.bin") == shared)
+        // One scanner, which read the manifests for the three passes; the nodes read none.
+        let scans = nodes.map { $0.cluster!.scans.status }
+        #expect(scans.filter(\.scanner).count == 1)
+        let answered = scans.reduce(0) { $0 + $1.asksAnswered }, scanned = scans.reduce(0) { $0 + $1.scans }
+        #expect(answered >= 3)
+        #expect(scanned < answered, "asks that come together share a scan (\(scanned) scans for \(answered) asks)")
+        #expect(nodes.allSatisfy { $0.gc.stats.scannedElsewhere >= 1 })
+        #expect(nodes.map { $0.gc.stats.manifestsRead } == readBefore, "no node read manifests for its own pass")
+        #expect(scans.allSatisfy { $0.scannedHere == 0 })
+    }
 }

@@ -992,3 +992,19 @@ final class ScriptedPeer: @unchecked Sendable {
         #expect(m.holders.values.allSatisfy { $0.count == 3 })
     }
 }
+
+/// The asks and answers garbage collection's scanner reads from etcd: what is encoded decodes to
+/// the same, and a value of the wrong shape is refused, not misread.
+@Suite struct ReferenceScanWireTests {
+    @Test func asksAndAnswersRoundTripAndBadValuesAreRefused() {
+        let ids = (0..<5).map { BlockID.hash(Data("block \($0)".utf8)) }
+        let ask = ReferenceScans.encode(sequence: 77, lease: 123_456_789, ids: ids)
+        let a = ReferenceScans.decode(ask, withLease: true)
+        #expect(a?.sequence == 77 && a?.lease == 123_456_789 && a?.ids == ids)
+        let answer = ReferenceScans.decode(ReferenceScans.encode(sequence: 78, lease: nil, ids: ids.prefix(2)), withLease: false)
+        #expect(answer?.sequence == 78 && answer?.ids == Array(ids.prefix(2)))
+        #expect(ReferenceScans.decode(ReferenceScans.encode(sequence: 1, lease: nil, ids: []), withLease: false)?.ids == [])
+        #expect(ReferenceScans.decode(ask.dropLast(), withLease: true) == nil)
+        #expect(ReferenceScans.decode(Data([1, 2, 3]), withLease: false) == nil)
+    }
+}

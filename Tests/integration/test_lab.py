@@ -282,8 +282,14 @@ def quiet(lab, free_for: float = 0) -> tuple[int, dict]:
         last["moved"] = moved
         if busy:
             return None
-        return heal.get("passes", 0), {i: s["gc"]["manifestsRead"] for i, s in st.items()}
+        return heal.get("passes", 0), {i: manifests_read(s) for i, s in st.items()}
     return wait_until(settled, 300, interval=2, what="garbage collection and healing to settle")
+
+
+def manifests_read(status: dict) -> int:
+    """Manifests a host read for garbage collection: its own passes, and as the cluster's
+    scanner for every host's."""
+    return status["gc"]["manifestsRead"] + ((status["cluster"].get("gcScans") or {}).get("manifestsRead") or 0)
 
 
 def idle_rate(lab, seconds: float = 10) -> float:
@@ -362,6 +368,30 @@ def test_fifty_thousand_files_cost_an_idle_cluster_nothing_more(lab, work):
     assert large <= small * 1.5 + 2, f"idle etcd requests per host: {small:.1f}/s with a small namespace, {large:.1f}/s with 50,000 files"
     # The loaded files read back (their content is the seed's).
     assert read_file(h2 / work / "ns" / "step-000007" / "__3_0.distcp") == read_file(seed / f"s{(7 * 500 + 3) % 8}.bin")
+
+    # A delete at 50,000 files: the 3 holders of its blocks each run a collection pass, and for
+    # blocks that are garbage that takes reading every manifest; one host (the scanner) reads
+    # them once for all three.
+    gone = h2 / work / "gone.bin"
+    write_file(gone, payload(2_000_000, 77))
+    before_gone = h2.blocks()
+    wait_until(lambda: least_copies(gone) >= 3, 120, interval=1, what="gone.bin to have 3 copies")
+    quiet(lab)
+    own = {i: h.status()["gc"]["manifestsRead"] for i, h in lab.hosts.items()}
+    scans0 = [h.cluster_status().get("gcScans") or {} for h in lab.hosts.values()]
+    blocks = h2.blocks() - before_gone   # gone.bin's, on 3 hosts
+    assert blocks and sum(bool(h.blocks() & blocks) for h in lab.hosts.values()) >= 3
+    os.unlink(gone)
+    wait_until(lambda: not any(h.blocks() & blocks for h in lab.hosts.values()), 180, interval=2,
+               what="every host to remove gone.bin's blocks")
+    quiet(lab)
+    scans1 = [h.cluster_status().get("gcScans") or {} for h in lab.hosts.values()]
+    delta = lambda k: sum((b.get(k) or 0) - (a.get(k) or 0) for a, b in zip(scans0, scans1))   # noqa: E731
+    assert {i: h.status()["gc"]["manifestsRead"] for i, h in lab.hosts.items()} == own, \
+        "a host read manifests for its own pass instead of asking the cluster's scanner"
+    assert delta("asksAnswered") >= 3, (scans0, scans1)
+    assert 0 < delta("scans") < delta("asksAnswered"), f"asks that come together share a scan: {scans1}"
+    assert delta("manifestsRead") <= 1.1 * 50_100 * delta("scans"), scans1
 
     # A host lost at 50,000 files: the healer's pass (after --dead-after, 30 s) walks them all and
     # brings the seed blocks back to 3 copies.

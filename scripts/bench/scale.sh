@@ -4,7 +4,7 @@
 # idle etcd traffic per host, close() during a GC pass, etcd bytes per file, a host lost and healed,
 # idle RSS. See scripts/bench/scale.py; results in docs/PERFORMANCE.md.
 #
-#   scripts/bench/scale.sh [--files N] [--hosts H] [--link RATE] [--ranks R] [--out FILE]
+#   scripts/bench/scale.sh [--files N] [--hosts H] [--link RATE] [--ranks R] [--no-heal] [--out FILE]
 # Needs root (network namespaces, FUSE).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
