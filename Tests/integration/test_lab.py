@@ -373,8 +373,8 @@ def test_fifty_thousand_files_cost_an_idle_cluster_nothing_more(lab, work):
     # blocks that are garbage that takes reading every manifest; one host (the scanner) reads
     # them once for all three.
     gone = h2 / work / "gone.bin"
-    write_file(gone, payload(2_000_000, 77))
     before_gone = h2.blocks()
+    write_file(gone, payload(2_000_000, 77))
     wait_until(lambda: least_copies(gone) >= 3, 120, interval=1, what="gone.bin to have 3 copies")
     quiet(lab)
     own = {i: h.status()["gc"]["manifestsRead"] for i, h in lab.hosts.items()}
