@@ -305,8 +305,24 @@ final class ReadView: @unchecked Sendable {
     func write(to fd: Int32, reader: BlockReader, stop: () -> Bool = { false }) throws {
         let step = 4 << 20
         var offset: UInt64 = 0
+        // The next step's blocks are read and verified, two at a time, while this step is
+        // written: hashing is half of a build's CPU and the copy into the page cache the other
+        // half, and the two ran one after the other on one thread (docs/PERFORMANCE.md).
+        let file = file
+        func load(_ from: UInt64) -> DispatchSemaphore? {
+            let stored = min(size, from + UInt64(step), chunks.end)
+            guard from < stored else { return nil }
+            let ids = chunks.chunks[chunks.index(of: from)...chunks.index(of: stored - 1)].map(\.id)
+            let done = DispatchSemaphore(value: 0)
+            Thread { parallelFor(ids.count, width: 4) { i in _ = try? reader.block(ids[i], for: file) }; done.signal() }.start()
+            return done
+        }
+        var ahead = load(0)
+        defer { ahead?.wait() }
         while offset < size {
             if stop() { throw FSError.io("stopped: the filesystem is being unmounted") }
+            ahead?.wait()
+            ahead = load(offset + UInt64(step))
             let slices = try slices(at: offset, count: step, reader: reader)
             let total = slices.reduce(0) { $0 + $1.count }
             guard total > 0 else { throw FSError.io("a flat copy's read at \(offset) returned nothing") }
