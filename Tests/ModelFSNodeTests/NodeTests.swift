@@ -33,6 +33,32 @@ import Testing
         return Array(buf[0..<n])
     }
 
+    /// `count` cluster nodes over the shared test etcd, each with its own data dir (`dirs`),
+    /// started and mounted; `configure` sets each one's settings further.
+    static func cluster(_ count: Int, tag: String, policy: ReplicationPolicy, nodes: inout [Node], dirs: inout [String],
+                        configure: (inout ClusterSettings) -> Void = { _ in }) throws {
+        let etcd = try EtcdTestCluster.shared.get()
+        let name = "\(tag)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        for i in 0..<count {
+            let dir = try scratch("\(tag)\(i)")
+            dirs.append(dir)
+            var c = ClusterSettings(secret: "node-tests-secret", listen: "127.0.0.1:0")
+            c.nodeID = "\(tag)\(i)"
+            c.policy = policy
+            c.cacheSize = 64 << 20
+            c.scrubRate = 0
+            c.ackTimeout = 20
+            configure(&c)
+            let node = try Node(NodeSettings(dataDir: dir, meta: etcd.metaURL(name), cluster: c))
+            try node.start()
+            node.mounted()
+            nodes.append(node)
+        }
+        let made = nodes
+        let joined = waitUntil(timeout: 20) { made.allSatisfy { $0.cluster!.membership.nodes.count == count } }
+        #expect(joined, "every node sees the \(count) nodes")
+    }
+
     @Test func aSingleNodeIsComposedAndCollectsWhatItFrees() throws {
         let dir = try Self.scratch("one")
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -70,30 +96,14 @@ import Testing
     }
 
     @Test func twoClusterNodesReadEachOthersFiles() throws {
-        let etcd = try EtcdTestCluster.shared.get()
-        let name = "node-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         var nodes: [Node] = []
         var dirs: [String] = []
         defer {
             for n in nodes { n.stop() }
             for d in dirs { try? FileManager.default.removeItem(atPath: d) }
         }
-        for i in 0..<2 {
-            let dir = try Self.scratch("c\(i)")
-            dirs.append(dir)
-            var c = ClusterSettings(secret: "node-tests-secret", listen: "127.0.0.1:0")
-            c.nodeID = "n\(i)"
-            // Both copies before close() returns: the reader's node holds one.
-            c.policy = ReplicationPolicy(replicas: 2, ack: 2)
-            c.cacheSize = 64 << 20
-            c.scrubRate = 0
-            c.ackTimeout = 20
-            let node = try Node(NodeSettings(dataDir: dir, meta: etcd.metaURL(name), cluster: c))
-            try node.start()
-            node.mounted()
-            nodes.append(node)
-        }
-        #expect(waitUntil(timeout: 20) { nodes.allSatisfy { $0.cluster!.membership.nodes.count == 2 } })
+        // Both copies before close() returns: the reader's node holds one.
+        try Self.cluster(2, tag: "n", policy: ReplicationPolicy(replicas: 2, ack: 2), nodes: &nodes, dirs: &dirs)
         let data = randomBytes(5 << 20, seed: 11)
         let ino = try Self.write(nodes[0].fs, "model.safetensors", data)
         #expect(try Self.read(nodes[1].fs, "model.safetensors") == data)
@@ -111,30 +121,14 @@ import Testing
     /// pass, and one node (the scanner) reads the manifests for all of them. The blocks only the
     /// deleted file had go from every node; those another file shares stay, and it reads back.
     @Test func oneScanOfTheManifestsServesEveryNodesCollection() throws {
-        let etcd = try EtcdTestCluster.shared.get()
-        let name = "gcscan-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         var nodes: [Node] = []
         var dirs: [String] = []
         defer {
             for n in nodes { n.stop() }
             for d in dirs { try? FileManager.default.removeItem(atPath: d) }
         }
-        for i in 0..<3 {
-            let dir = try Self.scratch("g\(i)")
-            dirs.append(dir)
-            var c = ClusterSettings(secret: "node-tests-secret", listen: "127.0.0.1:0")
-            c.nodeID = "g\(i)"
-            c.policy = ReplicationPolicy(replicas: 3, ack: 3)   // every node holds every block
-            c.cacheSize = 64 << 20
-            c.scrubRate = 0
-            c.ackTimeout = 20
-            c.gcSupersededDelay = 1
-            let node = try Node(NodeSettings(dataDir: dir, meta: etcd.metaURL(name), cluster: c))
-            try node.start()
-            node.mounted()
-            nodes.append(node)
-        }
-        #expect(waitUntil(timeout: 20) { nodes.allSatisfy { $0.cluster!.membership.nodes.count == 3 } })
+        // Every node holds every block; a replaced version is decided a second after.
+        try Self.cluster(3, tag: "g", policy: ReplicationPolicy(replicas: 3, ack: 3), nodes: &nodes, dirs: &dirs) { $0.gcSupersededDelay = 1 }
         // keep.bin is the first 3 MiB of drop.bin: they share the chunks before its last one.
         let shared = randomBytes(3 << 20, seed: 21)
         let keep = try Self.write(nodes[0].fs, "keep.bin", shared)
