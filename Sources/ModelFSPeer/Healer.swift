@@ -262,14 +262,7 @@ public final class Healer: Sendable {
     }
 
     /// Takes or keeps the healer key (under this node's lease).
-    func isLeader() -> Bool {
-        let me = Data(membership.me.id.utf8)
-        let lease = membership.lease
-        guard lease != 0 else { return false }
-        guard let r = try? etcd.txn(compare: [.absent(leaderKey)], success: [.put(leaderKey, me, lease: lease)],
-                                    failure: [.get(leaderKey)], idempotent: true) else { return false }
-        return r.succeeded || r.ranges.first?.first?.value == me
-    }
+    func isLeader() -> Bool { membership.holds(leaderKey) }
 
     /// What a block needs: the most copies any file that references it asks for.
     public struct Want: Sendable {

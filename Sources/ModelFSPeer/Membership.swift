@@ -80,6 +80,18 @@ public final class Membership: @unchecked Sendable {
     /// The lease this node's registration lives under (0 before start).
     public var lease: Int64 { state.withLock { $0.lease } }
 
+    /// Takes `key` for this node under its lease if no node holds it, or finds it held by this
+    /// node already: one node at a time does a cluster's job (the healer, GC's scanner), and the
+    /// key goes with the lease of a node that dies.
+    public func holds(_ key: Data) -> Bool {
+        let me = Data(self.me.id.utf8)
+        let lease = self.lease
+        guard lease != 0 else { return false }
+        guard let r = try? client.txn(compare: [.absent(key)], success: [.put(key, me, lease: lease)],
+                                      failure: [.get(key)], idempotent: true) else { return false }
+        return r.succeeded || r.ranges.first?.first?.value == me
+    }
+
     /// Registers this node and starts renewing; returns once the node list has been read.
     public func start() throws {
         try client.put(keys.member(me.id), try JSONEncoder().encode(me))

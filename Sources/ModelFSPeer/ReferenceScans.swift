@@ -241,12 +241,7 @@ public final class ReferenceScans: ReferenceScanner, @unchecked Sendable {
 
     /// Takes or keeps the scanner key (under this node's lease).
     func isScanner() -> Bool {
-        let me = Data(membership.me.id.utf8)
-        let lease = membership.lease
-        guard lease != 0 else { return false }
-        guard let r = try? etcd.txn(compare: [.absent(keys.gcScanner)], success: [.put(keys.gcScanner, me, lease: lease)],
-                                    failure: [.get(keys.gcScanner)], idempotent: true) else { return false }
-        let mine = r.succeeded || r.ranges.first?.first?.value == me
+        let mine = membership.holds(keys.gcScanner)
         state.withLock { $0.status.scanner = mine }
         return mine
     }
