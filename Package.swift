@@ -113,6 +113,6 @@ let package = Package(
         .testTarget(name: "ModelFSTests", dependencies: ["ModelFS", "ModelFSTestSupport"]),
         .testTarget(name: "ModelFSPeerTests", dependencies: ["ModelFSPeer", "ModelFSWire", "ModelFSTestSupport"]),
         .testTarget(name: "ModelFSFUSETests", dependencies: ["ModelFSFUSE", "ModelFSTestSupport"]),
-        .testTarget(name: "ModelFSNodeTests", dependencies: ["ModelFSNode", "ModelFSTestSupport"]),
+        .testTarget(name: "ModelFSNodeTests", dependencies: ["ModelFSNode", "ModelFSMeta", "ModelFSTestSupport"]),
     ]
 )

@@ -209,8 +209,15 @@ public final class ReferenceScans: ReferenceScanner, @unchecked Sendable {
     private func answer() throws {
         let kvs = try etcd.range(keys.gcAsks, rangeEnd: EtcdClient.prefixEnd(keys.gcAsks)).kvs
         let asks = kvs.compactMap { kv -> (kv: EtcdKV, sequence: UInt64, lease: Int64, ids: [BlockID])? in
-            guard let a = Self.decode(kv.value, withLease: true) else { return nil }
+            guard let a = Self.decode(kv.value, withLease: true) else {
+                Log.warning("garbage collection's scanner: the ask \(String(decoding: kv.key, as: UTF8.self)) is malformed (\(kv.value.count) bytes); not answered")
+                return nil
+            }
             return (kv, a.sequence, a.lease, a.ids)
+        }
+        guard !asks.isEmpty else {
+            state.withLock { s in for kv in kvs { s.answered[kv.key] = kv.modRevision } }
+            return
         }
         let wanted = asks.reduce(into: Set<BlockID>()) { $0.formUnion($1.ids) }
         let began = Date()
@@ -228,7 +235,8 @@ public final class ReferenceScans: ReferenceScanner, @unchecked Sendable {
         }
         let seconds = Date().timeIntervalSince(began)
         state.withLock { s in
-            for a in asks { s.answered[a.kv.key] = a.kv.modRevision }
+            // Malformed ones too: looked at once, not again every round.
+            for kv in kvs { s.answered[kv.key] = kv.modRevision }
             s.status.scans += 1
             s.status.manifestsRead += UInt64(scan.manifests)
             s.status.asksAnswered += answered

@@ -1,6 +1,7 @@
 import Foundation
 import ModelFS
 import ModelFSCore
+import ModelFSMeta
 import ModelFSNode
 import ModelFSTestSupport
 import Testing
@@ -145,6 +146,10 @@ import Testing
         // Each node's first pass (a full one, read here) is over before the delete.
         #expect(waitUntil(timeout: 30) { nodes.allSatisfy { $0.gc.stats.passes >= 1 && !$0.gc.stats.running } })
         let readBefore = nodes.map { $0.gc.stats.manifestsRead }
+        // An ask of the wrong shape (another version, a bad write) is passed over, not answered.
+        let keys = EtcdKeys(cluster: nodes[0].cluster!.clusterName), etcd = nodes[0].cluster!.membership.client
+        try etcd.put(keys.gcAsk("bogus"), Data([1, 2, 3]))
+        defer { try? etcd.delete(keys.gcAsk("bogus")) }
 
         try nodes[2].fs.unlink(parent: .root, name: "drop.bin")
         #expect(waitUntil(timeout: 60) { nodes.allSatisfy { n in !dropped.contains(where: n.store.contains) } },
@@ -160,5 +165,6 @@ import Testing
         #expect(nodes.allSatisfy { $0.gc.stats.scannedElsewhere >= 1 })
         #expect(nodes.map { $0.gc.stats.manifestsRead } == readBefore, "no node read manifests for its own pass")
         #expect(scans.allSatisfy { $0.scannedHere == 0 })
+        #expect(try etcd.range(keys.gcAnswer("bogus")).kvs.isEmpty)
     }
 }
