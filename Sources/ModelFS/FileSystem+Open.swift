@@ -305,7 +305,7 @@ final class ReadView: @unchecked Sendable {
     func write(to fd: Int32, reader: BlockReader, stop: () -> Bool = { false }) throws {
         let step = 4 << 20
         var offset: UInt64 = 0
-        // The next step's blocks are read and verified, two at a time, while this step is
+        // The next step's blocks are read and verified, four at a time, while this step is
         // written: hashing is half of a build's CPU and the copy into the page cache the other
         // half, and the two ran one after the other on one thread (docs/PERFORMANCE.md).
         let file = file

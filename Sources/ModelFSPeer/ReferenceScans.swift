@@ -166,7 +166,7 @@ public final class ReferenceScans: ReferenceScanner, @unchecked Sendable {
             if Date().timeIntervalSince(began) >= patience { return scanHere() }
             if Date().timeIntervalSince(checked) >= 5 {
                 checked = Date()
-                if try etcd.range(keys.gcScanner, RangeOptionsKeysOnly.value).kvs.isEmpty {
+                if try etcd.range(keys.gcScanner).kvs.isEmpty {
                     if Date().timeIntervalSince(scannerSeen) >= orphaned { return scanHere() }
                 } else {
                     scannerSeen = Date()
@@ -188,7 +188,7 @@ public final class ReferenceScans: ReferenceScanner, @unchecked Sendable {
         let spaced = state.withLock { $0.spacedUntil }.timeIntervalSinceNow
         if spaced > 0 { return min(poll, spaced) }
         do {
-            let asks = try etcd.range(keys.gcAsks, rangeEnd: EtcdClient.prefixEnd(keys.gcAsks), RangeOptionsKeysOnly.value).kvs
+            let asks = try etcd.rangeAll(prefix: keys.gcAsks, keysOnly: true).kvs
             let fresh = state.withLock { s -> [EtcdKV] in
                 s.answered = s.answered.filter { k, _ in asks.contains { $0.key == k } }
                 return asks.filter { s.answered[$0.key] != $0.modRevision }
@@ -207,7 +207,7 @@ public final class ReferenceScans: ReferenceScanner, @unchecked Sendable {
 
     /// Reads every ask standing now, scans once for all of them, and answers each.
     private func answer() throws {
-        let kvs = try etcd.range(keys.gcAsks, rangeEnd: EtcdClient.prefixEnd(keys.gcAsks)).kvs
+        let kvs = try etcd.rangeAll(prefix: keys.gcAsks).kvs
         let asks = kvs.compactMap { kv -> (kv: EtcdKV, sequence: UInt64, lease: Int64, ids: [BlockID])? in
             guard let a = Self.decode(kv.value, withLease: true) else {
                 Log.warning("garbage collection's scanner: the ask \(String(decoding: kv.key, as: UTF8.self)) is malformed (\(kv.value.count) bytes); not answered")
@@ -253,8 +253,4 @@ public final class ReferenceScans: ReferenceScanner, @unchecked Sendable {
         state.withLock { $0.status.scanner = mine }
         return mine
     }
-}
-
-private enum RangeOptionsKeysOnly {
-    static var value: EtcdClient.RangeOptions { var o = EtcdClient.RangeOptions(); o.keysOnly = true; return o }
 }
