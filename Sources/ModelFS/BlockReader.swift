@@ -34,6 +34,44 @@ public final class BlockReader: @unchecked Sendable {
         self.cache = cache
     }
 
+    /// Small reads answered from the pieces they touch (`piece`): how many, and the bytes read
+    /// for them from disk.
+    public struct PieceStats: Sendable, Codable, Equatable {
+        public var reads: UInt64 = 0
+        public var bytes: UInt64 = 0
+        public init() {}
+    }
+    private let pieces = Mutex(PieceState())
+    private struct PieceState {
+        var stats = PieceStats()
+        /// Where the last piece read of a block ended: a read that starts there is sequential,
+        /// and gets the whole block (cached) instead. Bounded: forgotten all at once when full.
+        var ends: [BlockID: Int] = [:]
+    }
+    public var pieceStats: PieceStats { pieces.withLock { $0.stats } }
+
+    /// A read this small, of a block at least `pieceReadRatio` times larger, goes by pieces.
+    static let pieceReadMaximum = 128 << 10
+    static let pieceReadRatio = 4
+
+    /// Bytes `range` of block `id` (of `length` bytes) as a slice read and checked piece by piece
+    /// (PieceSums), when that is the cheaper way: a small read of a block that is neither in
+    /// memory nor being loaded, that does not follow this block's last piece read, of a block the
+    /// store holds with piece sums. Nil: read the whole block (`block`).
+    func piece(_ id: BlockID, _ range: Range<Int>, length: Int) -> ReadSlice? {
+        guard range.count <= Self.pieceReadMaximum, length >= range.count * Self.pieceReadRatio,
+              !cache.contains(id), inflight.withLock({ $0[id] == nil }),
+              pieces.withLock({ $0.ends[id] != range.lowerBound }),
+              let r = store.readPieces(id, range) else { return nil }
+        pieces.withLock { p in
+            p.stats.reads += 1
+            p.stats.bytes += UInt64(r.buffer.count)
+            if p.ends.count >= 4096 { p.ends.removeAll(keepingCapacity: true) }
+            p.ends[id] = range.upperBound
+        }
+        return ReadSlice(buffer: r.buffer, offset: range.lowerBound - r.start, count: range.count)
+    }
+
     /// `file`: the version being read, if any (the store may share its loading with other nodes).
     public func block(_ id: BlockID, for file: FileVersion? = nil) throws -> BlockBuffer {
         if let b = cache.get(id) { return b }
@@ -112,10 +150,16 @@ struct ChunkList {
         var pos = range.lowerBound
         while pos < range.upperBound {
             let c = chunks[i]
-            let block = try reader.block(c.id, for: file)
-            guard block.count == Int(c.length) else { throw FSError.io("block \(c.id) has \(block.count) bytes, manifest says \(c.length)") }
             let from = Int(pos - offsets[i])
             let n = Int(min(range.upperBound, offsets[i + 1]) - pos)
+            if let slice = reader.piece(c.id, from..<(from + n), length: Int(c.length)) {
+                out.append(slice)
+                pos += UInt64(n)
+                i += 1
+                continue
+            }
+            let block = try reader.block(c.id, for: file)
+            guard block.count == Int(c.length) else { throw FSError.io("block \(c.id) has \(block.count) bytes, manifest says \(c.length)") }
             out.append(ReadSlice(buffer: block, offset: from, count: n))
             pos += UInt64(n)
             let middle = Int(c.length) / 2

@@ -167,6 +167,16 @@ public final class ClusterBlockStore: BlockStore, @unchecked Sendable {
 
     public func read(_ id: BlockID) throws -> BlockBuffer { try read(id, for: nil) }
 
+    /// A small read of a block this node holds (a replica, or in its read cache) checks only the
+    /// pieces it touches; a block from a peer comes whole (its SHA-256 checked), as before.
+    public func readPieces(_ id: BlockID, _ range: Range<Int>) -> PieceRead? {
+        if let r = local.readPieces(id, range) {
+            state.withLock { $0.stats.localHits += 1 }
+            return r
+        }
+        return cache.readPieces(id, range)
+    }
+
     public func read(_ id: BlockID, for file: FileVersion?) throws -> BlockBuffer {
         yield?.noteForeground()
         if let b = state.withLock({ $0.take(id) }) {

@@ -18,6 +18,9 @@ public protocol BlockStore: AnyObject, Sendable {
     /// of one file among the nodes reading it (fan-out). Other stores ignore it.
     func read(_ id: BlockID, for file: FileVersion?) throws -> BlockBuffer
     func contains(_ id: BlockID) -> Bool
+    /// Bytes `range` of block `id`, reading and checking only the pieces they touch (PieceSums),
+    /// if this store holds it on its disk with piece sums; nil to read the whole block instead.
+    func readPieces(_ id: BlockID, _ range: Range<Int>) -> PieceRead?
     /// Makes the given blocks durable against power loss (fsync), if they are not yet.
     func sync(_ ids: [BlockID]) throws
     /// Makes everything on the store's filesystem durable at once (one syncfs).
@@ -52,6 +55,7 @@ extension BlockStore {
     public var fetchesAhead: Bool { false }
     public func prefetch(_ chunks: [ChunkRef], for file: FileVersion, format: String) {}
     public var prefetchBudget: UInt64 { 0 }
+    public func readPieces(_ id: BlockID, _ range: Range<Int>) -> PieceRead? { nil }
     @discardableResult
     public func put(_ id: BlockID, owned buffer: BlockBuffer, length: Int) throws -> Bool {
         try buffer.withUnsafeBytes { try put(id, UnsafeRawBufferPointer(rebasing: $0[0..<length])) }
@@ -68,6 +72,7 @@ public protocol ForwardingBlockStore: BlockStore {
 extension ForwardingBlockStore {
     public func read(_ id: BlockID) throws -> BlockBuffer { try inner.read(id) }
     public func contains(_ id: BlockID) -> Bool { inner.contains(id) }
+    public func readPieces(_ id: BlockID, _ range: Range<Int>) -> PieceRead? { inner.readPieces(id, range) }
     public func sync(_ ids: [BlockID]) throws { try inner.sync(ids) }
     public func syncFilesystem() throws { try inner.syncFilesystem() }
     public func willNeed(_ ids: [BlockID]) { inner.willNeed(ids) }

@@ -329,6 +329,8 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     /// The aligned append of `put(_:owned:length:)`; nil if the active pack has no direct I/O.
     private func putAligned(_ id: BlockID, _ buffer: BlockBuffer, length: Int, padded: Int) throws -> Bool? {
         if touchIfStored(id) { return false }
+        // Outside the append lock: CRC32C of each piece, kept in the header page (PieceSums).
+        let sums = withExtendedLifetime(buffer) { PieceSums(of: UnsafeRawBufferPointer(start: buffer.pointer, count: length)) }
         appendLock.lock(); defer { appendLock.unlock() }
         if contains(id) { return false }
         let tier = try tierWithRoom(for: padded + PackBlockStore.page)
@@ -340,6 +342,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         memset(alignedHeaderPage, 0, PackBlockStore.page)
         PackBlockStore.recordHeader(PackBlockStore.alignedMagic, length: length, id: id)
             .withUnsafeBytes { alignedHeaderPage.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        sums.write(into: alignedHeaderPage)
         do {
             try writeDirect(pack, direct, [(UnsafeRawPointer(alignedHeaderPage), PackBlockStore.page),
                                            (UnsafeRawPointer(buffer.pointer), padded)], at: offset)
@@ -505,6 +508,76 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             throw StoreError(.corrupt, "block \(id.hex) is corrupt")
         }
         return buffer
+    }
+
+    /// Bytes `range` of block `id` read with only the pieces they touch, each checked against
+    /// its CRC32C (PieceSums), or nil: the block is not here, its record has no sums (an older,
+    /// moved or small one) or no direct I/O, or a piece did not match its sum. The caller then
+    /// reads the whole block, which `read` verifies by its SHA-256 (and reports if corrupt).
+    public func readPieces(_ id: BlockID, _ range: Range<Int>) -> PieceRead? {
+        guard !range.isEmpty, let (loc, pack) = locate(id, touching: true), loc.aligned, let direct = pack.direct,
+              range.upperBound <= Int(loc.length), let sums = pieceSums(id, loc, direct) else { return nil }
+        let size = sums.pieceSize
+        let first = range.lowerBound / size, last = (range.upperBound - 1) / size
+        let start = first * size, end = min(Int(loc.length), (last + 1) * size)
+        let buffer = BlockBuffer(count: end - start)
+        let padded = Int(PackBlockStore.pageUp(UInt64(end - start)))
+        guard padded <= buffer.capacity, PackBlockStore.preadAll(direct, buffer.pointer, padded, at: loc.offset + UInt64(start)) >= buffer.count
+        else { return nil }
+        for p in first...last {
+            let at = (p - first) * size
+            guard PieceSums.crc(buffer.pointer + at, min(size, buffer.count - at)) == sums.sums[p] else {
+                logger("block \(id.hex): piece \(p) does not match its CRC32C; reading the whole block")
+                return nil
+            }
+        }
+        return PieceRead(buffer: buffer, start: start)
+    }
+
+    /// The piece sums of the record at `loc`: from memory, else its header page (read directly).
+    /// A record without sums is remembered too, so its page is read once.
+    private func pieceSums(_ id: BlockID, _ loc: Location, _ direct: Int32) -> PieceSums? {
+        if let known = pieceTables.withLock({ $0.get(id, loc) }) { return known }
+        let page = UnsafeMutableRawPointer.allocate(byteCount: PackBlockStore.page, alignment: PackBlockStore.page)
+        defer { page.deallocate() }
+        guard PackBlockStore.preadAll(direct, page, PackBlockStore.page, at: loc.headerOffset) == PackBlockStore.page else { return nil }
+        let sums = PieceSums.read(from: page, id: id, length: Int(loc.length))
+        pieceTables.withLock { $0.put(id, loc, sums) }
+        return sums
+    }
+
+    /// Piece tables read from header pages, at most `capacity` (a 1 MiB block's is 256 bytes),
+    /// the oldest dropped first; an entry is good only for the record it was read from (a block
+    /// moved by tiering, or stored again after GC, gets its new record's).
+    private struct PieceTables {
+        static let capacity = 4096
+        var tables: [BlockID: (pack: UInt32, offset: UInt64, sums: PieceSums?)] = [:]
+        var order: [BlockID] = []
+        var next = 0
+        func get(_ id: BlockID, _ loc: Location) -> PieceSums?? {
+            guard let e = tables[id], e.pack == loc.pack, e.offset == loc.offset else { return nil }
+            return .some(e.sums)
+        }
+        mutating func put(_ id: BlockID, _ loc: Location, _ sums: PieceSums?) {
+            if tables.updateValue((loc.pack, loc.offset, sums), forKey: id) != nil { return }
+            if order.count < PieceTables.capacity { order.append(id); return }
+            tables.removeValue(forKey: order[next])
+            order[next] = id
+            next = (next + 1) % PieceTables.capacity
+        }
+    }
+    private let pieceTables = Mutex(PieceTables())
+
+    /// pread until `count` bytes or the end of the file; the bytes read, or -1 on an error.
+    static func preadAll(_ fd: Int32, _ into: UnsafeMutableRawPointer, _ count: Int, at offset: UInt64) -> Int {
+        var done = 0
+        while done < count {
+            let r = pread(fd, into + done, count - done, off_t(offset) + off_t(done))
+            if r < 0 { if errno == EINTR { continue }; return -1 }
+            if r == 0 { break }
+            done += r
+        }
+        return done
     }
 
     public func willNeed(_ ids: [BlockID]) {

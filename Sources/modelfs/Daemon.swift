@@ -173,7 +173,7 @@ struct Daemon {
             cacheBytes: cache.bytes, cacheHits: cache.hits, cacheMisses: cache.misses,
             blockBytesWritten: u.bytesWritten,
             streamedBytes: w.streamed, stagedBytes: w.staged, stagedAbsorbedBytes: w.absorbed,
-            clonedBytes: w.cloned, metadataError: metadataError)
+            clonedBytes: w.cloned, pieceReads: fs.reader.pieceStats, metadataError: metadataError)
     }
 
     /// The mount's gauges in the Prometheus text format (a cluster node adds its own).
@@ -191,6 +191,8 @@ struct Daemon {
             ("modelfs_memory_cache_misses_total", "counter", UInt64(cache.misses)),
             ("modelfs_streamed_bytes_total", "counter", w.streamed), ("modelfs_staged_bytes_total", "counter", w.staged),
             ("modelfs_cloned_bytes_total", "counter", w.cloned),
+            ("modelfs_piece_reads_total", "counter", fs.reader.pieceStats.reads),
+            ("modelfs_piece_read_bytes_total", "counter", fs.reader.pieceStats.bytes),
             ("modelfs_passthrough_opens_total", "counter", p.opens), ("modelfs_daemon_reads_total", "counter", p.daemonReads),
             ("modelfs_flat_copy_bytes", "gauge", UInt64(f.bytes)), ("modelfs_flat_copies", "gauge", UInt64(f.copies)),
             ("modelfs_flat_copy_hits_total", "counter", UInt64(f.hits)), ("modelfs_flat_copy_misses_total", "counter", UInt64(f.misses)),
