@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import random
 import re
 import shutil
 import sqlite3
@@ -423,7 +424,9 @@ def test_corrupt_block_gives_eio_never_wrong_bytes(mnt):
     # flip one byte in the middle of a block in the middle of a, inside its pack
     ids_a = manifest_block_ids(mnt.data, "a")
     assert len(ids_a) >= 3, f"a 6 MiB file should have several blocks, has {len(ids_a)}"
-    flip_byte_in_record(blocks_a[ids_a[len(ids_a) // 2]])
+    k = len(ids_a) // 2
+    flip_byte_in_record(blocks_a[ids_a[k]])
+    bad = sum(blocks_a[i][2] for i in ids_a[:k]) + blocks_a[ids_a[k]][2] // 2   # the flipped byte, in the file
     mnt.start()
 
     got, err = _read_until_error(mnt.path("a"))
@@ -439,6 +442,14 @@ def test_corrupt_block_gives_eio_never_wrong_bytes(mnt):
     finally:
         os.close(fd)
     assert eio > 0, "no pread hit the corrupted block"
+    # a 4 KiB read of the damaged piece (checked by its CRC32C, then the whole block by its hash)
+    fd = os.open(mnt.path("a"), os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 4096, bad // 4096 * 4096)
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
     # a second read must not return (cached) wrong data either
     got2, err2 = _read_until_error(mnt.path("a"))
     assert err2 is not None and err2.errno == errno.EIO
@@ -448,6 +459,51 @@ def test_corrupt_block_gives_eio_never_wrong_bytes(mnt):
     # the mount is still healthy
     write_file(mnt.path("c"), b"fine")
     assert read_file(mnt.path("c")) == b"fine"
+
+
+def test_small_reads_check_only_the_pieces_they_touch(mount_factory):
+    """Issue #27: a 4 KiB read of a block that is not in memory reads and checks (CRC32C) only
+    the 16 KiB pieces it touches, not the whole block; a flipped byte in one piece is EIO for
+    reads of that piece and never wrong bytes, while the block's other pieces still read."""
+    mnt = mount_factory(extra_args=["--no-passthrough"])   # reads reach the daemon, not a flat copy
+    a = os.urandom(8 * MiB)
+    write_file(mnt.path("a"), a)
+    mnt.unmount()
+    blocks = block_records(mnt.data)
+    ids = manifest_block_ids(mnt.data, "a")
+    mnt.start()
+    rng = random.Random(5)
+    offsets = [rng.randrange(len(a) // 4096) * 4096 for _ in range(300)]
+    fd = os.open(mnt.path("a"), os.O_RDONLY)
+    try:
+        for off in offsets:
+            assert os.pread(fd, 4096, off) == a[off:off + 4096], f"wrong bytes at {off}"
+    finally:
+        os.close(fd)
+    pieces = mnt.status()["pieceReads"]
+    assert pieces["reads"] >= 250, pieces            # a few may follow the last read of their block
+    assert pieces["bytes"] <= pieces["reads"] * 32 * 1024, pieces
+    assert mnt.status()["cacheBytes"] < 4 * MiB, "small reads should not load whole blocks"
+
+    # One byte flipped in the third 16 KiB piece of a middle block.
+    k = len(ids) // 2
+    pack, data_off, length = blocks[ids[k]]
+    assert length >= 8 * 16384
+    start = sum(blocks[i][2] for i in ids[:k])
+    mnt.unmount()
+    flip_byte_in_record((pack, data_off + 2 * 16384, 2))   # the byte at +1 in that piece
+    mnt.start()
+    fd = os.open(mnt.path("a"), os.O_RDONLY)
+    try:
+        far = start + 6 * 16384
+        assert os.pread(fd, 4096, far) == a[far:far + 4096], "an undamaged piece of the block"
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 4096, start + 2 * 16384)
+        assert e.value.errno == errno.EIO
+        assert os.pread(fd, 100, start - 100) == a[start - 100:start], "the block before it"
+    finally:
+        os.close(fd)
+    assert "piece 2 does not match" in mnt.log_tail()
 
 
 def test_missing_block_gives_eio(mnt):

@@ -10,7 +10,9 @@ Per target, on one SIZE-MiB file of random bytes and a safetensors file of the s
   mmap_warm      touching every 4 KiB page of a fresh mmap of the warm file (s)
   mmap_fresh     the same right after a remount: a new FUSE inode, the data still in memory
                  where the target keeps it (ext4: its page cache) (s)
-  rand4k         4 KiB pread()s at random aligned offsets of the warm file (reads/s)
+  rand4k_cold_jN 4 KiB pread()s at random aligned offsets right after a remount and drop_caches,
+                 N = 1 and 4 threads, before anything else reads the file (no flat copy yet)
+  rand4k(_j4)    4 KiB pread()s at random aligned offsets of the warm file, 1 and 4 threads (reads/s)
   st_load        safetensors safe_open + every tensor of the warm file (s)
   cold_again     the cold read again, now that the file was read once (modelfs --passthrough:
                  from its flat copy on disk), and mmap_cold the same with an mmap (s);
@@ -41,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 FUSE_EXAMPLES = Path("/usr/share/doc/libfuse3-dev/examples")
 JUICEFS_VERSION = "1.4.2"
+RAND_COLD = 4000   # cold random reads per row (split over the jobs)
 TARGETS = ["ext4", "passthrough_ll", "juicefs", "modelfs", "modelfs_pt"]
 
 
@@ -192,6 +195,36 @@ def rand4k(path: Path, count: int, seed: int = 7) -> float:
         os.close(fd)
 
 
+def rand4k_jobs(path: Path, count: int, jobs: int, seed: int = 11) -> float:
+    """`count` 4 KiB preads at random aligned offsets split over `jobs` threads (each its own
+    descriptor; os.pread lets go of the GIL), every read checked for its length: reads/s."""
+    import threading
+    size = path.stat().st_size
+    rng = random.Random(seed)
+    offsets = [rng.randrange(0, size // 4096) * 4096 for _ in range(count)]
+    per = [offsets[j::jobs] for j in range(jobs)]
+    errors: list[str] = []
+
+    def run(mine):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for o in mine:
+                if len(os.pread(fd, 4096, o)) != 4096:
+                    errors.append(f"short read at {o}")
+        finally:
+            os.close(fd)
+    threads = [threading.Thread(target=run, args=(m,)) for m in per]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    took = time.perf_counter() - t
+    if errors:
+        raise RuntimeError(errors[0])
+    return count / took
+
+
 def st_load(path: Path) -> float:
     from safetensors import safe_open
     t = time.perf_counter()
@@ -226,6 +259,11 @@ def measure(t: Target, src: Path, size_mib: int, rounds: int, out: list):
             shutil.copyfile(src / name, t.dir / name)
         os.sync()
         raw, st = t.dir / "raw.bin", t.dir / "model.safetensors"
+        # Cold random reads first (before any flat copy exists): a remount, the caches dropped.
+        for jobs in (1, 4):
+            t.remount()
+            drop_caches()
+            emit(f"rand4k_cold_j{jobs}", rand4k_jobs(raw, RAND_COLD, jobs), "reads/s")
         # Cold: nothing cached anywhere (a remount, then the kernel's caches dropped).
         t.remount()
         drop_caches()
@@ -246,6 +284,7 @@ def measure(t: Target, src: Path, size_mib: int, rounds: int, out: list):
         emit("warm_read", max(size_mib * MIB / read_all(raw)[1] for _ in range(rounds)) / 1e6, "MB/s")
         emit("mmap_warm", min(touch_pages(raw) for _ in range(rounds)), "s")
         emit("rand4k", max(rand4k(raw, 20000, seed=r) for r in range(rounds)), "reads/s")
+        emit("rand4k_j4", max(rand4k_jobs(raw, 20000, 4, seed=r) for r in range(rounds)), "reads/s")
         emit("st_load", min(st_load(st) for _ in range(rounds)), "s")
         fresh = []
         for _ in range(rounds):
@@ -315,7 +354,10 @@ def table(results: list, size_mib: int, targets: list[str]) -> str:
             ("cold_again", "cold read of a file read before (remount, drop_caches)", "MB/s", True),
             ("mmap_cold", "mmap, touch every page, cold, file read before", "s", False),
             ("page_cache", "page cache taken by that cold read (Cached in /proc/meminfo)", "MiB", False),
+            ("rand4k_cold_j1", "4 KiB random pread, cold (remount, drop_caches), 1 job", "reads/s", True),
+            ("rand4k_cold_j4", "4 KiB random pread, cold (remount, drop_caches), 4 jobs", "reads/s", True),
             ("rand4k", "4 KiB random pread, warm", "reads/s", True),
+            ("rand4k_j4", "4 KiB random pread, warm, 4 jobs", "reads/s", True),
             ("st_load", "safetensors safe_open, all tensors, warm", "s", False)]
     vals = {(r["target"], r["metric"]): r["value"] for r in results}
     head = "| figure | unit | " + " | ".join(targets) + " | modelfs_pt / ext4 | modelfs_pt / best other FUSE |"
