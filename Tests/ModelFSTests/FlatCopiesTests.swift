@@ -1,5 +1,6 @@
 import Foundation
 import ModelFSTestSupport
+import Synchronization
 import Testing
 @testable import ModelFS
 @testable import ModelFSCore
@@ -71,6 +72,38 @@ import Testing
         flat = try FlatCopies(directory: dir, budget: 1 << 20, minimumSize: 1)
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir).isEmpty)
         #expect(flat.stats.copies == 0)
+    }
+
+    /// A build waits while the daemon serves reads fast (a reader it would slow down), goes on
+    /// once they stop, does not wait for an occasional read, and stops waiting when told to stop.
+    @Test func aBuildYieldsToReadsTheDaemonServes() {
+        final class Reads: Sendable { let count = Atomic<UInt64>(0); let done = Atomic<Bool>(false) }
+        let r = Reads()
+        let reader = Thread {
+            for _ in 0..<1_500 { r.count.add(1, ordering: .relaxed); usleep(200) }   // thousands of reads/s
+            r.done.store(true, ordering: .sequentiallyConsistent)
+        }
+        var pace = FlatBuildPace()
+        pace.yield(reads: { r.count.load(ordering: .relaxed) }, stop: { false })   // the first look
+        reader.start()
+        usleep(60_000)
+        pace.yield(reads: { r.count.load(ordering: .relaxed) }, stop: { false })
+        let readerDone = r.done.load(ordering: .sequentiallyConsistent)
+        #expect(readerDone, "the build went on while the reader read")
+        // An occasional read (a poll) is not a reader to wait for.
+        var quiet = FlatBuildPace(), n: UInt64 = 0
+        quiet.yield(reads: { n }, stop: { false })
+        for _ in 0..<3 {
+            usleep(60_000)
+            n += 1
+            quiet.yield(reads: { n }, stop: { false })
+        }
+        // A stop ends the wait at once, however busy the reads.
+        var stopped = FlatBuildPace(), m: UInt64 = 0
+        stopped.yield(reads: { m }, stop: { false })
+        usleep(60_000)
+        m += 1_000_000
+        stopped.yield(reads: { m }, stop: { true })
     }
 
     @Test func theKeyNamesTheContent() {
