@@ -35,7 +35,7 @@ struct MountStatus: Codable {
     var stagedAbsorbedBytes: UInt64
     /// Bytes copy_file_range copied by sharing blocks (absent from an older daemon).
     var clonedBytes: UInt64?
-    /// Small reads answered from the 16 KiB pieces they touch, each checked by its CRC32C,
+    /// Small reads answered from the 8 KiB pieces they touch, each checked by its CRC32C,
     /// instead of the whole block (absent from an older daemon).
     var pieceReads: BlockReader.PieceStats?
     /// A cluster node's view: nodes, replication, cache (absent on a single node).

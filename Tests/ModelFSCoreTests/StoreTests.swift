@@ -207,20 +207,21 @@ func storeBlock(_ store: PackBlockStore, _ bytes: [UInt8]) throws -> BlockID {
         #expect(Array(try PackBlockStore(root: dir).read(s3).data) == randomBytes(777, seed: 64))
     }
 
-    /// Piece sums (issue #27): an aligned record's header page holds the CRC32C of each 16 KiB
+    /// Piece sums (issue #27): an aligned record's header page holds the CRC32C of each 8 KiB
     /// piece, so a small read reads and checks only the pieces it touches; after a restart the
     /// sums come from the header page.
     @Test func smallReadsOfAlignedBlocksReadOnlyTheirPieces() throws {
         let dir = temporaryDirectory(); defer { try? FileManager.default.removeItem(atPath: dir) }
         let store = try PackBlockStore(root: dir)
+        let piece = 1 << PieceSums.defaultShift
         let big = randomBytes(300_003, seed: 80), small = randomBytes(5_000, seed: 81)
         let (id, _) = try owned(store, big)
         let s = try storeBlock(store, small)
         for reopened in [store, try PackBlockStore(root: dir)] {
             for range in [5_000..<9_096, 16_380..<16_390, 0..<1, 294_000..<300_003, 299_999..<300_003, 0..<300_003] {
                 let r = try #require(reopened.readPieces(id, range), "\(range)")
-                #expect(r.start % 16_384 == 0 && r.start <= range.lowerBound && r.start + r.buffer.count >= range.upperBound)
-                #expect(r.buffer.count <= (range.count + 2 * 16_384), "only the touched pieces: \(range) read \(r.buffer.count)")
+                #expect(r.start % piece == 0 && r.start <= range.lowerBound && r.start + r.buffer.count >= range.upperBound)
+                #expect(r.buffer.count <= (range.count + 2 * piece), "only the touched pieces: \(range) read \(r.buffer.count)")
                 let got = r.buffer.withUnsafeBytes { Array($0[(range.lowerBound - r.start)..<(range.upperBound - r.start)]) }
                 #expect(got == Array(big[range]), "\(range)")
             }
@@ -231,8 +232,8 @@ func storeBlock(_ store: PackBlockStore, _ bytes: [UInt8]) throws -> BlockID {
         // hardware path (three pieces at a time) against a plain bit-by-bit reference.
         #expect(Array("123456789".utf8).withUnsafeBytes { PieceSums.crc($0.baseAddress!, 9) } == 0xE306_9283)
         let sums = big.withUnsafeBytes { PieceSums(of: $0) }
-        #expect(sums.pieceSize == 16_384 && sums.sums.count == 19)
-        #expect(sums.sums == stride(from: 0, to: big.count, by: 16_384).map { crc32cReference(big[$0..<min(big.count, $0 + 16_384)]) })
+        #expect(sums.pieceSize == piece && sums.sums.count == (big.count + piece - 1) / piece)
+        #expect(sums.sums == stride(from: 0, to: big.count, by: piece).map { crc32cReference(big[$0..<min(big.count, $0 + piece)]) })
     }
 
     /// A piece whose bytes changed on disk is never returned (the caller reads the whole block,
@@ -243,6 +244,7 @@ func storeBlock(_ store: PackBlockStore, _ bytes: [UInt8]) throws -> BlockID {
         let logged = LogSink()
         let store = try PackBlockStore(root: dir) { logged.append($0) }
         let big = randomBytes(1 << 20, seed: 82)
+        let piece = 1 << PieceSums.defaultShift
         let (id, _) = try owned(store, big)
         let loc = try #require(store.location(of: id))
         func flip(_ offset: UInt64) {
@@ -250,14 +252,14 @@ func storeBlock(_ store: PackBlockStore, _ bytes: [UInt8]) throws -> BlockID {
             var b: UInt8 = 0
             pread(fd, &b, 1, off_t(offset)); b ^= 0x01; pwrite(fd, &b, 1, off_t(offset))
         }
-        flip(loc.offset + 3 * 16_384 + 77)
+        flip(loc.offset + UInt64(3 * piece + 77))
         let fresh = try PackBlockStore(root: dir) { logged.append($0) }
-        #expect(fresh.readPieces(id, (3 * 16_384)..<(3 * 16_384 + 4096)) == nil)
+        #expect(fresh.readPieces(id, (3 * piece)..<(3 * piece + 4096)) == nil)
         #expect(logged.lines.contains { $0.contains(id.hex) && $0.contains("piece 3") })
-        let other = try #require(fresh.readPieces(id, (5 * 16_384)..<(5 * 16_384 + 4096)))
-        #expect(other.buffer.withUnsafeBytes { Array($0[0..<4096]) } == Array(big[(5 * 16_384)..<(5 * 16_384 + 4096)]))
+        let other = try #require(fresh.readPieces(id, (5 * piece)..<(5 * piece + 4096)))
+        #expect(other.buffer.withUnsafeBytes { Array($0[0..<4096]) } == Array(big[(5 * piece)..<(5 * piece + 4096)]))
         #expect(throws: StoreError.self) { try fresh.read(id) }
-        flip(loc.offset + 3 * 16_384 + 77)   // mended
+        flip(loc.offset + UInt64(3 * piece + 77))   // mended
         // A damaged table: no piece is read by it.
         flip(loc.offset - 4096 + 40 + 8 + 4 * 10)
         #expect(try PackBlockStore(root: dir).readPieces(id, 0..<4096) == nil)

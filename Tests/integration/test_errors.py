@@ -463,7 +463,7 @@ def test_corrupt_block_gives_eio_never_wrong_bytes(mnt):
 
 def test_small_reads_check_only_the_pieces_they_touch(mount_factory):
     """Issue #27: a 4 KiB read of a block that is not in memory reads and checks (CRC32C) only
-    the 16 KiB pieces it touches, not the whole block; a flipped byte in one piece is EIO for
+    the 8 KiB pieces it touches, not the whole block; a flipped byte in one piece is EIO for
     reads of that piece and never wrong bytes, while the block's other pieces still read."""
     mnt = mount_factory(extra_args=["--no-passthrough"])   # reads reach the daemon, not a flat copy
     a = os.urandom(8 * MiB)
@@ -485,7 +485,7 @@ def test_small_reads_check_only_the_pieces_they_touch(mount_factory):
     assert pieces["bytes"] <= pieces["reads"] * 32 * 1024, pieces
     assert mnt.status()["cacheBytes"] < 4 * MiB, "small reads should not load whole blocks"
 
-    # One byte flipped in the third 16 KiB piece of a middle block.
+    # One byte flipped 32 KiB into a middle block (in its fifth 8 KiB piece).
     k = len(ids) // 2
     pack, data_off, length = blocks[ids[k]]
     assert length >= 8 * 16384
@@ -503,7 +503,7 @@ def test_small_reads_check_only_the_pieces_they_touch(mount_factory):
         assert os.pread(fd, 100, start - 100) == a[start - 100:start], "the block before it"
     finally:
         os.close(fd)
-    assert "piece 2 does not match" in mnt.log_tail()
+    assert "piece 4 does not match" in mnt.log_tail()
 
 
 def test_missing_block_gives_eio(mnt):
