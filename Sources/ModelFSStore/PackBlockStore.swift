@@ -516,7 +516,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     /// reads the whole block, which `read` verifies by its SHA-256 (and reports if corrupt).
     public func readPieces(_ id: BlockID, _ range: Range<Int>) -> PieceRead? {
         guard !range.isEmpty, let (loc, pack) = locate(id, touching: true), loc.aligned, let direct = pack.direct,
-              range.upperBound <= Int(loc.length), let sums = pieceSums(id, loc, direct) else { return nil }
+              range.upperBound <= Int(loc.length), let sums = pieceSums(id, loc, pack) else { return nil }
         let size = sums.pieceSize
         let first = range.lowerBound / size, last = (range.upperBound - 1) / size
         let start = first * size, end = min(Int(loc.length), (last + 1) * size)
@@ -534,13 +534,14 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         return PieceRead(buffer: buffer, start: start)
     }
 
-    /// The piece sums of the record at `loc`: from memory, else its header page (read directly).
+    /// The piece sums of the record at `loc`: from memory, else its header page, read through
+    /// the page cache (the scan at start read that page already, so it is often still there).
     /// A record without sums is remembered too, so its page is read once.
-    private func pieceSums(_ id: BlockID, _ loc: Location, _ direct: Int32) -> PieceSums? {
+    private func pieceSums(_ id: BlockID, _ loc: Location, _ pack: Pack) -> PieceSums? {
         if let known = pieceTables.withLock({ $0.get(id, loc) }) { return known }
         let page = UnsafeMutableRawPointer.allocate(byteCount: PackBlockStore.page, alignment: PackBlockStore.page)
         defer { page.deallocate() }
-        guard PackBlockStore.preadAll(direct, page, PackBlockStore.page, at: loc.headerOffset) == PackBlockStore.page else { return nil }
+        guard PackBlockStore.preadAll(pack.fd, page, PackBlockStore.page, at: loc.headerOffset) == PackBlockStore.page else { return nil }
         let sums = PieceSums.read(from: page, id: id, length: Int(loc.length))
         pieceTables.withLock { $0.put(id, loc, sums) }
         return sums
