@@ -359,9 +359,12 @@ final class ReadView: @unchecked Sendable {
 struct FlatBuildPace {
     static let window: UInt64 = 50_000_000    // ns
     static let busy: Double = 200             // reads/s
+    /// When the current window began, and the read total then (nil before the first look).
     private var since = DispatchTime.now().uptimeNanoseconds
     private var count: UInt64?
-    /// The total this window started from (nil before the first look).
+
+    /// Returns at once unless the last window's reads came faster than `busy`; then waits a
+    /// window at a time until they slow down or `stop` says so.
     mutating func yield(reads: () -> UInt64, stop: () -> Bool) {
         while !stop() {
             let now = DispatchTime.now().uptimeNanoseconds, n = reads()

@@ -183,6 +183,7 @@ struct Daemon {
         let w = fs.writeCounters.snapshot
         let p = server.passthroughStatus
         let f = flat?.stats ?? FlatCopies.Stats()
+        let pieces = fs.reader.pieceStats
         let rows: [(String, String, UInt64)] = [
             ("modelfs_stored_bytes", "gauge", u.bytes), ("modelfs_blocks", "gauge", u.blocks),
             ("modelfs_block_bytes_written_total", "counter", u.bytesWritten),
@@ -191,8 +192,7 @@ struct Daemon {
             ("modelfs_memory_cache_misses_total", "counter", UInt64(cache.misses)),
             ("modelfs_streamed_bytes_total", "counter", w.streamed), ("modelfs_staged_bytes_total", "counter", w.staged),
             ("modelfs_cloned_bytes_total", "counter", w.cloned),
-            ("modelfs_piece_reads_total", "counter", fs.reader.pieceStats.reads),
-            ("modelfs_piece_read_bytes_total", "counter", fs.reader.pieceStats.bytes),
+            ("modelfs_piece_reads_total", "counter", pieces.reads), ("modelfs_piece_read_bytes_total", "counter", pieces.bytes),
             ("modelfs_passthrough_opens_total", "counter", p.opens), ("modelfs_daemon_reads_total", "counter", p.daemonReads),
             ("modelfs_flat_copy_bytes", "gauge", UInt64(f.bytes)), ("modelfs_flat_copies", "gauge", UInt64(f.copies)),
             ("modelfs_flat_copy_hits_total", "counter", UInt64(f.hits)), ("modelfs_flat_copy_misses_total", "counter", UInt64(f.misses)),
