@@ -416,12 +416,20 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         state.withLock { s in s.packs[next] = pack; s.lastNumber = next; s.actives[tier] = next; s.newEntries.insert(next) }
     }
 
-    public func read(_ id: BlockID) throws -> BlockBuffer { try read(id, verify: true) }
+    /// Reads a block and checks it: by its piece sums where its record has them (CRC32C, about
+    /// ten times cheaper than the hash), else by its SHA-256; a mismatch of the sums is decided
+    /// by the hash, so a block whose table alone is damaged still reads.
+    public func read(_ id: BlockID) throws -> BlockBuffer { try read(id, verify: .sums) }
+
+    /// How a read checks what it read: not at all (bytes for a peer, which hashes them), by the
+    /// piece sums (SHA-256 where there are none, or they do not match), or always by SHA-256
+    /// (`verify`: the scrubber and `modelfs verify` prove every replica against its name).
+    enum Check { case none, sums, hash }
 
     /// Reads a block to hand to a peer that verifies it before storing or returning it (a push,
     /// a GET from another node): hashing it here too would cost one more SHA-256 pass per byte
     /// on the replication and remote-read paths. Never used for bytes this node returns itself.
-    public func readForPeer(_ id: BlockID) throws -> BlockBuffer { try read(id, verify: false) }
+    public func readForPeer(_ id: BlockID) throws -> BlockBuffer { try read(id, verify: .none) }
 
     /// A block's bytes for a peer (not hashed: the receiver verifies them), read with O_DIRECT
     /// into pooled block memory; nil when its record is not aligned, the filesystem has no
@@ -433,7 +441,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     /// copy (into the socket) costs the sender less than that.
     public func readDirectForPeer(_ id: BlockID) -> BlockBuffer? {
         guard let (loc, pack) = locate(id, touching: true), Self.readsDirectly(loc, pack) else { return nil }
-        return try? load(id, loc, pack, verify: false)
+        return try? load(id, loc, pack, verify: .none)
     }
 
     /// Where a block's bytes lie, for a peer server that sends them straight from the pack file
@@ -458,7 +466,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         }
     }
 
-    func read(_ id: BlockID, verify: Bool, touching: Bool = true) throws -> BlockBuffer {
+    func read(_ id: BlockID, verify: Check, touching: Bool = true) throws -> BlockBuffer {
         guard let (loc, pack) = locate(id, touching: touching) else {
             logger("missing block \(id.hex): not in any pack under \(packsDir)")
             throw StoreError(.missing, "block \(id.hex) is missing from \(root)")
@@ -480,14 +488,26 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         loc.aligned && pack.direct != nil && Int(pageUp(UInt64(loc.length))) <= BufferPool.sizeClass(Int(loc.length))
     }
 
-    /// Reads the block recorded at `loc` in `pack` into a new buffer (verified if asked).
-    private func load(_ id: BlockID, _ loc: Location, _ pack: Pack, verify: Bool, quiet: Bool = false) throws -> BlockBuffer {
+    /// Reads the block recorded at `loc` in `pack` into a new buffer, checked as asked.
+    private func load(_ id: BlockID, _ loc: Location, _ pack: Pack, verify: Check, quiet: Bool = false) throws -> BlockBuffer {
         let buffer = BlockBuffer(count: Int(loc.length))
         var done = 0
+        var sums: PieceSums?
         // An aligned record is read directly into the block's buffer, padding included (no copy
         // out of the page cache, no page-cache memory to fault in); short reads end on a page.
         let padded = Int(PackBlockStore.pageUp(UInt64(loc.length)))
         if Self.readsDirectly(loc, pack), let direct = pack.direct {
+            if verify == .sums {
+                // The header page just before the data, in the same read: its piece sums.
+                let page = UnsafeMutableRawPointer.allocate(byteCount: PackBlockStore.page, alignment: PackBlockStore.page)
+                defer { page.deallocate() }
+                var iov = [iovec(iov_base: page, iov_len: PackBlockStore.page), iovec(iov_base: buffer.pointer, iov_len: padded)]
+                let r = iov.withUnsafeMutableBufferPointer { preadv(direct, $0.baseAddress, 2, off_t(loc.headerOffset)) }
+                if r >= PackBlockStore.page + buffer.count {
+                    done = buffer.count
+                    sums = PieceSums.read(from: page, id: id, length: buffer.count)
+                }
+            }
             while done < buffer.count && done % PackBlockStore.page == 0 {
                 let r = pread(direct, buffer.pointer + done, padded - done, off_t(loc.offset) + off_t(done))
                 if r < 0 { if errno == EINTR { continue }; break }   // the buffered reads below try again
@@ -502,7 +522,14 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             if r == 0 { break }
             done += r
         }
-        guard done == buffer.count, !verify || buffer.withUnsafeBytes({ BlockID.hash($0) }) == id else {
+        let good = done == buffer.count && buffer.withUnsafeBytes { bytes in
+            switch verify {
+            case .none: return true
+            case .sums where sums?.match(bytes) == true: return true
+            case .sums, .hash: return BlockID.hash(bytes) == id
+            }
+        }
+        guard good else {
             if quiet { throw StoreError(.corrupt, "block \(id.hex) is corrupt") }
             logger("corrupt block \(id.hex) in \(pack.path) at offset \(loc.offset): its content does not match its name")
             throw StoreError(.corrupt, "block \(id.hex) is corrupt")
@@ -718,7 +745,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     /// unreadable, nil if this store has no such block. Does not count as a use.
     public func verify(_ id: BlockID) -> Bool? {
         guard contains(id) else { return nil }
-        do { _ = try read(id, verify: true, touching: false); return true } catch { return contains(id) ? false : nil }
+        do { _ = try read(id, verify: .hash, touching: false); return true } catch { return contains(id) ? false : nil }
     }
 
     /// A cutoff later than any touch.
@@ -846,7 +873,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         for id in ids {
             guard let (old, oldPack) = locate(id, touching: false), oldPack.tier != tier else { continue }
             do {
-                let buffer = try load(id, old, oldPack, verify: true)
+                let buffer = try load(id, old, oldPack, verify: .sums)
                 appendLock.lock()
                 defer { appendLock.unlock() }
                 // Room on the target itself: a move never spills elsewhere.

@@ -274,6 +274,29 @@ func storeBlock(_ store: PackBlockStore, _ bytes: [UInt8]) throws -> BlockID {
         #expect(Array(try old.read(id).data) == big)
     }
 
+    /// A whole-block read checks the piece sums instead of hashing (ten times cheaper); the
+    /// scrubber's `verify` still hashes. Shown with a record whose bytes and sums were both
+    /// rewritten consistently: the read believes the sums, `verify` finds the block corrupt.
+    @Test func wholeReadsCheckThePieceSumsAndVerifyHashes() throws {
+        let dir = temporaryDirectory(); defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = try PackBlockStore(root: dir)
+        var big = randomBytes(600_000, seed: 83)
+        let (id, _) = try owned(store, big)
+        #expect(Array(try store.read(id).data) == big && store.verify(id) == true)
+        let loc = try #require(store.location(of: id))
+        big[100_000] ^= 0xFF
+        let fd = open(loc.path, O_RDWR); defer { close(fd) }
+        var page = [UInt8](repeating: 0, count: 4096)
+        #expect(pread(fd, &page, 4096, off_t(loc.offset) - 4096) == 4096)
+        page.withUnsafeMutableBytes { p in big.withUnsafeBytes { PieceSums(of: $0).write(into: p.baseAddress!) } }
+        #expect(pwrite(fd, page, 4096, off_t(loc.offset) - 4096) == 4096)
+        var b = big[100_000]
+        #expect(pwrite(fd, &b, 1, off_t(loc.offset) + 100_000) == 1)
+        let again = try PackBlockStore(root: dir)
+        #expect(Array(try again.read(id).data) == big, "checked by the sums, not hashed")
+        #expect(again.verify(id) == false, "verify hashes: the block no longer matches its name")
+    }
+
     @Test func aTornAlignedRecordIsCutOffAtStart() throws {
         let dir = temporaryDirectory(); defer { try? FileManager.default.removeItem(atPath: dir) }
         let store = try PackBlockStore(root: dir)
