@@ -27,6 +27,7 @@ extension FileSystem {
         }
         guard let h = found else { throw FSError.badHandle() }
         guard h.writable, let s = session(of: h.ino) else { throw FSError.badHandle("file is not open for writing") }
+        servedRequests.add(1, ordering: .relaxed)
         try FileSystem.checkSize(offset + UInt64(bytes.count))
         if clearSetID {
             let mode = try meta.getattr(h.ino).mode

@@ -65,9 +65,10 @@ public final class FileSystem: @unchecked Sendable {
     public let store: any BlockStore
     public let reader: BlockReader
     public let writeCounters = WriteCounters()
-    /// Reads of committed versions the daemon served (FUSE READs that missed the page cache and
-    /// did not pass through): a flat copy's build yields while they come fast (`FlatBuildPace`).
-    let servedReads = Atomic<UInt64>(0)
+    /// Reads of committed versions and writes the daemon served (FUSE READs that missed the
+    /// page cache and did not pass through, WRITEs): a flat copy's build yields while they come
+    /// fast (`FlatBuildPace`).
+    let servedRequests = Atomic<UInt64>(0)
     let options: FileSystemOptions
 
     /// Per-inode state while the kernel knows the inode or a handle is open.

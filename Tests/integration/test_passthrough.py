@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import time
 
 import pytest
 
@@ -161,6 +162,34 @@ def test_a_half_built_copy_is_never_used(mount_factory):
     m.start()
     assert not (flat / ".tmp-deadbeef").exists()
     assert read_file(m.path("x")) == data
+
+
+def test_a_build_yields_to_readers_and_gives_up_on_a_deleted_file(pt):
+    """A flat copy's build waits while the daemon serves reads fast (a cold random reader), and
+    a build whose file was deleted meanwhile stops instead of writing a copy nobody can open."""
+    data = os.urandom(256 * MiB)
+    write_file(pt.path("big"), data)
+    pt.unmount()
+    pt.start()
+    fd = os.open(pt.path("big"), os.O_RDONLY)     # the first open asks for a copy
+    try:
+        import random
+        rng = random.Random(3)
+        deadline = time.monotonic() + 2.0
+        n = 0
+        while time.monotonic() < deadline:
+            off = rng.randrange(len(data) // 4096) * 4096
+            assert os.pread(fd, 4096, off) == data[off:off + 4096]
+            n += 1
+            if n == 200:
+                os.unlink(pt.path("big"))
+        assert n > 400, f"only {n} reads in 2 s"
+        assert passthrough(pt)["flat"]["built"] == 0, "the build went on beside a busy reader"
+    finally:
+        os.close(fd)
+    wait_until(lambda: "not made: stopped: the file was deleted or changed" in pt.log_tail(), 60,
+               what="the build of the deleted file to stop")
+    assert passthrough(pt)["flat"]["built"] == 0 and passthrough(pt)["flat"]["copies"] == 0
 
 
 def test_copies_outlive_a_clean_unmount_and_are_dropped_after_a_crash(pt):
