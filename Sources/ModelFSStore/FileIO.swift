@@ -1,7 +1,20 @@
 import Glibc
 
-/// File writes the store and the flat copies share.
+/// File reads and writes the store and the flat copies share.
 public enum FileIO {
+    /// Reads up to `count` bytes at `offset` of `fd` with `pread`, again after a short read or
+    /// EINTR, until `count` or the end of the file. Returns the bytes read, or -1 on an error.
+    public static func preadAll(_ fd: Int32, _ into: UnsafeMutableRawPointer, _ count: Int, at offset: UInt64) -> Int {
+        var done = 0
+        while done < count {
+            let r = pread(fd, into + done, count - done, off_t(offset) + off_t(done))
+            if r < 0 { if errno == EINTR { continue }; return -1 }
+            if r == 0 { break }
+            done += r
+        }
+        return done
+    }
+
     /// Writes `pieces` one after another at `offset` of `fd` with `pwritev`, again after a short
     /// write (from where it stopped) or EINTR. Returns 0, or the errno of the write that failed
     /// (EIO for a write that wrote nothing).

@@ -540,7 +540,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     /// Bytes `range` of block `id` read with only the pieces they touch, each checked against
     /// its CRC32C (PieceSums), or nil: the block is not here, its record has no sums (an older,
     /// moved or small one) or no direct I/O, or a piece did not match its sum. The caller then
-    /// reads the whole block, which `read` verifies by its SHA-256 (and reports if corrupt).
+    /// reads the whole block, whose hash then decides (`read`; a corrupt block is reported).
     public func readPieces(_ id: BlockID, _ range: Range<Int>) -> PieceRead? {
         guard !range.isEmpty, let (loc, pack) = locate(id, touching: true), loc.aligned, let direct = pack.direct,
               range.upperBound <= Int(loc.length), let sums = pieceSums(id, loc, pack) else { return nil }
@@ -549,17 +549,14 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         let start = first * size, end = min(Int(loc.length), (last + 1) * size)
         let buffer = BlockBuffer(count: end - start)
         let padded = Int(PackBlockStore.pageUp(UInt64(end - start)))
-        guard padded <= buffer.capacity, PackBlockStore.preadAll(direct, buffer.pointer, padded, at: loc.offset + UInt64(start)) >= buffer.count
+        guard padded <= buffer.capacity, FileIO.preadAll(direct, buffer.pointer, padded, at: loc.offset + UInt64(start)) >= buffer.count
         else { return nil }
-        for p in first...last {
-            let at = (p - first) * size
-            guard PieceSums.crc(buffer.pointer + at, min(size, buffer.count - at)) == sums.sums[p] else {
-                // (A block moved to another tier meanwhile has its old record punched: not news.)
-                if let (now, _) = locate(id, touching: false), now.pack == loc.pack, now.offset == loc.offset {
-                    logger("block \(id.hex): piece \(p) in \(pack.path) does not match its CRC32C; reading the whole block")
-                }
-                return nil
+        if let p = buffer.withUnsafeBytes({ sums.firstMismatch($0, from: first) }) {
+            // (A block moved to another tier meanwhile has its old record punched: not news.)
+            if let (now, _) = locate(id, touching: false), now.pack == loc.pack, now.offset == loc.offset {
+                logger("block \(id.hex): piece \(p) in \(pack.path) does not match its CRC32C; reading the whole block")
             }
+            return nil
         }
         return PieceRead(buffer: buffer, start: start)
     }
@@ -571,7 +568,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         if let known = pieceTables.withLock({ $0.get(id, loc) }) { return known }
         let page = UnsafeMutableRawPointer.allocate(byteCount: PackBlockStore.page, alignment: 8)
         defer { page.deallocate() }
-        guard PackBlockStore.preadAll(pack.fd, page, PackBlockStore.page, at: loc.headerOffset) == PackBlockStore.page else { return nil }
+        guard FileIO.preadAll(pack.fd, page, PackBlockStore.page, at: loc.headerOffset) == PackBlockStore.page else { return nil }
         let sums = PieceSums.read(from: page, id: id, length: Int(loc.length))
         pieceTables.withLock { $0.put(id, loc, sums) }
         return sums
@@ -598,18 +595,6 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         }
     }
     private let pieceTables = Mutex(PieceTables())
-
-    /// pread until `count` bytes or the end of the file; the bytes read, or -1 on an error.
-    static func preadAll(_ fd: Int32, _ into: UnsafeMutableRawPointer, _ count: Int, at offset: UInt64) -> Int {
-        var done = 0
-        while done < count {
-            let r = pread(fd, into + done, count - done, off_t(offset) + off_t(done))
-            if r < 0 { if errno == EINTR { continue }; return -1 }
-            if r == 0 { break }
-            done += r
-        }
-        return done
-    }
 
     public func willNeed(_ ids: [BlockID]) {
         // Aligned records are read directly: the page cache would hold them for nothing.

@@ -43,26 +43,41 @@ public struct PieceSums: Sendable, Equatable {
     /// ~8 MiB (the table must fit in the header page).
     static func shift(for length: Int) -> Int {
         var s = defaultShift
-        while (length + (1 << s) - 1) >> s > maxCount { s += 1 }
+        while pieces(length, shift: s) > maxCount { s += 1 }
         return s
     }
+
+    /// How many pieces of `1 << shift` bytes a block of `length` bytes has.
+    static func pieces(_ length: Int, shift: Int) -> Int { (length + (1 << shift) - 1) >> shift }
 
     public init(shift: Int, sums: [UInt32]) { self.shift = shift; self.sums = sums }
 
     /// The sums of `bytes`.
     public init(of bytes: UnsafeRawBufferPointer) {
         let s = PieceSums.shift(for: bytes.count)
-        let count = (bytes.count + (1 << s) - 1) >> s
-        var out = [UInt32](repeating: 0, count: count)
-        if count > 0 {
-            out.withUnsafeMutableBufferPointer { modelfs_crc32c_pieces(bytes.baseAddress!, bytes.count, 1 << s, $0.baseAddress!) }
+        self.init(shift: s, sums: PieceSums.crcs(bytes, shift: s))
+    }
+
+    /// The CRC32C of each piece of `bytes`, three pieces at a time where the CPU can.
+    private static func crcs(_ bytes: UnsafeRawBufferPointer, shift: Int) -> [UInt32] {
+        var out = [UInt32](repeating: 0, count: pieces(bytes.count, shift: shift))
+        if !out.isEmpty {
+            out.withUnsafeMutableBufferPointer { modelfs_crc32c_pieces(bytes.baseAddress!, bytes.count, 1 << shift, $0.baseAddress!) }
         }
-        self.init(shift: s, sums: out)
+        return out
     }
 
     /// Whether every piece of `bytes` (the whole block) matches its sum.
     func match(_ bytes: UnsafeRawBufferPointer) -> Bool {
-        bytes.count <= sums.count << shift && bytes.count > (sums.count - 1) << shift && PieceSums(of: bytes) == self
+        PieceSums.pieces(bytes.count, shift: shift) == sums.count && firstMismatch(bytes, from: 0) == nil
+    }
+
+    /// The first piece of `bytes` (pieces `first`, `first + 1`, …, the last one possibly short)
+    /// that does not match its sum, or nil.
+    func firstMismatch(_ bytes: UnsafeRawBufferPointer, from first: Int) -> Int? {
+        let got = PieceSums.crcs(bytes, shift: shift)
+        guard first + got.count <= sums.count else { return first }
+        return got.indices.first { got[$0] != sums[first + $0] }.map { first + $0 }
     }
 
     /// The CRC32C of one piece's bytes.
@@ -88,7 +103,7 @@ public struct PieceSums: Sendable, Equatable {
         func u32(_ i: Int) -> UInt32 { (0..<4).reduce(UInt32(0)) { $0 | UInt32(byte(i + $1)) << (8 * $1) } }
         guard (0..<4).allSatisfy({ byte(h + $0) == tag[$0] }) else { return nil }
         let shift = Int(byte(h + 4)), count = Int(byte(h + 6)) | Int(byte(h + 7)) << 8
-        guard shift >= 12, shift < 32, count <= maxCount, count == (length + (1 << shift) - 1) >> shift,
+        guard shift >= 12, shift < 32, count <= maxCount, count == pieces(length, shift: shift),
               u32(4) == UInt32(length), BlockID(bytes: Array(UnsafeRawBufferPointer(start: page + 8, count: 32))) == id
         else { return nil }
         let end = h + 8 + 4 * count
