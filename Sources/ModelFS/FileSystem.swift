@@ -242,11 +242,18 @@ public final class FileSystem: @unchecked Sendable {
                 s.lock.lock(); defer { s.lock.unlock() }
                 try s.truncate(to: newSize)
             } else {
-                // truncate(2) on a path with no open writer: a short session committed at once.
-                let s = try makeSession(ino, epoch: nil)
-                s.lock.lock(); defer { s.lock.unlock() }
-                try s.truncate(to: newSize)
-                try commit(s)
+                // truncate(2) on a path with no open writer here: an open for writing, the
+                // truncate and a close, so a cluster node takes the file's writer lock (EBUSY
+                // while another node writes it) and its commit is fenced like any writer's.
+                let opened = try open(ino, flags: OpenFlags(O_WRONLY))
+                var failed: (any Error)?
+                if let s = session(of: ino) {
+                    s.lock.lock()
+                    do { try s.truncate(to: newSize) } catch { failed = error }
+                    s.lock.unlock()
+                }
+                do { try release(opened.handle) } catch { failed = failed ?? error }
+                if let failed { throw failed }
             }
         }
         var rest = changes

@@ -453,9 +453,17 @@ def test_close_to_open_across_nodes_and_one_writer_node(make_nodes):
         with pytest.raises(OSError) as e:
             open(b / "state.json", "r+b")
         assert e.value.errno == errno.EBUSY
-        assert read_file(b / "state.json")   # readers are welcome
+        # truncate(2) by path is a writer too: refused, not committed under A's open file.
+        before = read_file(b / "state.json")
+        with pytest.raises(OSError) as e:
+            os.truncate(b / "state.json", 10)
+        assert e.value.errno == errno.EBUSY
+        assert read_file(b / "state.json") == before   # readers are welcome
     finally:
         f.close()
+    # Once A closed, B truncates by path (waiting for A's release like an open), and A sees it.
+    os.truncate(b / "state.json", len(before) - 1)
+    assert read_file(a / "state.json") == before[:-1]
     with open(b / "state.json", "r+b") as g:
         g.write(b"B")
     # Writers alternating between nodes, each opening right after the other's close() returned
