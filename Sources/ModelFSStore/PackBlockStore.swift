@@ -336,6 +336,19 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
         let tier = try tierWithRoom(for: padded + PackBlockStore.page)
         let pack = state.withLock { s in s.packs[s.actives[tier]]! }
         guard let direct = pack.direct else { return nil }
+        let (loc, end) = try appendAligned(id, buffer, length: length, sums: sums, to: pack, direct: direct, touched: .now())
+        appended(id, to: pack, at: loc, end: end)
+        if end >= packLimit { try rollActivePack(tier) }
+        return true
+    }
+
+    /// Writes an aligned record of `buffer` (page-aligned, room for its padding) with its piece
+    /// sums at the next page of `pack` (append lock held). Returns where its data is and where
+    /// the pack now ends; indexing it is the caller's.
+    private func appendAligned(_ id: BlockID, _ buffer: BlockBuffer, length: Int, sums: PieceSums, to pack: Pack,
+                               direct: Int32, touched: Timestamp) throws -> (Location, UInt64) {
+        let padded = Int(PackBlockStore.pageUp(UInt64(length)))
+        precondition(padded <= buffer.capacity && Int(bitPattern: buffer.pointer) % PackBlockStore.page == 0)
         // The padding after the block goes to disk: zeros, not whatever the buffer held.
         if padded > length { memset(buffer.pointer + length, 0, padded - length) }
         let offset = PackBlockStore.pageUp(pack.size)
@@ -350,11 +363,8 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             _ = ftruncate(pack.fd, off_t(pack.size))
             throw error
         }
-        let end = offset + UInt64(PackBlockStore.page + padded)
-        appended(id, to: pack, at: Location(pack: pack.number, offset: offset + UInt64(PackBlockStore.page),
-                                           length: UInt32(length), touched: .now(), aligned: true), end: end)
-        if end >= packLimit { try rollActivePack(tier) }
-        return true
+        return (Location(pack: pack.number, offset: offset + UInt64(PackBlockStore.page), length: UInt32(length), touched: touched, aligned: true),
+                offset + UInt64(PackBlockStore.page + padded))
     }
 
     /// One page for aligned records' headers, written under the append lock.
@@ -859,29 +869,44 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             guard let (old, oldPack) = locate(id, touching: false), oldPack.tier != tier else { continue }
             do {
                 let buffer = try load(id, old, oldPack, verify: .sums)
+                let length = Int(old.length)
+                // A block large enough to be read directly moves as an aligned record with its
+                // piece sums (PieceSums, outside the lock), so small reads of it on the new tier
+                // go by pieces too.
+                let sums = length >= PackBlockStore.directMinimum ? PieceSums(of: UnsafeRawBufferPointer(start: buffer.pointer, count: length)) : nil
                 appendLock.lock()
                 defer { appendLock.unlock() }
+                let pack = state.withLock { s in s.packs[s.actives[tier]]! }
+                let direct = sums != nil ? pack.direct : nil
                 // Room on the target itself: a move never spills elsewhere.
                 var v = statvfs()
-                let fd = state.withLock { s in s.packs[s.actives[tier]]!.fd }
-                if fstatvfs(fd, &v) == 0 {
-                    if Self.freeBytes(v) < UInt64(old.length) + UInt64(PackBlockStore.headerSize) + Self.metadataReserve(v) {
+                if fstatvfs(pack.fd, &v) == 0 {
+                    let needs = direct != nil ? PackBlockStore.pageUp(UInt64(length)) + UInt64(PackBlockStore.page) : UInt64(length + PackBlockStore.headerSize)
+                    if Self.freeBytes(v) < needs + Self.metadataReserve(v) {
                         throw StoreError(.full, "tier \(tiers[tier].name) (\(tiers[tier].root)) is full")
                     }
                 }
-                let pack = state.withLock { s in s.packs[s.actives[tier]]! }
-                let offset = pack.size
-                let header = PackBlockStore.recordHeader(PackBlockStore.magic, length: Int(old.length), id: id)
-                do {
-                    try header.withUnsafeBytes { try writeAll(pack, $0, at: offset) }
-                    try buffer.withUnsafeBytes { try writeAll(pack, UnsafeRawBufferPointer(rebasing: $0[0..<Int(old.length)]), at: offset + UInt64(PackBlockStore.headerSize)) }
-                } catch {
-                    _ = ftruncate(pack.fd, off_t(offset))
-                    throw error
+                let new: Location, end: UInt64
+                if let direct, let sums {
+                    (new, end) = try appendAligned(id, buffer, length: length, sums: sums, to: pack, direct: direct, touched: old.touched)
+                } else {
+                    let offset = pack.size
+                    let header = PackBlockStore.recordHeader(PackBlockStore.magic, length: length, id: id)
+                    do {
+                        try header.withUnsafeBytes { try writeAll(pack, $0, at: offset) }
+                        try buffer.withUnsafeBytes { try writeAll(pack, UnsafeRawBufferPointer(rebasing: $0[0..<length]), at: offset + UInt64(PackBlockStore.headerSize)) }
+                    } catch {
+                        _ = ftruncate(pack.fd, off_t(offset))
+                        throw error
+                    }
+                    end = offset + UInt64(PackBlockStore.headerSize) + UInt64(length)
+                    new = Location(pack: pack.number, offset: offset + UInt64(PackBlockStore.headerSize), length: old.length, touched: old.touched)
                 }
-                let end = offset + UInt64(PackBlockStore.headerSize) + UInt64(old.length)
-                let new = Location(pack: pack.number, offset: offset + UInt64(PackBlockStore.headerSize), length: old.length, touched: old.touched)
-                state.withLock { s in pack.size = end; s.unsynced.insert(pack.number) }
+                state.withLock { s in
+                    pack.deadBytes += new.headerOffset - pack.size   // the hole before an aligned record, if any
+                    pack.size = end
+                    s.unsynced.insert(pack.number)
+                }
                 moved.append((id, old, new))
                 if end >= packLimit { try rollActivePack(tier) }
             } catch {

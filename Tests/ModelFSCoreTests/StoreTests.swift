@@ -179,6 +179,32 @@ func storeBlock(_ store: PackBlockStore, _ bytes: [UInt8]) throws -> BlockID {
         return String(decoding: h, as: UTF8.self)
     }
 
+    /// A block large enough to be read directly moves as an aligned record with its piece sums,
+    /// so small reads of it on its new tier still go by pieces (before, moves wrote buffered
+    /// records, read whole and hashed); a small block moves as a buffered record.
+    @Test func largeBlocksKeepTheirPieceSumsWhenTheyMoveTiers() throws {
+        let fast = temporaryDirectory(), slow = temporaryDirectory()
+        defer { for d in [fast, slow] { try? FileManager.default.removeItem(atPath: d) } }
+        let tiers = [PackBlockStore.Tier(name: "hdd", root: slow)]
+        let store = try PackBlockStore(root: fast, slower: tiers)
+        let big = randomBytes(300_003, seed: 90), small = randomBytes(5_000, seed: 91)
+        let (b, _) = try owned(store, big)
+        let s = try storeBlock(store, small)
+        #expect(try store.move([b, s], to: 1).blocks == 2)
+        for reopened in [store, try PackBlockStore(root: fast, slower: tiers)] {
+            #expect(reopened.tier(of: b) == 1 && reopened.tier(of: s) == 1)
+            let loc = try #require(reopened.location(of: b))
+            #expect(loc.path.hasPrefix(slow) && loc.offset % 4096 == 0 && header(loc.path, at: loc.offset - 4096) == "MFB2")
+            let r = try #require(reopened.readPieces(b, 100_000..<104_096), "a moved large block reads by pieces")
+            #expect(r.buffer.count <= 2 << PieceSums.defaultShift)
+            #expect(r.buffer.withUnsafeBytes { Array($0[(100_000 - r.start)..<(104_096 - r.start)]) } == Array(big[100_000..<104_096]))
+            #expect(try Array(reopened.read(b).data) == big && Array(reopened.read(s).data) == small)
+            #expect(reopened.verify(b) == true && reopened.readPieces(s, 0..<100) == nil)
+        }
+        // And back up again.
+        #expect(try store.move([b], to: 0).blocks == 1 && store.readPieces(b, 0..<10) != nil)
+    }
+
     @Test func largeOwnedBlocksArePageAlignedRecordsThatSurviveARestart() throws {
         let dir = temporaryDirectory(); defer { try? FileManager.default.removeItem(atPath: dir) }
         let store = try PackBlockStore(root: dir)
