@@ -51,15 +51,33 @@ extension FileSystem {
     /// page its own read of the metadata engine) at a time, stopping once every one is found:
     /// at most `rate` manifests a second (0: no limit), and after a page that took t a pause of
     /// `pause` × t, so a busy metadata store slows the scan instead of the scan slowing
-    /// everyone. `stop` ends it early by throwing. Garbage collection's mark phase, on this node
-    /// or, for the whole cluster, on the node that scans for the others (`ReferenceScanner`).
+    /// everyone. A paced scan also yields to writers: while the namespace changed within the
+    /// last `quiet` (a commit, a create, a delete, here or on another node), the next page waits,
+    /// up to `yieldAtMost` seconds after the last one, and `scanYieldBudget` seconds over the
+    /// whole scan (writers that never stop, creating files faster than one page per wait, would
+    /// otherwise keep it from ever reaching the last page). `stop` ends it early by throwing. Garbage
+    /// collection's mark phase, on this node or, for the whole cluster, on the node that scans
+    /// for the others (`ReferenceScanner`).
     public func scanReferences(_ wanted: Set<BlockID>, rate: UInt64, pause: Double, page: Int = 1000,
-                               stop: () -> Bool = { false }) throws -> (referenced: Set<BlockID>, manifests: Int) {
+                               yieldAtMost: Double = FileSystem.scanYield,
+                               stop: () -> Bool = { false }) throws -> (referenced: Set<BlockID>, manifests: Int, yielded: Double) {
         var left = wanted, found = Set<BlockID>(), read = 0
         let pacer = Pacer(rate: rate)
         var after = InodeNumber(0)
+        var yielded: UInt64 = 0
+        var lastPage: UInt64?
         while !left.isEmpty {
             if stop() { throw FSError.io("the scan of the manifests was stopped") }
+            if pause > 0, let last = lastPage, yielded < UInt64(Self.scanYieldBudget * 1e9) {
+                let began = DispatchTime.now().uptimeNanoseconds
+                var now = began
+                while now - last < UInt64(yieldAtMost * 1e9), writersActive(at: now) {
+                    if stop() { throw FSError.io("the scan of the manifests was stopped") }
+                    usleep(20_000)
+                    now = DispatchTime.now().uptimeNanoseconds
+                }
+                yielded += now - began
+            }
             let asked = DispatchTime.now()
             let manifests = try meta.manifests(after: after, limit: page)
             if pause > 0 {
@@ -70,11 +88,28 @@ extension FileSystem {
                 for id in try blocks(of: ref) where left.remove(id) != nil { found.insert(id) }
             }
             read += manifests.count
+            lastPage = DispatchTime.now().uptimeNanoseconds
             guard manifests.count == page, let last = manifests.last else { break }
             after = last.0
             pacer.spent(UInt64(manifests.count))
         }
-        return (found, read)
+        return (found, read, Double(yielded) / 1e9)
+    }
+
+    /// Seconds a paced scan of the manifests waits at most between two pages while writers are
+    /// active (`scanReferences`), and what counts as active: a namespace change within `quiet`.
+    public static let scanYield = 5.0
+    public static let scanYieldBudget = 300.0
+    static let scanQuiet: UInt64 = 250_000_000
+
+    func writersActive(at now: UInt64) -> Bool {
+        let last = lastNamespaceChange.load(ordering: .relaxed)
+        return last != 0 && (last >= now || now - last < Self.scanQuiet)
+    }
+
+    /// A namespace change seen in the watch (another node's, or this node's coming back).
+    public func noteNamespaceChange() {
+        lastNamespaceChange.store(DispatchTime.now().uptimeNanoseconds, ordering: .relaxed)
     }
 
     /// Every block that a file references, committed or open for writing (tests; garbage
@@ -89,7 +124,10 @@ extension FileSystem {
     /// replaces), a link removed (the inode may go with it), an unlinked inode deleted. Garbage
     /// collection runs a pass only after one (or after its full interval).
     public var contentChanges: UInt64 { changes.load(ordering: .relaxed) }
-    func changed() { changes.add(1, ordering: .relaxed) }
+    func changed() {
+        changes.add(1, ordering: .relaxed)
+        noteNamespaceChange()
+    }
 
     /// Blocks may have become garbage (a failed or abandoned write): the collector hears of it.
     func garbageHint() { events.garbageMayExist() }

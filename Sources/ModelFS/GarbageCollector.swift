@@ -81,6 +81,8 @@ public final class GarbageCollector: @unchecked Sendable {
 
     /// Manifests read per second at most while a pass pages through them (0: no limit).
     let scanRate: UInt64
+    /// Seconds a paced scan waits at most for writers between two pages (`scanReferences`).
+    let scanYield: Double
     /// Seconds after which a pass runs even with no change seen.
     let fullEvery: Double
     /// Passes set off by changes take only the suspects (see the type's comment).
@@ -161,6 +163,8 @@ public final class GarbageCollector: @unchecked Sendable {
         /// Passes whose manifests the cluster's scanner read for them (their `manifestsRead` is
         /// 0 here: the scanner counts them).
         public var scannedElsewhere = 0
+        /// Seconds this node's own scans of the manifests waited for writers (`scanReferences`).
+        public var scanYieldedSeconds = 0.0
 
         public init() {}
 
@@ -180,6 +184,7 @@ public final class GarbageCollector: @unchecked Sendable {
             supersededWaiting = try v(.supersededWaiting, 0)
             heldDeferrals = try v(.heldDeferrals, 0)
             scannedElsewhere = try v(.scannedElsewhere, 0)
+            scanYieldedSeconds = try v(.scanYieldedSeconds, 0)
         }
     }
     public var stats: Stats {
@@ -198,8 +203,9 @@ public final class GarbageCollector: @unchecked Sendable {
     public init(fs: FileSystem, store: PackBlockStore, others: [PackBlockStore] = [], interval: Double = 60, grace: Double = 1,
                 scanRate: UInt64 = 0, fullEvery: Double = 3600, changeFeed: Bool = false, supersededDelay: Double = 10,
                 held: (@Sendable () throws -> Set<InodeNumber>)? = nil, settle: Double = 1,
-                scanner: (any ReferenceScanner)? = nil) {
+                scanner: (any ReferenceScanner)? = nil, scanYield: Double = FileSystem.scanYield) {
         self.fs = fs
+        self.scanYield = scanYield
         self.store = store
         self.others = others
         self.interval = interval
@@ -388,7 +394,7 @@ public final class GarbageCollector: @unchecked Sendable {
             if full { p.stats.fullPasses += 1 }
         }
         let wanted = candidates.reduce(into: Set<BlockID>()) { $0.formUnion($1) }
-        var read = 0, elsewhere = false
+        var read = 0, elsewhere = false, yielded = 0.0
         do {
             var referenced: Set<BlockID>?
             if !full, !wanted.isEmpty, let scanner, wanted.count <= scanner.limit {
@@ -396,9 +402,11 @@ public final class GarbageCollector: @unchecked Sendable {
                 elsewhere = referenced != nil
             }
             if referenced == nil {
-                let scan = try fs.scanReferences(wanted, rate: scanRate, pause: scanRate > 0 ? Self.pauseFactor : 0, page: Self.page)
+                let scan = try fs.scanReferences(wanted, rate: scanRate, pause: scanRate > 0 ? Self.pauseFactor : 0, page: Self.page,
+                                                 yieldAtMost: scanYield)
                 referenced = scan.referenced
                 read = scan.manifests
+                yielded = scan.yielded
             }
             if let referenced { for i in candidates.indices { candidates[i].subtract(referenced) } }
         } catch {
@@ -427,6 +435,7 @@ public final class GarbageCollector: @unchecked Sendable {
             p.stats.removedBlocks += blocks
             p.stats.removedBytes += bytes
             p.stats.lastPassSeconds = seconds
+            p.stats.scanYieldedSeconds += yielded
             if elsewhere { p.stats.scannedElsewhere += 1 }
             // (The scanner spaces its own scans.)
             if read > 0 { p.spacedUntil = Date().addingTimeInterval(seconds) }

@@ -90,6 +90,7 @@ public final class Node: Sendable {
         try cluster.start()
         let (me, fs, server, gc, holds) = (cluster.id, fs, server, gc, cluster.holds)
         try cluster.watchNamespace { change in
+            fs.noteNamespaceChange()
             switch change {
             case .inode(let ino, let version, let origin):
                 holds?.changed(ino, version: version)

@@ -61,6 +61,9 @@ public final class ReferenceScans: ReferenceScanner, @unchecked Sendable {
         public var manifestsRead: UInt64 = 0
         public var asksAnswered = 0
         public var lastScanSeconds = 0.0
+        /// Seconds its scans waited for writers, over all scans (`FileSystem.scanReferences`;
+        /// absent from an older node's status).
+        public var yieldedSeconds: Double?
         /// Asks this node made, and those it answered itself after all (no scanner, too many
         /// candidates, its lease lost).
         public var asked = 0
@@ -241,6 +244,7 @@ public final class ReferenceScans: ReferenceScanner, @unchecked Sendable {
             s.status.manifestsRead += UInt64(scan.manifests)
             s.status.asksAnswered += answered
             s.status.lastScanSeconds = seconds
+            s.status.yieldedSeconds = (s.status.yieldedSeconds ?? 0) + scan.yielded
             s.status.lastError = nil
             if scan.manifests > 0 { s.spacedUntil = Date().addingTimeInterval(seconds) }
         }

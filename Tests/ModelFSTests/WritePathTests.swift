@@ -248,7 +248,8 @@ import Testing
     /// close() waited for it.
     @Test func closeDoesNotWaitForAPassReadingManifests() throws {
         let t = try TestFS(); defer { t.remove() }
-        let gc = GarbageCollector(fs: t.fs, store: t.store, scanRate: 1000)
+        // (The pass yields to these closes a page at a time: 0.2 s at most, to keep it short.)
+        let gc = GarbageCollector(fs: t.fs, store: t.store, scanRate: 1000, scanYield: 0.2)
         let d = try t.fs.mkdir(parent: .root, name: "many", mode: 0o755, context: .root).ino
         for i in 0..<2500 {
             let (_, fh) = try t.create("f\(i)", in: d)
@@ -745,5 +746,41 @@ final class LockedCounter: @unchecked Sendable {
         lock.go.signal()   // the second handle's own release
         try t.close(h)
         #expect(try t.contents(ino) == Array("first".utf8))
+    }
+}
+
+/// A paced scan of the manifests (garbage collection's mark phase) yields to writers: while the
+/// namespace keeps changing, the next page waits, up to `yieldAtMost` after the last one; with
+/// no change it does not wait, and an unpaced scan never does.
+@Suite struct ScansYieldToWriters {
+    @Test func aPacedScanWaitsBetweenPagesWhileTheNamespaceChanges() throws {
+        let t = try TestFS(chunker: .standard); defer { t.remove() }
+        for i in 0..<6 {
+            let (_, fh) = try t.create("f\(i)")
+            try t.write(fh, at: 0, randomBytes(4096, seed: UInt64(i)))
+            try t.close(fh)
+        }
+        // A block nobody references: every page is read.
+        let absent: Set<BlockID> = [randomBytes(64, seed: 99).withUnsafeBytes { BlockID.hash($0) }]
+        // The writes just now count as writers: with them forgotten, the scan does not wait.
+        t.fs.lastNamespaceChange.store(0, ordering: .relaxed)
+        let quiet = try t.fs.scanReferences(absent, rate: 0, pause: 0.01, page: 2, yieldAtMost: 0.2)
+        #expect(quiet.manifests == 6 && quiet.referenced.isEmpty && quiet.yielded == 0)
+        // A writer changing the namespace all along: each page after the first waits its
+        // `yieldAtMost`, and no longer.
+        let done = Atomic<Bool>(false)
+        t.fs.noteNamespaceChange()   // (before the writer thread's first)
+        let writer = Thread { while !done.load(ordering: .relaxed) { t.fs.noteNamespaceChange(); usleep(10_000) } }
+        writer.start()
+        defer { done.store(true, ordering: .relaxed) }
+        let started = Date()
+        let busy = try t.fs.scanReferences(absent, rate: 0, pause: 0.01, page: 2, yieldAtMost: 0.2)
+        #expect(busy.manifests == 6)
+        #expect(busy.yielded >= 0.5, "three pages after the first waited \(busy.yielded) s")
+        #expect(Date().timeIntervalSince(started) < 3, "a wait is bounded by yieldAtMost")
+        // Unpaced (tests, `collectNow`): no waiting.
+        #expect(try t.fs.scanReferences(absent, rate: 0, pause: 0, page: 2, yieldAtMost: 0.2).yielded == 0)
+        // And the scan is stopped while it waits.
+        #expect(throws: FSError.self) { _ = try t.fs.scanReferences(absent, rate: 0, pause: 0.01, page: 2, yieldAtMost: 5, stop: { Date().timeIntervalSince(started) > 1.5 }) }
     }
 }
