@@ -160,19 +160,31 @@ def manifests_read(lab) -> int:
     return n
 
 
-def gc_pass_closes(lab, work: str, victim: Path, rounds: int, starts: list[float]) -> tuple[list[float], float, int]:
+def scans_yielded(lab) -> float:
+    """Seconds every host's scans of the manifests waited for writers so far (its own passes'
+    and, as the cluster's scanner, the others'; absent from an older daemon)."""
+    t = 0.0
+    for h in lab.hosts.values():
+        s = h.status()
+        t += s["gc"].get("scanYieldedSeconds") or 0
+        t += (s["cluster"].get("gcScans") or {}).get("yieldedSeconds") or 0
+    return t
+
+
+def gc_pass_closes(lab, work: str, victim: Path, rounds: int, starts: list[float]) -> tuple[list[float], float, int, float]:
     """close() latencies on host 2 while its garbage collection pass (set off by deleting
     `victim`, whose blocks are older than the grace) learns that they are garbage, which takes
-    reading every manifest (by each holder, or once by the cluster's scanner); and the manifests
-    all hosts read meanwhile."""
+    reading every manifest (by each holder, or once by the cluster's scanner); the manifests
+    all hosts read meanwhile, and how long their scans waited for the writers."""
     h2 = lab.host(2)
     read0 = manifests_read(lab)
+    yielded0 = scans_yielded(lab)
     os.unlink(victim)
     wait_until(lambda: h2.status()["gc"]["running"], 120, interval=0.05, what="a GC pass to start")
     lat = small_files(h2, h2 / work / "during-gc", rounds, "g", starts, until=lambda: h2.status()["gc"]["running"])
     wait_until(lambda: not h2.status()["gc"]["running"], 1800, interval=1, what="the GC pass to end")
     settle(lab)   # every holder's pass
-    return lat, h2.status()["gc"]["lastPassSeconds"], manifests_read(lab) - read0
+    return lat, h2.status()["gc"]["lastPassSeconds"], manifests_read(lab) - read0, scans_yielded(lab) - yielded0
 
 
 def main():
@@ -236,7 +248,7 @@ def main():
         base_large = small_files(h2, h2 / work / "during-gc", a.rounds, "base-large", base_starts)
         time.sleep(35)   # old.bin's blocks older than --gc-delay (30 s): candidates for the pass
         gc_starts: list[float] = []
-        gc_closes, gc_seconds, gc_read = gc_pass_closes(lab, work, h2 / work / "old.bin", a.rounds, gc_starts)
+        gc_closes, gc_seconds, gc_read, gc_yielded = gc_pass_closes(lab, work, h2 / work / "old.bin", a.rounds, gc_starts)
         base_in, base_out = split_by_compaction(lab, base_starts, base_large)
         gc_in, gc_out = split_by_compaction(lab, gc_starts, gc_closes)
         ms = lambda xs: round(pct(xs, 99) * 1000, 1) if xs else None   # noqa: E731
@@ -247,7 +259,8 @@ def main():
             f"{len(base_in)} of {len(base_large)}", f"{len(gc_in)} of {len(gc_closes)}"]
         results["etcd compactions (start, seconds)"] = [(round(a0), round(b0 - a0, 1)) for a0, b0 in compactions(lab)]
         results["GC pass s on host 2 / manifests read by all hosts"] = [gc_seconds, gc_read]
-        print(f"GC pass {gc_seconds:.1f} s over {gc_read} manifests; close() p99 {ms(gc_closes)} ms during "
+        results["GC scans' waits for writers, s (all hosts)"] = round(gc_yielded, 1)
+        print(f"GC pass {gc_seconds:.1f} s over {gc_read} manifests ({gc_yielded:.1f} s of waiting for writers); close() p99 {ms(gc_closes)} ms during "
               f"({len(gc_closes)} closes, {len(gc_in)} in a compaction; {ms(gc_out)} ms outside) vs {ms(base_large)} ms "
               f"without at the same size ({len(base_in)} in a compaction; {ms(base_out)} outside)", flush=True)
 
