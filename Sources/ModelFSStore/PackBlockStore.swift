@@ -877,7 +877,8 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
                 appendLock.lock()
                 defer { appendLock.unlock() }
                 let pack = state.withLock { s in s.packs[s.actives[tier]]! }
-                let direct = sums != nil ? pack.direct : nil
+                let fits = PackBlockStore.pageUp(UInt64(length)) <= UInt64(buffer.capacity) && Int(bitPattern: buffer.pointer) % PackBlockStore.page == 0
+                let direct = sums != nil && fits ? pack.direct : nil
                 // Room on the target itself: a move never spills elsewhere.
                 var v = statvfs()
                 if fstatvfs(pack.fd, &v) == 0 {
