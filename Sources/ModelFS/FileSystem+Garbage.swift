@@ -66,15 +66,16 @@ extension FileSystem {
         var after = InodeNumber(0)
         var yielded: UInt64 = 0
         var lastPage: UInt64?
+        func stopped() -> FSError { FSError.io("the scan of the manifests was stopped") }
         while !left.isEmpty {
-            if stop() { throw FSError.io("the scan of the manifests was stopped") }
+            if stop() { throw stopped() }
             if pause > 0, let last = lastPage, yielded < UInt64(Self.scanYieldBudget * 1e9) {
-                let began = DispatchTime.now().uptimeNanoseconds
+                let began = RecentActivity.now()
                 var now = began
-                while now - last < UInt64(yieldAtMost * 1e9), writersActive(at: now) {
-                    if stop() { throw FSError.io("the scan of the manifests was stopped") }
+                while now - last < UInt64(yieldAtMost * 1e9), namespaceActivity.busy(at: now) {
+                    if stop() { throw stopped() }
                     usleep(20_000)
-                    now = DispatchTime.now().uptimeNanoseconds
+                    now = RecentActivity.now()
                 }
                 yielded += now - began
             }
@@ -88,7 +89,7 @@ extension FileSystem {
                 for id in try blocks(of: ref) where left.remove(id) != nil { found.insert(id) }
             }
             read += manifests.count
-            lastPage = DispatchTime.now().uptimeNanoseconds
+            lastPage = RecentActivity.now()
             guard manifests.count == page, let last = manifests.last else { break }
             after = last.0
             pacer.spent(UInt64(manifests.count))
@@ -97,20 +98,14 @@ extension FileSystem {
     }
 
     /// Seconds a paced scan of the manifests waits at most between two pages while writers are
-    /// active (`scanReferences`), and what counts as active: a namespace change within `quiet`.
+    /// active (`scanReferences`), and over a whole scan; what counts as active: a namespace
+    /// change within `scanQuiet` (nanoseconds).
     public static let scanYield = 5.0
     public static let scanYieldBudget = 300.0
     static let scanQuiet: UInt64 = 250_000_000
 
-    func writersActive(at now: UInt64) -> Bool {
-        let last = lastNamespaceChange.load(ordering: .relaxed)
-        return last != 0 && (last >= now || now - last < Self.scanQuiet)
-    }
-
-    /// A namespace change seen in the watch (another node's, or this node's coming back).
-    public func noteNamespaceChange() {
-        lastNamespaceChange.store(DispatchTime.now().uptimeNanoseconds, ordering: .relaxed)
-    }
+    /// A namespace change: this node's (`changed`), or another node's seen in the watch.
+    public func noteNamespaceChange() { namespaceActivity.note() }
 
     /// Every block that a file references, committed or open for writing (tests; garbage
     /// collection pages through the manifests itself).

@@ -100,9 +100,9 @@ public final class FileSystem: @unchecked Sendable {
     }
     /// Bumped by every change that can leave blocks unreferenced (`contentChanges`).
     let changes = Atomic<UInt64>(0)
-    /// When the namespace last changed, here or (a cluster node's watch) on another node: uptime
-    /// nanoseconds, 0 before the first. Background scans of the manifests yield while it is recent.
-    let lastNamespaceChange = Atomic<UInt64>(0)
+    /// When the namespace last changed, here or (a cluster node's watch) on another node:
+    /// background scans of the manifests yield while that is within `FileSystem.scanQuiet`.
+    let namespaceActivity = RecentActivity(quiet: FileSystem.scanQuiet)
     private let tables = Mutex(Tables())
     /// `withTables` in the lock order: debug builds check that nothing ranked is taken
     /// inside (the table is innermost).

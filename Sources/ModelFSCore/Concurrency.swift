@@ -277,3 +277,31 @@ public final class TrackedMutex<Value: ~Copyable>: @unchecked Sendable {
         return try body(&value)
     }
 }
+
+/// When something last happened (uptime nanoseconds; 0: never), and whether that was within
+/// `quiet`: foreground work that healing yields to (`ForegroundYield`), namespace changes that
+/// garbage collection's scans yield to (`FileSystem.scanReferences`). One clock read and one
+/// relaxed store per note.
+public final class RecentActivity: Sendable {
+    public let quiet: UInt64
+    private let last = Atomic<UInt64>(0)
+
+    public init(quiet: UInt64) { self.quiet = quiet }
+
+    public static func now() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
+
+    public func note(at t: UInt64 = RecentActivity.now()) { last.store(t, ordering: .relaxed) }
+
+    /// When it was last noted (0: never).
+    public var notedAt: UInt64 { last.load(ordering: .relaxed) }
+
+    /// Whether it was noted within `quiet` before `t`.
+    public func busy(at t: UInt64 = RecentActivity.now()) -> Bool {
+        let l = last.load(ordering: .relaxed)
+        // `l` may be a moment after `t` (noted by another thread since `t` was read).
+        return l != 0 && (l >= t || t - l < quiet)
+    }
+
+    /// As if never noted.
+    public func forget() { last.store(0, ordering: .relaxed) }
+}

@@ -318,12 +318,17 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     @discardableResult
     public func put(_ id: BlockID, owned buffer: BlockBuffer, length: Int) throws -> Bool {
         let padded = Int(PackBlockStore.pageUp(UInt64(length)))
-        if length >= PackBlockStore.directMinimum, padded <= buffer.capacity,
-           Int(bitPattern: buffer.pointer) % PackBlockStore.page == 0,
+        if length >= PackBlockStore.directMinimum, Self.paddable(buffer, length),
            let created = try putAligned(id, buffer, length: length, padded: padded) {
             return created
         }
         return try buffer.withUnsafeBytes { try put(id, UnsafeRawBufferPointer(rebasing: $0[0..<length])) }
+    }
+
+    /// Whether `buffer` can be written directly as `length` bytes padded to a page: it starts on
+    /// a page and has room for the padding (a buffer over 8 MiB is allocated to its size).
+    static func paddable(_ buffer: BlockBuffer, _ length: Int) -> Bool {
+        Int(pageUp(UInt64(length))) <= buffer.capacity && Int(bitPattern: buffer.pointer) % page == 0
     }
 
     /// The aligned append of `put(_:owned:length:)`; nil if the active pack has no direct I/O.
@@ -347,8 +352,8 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     /// the pack now ends; indexing it is the caller's.
     private func appendAligned(_ id: BlockID, _ buffer: BlockBuffer, length: Int, sums: PieceSums, to pack: Pack,
                                direct: Int32, touched: Timestamp) throws -> (Location, UInt64) {
+        precondition(Self.paddable(buffer, length))
         let padded = Int(PackBlockStore.pageUp(UInt64(length)))
-        precondition(padded <= buffer.capacity && Int(bitPattern: buffer.pointer) % PackBlockStore.page == 0)
         // The padding after the block goes to disk: zeros, not whatever the buffer held.
         if padded > length { memset(buffer.pointer + length, 0, padded - length) }
         let offset = PackBlockStore.pageUp(pack.size)
@@ -801,6 +806,14 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
     @discardableResult
     private func appendLocked(_ id: BlockID, _ bytes: UnsafeRawBufferPointer, tier: Int) throws -> UInt64 {
         let pack = state.withLock { s in s.packs[s.actives[tier]]! }
+        let (loc, end) = try appendBuffered(id, bytes, to: pack, touched: .now())
+        appended(id, to: pack, at: loc, end: end)
+        return end
+    }
+
+    /// Writes a buffered ("MFB1") record of `bytes` at the end of `pack` (append lock held).
+    /// Returns where its data is and where the pack now ends; indexing it is the caller's.
+    private func appendBuffered(_ id: BlockID, _ bytes: UnsafeRawBufferPointer, to pack: Pack, touched: Timestamp) throws -> (Location, UInt64) {
         let offset = pack.size
         do {
             try PackBlockStore.recordHeader(PackBlockStore.magic, length: bytes.count, id: id)
@@ -810,10 +823,8 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
             _ = ftruncate(pack.fd, off_t(offset))
             throw error
         }
-        let end = offset + UInt64(PackBlockStore.headerSize) + UInt64(bytes.count)
-        appended(id, to: pack, at: Location(pack: pack.number, offset: offset + UInt64(PackBlockStore.headerSize),
-                                           length: UInt32(bytes.count), touched: .now()), end: end)
-        return end
+        return (Location(pack: pack.number, offset: offset + UInt64(PackBlockStore.headerSize), length: UInt32(bytes.count), touched: touched),
+                offset + UInt64(PackBlockStore.headerSize) + UInt64(bytes.count))
     }
 
     /// Indexes a record just appended to `pack` (append lock held), which now ends at `end`.
@@ -873,12 +884,12 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
                 // A block large enough to be read directly moves as an aligned record with its
                 // piece sums (PieceSums, outside the lock), so small reads of it on the new tier
                 // go by pieces too.
-                let sums = length >= PackBlockStore.directMinimum ? PieceSums(of: UnsafeRawBufferPointer(start: buffer.pointer, count: length)) : nil
+                let sums = length >= PackBlockStore.directMinimum && Self.paddable(buffer, length)
+                    ? PieceSums(of: UnsafeRawBufferPointer(start: buffer.pointer, count: length)) : nil
                 appendLock.lock()
                 defer { appendLock.unlock() }
                 let pack = state.withLock { s in s.packs[s.actives[tier]]! }
-                let fits = PackBlockStore.pageUp(UInt64(length)) <= UInt64(buffer.capacity) && Int(bitPattern: buffer.pointer) % PackBlockStore.page == 0
-                let direct = sums != nil && fits ? pack.direct : nil
+                let direct = sums != nil ? pack.direct : nil
                 // Room on the target itself: a move never spills elsewhere.
                 var v = statvfs()
                 if fstatvfs(pack.fd, &v) == 0 {
@@ -891,17 +902,7 @@ public final class PackBlockStore: BlockStore, @unchecked Sendable {
                 if let direct, let sums {
                     (new, end) = try appendAligned(id, buffer, length: length, sums: sums, to: pack, direct: direct, touched: old.touched)
                 } else {
-                    let offset = pack.size
-                    let header = PackBlockStore.recordHeader(PackBlockStore.magic, length: length, id: id)
-                    do {
-                        try header.withUnsafeBytes { try writeAll(pack, $0, at: offset) }
-                        try buffer.withUnsafeBytes { try writeAll(pack, UnsafeRawBufferPointer(rebasing: $0[0..<length]), at: offset + UInt64(PackBlockStore.headerSize)) }
-                    } catch {
-                        _ = ftruncate(pack.fd, off_t(offset))
-                        throw error
-                    }
-                    end = offset + UInt64(PackBlockStore.headerSize) + UInt64(length)
-                    new = Location(pack: pack.number, offset: offset + UInt64(PackBlockStore.headerSize), length: old.length, touched: old.touched)
+                    (new, end) = try buffer.withUnsafeBytes { try appendBuffered(id, $0, to: pack, touched: old.touched) }
                 }
                 state.withLock { s in
                     pack.deadBytes += new.headerOffset - pack.size   // the hole before an aligned record, if any

@@ -1,5 +1,6 @@
 import Foundation
 import Synchronization
+import ModelFSCore
 
 /// Healing yields to the foreground, as a storage node's recovery yields to client I/O. While a
 /// node serves readers or writers (its own filesystem's block reads and writes, or blocks
@@ -14,8 +15,8 @@ public final class ForegroundYield: Sendable {
     /// Nanoseconds without foreground work after which the node counts as idle.
     static let quiet: UInt64 = 250_000_000
 
-    /// When this node last did foreground work (uptime nanoseconds; 0: never).
-    private let lastForeground = Atomic<UInt64>(0)
+    /// When this node last did foreground work.
+    private let foreground = RecentActivity(quiet: ForegroundYield.quiet)
     private struct Bucket {
         /// When the next healing bytes are due while busy.
         var next: UInt64 = 0
@@ -35,19 +36,15 @@ public final class ForegroundYield: Sendable {
     /// block read or written, not per request).
     public func noteForeground() { noteForeground(at: Self.now()) }
 
-    func noteForeground(at t: UInt64) { lastForeground.store(t, ordering: .relaxed) }
+    func noteForeground(at t: UInt64) { foreground.note(at: t) }
 
     /// When foreground work was last noted (0: never).
-    var notedAt: UInt64 { lastForeground.load(ordering: .relaxed) }
+    var notedAt: UInt64 { foreground.notedAt }
 
     /// Whether foreground work ran within the last `quiet`.
     public var busy: Bool { busy(at: Self.now()) }
 
-    func busy(at t: UInt64) -> Bool {
-        let last = lastForeground.load(ordering: .relaxed)
-        // `last` may be a moment after `t` (noted by another thread since `t` was read).
-        return last != 0 && (last >= t || t - last < Self.quiet)
-    }
+    func busy(at t: UInt64) -> Bool { foreground.busy(at: t) }
 
     /// Reserves `bytes` of healing at time `t`: nanoseconds to wait before they go, 0 when idle.
     func reserve(_ bytes: Int, at t: UInt64) -> UInt64 {
